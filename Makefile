@@ -1,0 +1,70 @@
+# The verbs of `python -m cluster`, plus set-up and tests. Every target sets itself up.
+#   make submit JOB=resnet50 [INVENTORY=rack.yaml] [BACKEND=ssh|slurm|local] [ARGS="train.steps=100"] [DRY_RUN=1]
+#   make logs [RUN=id] [FOLLOW=1]   make status [RUN=id]   make stop RUN=id   make plan JOB=...
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+JOB ?= resnet50
+RUN ?=
+INVENTORY ?=
+BACKEND ?=
+ARGS ?=
+NODES ?= 3
+CMD ?=
+HOSTS ?=
+DETACH ?=
+PYTEST_ARGS ?=
+
+TARGET_OPTS = $(if $(INVENTORY),--inventory $(INVENTORY)) $(if $(BACKEND),--backend $(BACKEND))
+
+.PHONY: setup submit plan status logs stop doctor report test test-unit testbed-up testbed-down testbed-deps clean-runs bench-launch
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.10+"; exit 2; }
+	@echo ">> creating $(VENV) and installing requirements (torch is large: about 1-2 minutes) ..."
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install --disable-pip-version-check --progress-bar on -r requirements.txt
+	@touch $(STAMP)
+	@echo ">> $(VENV) ready"
+
+submit: $(STAMP)
+	@# make follows the run's logs until it ends (DETACH=1 returns at once; the run goes on)
+	$(PY) -m cluster submit $(JOB) $(ARGS) $(TARGET_OPTS) $(if $(DRY_RUN),--dry-run,$(if $(DETACH),,--follow))
+
+plan: $(STAMP)
+	$(PY) -m cluster plan $(JOB) $(ARGS) $(TARGET_OPTS)
+
+doctor: $(STAMP)
+	$(PY) -m cluster doctor $(JOB) $(ARGS) $(TARGET_OPTS)
+
+status: $(STAMP)
+	$(PY) -m cluster status $(RUN)
+
+logs: $(STAMP)
+	$(PY) -m cluster logs $(RUN) $(if $(FOLLOW),--follow)
+
+stop: $(STAMP)
+	$(PY) -m cluster stop $(RUN)
+
+report: $(STAMP)
+	$(PY) -m cluster report $(RUN)
+
+test: $(STAMP) testbed-deps
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-unit: $(STAMP)
+	$(PY) -m pytest -m "not testbed and not slow" $(PYTEST_ARGS)
+
+testbed-deps: $(STAMP)
+	@if [ "$$(id -u)" = 0 ]; then $(PY) -m tests.testbed install-deps; \
+	 else echo ">> not root: skipping Debian packages for the cluster in a box (its tests will skip)"; fi
+
+testbed-up: $(STAMP) testbed-deps
+	$(PY) -m tests.testbed up --nodes $(NODES)
+
+testbed-down: $(STAMP)
+	$(PY) -m tests.testbed down

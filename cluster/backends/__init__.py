@@ -1,0 +1,19 @@
+"""Backends, imported lazily: the local backend needs neither Fabric nor submitit."""
+from __future__ import annotations
+
+import importlib
+
+from ..errors import UserError
+
+NAMES = ("local", "ssh", "slurm")
+
+
+def get(name: str, inventory):
+    if name not in NAMES:
+        raise UserError(f"unknown backend '{name}'", where="BACKEND", hint="use one of: " + ", ".join(NAMES))
+    try:
+        mod = importlib.import_module(f"{__name__}.{name}")
+    except ImportError as e:
+        raise UserError(f"the {name} backend needs a package that is not installed: {e.name}",
+                        hint="run 'make setup' to install the project's dependencies") from None
+    return mod.BACKEND(inventory)

@@ -1,0 +1,26 @@
+from ..logs import follow_run
+from ..runs import resolve
+
+HELP = "print a run's logs from every node as one stream (-f follows until the run ends)"
+
+
+def add_arguments(p):
+    p.add_argument("run", nargs="?", help="run id, unique prefix or job name (default: the latest run)")
+    p.add_argument("-f", "--follow", action="store_true", help="keep streaming until the run ends")
+    p.add_argument("--host", help="only this host's lines")
+    p.add_argument("--rank", type=int, help="only this global rank's lines")
+    p.add_argument("--grep", metavar="REGEX", help="only lines matching REGEX")
+    p.add_argument("--collect", action="store_true",
+                   help="copy every node's log files into runs/<id>/logs (remote backends)")
+
+
+def run(args):
+    r = resolve(args.run)
+    if args.collect:
+        from ..submit import backend_for
+        be = backend_for(r)
+        if hasattr(be, "collect_logs"):
+            be.collect_logs(r)
+        print(f"logs of {r.id} are in {r.dir / 'logs'}")
+        return 0
+    return follow_run(r, follow=args.follow, host=args.host, rank=args.rank, pattern=args.grep)

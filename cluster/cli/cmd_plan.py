@@ -1,0 +1,15 @@
+from ..submit import resolve
+
+HELP = "print the plan of a job without starting anything (per-node command lines, or the sbatch script)"
+
+
+def add_arguments(p):
+    from . import add_target
+    add_target(p)
+    p.add_argument("--run-id", help="use this run id (for reproducible output)")
+
+
+def run(args):
+    _, _, _, plan = resolve(args.job, args.overrides, args.inventory, args.backend, run_id=args.run_id)
+    print(plan.render(), end="")
+    return 0

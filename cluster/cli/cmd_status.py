@@ -1,0 +1,90 @@
+import json
+import time
+
+from ..errors import UserError
+from ..runs import all_runs, resolve
+from ..submit import backend_for
+
+HELP = "show runs and their state (one run: every node and rank, with the first failure)"
+
+
+def add_arguments(p):
+    p.add_argument("run", nargs="?", help="run id, prefix or job name (default: a table of all runs)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _age(t):
+    if not t:
+        return "-"
+    s = int(time.time() - t)
+    return f"{s}s" if s < 120 else f"{s // 60}m" if s < 7200 else f"{s // 3600}h"
+
+
+def _progress(nodes):
+    """(last step, summed img/s) from the ranks' heartbeats."""
+    hbs = [hb for n in nodes for hb in n.heartbeats.values()]
+    if not hbs:
+        return None, None
+    step = min(hb.get("step", 0) for hb in hbs)
+    rates = [hb.get("img_s") for hb in hbs if hb.get("img_s")]
+    return step, (sum(rates) if rates else None)
+
+
+def _poll(run):
+    try:
+        return backend_for(run).status(run)
+    except UserError as e:
+        return run.state, []
+
+
+def run(args):
+    if args.run:
+        return _one(resolve(args.run), args.json)
+    runs = all_runs()
+    if not runs:
+        print("no runs yet (start one: make submit JOB=resnet50)")
+        return 0
+    rows = [("RUN", "STATE", "BACKEND", "NODES", "STEP", "IMG/S", "AGE")]
+    out = []
+    for r in runs:
+        state, nodes = _poll(r)
+        step, rate = _progress(nodes)
+        total = max((hb.get("steps_total") or 0 for n in nodes for hb in n.heartbeats.values()), default=0)
+        rows.append((r.id, state.value, r.data.get("backend", "?"), str(len(r.data["plan"]["nodes"])),
+                     "-" if step is None else (f"{step}/{total}" if total else str(step)),
+                     "-" if rate is None else f"{rate:.1f}", _age(r.data.get("created"))))
+        out.append({"id": r.id, "state": state.value, "step": step, "img_s": rate})
+    if args.json:
+        print(json.dumps(out, indent=1))
+        return 0
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    return 0
+
+
+def _one(r, as_json):
+    state, nodes = _poll(r)
+    if as_json:
+        print(json.dumps({"id": r.id, "state": state.value, "failure": r.data.get("failure"),
+                          "nodes": [n.__dict__ | {"state": n.state.value} for n in nodes]}, indent=1, default=str))
+        return 0
+    plan = r.data["plan"]
+    print(f"run {r.id}: {state.value}  (job {r.data['job']['name']}, backend {r.data['backend']}, "
+          f"world size {plan['world_size']}, rendezvous {plan['rdzv_endpoint']}, age {_age(r.data.get('created'))})")
+    for n in nodes:
+        extra = f" exit {n.exit_code}" if n.exit_code is not None else ""
+        print(f"  {n.host:<16} {n.state.value:<10} pid {n.pid}{extra} {n.detail}".rstrip())
+        for rank in sorted(n.heartbeats):
+            hb = n.heartbeats[rank]
+            rate = f" {hb['img_s']:.1f} img/s" if hb.get("img_s") else ""
+            total = f"/{hb['steps_total']}" if hb.get("steps_total") else ""
+            print(f"    rank {rank:<3} step {hb.get('step')}{total}{rate}  heartbeat {_age(hb.get('time'))} ago"
+                  + ("  done" if hb.get("done") else ""))
+    f = r.data.get("failure")
+    if f:
+        print(f"first failure: host {f.get('host')} rank {f.get('rank')} exit code {f.get('exit_code')}"
+              + (f" ({f['error']})" if f.get("error") else ""))
+        for line in f.get("log_tail", [])[-15:]:
+            print("  | " + line)
+    return 0

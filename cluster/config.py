@@ -1,0 +1,410 @@
+"""Inventory and job specs: frozen, typed, strict (unknown keys are errors naming the valid ones)."""
+from __future__ import annotations
+
+import copy
+import os
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal, Mapping, Optional, Union
+
+from . import hostlist
+from .errors import UserError
+from .schema import build
+from .yamlsrc import Source, load, parse_scalar
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_INVENTORY = REPO / "inventory.yaml"
+JOBS_DIR = REPO / "jobs"
+Runtime = Literal["docker", "podman", "apptainer", "enroot"]
+_HOSTNAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+# ---------------------------------------------------------------- inventory
+@dataclass(frozen=True)
+class HostDefaults:
+    """Per-host settings; ``defaults:`` gives them for every host, a host entry overrides."""
+
+    hostname: Optional[str] = None      # what ssh connects to (or a ~/.ssh/config alias)
+    address: Optional[str] = None       # cluster-network address used for the rendezvous
+    user: Optional[str] = None
+    port: Optional[int] = None
+    identity_file: Optional[str] = None
+    jump_host: Optional[str] = None     # ProxyJump, e.g. user@bastion:22
+    interface: Optional[str] = None     # NIC for NCCL/Gloo (NCCL_SOCKET_IFNAME, GLOO_SOCKET_IFNAME)
+    workdir: Optional[str] = None       # where the code is synced and runs/ lives on the host
+    python: Optional[str] = None        # interpreter with torch on the host
+    gpus: Union[int, Literal["auto"], None] = None
+    container_runtime: Optional[Runtime] = None
+
+
+@dataclass(frozen=True)
+class HostEntry(HostDefaults):
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class Host:
+    """One resolved host (ranges expanded, defaults applied)."""
+
+    name: str
+    hostname: str
+    address: str
+    user: Optional[str]
+    port: Optional[int]
+    identity_file: Optional[str]
+    jump_host: Optional[str]
+    interface: Optional[str]
+    workdir: str
+    python: str
+    gpus: Union[int, str]
+    container_runtime: Optional[str]
+
+    @property
+    def is_local(self) -> bool:
+        return self.hostname in ("localhost", "127.0.0.1", "::1")
+
+
+@dataclass(frozen=True)
+class SSHSettings:
+    known_hosts: str = "~/.ssh/known_hosts"
+    accept_new_host_keys: bool = False   # trust-on-first-use must be asked for explicitly
+    config_file: Optional[str] = "~/.ssh/config"
+    connect_timeout_s: float = 10.0
+    command_timeout_s: float = 120.0
+    fanout: int = 64
+
+
+@dataclass(frozen=True)
+class SlurmSettings:
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    time_min: Optional[int] = None
+    constraint: Optional[str] = None
+    cpus_per_task: Optional[int] = None
+    mem_gb: Optional[int] = None
+    gpus_per_node: Optional[int] = None
+    nodes: Optional[int] = None
+    signal_delay_s: int = 120
+    sbatch: dict[str, Union[str, int, bool]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class InventoryFile:
+    hosts: list[HostEntry]
+    backend: Optional[Literal["local", "ssh", "slurm"]] = None
+    defaults: HostDefaults = HostDefaults()
+    ssh: SSHSettings = SSHSettings()
+    slurm: Optional[SlurmSettings] = None
+    shared_fs: bool = False
+    storage: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class Inventory:
+    path: str
+    backend: str
+    hosts: tuple[Host, ...]
+    ssh: SSHSettings
+    slurm: Optional[SlurmSettings]
+    shared_fs: bool
+    storage: Optional[str]
+
+    def host(self, name: str) -> Host:
+        for h in self.hosts:
+            if h.name == name:
+                return h
+        raise KeyError(name)
+
+
+def load_inventory(path: Path | str | None = None) -> Inventory:
+    path = Path(path) if path else DEFAULT_INVENTORY
+    src = load(path)
+    raw: InventoryFile = build(InventoryFile, src.data, src)
+    if not raw.hosts:
+        raise UserError("no hosts listed", where=src.where(("hosts",)), key="hosts",
+                        hint="list at least one host, e.g. '- name: localhost'")
+    hosts: list[Host] = []
+    seen: dict[str, int] = {}
+    for i, entry in enumerate(raw.hosts):
+        where = src.where(("hosts", i, "name"))
+        if not entry.name:
+            raise UserError("host entry has no name", where=src.where(("hosts", i)),
+                            key=f"hosts[{i}].name", hint="add 'name: <hostname or range like gpu[01-04]>'")
+        try:
+            names = hostlist.expand(entry.name)
+        except ValueError as e:
+            raise UserError(f"bad host range: {e}", where=where, key=f"hosts[{i}].name",
+                            hint="write ranges as SLURM does: gpu[01-16] or node[1-3,7]") from None
+        for name in names:
+            if not _HOSTNAME.match(name):
+                raise UserError(f"'{name}' is not a valid host name", where=where, key=f"hosts[{i}].name",
+                                hint="use letters, digits, '.', '-' and '_' only")
+            if name in seen:
+                raise UserError(f"duplicate host '{name}' (also in hosts[{seen[name]}])", where=where,
+                                key=f"hosts[{i}].name", hint="list every host once")
+            seen[name] = i
+            hosts.append(_resolve_host(name, entry, raw.defaults, len(names) > 1, src, i))
+    backend = raw.backend or ("local" if len(hosts) == 1 and hosts[0].is_local else "ssh")
+    if backend == "local" and (len(hosts) != 1 or not hosts[0].is_local):
+        raise UserError("backend 'local' runs on this machine only", where=src.where(("backend",)),
+                        key="backend", hint="list one host named localhost, or use backend: ssh")
+    if backend == "slurm" and raw.slurm is None:
+        raise UserError("backend 'slurm' needs a 'slurm:' section", where=src.where(("backend",)),
+                        key="slurm", hint="add 'slurm:' with at least 'partition:'")
+    return Inventory(str(path), backend, tuple(hosts), raw.ssh, raw.slurm, raw.shared_fs, raw.storage)
+
+
+def _resolve_host(name, entry: HostEntry, defaults: HostDefaults, from_range: bool, src: Source, i: int) -> Host:
+    def pick(key):
+        v = getattr(entry, key)
+        return v if v is not None else getattr(defaults, key)
+
+    hostname = entry.hostname if (entry.hostname and not from_range) else (defaults.hostname or name)
+    if entry.hostname and from_range:
+        raise UserError("'hostname' cannot be set on a host range", where=src.where(("hosts", i, "hostname")),
+                        key=f"hosts[{i}].hostname", hint="give each host its own entry, or drop 'hostname'")
+    address = entry.address if not from_range else None
+    if entry.address and from_range:
+        raise UserError("'address' cannot be set on a host range", where=src.where(("hosts", i, "address")),
+                        key=f"hosts[{i}].address", hint="give each host its own entry")
+    is_local = hostname in ("localhost", "127.0.0.1", "::1")
+    gpus = pick("gpus")
+    if isinstance(gpus, int) and gpus < 0:
+        raise UserError("must be 0 or more (or auto)", where=src.where(("hosts", i, "gpus")), key=f"hosts[{i}].gpus")
+    port = pick("port")
+    if port is not None and not 0 < port < 65536:
+        raise UserError(f"port {port} is out of range 1-65535", where=src.where(("hosts", i, "port")),
+                        key=f"hosts[{i}].port")
+    return Host(
+        name=name, hostname=hostname,
+        address=address or defaults.address or ("127.0.0.1" if is_local else hostname),
+        user=pick("user"), port=port, identity_file=pick("identity_file"), jump_host=pick("jump_host"),
+        interface=pick("interface"),
+        workdir=pick("workdir") or (str(REPO) if is_local else "~/ddp"),
+        python=pick("python") or (os.environ.get("CLUSTER_PYTHON") or _default_python() if is_local else "python3"),
+        gpus=gpus if gpus is not None else "auto",
+        container_runtime=pick("container_runtime"),
+    )
+
+
+def _default_python() -> str:
+    import sys
+    return sys.executable
+
+
+# ---------------------------------------------------------------- job
+@dataclass(frozen=True)
+class ContainerSpec:
+    image: str
+    runtime: Optional[Runtime] = None      # default: the host's container_runtime
+    mounts: list[str] = field(default_factory=list)   # "src:dst[:ro]"
+    env: dict[str, str] = field(default_factory=dict)
+    args: list[str] = field(default_factory=list)     # extra runtime arguments, passed as given
+    shm_gb: int = 16
+    pull: bool = False
+
+
+@dataclass(frozen=True)
+class CheckpointSpec:
+    every_steps: int = 0       # 0: the train config decides (ckpt_every)
+    keep: int = 3
+    sync_every_s: int = 60     # how often node 0's checkpoints are rsynced to storage
+
+
+@dataclass(frozen=True)
+class RestartSpec:
+    max_restarts: int = 0      # torchrun restarts of a failed worker group
+    requeue: bool = True       # SLURM: requeue on time limit / preemption
+    max_requeues: int = 3
+
+
+@dataclass(frozen=True)
+class Job:
+    name: str
+    description: str = ""
+    nodes: Union[int, Literal["all"]] = "all"
+    gpus_per_node: Union[int, Literal["auto"]] = "auto"
+    cpu_procs_per_node: int = 2            # processes per node when a host has no GPU (gloo)
+    train: Optional[dict[str, Any]] = None  # config of the train package (python -m train)
+    module: Optional[str] = None           # or any python module run under torchrun
+    command: Optional[list[str]] = None    # or any command (torchrun --no-python)
+    args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    container: Optional[ContainerSpec] = None
+    checkpoint: CheckpointSpec = CheckpointSpec()
+    restart: RestartSpec = RestartSpec()
+    time_limit_min: Optional[int] = None
+    rdzv_port: Optional[int] = None
+    hang_timeout_s: int = 300
+    profiles: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LoadedJob:
+    job: Job
+    path: str
+    raw: dict                   # the data after overrides and profile, as validated
+    profile: Optional[str]      # the profile applied, if any
+    notes: tuple[str, ...]      # what was applied, for the user to see
+
+
+def job_path(name: str) -> Path:
+    p = Path(name)
+    if p.suffix in (".yaml", ".yml") or "/" in name:
+        return p
+    return JOBS_DIR / f"{name}.yaml"
+
+
+def parse_overrides(items: list[str]) -> list[tuple[str, Any, str]]:
+    out = []
+    for item in items:
+        if "=" not in item:
+            raise UserError(f"override '{item}' is not key=value", where="command line",
+                            hint="write overrides as key=value, e.g. train.batch_size=32 nodes=2")
+        key, _, text = item.partition("=")
+        key = key.strip()
+        if not key or not all(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", p) for p in key.split(".")):
+            raise UserError(f"override key '{key}' is not a dotted name", where="command line",
+                            hint="e.g. train.lr=0.1")
+        out.append((key, parse_scalar(text), item))
+    return out
+
+
+def load_job(name: str, overrides: list[str] = (), *, profile: Optional[str] = None) -> LoadedJob:
+    """Load jobs/<name>.yaml, apply ``key=value`` overrides and, if asked, a profile, then validate."""
+    path = job_path(name)
+    if not path.exists():
+        known = sorted(p.stem for p in JOBS_DIR.glob("*.yaml"))
+        raise UserError(f"no job named '{name}' ({path} does not exist)", where="JOB",
+                        hint="known jobs: " + (", ".join(known) or "none"))
+    src = load(path)
+    data = copy.deepcopy(src.data) if isinstance(src.data, dict) else src.data
+    if not isinstance(data, dict):
+        raise UserError("a job file must be a mapping of keys", where=src.where())
+    data.setdefault("name", path.stem)
+    notes: list[str] = []
+    train_keys = _train_keys()
+    if profile:
+        profiles = data.get("profiles") or {}
+        if isinstance(profiles, dict) and profile in profiles:
+            prof = profiles[profile]
+            if not isinstance(prof, dict):
+                raise UserError("a profile must be a mapping", where=src.where(("profiles", profile)),
+                                key=f"profiles.{profile}")
+            _deep_merge(data, prof)
+            notes.append(f"applying profile {profile}: " + " ".join(f"{k}={v}" for k, v in _flatten(prof)))
+    job_fields = {f for f in Job.__dataclass_fields__}
+    for key, value, item in parse_overrides(list(overrides)):
+        parts = key.split(".")
+        if parts[0] not in job_fields:
+            if train_keys and parts[0] in train_keys and len(parts) == 1:
+                parts = ["train", parts[0]]
+            else:
+                raise UserError(f"unknown key '{parts[0]}' in override '{item}'", where="command line",
+                                hint="valid keys: " + ", ".join(sorted(job_fields)) +
+                                     (" (and train settings such as " + ", ".join(sorted(train_keys)[:6]) + ", ...)" if train_keys else ""))
+        cur = data
+        for p in parts[:-1]:
+            nxt = cur.get(p)
+            if nxt is None:
+                nxt = cur[p] = {}
+            if not isinstance(nxt, dict):
+                raise UserError(f"'{p}' is not a section, cannot set '{key}'", where="command line")
+            cur = nxt
+        cur[parts[-1]] = value
+        src.lines.setdefault(tuple(parts), 0)
+    # overrides have no line: point errors at the command line instead of a wrong line
+    for key, _, _ in parse_overrides(list(overrides)):
+        src.lines[tuple(key.split("."))] = 0
+    job: Job = build(Job, data, _OverrideSource(src, overrides))
+    _check_job(job, src)
+    return LoadedJob(job, str(path), data, profile if notes else None, tuple(notes))
+
+
+class _OverrideSource(Source):
+    """Names 'command line (override ...)' for keys that came from overrides."""
+
+    def __init__(self, src: Source, overrides):
+        super().__init__(src.name, src.data, src.lines)
+        self.overrides = list(overrides)
+
+    def where(self, path: tuple = ()) -> str:
+        p = tuple(path)
+        while p and p not in self.lines:
+            p = p[:-1]
+        if p and self.lines.get(p) == 0:
+            return "command line (override " + ".".join(map(str, p)) + ")"
+        return super().where(path)
+
+
+def _check_job(job: Job, src: Source) -> None:
+    given = [k for k in ("train", "module", "command") if getattr(job, k) is not None]
+    if len(given) != 1:
+        raise UserError("a job runs exactly one of 'train', 'module' or 'command'" +
+                        (f" (found {', '.join(given)})" if given else ""), where=src.where(),
+                        hint="use 'train:' for the train package, 'module:' for a python module, 'command:' for a program")
+    if job.command is not None and not job.command:
+        raise UserError("'command' is empty", where=src.where(("command",)), key="command")
+    if isinstance(job.nodes, int) and job.nodes < 1:
+        raise UserError("must be at least 1 (or all)", where=src.where(("nodes",)), key="nodes")
+    if isinstance(job.gpus_per_node, int) and job.gpus_per_node < 0:
+        raise UserError("must be 0 or more (or auto)", where=src.where(("gpus_per_node",)), key="gpus_per_node")
+    if job.cpu_procs_per_node < 1:
+        raise UserError("must be at least 1", where=src.where(("cpu_procs_per_node",)), key="cpu_procs_per_node")
+    if job.rdzv_port is not None and not 1024 <= job.rdzv_port < 65536:
+        raise UserError("must be a port in 1024-65535", where=src.where(("rdzv_port",)), key="rdzv_port")
+    for k in job.env:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k):
+            raise UserError(f"'{k}' is not a valid environment variable name", where=src.where(("env", k)),
+                            key=f"env.{k}", hint="use letters, digits and '_', not starting with a digit")
+    if job.train is not None:
+        try:
+            from train import config as tcfg
+        except ImportError:
+            return
+        try:
+            tcfg.validate(dict(job.train))
+        except tcfg.ConfigError as e:
+            key = getattr(e, "key", None)
+            raise UserError(str(getattr(e, "message", e)), where=src.where(("train", key) if key else ("train",)),
+                            key=f"train.{key}" if key else "train") from None
+
+
+def _train_keys() -> set[str]:
+    try:
+        from train import config as tcfg
+        return set(tcfg.FIELDS)
+    except (ImportError, AttributeError):
+        return set()
+
+
+def _deep_merge(dst: dict, src: Mapping) -> None:
+    for k, v in src.items():
+        if isinstance(v, Mapping) and isinstance(dst.get(k), dict):
+            _deep_merge(dst[k], v)
+        else:
+            dst[k] = copy.deepcopy(v)
+
+
+def _flatten(d: Mapping, prefix: str = ""):
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            yield from _flatten(v, "")
+        else:
+            yield (prefix + k, v)
+
+
+def with_gpus(host: Host, gpus: int) -> Host:
+    return replace(host, gpus=gpus)
+
+
+def inventory_from_plain(d: dict) -> Inventory:
+    """Rebuild an Inventory from the snapshot kept in run.json."""
+    slurm = d.get("slurm")
+    return Inventory(
+        path=d["path"], backend=d["backend"], hosts=tuple(Host(**h) for h in d["hosts"]),
+        ssh=SSHSettings(**d["ssh"]),
+        slurm=SlurmSettings(**slurm) if slurm else None,
+        shared_fs=d["shared_fs"], storage=d.get("storage"))

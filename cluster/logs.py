@@ -1,0 +1,98 @@
+"""One stream from every node's log: merged live, filterable, resumable from byte offsets."""
+from __future__ import annotations
+
+import os
+import re
+import sys
+import time
+from typing import Optional
+
+from .runs import Run
+
+_LINE = re.compile(r"^\[(?P<host>[^\] ]+) (?P<rank>\d+|agent)\] ")
+_COLORS = ["36", "33", "35", "32", "34", "31", "96", "93", "95", "92", "94", "91"]
+
+
+class Merger:
+    """Keeps a byte offset and a partial-line buffer per source; only whole lines come out."""
+
+    def __init__(self, sources, host: Optional[str] = None, rank: Optional[int] = None,
+                 pattern: Optional[str] = None, color: bool = False):
+        self.sources = sources
+        self.offsets = {s.name: 0 for s in sources}
+        self.partial = {s.name: b"" for s in sources}
+        self.down: dict[str, str] = {}
+        self.host, self.rank = host, rank
+        self.pattern = re.compile(pattern) if pattern else None
+        self.color = color
+        self._hosts_seen: dict[str, str] = {}
+
+    def poll(self, final: bool = False) -> list[str]:
+        out: list[str] = []
+        for src in self.sources:
+            if self.host and src.name != self.host:
+                continue
+            try:
+                data = src.read(self.offsets[src.name])
+            except OSError as e:
+                if src.name not in self.down:
+                    self.down[src.name] = str(e)
+                    print(f"[{src.name}] log unreachable ({e}); will catch up when it is back",
+                          file=sys.stderr, flush=True)
+                continue
+            if src.name in self.down:
+                del self.down[src.name]
+                print(f"[{src.name}] log reachable again; catching up", file=sys.stderr, flush=True)
+            if not data:
+                continue
+            self.offsets[src.name] += len(data)
+            buf = self.partial[src.name] + data
+            *lines, rest = buf.split(b"\n")
+            self.partial[src.name] = rest
+            out.extend(self._keep(l.decode(errors="replace")) for l in lines)
+            if final and rest:
+                out.append(self._keep(rest.decode(errors="replace")))
+                self.partial[src.name] = b""
+        return [l for l in out if l is not None]
+
+    def _keep(self, line: str) -> Optional[str]:
+        m = _LINE.match(line)
+        if self.rank is not None and not (m and m.group("rank") == str(self.rank)):
+            return None
+        if self.pattern and not self.pattern.search(line):
+            return None
+        if self.color and m:
+            host = m.group("host")
+            c = self._hosts_seen.setdefault(host, _COLORS[len(self._hosts_seen) % len(_COLORS)])
+            return f"\x1b[{c}m{line[:m.end()]}\x1b[0m{line[m.end():]}"
+        return line
+
+
+def follow_run(run: Run, follow: bool = False, host: Optional[str] = None, rank: Optional[int] = None,
+               pattern: Optional[str] = None, interval_s: float = 0.25, out=None) -> int:
+    """Print the run's merged logs; with ``follow``, keep going until the run ends."""
+    from .submit import backend_for
+    out = out or sys.stdout
+    be = backend_for(run)
+    color = out.isatty() and os.environ.get("NO_COLOR") is None
+    merger = Merger(be.log_sources(run), host, rank, pattern, color)
+    last_status = 0.0
+    while True:
+        lines = merger.poll()
+        if lines:
+            out.write("\n".join(lines) + "\n")
+            out.flush()
+        if not follow:
+            break
+        if time.time() - last_status > 2.0:
+            last_status = time.time()
+            state, _ = be.status(run)
+            if state.is_terminal():
+                tail = merger.poll(final=True)
+                if tail:
+                    out.write("\n".join(tail) + "\n")
+                print(f"-- run {run.id} {state.value}", file=sys.stderr, flush=True)
+                return 0 if state.value == "SUCCEEDED" else 1
+        if not lines:
+            time.sleep(interval_s)
+    return 0

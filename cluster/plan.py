@@ -1,0 +1,153 @@
+"""The plan: a pure function of (inventory, job, run id, GPUs per host) -> one launch per node.
+
+No I/O here. Every backend consumes the same plan; ``--dry-run`` prints it byte-exact.
+"""
+from __future__ import annotations
+
+import shlex
+import zlib
+from dataclasses import dataclass, field
+from typing import Mapping, Optional
+
+from .config import Host, Inventory, Job
+from .errors import UserError
+
+RUNS = "runs"
+
+
+@dataclass(frozen=True)
+class NodeLaunch:
+    """What one node runs: the agent command (argv), its environment and where it writes."""
+
+    host: str
+    node_rank: int
+    hostname: str
+    workdir: str
+    argv: tuple[str, ...]            # agent argv; the payload (torchrun ...) follows '--'
+    env: Mapping[str, str]
+    log_path: str                    # relative to workdir
+    agent_log_path: str
+    state_dir: str
+    nprocs: int
+
+    def payload(self) -> tuple[str, ...]:
+        return self.argv[self.argv.index("--") + 1:]
+
+    def shell(self) -> str:
+        """The one shell line that starts this node detached; every value quoted once."""
+        env = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(self.env.items()))
+        cmd = " ".join(shlex.quote(a) for a in self.argv)
+        wd = self.workdir
+        cd = "cd " + (wd if wd == "~" else ("~/" + shlex.quote(wd[2:]) if wd.startswith("~/") else shlex.quote(wd)))
+        return (f"{cd} && mkdir -p {shlex.quote(self.state_dir)} && "
+                f"env {env} setsid {cmd} </dev/null >{shlex.quote(self.agent_log_path)} 2>&1 &")
+
+
+@dataclass(frozen=True)
+class Plan:
+    run_id: str
+    job: str
+    backend: str
+    rdzv_endpoint: str
+    world_size: int
+    nodes: tuple[NodeLaunch, ...]
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    def render(self) -> str:
+        lines = [f"# run {self.run_id}: job {self.job}, backend {self.backend}, "
+                 f"{len(self.nodes)} node(s), world size {self.world_size}, rendezvous {self.rdzv_endpoint}"]
+        lines += [f"# {n}" for n in self.notes]
+        for node in self.nodes:
+            lines.append(f"[{node.host}] (node {node.node_rank}, {node.nprocs} proc)")
+            lines.append("  " + node.shell())
+        return "\n".join(lines) + "\n"
+
+
+def default_port(run_id: str) -> int:
+    """A port per run, stable for a run id, in 29500-30499 (torchrun's customary range)."""
+    return 29500 + zlib.crc32(run_id.encode()) % 1000
+
+
+def procs_for(host_gpus: int, job: Job) -> int:
+    if host_gpus <= 0:
+        return job.cpu_procs_per_node
+    if job.gpus_per_node == "auto":
+        return host_gpus
+    return job.gpus_per_node
+
+
+def select_hosts(inv: Inventory, job: Job) -> tuple[Host, ...]:
+    if job.nodes == "all":
+        return inv.hosts
+    if job.nodes > len(inv.hosts):
+        raise UserError(f"job asks for {job.nodes} nodes but the inventory lists {len(inv.hosts)}",
+                        where=inv.path, key="nodes", hint=f"use nodes={len(inv.hosts)} or add hosts")
+    return inv.hosts[: job.nodes]
+
+
+def make_plan(inv: Inventory, job: Job, run_id: str, gpus: Mapping[str, int], *,
+              port: Optional[int] = None, resume_from: Optional[str] = None,
+              notes: tuple[str, ...] = ()) -> Plan:
+    """Build the launch of every node. ``gpus`` maps host name -> detected/declared GPU count."""
+    hosts = select_hosts(inv, job)
+    procs = [procs_for(gpus[h.name], job) for h in hosts]
+    for h, p in zip(hosts, procs):
+        if gpus[h.name] > 0 and p > gpus[h.name]:
+            raise UserError(f"job wants {p} GPUs per node but {h.name} has {gpus[h.name]}",
+                            where="job", key="gpus_per_node", hint=f"set gpus_per_node={gpus[h.name]} or fewer")
+    if len(set(procs)) != 1:
+        raise UserError("hosts have different GPU counts: " +
+                        ", ".join(f"{h.name}={gpus[h.name]}" for h in hosts),
+                        where=inv.path, key="hosts.gpus", hint="set gpus_per_node in the job to the smallest count")
+    nproc = procs[0]
+    port = port or job.rdzv_port or default_port(run_id)
+    master = hosts[0].address
+    run_dir = f"{RUNS}/{run_id}"
+    base_env = {"PYTHONUNBUFFERED": "1", "CLUSTER_RUN_ID": run_id}
+    if nproc and gpus[hosts[0].name] == 0:
+        base_env["OMP_NUM_THREADS"] = "1"   # overwritten by train/ from the cores it may use
+    base_env.update(job.env)
+    nodes = []
+    for rank, h in enumerate(hosts):
+        env = dict(base_env)
+        if h.interface:
+            env["NCCL_SOCKET_IFNAME"] = h.interface
+            env["GLOO_SOCKET_IFNAME"] = h.interface
+        torchrun = [
+            h.python, "-m", "torch.distributed.run",
+            f"--nnodes={len(hosts)}", f"--nproc-per-node={nproc}", f"--node-rank={rank}",
+            # static rendezvous on node 0's store: ranks are node_rank*nproc+local_rank, so
+            # rank 0 (the checkpoint writer) is always on node 0, where resume puts the checkpoint
+            f"--master-addr={master}", f"--master-port={port}", f"--rdzv-id={run_id}",
+            f"--max-restarts={job.restart.max_restarts}",
+            "--tee=3", f"--log-line-prefix-template=[{h.name} ${{rank}}] ",
+        ]
+        torchrun += _payload(job, run_dir)
+        agent = [h.python, "-m", "cluster.agent", "--run-dir", run_dir, "--host", h.name,
+                 "--node-rank", str(rank), "--"]
+        nodes.append(NodeLaunch(
+            host=h.name, node_rank=rank, hostname=h.hostname, workdir=h.workdir,
+            argv=tuple(agent + torchrun), env=env,
+            log_path=f"{run_dir}/logs/{h.name}.log", agent_log_path=f"{run_dir}/state/{h.name}.agent.out",
+            state_dir=f"{run_dir}/state", nprocs=nproc))
+    return Plan(run_id, job.name, inv.backend, f"{master}:{port}", nproc * len(hosts), tuple(nodes),
+                tuple(notes))
+
+
+def _payload(job: Job, run_dir: str) -> list[str]:
+    if job.train is not None:
+        cfg = {"out_dir": f"{run_dir}/metrics", "ckpt_dir": f"{run_dir}/checkpoints"}
+        if job.checkpoint.every_steps:
+            cfg["ckpt_every"] = job.checkpoint.every_steps
+        cfg["keep_ckpts"] = job.checkpoint.keep
+        cfg.update(job.train)
+        return ["-m", "train"] + [f"{k}={_scalar(v)}" for k, v in cfg.items()] + list(job.args)
+    if job.module is not None:
+        return ["-m", job.module] + list(job.args)
+    return ["--no-python"] + list(job.command) + list(job.args)
+
+
+def _scalar(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return str(v)

@@ -1,0 +1,130 @@
+"""Strict conversion of plain YAML data into frozen dataclasses.
+
+Unknown keys are errors that list the valid ones (as submitit does); wrong types name the key
+path and the file:line it came from.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+from .errors import UserError
+from .yamlsrc import Source
+
+
+def build(cls, data: Any, src: Source, path: tuple = ()):
+    """Build dataclass ``cls`` from ``data`` (a mapping), validating every key and type."""
+    dotted = ".".join(map(str, path)) or None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"expected a mapping, got {_kind(data)}", where=src.where(path), key=dotted)
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        k = unknown[0]
+        raise UserError(f"unknown key '{k}'", where=src.where(path + (k,)),
+                        key=".".join(map(str, path + (k,))),
+                        hint="valid keys here are: " + ", ".join(sorted(fields)))
+    kwargs = {}
+    for name, f in fields.items():
+        if name in data:
+            kwargs[name] = convert(hints[name], data[name], src, path + (name,))
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise UserError(f"missing required key '{name}'", where=src.where(path),
+                            key=".".join(map(str, path + (name,))),
+                            hint=f"add '{name}:' to this section")
+    return cls(**kwargs)
+
+
+def convert(tp, value: Any, src: Source, path: tuple):
+    dotted = ".".join(map(str, path))
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, src, path)
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return convert(a, value, src, path)
+            except UserError as e:
+                errors.append(e)
+        raise UserError(f"expected {_describe(tp)}, got {_kind(value)} {value!r}",
+                        where=src.where(path), key=dotted)
+    if origin is Literal:
+        if value in get_args(tp) and type(value) in {type(a) for a in get_args(tp)}:
+            return value
+        raise UserError(f"must be one of {', '.join(map(repr, get_args(tp)))}; got {value!r}",
+                        where=src.where(path), key=dotted)
+    if origin in (list, tuple):
+        (item,) = get_args(tp)[:1]
+        if not isinstance(value, list):
+            raise UserError(f"expected a list, got {_kind(value)}", where=src.where(path), key=dotted)
+        return tuple(convert(item, v, src, path + (i,)) for i, v in enumerate(value))
+    if origin is dict:
+        kt, vt = get_args(tp)
+        if not isinstance(value, dict):
+            raise UserError(f"expected a mapping, got {_kind(value)}", where=src.where(path), key=dotted)
+        return types.MappingProxyType({k: convert(vt, v, src, path + (k,)) for k, v in value.items()})
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            if "\x00" in value:
+                raise UserError("contains a NUL byte", where=src.where(path), key=dotted)
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    else:  # pragma: no cover - schema mistake
+        raise TypeError(f"unsupported schema type {tp}")
+    raise UserError(f"expected {_describe(tp)}, got {_kind(value)} {value!r}",
+                    where=src.where(path), key=dotted)
+
+
+def _kind(value) -> str:
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", int: "an integer",
+            float: "a number", type(None): "nothing"}.get(type(value), type(value).__name__)
+
+
+def _describe(tp) -> str:
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in get_args(tp) if a is not type(None))
+    if origin is Literal:
+        return "one of " + ", ".join(map(repr, get_args(tp)))
+    if origin in (list, tuple):
+        return "a list"
+    if origin is dict:
+        return "a mapping"
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+def to_plain(obj):
+    """Dataclasses/mappingproxies/tuples -> JSON-able plain data."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (dict, types.MappingProxyType)):
+        return {k: to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_plain(v) for v in obj]
+    return obj
+
+
+typing  # keep import for get_type_hints on postponed annotations

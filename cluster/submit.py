@@ -1,0 +1,95 @@
+"""submit/plan: inventory + job + overrides -> plan -> (dry run | preflight, record, launch)."""
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+from typing import Optional
+
+from . import backends, hostlist
+from .config import Inventory, LoadedJob, load_inventory, load_job
+from .errors import UserError
+from .plan import Plan, make_plan, select_hosts
+from .runs import Run, State, git_commit, new_run_id
+from .schema import to_plain
+
+
+def resolve(job_name: str, overrides: list[str], inventory: Optional[str], backend: Optional[str],
+            run_id: Optional[str] = None):
+    """Everything up to the plan; pure apart from GPU detection on the hosts."""
+    inv = load_inventory(inventory)
+    if backend:
+        if backend not in backends.NAMES:
+            raise UserError(f"unknown backend '{backend}'", where="BACKEND",
+                            hint="use one of: " + ", ".join(backends.NAMES))
+        if backend == "slurm" and inv.slurm is None:
+            raise UserError("backend slurm needs a 'slurm:' section in the inventory", where=inv.path,
+                            key="slurm", hint="add 'slurm:' with at least 'partition:'")
+        inv = dataclasses.replace(inv, backend=backend)
+    loaded = load_job(job_name, overrides)
+    be = backends.get(inv.backend, inv)
+    hosts = select_hosts(inv, loaded.job)
+    gpus = be.detect_gpus(hosts)
+    notes: list[str] = []
+    if all(g == 0 for g in gpus.values()) and "cpu" in loaded.job.profiles:
+        loaded = load_job(job_name, overrides, profile="cpu")
+        notes += [f"no GPU on {hostlist.fold([h.name for h in hosts])}: {n}" for n in loaded.notes]
+    run_id = run_id or new_run_id(loaded.job.name)
+    plan = make_plan(inv, loaded.job, run_id, gpus, notes=tuple(notes))
+    return inv, be, loaded, plan
+
+
+def submit(job_name: str, overrides: list[str], inventory: Optional[str] = None,
+           backend: Optional[str] = None, resume: Optional[str] = None) -> Run:
+    from .backends.base import progress
+    inv, be, loaded, plan = resolve(job_name, overrides, inventory, backend)
+    for n in plan.notes:
+        progress(n)
+    resume_run = None
+    if resume:
+        from .runs import resolve as resolve_run
+        resume_run = resolve_run(resume)
+    progress(f"preflight: {len(plan.nodes)} node(s) ...")
+    be.preflight(plan)
+    run = Run(plan.run_id)
+    run.create({
+        "id": plan.run_id, "created": time.time(), "state": State.PENDING.value,
+        "backend": inv.backend, "job": {"name": loaded.job.name, "file": loaded.path,
+                                        "resolved": to_plain(loaded.job), "profile": loaded.profile},
+        "overrides": list(overrides), "inventory": to_plain(inv), "plan": to_plain(plan),
+        "git_commit": git_commit(), "resume_from": resume_run.id if resume_run else None,
+    })
+    run.event("submitted", job=loaded.job.name, nodes=len(plan.nodes), world_size=plan.world_size)
+    if resume_run:
+        seed_checkpoint(resume_run, run)
+    be.prepare(plan, run)
+    try:
+        handle = be.launch(plan, run)
+    except BaseException as e:
+        # never leave half a run behind: stop whatever did start, then report
+        run.event("launch-failed", error=str(e))
+        run.update(handle=getattr(be, "partial_handle", {}) or run.data.get("handle", {}))
+        be.stop_nodes(run, grace_s=5.0)
+        run.set_state(State.FAILED, final=True, failure={"error": str(e)})
+        raise
+    run.update(handle=handle)
+    run.set_state(State.STARTING)
+    return run
+
+
+def seed_checkpoint(src: Run, dst: Run) -> None:
+    """Copy the latest checkpoint of ``src`` (in its run dir on this machine) into ``dst``."""
+    latest = src.dir / "checkpoints" / "latest"
+    if not latest.exists():
+        raise UserError(f"run {src.id} has no checkpoint to resume from ({latest} is missing)",
+                        hint="resume a run that wrote a checkpoint (ckpt_every or the end of training)")
+    name = latest.read_text().strip()
+    (dst.dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    shutil.copy2(src.dir / "checkpoints" / name, dst.dir / "checkpoints" / name)
+    shutil.copy2(latest, dst.dir / "checkpoints" / "latest")
+    dst.event("resume", from_run=src.id, checkpoint=name)
+
+
+def backend_for(run: Run):
+    from .config import inventory_from_plain
+    return backends.get(run.data["backend"], inventory_from_plain(run.data["inventory"]))

@@ -1,0 +1,85 @@
+"""YAML loading that remembers where every key came from, so errors can name file and line."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .errors import UserError
+
+
+@dataclass
+class Source:
+    """A loaded YAML document plus the line of every key path in it."""
+
+    name: str
+    data: object
+    lines: dict[tuple, int] = field(default_factory=dict)
+
+    def where(self, path: tuple = ()) -> str:
+        """``file:line`` for the closest known ancestor of ``path``."""
+        p = tuple(path)
+        while p and p not in self.lines:
+            p = p[:-1]
+        line = self.lines.get(p)
+        return f"{self.name}:{line}" if line else self.name
+
+
+def load(path: Path | str, text: str | None = None) -> Source:
+    name = str(path)
+    if text is None:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise UserError("file not found", where=name,
+                            hint="check the path (INVENTORY=... / JOB=...)") from None
+        except UnicodeDecodeError as e:
+            raise UserError(f"not UTF-8 text ({e.reason})", where=name) from None
+        except OSError as e:
+            raise UserError(f"cannot read: {e.strerror}", where=name) from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{name}:{mark.line + 1}" if mark else name
+        problem = getattr(e, "problem", None) or str(e)
+        raise UserError(f"invalid YAML: {problem}", where=where,
+                        hint="fix the syntax (indentation, quotes, colons)") from None
+    src = Source(name, None)
+    src.data = _convert(node, (), src) if node is not None else {}
+    return src
+
+
+def _convert(node, path: tuple, src: Source):
+    src.lines.setdefault(path, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        out: dict = {}
+        for knode, vnode in node.value:
+            if knode.tag == "tag:yaml.org,2002:merge":
+                raise UserError("YAML merge keys (<<) are not supported", where=f"{src.name}:{knode.start_mark.line + 1}")
+            if not isinstance(knode, yaml.ScalarNode):
+                raise UserError("keys must be plain strings", where=f"{src.name}:{knode.start_mark.line + 1}")
+            key = knode.value
+            kpath = path + (key,)
+            if key in out:
+                raise UserError(f"duplicate key '{key}' (first on line {src.lines.get(kpath)})",
+                                where=f"{src.name}:{knode.start_mark.line + 1}",
+                                key=".".join(map(str, kpath)), hint="keep one of them")
+            src.lines[kpath] = knode.start_mark.line + 1
+            out[key] = _convert(vnode, kpath, src)
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        return [_convert(v, path + (i,), src) for i, v in enumerate(node.value)]
+    return yaml.SafeLoader(" ").construct_object(node, deep=True) if node.tag != "tag:yaml.org,2002:str" else node.value
+
+
+def parse_scalar(text: str):
+    """Parse a command-line override value the way YAML would (``8`` -> 8, ``true`` -> True)."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if value is None and text.strip() not in ("null", "~", ""):
+        return text
+    return value
