@@ -45,6 +45,10 @@ class Backend(ABC):
         self.inv = inventory
 
     # ---- hooks
+    def render(self, plan: Plan) -> str:
+        """What --dry-run prints: per-node command lines (SLURM: the sbatch script)."""
+        return plan.render()
+
     @abstractmethod
     def detect_gpus(self, hosts) -> dict[str, int]:
         """GPU count per host name (declared, or detected where the inventory says auto)."""

@@ -10,6 +10,6 @@ def add_arguments(p):
 
 
 def run(args):
-    _, _, _, plan = resolve(args.job, args.overrides, args.inventory, args.backend, run_id=args.run_id)
-    print(plan.render(), end="")
+    _, be, _, plan = resolve(args.job, args.overrides, args.inventory, args.backend, run_id=args.run_id)
+    print(be.render(plan), end="")
     return 0

@@ -13,8 +13,8 @@ def add_arguments(p):
 
 def run(args):
     if args.dry_run:
-        _, _, _, plan = resolve(args.job, args.overrides, args.inventory, args.backend)
-        print(plan.render(), end="")
+        _, be, _, plan = resolve(args.job, args.overrides, args.inventory, args.backend)
+        print(be.render(plan), end="")
         return 0
     r = submit(args.job, args.overrides, args.inventory, args.backend, resume=args.resume)
     print(f"run {r.id} started ({r.data['backend']}, {len(r.data['plan']['nodes'])} node(s), "

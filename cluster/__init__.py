@@ -1,0 +1,1 @@
+"""Orchestration of multi-node PyTorch DDP runs: local, SSH fan-out and SLURM backends."""
