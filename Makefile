@@ -28,6 +28,8 @@ $(STAMP): requirements.txt
 	@echo ">> creating $(VENV) and installing requirements (torch is large: about 1-2 minutes) ..."
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -m pip install --disable-pip-version-check --progress-bar on -r requirements.txt
+	@# the repo on the venv's path: `python -m cluster` works from any directory
+	@$(PY) -c 'import site,sys; open(site.getsitepackages()[0]+"/ddp-cluster.pth","w").write(sys.argv[1]+"\n")' "$(CURDIR)"
 	@touch $(STAMP)
 	@echo ">> $(VENV) ready"
 

@@ -314,12 +314,11 @@ def load_job(name: str, overrides: list[str] = (), *, profile: Optional[str] = N
                 raise UserError(f"'{p}' is not a section, cannot set '{key}'", where="command line")
             cur = nxt
         cur[parts[-1]] = value
-        src.lines.setdefault(tuple(parts), 0)
-    # overrides have no line: point errors at the command line instead of a wrong line
-    for key, _, _ in parse_overrides(list(overrides)):
-        src.lines[tuple(key.split("."))] = 0
-    job: Job = build(Job, data, _OverrideSource(src, overrides))
-    _check_job(job, src)
+        # overrides have no line: errors point at the command line instead of a wrong line
+        src.lines[tuple(parts)] = 0
+    osrc = _OverrideSource(src, overrides)
+    job: Job = build(Job, data, osrc)
+    _check_job(job, osrc)
     return LoadedJob(job, str(path), data, profile if notes else None, tuple(notes))
 
 

@@ -86,9 +86,12 @@ def select_hosts(inv: Inventory, job: Job) -> tuple[Host, ...]:
 
 
 def make_plan(inv: Inventory, job: Job, run_id: str, gpus: Mapping[str, int], *,
-              port: Optional[int] = None, resume_from: Optional[str] = None,
-              notes: tuple[str, ...] = ()) -> Plan:
-    """Build the launch of every node. ``gpus`` maps host name -> detected/declared GPU count."""
+              port: Optional[int] = None, notes: tuple[str, ...] = (),
+              local_runs: str = RUNS) -> Plan:
+    """Build the launch of every node. ``gpus`` maps host name -> detected/declared GPU count.
+
+    ``local_runs`` is where runs/ lives on this machine, relative to the repo if inside it.
+    """
     hosts = select_hosts(inv, job)
     procs = [procs_for(gpus[h.name], job) for h in hosts]
     for h, p in zip(hosts, procs):
@@ -102,7 +105,8 @@ def make_plan(inv: Inventory, job: Job, run_id: str, gpus: Mapping[str, int], *,
     nproc = procs[0]
     port = port or job.rdzv_port or default_port(run_id)
     master = hosts[0].address
-    run_dir = f"{RUNS}/{run_id}"
+    # remote hosts keep runs/ under their workdir; this machine keeps them where run.json is
+    run_dir = f"{local_runs if hosts[0].is_local else RUNS}/{run_id}"
     base_env = {"PYTHONUNBUFFERED": "1", "CLUSTER_RUN_ID": run_id}
     if nproc and gpus[hosts[0].name] == 0:
         base_env["OMP_NUM_THREADS"] = "1"   # overwritten by train/ from the cores it may use

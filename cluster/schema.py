@@ -16,18 +16,18 @@ from .yamlsrc import Source
 
 def build(cls, data: Any, src: Source, path: tuple = ()):
     """Build dataclass ``cls`` from ``data`` (a mapping), validating every key and type."""
-    dotted = ".".join(map(str, path)) or None
+    dotted_ = dotted(path) or None
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise UserError(f"expected a mapping, got {_kind(data)}", where=src.where(path), key=dotted)
+        raise UserError(f"expected a mapping, got {_kind(data)}", where=src.where(path), key=dotted_)
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = [k for k in data if k not in fields]
     if unknown:
         k = unknown[0]
         raise UserError(f"unknown key '{k}'", where=src.where(path + (k,)),
-                        key=".".join(map(str, path + (k,))),
+                        key=dotted(path + (k,)),
                         hint="valid keys here are: " + ", ".join(sorted(fields)))
     kwargs = {}
     for name, f in fields.items():
@@ -35,13 +35,13 @@ def build(cls, data: Any, src: Source, path: tuple = ()):
             kwargs[name] = convert(hints[name], data[name], src, path + (name,))
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise UserError(f"missing required key '{name}'", where=src.where(path),
-                            key=".".join(map(str, path + (name,))),
+                            key=dotted(path + (name,)),
                             hint=f"add '{name}:' to this section")
     return cls(**kwargs)
 
 
 def convert(tp, value: Any, src: Source, path: tuple):
-    dotted = ".".join(map(str, path))
+    dotted_ = dotted(path)
     origin = get_origin(tp)
     if dataclasses.is_dataclass(tp):
         return build(tp, value, src, path)
@@ -49,30 +49,33 @@ def convert(tp, value: Any, src: Source, path: tuple):
         args = get_args(tp)
         if value is None and type(None) in args:
             return None
+        real = [a for a in args if a is not type(None)]
+        shaped = [a for a in real if dataclasses.is_dataclass(a) or get_origin(a) in (dict, list, tuple)]
+        if len(real) == 1 or (len(shaped) == 1 and isinstance(value, (dict, list))):
+            # one shape fits: its own, more precise error is the one to show
+            return convert(shaped[0] if len(real) > 1 else real[0], value, src, path)
         errors = []
-        for a in args:
-            if a is type(None):
-                continue
+        for a in real:
             try:
                 return convert(a, value, src, path)
             except UserError as e:
                 errors.append(e)
         raise UserError(f"expected {_describe(tp)}, got {_kind(value)} {value!r}",
-                        where=src.where(path), key=dotted)
+                        where=src.where(path), key=dotted_)
     if origin is Literal:
         if value in get_args(tp) and type(value) in {type(a) for a in get_args(tp)}:
             return value
         raise UserError(f"must be one of {', '.join(map(repr, get_args(tp)))}; got {value!r}",
-                        where=src.where(path), key=dotted)
+                        where=src.where(path), key=dotted_)
     if origin in (list, tuple):
         (item,) = get_args(tp)[:1]
         if not isinstance(value, list):
-            raise UserError(f"expected a list, got {_kind(value)}", where=src.where(path), key=dotted)
+            raise UserError(f"expected a list, got {_kind(value)}", where=src.where(path), key=dotted_)
         return tuple(convert(item, v, src, path + (i,)) for i, v in enumerate(value))
     if origin is dict:
         kt, vt = get_args(tp)
         if not isinstance(value, dict):
-            raise UserError(f"expected a mapping, got {_kind(value)}", where=src.where(path), key=dotted)
+            raise UserError(f"expected a mapping, got {_kind(value)}", where=src.where(path), key=dotted_)
         return types.MappingProxyType({k: convert(vt, v, src, path + (k,)) for k, v in value.items()})
     if tp is Any:
         return value
@@ -88,14 +91,22 @@ def convert(tp, value: Any, src: Source, path: tuple):
     elif tp is str:
         if isinstance(value, str):
             if "\x00" in value:
-                raise UserError("contains a NUL byte", where=src.where(path), key=dotted)
+                raise UserError("contains a NUL byte", where=src.where(path), key=dotted_)
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
     else:  # pragma: no cover - schema mistake
         raise TypeError(f"unsupported schema type {tp}")
     raise UserError(f"expected {_describe(tp)}, got {_kind(value)} {value!r}",
-                    where=src.where(path), key=dotted)
+                    where=src.where(path), key=dotted_)
+
+
+def dotted(path: tuple) -> str:
+    """('hosts', 0, 'gpus') -> 'hosts[0].gpus'."""
+    out = ""
+    for p in path:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out
 
 
 def _kind(value) -> str:

@@ -35,8 +35,16 @@ def resolve(job_name: str, overrides: list[str], inventory: Optional[str], backe
         loaded = load_job(job_name, overrides, profile="cpu")
         notes += [f"no GPU on {hostlist.fold([h.name for h in hosts])}: {n}" for n in loaded.notes]
     run_id = run_id or new_run_id(loaded.job.name)
-    plan = make_plan(inv, loaded.job, run_id, gpus, notes=tuple(notes))
+    plan = make_plan(inv, loaded.job, run_id, gpus, notes=tuple(notes), local_runs=_local_runs())
     return inv, be, loaded, plan
+
+
+def _local_runs() -> str:
+    import os
+    from .config import REPO
+    from .runs import RUNS_DIR
+    rel = os.path.relpath(RUNS_DIR, REPO)
+    return str(RUNS_DIR) if rel.startswith("..") else rel
 
 
 def submit(job_name: str, overrides: list[str], inventory: Optional[str] = None,

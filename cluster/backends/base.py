@@ -106,9 +106,11 @@ class Backend(ABC):
         if not failed:
             return {}
         first = min(failed, key=lambda n: n.exit_time or float("inf"))
-        tail = self.log_tail(run, first.host, 30)
-        return {"host": first.host, "rank": failing_rank(tail), "exit_code": first.exit_code,
-                "log_tail": tail[-30:]}
+        tail = self.log_tail(run, first.host, 400)
+        rank = failing_rank(tail)
+        own = [l for l in tail if l.startswith(f"[{first.host} {rank}] ")] if rank is not None else []
+        return {"host": first.host, "rank": rank, "exit_code": first.exit_code,
+                "log_tail": own[-30:] or tail[-40:]}
 
     def log_tail(self, run: Run, host: str, lines: int) -> list[str]:
         for src in self.log_sources(run):
@@ -153,12 +155,18 @@ _RANK = re.compile(r"rank\s*:\s*(\d+)\s*\(local_rank")
 
 
 def failing_rank(lines: Iterable[str]) -> Optional[int]:
-    """torchrun's 'Root Cause (first observed failure)' names the global rank."""
+    """The global rank named under torchrun's 'Root Cause (first observed failure)'."""
+    first, after_root = None, False
     for line in lines:
+        if "Root Cause" in line:
+            after_root = True
+            continue
         m = _RANK.search(line)
         if m:
-            return int(m.group(1))
-    return None
+            if after_root:
+                return int(m.group(1))
+            first = first if first is not None else int(m.group(1))
+    return first
 
 
 def _plain(n: NodeStatus) -> dict:
