@@ -21,7 +21,12 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(verb, help=mod.HELP, description=mod.HELP)
         mod.add_arguments(p)
         mods[verb] = mod
-    args = ap.parse_args(argv)
+    args, extra = ap.parse_known_args(argv)
+    # key=value overrides may come after options too (submit resnet50 --follow train.lr=0.1)
+    if extra:
+        if not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra):
+            ap.error("unrecognized arguments: " + " ".join(extra))
+        args.overrides = list(args.overrides) + extra
     try:
         return mods[args.verb].run(args) or 0
     except UserError as e:
