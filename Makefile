@@ -4,8 +4,13 @@
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
+# PY=python3 on the command line uses an interpreter that already has torch (no venv, no install)
+ifeq ($(origin PY),command line)
+STAMP :=
+else
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+endif
 JOB ?= resnet50
 RUN ?=
 INVENTORY ?=
@@ -21,16 +26,16 @@ TARGET_OPTS = $(if $(INVENTORY),--inventory $(INVENTORY)) $(if $(BACKEND),--back
 
 .PHONY: setup submit plan status logs stop doctor report test test-unit testbed-up testbed-down testbed-deps clean-runs bench-launch
 
-setup: $(STAMP)
+setup: $(VENV)/.installed
 
-$(STAMP): requirements.txt
+$(VENV)/.installed: requirements.txt
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.10+"; exit 2; }
 	@echo ">> creating $(VENV) and installing requirements (torch is large: about 1-2 minutes) ..."
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@$(PY) -m pip install --disable-pip-version-check --progress-bar on -r requirements.txt
+	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	@$(VENV)/bin/python -m pip install --disable-pip-version-check --progress-bar on -r requirements.txt
 	@# the repo on the venv's path: `python -m cluster` works from any directory
-	@$(PY) -c 'import site,sys; open(site.getsitepackages()[0]+"/ddp-cluster.pth","w").write(sys.argv[1]+"\n")' "$(CURDIR)"
-	@touch $(STAMP)
+	@$(VENV)/bin/python -c 'import site,sys; open(site.getsitepackages()[0]+"/ddp-cluster.pth","w").write(sys.argv[1]+"\n")' "$(CURDIR)"
+	@touch $(VENV)/.installed
 	@echo ">> $(VENV) ready"
 
 submit: $(STAMP)
