@@ -1,0 +1,169 @@
+"""Shared pytest configuration. Add your fixtures in their own clearly marked section."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+
+# =============================================================================================
+# Cluster in a box (tests/testbed): the `testbed` marker and the session-scoped `testbed` fixture
+#
+#   @pytest.mark.testbed
+#   def test_x(testbed):
+#       testbed.run("node1", ["hostname"])        # ssh -F .testbed/ssh_config node1 -- hostname
+#       testbed.inventory                         # Path of .testbed/inventory.yaml
+#
+# The fixture brings 3 hosts up once per session (or reuses a healthy testbed that is already
+# up, e.g. from `make testbed-up`, and then leaves it up) and tears its own down at the end,
+# also on failure, Ctrl-C (KeyboardInterrupt), SIGTERM and interpreter exit. For the session it
+# puts the testbed's bin dir (the `sacct` stand-in) first on os.environ["PATH"], so submitit
+# and the slurm backend, run from this process or its children, get job states.
+# Where the testbed cannot run (not root, not Linux, no `ip netns`, packages missing) it skips
+# with the reason -- except in CI (CI=true), where that is a failure.
+# =============================================================================================
+
+TESTBED_NODES = 3
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "testbed: needs the cluster in a box (root, network namespaces, sshd, SLURM)")
+    config.addinivalue_line(
+        "markers", "testbed_last: run after every other test (it takes the testbed down and up)")
+
+
+def pytest_collection_modifyitems(config, items):
+    # Tests that cycle the shared testbed (down, check, up) go last so nothing else waits on them.
+    last = [it for it in items if it.get_closest_marker("testbed_last")]
+    if last:
+        items[:] = [it for it in items if not it.get_closest_marker("testbed_last")] + last
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+class Testbed:
+    """What the `testbed` fixture yields. Attributes follow .testbed/state.json (refresh() after
+    the testbed was brought down and up again)."""
+
+    def __init__(self, root: Path = REPO_ROOT):
+        self.root = Path(root)
+        self.refresh()
+
+    def refresh(self) -> None:
+        from tests.testbed import load_state
+
+        st = load_state(self.root)
+        if not st:
+            raise RuntimeError("the testbed is not up (no .testbed/state.json)")
+        self.state = st
+        self.state_dir = Path(st["state_dir"])
+        self.inventory = Path(st["inventory"])            # .testbed/inventory.yaml
+        self.ssh_config = Path(st["ssh_config"])          # .testbed/ssh_config
+        self.bin_dir = Path(st["bin_dir"])                # holds the sacct stand-in
+        self.hosts = list(st["hosts"])                    # [{name, hostname, address, workdir}]
+        self.host_names = [h["name"] for h in self.hosts]
+        self.partition = st["partition"]
+        self.python = st["python"]
+
+    def env(self, **extra) -> dict:
+        """os.environ with the sacct stand-in first on PATH (for subprocesses)."""
+        env = dict(os.environ)
+        parts = [p for p in env.get("PATH", "").split(os.pathsep) if p and p != str(self.bin_dir)]
+        env["PATH"] = os.pathsep.join([str(self.bin_dir)] + parts)
+        env.update(extra)
+        return env
+
+    def ssh_argv(self, host: str, argv) -> list[str]:
+        import shlex
+
+        return ["ssh", "-F", str(self.ssh_config), host, "--", " ".join(shlex.quote(str(a)) for a in argv)]
+
+    def run(self, host: str, argv, timeout: float = 60, check: bool = False, **kw):
+        """Run argv on a host over plain ssh (one shell boundary, shlex-quoted)."""
+        import subprocess
+
+        kw.setdefault("capture_output", True)
+        kw.setdefault("text", True)
+        kw.setdefault("stdin", subprocess.DEVNULL)
+        return subprocess.run(self.ssh_argv(host, argv), timeout=timeout, check=check, **kw)
+
+    def local(self, argv, timeout: float = 60, check: bool = False, **kw):
+        """Run argv on the submitting machine (root namespace) with the testbed's PATH."""
+        import subprocess
+
+        kw.setdefault("capture_output", True)
+        kw.setdefault("text", True)
+        kw.setdefault("env", self.env())
+        return subprocess.run([str(a) for a in argv], timeout=timeout, check=check, **kw)
+
+
+@pytest.fixture(scope="session")
+def testbed():
+    import atexit
+    import signal
+
+    from tests import testbed as tb
+
+    reason = tb.unavailable_reason()
+    if reason:
+        if _in_ci():
+            pytest.fail(f"cluster in a box unavailable in CI: {reason}", pytrace=False)
+        pytest.skip(f"cluster in a box unavailable: {reason}")
+
+    healthy, _ = tb.health(REPO_ROOT)
+    st = tb.load_state(REPO_ROOT) if healthy else None
+    owned = not (st and st.get("nodes", 0) >= TESTBED_NODES)
+    done = {"down": False}
+
+    def teardown():
+        if owned and not done["down"]:
+            done["down"] = True
+            tb.down(REPO_ROOT, quiet=True)
+
+    old_term = None
+    if owned:
+        # Ctrl-C arrives as KeyboardInterrupt (pytest then runs this fixture's finally);
+        # SIGTERM is turned into one too; atexit covers an interpreter exit without teardown.
+        atexit.register(teardown)
+        if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+            def _on_term(signum, frame):
+                raise KeyboardInterrupt("SIGTERM")
+            old_term = signal.signal(signal.SIGTERM, _on_term)
+        try:
+            tb.up(TESTBED_NODES, root=REPO_ROOT, quiet=True)
+        except KeyboardInterrupt:
+            teardown()
+            raise
+        except BaseException as e:
+            teardown()
+            if isinstance(e, tb.TestbedUnavailable) and not _in_ci():
+                pytest.skip(f"cluster in a box unavailable: {e}")
+            pytest.fail(f"cluster in a box did not come up: {e}", pytrace=False)
+
+    bed = Testbed(REPO_ROOT)
+    old_path = os.environ.get("PATH", "")
+    os.environ["PATH"] = bed.env()["PATH"]
+    try:
+        yield bed
+    finally:
+        os.environ["PATH"] = old_path
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
+        if owned:
+            teardown()
+            left = tb.leftovers(REPO_ROOT)
+            if left:
+                pytest.fail("testbed down left things behind:\n  " + "\n  ".join(left), pytrace=False)
+
+
+# =============================================================================================
