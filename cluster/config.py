@@ -10,8 +10,8 @@ from typing import Any, Literal, Mapping, Optional, Union
 
 from . import hostlist
 from .errors import UserError
-from .schema import build
-from .yamlsrc import Source, load, parse_scalar
+from .schema import build, dotted
+from .yamlsrc import Source, load, parse_scalar, show
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_INVENTORY = REPO / "inventory.yaml"
@@ -125,6 +125,9 @@ def load_inventory(path: Path | str | None = None) -> Inventory:
     if not raw.hosts:
         raise UserError("no hosts listed", where=src.where(("hosts",)), key="hosts",
                         hint="list at least one host, e.g. '- name: localhost'")
+    _check_host_fields(raw.defaults, src, ("defaults",))
+    for i, entry in enumerate(raw.hosts):
+        _check_host_fields(entry, src, ("hosts", i))
     hosts: list[Host] = []
     seen: dict[str, int] = {}
     for i, entry in enumerate(raw.hosts):
@@ -132,20 +135,22 @@ def load_inventory(path: Path | str | None = None) -> Inventory:
         if not entry.name:
             raise UserError("host entry has no name", where=src.where(("hosts", i)),
                             key=f"hosts[{i}].name", hint="add 'name: <hostname or range like gpu[01-04]>'")
+        _check_text(entry.name, src, ("hosts", i, "name"))
         try:
             names = hostlist.expand(entry.name)
         except ValueError as e:
             raise UserError(f"bad host range: {e}", where=where, key=f"hosts[{i}].name",
                             hint="write ranges as SLURM does: gpu[01-16] or node[1-3,7]") from None
         for name in names:
-            if not _HOSTNAME.match(name):
-                raise UserError(f"'{name}' is not a valid host name", where=where, key=f"hosts[{i}].name",
+            if not _HOSTNAME.fullmatch(name):
+                raise UserError(f"{show(name)} is not a valid host name", where=where, key=f"hosts[{i}].name",
                                 hint="use letters, digits, '.', '-' and '_' only")
             if name in seen:
                 raise UserError(f"duplicate host '{name}' (also in hosts[{seen[name]}])", where=where,
                                 key=f"hosts[{i}].name", hint="list every host once")
             seen[name] = i
             hosts.append(_resolve_host(name, entry, raw.defaults, len(names) > 1, src, i))
+    _check_inventory(raw, src)
     backend = raw.backend or ("local" if len(hosts) == 1 and hosts[0].is_local else "ssh")
     if backend == "local" and (len(hosts) != 1 or not hosts[0].is_local):
         raise UserError("backend 'local' runs on this machine only", where=src.where(("backend",)),
@@ -154,6 +159,96 @@ def load_inventory(path: Path | str | None = None) -> Inventory:
         raise UserError("backend 'slurm' needs a 'slurm:' section", where=src.where(("backend",)),
                         key="slurm", hint="add 'slurm:' with at least 'partition:'")
     return Inventory(str(path), backend, tuple(hosts), raw.ssh, raw.slurm, raw.shared_fs, raw.storage)
+
+
+# ---------------------------------------------------------------- hostile input
+# Values that end up in ssh command lines, sbatch scripts, environment names and paths have the
+# form their consumer accepts: a value that ssh would read as an option ("-oProxyCommand=..."), or
+# that carries a second command ("; touch ...", a newline) or invisible characters, is an error
+# here, before anything runs. Free-form values (env values, args, command) may hold anything but
+# NUL: they are quoted once per shell hop (plan.NodeLaunch.shell), never interpreted.
+_ADDRESS = re.compile(r"^(?!-)[A-Za-z0-9_.:%-]+$")               # DNS name, IPv4/IPv6, ssh alias
+_USER = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*\$?$")
+_JUMP = re.compile(r"^([A-Za-z0-9_][A-Za-z0-9_.-]*@)?(?!-)([A-Za-z0-9_.%:-]+|\[[0-9A-Fa-f:.%]+\])(:\d{1,5})?$")
+_IFACE = re.compile(r"^[\^=]?[A-Za-z0-9_.:@-]+(,[A-Za-z0-9_.:@-]+)*$")   # NCCL_SOCKET_IFNAME syntax
+_JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_MODULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+_IMAGE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@+-]*$")
+_SBATCH_KEY = re.compile(r"^[a-z][a-z0-9_-]*$")
+_SLURM_WORD = re.compile(r"^[^\s'\"`$;\\]+$")
+MAX_PROCS_PER_NODE = 256          # GPUs (or CPU processes) on one host; more is a typo
+# set by torchrun (or the cluster) for every rank: a job's own value would break the run
+RESERVED_ENV = {"CLUSTER_RUN_ID", "RANK", "LOCAL_RANK", "GROUP_RANK", "ROLE_RANK", "WORLD_SIZE",
+                "LOCAL_WORLD_SIZE", "GROUP_WORLD_SIZE", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR",
+                "MASTER_PORT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT",
+                "TORCHELASTIC_MAX_RESTARTS", "TORCHELASTIC_USE_AGENT_STORE"}
+_FORMS = {
+    "hostname": (_ADDRESS, "a host name, IP address or ~/.ssh/config alias: letters, digits, '.', '-', '_', ':' "
+                           "(not starting with '-')"),
+    "address": (_ADDRESS, "the host's IP address or DNS name on the network the hosts share"),
+    "user": (_USER, "a login name: letters, digits, '.', '-', '_'"),
+    "interface": (_IFACE, "a network interface name such as ens1f0 (NCCL_SOCKET_IFNAME syntax: 'eth,ib' or '^docker')"),
+}
+
+
+def _bad(message: str, src: Source, path: tuple, hint: Optional[str] = None) -> UserError:
+    return UserError(message, where=src.where(path), key=dotted(path), hint=hint)
+
+
+def _check_text(value: Optional[str], src: Source, path: tuple) -> None:
+    """A path or name from a file: no control or invisible characters (newline, ESC, U+202E)."""
+    if value is not None and not value.isprintable():
+        raise _bad(f"{show(value)} contains a control or invisible character", src, path,
+                   "write it on one line, without control characters")
+
+
+def _check_min(value, low, src: Source, path: tuple, unit: str = "") -> None:
+    if value is not None and value < low:
+        raise _bad(f"must be at least {low}{unit}; got {value}", src, path)
+
+
+def _check_host_fields(d: HostDefaults, src: Source, path: tuple) -> None:
+    for key, (rx, hint) in _FORMS.items():
+        v = getattr(d, key)
+        if v is not None and not rx.fullmatch(v):
+            raise _bad(f"{show(v)} is not a valid {key}", src, path + (key,), hint)
+    if d.jump_host is not None and not all(_JUMP.fullmatch(j) for j in d.jump_host.split(",")):
+        raise _bad(f"{show(d.jump_host)} is not a valid jump_host", src, path + ("jump_host",),
+                   "[user@]host[:port], several separated by ','")
+    for key in ("identity_file", "workdir", "python"):
+        _check_text(getattr(d, key), src, path + (key,))
+        if getattr(d, key) == "":
+            raise _bad("is empty", src, path + (key,))
+    if isinstance(d.gpus, int) and d.gpus > MAX_PROCS_PER_NODE:
+        raise _bad(f"{d.gpus} GPUs on one host is more than {MAX_PROCS_PER_NODE}", src, path + ("gpus",),
+                   "give the GPU count of one host (or auto)")
+
+
+def _check_inventory(raw: InventoryFile, src: Source) -> None:
+    _check_min(raw.ssh.fanout, 1, src, ("ssh", "fanout"))
+    for key in ("connect_timeout_s", "command_timeout_s"):
+        if not getattr(raw.ssh, key) > 0:
+            raise _bad(f"must be more than 0 seconds; got {getattr(raw.ssh, key)}", src, ("ssh", key))
+    for key in ("known_hosts", "config_file"):
+        _check_text(getattr(raw.ssh, key), src, ("ssh", key))
+    _check_text(raw.storage, src, ("storage",))
+    sl = raw.slurm
+    if sl is None:
+        return
+    for key in ("partition", "account", "qos", "constraint"):
+        v = getattr(sl, key)
+        if v is not None and not _SLURM_WORD.fullmatch(v):
+            raise _bad(f"{show(v)} is not a valid {key}", src, ("slurm", key),
+                       "one word as sbatch takes it: no spaces, quotes or control characters")
+    for key, low in (("time_min", 1), ("cpus_per_task", 1), ("mem_gb", 0), ("gpus_per_node", 0), ("nodes", 1),
+                     ("signal_delay_s", 0)):
+        _check_min(getattr(sl, key), low, src, ("slurm", key))
+    for k, v in sl.sbatch.items():
+        if not _SBATCH_KEY.fullmatch(k):
+            raise _bad(f"{show(k)} is not an sbatch option name", src, ("slurm", "sbatch", k),
+                       "write the long option without dashes, e.g. 'mail-type: END' or 'exclusive: true'")
+        if isinstance(v, str):
+            _check_text(v, src, ("slurm", "sbatch", k))
 
 
 def _resolve_host(name, entry: HostEntry, defaults: HostDefaults, from_range: bool, src: Source, i: int) -> Host:
@@ -237,7 +332,9 @@ class Job:
     restart: RestartSpec = RestartSpec()
     time_limit_min: Optional[int] = None
     rdzv_port: Optional[int] = None
-    hang_timeout_s: int = 300
+    hang_timeout_s: int = 300             # a rank without progress this long marks the run HUNG
+    startup_timeout_s: int = 900          # ... before its first progress (start-up, compile, data)
+    stop_on_hang: bool = False            # stop a HUNG run (recorded as FAILED, naming the ranks)
     profiles: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
@@ -261,12 +358,12 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any, str]]:
     out = []
     for item in items:
         if "=" not in item:
-            raise UserError(f"override '{item}' is not key=value", where="command line",
+            raise UserError(f"override {show(item)} is not key=value", where="command line",
                             hint="write overrides as key=value, e.g. train.batch_size=32 nodes=2")
         key, _, text = item.partition("=")
         key = key.strip()
         if not key or not all(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", p) for p in key.split(".")):
-            raise UserError(f"override key '{key}' is not a dotted name", where="command line",
+            raise UserError(f"override key {show(key)} is not a dotted name", where="command line",
                             hint="e.g. train.lr=0.1")
         out.append((key, parse_scalar(text), item))
     return out
@@ -277,7 +374,7 @@ def load_job(name: str, overrides: list[str] = (), *, profile: Optional[str] = N
     path = job_path(name)
     if not path.exists():
         known = sorted(p.stem for p in JOBS_DIR.glob("*.yaml"))
-        raise UserError(f"no job named '{name}' ({path} does not exist)", where="JOB",
+        raise UserError(f"no job named {show(name)} ({path} does not exist)", where="JOB",
                         hint="known jobs: " + (", ".join(known) or "none"))
     src = load(path)
     data = copy.deepcopy(src.data) if isinstance(src.data, dict) else src.data
@@ -302,7 +399,7 @@ def load_job(name: str, overrides: list[str] = (), *, profile: Optional[str] = N
             if train_keys and parts[0] in train_keys and len(parts) == 1:
                 parts = ["train", parts[0]]
             else:
-                raise UserError(f"unknown key '{parts[0]}' in override '{item}'", where="command line",
+                raise UserError(f"unknown key {show(parts[0])} in override {show(item)}", where="command line",
                                 hint="valid keys: " + ", ".join(sorted(job_fields)) +
                                      (" (and train settings such as " + ", ".join(sorted(train_keys)[:6]) + ", ...)" if train_keys else ""))
         cur = data
@@ -311,7 +408,8 @@ def load_job(name: str, overrides: list[str] = (), *, profile: Optional[str] = N
             if nxt is None:
                 nxt = cur[p] = {}
             if not isinstance(nxt, dict):
-                raise UserError(f"'{p}' is not a section, cannot set '{key}'", where="command line")
+                raise UserError(f"'{p}' is not a section, cannot set '{key}'", where="command line",
+                                hint=f"set the whole section in the job file, or a key inside it ({p}.KEY=...)")
             cur = nxt
         cur[parts[-1]] = value
         # overrides have no line: errors point at the command line instead of a wrong line
@@ -339,6 +437,9 @@ class _OverrideSource(Source):
 
 
 def _check_job(job: Job, src: Source) -> None:
+    if not _JOB_NAME.fullmatch(job.name):
+        raise _bad(f"{show(job.name)} is not a valid job name", src, ("name",),
+                   "set 'name:' to letters, digits, '.', '-' and '_' (at most 64; it names the run directory)")
     given = [k for k in ("train", "module", "command") if getattr(job, k) is not None]
     if len(given) != 1:
         raise UserError("a job runs exactly one of 'train', 'module' or 'command'" +
@@ -346,18 +447,54 @@ def _check_job(job: Job, src: Source) -> None:
                         hint="use 'train:' for the train package, 'module:' for a python module, 'command:' for a program")
     if job.command is not None and not job.command:
         raise UserError("'command' is empty", where=src.where(("command",)), key="command")
+    if job.command and not job.command[0]:
+        raise _bad("the program name is empty", src, ("command", 0))
+    if job.module is not None and not _MODULE.fullmatch(job.module):
+        raise _bad(f"{show(job.module)} is not a python module name", src, ("module",),
+                   "a dotted name such as 'mypkg.train' (arguments go in 'args:')")
     if isinstance(job.nodes, int) and job.nodes < 1:
         raise UserError("must be at least 1 (or all)", where=src.where(("nodes",)), key="nodes")
     if isinstance(job.gpus_per_node, int) and job.gpus_per_node < 0:
         raise UserError("must be 0 or more (or auto)", where=src.where(("gpus_per_node",)), key="gpus_per_node")
     if job.cpu_procs_per_node < 1:
         raise UserError("must be at least 1", where=src.where(("cpu_procs_per_node",)), key="cpu_procs_per_node")
+    for key in ("gpus_per_node", "cpu_procs_per_node"):
+        v = getattr(job, key)
+        if isinstance(v, int) and v > MAX_PROCS_PER_NODE:
+            raise _bad(f"{v} processes on one host is more than {MAX_PROCS_PER_NODE}", src, (key,))
+    _check_min(job.time_limit_min, 1, src, ("time_limit_min",))
+    _check_min(job.checkpoint.every_steps, 0, src, ("checkpoint", "every_steps"))
+    _check_min(job.checkpoint.keep, 1, src, ("checkpoint", "keep"))
+    _check_min(job.checkpoint.sync_every_s, 1, src, ("checkpoint", "sync_every_s"))
+    _check_min(job.restart.max_restarts, 0, src, ("restart", "max_restarts"))
+    _check_min(job.restart.max_requeues, 0, src, ("restart", "max_requeues"))
+    if job.container is not None:
+        c = job.container
+        if not _IMAGE.fullmatch(c.image):
+            raise _bad(f"{show(c.image)} is not a container image reference", src, ("container", "image"),
+                       "e.g. nvcr.io/nvidia/pytorch:24.05-py3 or a local image name")
+        for i, m in enumerate(c.mounts):
+            parts = m.split(":")
+            _check_text(m, src, ("container", "mounts", i))
+            if len(parts) not in (2, 3) or not parts[0] or not parts[1]:
+                raise _bad(f"{show(m)} is not a mount", src, ("container", "mounts", i),
+                           "write 'SRC:DST' or 'SRC:DST:ro'")
+        _check_min(c.shm_gb, 1, src, ("container", "shm_gb"), " GB")
+        for k in c.env:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k):
+                raise _bad(f"{show(k)} is not a valid environment variable name", src, ("container", "env", k))
+    for key in ("hang_timeout_s", "startup_timeout_s"):
+        if getattr(job, key) < 1:
+            raise UserError("must be at least 1 (seconds)", where=src.where((key,)), key=key)
     if job.rdzv_port is not None and not 1024 <= job.rdzv_port < 65536:
         raise UserError("must be a port in 1024-65535", where=src.where(("rdzv_port",)), key="rdzv_port")
     for k in job.env:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k):
-            raise UserError(f"'{k}' is not a valid environment variable name", where=src.where(("env", k)),
-                            key=f"env.{k}", hint="use letters, digits and '_', not starting with a digit")
+            raise _bad(f"{show(k)} is not a valid environment variable name", src, ("env", k),
+                       "use letters, digits and '_', not starting with a digit")
+        if k in RESERVED_ENV or k.startswith("TORCHELASTIC_"):
+            raise _bad(f"'{k}' is set by torchrun and the cluster for every rank", src, ("env", k),
+                       "remove it from the job's env")
     if job.train is not None:
         try:
             from train import config as tcfg

@@ -7,7 +7,7 @@ from __future__ import annotations
 import shlex
 import zlib
 from dataclasses import dataclass, field
-from typing import Mapping, Optional
+from typing import Any, Mapping, Optional
 
 from .config import Host, Inventory, Job
 from .errors import UserError
@@ -29,6 +29,7 @@ class NodeLaunch:
     agent_log_path: str
     state_dir: str
     nprocs: int
+    container: Optional[Any] = None  # cluster.container.ContainerRef when the job names an image
 
     def payload(self) -> tuple[str, ...]:
         return self.argv[self.argv.index("--") + 1:]
@@ -87,10 +88,12 @@ def select_hosts(inv: Inventory, job: Job) -> tuple[Host, ...]:
 
 def make_plan(inv: Inventory, job: Job, run_id: str, gpus: Mapping[str, int], *,
               port: Optional[int] = None, notes: tuple[str, ...] = (),
-              local_runs: str = RUNS) -> Plan:
+              local_runs: str = RUNS, gang_port: Optional[int] = None) -> Plan:
     """Build the launch of every node. ``gpus`` maps host name -> detected/declared GPU count.
 
     ``local_runs`` is where runs/ lives on this machine, relative to the repo if inside it.
+    ``gang_port``: the agents of a multi-node run keep a gang on node 0's address and this port
+    (one failed node stops all; cluster/agent.py).
     """
     hosts = select_hosts(inv, job)
     procs = [procs_for(gpus[h.name], job) for h in hosts]
@@ -127,13 +130,21 @@ def make_plan(inv: Inventory, job: Job, run_id: str, gpus: Mapping[str, int], *,
             "--tee=3", f"--log-line-prefix-template=[{h.name} ${{rank}}] ",
         ]
         torchrun += _payload(job, run_dir)
+        ref = None
+        if job.container is not None:   # containers (cluster/container.py): torchrun in the image, agent outside
+            from .container import wrap_node
+            torchrun, ref = wrap_node(job.container, h, run_id=run_id, run_dir=run_dir, env=env,
+                                      payload_argv=torchrun, gpus=gpus[h.name])
         agent = [h.python, "-m", "cluster.agent", "--run-dir", run_dir, "--host", h.name,
-                 "--node-rank", str(rank), "--"]
+                 "--node-rank", str(rank)]
+        if gang_port and len(hosts) > 1:
+            agent += ["--gang", f"{master}:{gang_port}", "--gang-nodes", str(len(hosts))]
+        agent += ["--"]
         nodes.append(NodeLaunch(
             host=h.name, node_rank=rank, hostname=h.hostname, workdir=h.workdir,
             argv=tuple(agent + torchrun), env=env,
             log_path=f"{run_dir}/logs/{h.name}.log", agent_log_path=f"{run_dir}/state/{h.name}.agent.out",
-            state_dir=f"{run_dir}/state", nprocs=nproc))
+            state_dir=f"{run_dir}/state", nprocs=nproc, container=ref))
     return Plan(run_id, job.name, inv.backend, f"{master}:{port}", nproc * len(hosts), tuple(nodes),
                 tuple(notes))
 

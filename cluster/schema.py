@@ -11,7 +11,7 @@ import typing
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from .errors import UserError
-from .yamlsrc import Source
+from .yamlsrc import Source, escape, show
 
 
 def build(cls, data: Any, src: Source, path: tuple = ()):
@@ -26,7 +26,7 @@ def build(cls, data: Any, src: Source, path: tuple = ()):
     unknown = [k for k in data if k not in fields]
     if unknown:
         k = unknown[0]
-        raise UserError(f"unknown key '{k}'", where=src.where(path + (k,)),
+        raise UserError(f"unknown key {show(k)}", where=src.where(path + (k,)),
                         key=dotted(path + (k,)),
                         hint="valid keys here are: " + ", ".join(sorted(fields)))
     kwargs = {}
@@ -60,12 +60,12 @@ def convert(tp, value: Any, src: Source, path: tuple):
                 return convert(a, value, src, path)
             except UserError as e:
                 errors.append(e)
-        raise UserError(f"expected {_describe(tp)}, got {_kind(value)} {value!r}",
+        raise UserError(f"expected {_describe(tp)}, got {_kind(value)} {shown(value)}",
                         where=src.where(path), key=dotted_)
     if origin is Literal:
         if value in get_args(tp) and type(value) in {type(a) for a in get_args(tp)}:
             return value
-        raise UserError(f"must be one of {', '.join(map(repr, get_args(tp)))}; got {value!r}",
+        raise UserError(f"must be one of {', '.join(map(repr, get_args(tp)))}; got {shown(value)}",
                         where=src.where(path), key=dotted_)
     if origin in (list, tuple):
         (item,) = get_args(tp)[:1]
@@ -97,15 +97,23 @@ def convert(tp, value: Any, src: Source, path: tuple):
             return str(value)
     else:  # pragma: no cover - schema mistake
         raise TypeError(f"unsupported schema type {tp}")
-    raise UserError(f"expected {_describe(tp)}, got {_kind(value)} {value!r}",
+    raise UserError(f"expected {_describe(tp)}, got {_kind(value)} {shown(value)}",
                     where=src.where(path), key=dotted_)
+
+
+def shown(value) -> str:
+    """A value of any type for an error message (strings escaped and cut, see yamlsrc.show)."""
+    if isinstance(value, str):
+        return show(value)
+    text = repr(value)
+    return text if len(text) <= 80 else text[:80] + "..."
 
 
 def dotted(path: tuple) -> str:
     """('hosts', 0, 'gpus') -> 'hosts[0].gpus'."""
     out = ""
     for p in path:
-        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+        out += f"[{p}]" if isinstance(p, int) else (f".{escape(str(p))}" if out else escape(str(p)))
     return out
 
 

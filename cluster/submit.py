@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import time
+from pathlib import Path
 from typing import Optional
 
 from . import backends, hostlist
@@ -28,14 +29,14 @@ def resolve(job_name: str, overrides: list[str], inventory: Optional[str], backe
         inv = dataclasses.replace(inv, backend=backend)
     loaded = load_job(job_name, overrides)
     be = backends.get(inv.backend, inv)
-    hosts = select_hosts(inv, loaded.job)
+    hosts = be.select_hosts(loaded.job)
     gpus = be.detect_gpus(hosts)
     notes: list[str] = []
     if all(g == 0 for g in gpus.values()) and "cpu" in loaded.job.profiles:
         loaded = load_job(job_name, overrides, profile="cpu")
         notes += [f"no GPU on {hostlist.fold([h.name for h in hosts])}: {n}" for n in loaded.notes]
     run_id = run_id or new_run_id(loaded.job.name)
-    plan = make_plan(inv, loaded.job, run_id, gpus, notes=tuple(notes), local_runs=_local_runs())
+    plan = be.make_plan(loaded.job, run_id, gpus, notes=tuple(notes), local_runs=_local_runs())
     return inv, be, loaded, plan
 
 
@@ -87,13 +88,14 @@ def submit(job_name: str, overrides: list[str], inventory: Optional[str] = None,
 
 def seed_checkpoint(src: Run, dst: Run) -> None:
     """Copy the latest checkpoint of ``src`` (in its run dir on this machine) into ``dst``."""
-    latest = src.dir / "checkpoints" / "latest"
+    ckpts = Path(src.data.get("checkpoint_dir") or src.dir / "checkpoints")   # ssh: the storage copy
+    latest = ckpts / "latest"
     if not latest.exists():
         raise UserError(f"run {src.id} has no checkpoint to resume from ({latest} is missing)",
                         hint="resume a run that wrote a checkpoint (ckpt_every or the end of training)")
     name = latest.read_text().strip()
     (dst.dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    shutil.copy2(src.dir / "checkpoints" / name, dst.dir / "checkpoints" / name)
+    shutil.copy2(ckpts / name, dst.dir / "checkpoints" / name)
     shutil.copy2(latest, dst.dir / "checkpoints" / "latest")
     dst.event("resume", from_run=src.id, checkpoint=name)
 

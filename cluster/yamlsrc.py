@@ -40,19 +40,37 @@ def load(path: Path | str, text: str | None = None) -> Source:
             raise UserError(f"cannot read: {e.strerror}", where=name) from None
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
+        src = Source(name, None)
+        src.data = _convert(node, (), src, set()) if node is not None else {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{name}:{mark.line + 1}" if mark else name
-        problem = getattr(e, "problem", None) or str(e)
+        problem = ", ".join(escape(x) for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x) \
+            or escape(str(e))
         raise UserError(f"invalid YAML: {problem}", where=where,
                         hint="fix the syntax (indentation, quotes, colons)") from None
-    src = Source(name, None)
-    src.data = _convert(node, (), src) if node is not None else {}
+    except RecursionError:
+        raise UserError("invalid YAML: nested too deeply", where=name,
+                        hint="a config file needs a few levels of nesting, not hundreds") from None
     return src
 
 
-def _convert(node, path: tuple, src: Source):
-    src.lines.setdefault(path, node.start_mark.line + 1)
+# tags a config file may carry (most implicitly); others (!!python/..., !!binary, !custom) are refused
+_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null", "seq", "map", "timestamp")}
+
+
+def _convert(node, path: tuple, src: Source, seen: set):
+    line = node.start_mark.line + 1
+    if id(node) in seen:
+        # an alias (*name) of a node already converted: refused, since repeated aliases expand
+        # exponentially ("billion laughs") and a recursive one never ends
+        raise UserError("YAML aliases (*name) are not supported", where=f"{src.name}:{line}",
+                        hint="write the value out, or use 'defaults:' for settings shared by hosts")
+    seen.add(id(node))
+    if node.tag not in _TAGS:
+        raise UserError(f"YAML tag {show(node.tag.replace('tag:yaml.org,2002:', '!!'))} is not supported",
+                        where=f"{src.name}:{line}", hint="write plain values (strings, numbers, lists, mappings)")
+    src.lines.setdefault(path, line)
     if isinstance(node, yaml.MappingNode):
         out: dict = {}
         for knode, vnode in node.value:
@@ -63,15 +81,30 @@ def _convert(node, path: tuple, src: Source):
             key = knode.value
             kpath = path + (key,)
             if key in out:
-                raise UserError(f"duplicate key '{key}' (first on line {src.lines.get(kpath)})",
+                raise UserError(f"duplicate key {show(key)} (first on line {src.lines.get(kpath)})",
                                 where=f"{src.name}:{knode.start_mark.line + 1}",
                                 key=".".join(map(str, kpath)), hint="keep one of them")
             src.lines[kpath] = knode.start_mark.line + 1
-            out[key] = _convert(vnode, kpath, src)
+            out[key] = _convert(vnode, kpath, src, seen)
         return out
     if isinstance(node, yaml.SequenceNode):
-        return [_convert(v, path + (i,), src) for i, v in enumerate(node.value)]
+        return [_convert(v, path + (i,), src, seen) for i, v in enumerate(node.value)]
     return yaml.SafeLoader(" ").construct_object(node, deep=True) if node.tag != "tag:yaml.org,2002:str" else node.value
+
+
+def escape(text: str) -> str:
+    """``text`` with every non-printable character written as its escape (\\n, \\x1b, \\u202e)."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def show(value, limit: int = 80) -> str:
+    """A value for an error message: quoted, control and invisible characters escaped (a file
+    must not be able to move the cursor or reorder the text of our messages), long ones cut."""
+    text = value if isinstance(value, str) else repr(value)
+    out = escape(text)
+    if len(out) > limit:
+        out = out[:limit] + f"... ({len(text)} characters)"
+    return f"'{out}'"
 
 
 def parse_scalar(text: str):

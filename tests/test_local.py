@@ -75,6 +75,18 @@ def test_train_run_to_completion_with_logs_status_checkpoint(tmp_path):
     table = cli(runs, "status").stdout
     assert rid in table and "SUCCEEDED" in table
     assert not run_pids(rid)
+    # the loss went down (rank 0's metrics, learnable synthetic data)
+    from cluster.report import read_metrics
+    losses = [r["loss_mean"] for r in read_metrics(runs / rid / "metrics")[0] if r.get("kind") == "train"]
+    assert losses[-1] < losses[0], losses
+    # resume: a new run continues from the old run's last checkpoint, not from step 0
+    rid2 = submit(runs, "resnet50", "--resume", rid, "train.model=resnet18", "train.image_size=32",
+                  "train.steps=15", "train.ckpt_every=6", "train.log_every=3", "train.data=synthetic-learnable")
+    st2 = wait_state(runs, rid2, {"SUCCEEDED", "FAILED"}, timeout=240)
+    logs2 = cli(runs, "logs", rid2).stdout
+    assert st2["state"] == "SUCCEEDED", logs2[-3000:]
+    assert "start_step=12" in logs2 and "step 15/15" in logs2
+    assert (runs / rid2 / "checkpoints" / "latest").read_text().strip() == "ckpt_15.pt"
 
 
 def test_detached_run_survives_its_shell_and_is_inspected_from_another(tmp_path):

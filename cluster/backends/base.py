@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
 from ..config import Inventory
-from ..plan import Plan
+from ..plan import Plan, make_plan, select_hosts
 from ..runs import Run, State
 
 
@@ -45,6 +45,14 @@ class Backend(ABC):
         self.inv = inventory
 
     # ---- hooks
+    def select_hosts(self, job) -> tuple:
+        """The hosts a job runs on (SLURM: stand-ins for the nodes the allocation will bring)."""
+        return select_hosts(self.inv, job)
+
+    def make_plan(self, job, run_id: str, gpus, **kw) -> Plan:
+        """The launch of every node (SLURM: the sbatch request); keyword arguments as make_plan's."""
+        return make_plan(self.inv, job, run_id, gpus, **kw)
+
     def render(self, plan: Plan) -> str:
         """What --dry-run prints: per-node command lines (SLURM: the sbatch script)."""
         return plan.render()
@@ -82,21 +90,26 @@ class Backend(ABC):
                                for n in run.data.get("nodes_final", [])]
         nodes = self.node_status(run)
         state = aggregate(nodes, run)
+        hang = None
+        if state == State.HUNG and (run.data.get("job") or {}).get("resolved", {}).get("stop_on_hang"):
+            # the job asked for it (stop_on_hang): a hung run is stopped and recorded as failed
+            hang = self._stop_hung(run)
+            nodes, state = self.node_status(run), State.FAILED
         if state == State.FAILED and any(n.state in (State.RUNNING, State.STARTING) for n in nodes):
             # gang semantics: a failed node takes the whole run down
             run.event("gang-stop", reason="a node failed")
             self.stop_nodes(run, grace_s=10.0)
             nodes = self.node_status(run)
         if state.is_terminal():
-            self.finish(run, state, nodes)
+            self.finish(run, state, nodes, failure=hang)
         elif state != run.state:
             run.set_state(state)
         return state, nodes
 
-    def finish(self, run: Run, state: State, nodes: list[NodeStatus]) -> None:
+    def finish(self, run: Run, state: State, nodes: list[NodeStatus], failure: Optional[dict] = None) -> None:
         extra = {}
         if state == State.FAILED:
-            extra["failure"] = self.first_failure(run, nodes)
+            extra["failure"] = failure or self.first_failure(run, nodes)
         run.set_state(state, final=True, ended=time.time(),
                       nodes_final=[_plain(n) for n in nodes], **extra)
 
@@ -110,7 +123,33 @@ class Backend(ABC):
         rank = failing_rank(tail)
         own = [l for l in tail if l.startswith(f"[{first.host} {rank}] ")] if rank is not None else []
         return {"host": first.host, "rank": rank, "exit_code": first.exit_code,
-                "log_tail": own[-30:] or tail[-40:]}
+                "log_tail": own[-30:] or tail[-40:], "findings": self._diagnose(run, nodes, first.host, tail, rank)}
+
+    # ---- diagnosis (cluster/diagnose.py): known failures in the logs; hangs from heartbeats
+    def _diagnose(self, run: Run, nodes: list[NodeStatus], host: str, tail: list[str],
+                  rank: Optional[int] = None) -> list[dict]:
+        """Known failures in the failing host's log, then in up to 7 other hosts' logs."""
+        from ..diagnose import diagnose_hosts
+        logs = {host: tail}
+        for n in sorted(nodes, key=lambda n: n.exit_time or float("inf")):
+            if len(logs) < 8 and n.host not in logs:
+                logs[n.host] = self.log_tail(run, n.host, 400)
+        return [f.to_dict() for f in diagnose_hosts(logs, host, rank)]
+
+    def _stop_hung(self, run: Run) -> dict:
+        """Stop a hung run; the failure names the ranks behind and what their host's log shows."""
+        from ..diagnose import saved_watch
+        w = saved_watch(run) or {}
+        behind = w.get("behind") or w.get("hung") or []
+        run.event("hang-stop", ranks=behind, reason=w.get("reason", ""))
+        self.stop_nodes(run, grace_s=10.0)
+        hosts = {r["rank"]: r.get("host") for r in w.get("ranks", [])}
+        host = hosts.get(behind[0]) if behind else None
+        tail = self.log_tail(run, host, 400) if host else []
+        return {"host": host, "rank": behind[0] if behind else None, "exit_code": None,
+                "error": "hung: " + (w.get("reason") or "no progress"),
+                "hang": {k: w.get(k) for k in ("hung", "behind", "reason")}, "log_tail": tail[-30:],
+                "findings": self._diagnose(run, self.node_status(run), host, tail) if host else []}
 
     def log_tail(self, run: Run, host: str, lines: int) -> list[str]:
         for src in self.log_sources(run):
@@ -140,12 +179,23 @@ def aggregate(nodes: list[NodeStatus], run: Run) -> State:
     live = states & {State.RUNNING, State.STARTING}
     if run.data.get("stop_requested") and not live:
         return State.CANCELLED
-    if any(n.exit_code not in (None, 0) or n.state == State.FAILED for n in nodes):
+    # a node stopped by a signal (stop, the gang) is CANCELLED whatever its exit code: only a node
+    # that failed by itself fails the run
+    if any(n.state == State.FAILED or (n.exit_code not in (None, 0) and n.state != State.CANCELLED)
+           for n in nodes):
         return State.FAILED
     if live:
-        return State.RUNNING if State.RUNNING in states else State.STARTING
+        state = State.RUNNING if State.RUNNING in states else State.STARTING
+        # hang detection (cluster/diagnose.py): a rank without progress for the job's hang_timeout_s
+        if state == State.RUNNING:
+            from ..diagnose import watch_run
+            if watch_run(run, nodes).hung:
+                return State.HUNG
+        return state
     if states == {State.SUCCEEDED}:
         return State.SUCCEEDED
+    if states == {State.PENDING}:        # queued (SLURM), also again after a requeue
+        return State.PENDING
     if State.CANCELLED in states:
         return State.CANCELLED
     return State.UNKNOWN

@@ -96,6 +96,8 @@ class LocalBackend(Backend):
             except OSError:
                 raise UserError(f"rendezvous port {port} is already in use on this machine",
                                 key="rdzv_port", hint="pass rdzv_port=<free port> or stop the other run") from None
+        from ..container import preflight_local   # containers: runtime there, image present (or pulled)
+        preflight_local(plan.nodes)
 
     def launch(self, plan: Plan, run: Run) -> dict:
         node = plan.nodes[0]
@@ -144,6 +146,9 @@ class LocalBackend(Backend):
             time.sleep(0.2)
         for pgid in pgids:
             _killpg(pgid, signal.SIGKILL)
+        # containers (cluster/container.py): docker/podman own theirs, not our group: remove by name
+        from ..container import remove_local
+        left = remove_local(run.data)
         # anything that left the group but carries the run's id is the run's too
         for pid in pids_of_run(run.id):
             try:
@@ -151,7 +156,7 @@ class LocalBackend(Backend):
             except ProcessLookupError:
                 pass
         time.sleep(0.2)
-        return [f"localhost: pid {p} still alive" for p in pids_of_run(run.id)]
+        return left + [f"localhost: pid {p} still alive" for p in pids_of_run(run.id)]
 
     def log_sources(self, run: Run) -> list[LogSource]:
         return [FileSource(h, run.dir / "logs" / f"{h}.log")

@@ -1,5 +1,8 @@
+import sys
+
+from ..diagnose import render_failure
 from ..logs import follow_run
-from ..runs import resolve
+from ..runs import Run, resolve
 
 HELP = "print a run's logs from every node as one stream (-f follows until the run ends)"
 
@@ -23,4 +26,20 @@ def run(args):
             be.collect_logs(r)
         print(f"logs of {r.id} are in {r.dir / 'logs'}")
         return 0
-    return follow_run(r, follow=args.follow, host=args.host, rank=args.rank, pattern=args.grep)
+    code = follow_run(r, follow=args.follow, host=args.host, rank=args.rank, pattern=args.grep)
+    _diagnosis(Run(r.id, r.dir.parent))   # a fresh read: following may have seen the run end
+    return code
+
+
+def _diagnosis(r):
+    """For a failed run: the first failing host and rank and the known failures in its logs."""
+    if not r.data.get("final"):
+        from ..errors import UserError
+        from ..submit import backend_for
+        try:
+            backend_for(r).status(r)
+        except UserError:
+            return
+    if r.data.get("state") == "FAILED" and r.data.get("failure"):
+        # stderr: stdout stays the log itself, for pipes and grep
+        print("\n".join(["-- diagnosis"] + render_failure(r.data["failure"], tail=0)), file=sys.stderr)

@@ -1,6 +1,7 @@
 import json
 import time
 
+from ..diagnose import render_failure, saved_watch, scaling_for_run
 from ..errors import UserError
 from ..runs import all_runs, resolve
 from ..submit import backend_for
@@ -65,10 +66,14 @@ def run(args):
 
 def _one(r, as_json):
     state, nodes = _poll(r)
+    watch = saved_watch(r) if not r.data.get("final") or state.value == "HUNG" else None
+    scaling = scaling_for_run(r, all_runs()) if state.value == "SUCCEEDED" else None
     if as_json:
         print(json.dumps({"id": r.id, "state": state.value, "failure": r.data.get("failure"),
+                          "watch": watch, "scaling": scaling and scaling.to_dict(),
                           "nodes": [n.__dict__ | {"state": n.state.value} for n in nodes]}, indent=1, default=str))
         return 0
+    progress = {p["rank"]: p for p in (watch or {}).get("ranks", [])}
     plan = r.data["plan"]
     print(f"run {r.id}: {state.value}  (job {r.data['job']['name']}, backend {r.data['backend']}, "
           f"world size {plan['world_size']}, rendezvous {plan['rdzv_endpoint']}, age {_age(r.data.get('created'))})")
@@ -76,15 +81,25 @@ def _one(r, as_json):
         extra = f" exit {n.exit_code}" if n.exit_code is not None else ""
         print(f"  {n.host:<16} {n.state.value:<10} pid {n.pid}{extra} {n.detail}".rstrip())
         for rank in sorted(n.heartbeats):
-            hb = n.heartbeats[rank]
+            hb, p = n.heartbeats[rank], progress.get(int(rank), {})
             rate = f" {hb['img_s']:.1f} img/s" if hb.get("img_s") else ""
+            rate += f" {p['rate']:.2f} step/s" if p.get("rate") is not None else ""
             total = f"/{hb['steps_total']}" if hb.get("steps_total") else ""
+            flag = {"hung": "  HUNG", "straggler": "  STRAGGLER"}.get(p.get("flag"), "")
             print(f"    rank {rank:<3} step {hb.get('step')}{total}{rate}  heartbeat {_age(hb.get('time'))} ago"
-                  + ("  done" if hb.get("done") else ""))
-    f = r.data.get("failure")
-    if f:
-        print(f"first failure: host {f.get('host')} rank {f.get('rank')} exit code {f.get('exit_code')}"
-              + (f" ({f['error']})" if f.get("error") else ""))
-        for line in f.get("log_tail", [])[-15:]:
-            print("  | " + line)
+                  + ("  done" if hb.get("done") else "") + flag)
+    waiting = [p for p in progress.values() if p.get("step") is None]
+    if waiting:
+        print("  no heartbeat yet from rank(s) " + ", ".join(str(p["rank"]) for p in waiting))
+    if watch and watch.get("hung") and state.value == "HUNG":
+        print(f"hung: {watch.get('reason')}")
+        print("  hint: 'cluster logs RUN --rank R' for a rank behind; the job's stop_on_hang: true stops hung runs")
+    elif watch and watch.get("stragglers"):
+        print("stragglers: rank(s) " + ", ".join(map(str, watch["stragglers"])) +
+              " lag behind the others (see their step and rate above)")
+    for line in render_failure(r.data.get("failure")):
+        print(line)
+    if scaling:
+        from ..diagnose import render_findings
+        print("\n".join(render_findings([scaling], indent="")))
     return 0

@@ -1,0 +1,391 @@
+"""SSH launch and log-merge speed of the ssh backend, against pdsh, on namespace hosts.
+
+    sudo .venv/bin/python bench/bench_launch.py [--sizes 1,2,4,8] [--reps 3] [--out DIR]
+
+Builds its own hosts (network namespaces bench1..N on bridge ddpbn0, 10.214.0.0/24, one real
+sshd each; apart from the test suite's cluster in a box) and takes them down at the end.
+
+Launch: for each host count, alternately (same hosts, same minute):
+  * ours: ``python -m cluster submit`` in a fresh process: preflight probe on every host (versions,
+    ports, disk, leftovers, code check), code sync if needed, launch, watcher start;
+  * pdsh: ``pdsh -R ssh`` running the very same per-node shell lines (NodeLaunch.shell(), written
+    to one script per host beforehand), i.e. launch without preflight or sync.
+Each rank (``python -m bench.bench_launch payload``, one per host under torchrun) records when
+its process started and when ``init_process_group`` returned. Reported from the start of the
+submit/pdsh command: ``returned`` (the command came back: every agent started), ``started``
+(every rank's process is up) and ``joined`` (every rank passed the rendezvous).
+
+Logs: one writer per host appends ``[host r] seq=N t=...`` lines into that host's log file;
+the merger (cluster/logs.py Merger over the backend's SFTP log sources, polled as ``logs -f``
+does) reads them; reported: lines/s through the merger, write-to-merged latency (p50/p99/max),
+and that no line is missing or repeated.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+BRIDGE, PREFIX, VETH = "ddpbn0", "10.214.0.", "bnv"
+SSHD_CONFIG = """Port 22
+AuthorizedKeysFile {sd}/authorized_keys
+PermitRootLogin prohibit-password
+PubkeyAuthentication yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+StrictModes no
+PrintMotd no
+UseDNS no
+MaxStartups 200:30:400
+MaxSessions 200
+Subsystem sftp /usr/lib/openssh/sftp-server
+"""
+
+
+# ---------------------------------------------------------------- the payload (each rank)
+def payload(marker_dir: str) -> None:
+    t_start = time.time()
+    import torch.distributed as dist
+    dist.init_process_group("gloo")
+    t_joined = time.time()
+    rank = dist.get_rank()
+    Path(marker_dir, f"rank{rank}.json").write_text(json.dumps({"started": t_start, "joined": t_joined}))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------- namespace hosts
+def sh(*argv, check=True, **kw):
+    return subprocess.run([str(a) for a in argv], check=check, capture_output=True, text=True, **kw)
+
+
+class Hosts:
+    def __init__(self, n: int):
+        self.n = n
+        self.sd = Path(tempfile.mkdtemp(prefix="ddp-bench-"))
+        self.names = [f"bench{i}" for i in range(1, n + 1)]
+        self.addr = {name: f"{PREFIX}{10 + i}" for i, name in enumerate(self.names, 1)}
+        self.pids: dict[str, int] = {}
+
+    def up(self) -> None:
+        sd = self.sd
+        sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", sd / "client_key")
+        (sd / "authorized_keys").write_text((sd / "client_key.pub").read_text())
+        (sd / "sshd_config").write_text(SSHD_CONFIG.format(sd=sd))
+        (sd / "logs").mkdir()
+        os.makedirs("/run/sshd", exist_ok=True)
+        sh("ip", "link", "add", BRIDGE, "type", "bridge")
+        sh("ip", "addr", "add", f"{PREFIX}1/24", "dev", BRIDGE)
+        sh("ip", "link", "set", BRIDGE, "up")
+        known = []
+        for i, name in enumerate(self.names, 1):
+            hd = sd / "hosts" / name
+            (hd / "work").mkdir(parents=True)
+            sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", hd / "host_key")
+            known.append(f"{self.addr[name]} " + " ".join((hd / "host_key.pub").read_text().split()[:2]))
+            sh("ip", "netns", "add", name)
+            sh("ip", "link", "add", f"{VETH}{i}", "type", "veth", "peer", "name", f"{VETH}p{i}")
+            sh("ip", "link", "set", f"{VETH}p{i}", "netns", name)
+            sh("ip", "link", "set", f"{VETH}{i}", "master", BRIDGE, "up")
+            sh("ip", "-n", name, "link", "set", f"{VETH}p{i}", "name", "eth0")
+            sh("ip", "-n", name, "addr", "add", f"{self.addr[name]}/24", "dev", "eth0")
+            sh("ip", "-n", name, "link", "set", "eth0", "up")
+            sh("ip", "-n", name, "link", "set", "lo", "up")
+            argv = ["nsenter", f"--net=/run/netns/{name}", "unshare", "--uts", "sh", "-c",
+                    'hostname "$0" && exec "$@"', name, "/usr/sbin/sshd", "-D", "-f", sd / "sshd_config",
+                    "-h", hd / "host_key", "-o", f"ListenAddress={self.addr[name]}",
+                    "-o", f"PidFile={sd}/sshd-{name}.pid", "-E", sd / "logs" / f"sshd-{name}.log"]
+            self.pids[name] = subprocess.Popen([str(a) for a in argv], stdin=subprocess.DEVNULL,
+                                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                               start_new_session=True).pid
+        (sd / "known_hosts").write_text("\n".join(known) + "\n")
+        import socket
+        deadline = time.time() + 20
+        for name in self.names:
+            while True:
+                try:
+                    socket.create_connection((self.addr[name], 22), timeout=0.5).close()
+                    break
+                except OSError:
+                    if time.time() > deadline:
+                        raise RuntimeError(f"sshd on {name} did not come up")
+                    time.sleep(0.05)
+
+    def inventory(self, n: int) -> Path:
+        lines = ["backend: ssh", "defaults:", "  user: root", "  port: 22",
+                 f"  identity_file: {self.sd / 'client_key'}", f"  python: {sys.executable}", "  gpus: 0",
+                 "  interface: eth0", "ssh:", f"  known_hosts: {self.sd / 'known_hosts'}", "  connect_timeout_s: 10",
+                 "hosts:"]
+        for name in self.names[:n]:
+            lines += [f"  - name: {name}", f"    hostname: {self.addr[name]}", f"    address: {self.addr[name]}",
+                      f"    workdir: {self.sd / 'hosts' / name / 'work'}"]
+        p = self.sd / f"inventory-{n}.yaml"
+        p.write_text("\n".join(lines) + "\n")
+        return p
+
+    def down(self) -> None:
+        import signal
+        for name in self.names:
+            # everything in the namespace: sshd, its sessions, anything a run left behind
+            out = sh("ip", "netns", "pids", name, check=False).stdout.split()
+            for pid in [self.pids.get(name)] + [int(p) for p in out]:
+                if pid:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+        time.sleep(0.3)
+        for i, name in enumerate(self.names, 1):
+            sh("ip", "netns", "del", name, check=False)
+            sh("ip", "link", "del", f"{VETH}{i}", check=False)
+        sh("ip", "link", "del", BRIDGE, check=False)
+        shutil.rmtree(self.sd, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- launch timing
+def job_file(sd: Path, markers: Path) -> Path:
+    p = sd / "bench-job.yaml"
+    p.write_text("name: benchlaunch\nmodule: bench.bench_launch\ncpu_procs_per_node: 1\n"
+                 f"args: [payload, '{markers}']\n")
+    return p
+
+
+def wait_markers(markers: Path, world: int, timeout: float = 300) -> tuple[float, float]:
+    deadline = time.time() + timeout
+    while True:
+        files = list(markers.glob("rank*.json"))
+        if len(files) == world:
+            data = [json.loads(f.read_text()) for f in files]
+            return max(d["started"] for d in data), max(d["joined"] for d in data)
+        if time.time() > deadline:
+            raise RuntimeError(f"only {len(files)} of {world} ranks after {timeout}s in {markers}")
+        time.sleep(0.05)
+
+
+def quiet(hosts: Hosts, n: int, timeout=60) -> None:
+    """Wait until no process of an earlier launch runs on the hosts (each run ends by itself)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        busy = sum(len(sh("ip", "netns", "pids", name, check=False).stdout.split()) - 1 for name in hosts.names[:n])
+        if busy <= 0:
+            return
+        time.sleep(0.2)
+
+
+def run_ours(hosts: Hosts, n: int, runs: Path, env: dict) -> dict:
+    markers = hosts.sd / "markers" / f"ours-{n}-{time.time_ns()}"
+    markers.mkdir(parents=True)
+    job = job_file(hosts.sd, markers)
+    t0 = time.time()
+    p = subprocess.run([sys.executable, "-m", "cluster", "submit", str(job), "-i", str(hosts.inventory(n))],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    t_ret = time.time()
+    if p.returncode != 0:
+        raise RuntimeError(p.stderr)
+    started, joined = wait_markers(markers, n)
+    return {"returned": t_ret - t0, "started": started - t0, "joined": joined - t0}
+
+
+def run_pdsh(hosts: Hosts, n: int, env: dict) -> dict:
+    sys.path.insert(0, str(REPO))
+    from cluster.submit import resolve
+    markers = hosts.sd / "markers" / f"pdsh-{n}-{time.time_ns()}"
+    markers.mkdir(parents=True)
+    job = job_file(hosts.sd, markers)
+    _, be, _, plan = resolve(str(job), [], str(hosts.inventory(n)), None)
+    be.close()
+    scripts = hosts.sd / "launch"
+    scripts.mkdir(exist_ok=True)
+    for node in plan.nodes:
+        (scripts / f"{hosts.addr[node.host]}.sh").write_text(f"( {node.shell()} ) </dev/null >/dev/null 2>&1\n")
+    targets = ",".join(hosts.addr[name] for name in hosts.names[:n])
+    penv = {**env, "PDSH_RCMD_TYPE": "ssh",
+            "PDSH_SSH_ARGS_APPEND": f"-i {hosts.sd / 'client_key'} -o IdentitiesOnly=yes -o BatchMode=yes "
+                                    f"-o UserKnownHostsFile={hosts.sd / 'known_hosts'} -o StrictHostKeyChecking=yes"}
+    t0 = time.time()
+    p = subprocess.run(["pdsh", "-R", "ssh", "-f", "64", "-l", "root", "-w", targets, f"sh {scripts}/%h.sh"],
+                       env=penv, capture_output=True, text=True, timeout=300)
+    t_ret = time.time()
+    if p.returncode != 0:
+        raise RuntimeError(p.stdout + p.stderr)
+    started, joined = wait_markers(markers, n)
+    return {"returned": t_ret - t0, "started": started - t0, "joined": joined - t0}
+
+
+def bench_launch(hosts: Hosts, sizes: list[int], reps: int, env: dict, log) -> dict:
+    runs = Path(env["CLUSTER_RUNS_DIR"])
+    # first submit on every host: code sync included (reported apart); later ones find it there
+    t0 = time.time()
+    first = run_ours(hosts, max(sizes), runs, env)
+    log(f"first submit to {max(sizes)} hosts (code rsync included): returned {first['returned']:.2f}s, "
+        f"joined {first['joined']:.2f}s ({time.time() - t0:.1f}s)")
+    quiet(hosts, max(sizes))
+    out = {"first_submit_with_sync": first, "sizes": {}}
+    for n in sizes:
+        res = {"ours": [], "pdsh": []}
+        for _ in range(reps):
+            for tool in ("ours", "pdsh"):
+                r = run_ours(hosts, n, runs, env) if tool == "ours" else run_pdsh(hosts, n, env)
+                res[tool].append(r)
+                log(f"{n} host(s) {tool:<4}: returned {r['returned']:.2f}s started {r['started']:.2f}s "
+                    f"joined {r['joined']:.2f}s")
+                quiet(hosts, n)
+        out["sizes"][n] = {tool: {k: statistics.median(r[k] for r in rs) for k in ("returned", "started", "joined")}
+                           for tool, rs in res.items()}
+    return out
+
+
+# ---------------------------------------------------------------- log merging
+def writer(path: Path, host: str, rate: int, seconds: float, start_at: float) -> None:
+    """Append ``rate`` lines/s for ``seconds`` (in 10 ms batches), each stamped with its write time."""
+    while time.time() < start_at:
+        time.sleep(0.001)
+    seq, batch_s = 0, 0.01
+    with open(path, "ab", buffering=0) as f:
+        t_end = start_at + seconds
+        nxt = start_at
+        while True:
+            now = time.time()
+            if now >= t_end:
+                break
+            due = int((now - start_at) * rate)
+            lines = []
+            while seq < due:
+                lines.append(f"[{host} 0] seq={seq} t={time.time():.6f} some training output to pad the line\n")
+                seq += 1
+            if lines:
+                f.write("".join(lines).encode())
+            nxt += batch_s
+            time.sleep(max(0.0, nxt - time.time()))
+        last = int(rate * seconds)
+        f.write("".join(f"[{host} 0] seq={s} t={time.time():.6f} some training output to pad the line\n"
+                        for s in range(seq, last)).encode())
+
+
+def bench_logs(hosts: Hosts, n: int, rate_per_host: int, seconds: float, log) -> dict:
+    sys.path.insert(0, str(REPO))
+    from cluster.backends.ssh import SSHBackend, SSHLogSource
+    from cluster.config import load_inventory
+    from cluster.logs import Merger
+    from cluster.sync import remote_path
+    inv = load_inventory(hosts.inventory(n))
+    be = SSHBackend(inv)
+    rid = f"logbench-{time.time_ns()}"
+    paths = {}
+    for h in inv.hosts:
+        d = Path(h.workdir) / "runs" / rid / "logs"
+        d.mkdir(parents=True)
+        paths[h.name] = d / f"{h.name}.log"
+        paths[h.name].touch()
+    for h in inv.hosts:
+        be.pool.connection(h.name)
+    sources = [SSHLogSource(be.pool, h, remote_path(h.workdir, "runs", rid, "logs", f"{h.name}.log")) for h in inv.hosts]
+    merger = Merger(sources)
+    start_at = time.time() + 1.0
+    # writers run as separate processes, as the hosts' agents would
+    procs = [subprocess.Popen([sys.executable, __file__, "writer", str(paths[name]), name, str(rate_per_host),
+                               str(seconds), repr(start_at)]) for name in paths]
+    lat, seen = [], {name: -1 for name in paths}
+    errors = 0
+    total = n * int(rate_per_host * seconds)
+    got, t_last = 0, start_at
+    deadline = start_at + seconds + 30
+    sink = open(os.devnull, "w")
+    while got < total and time.time() < deadline:
+        lines = merger.poll()
+        now = time.time()
+        if lines:
+            sink.write("\n".join(lines) + "\n")
+            for line in lines:
+                host = line[1:line.index(" ")]
+                seq = int(line.split("seq=", 1)[1].split(" ", 1)[0])
+                t = float(line.split(" t=", 1)[1].split(" ", 1)[0])
+                if seq != seen[host] + 1:
+                    errors += 1
+                seen[host] = seq
+                lat.append(now - t)
+            got += len(lines)
+            t_last = now
+        else:
+            time.sleep(0.25)          # as follow_run does when nothing came
+    for p in procs:
+        p.wait()
+    be.close()
+    lat.sort()
+    res = {"hosts": n, "lines": got, "expected": total, "out_of_order_or_missing": errors,
+           "lines_per_s": got / max(1e-9, t_last - start_at),
+           "latency_p50_s": lat[len(lat) // 2] if lat else None,
+           "latency_p99_s": lat[int(len(lat) * 0.99)] if lat else None, "latency_max_s": lat[-1] if lat else None}
+    log(f"logs: {n} hosts x {rate_per_host} lines/s for {seconds:g}s: merged {got}/{total} lines at "
+        f"{res['lines_per_s']:.0f} lines/s, latency p50 {res['latency_p50_s']:.3f}s p99 {res['latency_p99_s']:.3f}s "
+        f"max {res['latency_max_s']:.3f}s, {errors} missing/out of order")
+    return res
+
+
+# ---------------------------------------------------------------- main
+def main(argv=None) -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "payload":
+        payload(sys.argv[2])
+        return 0
+    if len(sys.argv) > 1 and sys.argv[1] == "writer":
+        writer(Path(sys.argv[2]), sys.argv[3], int(sys.argv[4]), float(sys.argv[5]), float(sys.argv[6]))
+        return 0
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sizes", default="1,2,4,8", help="host counts to launch on (default 1,2,4,8)")
+    ap.add_argument("--reps", type=int, default=3, help="repetitions per size and tool (median reported)")
+    ap.add_argument("--log-rate", type=int, default=3000, help="lines/s per host in the log bench")
+    ap.add_argument("--log-seconds", type=float, default=10.0)
+    ap.add_argument("--skip-launch", action="store_true")
+    ap.add_argument("--skip-logs", action="store_true")
+    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "launch"), help="writes results.json there")
+    args = ap.parse_args(argv)
+    if os.geteuid() != 0 or not shutil.which("pdsh") or not shutil.which("sshd") and not Path("/usr/sbin/sshd").exists():
+        print("needs root, pdsh (apt-get install pdsh) and openssh-server", file=sys.stderr)
+        return 2
+    sizes = [int(s) for s in args.sizes.split(",")]
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lines = []
+
+    def log(msg):
+        print(msg, flush=True)
+        lines.append(msg)
+
+    hosts = Hosts(max(sizes))
+    results: dict = {"cpus": os.cpu_count(), "sizes": sizes, "reps": args.reps}
+    try:
+        t0 = time.time()
+        hosts.up()
+        log(f"{hosts.n} namespace hosts up in {time.time() - t0:.2f}s ({hosts.sd})")
+        env = {**os.environ, "CLUSTER_RUNS_DIR": str(hosts.sd / "runs"), "PYTHONUNBUFFERED": "1"}
+        if not args.skip_launch:
+            results["launch"] = bench_launch(hosts, sizes, args.reps, env, log)
+            table = ["| hosts | ours: returned / started / joined (s) | pdsh: returned / started / joined (s) | "
+                     "joined ours/pdsh | joined vs 1 host (ours) |", "|---|---|---|---|---|"]
+            base = results["launch"]["sizes"][sizes[0]]["ours"]["joined"]
+            for n in sizes:
+                o, p = results["launch"]["sizes"][n]["ours"], results["launch"]["sizes"][n]["pdsh"]
+                table.append(f"| {n} | {o['returned']:.2f} / {o['started']:.2f} / {o['joined']:.2f} | "
+                             f"{p['returned']:.2f} / {p['started']:.2f} / {p['joined']:.2f} | "
+                             f"{o['joined'] / p['joined']:.2f} | {o['joined'] / base:.2f} |")
+            log("\n".join(table))
+        if not args.skip_logs:
+            results["logs"] = bench_logs(hosts, max(sizes), args.log_rate, args.log_seconds, log)
+    finally:
+        hosts.down()
+        (out_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+        (out_dir / "log.txt").write_text("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

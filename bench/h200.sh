@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Everything for one GPU-host call, in one command (the device tool's `run`, or any GPU box):
+#
+#   bash bench/h200.sh                 # env + bench (plan "first")
+#   PLAN=tune bash bench/h200.sh       # the second round of variants (see bench/bench_train.py)
+#   bash bench/h200.sh env bench       # named steps, in order
+#
+# Results go under $OUT (default ./bench-out): env.txt, results.json, results.md, logs.txt.
+# To add a step (e.g. `make submit JOB=resnet50`), write a function step_<name> below and pass
+# its name; every step gets the time left in $BUDGET_S and must not write more than 8 files
+# in total under $OUT with the others.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/bench-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+START=$(date +%s)
+BUDGET_S=${BUDGET_S:-540}
+left() { echo $((BUDGET_S - ($(date +%s) - START))); }
+
+step_env() {
+    {
+        nvidia-smi
+        python3 -c 'import sys, torch, torchvision; print(sys.version); print("torch", torch.__version__, "torchvision", torchvision.__version__, "cuda", torch.version.cuda, "gpus", torch.cuda.device_count())'
+        python3 -c 'import yaml' 2>/dev/null && echo "pyyaml: yes" || echo "pyyaml: no"
+        env | grep -E '^(NCCL_|TORCH_SYMM|NVSHMEM_)' | sort
+        nproc
+    } > "$OUT/env.txt" 2>&1
+    tail -n 12 "$OUT/env.txt"
+}
+
+step_bench() {
+    python3 bench/bench_train.py --out "$OUT" --plan "${PLAN:-first}" --budget-s "$(left)" ${BENCH_ARGS:-}
+}
+
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(env bench)
+rc=0
+for s in "${steps[@]}"; do
+    echo "=== step $s ($(left) s left)"
+    "step_$s" || rc=$?
+done
+exit $rc

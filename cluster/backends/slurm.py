@@ -1,0 +1,452 @@
+"""SLURM backend: one sbatch job through submitit, one task per GPU under srun.
+
+    make submit JOB=resnet50 BACKEND=slurm        # on the login node; runs/<id>/ is on the shared fs
+
+* The plan is an sbatch request (``SlurmPlan``); ``python -m cluster plan`` prints the exact script
+  submitit submits (the same function renders both). Tasks per node = GPUs per node; every task
+  runs ``python -m cluster.slurm_task`` (a ``[host rank]`` line prefixer) around submitit's task
+  process, which calls ``cluster.slurm_task.SlurmTask``: RANK/LOCAL_RANK/WORLD_SIZE from
+  SLURM_PROCID/SLURM_LOCALID/SLURM_NTASKS, then the same payload as on the other backends.
+* Rendezvous from the allocation, set in the script: MASTER_ADDR = first host of
+  SLURM_JOB_NODELIST, MASTER_PORT = 20000 + job id % 10000 (or the job's rdzv_port).
+* Requeue: ``--signal=USR2@signal_delay_s``; task 0 checkpoints through submitit and runs
+  ``scontrol requeue`` (at most restart.max_requeues time-outs); node failures requeue through
+  ``--requeue``. The job id stays the same, so do the per-task log files (opened in append mode).
+* status maps SLURM's job state (``scontrol show job``, else ``sacct``); stop is ``scancel`` and
+  waits until SLURM reports every process of the job gone.
+* Containers: pyxis/enroot as srun options around each task, or ``apptainer exec`` around the payload.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from .. import hostlist
+from ..config import REPO, Job
+from ..errors import UserError
+from ..plan import RUNS, NodeLaunch, Plan, _payload, procs_for
+from ..runs import Run, State
+from .base import Backend, LogSource, NodeStatus, progress
+from .local import FileSource
+
+# SLURM job states (scontrol / sacct) -> the project's states
+STATES = {
+    "PENDING": State.PENDING, "CONFIGURING": State.PENDING, "REQUEUED": State.PENDING,
+    "REQUEUE_HOLD": State.PENDING, "REQUEUE_FED": State.PENDING, "RESV_DEL_HOLD": State.PENDING,
+    "SUSPENDED": State.PENDING, "STOPPED": State.PENDING, "RESIZING": State.RUNNING,
+    "RUNNING": State.RUNNING, "COMPLETING": State.RUNNING, "SIGNALING": State.RUNNING,
+    "STAGE_OUT": State.RUNNING, "COMPLETED": State.SUCCEEDED, "CANCELLED": State.CANCELLED,
+    "REVOKED": State.CANCELLED, "FAILED": State.FAILED, "NODE_FAIL": State.FAILED,
+    "TIMEOUT": State.FAILED, "PREEMPTED": State.FAILED, "BOOT_FAIL": State.FAILED,
+    "DEADLINE": State.FAILED, "OUT_OF_MEMORY": State.FAILED,
+}
+LIVE = {k for k, v in STATES.items() if not v.is_terminal()}
+
+# sbatch options the backend sets itself, and where the user sets them instead
+MANAGED = {
+    "partition": "slurm.partition", "account": "slurm.account", "qos": "slurm.qos",
+    "constraint": "slurm.constraint", "time": "slurm.time_min (or the job's time_limit_min)",
+    "cpus_per_task": "slurm.cpus_per_task", "mem": "slurm.mem_gb",
+    "gpus_per_node": "slurm.gpus_per_node (or the job's gpus_per_node)", "gpus": "slurm.gpus_per_node",
+    "gpus_per_task": "slurm.gpus_per_node", "ntasks_per_gpu": "slurm.gpus_per_node",
+    "nodes": "the job's nodes (or slurm.nodes)", "ntasks": "the job's nodes and gpus_per_node",
+    "ntasks_per_node": "the job's gpus_per_node", "signal": "slurm.signal_delay_s",
+    "requeue": "the job's restart.requeue", "no_requeue": "the job's restart.requeue",
+    "job_name": "the run id (set by the backend)", "output": "the backend (runs/<id>/slurm/)",
+    "error": "the backend (runs/<id>/slurm/)", "open_mode": "the backend (append)",
+    "chdir": "the backend (the repository)", "array": "nothing (one run is one job)",
+    "wrap": "nothing (the backend writes the script)", "wait": "nothing (submit returns at once)",
+}
+# further sbatch long options accepted in slurm.sbatch (written with '_' or '-')
+EXTRA = sorted("""
+acctg_freq begin bb bbf cluster_constraint clusters comment contiguous core_spec cores_per_socket
+cpu_freq cpus_per_gpu deadline delay_boot dependency distribution exclude exclusive export
+extra_node_info get_user_env gpu_bind gpu_freq gpus_per_socket gres gres_flags hint hold licenses
+mail_type mail_user mcs_label mem_bind mem_per_cpu mem_per_gpu mincpus network nice no_kill
+nodefile nodelist ntasks_per_core ntasks_per_socket overcommit oversubscribe power priority
+profile propagate reboot reservation sockets_per_node spread_job switches thread_spec
+threads_per_core time_min tmp use_min_nodes wait_all_nodes wckey""".split())
+PORT_BASE, PORT_SPAN = 20000, 10000
+_PORT_SHELL = f"$(({PORT_BASE} + SLURM_JOB_ID % {PORT_SPAN}))"
+START_MARK = "start of job"   # the batch script's first line, once per start (requeues included)
+_SRUN_ERROR = re.compile(r"srun: error: (?P<host>\S+): tasks? (?P<rank>\d+)[^:]*: (?P<what>.*)")
+
+
+@dataclass(frozen=True)
+class SlurmPlan(Plan):
+    """The sbatch request: submitit parameters, its folder, and what every task runs."""
+
+    folder: str = ""                                       # absolute; scripts, pickles, task logs
+    python: str = ""                                       # submitit's `python` (the prefixer + python)
+    sbatch: Mapping[str, Any] = field(default_factory=dict)  # submitit SlurmExecutor parameters
+    task: Mapping[str, Any] = field(default_factory=dict)    # cluster.slurm_task.SlurmTask spec
+
+    def command(self) -> str:
+        """What srun starts in every task (as submitit's SlurmExecutor._submitit_command_str)."""
+        return " ".join([self.python, "-u -m submitit.core._submit", shlex.quote(self.folder)])
+
+    def render(self) -> str:
+        from submitit.slurm.slurm import _make_sbatch_string
+        return _make_sbatch_string(command=self.command(), folder=self.folder, **_params(self.sbatch))
+
+
+def _params(sbatch: Mapping) -> dict:
+    """Plain lists and dicts, as submitit wants them."""
+    return {k: (list(v) if isinstance(v, (list, tuple)) else dict(v) if isinstance(v, Mapping) else v)
+            for k, v in sbatch.items()}
+
+
+class SlurmBackend(Backend):
+    name = "slurm"
+
+    # ---------------------------------------------------------------- plan
+    def select_hosts(self, job: Job):
+        s = self.inv.slurm
+        n = job.nodes if isinstance(job.nodes, int) else (s.nodes or len(self.inv.hosts))
+        base = self.inv.hosts[0]
+        return tuple(dataclasses.replace(base, name=f"slurm-node{i + 1}", hostname="", address="")
+                     for i in range(n))
+
+    def detect_gpus(self, hosts) -> dict[str, int]:
+        s, first = self.inv.slurm, self.inv.hosts[0]
+        if s.gpus_per_node is not None:
+            gpus = s.gpus_per_node
+        elif isinstance(first.gpus, int):
+            gpus = first.gpus
+        else:
+            gpus = _partition_gpus(s.partition)
+        return {h.name: gpus for h in hosts}
+
+    def make_plan(self, job: Job, run_id: str, gpus, *, notes=(), local_runs: str = RUNS,
+                  port: Optional[int] = None) -> SlurmPlan:
+        s, where = self.inv.slurm, self.inv.path
+        hosts = self.select_hosts(job)
+        cap = gpus[hosts[0].name]
+        ntasks = procs_for(cap, job)
+        if cap and ntasks > cap:
+            raise UserError(f"job wants {ntasks} GPUs per node but the nodes have {cap}", where="job",
+                            key="gpus_per_node", hint=f"set gpus_per_node={cap} or fewer")
+        time_min = job.time_limit_min or s.time_min
+        if not time_min:
+            raise UserError("no time limit for the SLURM job", where=where, key="slurm.time_min",
+                            hint="set slurm.time_min in the inventory (or time_limit_min in the job), in minutes")
+        if s.signal_delay_s >= time_min * 60:
+            raise UserError(f"signal_delay_s {s.signal_delay_s} is not shorter than the time limit "
+                            f"({time_min} min)", where=where, key="slurm.signal_delay_s",
+                            hint="the requeue warning must come before the end: lower it or raise time_min")
+        workdir, run_dir = str(REPO), f"{local_runs}/{run_id}"
+        folder = str(Path(workdir, run_dir, "slurm"))
+        env = {"PYTHONUNBUFFERED": "1", "CLUSTER_RUN_ID": run_id}
+        if cap == 0:
+            env["OMP_NUM_THREADS"] = "1"
+        if hosts[0].interface:
+            env["NCCL_SOCKET_IFNAME"] = env["GLOO_SOCKET_IFNAME"] = hosts[0].interface
+        env.update(job.env)
+        env.update(job.container.env if job.container else {})      # the image's own variables win
+        payload = _payload(job, run_dir)
+        argv = payload[1:] if payload[0] == "--no-python" else [sys.executable] + payload
+        python, argv, srun_extra = _in_container(job, hosts[0], workdir, Path(workdir, run_dir), argv, env, cap)
+        port_text = str(port or job.rdzv_port or _PORT_SHELL)
+        setup = [f"# run {run_id}: job {job.name}, {len(hosts)} node(s) x {ntasks} task(s), "
+                 f"world size {len(hosts) * ntasks}", *map(_comment, notes),
+                 "# every task runs, as rank SLURM_PROCID of SLURM_NTASKS (cluster.slurm_task):",
+                 _comment("  " + shlex.join(argv)),
+                 *[f"export {k}={shlex.quote(v)}" for k, v in sorted(env.items())],
+                 'export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
+                 f"export MASTER_PORT={port_text}",
+                 f'echo "{START_MARK} $SLURM_JOB_ID restart ${{SLURM_RESTART_COUNT:-0}} on $SLURM_JOB_NODELIST, '
+                 'rendezvous $MASTER_ADDR:$MASTER_PORT"']
+        extra = _extra_sbatch(s.sbatch, where)
+        extra.update({"chdir": workdir, "output": f"{folder}/%j_batch.log", "error": f"{folder}/%j_batch.log",
+                      ("requeue" if job.restart.requeue else "no-requeue"): True})
+        sbatch = {"job_name": run_id, "partition": s.partition, "account": s.account, "qos": s.qos,
+                  "constraint": s.constraint, "time": time_min, "nodes": len(hosts), "ntasks_per_node": ntasks,
+                  "gpus_per_node": ntasks if cap else None, "cpus_per_task": s.cpus_per_task,
+                  "mem": None if s.mem_gb is None else f"{s.mem_gb}GB" if s.mem_gb else "0",   # 0: all of it
+                  "signal_delay_s": s.signal_delay_s, "setup": setup,
+                  "srun_args": ["--kill-on-bad-exit=1", "--open-mode=append"] + srun_extra,
+                  "additional_parameters": extra}
+        sbatch = {k: v for k, v in sbatch.items() if v is not None}
+        sbatch["wckey"] = None   # not submitit's default: clusters that enforce wckeys reject unknown ones
+        task = {"argv": argv, "workdir": workdir, "run_dir": run_dir, "requeue": job.restart.requeue,
+                "max_requeues": job.restart.max_requeues}
+        nodes = tuple(NodeLaunch(host=h.name, node_rank=i, hostname="", workdir=workdir, argv=tuple(argv),
+                                 env=env, log_path=f"{run_dir}/slurm/%j_<task>_log.out",
+                                 agent_log_path=f"{run_dir}/slurm/%j_batch.log", state_dir=f"{run_dir}/state",
+                                 nprocs=ntasks) for i, h in enumerate(hosts))
+        endpoint = f"first node of the allocation:{port or job.rdzv_port or f'{PORT_BASE}+job_id%{PORT_SPAN}'}"
+        return SlurmPlan(run_id, job.name, "slurm", endpoint, ntasks * len(hosts), nodes, tuple(notes),
+                         folder=folder, python=f"{python} -u -m cluster.slurm_task {python}", sbatch=sbatch,
+                         task=task)
+
+    # ---------------------------------------------------------------- submit
+    def preflight(self, plan: SlurmPlan) -> None:
+        """sbatch --test-only: SLURM itself checks partition, account, qos, constraint, GPUs, time."""
+        if not shutil.which("sbatch"):
+            raise UserError("sbatch is not on this machine's PATH", where=self.inv.path, key="backend",
+                            hint="run on the cluster's login node (or use backend local or ssh)")
+        with tempfile.NamedTemporaryFile("w", suffix=".sh", prefix="sbatch-test-") as f:
+            f.write(plan.render())
+            f.flush()
+            p = _run(["sbatch", "--test-only", f.name], timeout=60)
+        if p.returncode != 0:
+            lines = [l.strip() for l in p.stderr.splitlines() if l.strip()]
+            why = list(dict.fromkeys(l for l in lines if "error" in l or "failure" in l))[-3:] or lines[-3:]
+            raise UserError("SLURM rejects the job: " + " / ".join(why), where=self.inv.path, key="slurm",
+                            hint="check partition, account, qos, constraint, GPUs and time against "
+                                 "`sinfo`; `python -m cluster plan JOB --backend slurm` prints the script")
+
+    def launch(self, plan: SlurmPlan, run: Run) -> dict:
+        import submitit
+        from submitit.core.utils import FailedJobError, FailedSubmissionError
+        from ..slurm_task import SlurmTask
+        ex = submitit.SlurmExecutor(folder=plan.folder, python=plan.python,
+                                    max_num_timeout=plan.task["max_requeues"])
+        ex.update_parameters(**_params(plan.sbatch))
+        if ex._make_submission_file_text(ex._submitit_command_str, "") != plan.render():
+            raise RuntimeError("submitit would submit another script than the plan shows")
+        try:
+            job = ex.submit(SlurmTask(dict(plan.task)))
+        except (FailedJobError, FailedSubmissionError) as e:
+            raise UserError(f"sbatch failed: {str(e).strip()[-600:]}", where=self.inv.path, key="slurm") from None
+        n = len(plan.nodes)
+        progress(f"submitted SLURM job {job.job_id}: {n} node(s) x {plan.nodes[0].nprocs} task(s)")
+        return {"job_id": str(job.job_id), "folder": plan.folder, "tasks": plan.world_size}
+
+    # ---------------------------------------------------------------- observe
+    def node_status(self, run: Run) -> list[NodeStatus]:
+        jid = run.data.get("handle", {}).get("job_id")
+        if not jid:
+            return [NodeStatus("slurm", State.UNKNOWN, detail="no SLURM job id recorded")]
+        info = job_info(jid)
+        if info is None:
+            done = (run.dir / "state" / "slurm.done").exists()
+            return [NodeStatus(f"job {jid}", State.SUCCEEDED if done else State.UNKNOWN,
+                               detail="SLURM no longer knows the job (scontrol, sacct)")]
+        raw = info.get("JobState", "UNKNOWN").split()[0]
+        state = STATES.get(raw, State.UNKNOWN)
+        code, _, sig = info.get("ExitCode", "0:0").partition(":")      # "1:0" exit code, "0:9" signal
+        restarts = int(info.get("Restarts", "0") or 0)
+        detail = f"job {jid} {raw}" + (f" ({info['Reason']})" if info.get("Reason") not in (None, "None") else "")
+        detail += f", requeued {restarts}x" if restarts else ""
+        nodelist = info.get("NodeList", "")
+        hosts = hostlist.expand(nodelist) if nodelist and nodelist not in ("(null)", "None assigned") else []
+        if state == State.PENDING or not hosts:
+            return [NodeStatus(f"job {jid}", state, detail=detail)]
+        if state == State.RUNNING:
+            port = (run.data.get("plan", {}).get("rdzv_endpoint", "").rsplit(":", 1)[-1])
+            detail += f", rendezvous {hosts[0]}:{port if port.isdigit() else PORT_BASE + int(jid) % PORT_SPAN}"
+        started = _epoch(info.get("StartTime"))
+        if state == State.RUNNING and started and started != run.data.get("started"):
+            run.update(started=started)          # this start (requeues too): the hang watch counts from it
+        # heartbeats of an earlier start are not progress of this one
+        beats = {r: b for r, b in _heartbeats(run.dir).items() if not started or b.get("time", 0) >= started - 5}
+        exit_code = None
+        if state == State.FAILED and code.isdigit():
+            exit_code = int(code) or (128 + int(sig) if sig.isdigit() and int(sig) else None)
+        short = lambda name: str(name).split(".")[0]      # gpu01.cluster.local is node gpu01
+        return [NodeStatus(h, state, exit_code=exit_code, detail=detail,
+                           heartbeats={r: b for r, b in beats.items() if short(b.get("host")) == short(h)})
+                for h in hosts]
+
+    def first_failure(self, run: Run, nodes: list[NodeStatus]) -> dict:
+        """srun names the first task that failed; its own log tail tells why."""
+        h = run.data.get("handle", {})
+        folder, jid = Path(h.get("folder", run.dir / "slurm")), h.get("job_id")
+        batch = _read_lines(folder / f"{jid}_batch.log")
+        starts = [i for i, l in enumerate(batch) if l.startswith(START_MARK)]
+        batch = batch[starts[-1]:] if starts else batch        # the latest start only
+        m = next((m for m in map(_SRUN_ERROR.search, batch) if m), None)
+        rank = int(m["rank"]) if m else None
+        tail = (_read_lines(folder / f"{jid}_{rank}_log.out")[-30:] +
+                _read_lines(folder / f"{jid}_{rank}_log.err")[-10:]) if m else []
+        code = next((n.exit_code for n in nodes if n.exit_code is not None), None)
+        host = m["host"] if m else None
+        return {"host": host, "rank": rank, "exit_code": code, "slurm": nodes[0].detail if nodes else "",
+                "log_tail": tail or batch[-30:],
+                "findings": self._diagnose(run, nodes, host, tail, rank) if host else []}
+
+    def log_sources(self, run: Run) -> list[LogSource]:
+        h = run.data.get("handle", {})
+        jid = h.get("job_id")
+        if not jid:
+            return []
+        folder = Path(h["folder"])
+        return ([FileSource(f"rank{t}", folder / f"{jid}_{t}_log.out") for t in range(h["tasks"])] +
+                [PrefixedSource("slurm", folder / f"{jid}_batch.log", b"[slurm agent] ")])
+
+    def log_tail(self, run: Run, host: str, lines: int) -> list[str]:
+        out = []
+        for src in self.log_sources(run):
+            out += [l for l in src.read(0).decode(errors="replace").splitlines() if l.startswith(f"[{host} ")]
+        return out[-lines:]
+
+    # ---------------------------------------------------------------- stop
+    def stop_nodes(self, run: Run, grace_s: float) -> list[str]:
+        """scancel (SLURM: TERM, KillWait, KILL on every node); done when SLURM reports no process left."""
+        jid = run.data.get("handle", {}).get("job_id")
+        if not jid:
+            return []
+        _run(["scancel", jid])
+        if _wait_gone(jid, max(grace_s, 5.0) + 30):
+            return []
+        _run(["scancel", "--full", "--signal=KILL", jid])
+        if _wait_gone(jid, 15):
+            return []
+        info = job_info(jid) or {}
+        return [f"SLURM job {jid}: still {info.get('JobState')} on {info.get('NodeList')}"]
+
+
+class PrefixedSource(LogSource):
+    """A file whose lines have no ``[host rank]`` prefix (the batch script's own): whole lines, prefixed.
+
+    Offsets count the prefixed bytes this source has returned; a reader that starts over gets
+    the same bytes again."""
+
+    def __init__(self, name: str, path: Path, prefix: bytes):
+        self.name, self.path, self.prefix = name, path, prefix
+        self._raw = self._out = 0
+
+    def read(self, offset: int) -> bytes:
+        if offset != self._out:
+            self._raw = self._out = 0
+            return self.read(0)[offset:]
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self._raw)
+                data = f.read()
+        except FileNotFoundError:
+            return b""
+        whole = data[: data.rfind(b"\n") + 1]
+        self._raw += len(whole)
+        out = b"".join(self.prefix + l + b"\n" for l in whole.split(b"\n")[:-1])
+        self._out += len(out)
+        return out
+
+
+# -------------------------------------------------------------------- helpers
+def _run(argv, timeout: float = 30) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return subprocess.CompletedProcess(argv, 127, "", str(e))
+
+
+def job_info(job_id: str) -> Optional[dict]:
+    """The job's fields from ``scontrol show job -o`` (live and recently ended jobs), else ``sacct``."""
+    p = _run(["scontrol", "show", "job", "-o", str(job_id)])
+    if p.returncode == 0 and p.stdout.startswith("JobId="):
+        line = p.stdout.splitlines()[0]
+        marks = list(re.finditer(r"(?:^|\s)([A-Za-z][A-Za-z0-9_:/]*)=", line))
+        return {m[1]: line[m.end(): marks[i + 1].start() if i + 1 < len(marks) else len(line)].strip()
+                for i, m in reversed(list(enumerate(marks)))}
+    p = _run(["sacct", "-X", "-P", "-n", "-j", str(job_id), "-o", "JobID,State,ExitCode,NodeList,Restarts"])
+    for line in p.stdout.splitlines() if p.returncode == 0 else []:
+        f = line.split("|")
+        if len(f) >= 5 and f[0] == str(job_id):
+            return {"JobId": f[0], "JobState": f[1], "ExitCode": f[2], "NodeList": f[3], "Restarts": f[4]}
+    return None
+
+
+def _wait_gone(job_id: str, timeout_s: float) -> bool:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        info = job_info(job_id)
+        if info is None or info.get("JobState", "").split()[0] not in LIVE:
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def _epoch(stamp: Optional[str]) -> Optional[float]:
+    """scontrol's local time '2026-11-28T11:46:00' -> epoch seconds (None: Unknown, N/A)."""
+    try:
+        return time.mktime(time.strptime(stamp or "", "%Y-%m-%dT%H:%M:%S"))
+    except ValueError:
+        return None
+
+
+def _partition_gpus(partition: Optional[str]) -> int:
+    """GPUs per node from the partition's gres (the fewest any node has); 0 when unknown."""
+    p = _run(["sinfo", "-h", "-o", "%G"] + (["-p", partition] if partition else []))
+    counts = [int(m[1]) for l in p.stdout.splitlines() for m in [re.search(r"gpu(?::[^:,(]+)?:(\d+)", l)] if m]
+    return min(counts) if p.returncode == 0 and counts else 0
+
+
+def _heartbeats(run_dir: Path) -> dict:
+    out = {}
+    for f in (run_dir / "metrics").glob("heartbeat-rank*.json"):
+        try:
+            d = json.loads(f.read_text())
+            out[int(d.get("rank", f.stem.rsplit("rank", 1)[1]))] = d
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def _read_lines(path: Path) -> list[str]:
+    try:
+        return path.read_text(errors="replace").splitlines()
+    except OSError:
+        return []
+
+
+def _comment(text: str) -> str:
+    """A script comment that stays one line whatever the text holds."""
+    return "# " + text.replace("\r", "\\r").replace("\n", "\\n")
+
+
+def _extra_sbatch(opts: Mapping, where: str) -> dict:
+    """slurm.sbatch: known sbatch long options only; the ones the backend sets are named with their key."""
+    out = {}
+    for key, value in opts.items():
+        k = key.replace("-", "_")
+        if k in MANAGED:
+            raise UserError(f"'{key}' is set by the backend", where=where, key=f"slurm.sbatch.{key}",
+                            hint=f"set it through {MANAGED[k]}")
+        if k not in EXTRA:
+            raise UserError(f"unknown sbatch option '{key}'", where=where, key=f"slurm.sbatch.{key}",
+                            hint="valid options are: " + ", ".join(EXTRA))
+        if isinstance(value, str) and (not value or re.search(r"[\x00-\x1f]", value)):
+            raise UserError("must be a non-empty value on one line", where=where, key=f"slurm.sbatch.{key}")
+        if value is not False:
+            out[k] = value
+    return out
+
+
+def _in_container(job: Job, host, workdir: str, run_dir: Path, argv: list[str], env: dict, gpus: int):
+    """(python that starts each task, the task's argv, srun options) for the job's container section.
+
+    enroot (pyxis): srun starts every task inside the image, so the task's own python is the
+    image's (it needs submitit); apptainer: the task stays outside and runs ``apptainer exec``
+    around the payload. The repository and the run dir are mounted at the same path."""
+    py = shlex.quote(sys.executable)
+    if job.container is None:
+        return py, argv, []
+    from .. import container
+    spec = job.container
+    runtime = container.resolve_runtime(spec, host)
+    inner = [container.inner_python(spec, host)] + argv[1:] if argv[:1] == [sys.executable] else argv
+    runs = [] if str(run_dir).startswith(workdir + "/") else [f"{run_dir}:{run_dir}"]
+    if runtime == "enroot":
+        names = sorted(env) + ["MASTER_ADDR", "MASTER_PORT"]
+        srun = container.srun_args(spec, workdir=workdir, mounts=runs, env_names=names)
+        return shlex.quote(inner[0]), inner, srun
+    if runtime == "apptainer":
+        binds = [container.parse_mount(m) for m in runs]
+        return py, container.apptainer_exec(spec, inner, workdir=workdir, env=env, gpus=gpus, mounts=binds), []
+    raise UserError(f"container runtime '{runtime}' does not run under SLURM", where="job",
+                    key="container.runtime", hint="use runtime: enroot (pyxis, srun --container-image) or apptainer")
+
+
+BACKEND = SlurmBackend

@@ -1,0 +1,445 @@
+"""Containers: the job's torchrun inside docker, podman, apptainer or enroot (pyxis) on every node.
+
+One ``container:`` section in the job, mapped per runtime. Pure functions that return argv lists
+(one shell hop later quotes them once); only ``preflight_local`` and ``remove_local`` run anything.
+
+    docker     docker run --rm --init --name N --label cluster.run_id=ID --label cluster.host=H
+               --network host [--gpus all] --shm-size Gg (or --ipc host when shm_gb is 0)
+               --ulimit memlock=-1:-1 --ulimit stack=67108864:67108864 --pull never
+               -v WD:WD -w WD -e K=V ... ARGS IMAGE python3 -m torch.distributed.run ...
+    podman     the same; GPUs through CDI (--device nvidia.com/gpu=all); image ``rootfs:/PATH``
+               runs the host directory PATH as an overlay (``--rootfs PATH:O``, no image, no pull:
+               for tests and air-gapped hosts)
+    apptainer  env APPTAINERENV_K=V ... apptainer exec [--nv] --bind WD:WD --pwd WD ARGS IMAGE python3 ...
+    enroot     SLURM only, through pyxis: ``srun_args`` (--container-image, --container-mounts, ...)
+
+Only torchrun goes inside; the node agent stays outside and keeps the process group, the pid/exit
+files and the log prefixes. docker/podman run attached: the client is in the agent's process group,
+so the TERM of a stop reaches it and it passes the signal on to the container (sig-proxy, --init
+forwards it to torchrun). The container itself belongs to the daemon/conmon, not to the group:
+stop also removes it by name (``remove_argv``) and verifies by label (``list_argv``) that none of
+the run's containers is left. apptainer runs as a plain child, inside the group: nothing to remove.
+
+The workdir (code and runs/) and, when it lies elsewhere, the run directory are mounted at the same
+path inside, so sync, ``logs -f``, checkpoints and resume work as without a container. A workdir
+under ``~`` (the ssh default) is only known on the host: there the one deliberate shell expression,
+``exec "$0" run -v "$PWD:$PWD" -w "$PWD" "$@"``, mounts the directory the agent was started in.
+"""
+from __future__ import annotations
+
+import re
+import subprocess
+from dataclasses import dataclass
+from typing import Callable, Iterable, Mapping, NamedTuple, Optional, Sequence
+
+from .errors import UserError
+
+RUNTIMES = ("docker", "podman", "apptainer", "enroot")
+ROOTFS = "rootfs:"                       # podman image "rootfs:/" -> --rootfs /:O
+LABEL = "cluster.run_id"                 # docker/podman labels: the run id (stop verifies by it) ...
+HOST_LABEL = "cluster.host"              # ... and the inventory's host name (hosts may share storage)
+PYTHON = "python3"                       # in the image: present in NGC, pytorch/pytorch and Debian images
+# NVIDIA's settings for PyTorch in docker: pinned memory for RDMA, large thread stacks
+ULIMITS = (("memlock", "-1:-1"), ("stack", "67108864:67108864"))
+TILDE_SCRIPT = 'exec "$0" run -v "$PWD:$PWD" -w "$PWD" "$@"'
+_ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_URI = re.compile(r"^[a-z][a-z0-9+.-]*://")
+
+
+@dataclass(frozen=True)
+class ContainerRef:
+    """What the plan records per node: enough for preflight and stop, from run.json alone."""
+
+    runtime: str
+    name: str        # docker/podman container name ("" for apptainer: nothing outside the group)
+    image: str       # as the runtime takes it
+    pull: bool
+    run_id: str
+
+
+@dataclass(frozen=True)
+class Check:
+    """One preflight command for a host; it must exit 0, else ``problem`` (and what to do)."""
+
+    argv: tuple[str, ...]
+    problem: str
+    hint: str
+
+
+class Mount(NamedTuple):
+    src: str
+    dst: str
+    mode: str        # "", "ro" or "rw"
+
+    def text(self) -> str:
+        return f"{self.src}:{self.dst}" + (f":{self.mode}" if self.mode else "")
+
+
+# ---------------------------------------------------------------- spec
+def check_spec(spec, where: Callable[[tuple], str] = lambda path: "job") -> None:
+    """Raise UserError for a container section no runtime can take (``where`` maps a key path
+    such as ("container", "mounts", 0) to 'file:line', as config's Source.where does)."""
+    image = spec.image
+    if not image or re.search(r"[\s\x00-\x1f]", image) or image.startswith("-"):
+        raise UserError(f"'{image}' is not an image name", where=where(("container", "image")),
+                        key="container.image",
+                        hint="e.g. nvcr.io/nvidia/pytorch:24.05-py3, docker://..., /images/torch.sif, rootfs:/")
+    if image.startswith(ROOTFS) and not image[len(ROOTFS):].startswith("/"):
+        raise UserError(f"'{image}': rootfs needs an absolute host directory", where=where(("container", "image")),
+                        key="container.image", hint="e.g. rootfs:/ (the host's root as an overlay, podman)")
+    if spec.runtime is not None and spec.runtime not in RUNTIMES:
+        raise UserError(f"unknown runtime '{spec.runtime}'", where=where(("container", "runtime")),
+                        key="container.runtime", hint="use one of: " + ", ".join(RUNTIMES))
+    for i, text in enumerate(spec.mounts):
+        parse_mount(text, where(("container", "mounts", i)), f"container.mounts[{i}]")
+    for k in spec.env:
+        if not _ENV_KEY.fullmatch(k):
+            raise UserError(f"'{k}' is not a valid environment variable name", where=where(("container", "env", k)),
+                            key=f"container.env.{k}", hint="use letters, digits and '_', not starting with a digit")
+    if "CLUSTER_RUN_ID" in spec.env:
+        raise UserError("'CLUSTER_RUN_ID' is set by the cluster (stop finds the run's processes by it)",
+                        where=where(("container", "env", "CLUSTER_RUN_ID")), key="container.env.CLUSTER_RUN_ID",
+                        hint="remove it from the container's env")
+    if spec.shm_gb < 0:
+        raise UserError("must be 0 or more (0: the host's /dev/shm through --ipc host)",
+                        where=where(("container", "shm_gb")), key="container.shm_gb")
+
+
+def parse_mount(text: str, where: str = "job", key: str = "container.mounts") -> Mount:
+    """``SRC:DST[:ro|rw]`` or ``PATH`` (same path inside), both absolute. ':' and ',' cannot be in a
+    path: every runtime splits on ':', and apptainer and pyxis join mounts with ','."""
+    parts = text.split(":")
+    mode = ""
+    if len(parts) > 1 and parts[-1] in ("ro", "rw"):
+        mode = parts.pop()
+    if len(parts) == 1:
+        parts.append(parts[0])
+    bad = (len(parts) != 2 or "," in text or "\0" in text or
+           not all(p.startswith("/") for p in parts))
+    if bad:
+        raise UserError(f"mount '{text}' is not SRC:DST[:ro|rw] with absolute paths", where=where, key=key,
+                        hint="e.g. /data/imagenet:/data:ro; paths cannot contain ':' or ','")
+    return Mount(parts[0], parts[1], mode)
+
+
+def resolve_runtime(spec, host) -> str:
+    """The job's runtime, else the one the inventory says the host offers."""
+    runtime = spec.runtime or getattr(host, "container_runtime", None)
+    if not runtime:
+        raise UserError(f"the job runs in a container but no runtime is known for host {host.name}",
+                        where="job", key="container.runtime",
+                        hint="set container.runtime in the job, or container_runtime for the host in the inventory")
+    if spec.image.startswith(ROOTFS) and runtime != "podman":
+        raise UserError(f"image '{spec.image}' (a host directory as the root) works with podman only, "
+                        f"not {runtime}", where="job", key="container.image", hint="use runtime: podman")
+    return runtime
+
+
+def container_name(run_id: str, host: str) -> str:
+    """Per run and host, so stop removes exactly the run's containers (docker's name rules)."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", f"ddp-{run_id}-{host}")
+
+
+def inner_python(spec, host) -> str:
+    """The interpreter inside: the spec's ``python`` if the job gives one ('host': the inventory's),
+    the host's own for a rootfs image (the host's files are the container's), else python3."""
+    py = getattr(spec, "python", None)
+    if py == "host" or (py is None and spec.image.startswith(ROOTFS)):
+        return host.python
+    return py or PYTHON
+
+
+def docker_image(image: str) -> str:
+    return image[len("docker://"):] if image.startswith("docker://") else image
+
+
+def apptainer_image(image: str) -> str:
+    """Paths (.sif, sandbox directories) and URIs as given; a registry reference gets docker://."""
+    if _URI.match(image) or image.startswith(("/", "./", "../")) or image.endswith((".sif", ".simg", ".img")):
+        return image
+    return "docker://" + image
+
+
+def enroot_image(image: str) -> str:
+    """pyxis/enroot write the registry host before '#': nvcr.io/nvidia/pytorch:24.05 -> nvcr.io#nvidia/pytorch:24.05."""
+    image = docker_image(image)
+    if "#" in image or image.startswith(("/", "./")):
+        return image
+    first, sep, rest = image.partition("/")
+    if sep and ("." in first or ":" in first or first == "localhost"):
+        return f"{first}#{rest}"
+    return image
+
+
+# ---------------------------------------------------------------- wrapping (ssh and local backends)
+def wrap(spec, runtime: str, *, name: str, workdir: str, run_dir: str, env: Mapping[str, str],
+         payload_argv: Sequence[str], gpus: int, run_id: Optional[str] = None,
+         host: Optional[str] = None) -> list[str]:
+    """The node's payload (torchrun argv) run inside the job's image, as one argv list.
+
+    ``env`` (the plan's variables: CLUSTER_RUN_ID, NCCL_SOCKET_IFNAME, job env ...) and the spec's
+    own ``env`` (which wins) are passed in; ``gpus`` > 0 asks for the host's GPUs.
+    """
+    check_spec(spec)
+    mounts = _mounts(spec, workdir, run_dir)
+    inner = {**env, **spec.env}
+    if runtime in ("docker", "podman"):
+        return _docker_like(spec, runtime, name, workdir, mounts, inner, list(payload_argv), gpus, run_id, host)
+    if runtime == "apptainer":
+        return apptainer_exec(spec, payload_argv, workdir=workdir, env=inner, gpus=gpus, mounts=mounts,
+                              own_mounts=False)
+    if runtime == "enroot":
+        raise UserError("enroot runs under SLURM only (pyxis: srun --container-image)", where="job",
+                        key="container.runtime", hint="use backend slurm, or docker, podman or apptainer over ssh")
+    raise UserError(f"unknown runtime '{runtime}'", where="job", key="container.runtime",
+                    hint="use one of: " + ", ".join(RUNTIMES))
+
+
+def _mounts(spec, workdir: str, run_dir: str) -> list[Mount]:
+    """workdir (code, runs/), the run dir where it is not under the workdir, then the job's."""
+    out: list[Mount] = []
+    for key, path in (("workdir", workdir), ("runs directory", run_dir)):
+        if ":" in path or "," in path:
+            raise UserError(f"the {key} '{path}' cannot be mounted into a container (':' or ',' in it)",
+                            where="inventory" if key == "workdir" else "CLUSTER_RUNS_DIR", key=key,
+                            hint="use a path without ':' and ','")
+    if workdir.startswith("/"):
+        out.append(Mount(workdir, workdir, ""))
+    if run_dir.startswith("/") and not (workdir.startswith("/") and
+                                        run_dir.startswith(workdir.rstrip("/") + "/")):
+        out.append(Mount(run_dir, run_dir, ""))
+    for i, text in enumerate(spec.mounts):
+        m = parse_mount(text, "job", f"container.mounts[{i}]")
+        if m not in out:
+            out.append(m)
+    return out
+
+
+def _docker_like(spec, runtime, name, workdir, mounts, env, payload, gpus, run_id, host) -> list[str]:
+    opts = ["--rm", "--init", "--name", name]
+    if run_id is not None:
+        opts += ["--label", f"{LABEL}={run_id}"]
+    if host is not None:
+        opts += ["--label", f"{HOST_LABEL}={host}"]
+    opts += ["--network", "host"]
+    if gpus:
+        opts += ["--gpus", "all"] if runtime == "docker" else ["--device", "nvidia.com/gpu=all"]
+    # one IPC namespace per node either way; podman refuses --shm-size together with --ipc host
+    opts += ["--shm-size", f"{spec.shm_gb}g"] if spec.shm_gb else ["--ipc", "host"]
+    given = _ulimits_in(spec.args)
+    for kind, value in ULIMITS:
+        if kind not in given:          # the job's --ulimit of the same kind replaces ours
+            opts += ["--ulimit", f"{kind}={value}"]
+    rootfs = spec.image.startswith(ROOTFS)
+    if not rootfs:
+        opts += ["--pull", "never"]    # preflight made sure the image is there, on every host
+    for m in mounts:
+        opts += ["-v", m.text()]
+    if workdir.startswith("/"):
+        opts += ["-w", workdir]
+    for k, v in sorted(env.items()):
+        opts += ["-e", f"{k}={v}"]
+    opts += list(spec.args)
+    # --rootfs is a flag: the first word after the options is the directory, then the command
+    image = ["--rootfs", spec.image[len(ROOTFS):] + ":O"] if rootfs else [docker_image(spec.image)]
+    head = [runtime, "run"] if workdir.startswith("/") else ["sh", "-c", TILDE_SCRIPT, runtime]
+    return head + opts + image + payload
+
+
+def _ulimits_in(args: Sequence[str]) -> set[str]:
+    kinds, it = set(), iter(args)
+    for a in it:
+        value = next(it, "") if a == "--ulimit" else a[len("--ulimit="):] if a.startswith("--ulimit=") else None
+        if value:
+            kinds.add(value.split("=", 1)[0])
+    return kinds
+
+
+def apptainer_exec(spec, payload: Sequence[str], *, workdir: str, env: Mapping[str, str], gpus: int,
+                   mounts: Iterable[Mount] = (), own_mounts: bool = True) -> list[str]:
+    """``apptainer exec`` around ``payload`` (also what the slurm backend runs per task).
+
+    Variables go in as APPTAINERENV_K=V through ``env``: byte-exact for any value (apptainer's
+    --env splits on ','), and they win over the image's own environment. With ``own_mounts``,
+    the workdir and the spec's mounts are bound (``mounts`` come on top).
+    """
+    check_spec(spec)
+    binds = list(mounts)
+    if own_mounts:
+        binds = [m for m in _mounts(spec, workdir, "") if m not in binds] + binds
+    argv = ["env"] + [f"APPTAINERENV_{k}={v}" for k, v in sorted({**env, **spec.env}.items())]
+    argv += ["apptainer", "exec"] + (["--nv"] if gpus else [])
+    for m in binds:
+        argv += ["--bind", m.text()]
+    if workdir.startswith("/"):
+        argv += ["--pwd", workdir]     # a ~ workdir: apptainer binds $HOME and keeps the cwd itself
+    return argv + list(spec.args) + [apptainer_image(spec.image)] + list(payload)
+
+
+# ---------------------------------------------------------------- SLURM (pyxis/enroot)
+def srun_args(spec, *, workdir: str, mounts: Iterable[str] = (), env_names: Iterable[str] = (),
+              name: Optional[str] = None) -> list[str]:
+    """pyxis options for srun: every task of the step starts inside the image.
+
+    ``env_names``: variables the host side sets that must win over the image's ENV
+    (--container-env). Unnamed containers are removed when the step ends; a ``name`` keeps the
+    container for later steps of the job.
+    """
+    check_spec(spec)
+    if spec.image.startswith(ROOTFS):
+        raise UserError(f"image '{spec.image}' works with podman only, not pyxis", where="job",
+                        key="container.image", hint="give an image reference or a .sqsh path")
+    binds = [Mount(workdir, workdir, "")] if workdir.startswith("/") else []
+    for text in list(mounts) + list(spec.mounts):
+        m = parse_mount(text)
+        if m not in binds:
+            binds.append(m)
+    argv = [f"--container-image={enroot_image(spec.image)}"]
+    if binds:
+        argv.append("--container-mounts=" + ",".join(m.text() for m in binds))
+    argv.append(f"--container-workdir={workdir}")
+    if name:
+        argv.append(f"--container-name={name}")
+    names = sorted(set(env_names) | set(spec.env))
+    if names:
+        argv.append("--container-env=" + ",".join(names))
+    return argv + list(spec.args)
+
+
+# ---------------------------------------------------------------- plan hook
+def wrap_node(spec, host, *, run_id: str, run_dir: str, env: Mapping[str, str], payload_argv: Sequence[str],
+              gpus: int) -> tuple[list[str], ContainerRef]:
+    """For make_plan: the node's torchrun argv run in the image (its python), and what to record."""
+    runtime = resolve_runtime(spec, host)
+    name = container_name(run_id, host.name) if runtime in ("docker", "podman") else ""
+    payload = [inner_python(spec, host)] + list(payload_argv[1:])
+    argv = wrap(spec, runtime, name=name, workdir=host.workdir, run_dir=run_dir, env=env,
+                payload_argv=payload, gpus=gpus, run_id=run_id, host=host.name)
+    image = (apptainer_image(spec.image) if runtime == "apptainer" else
+             spec.image if spec.image.startswith(ROOTFS) else docker_image(spec.image))
+    return argv, ContainerRef(runtime, name, image, spec.pull, run_id)
+
+
+def refs_of_run(run_data: Mapping) -> list[tuple[str, ContainerRef]]:
+    """(host, ContainerRef) of every node of a recorded run (run.json's plan)."""
+    out = []
+    for node in (run_data.get("plan") or {}).get("nodes", []):
+        ref = node.get("container")
+        if ref:
+            out.append((node["host"], ContainerRef(**ref)))
+    return out
+
+
+# ---------------------------------------------------------------- preflight and stop
+def preflight_checks(ref: ContainerRef) -> list[Check]:
+    """Commands for one host, in order: the runtime is there, then the image is (or is pulled)."""
+    rt, image = ref.runtime, ref.image
+    where_else = "set container.runtime in the job, or container_runtime for the host, to one it has"
+    if rt in ("docker", "podman"):
+        checks = [Check((rt, "version", "--format", "{{.Server.Version}}" if rt == "docker" else "{{.Client.Version}}"),
+                        f"{rt} is not installed or not working" + (" (is the daemon running?)" if rt == "docker" else ""),
+                        f"install {rt} on the host, or {where_else}")]
+        if image.startswith(ROOTFS):
+            path = image[len(ROOTFS):]
+            checks.append(Check(("test", "-d", path), f"rootfs directory {path} does not exist",
+                                "give an existing directory (rootfs:/ is the host's root)"))
+        elif ref.pull:
+            checks.append(Check((rt, "pull", "-q", image), f"cannot pull image {image}",
+                                f"check the name and the registry login on the host ({rt} login)"))
+        else:
+            exists = ("image", "inspect", "--format", "{{.Id}}", image) if rt == "docker" else ("image", "exists", image)
+            checks.append(Check((rt,) + exists, f"image {image} is not present",
+                                f"pull it on every host ({rt} pull {image}) or set container.pull: true"))
+        return checks
+    if rt == "apptainer":
+        checks = [Check(("apptainer", "--version"), "apptainer is not installed",
+                        f"install apptainer on the host, or {where_else}")]
+        if _URI.match(image):   # fetched into apptainer's cache on first use: fetch it now, everywhere
+            checks.append(Check(("apptainer", "exec", image, "true"), f"cannot fetch or run image {image}",
+                                "check the name and the registry login (apptainer remote login)"))
+        else:
+            checks.append(Check(("test", "-r", image), f"image {image} is not present",
+                                "copy the .sif to the same path on every host (or use a shared filesystem)"))
+        return checks
+    raise UserError(f"runtime '{rt}' has no preflight outside SLURM", where="job", key="container.runtime")
+
+
+def preflight_argv(runtime: str, image: str, pull: bool = False) -> list[list[str]]:
+    """The preflight commands alone (see ``preflight_checks`` for the messages that go with them)."""
+    ref = ContainerRef(runtime, "", image, pull, "")
+    return [list(c.argv) for c in preflight_checks(ref)]
+
+
+def check_failed(host: str, check: Check, code: int, output: str) -> UserError:
+    """The error for a failed preflight command: host, problem, command, exit code, last lines."""
+    tail = "\n".join(output.strip().splitlines()[-5:])
+    return UserError(f"{check.problem} (`{' '.join(check.argv)}` exited {code})" +
+                     (f":\n    " + tail.replace("\n", "\n    ") if tail else ""),
+                     where=host, key="container", hint=check.hint)
+
+
+def remove_argv(runtime: str, name: str) -> Optional[list[str]]:
+    """Remove the container now (kill if running); None where nothing outlives the process group.
+    Its exit status is no verdict (the container may be gone already, --rm): verify with list_argv."""
+    if runtime == "podman":
+        return ["podman", "rm", "--force", "--ignore", "--time", "0", name]
+    if runtime == "docker":
+        return ["docker", "rm", "--force", name]
+    return None
+
+
+def remove_argv_of_payload(payload: Sequence[str]) -> Optional[list[str]]:
+    """For the node agent (which knows only its payload): remove_argv of the docker/podman
+    container the payload runs, None when the payload is not one of ours."""
+    p = list(payload)
+    if p[:3] == ["sh", "-c", TILDE_SCRIPT]:
+        p = p[3:4] + ["run"] + p[4:]
+    if len(p) < 4 or p[0] not in ("docker", "podman") or p[1] != "run" or "--name" not in p:
+        return None
+    return remove_argv(p[0], p[p.index("--name") + 1])
+
+
+def list_argv(runtime: str, run_id: str, host: Optional[str] = None) -> Optional[list[str]]:
+    """Names of the run's containers still there (of ``host`` only, if given), one per line."""
+    if runtime not in ("docker", "podman"):
+        return None
+    filters = ["--filter", f"label={LABEL}={run_id}"]
+    if host is not None:        # several label filters: both must match (docker and podman)
+        filters += ["--filter", f"label={HOST_LABEL}={host}"]
+    return [runtime, "ps", "--all", *filters, "--format", "{{.Names}}"]
+
+
+def preflight_local(nodes, run: Callable = subprocess.run) -> None:
+    """Run every node's checks on this machine (local backend); raise on the first failure."""
+    done = set()
+    for node in nodes:
+        ref = getattr(node, "container", None)
+        if ref is None or (ref.runtime, ref.image, ref.pull) in done:
+            continue
+        done.add((ref.runtime, ref.image, ref.pull))
+        for check in preflight_checks(ref):
+            try:
+                p = run(list(check.argv), capture_output=True, text=True, timeout=1800)
+            except FileNotFoundError:
+                raise check_failed(node.host, check, 127, f"{check.argv[0]}: command not found") from None
+            except subprocess.TimeoutExpired:
+                raise check_failed(node.host, check, -1, "timed out after 1800 s") from None
+            if p.returncode != 0:
+                raise check_failed(node.host, check, p.returncode, p.stderr or p.stdout)
+
+
+def remove_local(run_data: Mapping, run: Callable = subprocess.run) -> list[str]:
+    """Remove the run's containers on this machine; describe any that is still there after."""
+    left = []
+    for host, ref in refs_of_run(run_data):
+        rm, ls = remove_argv(ref.runtime, ref.name), list_argv(ref.runtime, ref.run_id, host)
+        if rm is None:
+            continue
+        try:
+            run(rm, capture_output=True, timeout=120)
+            names = run(ls, capture_output=True, text=True, timeout=60).stdout.split()
+        except (OSError, subprocess.TimeoutExpired) as e:
+            left.append(f"{host}: cannot check container {ref.name}: {e}")
+            continue
+        left += [f"{host}: {ref.runtime} container {n} still there" for n in names]
+    return left

@@ -1,0 +1,312 @@
+"""Code that runs on the hosts: the ssh backend's probe, status and stop (standard library only).
+
+Each function takes one dict and returns one; :func:`host_command` renders ``python -c <source>``
+for it (the function, the helpers it uses, and a line that reads its argument as JSON from the
+first line of stdin and prints the result as JSON). The same functions run here in the unit tests.
+One pid namespace may hold several hosts' processes (as in the cluster in a box), so process scans
+keep to the host's own network namespace.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import os
+import subprocess
+import sys
+import time
+
+from .remote import quote_argv
+from .sync import stale_files
+
+
+def _gpu_count(a: dict) -> int:
+    import os
+    import subprocess
+    vis = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if vis is not None:
+        return len([d for d in vis.split(",") if d.strip() and d.strip() != "-1"])
+    try:     # the driver's list: instant, where nvidia-smi takes a while to start NVML
+        return len(os.listdir("/proc/driver/nvidia/gpus"))
+    except OSError:
+        pass
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+        if out.returncode == 0:
+            return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return 0
+
+
+def _run_processes(wd: str, run_id=None) -> dict:
+    """run id -> pids of processes in this host's network namespace that carry CLUSTER_RUN_ID and
+    run in ``wd`` (one pid namespace may hold several hosts' processes, as in the cluster in a box)."""
+    import os
+
+    def netns(pid):
+        try:
+            return os.readlink(f"/proc/{pid}/ns/net")
+        except OSError:
+            return None
+
+    mine, me = netns("self"), os.getpid()
+    found: dict = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == me:
+            continue
+        try:
+            with open(f"/proc/{name}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+            with open(f"/proc/{name}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    continue
+            cwd = os.readlink(f"/proc/{name}/cwd")
+        except (OSError, IndexError):
+            continue
+        rid = next((e[15:].decode(errors="replace") for e in env if e.startswith(b"CLUSTER_RUN_ID=")), None)
+        if rid is None or (run_id is not None and rid != run_id):
+            continue
+        if mine is not None and netns(name) != mine:
+            continue
+        if not (cwd == wd or cwd.startswith(wd + "/")):
+            continue
+        found.setdefault(rid, []).append(int(name))
+    return found
+
+
+def _group_alive(pgid) -> bool:
+    """Whether a non-zombie process is in group ``pgid`` (kill(-pgid, 0) also counts zombies)."""
+    import os
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if fields[0] != "Z" and int(fields[2]) == pgid:
+                return True
+    return False
+
+
+def _probe(a: dict) -> dict:
+    import json
+    import os
+    import select
+    import socket
+    import sys
+    import time
+    r = {"hostname": socket.gethostname(), "python": sys.version.split()[0], "torch": None,
+         "cuda": None, "nccl": None}
+    # torch's version.py, not the import: milliseconds instead of seconds
+    try:
+        import importlib.util
+        spec = importlib.util.find_spec("torch")
+        if spec is not None and spec.submodule_search_locations:
+            vals = {}
+            with open(os.path.join(list(spec.submodule_search_locations)[0], "version.py")) as f:
+                for line in f:
+                    key, sep, val = line.partition("=")
+                    key = key.split(":")[0].strip()
+                    if sep and key in ("__version__", "cuda", "hip"):
+                        vals[key] = val.strip().strip("'\"")
+            r["torch"] = vals.get("__version__", "?")
+            r["cuda"] = None if vals.get("cuda") in (None, "None") else vals["cuda"]
+            # NCCL: the nvidia-nccl-cuXX wheel beside torch (the one torch loads), by its dist-info name
+            site = os.path.dirname(list(spec.submodule_search_locations)[0])
+            for name in sorted(os.listdir(site), reverse=True):
+                if name.startswith("nvidia_nccl_cu") and name.endswith(".dist-info"):
+                    r["nccl"] = name[:-len(".dist-info")].split("-", 1)[1]
+                    break
+    except (ImportError, OSError, ValueError, IndexError):
+        pass
+    r["gpus"] = _gpu_count(a)
+    wd = os.path.expanduser(a["workdir"])
+    p = wd
+    while not os.path.exists(p):
+        p = os.path.dirname(p) or "/"
+    st = os.statvfs(p)
+    r["free_gb"] = round(st.f_bavail * st.f_frsize / 1e9, 1)
+    r["writable"] = os.access(p, os.W_OK)
+    if a.get("manifest") is not None:
+        r["stale"] = stale_files(a["workdir"], a["manifest"])
+    wd_real = os.path.realpath(wd)
+    left, busy = {}, {}
+    for rid, pids in _run_processes(wd_real).items():
+        state = os.path.join(wd_real, "runs", rid, "state")
+        agent = False
+        try:
+            with open(os.path.join(state, a["host"] + ".pid")) as f:
+                os.kill(json.load(f)["pid"], 0)
+            agent = not os.path.exists(os.path.join(state, a["host"] + ".exit"))
+        except (OSError, ValueError, KeyError):
+            pass
+        (busy if agent else left)[rid] = sorted(pids)
+    r["leftovers"], r["busy"] = left, busy
+    # ports: node 0 binds them and waits for every other node to connect to each
+    ports = a.get("ports") or []
+    if a.get("role") == "server":
+        r["ports"], socks = {}, []
+        for port in ports:
+            s = socket.socket(socket.AF_INET6 if ":" in a["address"] else socket.AF_INET)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("", port))
+                s.listen(128)
+                socks.append(s)
+                r["ports"][str(port)] = "free"
+            except OSError as e:
+                r["ports"][str(port)] = f"in use ({e.strerror})"
+                s.close()
+        want = a.get("peers", 0) * len(socks)
+        got, deadline = 0, time.time() + a["wait_s"]
+        while socks and got < want and time.time() < deadline:
+            ready, _, _ = select.select(socks, [], [], 0.1)
+            for s in ready:
+                c, _ = s.accept()
+                c.close()
+                got += 1
+        for s in socks:
+            s.close()
+    elif a.get("role") == "client":
+        r["reach"] = {}
+        for port in ports:
+            deadline = time.time() + a["wait_s"]
+            while True:
+                try:
+                    socket.create_connection((a["address"], port), timeout=2).close()
+                    r["reach"][str(port)] = "ok"
+                    break
+                except OSError as e:
+                    if time.time() > deadline:
+                        r["reach"][str(port)] = f"cannot connect to {a['address']}:{port} ({e.strerror or e})"
+                        break
+                    time.sleep(0.02)
+    return r
+
+
+def _probe_then_launch(a: dict) -> dict:
+    """The probe's answer as the first line; then, on 'GO <json>' from the submitter, start the
+    node (its NodeLaunch.shell() line) and answer with the agent's pid file. EOF: start nothing."""
+    sys.stdout.write(json.dumps(_probe(a)) + "\n")
+    sys.stdout.flush()
+    line = sys.stdin.readline()
+    if not line.startswith("GO "):
+        return {"launched": False}
+    go = json.loads(line[3:])
+    # a subshell with /dev/null for stdio: nothing the line backgrounds keeps this session open
+    subprocess.run(["/bin/sh", "-c", "( " + go["shell"] + " ) </dev/null >/dev/null 2>&1"])
+    base = os.path.expanduser(a["workdir"])
+    pid, out = os.path.join(base, go["pid"]), os.path.join(base, go["out"])
+    deadline = time.time() + go["wait_s"]
+    while time.time() < deadline:
+        try:
+            with open(pid) as f:
+                return {"launched": True, "agent": json.load(f)}
+        except (OSError, ValueError):
+            pass
+        try:
+            if os.path.getsize(out) > 0:
+                break
+        except OSError:
+            pass
+        time.sleep(0.01)
+    try:
+        with open(out, errors="replace") as f:
+            tail = f.read()[-2000:]
+    except OSError:
+        tail = "(no output)"
+    sys.stderr.write("the agent did not start:\n" + tail)
+    sys.exit(3)
+
+
+def _status(a: dict) -> dict:
+    import json
+    import os
+    base = os.path.join(os.path.expanduser(a["workdir"]), a["run_dir"])
+
+    def load(path):
+        try:
+            with open(path) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return None
+
+    pid = load(os.path.join(base, "state", a["host"] + ".pid"))
+    pgid = (pid or {}).get("pgid") or a.get("pgid")
+    alive = bool(pgid) and _group_alive(pgid)
+    beats = {}
+    mdir = os.path.join(base, "metrics")
+    try:
+        names = os.listdir(mdir)
+    except OSError:
+        names = []
+    for n in names:
+        if n.startswith("heartbeat-rank") and n.endswith(".json"):
+            hb = load(os.path.join(mdir, n))
+            if hb:
+                beats[str(hb.get("rank", n[14:-5]))] = hb
+    return {"pid": pid, "exit": load(os.path.join(base, "state", a["host"] + ".exit")), "alive": alive,
+            "heartbeats": beats}
+
+
+def _stop(a: dict) -> dict:
+    import os
+    import signal
+    import time
+    wd = os.path.realpath(os.path.expanduser(a["workdir"]))
+
+    def live():
+        pids = set(_run_processes(wd, a["run_id"]).get(a["run_id"], []))
+        if a.get("pgid") and _group_alive(a["pgid"]):
+            pids.add(-a["pgid"])
+        return pids
+
+    def signal_all(sig):
+        if a.get("pgid"):
+            try:
+                os.killpg(a["pgid"], sig)
+            except OSError:
+                pass
+        for pid in live():
+            try:
+                os.kill(pid, sig) if pid > 0 else None
+            except OSError:
+                pass
+
+    signal_all(signal.SIGTERM)
+    deadline = time.time() + a["grace_s"]
+    while live() and time.time() < deadline:
+        time.sleep(0.2)
+    if live():
+        signal_all(signal.SIGKILL)
+        deadline = time.time() + 5
+        while live() and time.time() < deadline:
+            time.sleep(0.1)
+    left = []
+    for pid in sorted(p for p in live() if p > 0):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                left.append([pid, f.read().replace(b"\0", b" ").decode(errors="replace")[:120]])
+        except OSError:
+            pass
+    return {"left": left}
+
+
+_HELPERS = {"_probe": (_gpu_count, _run_processes, stale_files),
+            "_probe_then_launch": (_gpu_count, _run_processes, stale_files, _probe),
+            "_stop": (_run_processes, _group_alive), "_status": (_group_alive,), "_gpu_count": ()}
+
+
+def host_command(python: str, func, site: bool = True) -> str:
+    """``python -c <func's source>``: the function reads its argument as JSON on stdin, prints JSON."""
+    return quote_argv([python] + ([] if site else ["-S"]) + ["-c", _host_source(func.__name__)])
+
+
+@functools.lru_cache(maxsize=None)
+def _host_source(name: str) -> str:
+    func = globals()[name]
+    src = "import json, os, signal, socket, subprocess, sys, time\n"
+    src += "".join(inspect.getsource(f) + "\n" for f in _HELPERS[name] + (func,))
+    return src + f"print(json.dumps({name}(json.loads(sys.stdin.readline() or '{{}}'))))\n"

@@ -1,0 +1,398 @@
+"""SLURM backend without a cluster: the sbatch script (golden), validation, state mapping, tasks.
+
+SLURM's commands are faked at the subprocess edge (as submitit's own tests do): a fake bin dir
+on PATH records every call and refuses commands it does not know. The real thing runs in
+tests/test_slurm_testbed.py.
+"""
+import json
+import os
+import pickle
+import shlex
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("submitit")
+
+from cluster.config import REPO, load_inventory, load_job  # noqa: E402
+from cluster.errors import UserError  # noqa: E402
+from cluster.runs import Run, State  # noqa: E402
+
+GOLDEN = Path(__file__).parent / "golden"
+CLUSTER_INV = """
+backend: slurm
+hosts:
+  - name: login01
+slurm:
+  partition: gpu
+  account: ml-team
+  qos: normal
+  time_min: 240
+  constraint: h100
+  gpus_per_node: 8
+  cpus_per_task: 12
+  mem_gb: 0
+  nodes: 2
+  sbatch:
+    exclusive: true
+    comment: "resnet50 on 2 x 8 H100; it's fine"
+"""
+
+FAKE = r'''#!{python}
+"""Fake SLURM command: logs argv, answers from FAKE_SLURM/config.json, refuses the unknown."""
+import json, os, shutil, sys, time
+d = os.environ["FAKE_SLURM"]
+name, args = os.path.basename(sys.argv[0]), sys.argv[1:]
+cfg = json.load(open(os.path.join(d, "config.json")))
+with open(os.path.join(d, "calls.jsonl"), "a") as f:
+    f.write(json.dumps([name] + args) + "\n")
+if name == "sbatch" and args[:1] == ["--test-only"]:
+    sys.stderr.write(cfg.get("test_only_stderr", "sbatch: Job 4242 to start at 2026-01-01T00:00:00\n"))
+    sys.exit(cfg.get("test_only_rc", 0))
+if name == "sbatch":
+    shutil.copy(args[-1], os.path.join(d, "submitted.sh"))
+    print("Submitted batch job 4242")
+    sys.exit(0)
+if name == "scontrol" and args[:3] == ["show", "job", "-o"]:
+    st = cfg.get("state")
+    if st is None:
+        sys.stderr.write("slurm_load_jobs error: Invalid job id specified\n")
+        sys.exit(1)
+    print(f"JobId={{args[3]}} JobName=x UserId=root(0) JobState={{st}} Reason={{cfg.get('reason', 'None')}} "
+          f"Restarts={{cfg.get('restarts', 0)}} ExitCode={{cfg.get('exit', '0:0')}} NodeList={{cfg.get('nodes', 'gpu[01-02]')}} "
+          f"StartTime={{time.strftime('%Y-%m-%dT%H:%M:%S')}} Command=/x/y a b WorkDir=/x")
+    sys.exit(0)
+if name == "sacct":
+    sys.exit(1)
+if name == "scancel":
+    cfg["state"] = "CANCELLED"
+    json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
+    sys.exit(0)
+sys.stderr.write(f"fake slurm: unexpected command {{[name] + args}}\n")
+sys.exit(99)
+'''
+
+
+@pytest.fixture
+def fake_slurm(tmp_path, monkeypatch):
+    """A bin dir with sbatch, srun, scontrol, scancel, sacct, sinfo fakes first on PATH."""
+    d = tmp_path / "fake-slurm"
+    (d / "bin").mkdir(parents=True)
+    script = FAKE.format(python=sys.executable)
+    for name in ("sbatch", "srun", "scontrol", "scancel", "sacct", "sinfo"):
+        p = d / "bin" / name
+        p.write_text(script)
+        p.chmod(0o755)
+    (d / "config.json").write_text("{}")
+    monkeypatch.setenv("FAKE_SLURM", str(d))
+    monkeypatch.setenv("PATH", f"{d / 'bin'}{os.pathsep}{os.environ['PATH']}")
+
+    class Fake:
+        dir = d
+
+        def configure(self, **cfg):
+            (d / "config.json").write_text(json.dumps(cfg))
+
+        def calls(self):
+            p = d / "calls.jsonl"
+            return [json.loads(l) for l in p.read_text().splitlines()] if p.exists() else []
+
+        def env(self):
+            return {**os.environ}
+    return Fake()
+
+
+def write_inv(tmp_path, text=CLUSTER_INV, name="cluster.yaml"):
+    p = tmp_path / name
+    p.write_text(textwrap.dedent(text))
+    return str(p)
+
+
+def cli(*args, runs, env=None, timeout=120):
+    e = {**os.environ, "CLUSTER_RUNS_DIR": str(runs), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "cluster", *args], cwd=REPO, env=e, text=True,
+                          capture_output=True, timeout=timeout)
+
+
+def check_golden(name: str, text: str, runs: Path):
+    text = text.replace(sys.executable, "<python>").replace(str(runs), "<runs>").replace(str(REPO), "<repo>")
+    path = GOLDEN / name
+    if os.environ.get("UPDATE_GOLDEN"):
+        path.write_text(text)
+    assert text == path.read_text(), f"sbatch script changed; if intended, rerun with UPDATE_GOLDEN=1 ({path})"
+
+
+# ------------------------------------------------------------------------------------ the script
+def test_golden_sbatch_script_for_resnet50(tmp_path):
+    """`python -m cluster plan resnet50 --backend slurm` prints the exact sbatch script."""
+    runs = tmp_path / "runs"
+    p = cli("plan", "resnet50", "-i", write_inv(tmp_path), "--run-id", "resnet50-golden", runs=runs)
+    assert p.returncode == 0, p.stderr
+    check_golden("sbatch_resnet50.txt", p.stdout, runs)
+    text = p.stdout
+    assert "#SBATCH --nodes=2\n" in text and "#SBATCH --ntasks-per-node=8\n" in text
+    assert "#SBATCH --gpus-per-node=8\n" in text and "#SBATCH --exclusive\n" in text
+    # hostile values are quoted once, by submitit
+    assert "#SBATCH --comment='resnet50 on 2 x 8 H100; it'\"'\"'s fine'\n" in text
+
+
+def test_submitted_script_is_the_plan(tmp_path, fake_slurm, monkeypatch):
+    """What sbatch receives is byte for byte what `plan` printed; nothing runs before --test-only."""
+    import cluster.runs
+    import cluster.submit
+    runs = tmp_path / "runs"
+    inv = write_inv(tmp_path)
+    plan = cli("plan", "resnet50", "-i", inv, "--run-id", "resnet50-same", runs=runs)
+    assert plan.returncode == 0, plan.stderr
+    monkeypatch.setattr(cluster.runs, "RUNS_DIR", runs)
+    monkeypatch.setattr(cluster.submit, "new_run_id", lambda job: "resnet50-same")
+    run = cluster.submit.submit("resnet50", [], inventory=inv)
+    calls = fake_slurm.calls()
+    assert [c[:2] for c in calls if c[0] == "sbatch"] == [["sbatch", "--test-only"], ["sbatch", calls[-1][1]]]
+    submitted = (fake_slurm.dir / "submitted.sh").read_text()
+    assert submitted == plan.stdout
+    data = json.loads((run.dir / "run.json").read_text())
+    assert data["handle"]["job_id"] == "4242" and data["handle"]["tasks"] == 16
+    assert data["state"] == "STARTING"
+
+
+def test_tasks_per_node_follow_gpus_and_cpu_profile(tmp_path):
+    from cluster.submit import resolve
+    inv = write_inv(tmp_path, CLUSTER_INV.replace("gpus_per_node: 8", "gpus_per_node: 0"))
+    _, _, loaded, plan = resolve("resnet50", ["nodes=3"], inv, None, run_id="r")
+    assert plan.sbatch["nodes"] == 3 and plan.sbatch["ntasks_per_node"] == 2   # cpu profile: 2 procs
+    assert "gpus_per_node" not in plan.sbatch and plan.world_size == 6
+    assert loaded.profile == "cpu" and "export OMP_NUM_THREADS=1" in plan.render()
+    _, _, _, plan = resolve("resnet50", ["gpus_per_node=4"], write_inv(tmp_path), None, run_id="r")
+    assert plan.sbatch["ntasks_per_node"] == 4 and plan.sbatch["gpus_per_node"] == 4
+
+
+def test_rendezvous_from_the_allocation_and_job_port(tmp_path):
+    from cluster.submit import resolve
+    inv = write_inv(tmp_path)
+    text = resolve("resnet50", [], inv, None, run_id="r")[3].render()
+    assert 'export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"' in text
+    assert "export MASTER_PORT=$((20000 + SLURM_JOB_ID % 10000))" in text
+    assert "export MASTER_PORT=31234" in resolve("resnet50", ["rdzv_port=31234"], inv, None, run_id="r")[3].render()
+
+
+def test_container_pyxis_and_apptainer(tmp_path):
+    """pyxis: srun starts each task in the image (its python3); apptainer: exec around the payload."""
+    from cluster.submit import resolve
+    job = tmp_path / "c.yaml"
+    job.write_text("name: c\nmodule: tests.fixtures.hello\ncontainer:\n  image: nvcr.io/nvidia/pytorch:24.05-py3\n"
+                   "  runtime: enroot\n  mounts: ['/data:/data:ro']\n  env: {NCCL_DEBUG: INFO}\n")
+    inv = write_inv(tmp_path)
+    plan = resolve(str(job), [], inv, None, run_id="r")[3]
+    text = plan.render()
+    srun = text.splitlines()[-1]
+    assert f" '--container-image=nvcr.io#nvidia/pytorch:24.05-py3' --container-mounts={REPO}:{REPO},/data:/data:ro " \
+           f"--container-workdir={REPO} --container-env=CLUSTER_RUN_ID,MASTER_ADDR,MASTER_PORT,NCCL_DEBUG," \
+           "PYTHONUNBUFFERED python3 -u -m cluster.slurm_task python3 -u -m submitit.core._submit " in srun
+    assert plan.task["argv"] == ["python3", "-m", "tests.fixtures.hello"]
+    assert "\nexport NCCL_DEBUG=INFO\n" in text
+
+    job.write_text(job.read_text().replace("runtime: enroot", "runtime: apptainer"))
+    plan = resolve(str(job), [], inv, None, run_id="r")[3]
+    assert plan.task["argv"] == ["env", "APPTAINERENV_CLUSTER_RUN_ID=r", "APPTAINERENV_NCCL_DEBUG=INFO",
+                                 "APPTAINERENV_PYTHONUNBUFFERED=1", "apptainer", "exec", "--nv",
+                                 "--bind", f"{REPO}:{REPO}", "--bind", "/data:/data:ro", "--pwd", str(REPO),
+                                 "docker://nvcr.io/nvidia/pytorch:24.05-py3", "python3", "-m", "tests.fixtures.hello"]
+    assert "--container-image" not in plan.render()
+
+
+# ------------------------------------------------------------------------------------ errors
+BAD = [
+    ("  sbatch:\n    gpu_tpye: 1\n", "unknown sbatch option 'gpu_tpye'", "valid options are: acctg_freq"),
+    ("  sbatch:\n    time: 10\n", "'time' is set by the backend", "slurm.time_min"),
+    ("  sbatch:\n    ntasks-per-node: 3\n", "'ntasks-per-node' is set by the backend", "gpus_per_node"),
+    ("  sbatch:\n    mail_user: \"a@b\\nrm -rf /\"\n", "contains a control or invisible character", None),
+    ("  partiton: gpu\n", "unknown key 'partiton'", "valid keys here are"),
+    ("  qos: high prio\n", "is not a valid qos", None),
+    ("  cpus_per_task: 0\n", "must be at least 1", None),
+    ("  signal_delay_s: 99999\n", "signal_delay_s 99999 is not shorter than the time limit", None),
+]
+
+
+@pytest.mark.parametrize("extra,message,hint", BAD, ids=[b[1][:24] for b in BAD])
+def test_bad_slurm_settings_fail_before_anything_is_submitted(tmp_path, fake_slurm, extra, message, hint):
+    key = extra.split(":")[0] + ":"
+    base = "".join(l for l in CLUSTER_INV.split("  sbatch:")[0].splitlines(True) if not l.startswith(key))
+    inv = write_inv(tmp_path, base + extra)
+    p = cli("submit", "resnet50", "-i", inv, runs=tmp_path / "runs", env=fake_slurm.env())
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert message in p.stderr and "Traceback" not in p.stderr
+    assert hint is None or hint in p.stderr
+    assert fake_slurm.calls() == []           # not even sbatch --test-only
+    assert not (tmp_path / "runs").exists()
+
+
+def test_no_time_limit_is_an_error(tmp_path):
+    inv = write_inv(tmp_path, CLUSTER_INV.replace("  time_min: 240\n", ""))
+    p = cli("plan", "resnet50", "-i", inv, runs=tmp_path / "runs")
+    assert p.returncode == 2 and "no time limit for the SLURM job" in p.stderr and "slurm.time_min" in p.stderr
+
+
+def test_docker_is_refused_on_slurm(tmp_path):
+    job = tmp_path / "d.yaml"
+    job.write_text("name: d\nmodule: x\ncontainer:\n  image: img\n  runtime: docker\n")
+    p = cli("plan", str(job), "-i", write_inv(tmp_path), runs=tmp_path / "runs")
+    assert p.returncode == 2 and "container runtime 'docker' does not run under SLURM" in p.stderr
+
+
+def test_slurm_rejection_from_test_only_is_a_clear_error(tmp_path, fake_slurm):
+    fake_slurm.configure(test_only_rc=1, test_only_stderr="sbatch: error: Batch job submission failed: "
+                                                          "Invalid account or account/partition combination specified\n")
+    p = cli("submit", "resnet50", "-i", write_inv(tmp_path), runs=tmp_path / "runs", env=fake_slurm.env())
+    assert p.returncode == 2 and "SLURM rejects the job" in p.stderr and "Invalid account" in p.stderr
+    assert [c[:2] for c in fake_slurm.calls()] == [["sbatch", "--test-only"]]
+
+
+def test_no_sbatch_here_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    p = subprocess.run([sys.executable, "-m", "cluster", "submit", "resnet50", "-i", write_inv(tmp_path)],
+                       cwd=REPO, env={**os.environ, "CLUSTER_RUNS_DIR": str(tmp_path / "runs")},
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "sbatch is not on this machine's PATH" in p.stderr
+
+
+# ------------------------------------------------------------------------------------ status, stop
+MAPPING = [("PENDING", State.PENDING), ("REQUEUED", State.PENDING), ("RUNNING", State.RUNNING),
+           ("COMPLETING", State.RUNNING), ("COMPLETED", State.SUCCEEDED), ("CANCELLED", State.CANCELLED),
+           ("FAILED", State.FAILED), ("TIMEOUT", State.FAILED), ("NODE_FAIL", State.FAILED),
+           ("OUT_OF_MEMORY", State.FAILED)]
+
+
+def _slurm_run(tmp_path, **handle) -> Run:
+    from cluster.schema import to_plain
+    inv = load_inventory(write_inv(tmp_path))
+    run = Run("r1", root=tmp_path / "runs")
+    run.create({"id": "r1", "created": time.time(), "state": "STARTING", "backend": "slurm",
+                "inventory": to_plain(inv), "plan": {"nodes": [{}, {}], "world_size": 4},
+                "handle": {"job_id": "77", "folder": str(run.dir / "slurm"), "tasks": 4, **handle}})
+    return run
+
+
+@pytest.mark.parametrize("slurm_state,state", MAPPING, ids=[m[0] for m in MAPPING])
+def test_slurm_states_map_onto_the_projects(tmp_path, fake_slurm, slurm_state, state):
+    from cluster.submit import backend_for
+    fake_slurm.configure(state=slurm_state, exit="3:0" if state == State.FAILED else "0:0",
+                         nodes="None assigned" if state == State.PENDING else "gpu[01-02]")
+    run = _slurm_run(tmp_path)
+    got, nodes = backend_for(run).status(run)
+    assert got == state
+    if state != State.PENDING:
+        assert [n.host for n in nodes] == ["gpu01", "gpu02"]
+    if state == State.FAILED:
+        assert run.data["failure"]["exit_code"] == 3
+
+
+def test_stop_is_scancel_and_waits_for_slurm(tmp_path, fake_slurm):
+    from cluster.submit import backend_for
+    fake_slurm.configure(state="RUNNING")
+    run = _slurm_run(tmp_path)
+    assert backend_for(run).stop(run, grace_s=1) == []
+    assert ["scancel", "77"] in fake_slurm.calls()
+    assert run.state == State.CANCELLED
+
+
+def test_first_failure_names_the_task_srun_reports(tmp_path, fake_slurm):
+    from cluster.submit import backend_for
+    fake_slurm.configure(state="FAILED", exit="1:0")
+    run = _slurm_run(tmp_path)
+    (run.dir / "slurm").mkdir()
+    (run.dir / "slurm" / "77_batch.log").write_text(
+        "srun: error: gpu02: task 3: Exited with exit code 7\nsrun: error: gpu01: tasks 0-1: Killed\n")
+    (run.dir / "slurm" / "77_3_log.out").write_text("[gpu02 3] boom\n[gpu02 3] payload exited with code 7\n")
+    state, _ = backend_for(run).status(run)
+    f = run.data["failure"]
+    assert state == State.FAILED and f["host"] == "gpu02" and f["rank"] == 3
+    assert f["log_tail"][-1] == "[gpu02 3] payload exited with code 7"
+
+
+def test_batch_log_lines_are_prefixed_and_resumable(tmp_path):
+    from cluster.backends.slurm import PrefixedSource
+    from cluster.logs import Merger
+    path = tmp_path / "b.log"
+    path.write_bytes(b"srun: one\nsrun: tw")
+    src = PrefixedSource("slurm", path, b"[slurm agent] ")
+    m = Merger([src])
+    assert m.poll() == ["[slurm agent] srun: one"]
+    with open(path, "ab") as f:
+        f.write(b"o\nsrun: three\n")
+    assert m.poll() == ["[slurm agent] srun: two", "[slurm agent] srun: three"]
+    assert m.poll() == []
+    # a new reader (another `logs` command) starts from the top and gets the same bytes
+    again = PrefixedSource("slurm", path, b"[slurm agent] ")
+    assert again.read(0) == src.read(0) and again.read(14) == src.read(0)[14:]
+
+
+# ------------------------------------------------------------------------------------ the task
+def test_task_checkpoint_requeues_itself_unless_finished_or_off(tmp_path, monkeypatch):
+    import cloudpickle
+    from cluster.slurm_task import SlurmTask
+    monkeypatch.setenv("SLURM_JOB_ID", "5")
+    (tmp_path / "r").mkdir()
+    task = SlurmTask({"argv": ["true"], "workdir": str(tmp_path), "run_dir": "r", "requeue": True})
+    delayed = task.checkpoint()
+    again = pickle.loads(cloudpickle.dumps(delayed))
+    assert type(again.function).__name__ == "SlurmTask" and again.function.attempt == 1
+    assert again.function.spec == task.spec
+    assert json.loads((tmp_path / "r" / "events.jsonl").read_text())["event"] == "checkpoint"
+    assert SlurmTask({**task.spec, "requeue": False}).checkpoint() is None
+
+
+def test_task_of_a_finished_run_does_not_run_again(tmp_path, monkeypatch):
+    from cluster.slurm_task import DONE, SlurmTask
+    for k, v in {"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_JOB_ID": "5"}.items():
+        monkeypatch.setenv(k, v)
+    marker = tmp_path / "ran"
+    task = SlurmTask({"argv": [sys.executable, "-c", f"open({str(marker)!r}, 'w')"], "workdir": str(tmp_path),
+                      "run_dir": "r", "requeue": True})
+    assert task() == 0 and marker.exists()
+    assert (tmp_path / "r" / "state" / DONE).exists()
+    marker.unlink()
+    assert task() == 0 and not marker.exists()   # e.g. `scontrol requeue` of a finished job
+    assert task.checkpoint() is None
+
+
+def test_task_sets_ranks_from_slurm(tmp_path, monkeypatch):
+    from cluster.slurm_task import SlurmTask
+    env = {"SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_NTASKS": "4", "SLURM_NODEID": "1",
+           "SLURM_TASKS_PER_NODE": "2(x2)", "SLURM_JOB_ID": "5"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    out = tmp_path / "env.json"
+    code = (f"import json, os; json.dump({{k: os.environ[k] for k in "
+            f"('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'LOCAL_WORLD_SIZE', 'GROUP_RANK')}}, open({str(out)!r}, 'w'))")
+    SlurmTask({"argv": [sys.executable, "-c", code], "workdir": str(tmp_path), "run_dir": "r"})()
+    assert json.loads(out.read_text()) == {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4",
+                                           "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "1"}
+
+
+def test_prefixer_prefixes_every_line_and_keeps_the_exit_code(tmp_path):
+    env = {**os.environ, "SLURMD_NODENAME": "gpu07", "SLURM_PROCID": "5"}
+    code = "import sys; print('out'); print('err', file=sys.stderr, flush=True); sys.stdout.write('tail'); sys.exit(3)"
+    p = subprocess.run([sys.executable, "-m", "cluster.slurm_task", sys.executable, "-c", code], cwd=REPO,
+                       env=env, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 3
+    assert sorted(p.stdout.splitlines()) == ["[gpu07 5] err", "[gpu07 5] out", "[gpu07 5] tail"]
+
+
+def test_heartbeats_of_an_earlier_start_are_not_a_hang(tmp_path, fake_slurm):
+    """After a requeue the old heartbeats are minutes old: the run is starting again, not HUNG."""
+    from cluster.submit import backend_for
+    fake_slurm.configure(state="RUNNING", restarts=1)
+    run = _slurm_run(tmp_path)
+    run.update(created=time.time() - 3600)        # queued for an hour, then requeued
+    (run.dir / "metrics").mkdir(exist_ok=True)
+    for r in range(4):
+        (run.dir / "metrics" / f"heartbeat-rank{r}.json").write_text(json.dumps(
+            {"step": 100, "time": time.time() - 1800, "rank": r, "host": "gpu01", "done": False}))
+    state, nodes = backend_for(run).status(run)
+    assert state == State.RUNNING and all(not n.heartbeats for n in nodes)
+    assert abs(run.data["started"] - time.time()) < 5

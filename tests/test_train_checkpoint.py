@@ -1,0 +1,76 @@
+"""train.checkpoint in-process: atomic writes, the `latest` marker, keep-K, corrupt files, inference."""
+
+import pytest
+import torch
+
+from train import checkpoint
+from train.config import TrainConfig
+from train.model import build_model
+
+
+def payload(step, model=None):
+    cfg = TrainConfig(model="train.model:tiny_cnn", num_classes=4, image_size=16)
+    model = model or build_model(cfg.model, cfg.num_classes, cfg.image_size)
+    return {"format": checkpoint.FORMAT, "model_name": cfg.model, "config": cfg.__dict__.copy(), "world_size": 2,
+            "step": step, "epoch": 0, "samples_in_epoch": 8 * step, "model": model.state_dict(),
+            "optimizer": {}, "scheduler": {}, "rng": [{"torch": torch.get_rng_state()}] * 2}
+
+
+def test_save_writes_step_files_a_latest_marker_and_keeps_the_last_k(tmp_path):
+    for step in (10, 20, 30, 40):
+        checkpoint.save(tmp_path, payload(step), keep=3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_20.pt", "ckpt_30.pt", "ckpt_40.pt", "latest"]
+    assert (tmp_path / "latest").read_text().strip() == "ckpt_40.pt"
+    assert checkpoint.load_latest(tmp_path)["step"] == 40
+
+
+def test_corrupt_newest_checkpoint_is_detected_and_the_previous_one_used(tmp_path):
+    for step in (10, 20, 30):
+        checkpoint.save(tmp_path, payload(step), keep=3)
+    newest = tmp_path / "ckpt_30.pt"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # torn write
+    said = []
+    loaded = checkpoint.load_latest(tmp_path, log=said.append)
+    assert loaded["step"] == 20 and loaded["path"].endswith("ckpt_20.pt")
+    assert "ckpt_30.pt" in said[0] and "unreadable" in said[0]
+    (tmp_path / "ckpt_20.pt").write_bytes(b"\0" * 1000)  # garbage
+    assert checkpoint.load_latest(tmp_path, log=said.append)["step"] == 10
+    (tmp_path / "ckpt_10.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match="none of the 3 checkpoints"):
+        checkpoint.load_latest(tmp_path, log=said.append)
+
+
+def test_crash_while_writing_leaves_latest_on_the_previous_whole_file(tmp_path, monkeypatch):
+    checkpoint.save(tmp_path, payload(10), keep=3)
+
+    def dies_halfway(obj, fh):
+        fh.write(b"PK\x03\x04 half a zip")
+        raise KeyboardInterrupt  # stands in for SIGTERM/SIGKILL mid-write
+
+    monkeypatch.setattr(torch, "save", dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(tmp_path, payload(20), keep=3)
+    monkeypatch.undo()
+    assert (tmp_path / "latest").read_text().strip() == "ckpt_10.pt"
+    assert not (tmp_path / "ckpt_20.pt").exists()
+    assert checkpoint.load_latest(tmp_path)["step"] == 10
+    checkpoint.save(tmp_path, payload(20), keep=3)  # the next save clears the temp file
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_10.pt", "ckpt_20.pt", "latest"]
+
+
+def test_a_step_file_holding_another_step_is_refused(tmp_path):
+    checkpoint.save(tmp_path, payload(10), keep=3)
+    (tmp_path / "ckpt_10.pt").rename(tmp_path / "ckpt_99.pt")
+    with pytest.raises(ValueError, match="holds step 10"):
+        checkpoint.load(tmp_path / "ckpt_99.pt")
+
+
+def test_loads_for_inference_without_the_job_file(tmp_path):
+    model = build_model("train.model:tiny_cnn", 4, 16)
+    checkpoint.save(tmp_path, payload(5, model), keep=3)
+    x = torch.randn(3, 3, 16, 16)
+    loaded, meta = checkpoint.load_for_inference(tmp_path)  # the directory: its latest
+    assert meta["step"] == 5 and meta["config"]["num_classes"] == 4 and not loaded.training
+    torch.testing.assert_close(loaded(x), model.eval()(x))
+    loaded, _ = checkpoint.load_for_inference(tmp_path / "ckpt_5.pt")
+    assert loaded(x).shape == (3, 4)

@@ -1,0 +1,194 @@
+"""Training and validation batches, on the device, resumable at any position in an epoch.
+
+Three sources, one interface (see build_data):
+- "synthetic": one random batch made on the device once and reused: the host never limits speed.
+- "synthetic-learnable": class prototypes plus noise, made on the device per batch from a seed,
+  so a model can learn it (tests) and any batch can be remade after a restart.
+- a folder: ImageFolder `train/` (and `val/`) with the standard ImageNet transforms.
+
+Position in an epoch is counted in global samples (`start_sample`), which means the same thing
+at any world size. Every random choice is a function of (seed, epoch, position), never of a
+stream's history, so a resumed run sees exactly the batches a straight run would have seen.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+
+from .config import ConfigError, TrainConfig
+from .dist import DistEnv
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def mix_seed(*parts: int) -> int:
+    """Combine integers into one 63-bit seed (stable across runs and machines)."""
+    h = 0x9E3779B97F4A7C15
+    for p in parts:
+        h = ((h ^ (p & 0xFFFFFFFFFFFFFFFF)) * 0x100000001B3 + 0x632BE59BD9B4E019) & 0xFFFFFFFFFFFFFFFF
+    return h >> 1
+
+
+class _SyntheticBase:
+    def __init__(self, cfg: TrainConfig, env: DistEnv, channels_last: bool):
+        self.cfg, self.env, self.channels_last = cfg, env, channels_last
+        self.global_batch = cfg.batch_size * env.world_size
+        self.per_rank_batches = cfg.synthetic_size // self.global_batch
+        if self.per_rank_batches < 1:
+            raise ConfigError("synthetic_size", f"{cfg.synthetic_size} is less than one global batch "
+                              f"({cfg.batch_size} x {env.world_size} ranks)")
+        self.samples_per_epoch = self.per_rank_batches * self.global_batch
+
+
+class Synthetic(_SyntheticBase):
+    def __init__(self, cfg: TrainConfig, env: DistEnv, channels_last: bool):
+        super().__init__(cfg, env, channels_last)
+        g = torch.Generator(device=env.device).manual_seed(mix_seed(cfg.seed, env.rank))
+        shape = (cfg.batch_size, 3, cfg.image_size, cfg.image_size)
+        self.x = torch.randn(shape, generator=g, device=env.device)
+        if channels_last:
+            self.x = self.x.contiguous(memory_format=torch.channels_last)
+        self.y = torch.randint(0, cfg.num_classes, (cfg.batch_size,), generator=g, device=env.device)
+
+    def batches(self, epoch: int, start_sample: int) -> Iterator[Batch]:
+        for _ in range(start_sample // self.global_batch, self.per_rank_batches):
+            yield self.x, self.y
+
+    def val_batches(self) -> None:
+        return None  # random labels: nothing to validate
+
+
+class SyntheticLearnable(_SyntheticBase):
+    """x = upsampled prototype of class y + noise; 4 validation batches per rank from other seeds."""
+
+    VAL_BATCHES = 4
+
+    def __init__(self, cfg: TrainConfig, env: DistEnv, channels_last: bool):
+        super().__init__(cfg, env, channels_last)
+        g = torch.Generator(device=env.device).manual_seed(mix_seed(cfg.seed, 7))
+        self.prototypes = torch.randn((cfg.num_classes, 3, 4, 4), generator=g, device=env.device)
+
+    def _make(self, seed: int) -> Batch:
+        cfg, device = self.cfg, self.env.device
+        g = torch.Generator(device=device).manual_seed(seed)
+        y = torch.randint(0, cfg.num_classes, (cfg.batch_size,), generator=g, device=device)
+        x = F.interpolate(self.prototypes[y], size=(cfg.image_size, cfg.image_size), mode="nearest")
+        x = x + torch.randn(x.shape, generator=g, device=device)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, y
+
+    def batches(self, epoch: int, start_sample: int) -> Iterator[Batch]:
+        for b in range(start_sample // self.global_batch, self.per_rank_batches):
+            # Seeded by global position: batch b of rank r covers global samples of batch b.
+            yield self._make(mix_seed(self.cfg.seed, epoch, b, self.env.rank))
+
+    def val_batches(self) -> Iterator[Batch]:
+        for b in range(self.VAL_BATCHES):
+            yield self._make(mix_seed(self.cfg.seed, -1, b, self.env.rank))
+
+
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler that can start mid-epoch and tags each index with its epoch.
+
+    Shards the epoch's permutation after skipping `start_sample` global positions, so the skip
+    means the same at any world size (the loop keeps start_sample a multiple of the world size)."""
+
+    def __init__(self, dataset: Dataset, env: DistEnv, seed: int):
+        super().__init__(dataset, num_replicas=env.world_size, rank=env.rank, shuffle=True,
+                         seed=seed, drop_last=True)
+        self.start_sample = 0
+
+    def set_epoch(self, epoch: int, start_sample: int = 0) -> None:
+        super().set_epoch(epoch)
+        self.start_sample = start_sample
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.dataset), generator=g).tolist()[: self.total_size]
+        mine = order[self.start_sample:][self.rank:: self.num_replicas]
+        return iter([(self.epoch, i) for i in mine])
+
+    def __len__(self) -> int:
+        return max(0, self.total_size - self.start_sample) // self.num_replicas
+
+
+class SeededItems(Dataset):
+    """Items keyed by (epoch, index); the augmentation's randomness is seeded by that key, so
+    it does not depend on which worker loads the item or what it loaded before."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, index = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(mix_seed(self.seed, epoch, index))
+            return self.dataset[index]
+
+
+class ImageFolderData:
+    def __init__(self, cfg: TrainConfig, env: DistEnv, channels_last: bool):
+        from torchvision import datasets, transforms as T  # torchvision only when reading images
+
+        root = cfg.data
+        if not os.path.isdir(os.path.join(root, "train")):
+            raise ConfigError("data", f"{root!r} is not synthetic, synthetic-learnable or a folder with train/")
+        normalize = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+        train_tf = T.Compose([T.RandomResizedCrop(cfg.image_size), T.RandomHorizontalFlip(), T.ToTensor(), normalize])
+        val_tf = T.Compose([T.Resize(math.ceil(cfg.image_size * 256 / 224)), T.CenterCrop(cfg.image_size),
+                            T.ToTensor(), normalize])
+        train_set = datasets.ImageFolder(os.path.join(root, "train"), train_tf)
+        self.sampler = ResumableSampler(train_set, env, cfg.seed)
+        if len(self.sampler) < cfg.batch_size:
+            raise ConfigError("data", f"{root}/train has {len(train_set)} images: too few for "
+                              f"batch_size={cfg.batch_size} on {env.world_size} ranks")
+        loader_opts = dict(batch_size=cfg.batch_size, num_workers=cfg.workers,
+                           pin_memory=env.device.type == "cuda", drop_last=True)
+        if cfg.workers > 0:
+            loader_opts.update(persistent_workers=True, prefetch_factor=cfg.prefetch_factor)
+        self.loader = DataLoader(SeededItems(train_set, cfg.seed), sampler=self.sampler, **loader_opts)
+        self.val_loader = None
+        if os.path.isdir(os.path.join(root, "val")):
+            val_set = datasets.ImageFolder(os.path.join(root, "val"), val_tf)
+            # Every image exactly once across ranks (no padding), so top-1 counts are exact.
+            mine = Subset(val_set, range(env.rank, len(val_set), env.world_size))
+            self.val_loader = DataLoader(mine, batch_size=cfg.batch_size, num_workers=cfg.workers,
+                                         pin_memory=env.device.type == "cuda")
+        self.device, self.channels_last = env.device, channels_last
+        self.samples_per_epoch = self.sampler.total_size // (cfg.batch_size * env.world_size) \
+            * cfg.batch_size * env.world_size
+
+    def _to_device(self, loader: DataLoader) -> Iterator[Batch]:
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        for x, y in loader:
+            yield (x.to(self.device, non_blocking=True, memory_format=fmt),
+                   y.to(self.device, non_blocking=True))
+
+    def batches(self, epoch: int, start_sample: int) -> Iterator[Batch]:
+        self.sampler.set_epoch(epoch, start_sample)
+        return self._to_device(self.loader)
+
+    def val_batches(self) -> Iterator[Batch] | None:
+        return None if self.val_loader is None else self._to_device(self.val_loader)
+
+
+def build_data(cfg: TrainConfig, env: DistEnv, channels_last: bool):
+    """The data source named by cfg.data: .samples_per_epoch, .batches(epoch, start_sample)
+    (this rank's micro-batches, on the device) and .val_batches() (None: no validation split)."""
+    if cfg.data == "synthetic":
+        return Synthetic(cfg, env, channels_last)
+    if cfg.data == "synthetic-learnable":
+        return SyntheticLearnable(cfg, env, channels_last)
+    return ImageFolderData(cfg, env, channels_last)
