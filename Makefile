@@ -52,7 +52,7 @@ status: $(STAMP)
 	$(PY) -m cluster status $(RUN)
 
 logs: $(STAMP)
-	$(PY) -m cluster logs $(RUN) $(if $(FOLLOW),--follow)
+	$(PY) -m cluster logs $(RUN) $(if $(FOLLOW),--follow) $(if $(COLLECT),--collect)
 
 stop: $(STAMP)
 	$(PY) -m cluster stop $(RUN)
@@ -75,3 +75,6 @@ testbed-up: $(STAMP) testbed-deps
 
 testbed-down: $(STAMP)
 	$(PY) -m tests.testbed down
+
+bench-launch: $(STAMP)
+	$(PY) bench/bench_launch.py $(ARGS)

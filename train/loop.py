@@ -11,6 +11,7 @@ import math
 import os
 import random
 import signal
+import socket
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -66,6 +67,9 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     pos = resume(cfg, env, raw, optimizer, scheduler, samples_per_step) if cfg.resume else Position()
     metrics = MetricsWriter(cfg.out_dir, env.rank, total)
+    # one line from every rank, so a user sees which ranks landed on which host and device
+    print(f"rank {env.rank}/{env.world_size} (local {env.local_rank}) on {socket.gethostname()} "
+          f"device {env.device}", flush=True)
     print0(env, f"train: model={cfg.model} params={sum(p.numel() for p in raw.parameters()) / 1e6:.1f}M "
                 f"world_size={env.world_size} device={env.device.type} backend={env.backend} "
                 f"bf16={speed.bf16} channels_last={speed.channels_last} compile={speed.compile} "
@@ -231,7 +235,7 @@ def log_progress(env: DistEnv, metrics: MetricsWriter, clock: Clock, pos: Positi
     if env.device.type == "cuda":
         record["gpu_mem_gb"] = round(torch.cuda.max_memory_allocated(env.device) / 2**30, 3)
     metrics.log(record)
-    metrics.heartbeat(pos.step)
+    metrics.heartbeat(pos.step, img_s=record["img_s"])
     print0(env, f"step {pos.step}/{total} loss {mean_loss:.4f} lr {lr:.4g} {total_img_s:.0f} img/s "
                 f"{record['step_ms']:.1f} ms/step")
     return mean_loss

@@ -49,8 +49,9 @@ class MetricsWriter:
         if every_s and now - self._last_beat < every_s:
             return
         self._last_beat = now
+        self._sticky = {**getattr(self, "_sticky", {}), **{k: v for k, v in extra.items() if k == "img_s"}}
         beat = {"step": step, "time": round(now, 3), "rank": self.rank, "host": self.host,
-                "done": done, "steps_total": self.steps_total, **extra}
+                "done": done, "steps_total": self.steps_total, **self._sticky, **extra}
         atomic_write_text(self.dir / f"heartbeat-rank{self.rank}.json", json.dumps(beat) + "\n")
 
     def close(self) -> None:
