@@ -4,7 +4,7 @@ Started detached (``setsid``, stdin from /dev/null) by the local and ssh backend
 
 * records its pid, which is also the run's process-group id on this node, in state/<host>.pid;
 * runs the payload (torchrun ...) in that group, reading everything it prints;
-* writes each line, already prefixed ``[host rank]`` by torchrun, into logs/<host>.log and the
+* writes each line, prefixed ``[host rank]`` (from torchrun's ``[default<local>]:``), into logs/<host>.log and the
   rank's own logs/<host>.rank<R>.log (lines that torchrun itself prints get ``[host agent]``);
 * when the payload ends, ends whatever it left in the group (TERM, then KILL), and writes the exit
   code, the time the payload ended and, if the gang stopped it, why, to state/<host>.exit.
@@ -40,6 +40,19 @@ import time
 from pathlib import Path
 
 _PREFIX = re.compile(rb"^\[(?P<host>[^\] ]+) (?P<rank>\d+)\] ")
+# torchrun --tee's own prefix, "[default3]:" (role + local rank); every torch 2.x prints it, while
+# --log-line-prefix-template is newer than some hosts' torch
+_TEE = re.compile(rb"^\[[A-Za-z_]*?(?P<local>\d+)\]:")
+
+
+def _nproc(payload: list[str]) -> int:
+    for i, a in enumerate(payload):
+        for flag in ("--nproc-per-node", "--nproc_per_node"):
+            if a.startswith(flag + "="):
+                return int(a.split("=", 1)[1]) if a.split("=", 1)[1].isdigit() else 1
+            if a == flag and i + 1 < len(payload) and payload[i + 1].isdigit():
+                return int(payload[i + 1])
+    return 1
 PING_EVERY_S = 2.0
 
 
@@ -426,10 +439,17 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
+    first_rank = args.node_rank * _nproc(payload)
+    host_b = host.encode()
+
     def copy_output() -> None:
         for line in iter(proc.stdout.readline, b""):
             if not line.endswith(b"\n"):
                 line += b"\n"
+            t = _TEE.match(line)
+            if t:   # static rendezvous: global rank = node_rank * nproc + local_rank
+                rank = str(first_rank + int(t.group("local"))).encode()
+                line = b"[" + host_b + b" " + rank + b"] " + line[t.end():]
             m = _PREFIX.match(line)
             if m:
                 node_log.write(line)

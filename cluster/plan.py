@@ -127,7 +127,7 @@ def make_plan(inv: Inventory, job: Job, run_id: str, gpus: Mapping[str, int], *,
             # rank 0 (the checkpoint writer) is always on node 0, where resume puts the checkpoint
             f"--master-addr={master}", f"--master-port={port}", f"--rdzv-id={run_id}",
             f"--max-restarts={job.restart.max_restarts}",
-            "--tee=3", f"--log-line-prefix-template=[{h.name} ${{rank}}] ",
+            "--tee=3",
         ]
         torchrun += _payload(job, run_dir)
         ref = None
