@@ -8,9 +8,8 @@ from pathlib import Path
 from typing import Optional
 
 from . import backends, hostlist
-from .config import Inventory, LoadedJob, load_inventory, load_job
+from .config import load_inventory, load_job
 from .errors import UserError
-from .plan import Plan, make_plan, select_hosts
 from .runs import Run, State, git_commit, new_run_id
 from .schema import to_plain
 

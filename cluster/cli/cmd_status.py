@@ -34,7 +34,7 @@ def _progress(nodes):
 def _poll(run):
     try:
         return backend_for(run).status(run)
-    except UserError as e:
+    except UserError:   # e.g. hosts unreachable: show the recorded state
         return run.state, []
 
 
