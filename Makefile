@@ -24,7 +24,7 @@ PYTEST_ARGS ?=
 
 TARGET_OPTS = $(if $(INVENTORY),--inventory $(INVENTORY)) $(if $(BACKEND),--backend $(BACKEND))
 
-.PHONY: setup submit plan status logs stop doctor report test test-unit testbed-up testbed-down testbed-deps clean-runs bench-launch
+.PHONY: setup submit plan status logs stop doctor report exec gpus test test-unit testbed-up testbed-down testbed-deps clean-runs bench-launch
 
 setup: $(VENV)/.installed
 
@@ -56,6 +56,13 @@ logs: $(STAMP)
 
 stop: $(STAMP)
 	$(PY) -m cluster stop $(RUN)
+
+exec: $(STAMP)
+	@[ -n "$(CMD)" ] || { echo 'usage: make exec CMD="nvidia-smi -L" [HOSTS=gpu[01-02]] [INVENTORY=...]'; exit 2; }
+	$(PY) -m cluster exec $(if $(INVENTORY),--inventory $(INVENTORY)) $(if $(HOSTS),--hosts '$(HOSTS)') -- sh -c '$(CMD)'
+
+gpus: $(STAMP)
+	$(PY) -m cluster gpus $(if $(INVENTORY),--inventory $(INVENTORY))
 
 report: $(STAMP)
 	$(PY) -m cluster report $(RUN)

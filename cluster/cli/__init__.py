@@ -7,7 +7,7 @@ import sys
 
 from ..errors import UserError
 
-VERBS = ("submit", "plan", "status", "logs", "stop", "doctor", "report")
+VERBS = ("submit", "plan", "status", "logs", "stop", "doctor", "report", "exec", "gpus")
 
 
 def main(argv: list[str] | None = None) -> int:

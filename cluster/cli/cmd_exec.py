@@ -1,0 +1,44 @@
+import argparse
+import sys
+
+from .. import hostlist
+from ..config import load_inventory
+from ..errors import UserError
+from ..fanout import run_argv, select
+from ..remote import render_folded
+
+HELP = "run a command on every inventory host in parallel; identical output folded (clush -b)"
+
+
+def add_arguments(p):
+    p.add_argument("-i", "--inventory", help="inventory file (default: inventory.yaml)")
+    p.add_argument("--hosts", metavar="RANGE", help="only these hosts, e.g. gpu[01-03]")
+    p.add_argument("--no-fold", action="store_true", help="print '[host] line' as it came, host by host")
+    p.add_argument("--timeout-s", type=float, help="seconds per host (default: the inventory's command_timeout_s)")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND ARG ... (passed as argv)")
+
+
+def run(args):
+    argv = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not argv:
+        raise UserError("no command given", where="exec", hint="python -m cluster exec -- nvidia-smi -L")
+    inv = load_inventory(args.inventory)
+    names = select(inv, args.hosts)
+    results = run_argv(inv, names, argv, args.timeout_s)
+    outputs = {h: r.stdout + r.stderr + (f"[{r.error}]\n" if r.error else "") for h, r in results.items()}
+    if args.no_fold:
+        for h in names:
+            for line in outputs[h].splitlines():
+                print(f"[{h}] {line}")
+    else:
+        print(render_folded(outputs), end="")
+    failed = results.failed
+    if failed:
+        by_code: dict[str, list[str]] = {}
+        for h, r in failed.items():
+            by_code.setdefault(r.error or f"exit code {r.exit_code}", []).append(h)
+        for why, hosts in sorted(by_code.items()):
+            print(f"{why}: {hostlist.fold(sorted(hosts))}", file=sys.stderr)
+        print(f"failed on {len(failed)} of {len(results)} host(s)", file=sys.stderr)
+        return 1
+    return 0
