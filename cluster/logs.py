@@ -30,8 +30,6 @@ class Merger:
     def poll(self, final: bool = False) -> list[str]:
         out: list[str] = []
         for src in self.sources:
-            if self.host and src.name != self.host:
-                continue
             try:
                 data = src.read(self.offsets[src.name])
             except OSError as e:
@@ -58,6 +56,9 @@ class Merger:
     def _keep(self, line: str) -> Optional[str]:
         m = _LINE.match(line)
         if self.rank is not None and not (m and m.group("rank") == str(self.rank)):
+            return None
+        # by the line's own prefix: on SLURM a log file is a task's, not a host's
+        if self.host and not (m and m.group("host") == self.host):
             return None
         if self.pattern and not self.pattern.search(line):
             return None
