@@ -4,7 +4,7 @@ from __future__ import annotations
 import copy
 import os
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, Optional, Union
 
@@ -531,9 +531,6 @@ def _flatten(d: Mapping, prefix: str = ""):
         else:
             yield (prefix + k, v)
 
-
-def with_gpus(host: Host, gpus: int) -> Host:
-    return replace(host, gpus=gpus)
 
 
 def inventory_from_plain(d: dict) -> Inventory:

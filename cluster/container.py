@@ -374,7 +374,7 @@ def check_failed(host: str, check: Check, code: int, output: str) -> UserError:
     """The error for a failed preflight command: host, problem, command, exit code, last lines."""
     tail = "\n".join(output.strip().splitlines()[-5:])
     return UserError(f"{check.problem} (`{' '.join(check.argv)}` exited {code})" +
-                     (f":\n    " + tail.replace("\n", "\n    ") if tail else ""),
+                     (":\n    " + tail.replace("\n", "\n    ") if tail else ""),
                      where=host, key="container", hint=check.hint)
 
 

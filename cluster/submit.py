@@ -76,7 +76,7 @@ def submit(job_name: str, overrides: list[str], inventory: Optional[str] = None,
     except BaseException as e:
         # never leave half a run behind: stop whatever did start, then report
         run.event("launch-failed", error=str(e))
-        run.update(handle=getattr(be, "partial_handle", {}) or run.data.get("handle", {}))
+        run.update(handle=be.partial_handle or run.data.get("handle", {}))
         be.stop_nodes(run, grace_s=5.0)
         run.set_state(State.FAILED, final=True, failure={"error": str(e)})
         raise

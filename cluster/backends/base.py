@@ -43,6 +43,8 @@ class Backend(ABC):
 
     def __init__(self, inventory: Inventory):
         self.inv = inventory
+        # what launch() started before it failed, so submit can stop exactly that
+        self.partial_handle: dict = {}
 
     # ---- hooks
     def select_hosts(self, job) -> tuple:

@@ -138,7 +138,6 @@ class SSHBackend(Backend):
         self._pool: Optional[Pool] = None
         self._stale: dict[str, int] = {}
         self._staged_: Optional[Staged] = None
-        self.partial_handle: dict = {}
 
     @property
     def _staged(self) -> Staged:
