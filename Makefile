@@ -24,7 +24,7 @@ PYTEST_ARGS ?=
 
 TARGET_OPTS = $(if $(INVENTORY),--inventory $(INVENTORY)) $(if $(BACKEND),--backend $(BACKEND))
 
-.PHONY: setup submit plan status logs stop doctor report exec gpus test test-unit testbed-up testbed-down testbed-deps clean-runs bench-launch
+.PHONY: setup submit plan status logs stop doctor report exec gpus shell jupyter test test-unit testbed-up testbed-down testbed-deps clean-runs bench-launch
 
 setup: $(VENV)/.installed
 
@@ -66,6 +66,12 @@ gpus: $(STAMP)
 
 report: $(STAMP)
 	$(PY) -m cluster report $(RUN)
+
+shell: $(STAMP)
+	$(PY) -m cluster shell $(RUN) $(if $(NODE),--node $(NODE))
+
+jupyter: $(STAMP)
+	$(PY) -m cluster jupyter $(RUN) $(if $(NODE),--node $(NODE)) $(if $(HOST),--host $(HOST)) $(if $(INVENTORY),--inventory $(INVENTORY)) $(if $(PORT),--port $(PORT))
 
 test: $(STAMP) testbed-deps
 	$(PY) -m pytest $(PYTEST_ARGS)

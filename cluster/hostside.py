@@ -294,9 +294,106 @@ def _stop(a: dict) -> dict:
     return {"left": left}
 
 
+def _serve(a: dict) -> dict:
+    """A server (Jupyter, or one the user names) on this host's loopback, tied to the caller.
+
+    Picks a free loopback port, starts ``a["argv"]`` ({port} and {token} filled in) in its own
+    session in ``a["workdir"]`` with the run's environment, prints ``{"port", "pid", "log"}`` and
+    then ``{"ready": true}`` once the port accepts connections. It stops the server's whole process
+    group (TERM, then KILL) when its stdin closes (Ctrl-C on the user's side, or the ssh connection
+    gone), when the run ends on this node (``a["end_file"]`` appears, or the agent's process group
+    ``a["pgid"]`` is gone), or it reports the server's own exit with the tail of its log.
+    """
+    import json
+    import os
+    import select
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    def say(**kw):
+        print(json.dumps(kw), flush=True)
+
+    wd = os.path.expanduser(a["workdir"])
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    argv = [x.replace("{port}", str(port)).replace("{token}", a["token"]) for x in a["argv"]]
+    env = dict(os.environ)
+    env.update(a.get("env") or {})
+    env["JUPYTER_TOKEN"] = a["token"]
+    log = os.path.join(wd, a["log"])
+    os.makedirs(os.path.dirname(log), exist_ok=True)
+    try:
+        with open(log, "ab") as logf:
+            p = subprocess.Popen(argv, cwd=wd, env=env, stdin=subprocess.DEVNULL, stdout=logf,
+                                 stderr=subprocess.STDOUT, start_new_session=True)
+    except OSError as e:
+        return {"error": f"cannot start {argv[0]}: {e.strerror}"}
+    say(port=port, pid=p.pid, log=log)
+
+    def tail():
+        try:
+            with open(log, "rb") as f:
+                return f.read()[-4000:].decode(errors="replace").splitlines()[-15:]
+        except OSError:
+            return []
+
+    def stop(why):
+        for sig, wait_s in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(p.pid, sig)
+            except OSError:
+                pass
+            deadline = time.time() + wait_s
+            while time.time() < deadline:
+                p.poll()
+                if not _group_alive(p.pid):
+                    return {"stopped": why, "left": False}
+                time.sleep(0.1)
+        return {"stopped": why, "left": _group_alive(p.pid)}
+
+    def run_over():
+        if a.get("end_file") and os.path.exists(os.path.join(wd, a["end_file"])):
+            return True
+        return bool(a.get("pgid")) and not _group_alive(a["pgid"])
+
+    ready, t0 = False, time.time()
+    while True:
+        if p.poll() is not None:
+            deadline = time.time() + (5 if p.returncode < 0 else 0)
+            while True:          # killed by a signal: by the run's stop? (its agent ends too)
+                if run_over():
+                    return stop("the run ended")
+                if time.time() >= deadline:
+                    break
+                time.sleep(0.2)
+            out = {"exited": p.returncode, "tail": tail()}
+            out.update(stop("the server exited"))
+            return out
+        if not ready:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                ready = True
+                say(ready=True)
+            except OSError:
+                if time.time() - t0 > a.get("ready_timeout_s", 120):
+                    out = stop(f"not listening on port {port} after {a.get('ready_timeout_s', 120):g} s")
+                    out["tail"] = tail()
+                    return out
+        r, _, _ = select.select([sys.stdin], [], [], 0.3)
+        if r and not os.read(sys.stdin.fileno(), 4096):
+            return stop("asked to stop")
+        if run_over():
+            return stop("the run ended")
+
+
 _HELPERS = {"_probe": (_gpu_count, _run_processes, stale_files),
             "_probe_then_launch": (_gpu_count, _run_processes, stale_files, _probe),
-            "_stop": (_run_processes, _group_alive), "_status": (_group_alive,), "_gpu_count": ()}
+            "_stop": (_run_processes, _group_alive), "_status": (_group_alive,), "_gpu_count": (), "_serve": (_group_alive,)}
 
 
 def host_command(python: str, func, site: bool = True) -> str:

@@ -38,10 +38,13 @@ class NodeLaunch:
         """The one shell line that starts this node detached; every value quoted once."""
         env = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(self.env.items()))
         cmd = " ".join(shlex.quote(a) for a in self.argv)
-        wd = self.workdir
-        cd = "cd " + (wd if wd == "~" else ("~/" + shlex.quote(wd[2:]) if wd.startswith("~/") else shlex.quote(wd)))
-        return (f"{cd} && mkdir -p {shlex.quote(self.state_dir)} && "
+        return (f"{cd_line(self.workdir)} && mkdir -p {shlex.quote(self.state_dir)} && "
                 f"env {env} setsid {cmd} </dev/null >{shlex.quote(self.agent_log_path)} 2>&1 &")
+
+
+def cd_line(wd: str) -> str:
+    """``cd WORKDIR`` for a remote shell: quoted once, a leading ``~/`` left for the shell to expand."""
+    return "cd " + (wd if wd == "~" else ("~/" + shlex.quote(wd[2:]) if wd.startswith("~/") else shlex.quote(wd)))
 
 
 @dataclass(frozen=True)

@@ -167,3 +167,14 @@ def testbed():
 
 
 # =============================================================================================
+# SSH backend tests on the testbed: `bed` (tests/sshbed.py) -- the CLI with a runs/ dir of the
+# test's own, helpers to submit, wait and look at what is left on the hosts; runs a test left
+# running are stopped afterwards.
+# =============================================================================================
+@pytest.fixture
+def bed(testbed, tmp_path):
+    from tests.sshbed import Bed, stop_leftover_runs
+
+    b = Bed(testbed, tmp_path)
+    yield b
+    stop_leftover_runs(b)

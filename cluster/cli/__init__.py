@@ -7,7 +7,7 @@ import sys
 
 from ..errors import UserError
 
-VERBS = ("submit", "plan", "status", "logs", "stop", "doctor", "report", "exec", "gpus")
+VERBS = ("submit", "plan", "status", "logs", "stop", "doctor", "report", "exec", "gpus", "shell", "jupyter")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,7 +21,16 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(verb, help=mod.HELP, description=mod.HELP)
         mod.add_arguments(p)
         mods[verb] = mod
+    argv = list(sys.argv[1:] if argv is None else argv)
+    tail = None
+    if "--" in argv:       # exec/jupyter: everything after '--' is the command, even after a RUN
+        i = argv.index("--")
+        argv, tail = argv[:i], argv[i + 1:]
     args, extra = ap.parse_known_args(argv)
+    if tail is not None:
+        if not hasattr(args, "command"):
+            ap.error(f"'{args.verb}' takes no command after '--'")
+        args.command = list(args.command) + tail
     # key=value overrides may come after options too (submit resnet50 --follow train.lr=0.1)
     if extra:
         if not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra):

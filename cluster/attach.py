@@ -1,0 +1,419 @@
+"""Working next to a run by hand: ``shell`` (an interactive shell on one of its nodes) and
+``jupyter`` (a server on a node's loopback, forwarded to this machine through an SSH tunnel).
+
+Both start from a :class:`Target`: one node of a recorded run (its host, working directory,
+environment and container, all from run.json), or an inventory host when no run is named.
+
+* shell, local backend: the user's shell in the workdir, with the run's environment.
+  ssh backend: the system ``ssh -t`` (terminal handling, resizes and escapes as users know them)
+  with the inventory's settings: user, port, key, jump host, known_hosts policy, ssh config.
+  slurm backend: ``srun --jobid J --overlap --pty --relative N``, inside the job's allocation.
+  With a docker/podman container: ``RUNTIME exec -it`` into the run's container when it runs,
+  else a new container of the same image with the same mounts.
+* jupyter: :func:`cluster.hostside._serve` runs on the node (inside the run's container when there
+  is one), picks a loopback port, starts the server with a fresh token and stops it when the
+  session ends (Ctrl-C here, this process killed, or the connection lost: its stdin closes) or the
+  run ends. Fabric's ``forward_local`` carries the port here; the local URL is printed.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+from . import container as ctr
+from .config import Host, Inventory, inventory_from_plain, load_inventory
+from .errors import UserError
+from .plan import cd_line
+from .remote import quote_argv
+from .runs import Run, resolve
+
+SHELL_HINT = "python -m cluster shell RUN --node 1"
+
+
+@dataclass
+class Target:
+    """One node: of a run (``run`` set) or an inventory host."""
+
+    inventory: Inventory
+    host: Host
+    backend: str
+    workdir: str
+    node_rank: int = 0
+    env: dict = field(default_factory=dict)
+    run: Optional[Run] = None
+    node: Optional[dict] = None          # the plan's node record
+    container: Optional[ctr.ContainerRef] = None
+
+    @property
+    def label(self) -> str:
+        where = f"{self.host.name} (node {self.node_rank} of run {self.run.id})" if self.run else self.host.name
+        return where
+
+    def end_file(self) -> Optional[str]:
+        return f"{self.node['state_dir']}/{self.host.name}.exit" if self.node else None
+
+
+def target(run_arg: Optional[str], node: Optional[str], inventory: Optional[str] = None,
+           host: Optional[str] = None, need_run: bool = True) -> Target:
+    if run_arg is None and not need_run:
+        inv = load_inventory(inventory)
+        names = [h.name for h in inv.hosts]
+        name = host or node or names[0]
+        if name.isdigit() and name not in names:
+            if int(name) >= len(names):
+                raise UserError(f"the inventory has {len(names)} host(s); there is no host {name}",
+                                where="--node", hint="hosts: " + ", ".join(names))
+            name = names[int(name)]
+        if name not in names:
+            raise UserError(f"'{name}' is not in the inventory", where="--host", hint="hosts: " + ", ".join(names))
+        h = inv.host(name)
+        return Target(inv, h, inv.backend, h.workdir, names.index(name))
+    run = resolve(run_arg)
+    inv = inventory_from_plain(run.data["inventory"])
+    nodes = (run.data.get("plan") or {}).get("nodes") or []
+    backend = run.data["backend"]
+    if backend == "slurm":
+        n = _node_index(node, [h.name for h in inv.hosts], len(nodes) or 1, run)
+        return Target(inv, inv.hosts[0], backend, os.getcwd(), n, run=run,
+                      node=nodes[n] if n < len(nodes) else None)
+    n = _node_index(node, [nd["host"] for nd in nodes], len(nodes), run)
+    nd = nodes[n]
+    ref = ctr.ContainerRef(**nd["container"]) if nd.get("container") else None
+    return Target(inv, inv.host(nd["host"]), backend, nd["workdir"], n, dict(nd.get("env") or {}), run, nd, ref)
+
+
+def _node_index(node: Optional[str], hosts: list[str], count: int, run: Run) -> int:
+    if node is None:
+        return 0
+    if node in hosts:
+        return hosts.index(node)
+    if node.isdigit() and int(node) < count:
+        return int(node)
+    listing = ", ".join(f"{i} ({h})" for i, h in enumerate(hosts)) if hosts else f"0-{count - 1}"
+    raise UserError(f"run {run.id} has no node '{node}'", where="--node",
+                    hint=f"give a node rank or host name: {listing}")
+
+
+# ---------------------------------------------------------------- ssh client command line
+def ssh_client_argv(host: Host, inv: Inventory, *, tty: bool) -> list[str]:
+    """The system ssh with the inventory's settings; the same host-key policy as Fabric's pool."""
+    if not shutil.which("ssh"):
+        raise UserError("the ssh client is not installed on this machine", hint="install openssh-client")
+    s = inv.ssh
+    argv = ["ssh", "-t" if tty else "-T"]
+    if s.config_file is None:
+        argv += ["-F", "none"]
+    elif os.path.expanduser(s.config_file) != os.path.expanduser("~/.ssh/config"):
+        argv += ["-F", os.path.expanduser(s.config_file)]
+    argv += ["-o", f"StrictHostKeyChecking={'accept-new' if s.accept_new_host_keys else 'yes'}",
+             "-o", f"UserKnownHostsFile={os.path.expanduser(s.known_hosts)}",
+             "-o", f"ConnectTimeout={max(1, int(s.connect_timeout_s))}",
+             "-o", "PasswordAuthentication=no", "-o", "KbdInteractiveAuthentication=no",
+             "-o", "ServerAliveInterval=15"]
+    if host.user:
+        argv += ["-l", host.user]
+    if host.port:
+        argv += ["-p", str(host.port)]
+    if host.identity_file:
+        argv += ["-i", os.path.expanduser(host.identity_file), "-o", "IdentitiesOnly=yes"]
+    if host.jump_host:
+        argv += ["-J", host.jump_host]
+    return argv + ["--", host.hostname]
+
+
+# ---------------------------------------------------------------- shell
+INTERACTIVE = 'if command -v bash >/dev/null 2>&1; then exec bash -i; else exec sh -i; fi'
+
+
+def _container_running(t: Target) -> bool:
+    argv = [t.container.runtime, "container", "inspect", "--format", "{{.State.Running}}", t.container.name]
+    if t.host.is_local or t.backend == "local":
+        p = subprocess.run(argv, capture_output=True, text=True)
+        return p.returncode == 0 and p.stdout.strip() == "true"
+    from .remote import Pool
+    with Pool([t.host], t.inventory.ssh) as pool:
+        r = pool.exec(t.host.name, quote_argv(argv), timeout_s=30)
+    return r.ok and r.stdout.strip() == "true"
+
+
+def shell_argv(t: Target, running: Optional[bool] = None) -> tuple[list[str], list[str]]:
+    """(argv on the node, env assignments) for an interactive shell of ``t``."""
+    env = dict(t.env)
+    if t.run:
+        env.setdefault("CLUSTER_RUN_ID", t.run.id)
+    inner = ["sh", "-c", INTERACTIVE]
+    c = t.container
+    if c is None or c.runtime not in ("docker", "podman", "apptainer"):
+        return inner, [f"{k}={v}" for k, v in sorted(env.items())]
+    wd = os.path.expanduser(t.workdir) if t.backend == "local" else t.workdir
+    if c.runtime == "apptainer":
+        return ctr.apptainer_exec(_spec_of(t), inner, workdir=wd, env=env, gpus=0,
+                                  mounts=[], own_mounts=False), []
+    running = _container_running(t) if running is None else running
+    if running:
+        argv = [c.runtime, "exec", "-it", "-w", wd]
+        for k, v in sorted(env.items()):
+            argv += ["-e", f"{k}={v}"]
+        return argv + [c.name] + inner, []
+    argv = [c.runtime, "run", "--rm", "-it", "--network", "host", "-v", f"{wd}:{wd}", "-w", wd]
+    for k, v in sorted(env.items()):
+        argv += ["-e", f"{k}={v}"]
+    if c.image.startswith(ctr.ROOTFS):
+        argv += ["--runtime", "runc"] if c.runtime == "podman" else []
+        return argv + ["--rootfs", c.image[len(ctr.ROOTFS):] + ":O"] + inner, []
+    return argv + [c.image] + inner, []
+
+
+def _spec_of(t: Target):
+    """The job's container spec, from run.json."""
+    from types import SimpleNamespace
+    spec = dict((t.run.data.get("job", {}).get("resolved") or {}).get("container") or {})
+    spec.setdefault("env", {})
+    spec.setdefault("args", [])
+    spec.setdefault("mounts", [])
+    return SimpleNamespace(**spec)
+
+
+def shell(t: Target) -> int:
+    """Replace this process with the shell (it owns the terminal); returns only on errors."""
+    if t.run and t.backend == "slurm":
+        jid = (t.run.data.get("handle") or {}).get("job_id")
+        if not jid:
+            raise UserError(f"run {t.run.id} has no SLURM job id", hint="is it still being submitted? see status")
+        if t.run.state.is_terminal():
+            raise UserError(f"run {t.run.id} is {t.run.state.value}: its SLURM allocation is gone",
+                            hint="a shell on a SLURM node lives inside the job's allocation: use it while the run runs")
+        argv = ["srun", f"--jobid={jid}", "--overlap", "--pty", "--nodes=1", "--ntasks=1",
+                f"--relative={t.node_rank}", f"--chdir={t.workdir}", "sh", "-c", INTERACTIVE]
+        print(f"shell on node {t.node_rank} of SLURM job {jid} (run {t.run.id}), in {t.workdir}", file=sys.stderr)
+        return _exec(argv, None)
+    argv, assigns = shell_argv(t)
+    print(f"shell on {t.label}, in {t.workdir}" + (f" (inside {t.container.runtime} container)" if t.container else ""),
+          file=sys.stderr)
+    if t.backend == "local" or (t.host.is_local and t.backend != "ssh"):
+        env = dict(os.environ)
+        env.update(kv.split("=", 1) for kv in assigns)
+        wd = os.path.expanduser(t.workdir)
+        if not os.path.isdir(wd):
+            raise UserError(f"the run's directory {wd} does not exist", where=t.host.name)
+        os.chdir(wd)
+        return _exec(argv, env)
+    remote = cd_line(t.workdir) + " && exec " + quote_argv((["env"] + assigns if assigns else []) + argv)
+    return _exec(ssh_client_argv(t.host, t.inventory, tty=sys.stdin.isatty()) + [remote], None)
+
+
+def _exec(argv: Sequence[str], env: Optional[dict]) -> int:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        if env is None:
+            os.execvp(argv[0], list(argv))
+        os.execvpe(argv[0], list(argv), env)
+    except FileNotFoundError:
+        raise UserError(f"{argv[0]} is not installed on this machine", hint=f"install {argv[0]}") from None
+    return 127
+
+
+# ---------------------------------------------------------------- jupyter
+DEFAULT_SERVER = ["{python}", "-m", "jupyter", "lab", "--no-browser", "--ip=127.0.0.1", "--port={port}",
+                  "--ServerApp.token={token}", "--ServerApp.port_retries=0"]
+
+
+def server_argv(t: Target, command: Sequence[str]) -> list[str]:
+    py = ctr.inner_python(_spec_of(t), t.host) if t.container else t.host.python
+    return [a.replace("{python}", py) for a in (command or DEFAULT_SERVER)]
+
+
+def _in_container(t: Target, argv: list[str]) -> list[str]:
+    """The watcher's argv, inside the run's docker/podman container when it has one (stdin kept open)."""
+    c = t.container
+    if c is None or c.runtime not in ("docker", "podman"):
+        return argv
+    if not _container_running(t):
+        raise UserError(f"the run's {c.runtime} container {c.name} is not running on {t.host.name}",
+                        hint="start jupyter while the run runs, or without a run: python -m cluster jupyter --host HOST")
+    return [c.runtime, "exec", "-i", "-w", t.workdir, c.name] + argv
+
+
+def _free_port(port: int) -> int:
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", port))
+        return s.getsockname()[1]
+    except OSError:
+        return 0
+    finally:
+        s.close()
+
+
+class _Session:
+    """The watcher process on the node: its stdout lines as parsed JSON, its stdin as the off switch."""
+
+    def __init__(self, t: Target, spec: dict):
+        import json
+        from .hostside import _host_source
+        self.json = json
+        src = _host_source("_serve")
+        python = ctr.inner_python(_spec_of(t), t.host) if t.container else t.host.python
+        argv = _in_container(t, [python, "-c", src])
+        line = (json.dumps(spec) + "\n").encode()
+        self.pool = None
+        if t.backend == "local":
+            self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                         start_new_session=True)
+            self.proc.stdin.write(line)
+            self.proc.stdin.flush()
+            self.out, self.err = self.proc.stdout, self.proc.stderr
+            self.chan = None
+        else:
+            from .remote import ConnectError, Pool
+            self.pool = Pool([t.host], t.inventory.ssh)
+            try:
+                self.conn = self.pool.connection(t.host.name)
+            except ConnectError as e:
+                self.pool.close()
+                raise UserError(str(e), where=t.host.name) from None
+            self.chan = self.conn.transport.open_session(timeout=t.inventory.ssh.connect_timeout_s)
+            self.chan.exec_command(cd_line(t.workdir) + " && exec " + quote_argv(argv))
+            self.chan.sendall(line)
+            self.out, self.err = self.chan.makefile("rb"), self.chan.makefile_stderr("rb")
+            self.proc = None
+        self.errors: list[bytes] = []
+        threading.Thread(target=lambda: self.errors.extend(self.err), daemon=True).start()
+
+    def lines(self):
+        for raw in self.out:
+            try:
+                yield self.json.loads(raw)
+            except ValueError:
+                continue
+
+    def stop(self) -> None:
+        """EOF on the watcher's stdin: it stops the server's process group, reports and exits."""
+        try:
+            if self.chan is not None:
+                self.chan.shutdown_write()
+            else:
+                self.proc.stdin.close()
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        if self.pool is not None:
+            self.pool.close()
+
+    def stderr_tail(self) -> str:
+        return b"".join(self.errors).decode(errors="replace").strip()[-2000:]
+
+
+def jupyter(t: Target, command: Sequence[str], local_port: Optional[int] = None, token: Optional[str] = None,
+            ready_timeout_s: float = 120.0) -> int:
+    if t.backend == "slurm":
+        raise UserError("jupyter does not reach SLURM nodes yet", where="jupyter",
+                        hint="name an ssh inventory host with --host, or run the server with srun --overlap yourself")
+    token = token or secrets.token_hex(24)
+    pgid = None
+    if t.run and t.node:
+        if t.run.state.is_terminal():
+            raise UserError(f"run {t.run.id} is {t.run.state.value}: a server tied to it would stop at once",
+                            hint="start jupyter without a run: python -m cluster jupyter --host " + t.host.name)
+        pgid = ((t.run.data.get("handle") or {}).get("pgids") or {}).get(t.host.name)
+    name = t.run.id if t.run else "adhoc"
+    spec = {"argv": server_argv(t, command), "workdir": t.workdir, "token": token,
+            "env": {**t.env, **({"CLUSTER_RUN_ID": t.run.id} if t.run else {})},
+            "log": f"runs/{name}/logs/jupyter-{t.host.name}-{os.getpid()}.log" if t.run else
+                   f"runs/_adhoc/jupyter-{t.host.name}-{os.getpid()}.log",
+            "end_file": t.end_file(), "pgid": None if t.container else pgid, "ready_timeout_s": ready_timeout_s}
+    what = "Jupyter" if not command else command[0]
+    print(f"starting {what} on {t.label} ...", file=sys.stderr)
+    sess = _Session(t, spec)
+    stopped_by_user = False
+    old = signal.signal(signal.SIGTERM, lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        it = sess.lines()
+        first = next(it, None)
+        if not first or "port" not in first:
+            why = (first or {}).get("error") or sess.stderr_tail() or "the node's watcher ended without a word"
+            raise UserError(f"could not start the server on {t.host.name}: {why}", where=t.host.name)
+        remote_port = first["port"]
+        msg = next(it, None)
+        if not msg or not msg.get("ready"):
+            return _ended(msg, t, what, first)
+        if t.backend == "local":
+            url_port, forward = remote_port, None
+        else:
+            url_port = local_port or _free_port(remote_port) or _free_port(0)
+            if local_port and not _free_port(local_port):
+                raise UserError(f"port {local_port} is in use on this machine", where="--port",
+                                hint="pick another, or leave --port out to take a free one")
+            forward = sess.conn.forward_local(local_port=url_port, remote_port=remote_port,
+                                              remote_host="127.0.0.1", local_host="127.0.0.1")
+            forward.__enter__()
+        try:
+            query = f"/?token={token}" if not command or any("{token}" in a for a in command) else "/"
+            print(f"{what} on {t.label}: http://127.0.0.1:{url_port}{query}", flush=True)
+            print(f"  (the node's loopback port {remote_port}" +
+                  (", forwarded through ssh" if forward else "") + f"; log {first.get('log')}; Ctrl-C stops it)",
+                  file=sys.stderr, flush=True)
+            msg = next(it, None)      # blocks until the watcher ends (run over, server exited)
+            return _ended(msg, t, what, first)
+        except KeyboardInterrupt:
+            stopped_by_user = True
+            sess.stop()
+            msg = None
+            for msg in it:
+                pass
+            print(f"{what} stopped" + (" (something was left running!)" if msg and msg.get("left") else ""),
+                  file=sys.stderr)
+            return 1 if msg and msg.get("left") else 0
+        finally:
+            if forward is not None:
+                try:
+                    forward.__exit__(None, None, None)
+                except Exception:   # noqa: BLE001 -- a tunnel thread's error on the way out
+                    pass
+    except KeyboardInterrupt:
+        if not stopped_by_user:
+            sess.stop()
+            for _ in sess.lines():
+                pass
+            print(f"{what} stopped", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, old)
+        sess.stop()
+        sess.close()
+
+
+def _ended(msg: Optional[dict], t: Target, what: str, first: dict) -> int:
+    """The watcher's last word: the run ended (0), or the server failed (1, with its log's tail)."""
+    if not msg:
+        print(f"lost the session with {t.host.name}; the node stops the server when it sees the "
+              "connection gone", file=sys.stderr)
+        return 1
+    if msg.get("stopped") and "exited" not in msg and not msg.get("tail"):
+        print(f"{what} stopped: {msg['stopped']}" + (" (something was left running!)" if msg.get("left") else ""),
+              file=sys.stderr)
+        return 1 if msg.get("left") else 0
+    how = f"exited with code {msg['exited']}" if "exited" in msg else f"stopped: {msg.get('stopped')}"
+    tail = msg.get("tail") or []
+    print(f"{what} on {t.host.name} {how} (log {first.get('log')})" +
+          "".join(f"\n    | {line}" for line in tail), file=sys.stderr)
+    if any("No module named jupyter" in line for line in tail):
+        print(f"  hint: install JupyterLab for the run's python on {t.host.name} (pip install jupyterlab), "
+              "or name another server: python -m cluster jupyter RUN -- python3 -m http.server {port} "
+              "--bind 127.0.0.1", file=sys.stderr)
+    return 1

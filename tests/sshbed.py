@@ -1,0 +1,136 @@
+"""Helpers for tests that drive the ssh backend on the cluster in a box (the `bed` fixture in
+conftest.py): the CLI in a new process with its own runs/ dir, job files, waits, and what is left
+of a run on each host, checked over ssh (each host looking at its own network namespace)."""
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+TRAIN = """name: tbtrain
+cpu_procs_per_node: 1
+train:
+  model: train.model:tiny_cnn
+  image_size: 32
+  num_classes: 10
+  data: synthetic-learnable
+  synthetic_size: 1600
+  batch_size: 16
+  lr: 0.2
+  warmup_steps: 5
+  steps: {steps}
+  log_every: {log_every}
+  ckpt_every: 10
+checkpoint:
+  sync_every_s: 5
+"""
+STEPS_LONG = 300     # long enough to outlast a 10 s outage on a busy 2-core machine
+HELLO = """name: tbhello
+module: tests.fixtures.hello
+cpu_procs_per_node: 1
+env:
+  HELLO_SLEEP_S: '{sleep}'
+"""
+# every process of the run in this host's network namespace (argv[1]: run id)
+PS_RUN = r"""
+import os, sys
+mine = os.readlink('/proc/self/ns/net')
+for p in os.listdir('/proc'):
+    if not p.isdigit() or int(p) == os.getpid():
+        continue
+    try:
+        env = open(f'/proc/{p}/environ', 'rb').read().split(b'\0')
+        stat = open(f'/proc/{p}/stat').read().rsplit(')', 1)[1].split()
+        net = os.readlink(f'/proc/{p}/ns/net')
+    except OSError:
+        continue
+    if stat[0] != 'Z' and net == mine and ('CLUSTER_RUN_ID=' + sys.argv[1]).encode() in env:
+        print(p, open(f'/proc/{p}/cmdline', 'rb').read().replace(b'\0', b' ')[:100].decode())
+"""
+
+
+class Bed:
+    def __init__(self, testbed, tmp_path):
+        self.tb, self.tmp = testbed, tmp_path
+        self.runs = tmp_path / "runs"
+        self.workdir = {h["name"]: Path(h["workdir"]) for h in testbed.hosts}
+
+    def cli(self, *args, timeout=240, env=None):
+        return subprocess.run([sys.executable, "-m", "cluster", *map(str, args)], cwd=REPO, text=True,
+                              capture_output=True, timeout=timeout,
+                              env=self.tb.env(CLUSTER_RUNS_DIR=str(self.runs), **(env or {})))
+
+    def job(self, text, name="job.yaml"):
+        p = self.tmp / name
+        p.write_text(text)
+        return p
+
+    def inventory(self, edit=lambda t: t, name="inv.yaml"):
+        p = self.tmp / name
+        p.write_text(edit(self.tb.inventory.read_text()))
+        return p
+
+    def submit(self, job, *extra, inventory=None):
+        p = self.cli("submit", job, "-i", inventory or self.tb.inventory, *extra)
+        assert p.returncode == 0, p.stdout + p.stderr
+        return p.stdout.split()[1], p
+
+    def state(self, rid):
+        return json.loads(self.cli("status", rid, "--json").stdout)
+
+    def wait(self, rid, states=("SUCCEEDED", "FAILED", "CANCELLED"), timeout=240):
+        deadline = time.time() + timeout
+        while True:
+            st = self.state(rid)
+            if st["state"] in states:
+                return st
+            assert time.time() < deadline, f"{rid} still {st['state']} after {timeout}s"
+            time.sleep(2)
+
+    def run_pids(self, host, rid):
+        p = self.tb.run(host, [self.tb.python, "-c", PS_RUN, rid], timeout=30)
+        assert p.returncode == 0, p.stderr
+        return p.stdout.splitlines()
+
+    def left_anywhere(self, rid):
+        return {h: self.run_pids(h, rid) for h in self.tb.host_names if self.run_pids(h, rid)}
+
+    def host_file(self, host, rid, rel):
+        return self.workdir[host] / "runs" / rid / rel
+
+    def record(self, rid):
+        return json.loads((self.runs / rid / "run.json").read_text())
+
+    def wait_lines(self, rid, needle, count, timeout=180):
+        deadline = time.time() + timeout
+        while True:
+            text = "".join(self.host_file(h, rid, f"logs/{h}.log").read_text(errors="replace")
+                           for h in self.tb.host_names if self.host_file(h, rid, f"logs/{h}.log").exists())
+            if text.count(needle) >= count:
+                return
+            assert time.time() < deadline, f"fewer than {count} '{needle}' lines after {timeout}s:\n{text[-3000:]}"
+            time.sleep(0.5)
+
+
+def stop_leftover_runs(b: Bed) -> None:
+    """Whatever a failed test left running: stop it (this test's runs only)."""
+    for d in (b.runs.iterdir() if b.runs.exists() else []):
+        rec = d / "run.json"
+        if rec.exists() and not json.loads(rec.read_text()).get("final"):
+            b.cli("stop", d.name, "--grace-s", "2")
+
+
+def host_lines(bed, rid):
+    return {h: bed.host_file(h, rid, f"logs/{h}.log").read_text().splitlines() for h in bed.tb.host_names}
+
+
+def assert_merged(merged: list[str], per_host: dict):
+    """Every host's lines are in the merged stream, each once, in the host's order."""
+    for h, lines in per_host.items():
+        mine = [l for l in merged if l.startswith(f"[{h} ")]
+        assert mine == lines, f"{h}: merged {len(mine)} lines, the host has {len(lines)}"
+    assert len(merged) == sum(len(v) for v in per_host.values())
+
+
