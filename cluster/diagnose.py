@@ -264,8 +264,12 @@ def render_failure(failure: Optional[Mapping], tail: int = 15) -> list[str]:
     out = [head]
     out += ["  | " + line for line in (failure.get("log_tail") or [])[-tail:]] if tail else []
     findings = findings_of(failure)
-    out += render_findings(findings) if findings else \
-        ["  no known failure matched the log; see 'cluster logs RUN' for the whole log"]
+    if failure.get("hint"):
+        out.append(f"  hint: {failure['hint']}")
+    elif findings:
+        out += render_findings(findings)
+    else:
+        out.append("  no known failure matched the log; see 'cluster logs RUN' for the whole log")
     return out
 
 

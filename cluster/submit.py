@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 from . import backends, hostlist
-from .config import load_inventory, load_job
+from .config import inventory_from_plain, load_inventory, load_job
 from .errors import UserError
 from .runs import Run, State, git_commit, new_run_id
 from .schema import to_plain
@@ -66,6 +66,7 @@ def submit(job_name: str, overrides: list[str], inventory: Optional[str] = None,
                                         "resolved": to_plain(loaded.job), "profile": loaded.profile},
         "overrides": list(overrides), "inventory": to_plain(inv), "plan": to_plain(plan),
         "git_commit": git_commit(), "resume_from": resume_run.id if resume_run else None,
+        "submitter": submitter(),
     })
     run.event("submitted", job=loaded.job.name, nodes=len(plan.nodes), world_size=plan.world_size)
     if resume_run:
@@ -85,9 +86,43 @@ def submit(job_name: str, overrides: list[str], inventory: Optional[str] = None,
     return run
 
 
+def submitter() -> dict:
+    """Who is launching (this process): a later `status` that finds it gone before the launch was
+    recorded knows the launch was interrupted (see Backend.status)."""
+    import os
+    import socket
+    return {"pid": os.getpid(), "host": socket.gethostname(), "start": _proc_start(os.getpid())}
+
+
+def _proc_start(pid: int) -> Optional[str]:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]    # starttime: tells a reused pid apart
+    except (OSError, IndexError):
+        return None
+
+
+def submitter_gone(run: Run) -> bool:
+    """The submit that created ``run`` is no longer running (on this machine; elsewhere: unknown)."""
+    import socket
+    sub = run.data.get("submitter") or {}
+    if not sub.get("pid") or sub.get("host") != socket.gethostname():
+        return False
+    return _proc_start(sub["pid"]) != sub.get("start")
+
+
 def seed_checkpoint(src: Run, dst: Run) -> None:
     """Copy the latest checkpoint of ``src`` (in its run dir on this machine) into ``dst``."""
     ckpts = Path(src.data.get("checkpoint_dir") or src.dir / "checkpoints")   # ssh: the storage copy
+    if src.data.get("backend") == "ssh" and (src.data.get("plan") or {}).get("nodes"):
+        # the run may have ended a moment ago, before its watcher's last sync: fetch node 0's newest now
+        from .backends.base import progress
+        from .sync import pull_checkpoints
+        inv = inventory_from_plain(src.data["inventory"])
+        node0 = inv.host(src.data["plan"]["nodes"][0]["host"])
+        r = pull_checkpoints(node0, inv.ssh, src.id, ckpts)
+        progress(f"resume: {src.id}'s checkpoints from {node0.name}: " +
+                 (r.describe() if r.ok else f"not reachable ({r.error}); using the copy here"))
     latest = ckpts / "latest"
     if not latest.exists():
         raise UserError(f"run {src.id} has no checkpoint to resume from ({latest} is missing)",

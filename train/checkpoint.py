@@ -43,11 +43,25 @@ def save(ckpt_dir: str | os.PathLike, payload: dict[str, Any], keep: int) -> Pat
         stale.unlink(missing_ok=True)
     final = d / f"ckpt_{payload['step']}.pt"
     tmp = d / f".{final.name}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as fh:
-        torch.save(payload, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, final)
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(payload, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)   # a disk that filled up gets its space back; `latest` is untouched
+        if not isinstance(e, Exception):
+            raise
+        kept = (d / "latest").read_text().strip() if (d / "latest").exists() else "none"
+        try:
+            st = os.statvfs(d)
+            free = f"; {st.f_bavail * st.f_frsize // 1024} kB free there"
+        except OSError:
+            free = ""
+        why = (e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:200])
+        msg = f"checkpoint: cannot write {final} ({why}{free}); the latest good checkpoint is still {kept}"
+        raise (OSError(e.errno, msg) if isinstance(e, OSError) else RuntimeError(msg)) from e
     _fsync_dir(d)  # the rename itself must reach the disk before `latest` names the file
     atomic_write_text(d / "latest", final.name + "\n")
     _fsync_dir(d)

@@ -90,6 +90,10 @@ class Backend(ABC):
         if run.state.is_terminal() and run.data.get("final"):
             return run.state, [NodeStatus(**{**n, "state": State(n["state"])})
                                for n in run.data.get("nodes_final", [])]
+        if run.state == State.PENDING and not run.data.get("handle"):
+            from ..submit import submitter_gone
+            if submitter_gone(run):
+                return self._launch_interrupted(run)
         nodes = self.node_status(run)
         state = aggregate(nodes, run)
         hang = None
@@ -137,6 +141,21 @@ class Backend(ABC):
             if len(logs) < 8 and n.host not in logs:
                 logs[n.host] = self.log_tail(run, n.host, 400)
         return [f.to_dict() for f in diagnose_hosts(logs, host, rank)]
+
+    def _launch_interrupted(self, run: Run) -> tuple[State, list[NodeStatus]]:
+        """The submit died before it recorded the launch (killed, machine rebooted): what started of
+        the run is stopped (no half-started run), and the run is recorded FAILED."""
+        pid = (run.data.get("submitter") or {}).get("pid")
+        run.event("launch-interrupted", submitter_pid=pid)
+        self.stop_nodes(run, grace_s=5.0)
+        nodes = self.node_status(run)
+        started = sorted(n.host for n in nodes if n.pid or n.exit_code is not None)
+        self.finish(run, State.FAILED, nodes, failure={
+            "host": None, "rank": None, "exit_code": None,
+            "error": f"the submit (pid {pid}) ended in the middle of the launch; what had started "
+                     f"({', '.join(started) or 'nothing'}) was stopped",
+            "hint": "submit again (with --resume RUN to continue from a checkpoint it wrote)", "findings": []})
+        return State.FAILED, nodes
 
     def _stop_hung(self, run: Run) -> dict:
         """Stop a hung run; the failure names the ranks behind and what their host's log shows."""

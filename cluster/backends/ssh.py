@@ -28,6 +28,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -322,7 +323,7 @@ class SSHBackend(Backend):
                                      "pgid": pgids.get(h.name)}).encode() for h in hosts}
         res = self.pool.run({h.name: host_command(h.python, _status, site=False) for h in hosts}, stdin=stdin,
                             timeout_s=min(30.0, self.inv.ssh.command_timeout_s), label="status probe (python -c ...)")
-        out = []
+        out, aborts = [], {}
         for h in hosts:
             r, pgid = res[h.name], pgids.get(h.name)
             info = _json_of(r) if r.ok else None
@@ -338,6 +339,7 @@ class SSHBackend(Backend):
                     st, detail = State.SUCCEEDED, ""
                 elif ab:
                     st, detail = State.CANCELLED, f"stopped by the gang: {ab.get('reason')}"
+                    aborts[h.name] = ab
                 elif ex.get("signal"):
                     st, detail = State.CANCELLED, f"stopped by signal {ex.get('signal')}"
                 else:
@@ -348,7 +350,7 @@ class SSHBackend(Backend):
             else:
                 out.append(NodeStatus(h.name, State.FAILED, pgid, detail="agent gone without an exit record",
                                       heartbeats=hb))
-        return out
+        return _blame_lost(out, aborts, run)
 
     def first_failure(self, run: Run, nodes: list[NodeStatus]) -> dict:
         """The node that failed by itself, not one the gang stopped because of it."""
@@ -363,7 +365,10 @@ class SSHBackend(Backend):
                 failure["rank"] = idx * nproc
                 failure["error"] = (f"torchrun on {failure['host']} ended with exit code {failure.get('exit_code')} "
                                     f"(ranks {idx * nproc}-{idx * nproc + nproc - 1})")
-        stopped = sorted(n.host for n in nodes if "gang" in n.detail)
+        lost = next((n for n in nodes if n.host == failure.get("host") and n.detail.startswith("lost by the gang")), None)
+        if lost is not None:
+            failure["error"] = f"{lost.host}: {lost.detail}"
+        stopped = sorted(n.host for n in nodes if "gang" in n.detail and n.state == State.CANCELLED)
         if stopped:
             failure["gang_stopped"] = stopped
         return failure
@@ -439,6 +444,23 @@ class SSHBackend(Backend):
             raise UserError("could not collect the logs of " + ", ".join(r.host for r in bad) + ":\n  " +
                             "\n  ".join(r.describe() for r in bad),
                             hint="rerun 'cluster logs RUN --collect' when the hosts are reachable")
+
+
+def _blame_lost(nodes: list[NodeStatus], aborts: dict, run: Run) -> list[NodeStatus]:
+    """A host the gang lost (it went silent: down, or cut off the network) failed the run, though
+    every agent, its own included, ended by the gang's abort: it becomes the FAILED node."""
+    if run.data.get("stop_requested") or any(n.state == State.FAILED for n in nodes):
+        return nodes
+    lost = {}
+    for ab in aborts.values():
+        m = re.match(r"lost node (\S+) \((.*)\)", ab.get("reason") or "")
+        if m:
+            lost[m.group(1)] = m.group(2)
+    for n in nodes:
+        if n.host in lost:
+            n.state = State.FAILED
+            n.detail = f"lost by the gang ({lost[n.host]}): the host went down or was cut off the network"
+    return nodes
 
 
 def preflight_report(plan: Plan, hosts: list[Host], res, ports: list[int]) -> tuple[list[str], list[str]]:

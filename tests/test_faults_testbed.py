@@ -1,0 +1,247 @@
+"""Fault injection on the cluster in a box: 3 hosts, a real training run (tiny CNN, gloo, one rank
+per host, a checkpoint every 10 steps synced to this machine), one fault per test.
+
+Each fault must end in a recorded state (from a new shell: `status`), leave no process of the run on
+any host (checked over ssh), and `submit --resume` must continue from the last good checkpoint.
+Steps lost = the step the run had reached when the fault hit - the step the resumed run starts at.
+With FAULTS_REPORT=<file>, each test appends one JSON line with its figures (README's reliability
+section is written from such a file).
+"""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from tests.sshbed import REPO, TRAIN
+
+pytestmark = [pytest.mark.testbed, pytest.mark.slow]
+
+STEPS = 400          # the faulted run never gets there
+FAULT_AT = 24        # the fault hits once rank 0 has passed this step (checkpoints at 10, 20)
+RESUME_STEPS = 40
+
+
+def heartbeat_step(bed, rid, host="node1", rank=0):
+    try:
+        return json.loads(bed.host_file(host, rid, f"metrics/heartbeat-rank{rank}.json").read_text())["step"]
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def wait_step(bed, rid, step, timeout=180):
+    deadline = time.time() + timeout
+    while heartbeat_step(bed, rid) < step:
+        assert time.time() < deadline, f"{rid} did not reach step {step} in {timeout}s:\n" + \
+            bed.cli("logs", rid).stdout[-3000:]
+        time.sleep(0.2)
+    return heartbeat_step(bed, rid)
+
+
+def latest_on(bed, rid, host="node1"):
+    p = bed.host_file(host, rid, "checkpoints/latest")
+    return p.read_text().strip() if p.exists() else None
+
+
+def wait_clean(bed, rid, timeout=45, hosts=None):
+    """Seconds until no process of the run is left on any host (fails after ``timeout``)."""
+    t0 = time.time()
+    while True:
+        left = {h: bed.run_pids(h, rid) for h in (hosts or bed.tb.host_names)}
+        left = {h: v for h, v in left.items() if v}
+        if not left:
+            return time.time() - t0
+        assert time.time() - t0 < timeout, f"still running after {timeout}s: {left}"
+        time.sleep(0.5)
+
+
+def resume(bed, rid):
+    """submit --resume: the step the new run starts from, and its final state."""
+    rid2, p = bed.submit(bed.job(TRAIN.format(steps=RESUME_STEPS, log_every=2), "resume.yaml"), "--resume", rid)
+    st = bed.wait(rid2)
+    logs = bed.cli("logs", rid2).stdout
+    assert st["state"] == "SUCCEEDED", logs[-3000:]
+    m = re.search(r"\[node1 0\] resumed from \S*ckpt_(\d+)\.pt: step (\d+)", logs)
+    assert m, logs[-3000:]
+    assert f"step {RESUME_STEPS}/{RESUME_STEPS}" in logs
+    assert not bed.left_anywhere(rid2)
+    return int(m.group(2))
+
+
+def report(name, **figures):
+    path = os.environ.get("FAULTS_REPORT")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"fault": name, **figures}) + "\n")
+    print(f"FAULT {name}: {figures}")
+
+
+def start(bed, **fmt):
+    rid, _ = bed.submit(bed.job(TRAIN.format(steps=STEPS, log_every=2)))
+    return rid, wait_step(bed, rid, FAULT_AT)
+
+
+def finish(bed, name, rid, at_step, expect_state, t_fault, left_s, **extra):
+    """Common checks after a fault: recorded state, nothing left, resume from the last good checkpoint."""
+    st = bed.wait(rid, timeout=120)
+    assert st["state"] == expect_state, json.dumps(st, indent=1)[-3000:]
+    assert bed.record(rid)["final"] is True
+    good = latest_on(bed, rid)
+    resumed_at = resume(bed, rid)
+    assert f"ckpt_{resumed_at}.pt" == good, f"resumed at {resumed_at}, node1's latest good checkpoint is {good}"
+    report(name, state=st["state"], step_at_fault=at_step, resumed_at=resumed_at,
+           steps_lost=at_step - resumed_at, clean_after_s=round(left_s, 1), **extra)
+    return st
+
+
+def test_kill9_of_one_rank(bed):
+    rid, _ = start(bed)
+    pids = [l.split()[0] for l in bed.run_pids("node2", rid) if " -m train " in l and "torch.distributed.run" not in l]
+    assert len(pids) == 1, bed.run_pids("node2", rid)
+    at = heartbeat_step(bed, rid)
+    t0 = time.time()
+    assert bed.tb.run("node2", ["kill", "-9", pids[0]]).returncode == 0
+    left_s = wait_clean(bed, rid)
+    st = finish(bed, "kill -9 of one rank", rid, at, "FAILED", t0, left_s)
+    assert st["failure"]["host"] == "node2" and st["failure"]["rank"] == 1, st["failure"]
+    assert "-9" in json.dumps(st["failure"]) or "SIGKILL" in json.dumps(st["failure"])
+
+
+def test_kill9_of_every_process_of_one_host(bed):
+    rid, _ = start(bed)
+    pids = [l.split()[0] for l in bed.run_pids("node2", rid)]
+    assert len(pids) >= 3, pids          # agent, torchrun, the rank
+    at = heartbeat_step(bed, rid)
+    assert bed.tb.run("node2", ["kill", "-9", *pids]).returncode == 0
+    left_s = wait_clean(bed, rid)
+    st = finish(bed, "kill -9 of all of one host's processes", rid, at, "FAILED", None, left_s)
+    assert st["failure"]["host"] == "node2", st["failure"]
+
+
+def test_host_cut_off_the_network(bed):
+    rid, _ = start(bed)
+    at = heartbeat_step(bed, rid)
+    link = "tbveth3"
+    subprocess.run(["ip", "link", "set", link, "down"], check=True)
+    try:
+        # the other hosts stop (the gang notices node3 is silent); node3 stops itself (node 0 silent)
+        left_s = wait_clean(bed, rid, timeout=90, hosts=["node1", "node2"])
+        # node3 cannot be asked over ssh while cut off: look at its processes from here, by network namespace
+        t0 = time.time()
+        while True:
+            out = subprocess.run(["ip", "netns", "pids", "node3"], capture_output=True, text=True).stdout.split()
+            mine = [p for p in out if _env_has(p, f"CLUSTER_RUN_ID={rid}")]
+            if not mine:
+                break
+            assert time.time() - t0 < 60, f"node3 still runs {mine} while cut off"
+            time.sleep(0.5)
+        node3_s = left_s + time.time() - t0
+    finally:
+        subprocess.run(["ip", "link", "set", link, "up"], check=True)
+    time.sleep(1)
+    st = finish(bed, "host cut off the network (link down)", rid, at, "FAILED", None, max(left_s, node3_s))
+    f = st["failure"]
+    assert f["host"] == "node3" and "cut off the network" in f["error"], f
+    assert "node-lost" in [x["pattern_id"] for x in f["findings"]], f["findings"]
+    assert sorted(f["gang_stopped"]) == ["node1", "node2"]
+
+
+def _env_has(pid, entry):
+    try:
+        return entry.encode() in open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+    except OSError:
+        return False
+
+
+def test_submitter_killed_in_the_middle_of_a_launch(bed):
+    job = bed.job(TRAIN.format(steps=STEPS, log_every=2))
+    p = subprocess.Popen([sys.executable, "-m", "cluster", "submit", str(job), "-i", str(bed.tb.inventory)],
+                         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         env=bed.tb.env(CLUSTER_RUNS_DIR=str(bed.runs)))
+    # kill it the moment the first agent is up (the others may or may not be)
+    deadline = time.time() + 120
+    rid = None
+    while True:
+        assert time.time() < deadline and p.poll() is None, "the launch never started"
+        runs = list(bed.runs.iterdir()) if bed.runs.exists() else []
+        if runs:
+            rid = runs[0].name
+            if any(bed.host_file(h, rid, f"state/{h}.pid").exists() for h in bed.tb.host_names):
+                break
+        time.sleep(0.01)
+    p.kill()
+    p.wait()
+    started = [h for h in bed.tb.host_names if bed.host_file(h, rid, f"state/{h}.pid").exists()]
+    # from a new shell: status sees the launch was cut short, stops what had started, records FAILED
+    t0 = time.time()
+    p = bed.cli("status", rid)
+    assert p.returncode == 0 and f"run {rid}: FAILED" in p.stdout, p.stdout + p.stderr
+    assert "ended in the middle of the launch" in p.stdout and "hint: submit again" in p.stdout, p.stdout
+    left_s = wait_clean(bed, rid, timeout=10) + time.time() - t0
+    assert bed.record(rid)["final"]
+    # and stop, run by hand as well, finds nothing left
+    p = bed.cli("stop", rid, "--grace-s", "3")
+    assert p.returncode == 0 and "nothing of the run is left running" in p.stdout, p.stdout + p.stderr
+    report("submitter killed mid-launch", state="FAILED", started_before_kill=len(started),
+           clean_after_s=round(left_s, 1), steps_lost=0)
+
+
+def test_disk_full_while_a_checkpoint_is_written(bed):
+    # node1's run directories on a small filesystem of their own; fill it once a checkpoint exists
+    runs_dir = bed.workdir["node1"] / "runs"
+    runs_dir.mkdir(exist_ok=True)
+    hidden = runs_dir.with_name("runs.before-tmpfs")
+    os.rename(runs_dir, hidden)
+    runs_dir.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(runs_dir)], check=True)
+    filler = runs_dir / "filler"
+    try:
+        rid, _ = bed.submit(bed.job(TRAIN.format(steps=STEPS, log_every=2)))
+        wait_step(bed, rid, 12)
+        assert latest_on(bed, rid) in ("ckpt_10.pt", "ckpt_20.pt")
+        before = latest_on(bed, rid)
+        at = heartbeat_step(bed, rid)
+        # leave room for log lines and heartbeats, not for the next checkpoint (about 80 kB)
+        fs = os.statvfs(runs_dir)
+        with open(filler, "wb") as f:
+            f.write(b"\0" * (fs.f_bavail * fs.f_frsize - 40 * 1024))
+        left_s = wait_clean(bed, rid, timeout=90)
+        at = heartbeat_step(bed, rid)
+        log = bed.host_file("node1", rid, "logs/node1.log").read_text()
+        assert "checkpoint: cannot write" in log and "latest good checkpoint is still" in log, log[-3000:]
+        st = bed.wait(rid, timeout=120)
+        assert st["state"] == "FAILED"
+        findings = st["failure"].get("findings", [])
+        assert "disk-full" in [f["pattern_id"] for f in findings], findings
+        good = latest_on(bed, rid)
+        assert good == before or good > before
+        ck = torch.load(bed.host_file("node1", rid, f"checkpoints/{good}"), weights_only=True)   # still usable
+        assert f"ckpt_{ck['step']}.pt" == good
+        assert not list(bed.host_file("node1", rid, "checkpoints").glob(".ckpt_*"))   # no half-written file left
+    finally:
+        filler.unlink(missing_ok=True)
+    try:
+        resumed_at = resume(bed, rid)
+        assert f"ckpt_{resumed_at}.pt" == good
+        report("disk full while a checkpoint is written", state="FAILED", step_at_fault=at, resumed_at=resumed_at,
+               steps_lost=at - resumed_at, clean_after_s=round(left_s, 1))
+    finally:
+        subprocess.run(["umount", "-l", str(runs_dir)], check=False)
+        runs_dir.rmdir()
+        os.rename(hidden, runs_dir)
+
+
+def test_sigterm_to_the_run(bed):
+    rid, _ = start(bed)
+    at = heartbeat_step(bed, rid)
+    # what a scheduler or an admin does: TERM to every process group of the run, on every host
+    for h in bed.tb.host_names:
+        pgid = json.loads(bed.host_file(h, rid, f"state/{h}.pid").read_text())["pgid"]
+        assert bed.tb.run(h, ["kill", "-TERM", f"-{pgid}"]).returncode == 0
+    left_s = wait_clean(bed, rid)
+    finish(bed, "SIGTERM to the run", rid, at, "CANCELLED", None, left_s)
