@@ -47,6 +47,7 @@ EXPECTED = {
     "ssh_openssh_denied": ["ssh-auth", "ssh-host-key"],
     "ssh_paramiko_unknown_host": ["ssh-host-key"],
     "ssh_openssh_unreachable": ["ssh-unreachable"],
+    "node_lost": ["node-lost"],
     # made on a 2-GPU host by generate.py gpu
     "torch_too_old": ["version-mismatch"],
     "cuda_oom": ["cuda-oom"],
