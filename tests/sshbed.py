@@ -2,6 +2,8 @@
 conftest.py): the CLI in a new process with its own runs/ dir, job files, waits, and what is left
 of a run on each host, checked over ssh (each host looking at its own network namespace)."""
 import json
+import os
+import select
 import subprocess
 import sys
 import time
@@ -134,3 +136,29 @@ def assert_merged(merged: list[str], per_host: dict):
     assert len(merged) == sum(len(v) for v in per_host.values())
 
 
+
+
+def pty_cli(args, send: bytes, env: dict, timeout: float = 60):
+    """Run ``python -m cluster ARGS`` on a pseudo-terminal as a user would, type ``send``;
+    return (exit code, everything the terminal showed)."""
+    import pty
+    master, slave = pty.openpty()
+    p = subprocess.Popen([sys.executable, "-m", "cluster", *map(str, args)], cwd=REPO, stdin=slave, stdout=slave,
+                         stderr=slave, start_new_session=True, env=env)
+    os.close(slave)
+    os.write(master, send)
+    out, deadline = b"", time.time() + timeout
+    while time.time() < deadline:
+        r, _, _ = select.select([master], [], [], 0.5)
+        if r:
+            try:
+                data = os.read(master, 4096)
+            except OSError:       # EIO: the other side is closed
+                break
+            if not data:
+                break
+            out += data
+        elif p.poll() is not None:
+            break
+    os.close(master)
+    return p.wait(timeout=10), out.decode(errors="replace")

@@ -1,8 +1,6 @@
 """shell and jupyter on the cluster in a box: a shell on a run's node through a pty, a server on a
 node's loopback forwarded here through ssh, and nothing left on the node after either."""
-import os
 import re
-import select
 import signal
 import socket
 import subprocess
@@ -12,7 +10,7 @@ import urllib.request
 
 import pytest
 
-from tests.sshbed import HELLO, REPO
+from tests.sshbed import HELLO, REPO, pty_cli
 
 pytestmark = pytest.mark.testbed
 
@@ -29,29 +27,7 @@ print(listening, alive)
 
 
 def pty_session(bed, args, send: bytes, timeout=60):
-    """Run the CLI on a pseudo-terminal as a user would, type ``send``, return (exit code, output)."""
-    import pty
-    master, slave = pty.openpty()
-    p = subprocess.Popen([sys.executable, "-m", "cluster", *args], cwd=REPO, stdin=slave, stdout=slave,
-                         stderr=slave, start_new_session=True,
-                         env=bed.tb.env(CLUSTER_RUNS_DIR=str(bed.runs)))
-    os.close(slave)
-    os.write(master, send)
-    out, deadline = b"", time.time() + timeout
-    while time.time() < deadline:
-        r, _, _ = select.select([master], [], [], 0.5)
-        if r:
-            try:
-                data = os.read(master, 4096)
-            except OSError:       # EIO: the other side is closed
-                break
-            if not data:
-                break
-            out += data
-        elif p.poll() is not None:
-            break
-    os.close(master)
-    return p.wait(timeout=10), out.decode(errors="replace")
+    return pty_cli(args, send, bed.tb.env(CLUSTER_RUNS_DIR=str(bed.runs)), timeout)
 
 
 @pytest.fixture

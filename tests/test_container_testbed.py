@@ -8,12 +8,15 @@ list_argv on each host. The last test runs the same through ``python -m cluster`
 backend (skipped while cluster/backends/ssh.py does not exist).
 """
 import json
+import re
 import secrets
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -22,6 +25,8 @@ import yaml
 from cluster import container
 from cluster.config import load_inventory, load_job
 from cluster.plan import make_plan
+
+from tests.sshbed import pty_cli
 
 from .test_container_podman import _podman_problem, podman_args
 
@@ -212,6 +217,25 @@ def test_cli_submit_and_stop_in_podman_with_the_ssh_backend(cl, bed, tmp_path):
     while cli("logs", rid).stdout.count("hello from rank") < 3 * NPROC:
         assert time.time() < deadline, cli("logs", rid).stdout[-3000:]
         time.sleep(1)
+    # a shell on node 1 is inside that host's container of the run, in the run's directory
+    env = bed.env(CLUSTER_RUNS_DIR=str(runs))
+    code, out = pty_cli(["shell", rid, "--node", "1"],
+                        b'echo "IN:$(hostname):$(pwd):$(test -e /run/.containerenv && echo container)"; exit\n', env)
+    node2 = cl.inv.hosts[1]
+    assert code == 0 and f"IN:node2:{node2.workdir}:container" in out, out
+    # a server started in that container, on the node's loopback, through the tunnel; gone after Ctrl-C
+    j = subprocess.Popen([sys.executable, "-m", "cluster", "jupyter", rid, "--node", "1", "--", "python3", "-c",
+                          "import http.server as h, sys, os; open('inside', 'w').write(str(os.path.exists('/run/.containerenv'))); "
+                          "h.test(HandlerClass=h.SimpleHTTPRequestHandler, port=int(sys.argv[1]), bind='127.0.0.1')",
+                          "{port}"], cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    url = re.search(r"http://\S+", j.stdout.readline()).group(0)
+    with urllib.request.urlopen(url + "inside", timeout=10) as r:
+        assert r.read() == b"True"
+    j.send_signal(signal.SIGINT)
+    assert j.wait(timeout=30) == 0, j.stderr.read()
+    ps = bed.run(node2.name, ["podman", "exec", container.container_name(rid, node2.name), "sh", "-c",
+                              "for p in /proc/[0-9]*; do cat $p/cmdline; echo; done"])
+    assert "http.server" not in ps.stdout and "h.test" not in ps.stdout, ps.stdout
     p = cli("stop", rid)
     assert p.returncode == 0, p.stdout + p.stderr
     for h in cl.inv.hosts:
