@@ -191,9 +191,12 @@ def shell(t: Target) -> int:
         if t.run.state.is_terminal():
             raise UserError(f"run {t.run.id} is {t.run.state.value}: its SLURM allocation is gone",
                             hint="a shell on a SLURM node lives inside the job's allocation: use it while the run runs")
+        task = (t.run.data.get("plan") or {}).get("task") or {}
+        wd = task.get("workdir") or t.workdir
+        env = [f"{k}={v}" for k, v in sorted(((t.node or {}).get("env") or {}).items())]
         argv = ["srun", f"--jobid={jid}", "--overlap", "--pty", "--nodes=1", "--ntasks=1",
-                f"--relative={t.node_rank}", f"--chdir={t.workdir}", "sh", "-c", INTERACTIVE]
-        print(f"shell on node {t.node_rank} of SLURM job {jid} (run {t.run.id}), in {t.workdir}", file=sys.stderr)
+                f"--relative={t.node_rank}", f"--chdir={wd}"] + (["env"] + env if env else []) + ["sh", "-c", INTERACTIVE]
+        print(f"shell on node {t.node_rank} of SLURM job {jid} (run {t.run.id}), in {wd}", file=sys.stderr)
         return _exec(argv, None)
     argv, assigns = shell_argv(t)
     print(f"shell on {t.label}, in {t.workdir}" + (f" (inside {t.container.runtime} container)" if t.container else ""),

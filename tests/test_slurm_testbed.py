@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from cluster.backends.slurm import job_info
+from tests.sshbed import pty_cli
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.testbed, pytest.mark.slow]
@@ -192,11 +193,16 @@ def test_two_nodes_four_ranks_one_per_gpu_and_never_run_again(testbed, tmp_path)
     assert s.status(run_id)["state"] == "SUCCEEDED"
 
 
-def test_stop_mid_run_cancels_and_leaves_nothing(testbed, tmp_path):
+def test_stop_mid_run_cancels_and_leaves_nothing_and_a_shell_on_node_1_first(testbed, tmp_path):
     s = Slurm(testbed, tmp_path)
     run_id, jid = s.submit(s.job("hello", HELLO.format(sleep=300)))
     wait(lambda: s.logs(run_id).count("hello from rank") == 4, "all 4 ranks running", timeout=90)
     assert s.status(run_id)["state"] == "RUNNING" and job_pids(jid)
+    # a shell on node 1, inside the job's allocation, in the run's directory with its environment
+    code, out = pty_cli(["shell", run_id, "--node", "1"],
+                        b'echo "AT:$(hostname):$(pwd):$SLURM_JOB_ID:$CLUSTER_RUN_ID"; exit 4\n',
+                        s.testbed.env(CLUSTER_RUNS_DIR=str(s.runs)))
+    assert f"AT:node2:{REPO}:{jid}:{run_id}" in out and code == 4, out
     p = s.cli("stop", run_id)
     assert p.returncode == 0, p.stderr
     assert "nothing of the run is left running" in p.stdout
