@@ -2,8 +2,6 @@
 a local shell through a pty, and the node-side server watcher (cluster.hostside._serve)."""
 import json
 import os
-import pty
-import select
 import socket
 import subprocess
 import sys
@@ -20,6 +18,7 @@ from cluster.errors import UserError
 from cluster.hostside import _host_source
 from cluster.runs import Run
 from cluster.schema import to_plain
+from tests.sshbed import pty_cli
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -90,26 +89,9 @@ def test_local_shell_through_a_pty(tmp_path, monkeypatch):
     wd = tmp_path / "work dir"
     wd.mkdir()
     local_run(tmp_path, monkeypatch, wd)
-    master, slave = pty.openpty()
-    p = subprocess.Popen([sys.executable, "-m", "cluster", "shell", "hello-1"], cwd=REPO, stdin=slave,
-                         stdout=slave, stderr=slave, start_new_session=True)
-    os.close(slave)
-    os.write(master, b'echo "AT:$(pwd):$CLUSTER_RUN_ID:$WEIRD"; exit 5\n')
-    out, deadline = b"", time.time() + 30
-    while time.time() < deadline:
-        if select.select([master], [], [], 0.5)[0]:
-            try:
-                data = os.read(master, 4096)
-            except OSError:
-                break
-            if not data:
-                break
-            out += data
-        elif p.poll() is not None:
-            break
-    os.close(master)
-    assert p.wait(timeout=10) == 5
-    assert f"AT:{wd}:hello-1:a'b; $(x)" in out.decode(), out
+    code, out = pty_cli(["shell", "hello-1"], b'echo "AT:$(pwd):$CLUSTER_RUN_ID:$WEIRD"; exit 5\n', dict(os.environ), 30)
+    assert code == 5
+    assert f"AT:{wd}:hello-1:a'b; $(x)" in out, out
     # a node the run does not have
     q = subprocess.run([sys.executable, "-m", "cluster", "shell", "hello-1", "--node", "3"], cwd=REPO,
                        capture_output=True, text=True)
