@@ -107,6 +107,21 @@ def start_now(jid, restarts):
     subprocess.run(["scontrol", "update", f"jobid={jid}", "StartTime=now"], check=True, timeout=30)
 
 
+def wait_slurm_state(jid, state, timeout=120):
+    """Until the job is in ``state``; a job still PENDING is nudged again every 15 s (on a loaded
+    machine the first StartTime=now can land before the requeue settled)."""
+    deadline, nudged = time.time() + timeout, time.time()
+    while time.time() < deadline:
+        now = slurm_state(jid)
+        if now == state:
+            return
+        if now == "PENDING" and time.time() - nudged > 15:
+            subprocess.run(["scontrol", "update", f"jobid={jid}", "StartTime=now"], timeout=30)
+            nudged = time.time()
+        time.sleep(0.5)
+    raise AssertionError(f"job {jid} not {state} after {timeout}s: {job_info(jid)}")
+
+
 def job_pids(jid, netns=None):
     """Live processes of a SLURM job (its tasks, their payloads, its slurmstepds), on any node."""
     ino = os.stat(f"/run/netns/{netns}").st_ino if netns else None
@@ -187,7 +202,7 @@ def test_two_nodes_four_ranks_one_per_gpu_and_never_run_again(testbed, tmp_path)
     # a finished run is never run again, even when SLURM requeues the job
     subprocess.run(["scontrol", "requeue", jid], check=True, timeout=30)
     start_now(jid, 1)
-    wait(lambda: slurm_state(jid) == "COMPLETED", "the requeued job to complete", timeout=60)
+    wait_slurm_state(jid, "COMPLETED")
     again = s.logs(run_id)
     assert again.count("not running it again") == 4 and again.count("hello from rank") == 4
     assert s.status(run_id)["state"] == "SUCCEEDED"
