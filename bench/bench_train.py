@@ -30,7 +30,8 @@ REPO = Path(__file__).resolve().parent.parent
 FLOP_PER_IMAGE = 24.5e9
 PEAK_BF16_FLOPS = 989e12
 
-# name -> train/ key=value arguments (ResNet-50, synthetic data, 224 px unless set)
+# name -> train/ key=value arguments (ResNet-50, synthetic data, 224 px unless set). In a plan,
+# NAME@2 runs NAME again (recorded under NAME@2), to show the run-to-run spread.
 TRAIN_VARIANTS = {
     "train-eager": ["compile=false"],
     "train-compile": ["compile=true", "compile_mode=default"],
@@ -39,6 +40,13 @@ TRAIN_VARIANTS = {
     "train-autotune-cg": ["compile=true", "compile_mode=max-autotune"],
     "train-compile-b512": ["compile=true", "compile_mode=default", "batch_size=512"],
     "train-cudagraphs-b512": ["compile=true", "compile_mode=reduce-overhead", "batch_size=512"],
+    # since 2026-11-28 (no DDP at world size 1, train.model.fast_stem; see bench/step_variants.py)
+    "train-plain-b512": ["compile=true", "compile_mode=reduce-overhead", "batch_size=512", "fast_stem=false"],
+    "train-fast-b512": ["compile=true", "compile_mode=reduce-overhead", "batch_size=512", "fast_stem=true"],
+    "train-fast-tuned-b512": ["compile=true", "compile_mode=reduce-overhead", "batch_size=512", "fast_stem=true",
+                              "tune_kernels=true"],
+    "train-fast": ["compile=true", "compile_mode=reduce-overhead", "fast_stem=true"],
+    "train-fast-tuned": ["compile=true", "compile_mode=reduce-overhead", "fast_stem=true", "tune_kernels=true"],
 }
 PLANS = {
     # first call: correctness on GPU, the baseline, the main variants, scaling of the better one
@@ -230,7 +238,7 @@ def main() -> None:
     if "verify" in plan:
         bench.verify()
     # Single-GPU runs: one lane per GPU, each lane runs its share in order.
-    singles = [name for name in plan if name == "naive" or name in TRAIN_VARIANTS]
+    singles = [name for name in plan if name == "naive" or name.split("@")[0] in TRAIN_VARIANTS]
     lanes = [singles[i::max(1, gpus)] for i in range(max(1, gpus))]
 
     def lane(gpu: int, names: list[str]) -> None:
@@ -240,7 +248,7 @@ def main() -> None:
             elif name == "naive":
                 bench.naive(str(gpu))
             else:
-                bench.train_run(name, TRAIN_VARIANTS[name], 1, str(gpu))
+                bench.train_run(name, TRAIN_VARIANTS[name.split("@")[0]], 1, str(gpu))
 
     threads = [threading.Thread(target=lane, args=(g, names)) for g, names in enumerate(lanes) if names]
     for t in threads:
@@ -249,10 +257,10 @@ def main() -> None:
         t.join()
     if "scaling" in plan and gpus > 1:
         measured = {k: v["img_s_per_gpu"] for k, v in bench.results["runs"].items()
-                    if k in TRAIN_VARIANTS and "img_s_per_gpu" in v}
+                    if k.split("@")[0] in TRAIN_VARIANTS and "img_s_per_gpu" in v}
         best = args.scale or (max(measured, key=measured.get) if measured else "")
         if best and bench.deadline - time.time() > 150:  # a compile and a run
-            bench.scaling(best)
+            bench.scaling(best.split("@")[0])
     bench.write()
     print(markdown(bench.results), flush=True)
 

@@ -4,6 +4,8 @@
 #   bash bench/h200.sh                 # env + bench (plan "first")
 #   PLAN=tune bash bench/h200.sh       # the second round of variants (see bench/bench_train.py)
 #   bash bench/h200.sh env bench       # named steps, in order
+#   bash bench/h200.sh env search final  # step variants (bench/step_variants.py), then the faster
+#                                        # of the fast_stem settings through train/, twice, + verify
 #
 # Results go under $OUT (default ./bench-out): env.txt, results.json, results.md, logs.txt.
 # To add a step (e.g. `make submit JOB=resnet50`), write a function step_<name> below and pass
@@ -31,6 +33,27 @@ step_env() {
 
 step_bench() {
     python3 bench/bench_train.py --out "$OUT" --plan "${PLAN:-first}" --budget-s "$(left)" ${BENCH_ARGS:-}
+}
+
+step_search() {
+    python3 bench/step_variants.py --out "$OUT" --budget-s "${SEARCH_S:-320}" --limit-s 150 \
+        --variants "${VARIANTS:-noddp-ro,stem-both,stem-both-cdt,stem-conv,stem-pool}"
+}
+
+step_final() {
+    # the train/ variant matching the fastest of step_search's: fast_stem (with tune_kernels if
+    # that was over 1% faster), or plain if the stem did not help
+    local best
+    best=$(python3 - "$OUT/variants.json" <<'PY'
+import json, sys
+r = {v["name"]: v.get("img_s", 0) for v in json.load(open(sys.argv[1]))}
+base, fast, tuned = r.get("noddp-ro", 0), r.get("stem-both", 0), r.get("stem-both-cdt", 0)
+print("train-fast-tuned-b512" if tuned > 1.01 * max(fast, base) else
+      "train-fast-b512" if fast >= base else "train-plain-b512")
+PY
+)
+    echo "final: $best"
+    PLAN="verify,$best,$best@2" step_bench
 }
 
 steps=("$@")

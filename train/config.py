@@ -50,6 +50,9 @@ class TrainConfig:
     compile: Any = _f(AUTO, "true | false | auto (torch.compile on for GPU, off on CPU)")
     compile_mode: str = _f("default", "torch.compile mode",
                            ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
+    fast_stem: Any = _f(AUTO, "true | false | auto (on for GPU): a ResNet stem (7x7/2 conv, 3x3/2 max-pool) "
+                           "computed faster, same function and parameters (train/model.py)")
+    tune_kernels: bool = _f(False, "Inductor coordinate-descent tuning of the kernels it generates (longer compile)")
     bucket_cap_mb: int = _f(25, "DDP gradient bucket size in MiB")
     workers: int = _f(4, "DataLoader worker processes per rank (ImageFolder only)")
     prefetch_factor: int = _f(2, "batches each DataLoader worker loads ahead")
@@ -67,7 +70,7 @@ class TrainConfig:
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(TrainConfig)}
 # Keys whose value is true, false or "auto".
-_TRISTATE = {"channels_last", "compile"}
+_TRISTATE = {"channels_last", "compile", "fast_stem"}
 
 
 class ConfigError(ValueError):

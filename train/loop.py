@@ -25,7 +25,7 @@ from .config import ConfigError, TrainConfig
 from .data import build_data
 from .dist import DistEnv, all_gather_objects, all_reduce_sum, barrier, broadcast_object
 from .metrics import MetricsWriter
-from .model import build_model, build_optimizer, wrap
+from .model import build_model, build_optimizer, fast_stem, wrap
 
 # Test hook: every rank dies by SIGKILL right after this step (and its checkpoint), like a job
 # killed mid-run; tests/test_train_resume.py uses it to resume from a real crash.
@@ -37,6 +37,7 @@ class Speed:
     bf16: bool
     channels_last: bool
     compile: bool
+    fast_stem: bool
 
 
 @dataclass
@@ -53,7 +54,11 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
     speed = setup_runtime(cfg, env)
     torch.manual_seed(cfg.seed)  # same initial weights everywhere (DDP also broadcasts rank 0's)
     raw = build_model(cfg.model, cfg.num_classes, cfg.image_size)
-    net, ddp = wrap(raw, env.device, distributed=env.backend is not None, channels_last=speed.channels_last,
+    swapped = fast_stem(raw) if speed.fast_stem else []
+    # One process has nothing to all-reduce: DDP would only split the compiled graph at its
+    # bucket boundaries (and add hooks); 1.8% slower on an H200 (bench/README.md).
+    net, ddp = wrap(raw, env.device, distributed=env.backend is not None and env.world_size > 1,
+                    channels_last=speed.channels_last,
                     compile=speed.compile, compile_mode=cfg.compile_mode, bucket_cap_mb=cfg.bucket_cap_mb)
     optimizer = build_optimizer(raw, cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay, env.device)
     data = build_data(cfg, env, speed.channels_last)
@@ -73,6 +78,7 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
     print0(env, f"train: model={cfg.model} params={sum(p.numel() for p in raw.parameters()) / 1e6:.1f}M "
                 f"world_size={env.world_size} device={env.device.type} backend={env.backend} "
                 f"bf16={speed.bf16} channels_last={speed.channels_last} compile={speed.compile} "
+                f"fast_stem={','.join(swapped) or 'no'} "
                 f"batch={cfg.batch_size}x{cfg.grad_accum}x{env.world_size} steps={total} "
                 f"({steps_per_epoch}/epoch) start_step={pos.step}")
     # A resumed run appends to the same files: this record marks where it took over, and
@@ -138,10 +144,15 @@ def setup_runtime(cfg: TrainConfig, env: DistEnv) -> Speed:
         torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the fastest conv once
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    if cfg.tune_kernels:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.coordinate_descent_tuning = True
     # auto: the fast settings on GPU; plain fp32 on CPU, where they are slower or need a compiler
     return Speed(bf16=cfg.precision == "bf16" or (cfg.precision == "auto" and cuda),
                  channels_last=cuda if cfg.channels_last == "auto" else cfg.channels_last,
-                 compile=cuda if cfg.compile == "auto" else cfg.compile)
+                 compile=cuda if cfg.compile == "auto" else cfg.compile,
+                 fast_stem=cuda if cfg.fast_stem == "auto" else cfg.fast_stem)
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int):

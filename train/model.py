@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -39,6 +40,129 @@ def tiny_cnn(num_classes: int = 10) -> nn.Module:
         nn.Conv2d(3, 16, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(inplace=True),
         nn.Conv2d(16, 32, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(inplace=True),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, num_classes))
+
+
+class SpaceToDepthStemConv(nn.Module):
+    """ResNet's stem, a 7x7 stride-2 padding-3 convolution on 3 channels, computed as a 4x4
+    stride-1 convolution on the 2x2 space-to-depth of the padded input (12 channels, padded to 16).
+
+    The same function of the same parameter (`weight`, 64x3x7x7, so state dicts and checkpoints
+    are unchanged): the 7x7 kernel is zero-padded to 8x8 and rearranged like the input. cuDNN
+    runs the 3-channel 7x7 stride-2 convolution with generic Ampere-style kernels (on an H200 at
+    batch 512: 3.2 ms forward, 1.8 ms weight gradient per ResNet-50 step); 16 channels at stride 1
+    take its Hopper kernels, and all convolutions together fell from 29.4 to 25.6 ms per step
+    (bench/README.md). Inputs of odd height or width fall back to the plain convolution."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        self.weight = conv.weight
+        self.out_channels = conv.out_channels
+
+    @staticmethod
+    def fits(conv: nn.Module) -> bool:
+        return (type(conv) is nn.Conv2d and conv.in_channels == 3 and conv.kernel_size == (7, 7)
+                and conv.stride == (2, 2) and conv.padding == (3, 3) and conv.dilation == (1, 1)
+                and conv.groups == 1 and conv.bias is None and conv.padding_mode == "zeros")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        if h % 2 or w % 2:
+            return F.conv2d(x, self.weight, stride=2, padding=3)
+        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        hp, wp = (h + 6) // 2, (w + 6) // 2
+        # input: pad 3, then (c, 2a+p, 2b+q) -> channel (c, p, q) at (a, b); 12 channels -> 16
+        xs = F.pad(x, (3, 3, 3, 3)).view(n, c, hp, 2, wp, 2).permute(0, 1, 3, 5, 2, 4).reshape(n, 4 * c, hp, wp)
+        xs = F.pad(xs, (0, 0, 0, 0, 0, 16 - 4 * c))
+        # weight: 7x7 -> 8x8 (zero row and column at the end), rearranged the same way
+        k = self.out_channels
+        ws = F.pad(self.weight, (0, 1, 0, 1)).view(k, c, 4, 2, 4, 2).permute(0, 1, 3, 5, 2, 4).reshape(k, 4 * c, 4, 4)
+        ws = F.pad(ws, (0, 0, 0, 0, 0, 16 - 4 * c))
+        if channels_last:
+            xs = xs.contiguous(memory_format=torch.channels_last)
+            ws = ws.contiguous(memory_format=torch.channels_last)
+        return F.conv2d(xs, ws)  # (h+6)/2 - 3 = h/2 rows, as the stride-2 convolution
+
+
+class _MaxPool3x3s2(torch.autograd.Function):
+    """max_pool2d(kernel 3, stride 2, padding 1) that saves the argmax as a uint8 (0..8) and
+    computes the input gradient with pointwise operations that the compiler fuses into one kernel.
+    The same results as F.max_pool2d, ties and NaNs included (first maximum in row-major window
+    order wins, NaN propagates). Measured on an H200 at batch 512 (bench/README.md), its fused
+    backward kernel takes as long as the one Inductor makes from max_pool2d's own backward (3.1
+    against 3.0 ms per step, about 10x what its bytes need): no gain so far, cause not established.
+    It stays in fast_stem because that is the configuration measured end to end."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        ho, wo = (h - 1) // 2 + 1, (w - 1) // 2 + 1
+        xp = F.pad(x, (1, 2 * wo + 1 - w, 1, 2 * ho + 1 - h), value=float("-inf"))
+        best = idx = None
+        for k in range(9):
+            dy, dx = divmod(k, 3)
+            s = xp[..., dy:dy + 2 * ho:2, dx:dx + 2 * wo:2]
+            if best is None:
+                best, idx = s, torch.zeros(s.shape, dtype=torch.uint8, device=s.device)
+            else:
+                take = (s > best) | torch.isnan(s)
+                best = torch.where(take, s, best)
+                idx = torch.where(take, torch.full_like(idx, k), idx)
+        ctx.save_for_backward(idx)
+        ctx.hw = (h, w)
+        ctx.channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
+            and not x.is_contiguous()
+        return best
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (idx,) = ctx.saved_tensors
+        h, w = ctx.hw
+        # Padded input row 2r+pr gets window row dy (pr = dy % 2) of output row r (dy < 2) or r-1
+        # (dy = 2); the same for columns. Build the four parity sub-grids, then interleave them.
+        def shifted(k: int) -> torch.Tensor:
+            dy, dx = divmod(k, 3)
+            g = torch.where(idx == k, grad, torch.zeros_like(grad))
+            return F.pad(g, (1 if dx == 2 else 0, 0 if dx == 2 else 1, 1 if dy == 2 else 0, 0 if dy == 2 else 1))
+
+        sub = [[None, None], [None, None]]
+        for k in range(9):
+            dy, dx = divmod(k, 3)
+            part = shifted(k)
+            cur = sub[dy % 2][dx % 2]
+            sub[dy % 2][dx % 2] = part if cur is None else cur + part
+        grid = torch.stack([torch.stack([sub[pr][0], sub[pr][1]], dim=-1) for pr in (0, 1)], dim=-3)
+        *lead, hh, _, ww, _ = grid.shape
+        full = grid.reshape(*lead, 2 * hh, 2 * ww)[..., 1:1 + h, 1:1 + w]
+        return full.contiguous(memory_format=torch.channels_last) if ctx.channels_last else full.contiguous()
+
+
+class MaxPool3x3s2(nn.Module):
+    """nn.MaxPool2d(3, 2, 1) with the backward of _MaxPool3x3s2."""
+
+    @staticmethod
+    def fits(pool: nn.Module) -> bool:
+        def pair(v):
+            return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+        return (type(pool) is nn.MaxPool2d and pair(pool.kernel_size) == (3, 3) and pair(pool.stride) == (2, 2)
+                and pair(pool.padding) == (1, 1) and pair(pool.dilation) == (1, 1) and not pool.ceil_mode
+                and not pool.return_indices)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _MaxPool3x3s2.apply(x)
+
+
+def fast_stem(model: nn.Module) -> list[str]:
+    """Swap a ResNet-style stem (model.conv1, model.maxpool) for the modules above, in place;
+    return the names of what was swapped (none for other models). Parameters and state-dict keys
+    stay the same."""
+    swapped = []
+    if SpaceToDepthStemConv.fits(getattr(model, "conv1", None)):
+        model.conv1 = SpaceToDepthStemConv(model.conv1)
+        swapped.append("conv1")
+    if MaxPool3x3s2.fits(getattr(model, "maxpool", None)):
+        model.maxpool = MaxPool3x3s2()
+        swapped.append("maxpool")
+    return swapped
 
 
 def wrap(model: nn.Module, device: torch.device, *, distributed: bool, channels_last: bool,
