@@ -64,7 +64,9 @@ if name == "scontrol" and args[:3] == ["show", "job", "-o"]:
         sys.exit(1)
     print(f"JobId={{args[3]}} JobName=x UserId=root(0) JobState={{st}} Reason={{cfg.get('reason', 'None')}} "
           f"Restarts={{cfg.get('restarts', 0)}} ExitCode={{cfg.get('exit', '0:0')}} NodeList={{cfg.get('nodes', 'gpu[01-02]')}} "
-          f"StartTime={{time.strftime('%Y-%m-%dT%H:%M:%S')}} Command=/x/y a b WorkDir=/x")
+          f"StartTime={{time.strftime('%Y-%m-%dT%H:%M:%S')}} "
+          f"EndTime={{time.strftime('%Y-%m-%dT%H:%M:%S', time.localtime(time.time() - cfg.get('ended_ago', 0)))}} "
+          f"Command=/x/y a b WorkDir=/x")
     sys.exit(0)
 if name == "sacct":
     sys.exit(1)
@@ -289,6 +291,26 @@ def test_slurm_states_map_onto_the_projects(tmp_path, fake_slurm, slurm_state, s
         assert [n.host for n in nodes] == ["gpu01", "gpu02"]
     if state == State.FAILED:
         assert run.data["failure"]["exit_code"] == 3
+
+
+@pytest.mark.parametrize("slurm_state", ["NODE_FAIL", "PREEMPTED"])
+def test_node_fail_and_preemption_of_a_requeue_job_are_not_final_at_once(tmp_path, fake_slurm, slurm_state):
+    from cluster.submit import backend_for
+    run = _slurm_run(tmp_path)
+    run.update(plan={**run.data["plan"], "task": {"requeue": True, "max_requeues": 3}})
+    fake_slurm.configure(state=slurm_state, exit="0:9", restarts=1, ended_ago=5)
+    got, nodes = backend_for(run).status(run)
+    assert got == State.PENDING and "awaiting requeue" in nodes[0].detail and not run.data.get("final")
+    # still in it long after: SLURM did not requeue it (no requeues left, PreemptMode=CANCEL ...)
+    fake_slurm.configure(state=slurm_state, exit="0:9", restarts=1, ended_ago=600)
+    got, _ = backend_for(run).status(run)
+    assert got == State.FAILED and run.data["final"]
+    # no requeues left: final at once
+    (tmp_path / "b").mkdir()
+    run2 = _slurm_run(tmp_path / "b")
+    run2.update(plan={**run2.data["plan"], "task": {"requeue": True, "max_requeues": 3}})
+    fake_slurm.configure(state=slurm_state, exit="0:9", restarts=3, ended_ago=5)
+    assert backend_for(run2).status(run2)[0] == State.FAILED
 
 
 def test_stop_is_scancel_and_waits_for_slurm(tmp_path, fake_slurm):

@@ -77,6 +77,10 @@ nodefile nodelist ntasks_per_core ntasks_per_socket overcommit oversubscribe pow
 profile propagate reboot reservation sockets_per_node spread_job switches thread_spec
 threads_per_core time_min tmp use_min_nodes wait_all_nodes wckey""".split())
 PORT_BASE, PORT_SPAN = 20000, 10000
+# a --requeue job that ended in one of these is requeued by SLURM (node failure, preemption with
+# PreemptMode=REQUEUE); only if it is still in it this long after its end is the run over
+REQUEUED_AFTER = ("NODE_FAIL", "PREEMPTED")
+REQUEUE_GRACE_S = 180
 _PORT_SHELL = f"$(({PORT_BASE} + SLURM_JOB_ID % {PORT_SPAN}))"
 START_MARK = "start of job"   # the batch script's first line, once per start (requeues included)
 _SRUN_ERROR = re.compile(r"srun: error: (?P<host>\S+): tasks? (?P<rank>\d+)[^:]*: (?P<what>.*)")
@@ -239,6 +243,12 @@ class SlurmBackend(Backend):
         restarts = int(info.get("Restarts", "0") or 0)
         detail = f"job {jid} {raw}" + (f" ({info['Reason']})" if info.get("Reason") not in (None, "None") else "")
         detail += f", requeued {restarts}x" if restarts else ""
+        task = (run.data.get("plan") or {}).get("task") or {}
+        if raw in REQUEUED_AFTER and task.get("requeue") and restarts < int(task.get("max_requeues", 0)):
+            # SLURM shows these for a moment before it requeues a --requeue job: not final yet
+            ended = _epoch(info.get("EndTime")) or time.time()
+            if time.time() - ended < REQUEUE_GRACE_S:
+                return [NodeStatus(f"job {jid}", State.PENDING, detail=detail + ", awaiting requeue")]
         nodelist = info.get("NodeList", "")
         hosts = hostlist.expand(nodelist) if nodelist and nodelist not in ("(null)", "None assigned") else []
         if state == State.PENDING or not hosts:
