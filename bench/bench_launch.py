@@ -35,20 +35,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 BRIDGE, PREFIX, VETH = "ddpbn0", "10.214.0.", "bnv"
-SSHD_CONFIG = """Port 22
-AuthorizedKeysFile {sd}/authorized_keys
-PermitRootLogin prohibit-password
-PubkeyAuthentication yes
-PasswordAuthentication no
-KbdInteractiveAuthentication no
-UsePAM no
-StrictModes no
-PrintMotd no
-UseDNS no
-MaxStartups 200:30:400
-MaxSessions 200
-Subsystem sftp /usr/lib/openssh/sftp-server
-"""
 
 
 # ---------------------------------------------------------------- the payload (each rank)
@@ -77,10 +63,12 @@ class Hosts:
         self.pids: dict[str, int] = {}
 
     def up(self) -> None:
+        sys.path.insert(0, str(REPO))
+        from tests.testbed.bed import SSHD_CONFIG     # the cluster in a box's sshd settings
         sd = self.sd
         sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", sd / "client_key")
         (sd / "authorized_keys").write_text((sd / "client_key.pub").read_text())
-        (sd / "sshd_config").write_text(SSHD_CONFIG.format(sd=sd))
+        (sd / "sshd_config").write_text(SSHD_CONFIG.format(sd=sd, marker="ddp launch bench"))
         (sd / "logs").mkdir()
         os.makedirs("/run/sshd", exist_ok=True)
         sh("ip", "link", "add", BRIDGE, "type", "bridge")

@@ -254,12 +254,21 @@ def pull_logs(hosts: Sequence[Host], ssh: SSHSettings, run_id: str, dest: Path, 
 
 
 # ---------------------------------------------------------------- the watcher
+QUIET_START_S = 15.0
+
+
 def watch(run_id: str, poll_s: float = 5.0) -> int:
     """Detached, one per ssh run: keep node 0's checkpoints synced until the run ends, then once more.
 
     It also polls the run's status, which stops every node if one failed (the agents' gang does the
     same without it), and collects the logs at the end.
     """
+    try:
+        os.nice(10)         # a helper: the run's own processes (here too, on a one-box cluster) come first
+    except OSError:
+        pass
+    # the first seconds belong to the run starting (every host imports torch): poll once it is up
+    time.sleep(QUIET_START_S)
     from .runs import Run, State
     from .submit import backend_for
     first = Run(run_id)
@@ -267,10 +276,6 @@ def watch(run_id: str, poll_s: float = 5.0) -> int:
     every_s = (first.data.get("job", {}).get("resolved", {}).get("checkpoint", {}) or {}).get("sync_every_s", 60)
     node0 = be.inv.host(first.data["plan"]["nodes"][0]["host"])
     dest = Path(first.data.get("checkpoint_dir") or first.dir / "checkpoints")
-    try:
-        os.nice(10)         # a helper: the run's own processes (here too, on a one-box cluster) come first
-    except OSError:
-        pass
     last_sync = last_seen = time.time()
     while True:
         time.sleep(poll_s)
