@@ -71,7 +71,7 @@ shell: $(STAMP)
 	$(PY) -m cluster shell $(RUN) $(if $(NODE),--node $(NODE))
 
 jupyter: $(STAMP)
-	$(PY) -m cluster jupyter $(RUN) $(if $(NODE),--node $(NODE)) $(if $(HOST),--host $(HOST)) $(if $(INVENTORY),--inventory $(INVENTORY)) $(if $(PORT),--port $(PORT))
+	$(PY) -m cluster jupyter $(RUN) $(if $(NODE),--node $(NODE)) $(if $(ON_HOST),--host $(ON_HOST)) $(if $(INVENTORY),--inventory $(INVENTORY)) $(if $(PORT),--port $(PORT))
 
 test: $(STAMP) testbed-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
