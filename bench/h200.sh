@@ -56,6 +56,27 @@ PY
     PLAN="verify,$best,$best@2" step_bench
 }
 
+step_round3() {
+    # the max-pool backward as a Triton kernel: alone, then in the step against Inductor's, a
+    # profile, and train/ itself (torchrun) after the correctness check
+    python3 bench/step_variants.py --out "$OUT" --budget-s "${SEARCH_S:-330}" --limit-s 160 \
+        --variants "${VARIANTS:-maxpool-micro,stem-both,stem-both-inductor,stem-both-profile}"
+    PLAN="${FINAL:-verify,train-fast-b512}" step_bench
+}
+
+step_probe() {
+    # can this machine host the launch bench (network namespaces, sshd, pdsh)?
+    {
+        id -u; nproc; uname -r
+        for t in ip unshare sshd pdsh rsync; do printf '%s: %s\n' "$t" "$(command -v $t || echo missing)"; done
+        unshare -n true && echo "unshare -n: ok" || echo "unshare -n: failed"
+        ip netns add benchprobe 2>&1 && ip netns exec benchprobe ip link set lo up 2>&1 && echo "netns: ok"
+        ip netns del benchprobe 2>/dev/null
+        ip link add bprobe0 type veth peer name bprobe1 2>&1 && echo "veth: ok"; ip link del bprobe0 2>/dev/null
+    } > "$OUT/probe.txt" 2>&1
+    cat "$OUT/probe.txt"
+}
+
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(env bench)
 rc=0

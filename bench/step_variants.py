@@ -54,6 +54,12 @@ VARIANTS: dict[str, dict] = {
                       "ind.coordinate_descent_tuning": True},
     "stem-both-profile": {"ddp": 0, "mode": "default", "stem": "conv1,maxpool", "profile": 1},
     "stem-both-b256": {"ddp": 0, "mode": "reduce-overhead", "stem": "conv1,maxpool", "bs": 256},
+    # tri: the max-pool backward as train/'s Triton kernel (1, the default) or Inductor's (0)
+    "stem-both-inductor": {"ddp": 0, "mode": "reduce-overhead", "stem": "conv1,maxpool", "tri": 0},
+    "stem-both-tri-cdt": {"ddp": 0, "mode": "reduce-overhead", "stem": "conv1,maxpool",
+                          "ind.coordinate_descent_tuning": True, "ind.compile_threads": 16},
+    # the max-pool backward alone at ResNet-50's stem size: Triton kernel against Inductor's
+    "maxpool-micro": {"micro": 1},
 }
 # the first call (2026-11-28): DDP at world size 1, compile and cuDNN options, batch
 FIRST = ["ddp-ro", "noddp-ro", "profile", "ddp-whole-ro", "noddp-ro-1x1mm", "noddp-ro-cudnnall",
@@ -67,8 +73,12 @@ def child(name: str, spec: dict, steps: int, warmup: int) -> dict:
     sys.path.insert(0, str(REPO))
     from train import dist
     from train.loop import train_step, warmup_cosine
+    from train import model as train_model
     from train.model import MaxPool3x3s2, SpaceToDepthStemConv, build_model, build_optimizer, wrap
 
+    train_model.USE_TRITON_MAXPOOL = bool(spec.get("tri", 1))
+    if spec.get("micro"):
+        return maxpool_micro(name, spec)
     for key, value in spec.items():
         if key.startswith("ind."):
             import torch._inductor.config as ic
@@ -139,6 +149,46 @@ def child(name: str, spec: dict, steps: int, warmup: int) -> dict:
     return result
 
 
+def maxpool_micro(name: str, spec: dict) -> dict:
+    """The max-pool backward at ResNet-50's stem (512 x 64 x 112 x 112, bf16, channels-last):
+    median ms of train/'s Triton kernel and of Inductor's kernel compiled from the pointwise
+    formulation and from max_pool2d's own backward; and whether they agree with eager PyTorch."""
+    import torch
+    import torch.nn.functional as F
+    from triton.testing import do_bench
+
+    from train import model as m
+
+    x = torch.randn(512, 64, 112, 112, device="cuda", dtype=torch.bfloat16).relu()
+    x = x.contiguous(memory_format=torch.channels_last)
+
+    class Ctx:
+        def save_for_backward(self, *t):
+            self.saved = t
+
+    ctx = Ctx()
+    out = m._MaxPool3x3s2.forward(ctx, x)
+    (idx,) = ctx.saved
+    g = torch.randn_like(out).contiguous(memory_format=torch.channels_last)
+    a = x.clone().requires_grad_()
+    F.max_pool2d(a, 3, 2, 1).backward(g)
+    op = m._maxpool_bwd_op()
+    tri = lambda: op(g, idx, 112, 112)  # noqa: E731
+    pointwise = torch.compile(lambda: m._maxpool_bwd_pointwise(g, idx, 112, 112, True))
+    xi = x.clone().requires_grad_()
+    yi = torch.compile(lambda t: F.max_pool2d(t, 3, 2, 1))(xi)
+    inductor_native = lambda: torch.autograd.grad(yi, xi, g, retain_graph=True)  # noqa: E731
+    res = {"name": name, "spec": spec, "batch": 512,
+           "triton_equal_eager": bool(torch.equal(tri(), a.grad)),
+           "pointwise_equal_eager": bool(torch.equal(pointwise(), a.grad))}
+    for key, fn in (("triton_ms", tri), ("inductor_pointwise_ms", pointwise), ("inductor_native_ms", inductor_native)):
+        fn()
+        res[key] = round(do_bench(fn, warmup=50, rep=300, return_mode="median"), 4)
+    res["bytes_gb"] = round((g.numel() * 2 + idx.numel() + x.numel() * 2) / 1e9, 3)
+    res["triton_tb_s"] = round(res["bytes_gb"] / res["triton_ms"], 2)
+    return res
+
+
 def profile(step, n: int) -> dict:
     """GPU time per step by kind of kernel, and the top kernels (mode=default: no CUDA graphs)."""
     import torch
@@ -187,6 +237,11 @@ def markdown(results: list[dict]) -> str:
             lines.append(f"| {r['name']} | {r['batch']} | {r['img_s']:.0f} | {r['windows']} | {r['step_ms_median']} | "
                          f"{r['step_ms_p90']} | {r['peak_mem_gb']} | {100 * r['mfu']:.1f}% | {r['warmup_s']} | "
                          f"{json.dumps(r['spec'])} |")
+        elif "triton_ms" in r:
+            lines.append(f"| {r['name']} | {r['batch']} | max-pool backward: Triton {r['triton_ms']} ms "
+                         f"({r['triton_tb_s']} TB/s), Inductor {r['inductor_pointwise_ms']} / "
+                         f"{r['inductor_native_ms']} ms | | | | | | | equal to eager: "
+                         f"{r['triton_equal_eager']} / {r['pointwise_equal_eager']} |")
         elif "gpu_ms_per_step" in r:
             lines.append(f"| {r['name']} | {r['batch']} | profile: {r['gpu_ms_per_step']} GPU ms/step | | | | "
                          f"{r.get('peak_mem_gb')} | | {r['warmup_s']} | {json.dumps(r['gpu_ms_per_step_by_kind'])} |")

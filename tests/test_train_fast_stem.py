@@ -77,3 +77,42 @@ def test_fast_stem_traces_under_torch_compile():
     (g,) = torch.autograd.grad(out, fast[0].weight)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-4)
+
+
+_TRITON_CHECK = r"""
+import torch, torch.nn.functional as F
+from train import model as m
+op = m._maxpool_bwd_op()
+assert op is not None, "no Triton"
+torch.manual_seed(3)
+for shape in [(2, 5, 16, 16), (2, 3, 15, 17), (1, 4, 2, 3), (3, 8, 7, 7), (1, 2, 1, 1)]:
+    x = torch.randn(*shape).relu().round(decimals=1).contiguous(memory_format=torch.channels_last)
+    a = x.clone().requires_grad_()
+    ref = F.max_pool2d(a, 3, 2, 1)
+    g = torch.randn_like(ref)
+    ref.backward(g)
+    class Ctx:
+        def save_for_backward(self, *t):
+            self.saved = t
+    ctx = Ctx()
+    m._MaxPool3x3s2.forward(ctx, x)
+    got = op(g, ctx.saved[0], *shape[-2:])
+    assert got.is_contiguous(memory_format=torch.channels_last), shape
+    assert torch.equal(got, a.grad), (shape, (got - a.grad).abs().max())
+print("ok")
+"""
+
+
+def test_max_pool_triton_backward_kernel_matches_torch(tmp_path):
+    """The CUDA backward kernel, run by Triton's interpreter on the CPU (the GPU run is in
+    bench/step_variants.py's maxpool-micro): every input pixel, ties at zero, odd sizes, 1x1."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", _TRITON_CHECK], capture_output=True, text=True, timeout=300,
+                         cwd=repo, env=dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(repo)))
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stdout + out.stderr

@@ -87,10 +87,10 @@ class _MaxPool3x3s2(torch.autograd.Function):
     """max_pool2d(kernel 3, stride 2, padding 1) that saves the argmax as a uint8 (0..8) and
     computes the input gradient with pointwise operations that the compiler fuses into one kernel.
     The same results as F.max_pool2d, ties and NaNs included (first maximum in row-major window
-    order wins, NaN propagates). Measured on an H200 at batch 512 (bench/README.md), its fused
-    backward kernel takes as long as the one Inductor makes from max_pool2d's own backward (3.1
-    against 3.0 ms per step, about 10x what its bytes need): no gain so far, cause not established.
-    It stays in fast_stem because that is the configuration measured end to end."""
+    order wins, NaN propagates). On CUDA with Triton, the backward is one hand-written kernel
+    (`_maxpool_bwd_kernel`): Inductor's kernel, made from these pointwise operations or from
+    max_pool2d's own backward, took 3.0-3.1 ms per ResNet-50 step of 512 on an H200, about 10x
+    what its bytes need (bench/README.md)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
@@ -117,23 +117,119 @@ class _MaxPool3x3s2(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         (idx,) = ctx.saved_tensors
         h, w = ctx.hw
-        # Padded input row 2r+pr gets window row dy (pr = dy % 2) of output row r (dy < 2) or r-1
-        # (dy = 2); the same for columns. Build the four parity sub-grids, then interleave them.
-        def shifted(k: int) -> torch.Tensor:
-            dy, dx = divmod(k, 3)
-            g = torch.where(idx == k, grad, torch.zeros_like(grad))
-            return F.pad(g, (1 if dx == 2 else 0, 0 if dx == 2 else 1, 1 if dy == 2 else 0, 0 if dy == 2 else 1))
+        if grad.is_cuda and grad.dim() == 4 and _maxpool_bwd_op() is not None:
+            out = _maxpool_bwd_op()(grad, idx, h, w)
+            return out if ctx.channels_last else out.contiguous()
+        return _maxpool_bwd_pointwise(grad, idx, h, w, ctx.channels_last)
 
-        sub = [[None, None], [None, None]]
-        for k in range(9):
-            dy, dx = divmod(k, 3)
-            part = shifted(k)
-            cur = sub[dy % 2][dx % 2]
-            sub[dy % 2][dx % 2] = part if cur is None else cur + part
-        grid = torch.stack([torch.stack([sub[pr][0], sub[pr][1]], dim=-1) for pr in (0, 1)], dim=-3)
-        *lead, hh, _, ww, _ = grid.shape
-        full = grid.reshape(*lead, 2 * hh, 2 * ww)[..., 1:1 + h, 1:1 + w]
-        return full.contiguous(memory_format=torch.channels_last) if ctx.channels_last else full.contiguous()
+
+def _maxpool_bwd_pointwise(grad: torch.Tensor, idx: torch.Tensor, h: int, w: int,
+                           channels_last: bool) -> torch.Tensor:
+    # Padded input row 2r+pr gets window row dy (pr = dy % 2) of output row r (dy < 2) or r-1
+    # (dy = 2); the same for columns. Build the four parity sub-grids, then interleave them.
+    def shifted(k: int) -> torch.Tensor:
+        dy, dx = divmod(k, 3)
+        g = torch.where(idx == k, grad, torch.zeros_like(grad))
+        return F.pad(g, (1 if dx == 2 else 0, 0 if dx == 2 else 1, 1 if dy == 2 else 0, 0 if dy == 2 else 1))
+
+    sub = [[None, None], [None, None]]
+    for k in range(9):
+        dy, dx = divmod(k, 3)
+        part = shifted(k)
+        cur = sub[dy % 2][dx % 2]
+        sub[dy % 2][dx % 2] = part if cur is None else cur + part
+    grid = torch.stack([torch.stack([sub[pr][0], sub[pr][1]], dim=-1) for pr in (0, 1)], dim=-3)
+    *lead, hh, _, ww, _ = grid.shape
+    full = grid.reshape(*lead, 2 * hh, 2 * ww)[..., 1:1 + h, 1:1 + w]
+    return full.contiguous(memory_format=torch.channels_last) if channels_last else full.contiguous()
+
+
+# The backward as one Triton kernel (CUDA): one program element per window (n, k, l, c), in
+# channels-last order (c fastest, so loads and stores are coalesced). Input row 2k gets window row
+# k at dy = 1; row 2k+1 gets window k at dy = 2 and window k+1 at dy = 0; columns the same. So an
+# element reads the argmax and gradient of windows (k, l), (k, l+1), (k+1, l), (k+1, l+1) and
+# writes input pixels (2k, 2l), (2k, 2l+1), (2k+1, 2l), (2k+1, 2l+1). Set USE_TRITON_MAXPOOL =
+# False for Inductor's kernel instead (bench/step_variants.py compares the two).
+USE_TRITON_MAXPOOL = True
+_maxpool_op: list = []
+
+
+def _maxpool_bwd_op():
+    if not USE_TRITON_MAXPOOL:
+        return None
+    if not _maxpool_op:
+        _maxpool_op.append(_build_maxpool_bwd_op())
+    return _maxpool_op[0]
+
+
+def _build_maxpool_bwd_op():
+    try:
+        import triton
+        import triton.language as tl
+        from torch.library import triton_op, wrap_triton
+    except ImportError:
+        return None
+
+    @triton.jit
+    def _maxpool_bwd_kernel(grad_ptr, idx_ptr, out_ptr, total, C, HO, WO, H, W, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < total
+        c = offs % C
+        t = offs // C
+        l = t % WO
+        t = t // WO
+        k = t % HO
+        n = t // HO
+        base = n * HO
+        right = mask & (l + 1 < WO)
+        down = mask & (k + 1 < HO)
+        p00 = ((base + k) * WO + l) * C + c
+        p01 = p00 + C
+        p10 = p00 + WO * C
+        p11 = p10 + C
+        i00 = tl.load(idx_ptr + p00, mask=mask, other=9).to(tl.int32)
+        i01 = tl.load(idx_ptr + p01, mask=right, other=9).to(tl.int32)
+        i10 = tl.load(idx_ptr + p10, mask=down, other=9).to(tl.int32)
+        i11 = tl.load(idx_ptr + p11, mask=right & down, other=9).to(tl.int32)
+        g00 = tl.load(grad_ptr + p00, mask=mask, other=0.0).to(tl.float32)
+        g01 = tl.load(grad_ptr + p01, mask=right, other=0.0).to(tl.float32)
+        g10 = tl.load(grad_ptr + p10, mask=down, other=0.0).to(tl.float32)
+        g11 = tl.load(grad_ptr + p11, mask=right & down, other=0.0).to(tl.float32)
+        zero = tl.zeros_like(g00)
+        # window position code dy * 3 + dx
+        o00 = tl.where(i00 == 4, g00, zero)
+        o01 = tl.where(i00 == 5, g00, zero) + tl.where(i01 == 3, g01, zero)
+        o10 = tl.where(i00 == 7, g00, zero) + tl.where(i10 == 1, g10, zero)
+        o11 = (tl.where(i00 == 8, g00, zero) + tl.where(i01 == 6, g01, zero)
+               + tl.where(i10 == 2, g10, zero) + tl.where(i11 == 0, g11, zero))
+        # input pixel (2k + r, 2l + s): row-major (n, h, w, c); the window grid covers the padded
+        # input, so row 2k is input row 2k - 1 + 1 = 2k (the pad of 1 cancels window offset -1)
+        h0 = 2 * k
+        w0 = 2 * l
+        q00 = ((n * H + h0) * W + w0) * C + c
+        dtype = out_ptr.dtype.element_ty
+        tl.store(out_ptr + q00, o00.to(dtype), mask=mask)
+        tl.store(out_ptr + q00 + C, o01.to(dtype), mask=mask & (w0 + 1 < W))
+        tl.store(out_ptr + q00 + W * C, o10.to(dtype), mask=mask & (h0 + 1 < H))
+        tl.store(out_ptr + q00 + W * C + C, o11.to(dtype), mask=mask & (h0 + 1 < H) & (w0 + 1 < W))
+
+    @triton_op("train::maxpool3x3s2_bwd", mutates_args=())
+    def maxpool3x3s2_bwd(grad: torch.Tensor, idx: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        n, c, ho, wo = grad.shape
+        grad = grad.contiguous(memory_format=torch.channels_last)
+        idx = idx.contiguous(memory_format=torch.channels_last)
+        out = torch.empty((n, c, h, w), dtype=grad.dtype, device=grad.device,
+                          memory_format=torch.channels_last)
+        total = n * ho * wo * c
+        block = 1024
+
+        def grid(meta):
+            return (triton.cdiv(total, meta["BLOCK"]),)
+
+        wrap_triton(_maxpool_bwd_kernel)[grid](grad, idx, out, total, c, ho, wo, h, w, BLOCK=block)
+        return out
+
+    return maxpool3x3s2_bwd
 
 
 class MaxPool3x3s2(nn.Module):
