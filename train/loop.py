@@ -81,6 +81,10 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
                 f"fast_stem={','.join(swapped) or 'no'} "
                 f"batch={cfg.batch_size}x{cfg.grad_accum}x{env.world_size} steps={total} "
                 f"({steps_per_epoch}/epoch) start_step={pos.step}")
+    if speed.compile:
+        print0(env, f"train: compiling the step (torch.compile mode={cfg.compile_mode}"
+                    f"{', tune_kernels: minutes on a machine new to this model' if cfg.tune_kernels else ''}; "
+                    "Inductor caches the result for the next run)")
     # A resumed run appends to the same files: this record marks where it took over, and
     # records of steps past its checkpoint from the run before are superseded by the ones after.
     metrics.log({"kind": "start", "step": pos.step, "epoch": pos.epoch, "world_size": env.world_size,

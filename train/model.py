@@ -243,6 +243,11 @@ class MaxPool3x3s2(nn.Module):
                 and pair(pool.padding) == (1, 1) and pair(pool.dilation) == (1, 1) and not pool.ceil_mode
                 and not pool.return_indices)
 
+    def __init__(self):
+        super().__init__()
+        if torch.cuda.is_available():
+            _maxpool_bwd_op()  # built here, not while torch.compile traces the backward
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _MaxPool3x3s2.apply(x)
 
