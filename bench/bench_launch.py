@@ -3,7 +3,10 @@
     sudo .venv/bin/python bench/bench_launch.py [--sizes 1,2,4,8] [--reps 3] [--out DIR]
 
 Builds its own hosts (network namespaces bench1..N on bridge ddpbn0, 10.214.0.0/24, one real
-sshd each; apart from the test suite's cluster in a box) and takes them down at the end.
+sshd each; apart from the test suite's cluster in a box) and takes them down at the end. With
+``--loopback`` (a machine without `ip`, veth or bridges, e.g. the GPU machines of the device tool)
+the hosts are sshds on 127.0.1.11.. in this network namespace, each in its own UTS namespace
+(its own hostname); what a launch does over ssh is the same.
 
 Launch: for each host count, alternately (same hosts, same minute):
   * ours: ``python -m cluster submit`` in a fresh process: preflight probe on every host (versions,
@@ -26,6 +29,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -44,22 +48,52 @@ def payload(marker_dir: str) -> None:
     dist.init_process_group("gloo")
     t_joined = time.time()
     rank = dist.get_rank()
-    Path(marker_dir, f"rank{rank}.json").write_text(json.dumps({"started": t_start, "joined": t_joined}))
+    tmp = Path(marker_dir, f".rank{rank}.tmp")    # whole or absent: the bench polls for these
+    tmp.write_text(json.dumps({"started": t_start, "joined": t_joined}))
+    tmp.rename(Path(marker_dir, f"rank{rank}.json"))
     dist.barrier()
     dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------- namespace hosts
+def bench_pids() -> list[int]:
+    """Processes started by this bench's launches: each carries CLUSTER_RUN_ID=benchlaunch-..."""
+    found = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and int(d.name) != os.getpid():
+            try:
+                if b"CLUSTER_RUN_ID=benchlaunch-" in (d / "environ").read_bytes():
+                    found.append(int(d.name))
+            except OSError:
+                pass
+    return found
+
+
+def gpu_count() -> int:
+    """What preflight will find on every host (they are all this machine)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    return sum(1 for line in out.splitlines() if line.startswith("GPU "))
+
 def sh(*argv, check=True, **kw):
     return subprocess.run([str(a) for a in argv], check=check, capture_output=True, text=True, **kw)
 
 
+SSHD = os.environ.get("BENCH_SSHD") or shutil.which("sshd") or "/usr/sbin/sshd"   # an absolute path
+
+
 class Hosts:
-    def __init__(self, n: int):
+    def __init__(self, n: int, loopback: bool = False, shared_fs: bool = False):
         self.n = n
+        self.loopback = loopback
+        self.shared_fs = shared_fs   # every host works in this checkout (no code sync)
         self.sd = Path(tempfile.mkdtemp(prefix="ddp-bench-"))
         self.names = [f"bench{i}" for i in range(1, n + 1)]
-        self.addr = {name: f"{PREFIX}{10 + i}" for i, name in enumerate(self.names, 1)}
+        prefix = "127.0.1." if loopback else PREFIX
+        self.addr = {name: f"{prefix}{10 + i}" for i, name in enumerate(self.names, 1)}
+        self.interface = "lo" if loopback else "eth0"
         self.pids: dict[str, int] = {}
 
     def up(self) -> None:
@@ -71,15 +105,27 @@ class Hosts:
         (sd / "sshd_config").write_text(SSHD_CONFIG.format(sd=sd, marker="ddp launch bench"))
         (sd / "logs").mkdir()
         os.makedirs("/run/sshd", exist_ok=True)
-        sh("ip", "link", "add", BRIDGE, "type", "bridge")
-        sh("ip", "addr", "add", f"{PREFIX}1/24", "dev", BRIDGE)
-        sh("ip", "link", "set", BRIDGE, "up")
+        if not self.loopback:
+            sh("ip", "link", "add", BRIDGE, "type", "bridge")
+            sh("ip", "addr", "add", f"{PREFIX}1/24", "dev", BRIDGE)
+            sh("ip", "link", "set", BRIDGE, "up")
         known = []
         for i, name in enumerate(self.names, 1):
             hd = sd / "hosts" / name
             (hd / "work").mkdir(parents=True)
             sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", hd / "host_key")
             known.append(f"{self.addr[name]} " + " ".join((hd / "host_key.pub").read_text().split()[:2]))
+            sshd = [SSHD, "-D", "-f", sd / "sshd_config", "-h", hd / "host_key",
+                    "-o", f"ListenAddress={self.addr[name]}", "-o", f"PidFile={sd}/sshd-{name}.pid",
+                    "-E", sd / "logs" / f"sshd-{name}.log"]
+            if self.loopback:
+                # its own hostname (UTS namespace); the network is this one's loopback
+                argv = ["unshare", "--uts", "sh", "-c", 'echo "$0" > /proc/sys/kernel/hostname && exec "$@"',
+                        name, *sshd]
+                self.pids[name] = subprocess.Popen([str(a) for a in argv], stdin=subprocess.DEVNULL,
+                                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                                   start_new_session=True).pid
+                continue
             sh("ip", "netns", "add", name)
             sh("ip", "link", "add", f"{VETH}{i}", "type", "veth", "peer", "name", f"{VETH}p{i}")
             sh("ip", "link", "set", f"{VETH}p{i}", "netns", name)
@@ -89,9 +135,7 @@ class Hosts:
             sh("ip", "-n", name, "link", "set", "eth0", "up")
             sh("ip", "-n", name, "link", "set", "lo", "up")
             argv = ["nsenter", f"--net=/run/netns/{name}", "unshare", "--uts", "sh", "-c",
-                    'hostname "$0" && exec "$@"', name, "/usr/sbin/sshd", "-D", "-f", sd / "sshd_config",
-                    "-h", hd / "host_key", "-o", f"ListenAddress={self.addr[name]}",
-                    "-o", f"PidFile={sd}/sshd-{name}.pid", "-E", sd / "logs" / f"sshd-{name}.log"]
+                    'hostname "$0" && exec "$@"', name, *sshd]
             self.pids[name] = subprocess.Popen([str(a) for a in argv], stdin=subprocess.DEVNULL,
                                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                                start_new_session=True).pid
@@ -105,23 +149,48 @@ class Hosts:
                     break
                 except OSError:
                     if time.time() > deadline:
-                        raise RuntimeError(f"sshd on {name} did not come up")
+                        log = sd / "logs" / f"sshd-{name}.log"
+                        raise RuntimeError(f"sshd on {name} did not come up: "
+                                           + (log.read_text()[-600:] if log.exists() else "no log"))
                     time.sleep(0.05)
 
     def inventory(self, n: int) -> Path:
         lines = ["backend: ssh", "defaults:", "  user: root", "  port: 22",
-                 f"  identity_file: {self.sd / 'client_key'}", f"  python: {sys.executable}", "  gpus: 0",
-                 "  interface: eth0", "ssh:", f"  known_hosts: {self.sd / 'known_hosts'}", "  connect_timeout_s: 10",
+                 f"  identity_file: {self.sd / 'client_key'}", f"  python: {sys.executable}", f"  gpus: {gpu_count()}",
+                 f"  interface: {self.interface}", f"shared_fs: {str(self.shared_fs).lower()}", "ssh:", f"  known_hosts: {self.sd / 'known_hosts'}", "  connect_timeout_s: 10",
                  "hosts:"]
         for name in self.names[:n]:
             lines += [f"  - name: {name}", f"    hostname: {self.addr[name]}", f"    address: {self.addr[name]}",
-                      f"    workdir: {self.sd / 'hosts' / name / 'work'}"]
+                      f"    workdir: {REPO if self.shared_fs else self.sd / 'hosts' / name / 'work'}"]
         p = self.sd / f"inventory-{n}.yaml"
         p.write_text("\n".join(lines) + "\n")
         return p
 
+    def busy(self, n: int) -> int:
+        """How many processes of launches run on the first n hosts (sshd itself not counted)."""
+        if self.loopback:
+            return len(bench_pids())
+        return sum(len(sh("ip", "netns", "pids", name, check=False).stdout.split()) - 1 for name in self.names[:n])
+
     def down(self) -> None:
-        import signal
+        if self.loopback:
+            # the sshds (their process groups), then what the bench's runs left
+            for pid in self.pids.values():
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            for pid in bench_pids():
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            shutil.rmtree(self.sd, ignore_errors=True)
+            if self.shared_fs:      # the hosts' run directories were in this checkout's runs/
+                for d in (REPO / "runs").glob("*"):
+                    if d.name.startswith(("benchlaunch-", "logbench-")):
+                        shutil.rmtree(d, ignore_errors=True)
+            return
         for name in self.names:
             # everything in the namespace: sshd, its sessions, anything a run left behind
             out = sh("ip", "netns", "pids", name, check=False).stdout.split()
@@ -163,8 +232,7 @@ def quiet(hosts: Hosts, n: int, timeout=60) -> None:
     """Wait until no process of an earlier launch runs on the hosts (each run ends by itself)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        busy = sum(len(sh("ip", "netns", "pids", name, check=False).stdout.split()) - 1 for name in hosts.names[:n])
-        if busy <= 0:
+        if hosts.busy(n) <= 0:
             return
         time.sleep(0.2)
 
@@ -214,7 +282,7 @@ def bench_launch(hosts: Hosts, sizes: list[int], reps: int, env: dict, log) -> d
     # first submit on every host: code sync included (reported apart); later ones find it there
     t0 = time.time()
     first = run_ours(hosts, max(sizes), runs, env)
-    log(f"first submit to {max(sizes)} hosts (code rsync included): returned {first['returned']:.2f}s, "
+    log(f"first submit to {max(sizes)} hosts ({'shared checkout' if hosts.shared_fs else 'code rsync included'}): returned {first['returned']:.2f}s, "
         f"joined {first['joined']:.2f}s ({time.time() - t0:.1f}s)")
     quiet(hosts, max(sizes))
     out = {"first_submit_with_sync": first, "sizes": {}}
@@ -229,6 +297,8 @@ def bench_launch(hosts: Hosts, sizes: list[int], reps: int, env: dict, log) -> d
                 quiet(hosts, n)
         out["sizes"][n] = {tool: {k: statistics.median(r[k] for r in rs) for k in ("returned", "started", "joined")}
                            for tool, rs in res.items()}
+        log(f"{n} host(s) median joined: ours {out['sizes'][n]['ours']['joined']:.2f}s, "
+            f"pdsh {out['sizes'][n]['pdsh']['joined']:.2f}s")
     return out
 
 
@@ -271,7 +341,7 @@ def bench_logs(hosts: Hosts, n: int, rate_per_host: int, seconds: float, log) ->
     paths = {}
     for h in inv.hosts:
         d = Path(h.workdir) / "runs" / rid / "logs"
-        d.mkdir(parents=True)
+        d.mkdir(parents=True, exist_ok=True)   # one directory for all hosts with shared_fs
         paths[h.name] = d / f"{h.name}.log"
         paths[h.name].touch()
     for h in inv.hosts:
@@ -332,11 +402,15 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=3, help="repetitions per size and tool (median reported)")
     ap.add_argument("--log-rate", type=int, default=3000, help="lines/s per host in the log bench")
     ap.add_argument("--log-seconds", type=float, default=10.0)
+    ap.add_argument("--loopback", action="store_true",
+                    help="hosts on 127.0.1.x in this network namespace (no ip/veth/bridge needed)")
+    ap.add_argument("--shared-fs", action="store_true",
+                    help="the hosts work in this checkout (inventory shared_fs: no code sync; with --loopback)")
     ap.add_argument("--skip-launch", action="store_true")
     ap.add_argument("--skip-logs", action="store_true")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "launch"), help="writes results.json there")
     args = ap.parse_args(argv)
-    if os.geteuid() != 0 or not shutil.which("pdsh") or not shutil.which("sshd") and not Path("/usr/sbin/sshd").exists():
+    if os.geteuid() != 0 or not shutil.which("pdsh") or not Path(SSHD).exists():
         print("needs root, pdsh (apt-get install pdsh) and openssh-server", file=sys.stderr)
         return 2
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -348,12 +422,15 @@ def main(argv=None) -> int:
         print(msg, flush=True)
         lines.append(msg)
 
-    hosts = Hosts(max(sizes))
+    hosts = Hosts(max(sizes), loopback=args.loopback, shared_fs=args.shared_fs and args.loopback)
+    # a time limit's TERM still takes the hosts down and writes what was measured
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(124))
     results: dict = {"cpus": os.cpu_count(), "sizes": sizes, "reps": args.reps}
     try:
         t0 = time.time()
         hosts.up()
-        log(f"{hosts.n} namespace hosts up in {time.time() - t0:.2f}s ({hosts.sd})")
+        log(f"{hosts.n} {'loopback' if hosts.loopback else 'namespace'} hosts up in {time.time() - t0:.2f}s "
+            f"({hosts.sd}, {os.cpu_count()} CPUs)")
         env = {**os.environ, "CLUSTER_RUNS_DIR": str(hosts.sd / "runs"), "PYTHONUNBUFFERED": "1"}
         if not args.skip_launch:
             results["launch"] = bench_launch(hosts, sizes, args.reps, env, log)

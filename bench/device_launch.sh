@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The launch bench (bench/bench_launch.py --loopback) on a machine that runs us as root but has no
+# sshd, ssh, pdsh or rsync, e.g. a GPU machine of the device tool: build .launchpkg/ here first
+# (bash bench/launchpkg.sh), carry it, then
+#
+#   OUT=$OUT bash bench/device_launch.sh            # SIZES=1,2,4,8 REPS=3 LIMIT_S=250
+#
+# The bundle's binaries run through wrappers that set LD_LIBRARY_PATH for them alone (in
+# /tmp/launchpkg-bin, first on this PATH; rsync also in /usr/local/bin for the hosts' sessions
+# when it is missing there). The submitting side's Python packages go to /tmp/site.
+set -u
+cd "$(dirname "$0")/.."
+P=$PWD/.launchpkg
+OUT=${OUT:-$PWD/bench-out}
+mkdir -p "$OUT"
+[ -d "$P/bin" ] || { echo "no $P: run bench/launchpkg.sh where pip and the Debian packages are, and carry it"; exit 2; }
+PY=${PY:-python3}   # CPython 3.12 (the wheels' version); PY=.venv/bin/python SKIP_PIP=1 to try it here
+if [ -z "${SKIP_PIP:-}" ]; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$P"/whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site
+fi
+W=/tmp/launchpkg-bin
+mkdir -p "$W"
+wrap() {   # wrap NAME BINARY [ARGV0]
+    printf '#!/bin/bash\nLD_LIBRARY_PATH=%q exec -a %q %q "$@"\n' "$P/lib" "${3:-$1}" "$P/bin/$2" > "$W/$1"
+    chmod 755 "$W/$1"
+}
+wrap ssh ssh; wrap ssh-keygen ssh-keygen; wrap rsync rsync; wrap pdsh pdsh.bin pdsh; wrap sshd sshd "$P/bin/sshd"
+export PATH="$W:$PATH" BENCH_SSHD="$W/sshd"
+[ -e /usr/local/bin/rsync ] || [ -e /usr/bin/rsync ] || cp "$W/rsync" /usr/local/bin/rsync
+mkdir -p /usr/lib/x86_64-linux-gnu/pdsh && cp -n "$P"/pdsh/*.so /usr/lib/x86_64-linux-gnu/pdsh/
+[ -x /usr/lib/openssh/sftp-server ] || { mkdir -p /usr/lib/openssh && cp "$P/bin/sftp-server" /usr/lib/openssh/; }
+getent passwd sshd >/dev/null || useradd -r -M -d /run/sshd -s /usr/sbin/nologin sshd 2>/dev/null \
+    || echo 'sshd:x:997:65534::/run/sshd:/usr/sbin/nologin' >> /etc/passwd
+mkdir -p /run/sshd && chmod 755 /run/sshd
+"$W/sshd" -V 2>&1 | head -1; "$W/pdsh" -V 2>&1 | head -1; "$W/rsync" --version | head -1
+shared=""
+git rev-parse --git-dir >/dev/null 2>&1 || shared=--shared-fs   # no git checkout here: the hosts use this one
+timeout "${LIMIT_S:-250}" $PY bench/bench_launch.py --loopback $shared --sizes "${SIZES:-1,2,4,8}" \
+    --reps "${REPS:-3}" --log-seconds "${LOG_S:-10}" --out "$OUT"
