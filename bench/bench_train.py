@@ -55,6 +55,10 @@ PLANS = {
     # and the naive loop again, alone on its GPU, with its time split into host and GPU parts
     # (round-robin over GPUs: with 2, lane 0 runs b512, cudagraphs, autotune; lane 1 autotune-cg, naive)
     "tune": ["train-cudagraphs-b512", "train-autotune-cg", "train-cudagraphs", "naive", "train-autotune"],
+    # the current figures in one call (about 8 minutes on a fresh machine, most of it tune_kernels'
+    # compile): correctness, the tutorial loop, train/ as the resnet50 job runs it, with and without
+    # tuning, so the table has the ratio to naive beside the best
+    "current": ["verify", "naive", "train-fast-b512", "train-fast-tuned-b512"],
 }
 
 

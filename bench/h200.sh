@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything for one GPU-host call, in one command (the device tool's `run`, or any GPU box):
 #
-#   bash bench/h200.sh                 # env + bench (plan "first")
+#   bash bench/h200.sh                 # env + bench (plan "current": verify, naive, train/ +- tune_kernels)
+#   PLAN=first bash bench/h200.sh      # the first round's plan
 #   PLAN=tune bash bench/h200.sh       # the second round of variants (see bench/bench_train.py)
 #   bash bench/h200.sh env bench       # named steps, in order
 #   bash bench/h200.sh env search final  # step variants (bench/step_variants.py), then the faster
@@ -17,7 +18,7 @@ OUT=${OUT:-$PWD/bench-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 START=$(date +%s)
-BUDGET_S=${BUDGET_S:-540}
+BUDGET_S=${BUDGET_S:-585}
 left() { echo $((BUDGET_S - ($(date +%s) - START))); }
 
 step_env() {
@@ -32,7 +33,7 @@ step_env() {
 }
 
 step_bench() {
-    python3 bench/bench_train.py --out "$OUT" --plan "${PLAN:-first}" --budget-s "$(left)" ${BENCH_ARGS:-}
+    python3 bench/bench_train.py --out "$OUT" --plan "${PLAN:-current}" --budget-s "$(left)" ${BENCH_ARGS:-}
 }
 
 step_search() {
