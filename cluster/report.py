@@ -67,6 +67,8 @@ def _plot(metrics: dict[int, list[dict]], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, (a, b, c) = plt.subplots(1, 3, figsize=(15, 4))
+    all_ms = sorted(r["step_ms"] for recs in metrics.values() for r in recs
+                    if r.get("kind", "train") == "train" and "step_ms" in r and r["step_ms"] > 0)
     for rank, recs in sorted(metrics.items()):
         train = [r for r in recs if r.get("kind", "train") == "train" and "step" in r]
         steps = [r["step"] for r in train]
@@ -78,6 +80,8 @@ def _plot(metrics: dict[int, list[dict]], path: Path, title: str) -> None:
         ax.set_xlabel("step")
         ax.set_title(name)
         ax.grid(alpha=0.3)
+    if all_ms and all_ms[-1] > 20 * all_ms[len(all_ms) // 2]:
+        c.set_yscale("log")   # the first interval holds compilation: steady steps stay readable
     if len(metrics) <= 16:
         b.legend(fontsize=7)
     fig.suptitle(title)
