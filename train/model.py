@@ -202,8 +202,8 @@ def _build_maxpool_bwd_op():
         o10 = tl.where(i00 == 7, g00, zero) + tl.where(i10 == 1, g10, zero)
         o11 = (tl.where(i00 == 8, g00, zero) + tl.where(i01 == 6, g01, zero)
                + tl.where(i10 == 2, g10, zero) + tl.where(i11 == 0, g11, zero))
-        # input pixel (2k + r, 2l + s): row-major (n, h, w, c); the window grid covers the padded
-        # input, so row 2k is input row 2k - 1 + 1 = 2k (the pad of 1 cancels window offset -1)
+        # window k covers input rows 2k-1 .. 2k+1 (padding 1), so its dy = 1 row is input row 2k;
+        # the input is (n, h, w, c) in memory (channels-last)
         h0 = 2 * k
         w0 = 2 * l
         q00 = ((n * H + h0) * W + w0) * C + c
