@@ -69,13 +69,13 @@ def bench_pids() -> list[int]:
     return found
 
 
-def gpu_count() -> int:
-    """What preflight will find on every host (they are all this machine)."""
-    try:
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return 0
-    return sum(1 for line in out.splitlines() if line.startswith("GPU "))
+def kill(pids, group: bool = False) -> None:
+    for pid in pids:
+        try:
+            (os.killpg if group else os.kill)(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
 
 def sh(*argv, check=True, **kw):
     return subprocess.run([str(a) for a in argv], check=check, capture_output=True, text=True, **kw)
@@ -94,6 +94,9 @@ class Hosts:
         prefix = "127.0.1." if loopback else PREFIX
         self.addr = {name: f"{prefix}{10 + i}" for i, name in enumerate(self.names, 1)}
         self.interface = "lo" if loopback else "eth0"
+        sys.path.insert(0, str(REPO))
+        from cluster.hostside import _gpu_count
+        self.gpus = _gpu_count({})   # what preflight finds on every host: they are all this machine
         self.pids: dict[str, int] = {}
 
     def up(self) -> None:
@@ -156,7 +159,7 @@ class Hosts:
 
     def inventory(self, n: int) -> Path:
         lines = ["backend: ssh", "defaults:", "  user: root", "  port: 22",
-                 f"  identity_file: {self.sd / 'client_key'}", f"  python: {sys.executable}", f"  gpus: {gpu_count()}",
+                 f"  identity_file: {self.sd / 'client_key'}", f"  python: {sys.executable}", f"  gpus: {self.gpus}",
                  f"  interface: {self.interface}", f"shared_fs: {str(self.shared_fs).lower()}", "ssh:", f"  known_hosts: {self.sd / 'known_hosts'}", "  connect_timeout_s: 10",
                  "hosts:"]
         for name in self.names[:n]:
@@ -175,16 +178,8 @@ class Hosts:
     def down(self) -> None:
         if self.loopback:
             # the sshds (their process groups), then what the bench's runs left
-            for pid in self.pids.values():
-                try:
-                    os.killpg(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            for pid in bench_pids():
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            kill(self.pids.values(), group=True)
+            kill(bench_pids())
             shutil.rmtree(self.sd, ignore_errors=True)
             if self.shared_fs:      # the hosts' run directories were in this checkout's runs/
                 for d in (REPO / "runs").glob("*"):
@@ -194,12 +189,7 @@ class Hosts:
         for name in self.names:
             # everything in the namespace: sshd, its sessions, anything a run left behind
             out = sh("ip", "netns", "pids", name, check=False).stdout.split()
-            for pid in [self.pids.get(name)] + [int(p) for p in out]:
-                if pid:
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
+            kill([int(p) for p in out] + ([self.pids[name]] if name in self.pids else []))
         time.sleep(0.3)
         for i, name in enumerate(self.names, 1):
             sh("ip", "netns", "del", name, check=False)

@@ -56,8 +56,6 @@ VARIANTS: dict[str, dict] = {
     "stem-both-b256": {"ddp": 0, "mode": "reduce-overhead", "stem": "conv1,maxpool", "bs": 256},
     # tri: the max-pool backward as train/'s Triton kernel (1, the default) or Inductor's (0)
     "stem-both-inductor": {"ddp": 0, "mode": "reduce-overhead", "stem": "conv1,maxpool", "tri": 0},
-    "stem-both-tri-cdt": {"ddp": 0, "mode": "reduce-overhead", "stem": "conv1,maxpool",
-                          "ind.coordinate_descent_tuning": True, "ind.compile_threads": 16},
     # the max-pool backward alone at ResNet-50's stem size: Triton kernel against Inductor's
     "maxpool-micro": {"micro": 1},
 }
@@ -162,13 +160,7 @@ def maxpool_micro(name: str, spec: dict) -> dict:
     x = torch.randn(512, 64, 112, 112, device="cuda", dtype=torch.bfloat16).relu()
     x = x.contiguous(memory_format=torch.channels_last)
 
-    class Ctx:
-        def save_for_backward(self, *t):
-            self.saved = t
-
-    ctx = Ctx()
-    out = m._MaxPool3x3s2.forward(ctx, x)
-    (idx,) = ctx.saved
+    out, idx = m._maxpool_forward(x)
     g = torch.randn_like(out).contiguous(memory_format=torch.channels_last)
     a = x.clone().requires_grad_()
     F.max_pool2d(a, 3, 2, 1).backward(g)

@@ -67,11 +67,11 @@ def _plot(metrics: dict[int, list[dict]], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, (a, b, c) = plt.subplots(1, 3, figsize=(15, 4))
-    all_ms = sorted(r["step_ms"] for recs in metrics.values() for r in recs
-                    if r.get("kind", "train") == "train" and "step_ms" in r and r["step_ms"] > 0)
+    all_ms: list[float] = []
     for rank, recs in sorted(metrics.items()):
         train = [r for r in recs if r.get("kind", "train") == "train" and "step" in r]
         steps = [r["step"] for r in train]
+        all_ms += [r["step_ms"] for r in train]
         if rank == min(metrics):
             a.plot(steps, [r.get("loss_mean", r.get("loss")) for r in train], label="mean over ranks")
         b.plot(steps, [r["img_s"] for r in train], label=f"rank {rank}")
@@ -80,6 +80,7 @@ def _plot(metrics: dict[int, list[dict]], path: Path, title: str) -> None:
         ax.set_xlabel("step")
         ax.set_title(name)
         ax.grid(alpha=0.3)
+    all_ms.sort()
     if all_ms and all_ms[-1] > 20 * all_ms[len(all_ms) // 2]:
         c.set_yscale("log")   # the first interval holds compilation: steady steps stay readable
     if len(metrics) <= 16:

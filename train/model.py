@@ -94,21 +94,9 @@ class _MaxPool3x3s2(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        h, w = x.shape[-2:]
-        ho, wo = (h - 1) // 2 + 1, (w - 1) // 2 + 1
-        xp = F.pad(x, (1, 2 * wo + 1 - w, 1, 2 * ho + 1 - h), value=float("-inf"))
-        best = idx = None
-        for k in range(9):
-            dy, dx = divmod(k, 3)
-            s = xp[..., dy:dy + 2 * ho:2, dx:dx + 2 * wo:2]
-            if best is None:
-                best, idx = s, torch.zeros(s.shape, dtype=torch.uint8, device=s.device)
-            else:
-                take = (s > best) | torch.isnan(s)
-                best = torch.where(take, s, best)
-                idx = torch.where(take, torch.full_like(idx, k), idx)
+        best, idx = _maxpool_forward(x)
         ctx.save_for_backward(idx)
-        ctx.hw = (h, w)
+        ctx.hw = tuple(x.shape[-2:])
         ctx.channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
             and not x.is_contiguous()
         return best
@@ -117,10 +105,29 @@ class _MaxPool3x3s2(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         (idx,) = ctx.saved_tensors
         h, w = ctx.hw
-        if grad.is_cuda and grad.dim() == 4 and _maxpool_bwd_op() is not None:
-            out = _maxpool_bwd_op()(grad, idx, h, w)
+        op = _maxpool_bwd_op() if grad.is_cuda and grad.dim() == 4 else None
+        if op is not None:
+            out = op(grad, idx, h, w)
             return out if ctx.channels_last else out.contiguous()
         return _maxpool_bwd_pointwise(grad, idx, h, w, ctx.channels_last)
+
+
+def _maxpool_forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """max_pool2d(3, 2, 1) and its argmax within each window (uint8, dy * 3 + dx)."""
+    h, w = x.shape[-2:]
+    ho, wo = (h - 1) // 2 + 1, (w - 1) // 2 + 1
+    xp = F.pad(x, (1, 2 * wo + 1 - w, 1, 2 * ho + 1 - h), value=float("-inf"))
+    best = idx = None
+    for k in range(9):
+        dy, dx = divmod(k, 3)
+        s = xp[..., dy:dy + 2 * ho:2, dx:dx + 2 * wo:2]
+        if best is None:
+            best, idx = s, torch.zeros(s.shape, dtype=torch.uint8, device=s.device)
+        else:
+            take = (s > best) | torch.isnan(s)
+            best = torch.where(take, s, best)
+            idx = torch.where(take, torch.full_like(idx, k), idx)
+    return best, idx
 
 
 def _maxpool_bwd_pointwise(grad: torch.Tensor, idx: torch.Tensor, h: int, w: int,
