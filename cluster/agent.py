@@ -11,6 +11,14 @@ Started detached (``setsid``, stdin from /dev/null) by the local and ssh backend
 
 A TERM to the group reaches torchrun, which stops its workers; the agent then records the exit.
 
+Warm start (``--park-fd FD``, used by the ssh backend's preflight probe, cluster/hostside.py): the
+agent is started while the preflight still runs, writes nothing and binds nothing, and imports
+torchrun (when the payload is ``<this python> -m torch.distributed.run``) while it waits for a
+line on FD. ``GO <json>`` starts the node exactly as the shell line would (output to the agent log),
+except that torchrun runs in a fork of this warm interpreter instead of a fresh one: seconds less
+from submit to running ranks. Anything else on FD, or its end (the probe was told to start
+nothing, or is gone), and the agent exits having done nothing.
+
 Gang semantics (``--gang ADDR:PORT --gang-nodes N``, multi-node runs): one failed node stops every
 node of the run, with no controller watching. Node 0's agent serves a tiny line protocol on PORT;
 the other agents connect to it:
@@ -38,6 +46,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Optional
 
 _PREFIX = re.compile(rb"^\[(?P<host>[^\] ]+) (?P<rank>\d+)\] ")
 # torchrun --tee's own prefix, "[default3]:" (role + local rank); every torch 2.x prints it, while
@@ -143,6 +152,158 @@ def become_subreaper() -> None:
         import ctypes
         ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)   # PR_SET_CHILD_SUBREAPER
     except (OSError, AttributeError):
+        pass
+
+
+# ---------------------------------------------------------------- warm start
+def _torchrun_here(payload: list[str]) -> bool:
+    """The payload is torchrun under this very interpreter (not a container, not another python)."""
+    if len(payload) < 3 or payload[1:3] != ["-m", "torch.distributed.run"]:
+        return False
+    import shutil
+    exe = payload[0] if os.sep in payload[0] else shutil.which(payload[0])
+    return bool(exe) and os.path.abspath(exe) == os.path.abspath(sys.executable)
+
+
+def park(fd: int, payload: list[str]) -> Optional[threading.Thread]:
+    """Wait for the probe's word on ``fd`` while a thread imports torchrun (if the payload is
+    torchrun here; that thread is returned). Exits at once, having written nothing, unless the
+    word is ``GO``; on ``GO {"out": PATH}`` stdout and stderr go to PATH, as the shell line's would."""
+    importer = None
+    if _torchrun_here(payload):
+        importer = threading.Thread(target=_import_torchrun, name="import-torchrun", daemon=True)
+        importer.start()
+    with os.fdopen(fd, "rb") as f:
+        line = f.readline()
+    if not line.startswith(b"GO"):
+        os._exit(0)
+    go = json.loads(line[2:] or b"{}")
+    if go.get("out"):
+        os.makedirs(os.path.dirname(go["out"]) or ".", exist_ok=True)
+        out = os.open(go["out"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(out, 1)
+        os.dup2(out, 2)
+        os.close(out)
+    return importer
+
+
+def _import_torchrun() -> None:
+    try:
+        import torch.distributed.run  # noqa: F401 -- the seconds this saves are the point
+    except Exception:   # noqa: BLE001 -- no warm start then: torchrun starts fresh and reports it
+        pass
+
+
+class ForkedTorchrun:
+    """torchrun in a fork of this process, which has imported it already (see park): a Popen
+    look-alike (pid, stdout, wait, send_signal). Forked early, it waits for its argv on a pipe, so
+    that it inherits none of the agent's later files and sockets; :meth:`start` sends the argv."""
+
+    def __init__(self):
+        out_r, out_w = os.pipe()
+        gate_r, self._gate = os.pipe()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)   # torch's import left an idle thread
+            pid = os.fork()
+        if pid == 0:
+            os.close(out_r)
+            os.close(self._gate)
+            self._child(gate_r, out_w)
+        os.close(gate_r)
+        os.close(out_w)
+        self.pid = pid
+        self.stdout = os.fdopen(out_r, "rb")
+        self.returncode = None
+
+    @staticmethod
+    def _child(gate: int, out: int) -> None:
+        code = 1
+        try:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+                signal.signal(sig, signal.SIG_DFL)
+            data = b""
+            while chunk := os.read(gate, 1 << 16):
+                data += chunk
+            os.close(gate)
+            if not data:
+                os._exit(0)     # the agent did not get as far as starting us
+            argv = json.loads(data)
+            null = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(null, 0)
+            os.dup2(out, 1)
+            os.dup2(out, 2)
+            os.close(null)
+            os.close(out)
+            import torch.distributed.run as torchrun
+            sys.argv = [torchrun.__file__] + argv
+            _retitle([sys.executable, "-m", "torch.distributed.run"] + argv)
+            try:
+                torchrun.main(argv)
+                code = 0
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+                if isinstance(e.code, str):
+                    print(e.code, file=sys.stderr)
+            except BaseException:   # noqa: BLE001 -- as an uncaught exception ends `python -m ...`
+                import traceback
+                traceback.print_exc()
+                code = 1
+            import atexit
+            atexit._run_exitfuncs()
+        finally:
+            try:
+                sys.stdout.flush()
+                sys.stderr.flush()
+            finally:
+                os._exit(code)
+
+    def start(self, argv: list[str]) -> None:
+        os.write(self._gate, json.dumps(argv).encode())
+        os.close(self._gate)
+        self._gate = None
+
+    def abandon(self) -> None:
+        """The agent gave up before starting torchrun: the fork ends without running anything."""
+        if self._gate is not None:
+            os.close(self._gate)
+            self._gate = None
+            os.waitpid(self.pid, 0)
+
+    def poll(self):
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout=None):
+        deadline = None if timeout is None else time.time() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.time() >= deadline:
+                raise subprocess.TimeoutExpired("torchrun", timeout)
+            time.sleep(0.02)
+        return self.returncode
+
+    def send_signal(self, sig) -> None:
+        if self.returncode is None:
+            os.kill(self.pid, sig)
+
+
+def _retitle(argv: list[str]) -> None:
+    """Show ``argv`` as this process's command line (ps, pgrep -f), as setproctitle does: rewrite
+    the original argv area in place (never longer than it: the rest is cleared)."""
+    try:
+        with open("/proc/self/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        start, end = int(fields[45]), int(fields[46])     # arg_start, arg_end (fields 48, 49)
+        import ctypes
+        new = b"\0".join(a.encode() for a in argv)[:end - start - 1]
+        buf = new + b"\0" * (end - start - len(new))
+        ctypes.memmove(start, buf, len(buf))
+    except (OSError, ValueError, IndexError, AttributeError):
         pass
 
 
@@ -362,15 +523,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gang-timeout-s", type=float, default=15.0, help="silence after which a node counts as lost")
     ap.add_argument("--gang-connect-s", type=float, default=120.0, help="how long nodes may take to join")
     ap.add_argument("--kill-grace-s", type=float, default=10.0, help="from TERM to KILL when stopping")
+    ap.add_argument("--park-fd", type=int, help="warm start: wait for 'GO' on this descriptor (see above)")
     ap.add_argument("payload", nargs=argparse.REMAINDER)
     args = ap.parse_args(argv)
     payload = args.payload[1:] if args.payload[:1] == ["--"] else args.payload
+    if os.getpgrp() != os.getpid():
+        os.setpgrp()   # stop must be able to signal everything of the run through one group
+    importer = park(args.park_fd, payload) if args.park_fd is not None else None
     run_dir = Path(args.run_dir)
     state, logs = run_dir / "state", run_dir / "logs"
     for d in (state, logs, run_dir / "metrics", run_dir / "checkpoints"):
         d.mkdir(parents=True, exist_ok=True)
-    if os.getpgrp() != os.getpid():
-        os.setpgrp()   # stop must be able to signal everything of the run through one group
     become_subreaper()
     host = args.host
     exit_file = state / f"{host}.exit"
@@ -379,6 +542,11 @@ def main(argv: list[str] | None = None) -> int:
     write_json_atomic(state / f"{host}.pid", {
         "pid": os.getpid(), "pgid": os.getpgrp(), "host": host, "hostname": socket.gethostname(),
         "node_rank": args.node_rank, "started": time.time(), "argv": payload})
+    forked = None
+    if importer is not None:
+        importer.join()
+        if "torch.distributed.run" in sys.modules:
+            forked = ForkedTorchrun()     # before the run's log files and gang socket are open
 
     node_log = open(logs / f"{host}.log", "ab", buffering=0)
     rank_logs: dict[bytes, object] = {}
@@ -407,6 +575,8 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as e:
             note(f"gang: cannot listen on port {port} ({e}); not starting")
             record_exit(1, error=f"gang port {port}: {e}")
+            if forked is not None:
+                forked.abandon()
             return 1
 
     # torchrun keeps its own per-rank files in the run's state dir rather than in /tmp
@@ -415,8 +585,13 @@ def main(argv: list[str] | None = None) -> int:
         payload = payload[:i] + [f"--log-dir={state}/{host}.torchrun"] + payload[i:]
     note(f"starting on {socket.gethostname()} (pid {os.getpid()}): " + " ".join(payload))
     try:
-        proc = subprocess.Popen(payload, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT)
+        if forked is not None:
+            note(f"torchrun from a warm interpreter (pid {forked.pid}; imported while the preflight ran)")
+            forked.start(payload[3:])
+            proc = forked
+        else:
+            proc = subprocess.Popen(payload, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT)
     except OSError as e:
         note(f"cannot start: {e}")
         if gang is not None:

@@ -39,7 +39,7 @@ def _gpu_count(a: dict) -> int:
     return 0
 
 
-def _run_processes(wd: str, run_id=None) -> dict:
+def _run_processes(wd: str, run_id=None, skip=()) -> dict:
     """run id -> pids of processes in this host's network namespace that carry CLUSTER_RUN_ID and
     run in ``wd`` (one pid namespace may hold several hosts' processes, as in the cluster in a box)."""
     import os
@@ -53,7 +53,7 @@ def _run_processes(wd: str, run_id=None) -> dict:
     mine, me = netns("self"), os.getpid()
     found: dict = {}
     for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) == me:
+        if not name.isdigit() or int(name) == me or int(name) in skip:
             continue
         try:
             with open(f"/proc/{name}/environ", "rb") as f:
@@ -90,7 +90,7 @@ def _group_alive(pgid) -> bool:
     return False
 
 
-def _probe(a: dict) -> dict:
+def _probe(a: dict, skip=()) -> dict:
     import json
     import os
     import select
@@ -133,7 +133,7 @@ def _probe(a: dict) -> dict:
         r["stale"] = stale_files(a["workdir"], a["manifest"])
     wd_real = os.path.realpath(wd)
     left, busy = {}, {}
-    for rid, pids in _run_processes(wd_real).items():
+    for rid, pids in _run_processes(wd_real, skip=skip).items():
         state = os.path.join(wd_real, "runs", rid, "state")
         agent = False
         try:
@@ -186,28 +186,69 @@ def _probe(a: dict) -> dict:
     return r
 
 
+def _park(a: dict):
+    """Warm start: the node's agent, started now in its own session with the node's environment,
+    waiting on a pipe for GO (cluster/agent.py, ``--park-fd``) and importing torchrun meanwhile.
+    Only where the code is already in place (what is synced later must not be run now)."""
+    spec = a.get("park")
+    if not spec or spec["argv"][1:3] != ["-m", "cluster.agent"] or \
+            (a.get("manifest") is not None and stale_files(a["workdir"], a["manifest"])):
+        return None
+    r, w = os.pipe()
+    try:
+        proc = subprocess.Popen(list(spec["argv"][:1]) + ["-m", "cluster.agent", "--park-fd", str(r)] +
+                                list(spec["argv"][3:]), cwd=os.path.expanduser(a["workdir"]),
+                                env={**os.environ, **spec["env"]}, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True, pass_fds=(r,))
+    except OSError:
+        os.close(w)
+        return None
+    finally:
+        os.close(r)
+    return proc, w
+
+
 def _probe_then_launch(a: dict) -> dict:
     """The probe's answer as the first line; then, on 'GO <json>' from the submitter, start the
-    node (its NodeLaunch.shell() line) and answer with the agent's pid file. EOF: start nothing."""
-    sys.stdout.write(json.dumps(_probe(a)) + "\n")
+    node (its NodeLaunch.shell() line, or the parked agent) and answer with the agent's pid file.
+    EOF: start nothing (a parked agent is killed before it has written anything)."""
+    parked = _park(a)
+    answer = _probe(a, skip=(parked[0].pid,) if parked else ())
+    answer["parked"] = parked is not None
+    sys.stdout.write(json.dumps(answer) + "\n")
     sys.stdout.flush()
     line = sys.stdin.readline()
     if not line.startswith("GO "):
+        if parked:
+            parked[0].kill()
+            parked[0].wait()
         return {"launched": False}
     go = json.loads(line[3:])
-    # a subshell with /dev/null for stdio: nothing the line backgrounds keeps this session open
-    subprocess.run(["/bin/sh", "-c", "( " + go["shell"] + " ) </dev/null >/dev/null 2>&1"])
     base = os.path.expanduser(a["workdir"])
+    warm = False
+    if parked:
+        proc, w = parked
+        try:
+            if proc.poll() is None:
+                os.write(w, b"GO " + json.dumps({"out": go["out"]}).encode() + b"\n")
+                warm = True
+        except OSError:
+            pass
+        os.close(w)
+    if not warm:
+        # a subshell with /dev/null for stdio: nothing the line backgrounds keeps this session open
+        subprocess.run(["/bin/sh", "-c", "( " + go["shell"] + " ) </dev/null >/dev/null 2>&1"])
     pid, out = os.path.join(base, go["pid"]), os.path.join(base, go["out"])
     deadline = time.time() + go["wait_s"]
     while time.time() < deadline:
         try:
             with open(pid) as f:
-                return {"launched": True, "agent": json.load(f)}
+                return {"launched": True, "agent": json.load(f), "warm": warm}
         except (OSError, ValueError):
             pass
         try:
-            if os.path.getsize(out) > 0:
+            if os.path.getsize(out) > 0 or (warm and proc.poll() is not None):
                 break
         except OSError:
             pass
@@ -392,7 +433,7 @@ def _serve(a: dict) -> dict:
 
 
 _HELPERS = {"_probe": (_gpu_count, _run_processes, stale_files),
-            "_probe_then_launch": (_gpu_count, _run_processes, stale_files, _probe),
+            "_probe_then_launch": (_gpu_count, _run_processes, stale_files, _probe, _park),
             "_stop": (_run_processes, _group_alive), "_status": (_group_alive,), "_gpu_count": (), "_serve": (_group_alive,)}
 
 

@@ -513,10 +513,19 @@ class Staged:
             return Result(name, label, code, out, err, label=label, duration_s=time.monotonic() - t0)
         return self.pool._fan_out(one, [n for n in words if n in self.channels])
 
-    def close(self) -> None:
-        """Abandon: every waiting command gets EOF and ends without acting."""
+    def close(self, wait_s: float = 5.0) -> None:
+        """Abandon: every waiting command gets EOF and ends without acting; wait up to ``wait_s``
+        for them to end (what a probe started in the meantime is gone when it has)."""
         for ch in self.channels.values():
             try:
+                ch.send(b"")
+            except Exception:   # noqa: BLE001
+                pass
+        deadline = time.monotonic() + wait_s
+        for ch in self.channels.values():
+            try:
+                while not ch.chan.exit_status_ready() and time.monotonic() < deadline:
+                    time.sleep(0.01)
                 ch.close()
             except Exception:   # noqa: BLE001
                 pass

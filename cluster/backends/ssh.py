@@ -12,7 +12,10 @@
   and on ``--resume`` the seeded checkpoint to node 0 (cluster/sync.py).
 * launch: each probe, having answered, waits on its session; launch sends every host 'GO' with
   its ``NodeLaunch.shell()`` line (a closed session starts nothing), and each answers with its
-  agent's pid file (pid == process group). A detached watcher (``python -m cluster.sync watch``)
+  agent's pid file (pid == process group). Warm start (``ssh.warm_start``, on by default): where
+  the code is already in place, the probe starts the node's agent at once, parked: it writes
+  nothing and imports torchrun while the preflight goes on, then on GO runs torchrun in a fork
+  of itself (cluster/agent.py); on EOF the probe kills it. Same argv and environment as the line. A detached watcher (``python -m cluster.sync watch``)
   then syncs node 0's checkpoints to storage periodically and at the end. Gang semantics live in
   the agents (cluster/agent.py): no controller is needed to stop a run when one node fails.
 * status / stop: one fan-out each (pid, exit and heartbeat files; TERM the group, wait, KILL,
@@ -192,9 +195,11 @@ class SSHBackend(Backend):
         batches = -(-len(hosts) // max(1, self.inv.ssh.fanout))
         wait_s = PORT_WAIT_S * batches
         stdin, cmds = {}, {}
-        for i, h in enumerate(hosts):
+        for i, (h, node) in enumerate(zip(hosts, plan.nodes)):
             a = {"workdir": h.workdir, "host": h.name, "manifest": man, "ports": ports, "address": master,
                  "role": "server" if i == 0 else "client", "peers": len(hosts) - 1, "wait_s": wait_s}
+            if self.inv.ssh.warm_start:
+                a["park"] = {"argv": list(node.argv), "env": dict(node.env)}
             stdin[h.name] = json.dumps(a).encode() + b"\n"
             cmds[h.name] = host_command(h.python, _probe_then_launch)
         t0 = time.monotonic()
