@@ -10,7 +10,9 @@ the hosts are sshds on 127.0.1.11.. in this network namespace, each in its own U
 
 Launch: for each host count, alternately (same hosts, same minute):
   * ours: ``python -m cluster submit`` in a fresh process: preflight probe on every host (versions,
-    ports, disk, leftovers, code check), code sync if needed, launch, watcher start;
+    ports, disk, leftovers, code check), code sync if needed, launch, watcher start; with warm
+    start (the default: each probe parks the node's agent, which imports torchrun meanwhile);
+  * ours-cold: the same with ``ssh.warm_start: false`` (the agents start at GO, as pdsh's do);
   * pdsh: ``pdsh -R ssh`` running the very same per-node shell lines (NodeLaunch.shell(), written
     to one script per host beforehand), i.e. launch without preflight or sync.
 Each rank (``python -m bench.bench_launch payload``, one per host under torchrun) records when
@@ -157,15 +159,16 @@ class Hosts:
                                            + (log.read_text()[-600:] if log.exists() else "no log"))
                     time.sleep(0.05)
 
-    def inventory(self, n: int) -> Path:
+    def inventory(self, n: int, warm: bool = True) -> Path:
         lines = ["backend: ssh", "defaults:", "  user: root", "  port: 22",
                  f"  identity_file: {self.sd / 'client_key'}", f"  python: {sys.executable}", f"  gpus: {self.gpus}",
-                 f"  interface: {self.interface}", f"shared_fs: {str(self.shared_fs).lower()}", "ssh:", f"  known_hosts: {self.sd / 'known_hosts'}", "  connect_timeout_s: 10",
-                 "hosts:"]
+                 f"  interface: {self.interface}", f"shared_fs: {str(self.shared_fs).lower()}", "ssh:",
+                 f"  known_hosts: {self.sd / 'known_hosts'}", "  connect_timeout_s: 10",
+                 f"  warm_start: {str(warm).lower()}", "hosts:"]
         for name in self.names[:n]:
             lines += [f"  - name: {name}", f"    hostname: {self.addr[name]}", f"    address: {self.addr[name]}",
                       f"    workdir: {REPO if self.shared_fs else self.sd / 'hosts' / name / 'work'}"]
-        p = self.sd / f"inventory-{n}.yaml"
+        p = self.sd / f"inventory-{n}{'' if warm else '-cold'}.yaml"
         p.write_text("\n".join(lines) + "\n")
         return p
 
@@ -227,18 +230,25 @@ def quiet(hosts: Hosts, n: int, timeout=60) -> None:
         time.sleep(0.2)
 
 
-def run_ours(hosts: Hosts, n: int, runs: Path, env: dict) -> dict:
+def run_ours(hosts: Hosts, n: int, runs: Path, env: dict, warm: bool = True) -> dict:
     markers = hosts.sd / "markers" / f"ours-{n}-{time.time_ns()}"
     markers.mkdir(parents=True)
     job = job_file(hosts.sd, markers)
     t0 = time.time()
-    p = subprocess.run([sys.executable, "-m", "cluster", "submit", str(job), "-i", str(hosts.inventory(n))],
+    p = subprocess.run([sys.executable, "-m", "cluster", "submit", str(job), "-i", str(hosts.inventory(n, warm))],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     t_ret = time.time()
     if p.returncode != 0:
         raise RuntimeError(p.stderr)
     started, joined = wait_markers(markers, n)
-    return {"returned": t_ret - t0, "started": started - t0, "joined": joined - t0}
+    rid = p.stdout.split()[1]
+    # how many nodes started torchrun from a warm interpreter (their agents say so in the node log)
+    warm_nodes = 0
+    for name in hosts.names[:n]:
+        wd = REPO if hosts.shared_fs else hosts.sd / "hosts" / name / "work"
+        log = wd / "runs" / rid / "logs" / f"{name}.log"
+        warm_nodes += log.exists() and "torchrun from a warm interpreter" in log.read_text()
+    return {"returned": t_ret - t0, "started": started - t0, "joined": joined - t0, "warm_nodes": warm_nodes}
 
 
 def run_pdsh(hosts: Hosts, n: int, env: dict) -> dict:
@@ -277,17 +287,19 @@ def bench_launch(hosts: Hosts, sizes: list[int], reps: int, env: dict, log) -> d
     quiet(hosts, max(sizes))
     out = {"first_submit_with_sync": first, "sizes": {}}
     for n in sizes:
-        res = {"ours": [], "pdsh": []}
+        res = {"ours": [], "ours-cold": [], "pdsh": []}
         for _ in range(reps):
-            for tool in ("ours", "pdsh"):
-                r = run_ours(hosts, n, runs, env) if tool == "ours" else run_pdsh(hosts, n, env)
+            for tool in res:
+                r = run_pdsh(hosts, n, env) if tool == "pdsh" else run_ours(hosts, n, runs, env, tool == "ours")
                 res[tool].append(r)
-                log(f"{n} host(s) {tool:<4}: returned {r['returned']:.2f}s started {r['started']:.2f}s "
-                    f"joined {r['joined']:.2f}s")
+                log(f"{n} host(s) {tool:<9}: returned {r['returned']:.2f}s started {r['started']:.2f}s "
+                    f"joined {r['joined']:.2f}s" + (f" (warm start on {r['warm_nodes']} of {n})" if tool != "pdsh" else ""))
                 quiet(hosts, n)
         out["sizes"][n] = {tool: {k: statistics.median(r[k] for r in rs) for k in ("returned", "started", "joined")}
                            for tool, rs in res.items()}
+        out["sizes"][n]["ours"]["warm_nodes"] = [r["warm_nodes"] for r in res["ours"]]
         log(f"{n} host(s) median joined: ours {out['sizes'][n]['ours']['joined']:.2f}s, "
+            f"ours without warm start {out['sizes'][n]['ours-cold']['joined']:.2f}s, "
             f"pdsh {out['sizes'][n]['pdsh']['joined']:.2f}s")
     return out
 
@@ -424,14 +436,15 @@ def main(argv=None) -> int:
         env = {**os.environ, "CLUSTER_RUNS_DIR": str(hosts.sd / "runs"), "PYTHONUNBUFFERED": "1"}
         if not args.skip_launch:
             results["launch"] = bench_launch(hosts, sizes, args.reps, env, log)
-            table = ["| hosts | ours: returned / started / joined (s) | pdsh: returned / started / joined (s) | "
-                     "joined ours/pdsh | joined vs 1 host (ours) |", "|---|---|---|---|---|"]
+            table = ["| hosts | ours: returned / started / joined (s) | ours, warm_start off: joined (s) | "
+                     "pdsh: returned / started / joined (s) | joined ours/pdsh | off/pdsh | joined vs 1 host (ours) |",
+                     "|---|---|---|---|---|---|---|"]
             base = results["launch"]["sizes"][sizes[0]]["ours"]["joined"]
             for n in sizes:
-                o, p = results["launch"]["sizes"][n]["ours"], results["launch"]["sizes"][n]["pdsh"]
-                table.append(f"| {n} | {o['returned']:.2f} / {o['started']:.2f} / {o['joined']:.2f} | "
+                o, c, p = (results["launch"]["sizes"][n][t] for t in ("ours", "ours-cold", "pdsh"))
+                table.append(f"| {n} | {o['returned']:.2f} / {o['started']:.2f} / {o['joined']:.2f} | {c['joined']:.2f} | "
                              f"{p['returned']:.2f} / {p['started']:.2f} / {p['joined']:.2f} | "
-                             f"{o['joined'] / p['joined']:.2f} | {o['joined'] / base:.2f} |")
+                             f"{o['joined'] / p['joined']:.2f} | {c['joined'] / p['joined']:.2f} | {o['joined'] / base:.2f} |")
             log("\n".join(table))
         if not args.skip_logs:
             results["logs"] = bench_logs(hosts, max(sizes), args.log_rate, args.log_seconds, log)
