@@ -16,9 +16,13 @@ mkdir -p "$OUT"
 [ -d "$P/bin" ] || { echo "no $P: run bench/launchpkg.sh where pip and the Debian packages are, and carry it"; exit 2; }
 PY=${PY:-python3}   # CPython 3.12 (the wheels' version); PY=.venv/bin/python SKIP_PIP=1 to try it here
 if [ -z "${SKIP_PIP:-}" ]; then
-    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$P"/whl/*.whl || exit 1
+    $PY -m pip install -q --no-index --no-deps --no-cache-dir --upgrade --target /tmp/site "$P"/whl/*.whl || exit 1
     export PYTHONPATH=/tmp/site
 fi
+# bytecode for our modules, as a checkout has after its first run (the image sets
+# PYTHONDONTWRITEBYTECODE and this copy of the tree has no __pycache__: without it every
+# `python -m cluster ...` compiles its modules again; pip writes the wheels' bytecode above)
+$PY -m compileall -q -j 0 cluster bench train >/dev/null
 W=/tmp/launchpkg-bin
 mkdir -p "$W"
 wrap() {   # wrap NAME BINARY [ARGV0]
