@@ -230,13 +230,13 @@ def quiet(hosts: Hosts, n: int, timeout=60) -> None:
         time.sleep(0.2)
 
 
-def run_ours(hosts: Hosts, n: int, runs: Path, env: dict, warm: bool = True) -> dict:
+def run_ours(hosts: Hosts, n: int, runs: Path, env: dict, warm: bool = True, extra: tuple = ()) -> dict:
     markers = hosts.sd / "markers" / f"ours-{n}-{time.time_ns()}"
     markers.mkdir(parents=True)
     job = job_file(hosts.sd, markers)
     t0 = time.time()
-    p = subprocess.run([sys.executable, "-m", "cluster", "submit", str(job), "-i", str(hosts.inventory(n, warm))],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    p = subprocess.run([sys.executable, "-m", "cluster", "submit", str(job), "-i", str(hosts.inventory(n, warm)),
+                        *extra], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     t_ret = time.time()
     if p.returncode != 0:
         raise RuntimeError(p.stderr)
@@ -302,6 +302,35 @@ def bench_launch(hosts: Hosts, sizes: list[int], reps: int, env: dict, log) -> d
             f"ours without warm start {out['sizes'][n]['ours-cold']['joined']:.2f}s, "
             f"pdsh {out['sizes'][n]['pdsh']['joined']:.2f}s")
     return out
+
+
+def bench_resume(hosts: Hosts, n: int, mb: int, reps: int, env: dict, log) -> dict:
+    """``submit --resume`` of a run with an ``mb`` MB checkpoint, which goes to node 0 before the
+    start: with warm start, torchrun's import overlaps that copy; without, it follows it."""
+    runs = Path(env["CLUSTER_RUNS_DIR"])
+    src = runs / "benchsrc-resume"
+    (src / "checkpoints").mkdir(parents=True, exist_ok=True)
+    with open(src / "checkpoints" / "ckpt_1.pt", "wb") as f:
+        for _ in range(mb):
+            f.write(os.urandom(1 << 20))
+    (src / "checkpoints" / "latest").write_text("ckpt_1.pt\n")
+    (src / "run.json").write_text(json.dumps({"id": src.name, "created": 0, "state": "SUCCEEDED", "backend": "local",
+                                              "job": {"name": "benchsrc"}}))
+    run_ours(hosts, n, runs, env)     # untimed: the code is in place on every host from here on
+    quiet(hosts, n)
+    res = {"ours": [], "ours-cold": []}
+    for _ in range(reps):
+        for tool in res:
+            r = run_ours(hosts, n, runs, env, tool == "ours", ("--resume", src.name))
+            res[tool].append(r)
+            log(f"resume, {mb} MB checkpoint, {n} host(s) {tool:<9}: returned {r['returned']:.2f}s "
+                f"started {r['started']:.2f}s joined {r['joined']:.2f}s (warm start on {r['warm_nodes']} of {n})")
+            quiet(hosts, n)
+    out = {tool: {k: statistics.median(r[k] for r in rs) for k in ("returned", "started", "joined")}
+           for tool, rs in res.items()}
+    log(f"resume, {mb} MB checkpoint, {n} host(s), median joined: ours {out['ours']['joined']:.2f}s, "
+        f"without warm start {out['ours-cold']['joined']:.2f}s")
+    return {"hosts": n, "checkpoint_mb": mb, **out}
 
 
 # ---------------------------------------------------------------- log merging
@@ -408,6 +437,8 @@ def main(argv=None) -> int:
                     help="hosts on 127.0.1.x in this network namespace (no ip/veth/bridge needed)")
     ap.add_argument("--shared-fs", action="store_true",
                     help="the hosts work in this checkout (inventory shared_fs: no code sync; with --loopback)")
+    ap.add_argument("--resume-mb", type=int, default=0,
+                    help="also: submit --resume of a run with a checkpoint of this size, on the largest host count")
     ap.add_argument("--skip-launch", action="store_true")
     ap.add_argument("--skip-logs", action="store_true")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "launch"), help="writes results.json there")
@@ -446,6 +477,8 @@ def main(argv=None) -> int:
                              f"{p['returned']:.2f} / {p['started']:.2f} / {p['joined']:.2f} | "
                              f"{o['joined'] / p['joined']:.2f} | {c['joined'] / p['joined']:.2f} | {o['joined'] / base:.2f} |")
             log("\n".join(table))
+        if args.resume_mb:
+            results["resume"] = bench_resume(hosts, max(sizes), args.resume_mb, args.reps, env, log)
         if not args.skip_logs:
             results["logs"] = bench_logs(hosts, max(sizes), args.log_rate, args.log_seconds, log)
     finally:

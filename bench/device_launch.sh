@@ -3,7 +3,7 @@
 # sshd, ssh, pdsh or rsync, e.g. a GPU machine of the device tool: build .launchpkg/ here first
 # (bash bench/launchpkg.sh), carry it, then
 #
-#   OUT=$OUT bash bench/device_launch.sh            # SIZES=1,2,4,8 REPS=3 LIMIT_S=250
+#   OUT=$OUT bash bench/device_launch.sh            # SIZES=1,2,4,8 REPS=3 LIMIT_S=250 BENCH_ARGS=...
 #
 # The bundle's binaries run through wrappers that set LD_LIBRARY_PATH for them alone (in
 # /tmp/launchpkg-bin, first on this PATH; rsync also in /usr/local/bin for the hosts' sessions
@@ -41,4 +41,4 @@ mkdir -p /run/sshd && chmod 755 /run/sshd
 shared=""
 git rev-parse --git-dir >/dev/null 2>&1 || shared=--shared-fs   # no git checkout here: the hosts use this one
 timeout "${LIMIT_S:-250}" $PY bench/bench_launch.py --loopback $shared --sizes "${SIZES:-1,2,4,8}" \
-    --reps "${REPS:-3}" --log-seconds "${LOG_S:-10}" --out "$OUT"
+    --reps "${REPS:-3}" --log-seconds "${LOG_S:-10}" --out "$OUT" ${BENCH_ARGS:-}

@@ -15,9 +15,9 @@ Warm start (``--park-fd FD``, used by the ssh backend's preflight probe, cluster
 agent is started while the preflight still runs, writes nothing and binds nothing, and imports
 torchrun (when the payload is ``<this python> -m torch.distributed.run``) while it waits for a
 line on FD. ``GO <json>`` starts the node exactly as the shell line would (output to the agent log),
-except that torchrun runs in a fork of this warm interpreter instead of a fresh one: seconds less
-from submit to running ranks. Anything else on FD, or its end (the probe was told to start
-nothing, or is gone), and the agent exits having done nothing.
+except that torchrun runs in a fork of this warm interpreter instead of a fresh one: torchrun's
+import overlaps the rest of the preflight instead of following it. Anything else on FD, or its end
+(the probe was told to start nothing, or is gone), and the agent exits having done nothing.
 
 Gang semantics (``--gang ADDR:PORT --gang-nodes N``, multi-node runs): one failed node stops every
 node of the run, with no controller watching. Node 0's agent serves a tiny line protocol on PORT;
