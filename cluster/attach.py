@@ -25,6 +25,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -257,6 +258,21 @@ def _free_port(port: int) -> int:
         s.close()
 
 
+def _wait_listening(port: int, timeout_s: float = 10.0) -> None:
+    """Until something listens on 127.0.0.1:``port`` (Fabric's tunnel binds in its own thread, after
+    forward_local has returned): read from /proc/net/tcp, so no connection is made to find out."""
+    want = f"0100007F:{port:04X}"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with open("/proc/net/tcp") as f:
+                if any(l.split()[1] == want and l.split()[3] == "0A" for l in f.readlines()[1:]):
+                    return
+        except (OSError, IndexError):
+            return          # not Linux: no way to look, go on
+        time.sleep(0.01)
+
+
 class _Session:
     """The watcher process on the node: its stdout lines as parsed JSON, its stdin as the off switch."""
 
@@ -365,6 +381,7 @@ def jupyter(t: Target, command: Sequence[str], local_port: Optional[int] = None,
             forward = sess.conn.forward_local(local_port=url_port, remote_port=remote_port,
                                               remote_host="127.0.0.1", local_host="127.0.0.1")
             forward.__enter__()
+            _wait_listening(url_port)
         try:
             query = f"/?token={token}" if not command or any("{token}" in a for a in command) else "/"
             print(f"{what} on {t.label}: http://127.0.0.1:{url_port}{query}", flush=True)

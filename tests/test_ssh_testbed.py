@@ -56,11 +56,13 @@ def test_training_across_three_hosts_checkpoint_synced_then_resume(bed):
     # resume: the synced checkpoint goes back to node 0, training continues from step 30
     rid2, p = bed.submit(bed.job(TRAIN.format(steps=40, log_every=5), "job40.yaml"), "--resume", rid)
     assert "resume: checkpoint copied to node1" in p.stderr
+    assert "warm start: the agents on node[1-3] import torchrun now" in p.stderr   # the code was in place
     st = bed.wait(rid2)
     logs2 = bed.cli("logs", rid2).stdout
     assert st["state"] == "SUCCEEDED", logs2[-4000:]
     assert re.search(r"\[node1 0\] resumed from .*ckpt_30\.pt: step 30", logs2), logs2[-3000:]
     assert "step 10/40" not in logs2 and "step 40/40" in logs2
+    assert logs2.count("torchrun from a warm interpreter") == 3, logs2[:3000]   # one per host
 
 
 # ---------------------------------------------------------------- gang: kill -9 one torchrun
@@ -116,6 +118,15 @@ def test_unreachable_host_or_wrong_gpu_count_is_a_preflight_error_and_nothing_st
     assert not bed.runs.exists() or not any(bed.runs.iterdir())
     after = {h: set(os.listdir(w / "runs")) if (w / "runs").exists() else set() for h, w in bed.workdir.items()}
     assert after == before
+    # no agent that a probe parked (warm start) outlives the failed submit (the hosts share our pids)
+    parked = []
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and b"--park-fd" in (d / "cmdline").read_bytes():
+                parked.append(d.name)
+        except OSError:
+            pass
+    assert parked == []
 
 
 def test_unknown_host_keys_are_refused_unless_the_inventory_accepts_new_ones(bed):

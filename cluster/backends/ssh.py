@@ -220,6 +220,9 @@ class SSHBackend(Backend):
             raise UserError("preflight failed, nothing was started:\n  " + "\n  ".join(problems),
                             where=self.inv.path, hint=hint)
         self._stale = {h: (_json_of(r) or {}).get("stale", 1) for h, r in res.items()}
+        parked = [h for h, r in res.items() if (_json_of(r) or {}).get("parked")]
+        if parked:
+            progress(f"warm start: the agents on {hostlist.fold(parked)} import torchrun now and start on 'go'")
         try:
             self._container_preflight(plan)
         except UserError:
