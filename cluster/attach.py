@@ -266,7 +266,7 @@ def _wait_listening(port: int, timeout_s: float = 10.0) -> None:
     while time.monotonic() < deadline:
         try:
             with open("/proc/net/tcp") as f:
-                if any(l.split()[1] == want and l.split()[3] == "0A" for l in f.readlines()[1:]):
+                if any(c[1] == want and c[3] == "0A" for c in (l.split() for l in f.readlines()[1:])):
                     return
         except (OSError, IndexError):
             return          # not Linux: no way to look, go on

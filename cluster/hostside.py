@@ -39,7 +39,7 @@ def _gpu_count(a: dict) -> int:
     return 0
 
 
-def _run_processes(wd: str, run_id=None, skip=()) -> dict:
+def _run_processes(wd: str, run_id=None) -> dict:
     """run id -> pids of processes in this host's network namespace that carry CLUSTER_RUN_ID and
     run in ``wd`` (one pid namespace may hold several hosts' processes, as in the cluster in a box)."""
     import os
@@ -53,7 +53,7 @@ def _run_processes(wd: str, run_id=None, skip=()) -> dict:
     mine, me = netns("self"), os.getpid()
     found: dict = {}
     for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) == me or int(name) in skip:
+        if not name.isdigit() or int(name) == me:
             continue
         try:
             with open(f"/proc/{name}/environ", "rb") as f:
@@ -90,7 +90,7 @@ def _group_alive(pgid) -> bool:
     return False
 
 
-def _probe(a: dict, skip=()) -> dict:
+def _probe(a: dict) -> dict:
     import json
     import os
     import select
@@ -133,7 +133,7 @@ def _probe(a: dict, skip=()) -> dict:
         r["stale"] = stale_files(a["workdir"], a["manifest"])
     wd_real = os.path.realpath(wd)
     left, busy = {}, {}
-    for rid, pids in _run_processes(wd_real, skip=skip).items():
+    for rid, pids in _run_processes(wd_real).items():
         state = os.path.join(wd_real, "runs", rid, "state")
         agent = False
         try:
@@ -186,13 +186,12 @@ def _probe(a: dict, skip=()) -> dict:
     return r
 
 
-def _park(a: dict):
+def _park(a: dict, stale: int):
     """Warm start: the node's agent, started now in its own session with the node's environment,
     waiting on a pipe for GO (cluster/agent.py, ``--park-fd``) and importing torchrun meanwhile.
-    Only where the code is already in place (what is synced later must not be run now)."""
+    Only where the code is already in place (``stale`` files: what is synced later must not run now)."""
     spec = a.get("park")
-    if not spec or spec["argv"][1:3] != ["-m", "cluster.agent"] or \
-            (a.get("manifest") is not None and stale_files(a["workdir"], a["manifest"])):
+    if not spec or spec["argv"][1:3] != ["-m", "cluster.agent"] or stale:
         return None
     r, w = os.pipe()
     try:
@@ -213,8 +212,8 @@ def _probe_then_launch(a: dict) -> dict:
     """The probe's answer as the first line; then, on 'GO <json>' from the submitter, start the
     node (its NodeLaunch.shell() line, or the parked agent) and answer with the agent's pid file.
     EOF: start nothing (a parked agent is killed before it has written anything)."""
-    parked = _park(a)
-    answer = _probe(a, skip=(parked[0].pid,) if parked else ())
+    answer = _probe(a)      # its scan for leftovers comes before the parked agent exists
+    parked = _park(a, answer.get("stale", 0))
     answer["parked"] = parked is not None
     sys.stdout.write(json.dumps(answer) + "\n")
     sys.stdout.flush()
@@ -248,7 +247,7 @@ def _probe_then_launch(a: dict) -> dict:
         except (OSError, ValueError):
             pass
         try:
-            if os.path.getsize(out) > 0 or (warm and proc.poll() is not None):
+            if (warm and proc.poll() is not None) or os.path.getsize(out) > 0:
                 break
         except OSError:
             pass

@@ -71,11 +71,12 @@ def _plot(metrics: dict[int, list[dict]], path: Path, title: str) -> None:
     for rank, recs in sorted(metrics.items()):
         train = [r for r in recs if r.get("kind", "train") == "train" and "step" in r]
         steps = [r["step"] for r in train]
-        all_ms += [r["step_ms"] for r in train]
+        ms = [r["step_ms"] for r in train]
+        all_ms += ms
         if rank == min(metrics):
             a.plot(steps, [r.get("loss_mean", r.get("loss")) for r in train], label="mean over ranks")
         b.plot(steps, [r["img_s"] for r in train], label=f"rank {rank}")
-        c.plot(steps, [r["step_ms"] for r in train], label=f"rank {rank}")
+        c.plot(steps, ms, label=f"rank {rank}")
     for ax, name in ((a, "loss"), (b, "images/s per rank"), (c, "step time (ms)")):
         ax.set_xlabel("step")
         ax.set_title(name)

@@ -13,10 +13,11 @@
 * launch: each probe, having answered, waits on its session; launch sends every host 'GO' with
   its ``NodeLaunch.shell()`` line (a closed session starts nothing), and each answers with its
   agent's pid file (pid == process group). Warm start (``ssh.warm_start``, on by default): where
-  the code is already in place, the probe starts the node's agent at once, parked: it writes
-  nothing and imports torchrun while the preflight goes on, then on GO runs torchrun in a fork
-  of itself (cluster/agent.py); on EOF the probe kills it. Same argv and environment as the line. A detached watcher (``python -m cluster.sync watch``)
-  then syncs node 0's checkpoints to storage periodically and at the end. Gang semantics live in
+  the code is already in place, the probe starts the node's agent once it has answered, parked:
+  it writes nothing and imports torchrun while the preflight goes on, then on GO runs torchrun in
+  a fork of itself (cluster/agent.py); on EOF the probe kills it. Same argv and environment as
+  the line. A detached watcher (``python -m cluster.sync watch``) then syncs node 0's checkpoints
+  to storage periodically and at the end. Gang semantics live in
   the agents (cluster/agent.py): no controller is needed to stop a run when one node fails.
 * status / stop: one fan-out each (pid, exit and heartbeat files; TERM the group, wait, KILL,
   then verify by the run's CLUSTER_RUN_ID that nothing is left). An unreachable host is UNKNOWN,
