@@ -12,12 +12,14 @@ Started detached (``setsid``, stdin from /dev/null) by the local and ssh backend
 A TERM to the group reaches torchrun, which stops its workers; the agent then records the exit.
 
 Warm start (``--park-fd FD``, used by the ssh backend's preflight probe, cluster/hostside.py): the
-agent is started while the preflight still runs, writes nothing and binds nothing, and imports
-torchrun (when the payload is ``<this python> -m torch.distributed.run``) while it waits for a
-line on FD. ``GO <json>`` starts the node exactly as the shell line would (output to the agent log),
-except that torchrun runs in a fork of this warm interpreter instead of a fresh one: torchrun's
-import overlaps the rest of the preflight instead of following it. Anything else on FD, or its end
-(the probe was told to start nothing, or is gone), and the agent exits having done nothing.
+agent is started while the preflight still runs, writes nothing and binds nothing, and waits for a
+line on FD. When the payload is ``<this python> -m torch.distributed.run``, it forks torchrun at
+once; the fork imports torchrun, and starts a fork server that imports torch for the workers
+(cluster/warmworker.py), then waits. ``GO <json>`` starts the node exactly as the shell line would
+(output to the agent log), except that torchrun and its workers start with torch imported: the
+imports overlap the rest of the preflight instead of following it. Anything else on FD, or its end
+(the probe was told to start nothing, or is gone), and the agent's whole group is killed, having
+done nothing.
 
 Gang semantics (``--gang ADDR:PORT --gang-nodes N``, multi-node runs): one failed node stops every
 node of the run, with no controller watching. Node 0's agent serves a tiny line protocol on PORT;
@@ -165,17 +167,18 @@ def _torchrun_here(payload: list[str]) -> bool:
     return bool(exe) and os.path.abspath(exe) == os.path.abspath(sys.executable)
 
 
-def park(fd: int, payload: list[str]) -> Optional[threading.Thread]:
-    """Wait for the probe's word on ``fd`` while a thread imports torchrun (if the payload is
-    torchrun here; that thread is returned). Exits at once, having written nothing, unless the
-    word is ``GO``; on ``GO {"out": PATH}`` stdout and stderr go to PATH, as the shell line's would."""
-    importer = None
-    if _torchrun_here(payload):
-        importer = threading.Thread(target=_import_torchrun, name="import-torchrun", daemon=True)
-        importer.start()
+def park(fd: int, payload: list[str], preload: list[str]) -> Optional["ForkedTorchrun"]:
+    """Wait for the probe's word on ``fd``. If the payload is torchrun here, fork it at once (it is
+    returned): the fork imports torchrun, and starts the warm workers' fork server, while the
+    preflight runs. Unless the word is ``GO``, everything is killed (this agent, in its own group,
+    and whatever it forked) having written nothing; on ``GO {"out": PATH}`` stdout and stderr go to
+    PATH, as the shell line's would."""
+    forked = ForkedTorchrun(payload, preload, close=fd) if _torchrun_here(payload) else None
     with os.fdopen(fd, "rb") as f:
         line = f.readline()
     if not line.startswith(b"GO"):
+        if forked is not None:
+            os.killpg(os.getpgrp(), signal.SIGKILL)    # the fork, its fork server, and us
         os._exit(0)
     go = json.loads(line[2:] or b"{}")
     if go.get("out"):
@@ -184,34 +187,26 @@ def park(fd: int, payload: list[str]) -> Optional[threading.Thread]:
         os.dup2(out, 1)
         os.dup2(out, 2)
         os.close(out)
-    return importer
-
-
-def _import_torchrun() -> None:
-    try:
-        import torch.distributed.run  # noqa: F401 -- the seconds this saves are the point
-    except Exception:   # noqa: BLE001 -- no warm start then: torchrun starts fresh and reports it
-        pass
+    return forked
 
 
 class ForkedTorchrun:
-    """torchrun in a fork of this process, which has imported it already (see park): a Popen
-    look-alike (pid, stdout, wait, send_signal). Forked early, it waits for its argv on a pipe, so
-    that it inherits none of the agent's later files and sockets; :meth:`start` sends the argv."""
+    """torchrun in a fork of the parked agent (see park): a Popen look-alike (pid, stdout, wait,
+    send_signal). Forked before the agent has opened anything of the run, it imports torchrun and
+    starts the warm workers' fork server (cluster/warmworker.py), then waits for its argv on a
+    pipe; :meth:`start` sends the argv."""
 
-    def __init__(self):
+    def __init__(self, payload: list[str], preload: list[str], close: int):
         out_r, out_w = os.pipe()
         gate_r, self._gate = os.pipe()
         sys.stdout.flush()
         sys.stderr.flush()
-        import warnings
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)   # torch's import left an idle thread
-            pid = os.fork()
+        pid = os.fork()
         if pid == 0:
             os.close(out_r)
             os.close(self._gate)
-            self._child(gate_r, out_w)
+            os.close(close)
+            self._child(gate_r, out_w, payload, preload)
         os.close(gate_r)
         os.close(out_w)
         self.pid = pid
@@ -219,11 +214,24 @@ class ForkedTorchrun:
         self.returncode = None
 
     @staticmethod
-    def _child(gate: int, out: int) -> None:
+    def _child(gate: int, out: int, payload: list[str], preload: list[str]) -> None:
         code = 1
         try:
+            from . import warmworker
+            warmworker.retitle(payload)     # ps: torchrun, from the start
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
                 signal.signal(sig, signal.SIG_DFL)
+            null = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(null, 0)
+            os.dup2(out, 1)     # the fork server's and the import's output too: read from GO on
+            os.dup2(out, 2)
+            os.close(null)
+            os.close(out)
+            server = warmworker.start_server(preload)   # first: its import is the longer one
+            try:
+                import torch.distributed.run as torchrun
+            except Exception:   # noqa: BLE001 -- torchrun then starts fresh below and reports it
+                torchrun = None
             data = b""
             while chunk := os.read(gate, 1 << 16):
                 data += chunk
@@ -231,17 +239,13 @@ class ForkedTorchrun:
             if not data:
                 os._exit(0)     # the agent did not get as far as starting us
             argv = json.loads(data)
-            null = os.open(os.devnull, os.O_RDONLY)
-            os.dup2(null, 0)
-            os.dup2(out, 1)
-            os.dup2(out, 2)
-            os.close(null)
-            os.close(out)
-            import torch.distributed.run as torchrun
+            if torchrun is None:
+                os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run"] + argv)
             sys.argv = [torchrun.__file__] + argv
-            _retitle([sys.executable, "-m", "torch.distributed.run"] + argv)
+            warmworker.retitle([sys.executable, "-m", "torch.distributed.run"] + argv)
             try:
-                torchrun.main(argv)
+                if not (server and warmworker.launch(torchrun, argv)):
+                    torchrun.main(argv)
                 code = 0
             except SystemExit as e:
                 code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
@@ -290,21 +294,6 @@ class ForkedTorchrun:
     def send_signal(self, sig) -> None:
         if self.returncode is None:
             os.kill(self.pid, sig)
-
-
-def _retitle(argv: list[str]) -> None:
-    """Show ``argv`` as this process's command line (ps, pgrep -f), as setproctitle does: rewrite
-    the original argv area in place (never longer than it: the rest is cleared)."""
-    try:
-        with open("/proc/self/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        start, end = int(fields[45]), int(fields[46])     # arg_start, arg_end (fields 48, 49)
-        import ctypes
-        new = b"\0".join(a.encode() for a in argv)[:end - start - 1]
-        buf = new + b"\0" * (end - start - len(new))
-        ctypes.memmove(start, buf, len(buf))
-    except (OSError, ValueError, IndexError, AttributeError):
-        pass
 
 
 # ---------------------------------------------------------------- gang
@@ -524,12 +513,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gang-connect-s", type=float, default=120.0, help="how long nodes may take to join")
     ap.add_argument("--kill-grace-s", type=float, default=10.0, help="from TERM to KILL when stopping")
     ap.add_argument("--park-fd", type=int, help="warm start: wait for 'GO' on this descriptor (see above)")
+    ap.add_argument("--preload", default="", metavar="MOD,...",
+                    help="warm start: modules the workers' fork server imports after torch")
     ap.add_argument("payload", nargs=argparse.REMAINDER)
     args = ap.parse_args(argv)
     payload = args.payload[1:] if args.payload[:1] == ["--"] else args.payload
     if os.getpgrp() != os.getpid():
         os.setpgrp()   # stop must be able to signal everything of the run through one group
-    importer = park(args.park_fd, payload) if args.park_fd is not None else None
+    forked = None
+    if args.park_fd is not None:
+        forked = park(args.park_fd, payload, [m for m in args.preload.split(",") if m])
     run_dir = Path(args.run_dir)
     state, logs = run_dir / "state", run_dir / "logs"
     for d in (state, logs, run_dir / "metrics", run_dir / "checkpoints"):
@@ -542,11 +535,6 @@ def main(argv: list[str] | None = None) -> int:
     write_json_atomic(state / f"{host}.pid", {
         "pid": os.getpid(), "pgid": os.getpgrp(), "host": host, "hostname": socket.gethostname(),
         "node_rank": args.node_rank, "started": time.time(), "argv": payload})
-    forked = None
-    if importer is not None:
-        importer.join()
-        if "torch.distributed.run" in sys.modules:
-            forked = ForkedTorchrun()     # before the run's log files and gang socket are open
 
     node_log = open(logs / f"{host}.log", "ab", buffering=0)
     rank_logs: dict[bytes, object] = {}

@@ -188,7 +188,8 @@ def _probe(a: dict) -> dict:
 
 def _park(a: dict, stale: int):
     """Warm start: the node's agent, started now in its own session with the node's environment,
-    waiting on a pipe for GO (cluster/agent.py, ``--park-fd``) and importing torchrun meanwhile.
+    waiting on a pipe for GO (cluster/agent.py, ``--park-fd``) while torchrun and a fork server for
+    its workers import torch.
     Only where the code is already in place (``stale`` files: what is synced later must not run now)."""
     spec = a.get("park")
     if not spec or spec["argv"][1:3] != ["-m", "cluster.agent"] or stale:
@@ -220,7 +221,10 @@ def _probe_then_launch(a: dict) -> dict:
     line = sys.stdin.readline()
     if not line.startswith("GO "):
         if parked:
-            parked[0].kill()
+            try:
+                os.killpg(parked[0].pid, 9)     # its own session: the agent and what it forked
+            except ProcessLookupError:
+                pass
             parked[0].wait()
         return {"launched": False}
     go = json.loads(line[3:])

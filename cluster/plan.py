@@ -142,6 +142,8 @@ def make_plan(inv: Inventory, job: Job, run_id: str, gpus: Mapping[str, int], *,
                  "--node-rank", str(rank)]
         if gang_port and len(hosts) > 1:
             agent += ["--gang", f"{master}:{gang_port}", "--gang-nodes", str(len(hosts))]
+        if job.container is None and _preload(job):
+            agent += ["--preload", ",".join(_preload(job))]
         agent += ["--"]
         nodes.append(NodeLaunch(
             host=h.name, node_rank=rank, hostname=h.hostname, workdir=h.workdir,
@@ -163,6 +165,22 @@ def _payload(job: Job, run_dir: str) -> list[str]:
     if job.module is not None:
         return ["-m", job.module] + list(job.args)
     return ["--no-python"] + list(job.command) + list(job.args)
+
+
+def _preload(job: Job) -> list[str]:
+    """What a warm start's fork server imports after torch, so that each worker need not
+    (cluster/warmworker.py): train/'s modules (and torchvision for its models), or the packages
+    that ``python -m pkg.mod`` imports before it runs the module anyway."""
+    if job.train is not None:
+        mods = ["train.loop"]
+        model = str(job.train.get("model", ""))
+        if ":" not in model:
+            mods.append("torchvision")
+        return mods
+    if job.module is not None:
+        parts = job.module.split(".")
+        return [".".join(parts[:i]) for i in range(1, len(parts))]
+    return []
 
 
 def _scalar(v) -> str:

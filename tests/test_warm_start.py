@@ -4,6 +4,7 @@ cluster/agent.py). The probe runs as the ssh backend runs it (``python -c``, arg
 in a local shell instead of an ssh session; the cluster in a box runs the same over real ssh."""
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -19,14 +20,30 @@ REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
 def probe(tmp_path, **env):
     """Start the probe with a park spec for a 2-rank hello node; returns (proc, run id, run dir)."""
     rid = f"warmtest-{uuid.uuid4().hex[:8]}"
     run_dir = f"runs/{rid}"
     argv = [sys.executable, "-m", "cluster.agent", "--run-dir", run_dir, "--host", "h1", "--node-rank", "0",
-            "--", sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-            "--max-restarts=0", "--tee=3", "-m", "tests.fixtures.hello"]
-    node_env = {"CLUSTER_RUN_ID": rid, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **env}
+            "--preload", "tests",
+            "--", sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2",
+            "--node-rank=0", "--master-addr=127.0.0.1", f"--master-port={free_port()}", f"--rdzv-id={rid}",
+            "--max-restarts=0", "--tee=3", "-m", "tests.fixtures.hello"]       # as cluster/plan.py writes it
+    # no OMP_NUM_THREADS: torchrun sets it to 1 for the workers, after the fork server loaded torch
+    node_env = {"CLUSTER_RUN_ID": rid, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", **env}
     a = {"workdir": str(tmp_path), "host": "h1", "manifest": None, "ports": [], "address": "127.0.0.1",
          "role": "server", "peers": 0, "wait_s": 5, "park": {"argv": argv, "env": node_env}}
     p = subprocess.Popen(["/bin/sh", "-c", host_command(sys.executable, _probe_then_launch)],
@@ -40,7 +57,13 @@ def probe(tmp_path, **env):
 def test_a_parked_agent_that_gets_no_go_leaves_nothing(tmp_path):
     p, rid, _, answer = probe(tmp_path)
     assert answer["parked"] and answer["leftovers"] == {}          # the parked agent is not a leftover
-    assert len(pids_of_run(rid)) == 1                               # parked: the agent alone, no torchrun
+    time.sleep(1.0)     # the fork server is up and importing torch by now
+    parked = {pid: cmdline(pid) for pid in pids_of_run(rid)}
+    # parked: the agent, its fork of torchrun and the fork server, all in the agent's group; no worker
+    agent = [pid for pid, c in parked.items() if "cluster.agent --park-fd" in c]
+    assert len(agent) == 1 and len(parked) >= 3, parked
+    assert {os.getpgid(pid) for pid in parked} == set(agent), parked
+    assert not any(" -u -m tests.fixtures.hello" in c for c in parked.values()), parked   # a worker
     p.stdin.close()                                                 # what a failed preflight sends: EOF
     out = p.stdout.read().decode()
     assert p.wait(timeout=30) == 0 and json.loads(out.splitlines()[-1]) == {"launched": False}
@@ -48,11 +71,11 @@ def test_a_parked_agent_that_gets_no_go_leaves_nothing(tmp_path):
     assert not (tmp_path / "runs").exists()                         # and it wrote nothing
 
 
-@pytest.mark.parametrize("fail", [False, True])
-def test_go_runs_torchrun_in_a_fork_of_the_warm_agent(tmp_path, fail):
-    env = {"HELLO_SHOW_PARENT": "1"}
+@pytest.mark.parametrize("fail", [None, "exit", "raise"])
+def test_go_runs_torchrun_and_its_workers_warm(tmp_path, fail):
+    env = {"HELLO_SHOW_PROCS": "1"}
     if fail:
-        env.update(HELLO_FAIL_RANK="1", HELLO_SLEEP_S="30")
+        env.update(HELLO_FAIL_RANK="1", HELLO_FAIL_HOW=fail, HELLO_SLEEP_S="30")
     p, rid, run_dir, answer = probe(tmp_path, **env)
     assert answer["parked"]
     go = {"shell": "exit 7", "pid": f"{run_dir}/state/h1.pid", "out": f"{run_dir}/state/h1.agent.out", "wait_s": 60}
@@ -73,13 +96,25 @@ def test_go_runs_torchrun_in_a_fork_of_the_warm_agent(tmp_path, fail):
     code = json.loads(exit_file.read_text())["code"]
     if fail:
         assert code != 0 and "[h1 1] rank 1 failing on purpose" in log, log
+        if fail == "raise":     # the traceback reaches the rank's log, as from `python -m`
+            rank_log = (tmp_path / run_dir / "logs" / "h1.rank1.log").read_text()
+            assert "Traceback (most recent call last)" in rank_log, rank_log
+            assert "RuntimeError: rank 1 raising on purpose" in rank_log, rank_log
     else:
         assert code == 0, log
         assert "[h1 0] hello from rank 0/2 sum=3" in log and "[h1 1] hello from rank 1/2 sum=3" in log, log
-        # the workers' parent (the forked torchrun) shows up in ps as torchrun, not as the agent
-        parents = [l for l in log.splitlines() if "parent: " in l]
-        assert len(parents) == 2 and all(" -m torch.distributed.run " in l and "cluster.agent" not in l
-                                         for l in parents), parents
+        assert "workers fork from a server that imported torch" in log, log
+        procs = [dict(kv.split("=", 1) for kv in l.split("procs: ", 1)[1].split(" | "))
+                 for l in log.splitlines() if "procs: " in l]
+        assert len(procs) == 2, log
+        for p in procs:
+            # each worker started with torch imported; ps shows it as the `python -m` it stands for,
+            # and its torchrun (the fork of the agent) as torchrun
+            assert p["torch_before_us"] == "True", p
+            assert p["self"].endswith(" -u -m tests.fixtures.hello") and "forkserver" not in p["self"], p
+            assert " -m torch.distributed.run " in p["torchrun"] and "cluster.agent" not in p["torchrun"], p
+            # torch obeys the OMP_NUM_THREADS that torchrun gives its workers, as in a fresh interpreter
+            assert p["OMP_NUM_THREADS"] == "1" and p["threads"] == "1", p
     assert (tmp_path / run_dir / "state" / "h1.agent.out").read_text() == ""   # nothing went wrong
     deadline = time.time() + 30
     while pids_of_run(rid):

@@ -14,9 +14,9 @@
   its ``NodeLaunch.shell()`` line (a closed session starts nothing), and each answers with its
   agent's pid file (pid == process group). Warm start (``ssh.warm_start``, on by default): where
   the code is already in place, the probe starts the node's agent once it has answered, parked:
-  it writes nothing and imports torchrun while the preflight goes on, then on GO runs torchrun in
-  a fork of itself (cluster/agent.py); on EOF the probe kills it. Same argv and environment as
-  the line. A detached watcher (``python -m cluster.sync watch``) then syncs node 0's checkpoints
+  it writes nothing, and torchrun and a fork server for its workers import torch while the
+  preflight goes on (cluster/agent.py, cluster/warmworker.py); on GO it starts, its workers forked
+  from that server; on EOF the probe kills its group. Same argv and environment as the line. A detached watcher (``python -m cluster.sync watch``) then syncs node 0's checkpoints
   to storage periodically and at the end. Gang semantics live in
   the agents (cluster/agent.py): no controller is needed to stop a run when one node fails.
 * status / stop: one fan-out each (pid, exit and heartbeat files; TERM the group, wait, KILL,
@@ -223,7 +223,7 @@ class SSHBackend(Backend):
         self._stale = {h: (_json_of(r) or {}).get("stale", 1) for h, r in res.items()}
         parked = [h for h, r in res.items() if (_json_of(r) or {}).get("parked")]
         if parked:
-            progress(f"warm start: the agents on {hostlist.fold(parked)} import torchrun now and start on 'go'")
+            progress(f"warm start: the agents on {hostlist.fold(parked)} import torch now and start on 'go'")
         try:
             self._container_preflight(plan)
         except UserError:
