@@ -73,7 +73,7 @@ class SSHSettings:
     connect_timeout_s: float = 10.0
     command_timeout_s: float = 120.0
     fanout: int = 64
-    warm_start: bool = True              # agents import torchrun while the preflight runs (ssh backend)
+    warm_start: bool = True              # torchrun and its workers import torch while the preflight runs (ssh)
 
 
 @dataclass(frozen=True)

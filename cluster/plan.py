@@ -142,8 +142,8 @@ def make_plan(inv: Inventory, job: Job, run_id: str, gpus: Mapping[str, int], *,
                  "--node-rank", str(rank)]
         if gang_port and len(hosts) > 1:
             agent += ["--gang", f"{master}:{gang_port}", "--gang-nodes", str(len(hosts))]
-        if job.container is None and _preload(job):
-            agent += ["--preload", ",".join(_preload(job))]
+        if inv.backend == "ssh" and inv.ssh.warm_start and job.container is None and _preload(job):
+            agent += ["--preload", ",".join(_preload(job))]     # what a parked agent's fork server imports
         agent += ["--"]
         nodes.append(NodeLaunch(
             host=h.name, node_rank=rank, hostname=h.hostname, workdir=h.workdir,
