@@ -56,13 +56,14 @@ def test_training_across_three_hosts_checkpoint_synced_then_resume(bed):
     # resume: the synced checkpoint goes back to node 0, training continues from step 30
     rid2, p = bed.submit(bed.job(TRAIN.format(steps=40, log_every=5), "job40.yaml"), "--resume", rid)
     assert "resume: checkpoint copied to node1" in p.stderr
-    assert "warm start: the agents on node[1-3] import torchrun now" in p.stderr   # the code was in place
+    assert "warm start: the agents on node[1-3] import torch now" in p.stderr   # the code was in place
     st = bed.wait(rid2)
     logs2 = bed.cli("logs", rid2).stdout
     assert st["state"] == "SUCCEEDED", logs2[-4000:]
     assert re.search(r"\[node1 0\] resumed from .*ckpt_30\.pt: step 30", logs2), logs2[-3000:]
     assert "step 10/40" not in logs2 and "step 40/40" in logs2
     assert logs2.count("torchrun from a warm interpreter") == 3, logs2[:3000]   # one per host
+    assert logs2.count("workers fork from a server that imported torch") == 3, logs2[:3000]
 
 
 # ---------------------------------------------------------------- gang: kill -9 one torchrun
