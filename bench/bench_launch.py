@@ -11,7 +11,8 @@ the hosts are sshds on 127.0.1.11.. in this network namespace, each in its own U
 Launch: for each host count, alternately (same hosts, same minute):
   * ours: ``python -m cluster submit`` in a fresh process: preflight probe on every host (versions,
     ports, disk, leftovers, code check), code sync if needed, launch, watcher start; with warm
-    start (the default: each probe parks the node's agent, which imports torchrun meanwhile);
+    start (the default: each probe parks the node's agent; torchrun and a fork server for its
+    workers import torch meanwhile, and the workers are forked from that server);
   * ours-cold: the same with ``ssh.warm_start: false`` (the agents start at GO, as pdsh's do);
   * pdsh: ``pdsh -R ssh`` running the very same per-node shell lines (NodeLaunch.shell(), written
     to one script per host beforehand), i.e. launch without preflight or sync.
