@@ -57,8 +57,12 @@ def probe(tmp_path, **env):
 def test_a_parked_agent_that_gets_no_go_leaves_nothing(tmp_path):
     p, rid, _, answer = probe(tmp_path)
     assert answer["parked"] and answer["leftovers"] == {}          # the parked agent is not a leftover
-    time.sleep(1.0)     # the fork server is up and importing torch by now
-    parked = {pid: cmdline(pid) for pid in pids_of_run(rid)}
+    deadline = time.time() + 20
+    while True:         # the agent forks torchrun, which starts the fork server (and its resource tracker)
+        parked = {pid: cmdline(pid) for pid in pids_of_run(rid)}
+        if len(parked) >= 3 or time.time() > deadline:
+            break
+        time.sleep(0.1)
     # parked: the agent, its fork of torchrun and the fork server, all in the agent's group; no worker
     agent = [pid for pid, c in parked.items() if "cluster.agent --park-fd" in c]
     assert len(agent) == 1 and len(parked) >= 3, parked
