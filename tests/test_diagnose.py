@@ -342,3 +342,58 @@ def test_real_failing_run_is_diagnosed(tmp_path):
     assert f["findings"][0]["pattern_id"] == "ddp-unused-parameters"
     out = cli("status", run_id).stdout
     assert "known failure [ddp-unused-parameters]" in out and "remedy:" in out
+
+
+# ---------------------------------------------------------------- which node's failure is the cause
+def _node_log(host, rank, own, code):
+    """A node's log: its rank's own lines, then torchrun's summary naming that rank."""
+    return [f"[{host} {rank}] {l}" for l in own] + [
+        f"[{host} agent] Root Cause (first observed failure):",
+        f"[{host} agent]   rank      : {rank} (local_rank: 0)",
+        f"[{host} agent]   exitcode  : {code} (pid: 4242)"]
+
+
+PEER_GONE = ["step 26/60 loss 1.93", "Traceback (most recent call last):",
+             "RuntimeError: [../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [10.213.0.12]:4711"]
+
+
+class _Logs:
+    """Just what Backend.first_failure reads: each node's log tail."""
+    from cluster.backends.base import Backend
+    first_failure, _root_failure, _diagnose = Backend.first_failure, Backend._root_failure, Backend._diagnose
+
+    def __init__(self, logs):
+        self.logs = logs
+
+    def log_tail(self, run, host, lines):
+        return self.logs[host][-lines:]
+
+
+def _failed(host, t, code=1):
+    from cluster.backends.base import NodeStatus
+    from cluster.runs import State
+    return NodeStatus(host, State.FAILED, exit_code=code, exit_time=t)
+
+
+@pytest.mark.parametrize("case", ["killed", "disk-full"])
+def test_the_failed_node_is_the_cause_not_a_peer_that_ended_first(case):
+    # a peer whose all-reduce lost the dead rank can end before the dead rank's own node does
+    own = (["step 26/60 loss 1.91"] if case == "killed" else
+           ["Traceback (most recent call last):", "OSError: [Errno 28] checkpoint: cannot write ckpt_20.pt "
+            "(No space left on device; 12 kB free there); the latest good checkpoint is still ckpt_10.pt"])
+    logs = {"node1": _node_log("node1", 0, PEER_GONE, 1),
+            "node2": _node_log("node2", 1, own, -9 if case == "killed" else 1),
+            "node3": _node_log("node3", 2, PEER_GONE, 1)}
+    nodes = [_failed("node1", 100.4), _failed("node2", 100.9, 1), _failed("node3", 100.2)]
+    f = _Logs(logs).first_failure(None, nodes)
+    assert (f["host"], f["rank"]) == ("node2", 1), f
+    if case == "disk-full":
+        assert f["findings"][0]["pattern_id"] == "disk-full", f["findings"]
+
+
+def test_when_every_node_lost_its_peers_the_first_to_end_is_named():
+    # the network itself failed: every rank shows the same symptom; nothing to prefer but time
+    logs = {h: _node_log(h, r, PEER_GONE, 1) for r, h in enumerate(["node1", "node2", "node3"])}
+    nodes = [_failed("node1", 100.4), _failed("node2", 100.9), _failed("node3", 100.2)]
+    f = _Logs(logs).first_failure(None, nodes)
+    assert (f["host"], f["rank"]) == ("node3", 2) and f["findings"][0]["pattern_id"] == "nccl-network", f

@@ -217,7 +217,9 @@ def test_disk_full_while_a_checkpoint_is_written(bed):
         st = bed.wait(rid, timeout=120)
         assert st["state"] == "FAILED"
         findings = st["failure"].get("findings", [])
-        assert "disk-full" in [f["pattern_id"] for f in findings], findings
+        assert "disk-full" in [f["pattern_id"] for f in findings], (
+            [f["pattern_id"] for f in findings], st["failure"].get("host"), st["failure"].get("rank"),
+            [l for l in log.splitlines() if "rror" in l or "checkpoint" in l][-12:])
         good = latest_on(bed, rid)
         assert good == before or good > before
         ck = torch.load(bed.host_file("node1", rid, f"checkpoints/{good}"), weights_only=True)   # still usable

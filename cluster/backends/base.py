@@ -124,12 +124,31 @@ class Backend(ABC):
                  [n for n in nodes if n.state == State.FAILED]
         if not failed:
             return {}
-        first = min(failed, key=lambda n: n.exit_time or float("inf"))
-        tail = self.log_tail(run, first.host, 400)
-        rank = failing_rank(tail)
-        own = [l for l in tail if l.startswith(f"[{first.host} {rank}] ")] if rank is not None else []
+        first, tail, rank, own = self._root_failure(run, failed)
         return {"host": first.host, "rank": rank, "exit_code": first.exit_code,
                 "log_tail": own[-30:] or tail[-40:], "findings": self._diagnose(run, nodes, first.host, tail, rank)}
+
+    def _root_failure(self, run: Run, failed: list[NodeStatus]):
+        """The failed node whose failure is the cause: the first to end whose failing rank's own
+        lines show more than a symptom of a peer's death (a connection closed by the peer, a
+        collective timing out); the first to end if every one shows only that. When a rank dies,
+        its peers can end before its own node has, and faster with warm workers, which skip the
+        interpreter's teardown. Returns (node, log tail, rank, the rank's own lines)."""
+        from ..diagnose import diagnose
+        failed = sorted(failed, key=lambda n: n.exit_time or float("inf"))
+        t0 = failed[0].exit_time or 0.0
+        seen = []
+        for n in failed[:8]:
+            if seen and n.exit_time and n.exit_time - t0 > _SYMPTOM_WINDOW_S:
+                break
+            tail = self.log_tail(run, n.host, 400)
+            rank = failing_rank(tail)
+            own = [l for l in tail if l.startswith(f"[{n.host} {rank}] ")] if rank is not None else []
+            seen.append((n, tail, rank, own))
+            ids = {f.pattern_id for f in diagnose(own)}
+            if not (ids and ids <= _PEER_SYMPTOMS):
+                return seen[-1]
+        return seen[0]
 
     # ---- diagnosis (cluster/diagnose.py): known failures in the logs; hangs from heartbeats
     def _diagnose(self, run: Run, nodes: list[NodeStatus], host: str, tail: list[str],
@@ -223,6 +242,10 @@ def aggregate(nodes: list[NodeStatus], run: Run) -> State:
 
 
 _RANK = re.compile(r"rank\s*:\s*(\d+)\s*\(local_rank")
+# findings that a rank's death causes in its peers (failures.yaml ids), and how much later than
+# the first node's end a node that failed of its own may still end
+_PEER_SYMPTOMS = frozenset({"nccl-network", "collective-timeout"})
+_SYMPTOM_WINDOW_S = 10.0
 
 
 def failing_rank(lines: Iterable[str]) -> Optional[int]:
