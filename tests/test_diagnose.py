@@ -391,9 +391,50 @@ def test_the_failed_node_is_the_cause_not_a_peer_that_ended_first(case):
         assert f["findings"][0]["pattern_id"] == "disk-full", f["findings"]
 
 
+def test_a_log_that_cannot_be_read_leaves_the_heartbeat_error():
+    # node1's log was not readable when the run was recorded; its rank's heartbeat kept the error
+    logs = {"node1": [], "node2": _node_log("node2", 1, PEER_GONE, 1), "node3": _node_log("node3", 2, PEER_GONE, 1)}
+    nodes = [_failed("node1", 100.9), _failed("node2", 100.4), _failed("node3", 100.2)]
+    nodes[0].heartbeats = {"0": {"step": 20, "error": "OSError: [Errno 28] checkpoint: cannot write ckpt_20.pt "
+                                                      "(No space left on device; 40 kB free there)"}}
+    nodes[2].heartbeats = {"2": {"step": 20, "error": PEER_GONE[-1]}}
+    f = _Logs(logs).first_failure(None, nodes)
+    assert (f["host"], f["rank"]) == ("node1", 0), f
+    assert f["findings"][0]["pattern_id"] == "disk-full", f["findings"]
+
+
 def test_when_every_node_lost_its_peers_the_first_to_end_is_named():
     # the network itself failed: every rank shows the same symptom; nothing to prefer but time
     logs = {h: _node_log(h, r, PEER_GONE, 1) for r, h in enumerate(["node1", "node2", "node3"])}
     nodes = [_failed("node1", 100.4), _failed("node2", 100.9), _failed("node3", 100.2)]
     f = _Logs(logs).first_failure(None, nodes)
     assert (f["host"], f["rank"]) == ("node3", 2) and f["findings"][0]["pattern_id"] == "nccl-network", f
+
+
+def test_a_node_the_gang_stopped_that_failed_by_itself_is_the_cause():
+    # node1's disk filled; its peers lost it, node3 reported first, and the gang stopped node1
+    # before its own failure was reported: its heartbeat still says what happened
+    from cluster.backends.base import NodeStatus
+    from cluster.backends.ssh import SSHBackend
+    from cluster.runs import State
+    logs = {"node1": _node_log("node1", 0, ["Traceback (most recent call last):",
+                                            "OSError: [Errno 28] checkpoint: cannot write ckpt_20.pt "
+                                            "(No space left on device; 40 kB free there)"], 1),
+            "node2": _node_log("node2", 1, PEER_GONE, 1), "node3": _node_log("node3", 2, PEER_GONE, 1)}
+    stopped = "stopped by the gang: node3 failed (exit code 1)"
+    nodes = [NodeStatus("node1", State.CANCELLED, exit_code=1, exit_time=100.6, detail=stopped,
+                        heartbeats={"0": {"error": "OSError: [Errno 28] checkpoint: cannot write ckpt_20.pt "
+                                                   "(No space left on device; 40 kB free there)"}}),
+             NodeStatus("node2", State.CANCELLED, exit_code=1, exit_time=100.7, detail=stopped,
+                        heartbeats={"1": {"error": PEER_GONE[-1]}}),
+             NodeStatus("node3", State.FAILED, exit_code=1, exit_time=100.2, heartbeats={"2": {"error": PEER_GONE[-1]}})]
+
+    class Run:
+        data = {"plan": {"nodes": [{"host": h, "nprocs": 1} for h in ("node1", "node2", "node3")]}}
+
+    ssh = object.__new__(SSHBackend)     # no inventory or connections: only the logs are read
+    ssh.log_tail = lambda run, host, lines: logs[host][-lines:]
+    f = ssh.first_failure(Run(), nodes)
+    assert (f["host"], f["rank"]) == ("node1", 0), f
+    assert f["findings"][0]["pattern_id"] == "disk-full", f["findings"]
+    assert f["gang_stopped"] == ["node1", "node2"]

@@ -133,7 +133,9 @@ class Backend(ABC):
         lines show more than a symptom of a peer's death (a connection closed by the peer, a
         collective timing out); the first to end if every one shows only that. When a rank dies,
         its peers can end before its own node has, and faster with warm workers, which skip the
-        interpreter's teardown. Returns (node, log tail, rank, the rank's own lines)."""
+        interpreter's teardown. A rank's own lines include the error its heartbeat recorded, so
+        that a log that cannot be read names no wrong rank. Returns (node, log tail, rank, the
+        rank's own lines)."""
         from ..diagnose import diagnose
         failed = sorted(failed, key=lambda n: n.exit_time or float("inf"))
         t0 = failed[0].exit_time or 0.0
@@ -142,8 +144,13 @@ class Backend(ABC):
             if seen and n.exit_time and n.exit_time - t0 > _SYMPTOM_WINDOW_S:
                 break
             tail = self.log_tail(run, n.host, 400)
+            errors = _heartbeat_errors(n)
             rank = failing_rank(tail)
+            if rank is None and errors:
+                rank = min(errors)
             own = [l for l in tail if l.startswith(f"[{n.host} {rank}] ")] if rank is not None else []
+            if rank in errors and not any(errors[rank] in l for l in own):
+                own.append(f"[{n.host} {rank}] {errors[rank]}")
             seen.append((n, tail, rank, own))
             ids = {f.pattern_id for f in diagnose(own)}
             if not (ids and ids <= _PEER_SYMPTOMS):
@@ -159,6 +166,10 @@ class Backend(ABC):
         for n in sorted(nodes, key=lambda n: n.exit_time or float("inf")):
             if len(logs) < 8 and n.host not in logs:
                 logs[n.host] = self.log_tail(run, n.host, 400)
+        for n in nodes:     # what the ranks' heartbeats recorded, should a log lack it
+            if n.host in logs:
+                logs[n.host] = logs[n.host] + [f"[{n.host} {r}] {e}" for r, e in _heartbeat_errors(n).items()
+                                               if not any(e in l for l in logs[n.host])]
         return [f.to_dict() for f in diagnose_hosts(logs, host, rank)]
 
     def _launch_interrupted(self, run: Run) -> tuple[State, list[NodeStatus]]:
@@ -246,6 +257,24 @@ _RANK = re.compile(r"rank\s*:\s*(\d+)\s*\(local_rank")
 # the first node's end a node that failed of its own may still end
 _PEER_SYMPTOMS = frozenset({"nccl-network", "collective-timeout"})
 _SYMPTOM_WINDOW_S = 10.0
+
+
+def failed_by_itself(n: NodeStatus) -> bool:
+    """A rank of the node recorded an error (heartbeat) that is a known failure of its own, not
+    only a symptom of a peer's death: true of a node the gang stopped whose own failure was
+    overtaken by a peer's report (the peer failing because of it)."""
+    from ..diagnose import diagnose
+    lines = [f"[{n.host} {r}] {e}" for r, e in _heartbeat_errors(n).items()]
+    return bool({f.pattern_id for f in diagnose(lines)} - _PEER_SYMPTOMS)
+
+
+def _heartbeat_errors(n: NodeStatus) -> dict[int, str]:
+    """rank -> the error its heartbeat recorded as the rank failed (train/loop.py)."""
+    out = {}
+    for r, hb in (n.heartbeats or {}).items():
+        if isinstance(hb, dict) and hb.get("error") and str(r).isdigit():
+            out[int(r)] = str(hb["error"])
+    return out
 
 
 def failing_rank(lines: Iterable[str]) -> Optional[int]:

@@ -48,7 +48,7 @@ from ..remote import GroupError, Pool, Staged, fold, hint_for, quote_argv
 from ..hostside import _gpu_count, _probe_then_launch, _status, _stop, host_command
 from ..runs import Run, State
 from ..sync import manifest, project_files, pull_logs, push_checkpoint, push_code, remote_path, shell_path
-from .base import Backend, LogSource, NodeStatus, progress
+from .base import Backend, LogSource, NodeStatus, failed_by_itself, progress
 
 MIN_FREE_GB = float(os.environ.get("CLUSTER_MIN_FREE_GB", "1"))
 PORT_WAIT_S = 10.0           # how long node 0 listens / the others retry in the port check
@@ -364,6 +364,8 @@ class SSHBackend(Backend):
     def first_failure(self, run: Run, nodes: list[NodeStatus]) -> dict:
         """The node that failed by itself, not one the gang stopped because of it."""
         own = [n for n in nodes if n.state == State.FAILED]
+        own += [n for n in nodes if n.state == State.CANCELLED and n.exit_code not in (None, 0)
+                and "gang" in n.detail and failed_by_itself(n)]
         failure = super().first_failure(run, own or nodes)
         if failure.get("host") and failure.get("rank") is None:
             # torchrun itself died (killed): no rank named in the log; name the host's first rank
