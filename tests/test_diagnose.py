@@ -438,3 +438,28 @@ def test_a_node_the_gang_stopped_that_failed_by_itself_is_the_cause():
     assert (f["host"], f["rank"]) == ("node1", 0), f
     assert f["findings"][0]["pattern_id"] == "disk-full", f["findings"]
     assert f["gang_stopped"] == ["node1", "node2"]
+
+
+def test_a_killed_rank_on_a_node_the_gang_stopped_is_the_cause():
+    # kill -9 of node2's rank; node3 lost it and reported first; the gang stopped node2 before
+    # its torchrun ended: torchrun's summary still says its rank died by SIGKILL
+    from cluster.backends.base import NodeStatus
+    from cluster.backends.ssh import SSHBackend
+    from cluster.runs import State
+    logs = {"node1": _node_log("node1", 0, PEER_GONE, 1), "node2": _node_log("node2", 1, ["step 26/60 loss 1.91"], -9),
+            "node3": _node_log("node3", 2, PEER_GONE, 1)}
+    stopped = "stopped by the gang: node3 failed (exit code 1)"
+    nodes = [NodeStatus("node1", State.CANCELLED, exit_code=1, exit_time=100.6, detail=stopped),
+             NodeStatus("node2", State.CANCELLED, exit_code=1, exit_time=100.7, detail=stopped),
+             NodeStatus("node3", State.FAILED, exit_code=1, exit_time=100.2)]
+
+    class Run:
+        data = {"plan": {"nodes": [{"host": h, "nprocs": 1} for h in ("node1", "node2", "node3")]}}
+
+    ssh = object.__new__(SSHBackend)
+    ssh.log_tail = lambda run, host, lines: logs[host][-lines:]
+    f = ssh.first_failure(Run(), nodes)
+    assert (f["host"], f["rank"]) == ("node2", 1), f
+    # a rank that torchrun TERMed when the gang stopped it is no cause of its own
+    logs["node2"] = _node_log("node2", 1, ["step 26/60 loss 1.91"], -15)
+    assert ssh.first_failure(Run(), nodes)["host"] == "node3"

@@ -257,15 +257,26 @@ _RANK = re.compile(r"rank\s*:\s*(\d+)\s*\(local_rank")
 # the first node's end a node that failed of its own may still end
 _PEER_SYMPTOMS = frozenset({"nccl-network", "collective-timeout"})
 _SYMPTOM_WINDOW_S = 10.0
+_EXITCODE = re.compile(r"exitcode\s*:\s*(-?\d+)")
+_STOP_SIGNALS = (1, 2, 15)   # SIGHUP, SIGINT, SIGTERM: what a stop sends
 
 
-def failed_by_itself(n: NodeStatus) -> bool:
-    """A rank of the node recorded an error (heartbeat) that is a known failure of its own, not
-    only a symptom of a peer's death: true of a node the gang stopped whose own failure was
-    overtaken by a peer's report (the peer failing because of it)."""
+def failed_by_itself(n: NodeStatus, tail: Iterable[str] = ()) -> bool:
+    """The node failed of its own, whatever stopped it: a rank recorded an error (heartbeat) that
+    is a known failure, not only a symptom of a peer's death, or torchrun's summary in ``tail``
+    names a rank that died by a signal other than a stop's (kill -9, a crash). True of a node the
+    gang stopped whose own failure was overtaken by a peer's report (the peer failing because of it)."""
     from ..diagnose import diagnose
     lines = [f"[{n.host} {r}] {e}" for r, e in _heartbeat_errors(n).items()]
-    return bool({f.pattern_id for f in diagnose(lines)} - _PEER_SYMPTOMS)
+    if {f.pattern_id for f in diagnose(lines)} - _PEER_SYMPTOMS:
+        return True
+    after_root = False
+    for line in tail:
+        after_root = after_root or "Root Cause" in line
+        m = _EXITCODE.search(line) if after_root else None
+        if m:
+            return int(m.group(1)) < 0 and -int(m.group(1)) not in _STOP_SIGNALS
+    return False
 
 
 def _heartbeat_errors(n: NodeStatus) -> dict[int, str]:

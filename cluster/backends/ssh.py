@@ -364,8 +364,9 @@ class SSHBackend(Backend):
     def first_failure(self, run: Run, nodes: list[NodeStatus]) -> dict:
         """The node that failed by itself, not one the gang stopped because of it."""
         own = [n for n in nodes if n.state == State.FAILED]
-        own += [n for n in nodes if n.state == State.CANCELLED and n.exit_code not in (None, 0)
-                and "gang" in n.detail and failed_by_itself(n)]
+        stopped = [n for n in nodes if n.state == State.CANCELLED and n.exit_code not in (None, 0)
+                   and "gang" in n.detail]
+        own += [n for n in stopped[:8] if failed_by_itself(n, self.log_tail(run, n.host, 400))]
         failure = super().first_failure(run, own or nodes)
         if failure.get("host") and failure.get("rank") is None:
             # torchrun itself died (killed): no rank named in the log; name the host's first rank
