@@ -292,6 +292,8 @@ def watch(run_id: str, poll_s: float = 5.0) -> int:
         if time.time() - last_seen > GIVE_UP_S:
             print(f"no host of the run answered for {GIVE_UP_S:g} s; giving up "
                   f"('python -m cluster logs {run_id} --collect' and 'status' still work later)", flush=True)
+            run.event("checkpoints-synced", ok=False, files=0, latest=_latest(dest),
+                      error=f"no host of the run answered for {GIVE_UP_S:g} s; the watcher gave up")
             be.close()
             return 1
         if time.time() - last_sync >= every_s:
@@ -301,12 +303,75 @@ def watch(run_id: str, poll_s: float = 5.0) -> int:
     r = pull_checkpoints(node0, be.inv.ssh, run_id, dest)
     print(f"checkpoints (final): {r.describe()}", flush=True)
     run = Run(run_id, first.dir.parent)
-    run.event("checkpoints-synced", ok=r.ok, files=r.files, error=r.error or None)
+    run.event("checkpoints-synced", ok=r.ok, files=r.files, error=r.error or None, latest=_latest(dest))
     hosts = [be.inv.host(n["host"]) for n in run.data["plan"]["nodes"]]
     for r in pull_logs(hosts, be.inv.ssh, run_id, run.dir / "logs"):
         print(f"logs: {r.describe()}", flush=True)
     be.close()
     return 0
+
+
+def _latest(dest: Path) -> Optional[str]:
+    try:
+        return (dest / "latest").read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _alive(pid: Optional[int], run_id: str) -> bool:
+    """Is ``pid`` still this run's watcher (not a reused pid)?"""
+    try:
+        argv = Path(f"/proc/{int(pid)}/cmdline").read_bytes().split(b"\0")
+    except (OSError, TypeError, ValueError):
+        return False
+    return b"cluster.sync" in argv and run_id.encode() in argv
+
+
+def checkpoint_sync(run) -> Optional[dict]:
+    """Where the run's checkpoint copy stands, for runs that have a watcher (ssh): ``state`` is
+    ``syncing`` (the watcher is still at work; after the run ends it makes one last pass), ``synced``,
+    ``failed`` (with ``error``) or ``stopped`` (the watcher is gone without a last pass)."""
+    handle = run.data.get("handle") or {}
+    if "watcher_pid" not in handle:
+        return None
+    dest = Path(run.data.get("checkpoint_dir") or run.dir / "checkpoints")
+    done = [e for e in run.events() if e.get("event") == "checkpoints-synced"]
+    if done:
+        e = done[-1]
+        return {"state": "synced" if e.get("ok") else "failed", "dir": str(dest),
+                "latest": e.get("latest", _latest(dest)), "error": e.get("error")}
+    if _alive(handle.get("watcher_pid"), run.id):
+        return {"state": "syncing", "dir": str(dest), "latest": _latest(dest)}
+    return {"state": "stopped", "dir": str(dest), "latest": _latest(dest),
+            "error": f"the checkpoint watcher ended before its last pass (see {run.dir / 'state' / 'watcher.log'})"}
+
+
+def describe_checkpoint_sync(cs: dict) -> str:
+    where = cs["dir"]
+    try:
+        where = str(Path(where).relative_to(Path.cwd()))
+    except ValueError:
+        pass
+    latest = f"latest {cs['latest']} in {where}" if cs.get("latest") else f"none yet in {where}"
+    if cs["state"] == "syncing":
+        return f"checkpoints: syncing from node 0 ({latest})"
+    if cs["state"] == "synced":
+        return f"checkpoints: synced ({latest})"
+    return f"checkpoints: {cs['state']}: {cs.get('error')} ({latest})"
+
+
+def wait_checkpoint_sync(run, timeout_s: float = 300.0, progress=None) -> Optional[dict]:
+    """After the run has ended: wait (bounded) for the watcher's last pass; the final state."""
+    cs = checkpoint_sync(run)
+    if cs is None or cs["state"] != "syncing":
+        return cs
+    if progress:
+        progress("-- waiting for the last checkpoint sync from node 0")
+    deadline = time.time() + timeout_s
+    while cs["state"] == "syncing" and time.time() < deadline:
+        time.sleep(0.5)
+        cs = checkpoint_sync(run)
+    return cs
 
 
 def main(argv: Optional[list[str]] = None) -> int:

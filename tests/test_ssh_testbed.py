@@ -36,13 +36,15 @@ def test_training_across_three_hosts_checkpoint_synced_then_resume(bed):
     recs = [json.loads(l) for l in bed.host_file("node1", rid, "metrics/metrics-rank0.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in recs if "loss" in r]
     assert len(losses) >= 4 and losses[-1] < losses[0]
-    # the checkpoint comes back to this machine (the watcher syncs it when the run ends)
+    # the checkpoint comes back to this machine (the watcher syncs it when the run ends); status says when
     ck = bed.runs / rid / "checkpoints"
     deadline = time.time() + 90
-    while not (ck / "latest").exists() or not (ck / (ck / "latest").read_text().strip()).exists():
+    while (cs := bed.state(rid)["checkpoints"])["state"] == "syncing":
         assert time.time() < deadline, f"checkpoint not synced: {list(ck.iterdir()) if ck.exists() else None}"
         time.sleep(1)
+    assert cs["state"] == "synced" and cs["latest"] == "ckpt_30.pt", cs
     assert (ck / "latest").read_text().strip() == "ckpt_30.pt"
+    assert "checkpoints: synced (latest ckpt_30.pt in " in bed.cli("status", rid).stdout
     rec = bed.record(rid)
     assert rec["git_commit"] and rec["checkpoint_dir"] == str(ck)
     assert not bed.left_anywhere(rid)
@@ -54,12 +56,15 @@ def test_training_across_three_hosts_checkpoint_synced_then_resume(bed):
     print(f"train run: {time.time() - t0:.1f}s")
 
     # resume: the synced checkpoint goes back to node 0, training continues from step 30
-    rid2, p = bed.submit(bed.job(TRAIN.format(steps=40, log_every=5), "job40.yaml"), "--resume", rid)
+    # (as make submit does: --follow streams the logs, then waits for the last checkpoint sync)
+    rid2, p = bed.submit(bed.job(TRAIN.format(steps=40, log_every=5), "job40.yaml"), "--resume", rid, "--follow")
     assert "resume: checkpoint copied to node1" in p.stderr
     assert "warm start: the agents on node[1-3] import torch now" in p.stderr   # the code was in place
-    st = bed.wait(rid2)
+    assert f"-- run {rid2} SUCCEEDED" in p.stderr and "-- checkpoints: synced (latest ckpt_40.pt in " in p.stderr
+    assert (bed.runs / rid2 / "checkpoints" / "latest").read_text().strip() == "ckpt_40.pt"
     logs2 = bed.cli("logs", rid2).stdout
-    assert st["state"] == "SUCCEEDED", logs2[-4000:]
+    assert bed.state(rid2)["state"] == "SUCCEEDED", logs2[-4000:]
+    assert "[node1 0] " in p.stdout and "step 40/40" in p.stdout                 # followed to the end
     assert re.search(r"\[node1 0\] resumed from .*ckpt_30\.pt: step 30", logs2), logs2[-3000:]
     assert "step 10/40" not in logs2 and "step 40/40" in logs2
     assert logs2.count("torchrun from a warm interpreter") == 3, logs2[:3000]   # one per host

@@ -5,6 +5,7 @@ from ..diagnose import render_failure, saved_watch, scaling_for_run
 from ..errors import UserError
 from ..runs import all_runs, resolve
 from ..submit import backend_for
+from ..sync import checkpoint_sync, describe_checkpoint_sync
 
 HELP = "show runs and their state (one run: every node and rank, with the first failure)"
 
@@ -68,9 +69,10 @@ def _one(r, as_json):
     state, nodes = _poll(r)
     watch = saved_watch(r) if not r.data.get("final") or state.value == "HUNG" else None
     scaling = scaling_for_run(r, all_runs()) if state.value == "SUCCEEDED" else None
+    ckpts = checkpoint_sync(r)
     if as_json:
         print(json.dumps({"id": r.id, "state": state.value, "failure": r.data.get("failure"),
-                          "watch": watch, "scaling": scaling and scaling.to_dict(),
+                          "watch": watch, "scaling": scaling and scaling.to_dict(), "checkpoints": ckpts,
                           "nodes": [n.__dict__ | {"state": n.state.value} for n in nodes]}, indent=1, default=str))
         return 0
     progress = {p["rank"]: p for p in (watch or {}).get("ranks", [])}
@@ -97,6 +99,8 @@ def _one(r, as_json):
     elif watch and watch.get("stragglers"):
         print("stragglers: rank(s) " + ", ".join(map(str, watch["stragglers"])) +
               " lag behind the others (see their step and rate above)")
+    if ckpts:
+        print(describe_checkpoint_sync(ckpts))
     for line in render_failure(r.data.get("failure")):
         print(line)
     if scaling:
