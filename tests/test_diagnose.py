@@ -463,3 +463,40 @@ def test_a_killed_rank_on_a_node_the_gang_stopped_is_the_cause():
     # a rank that torchrun TERMed when the gang stopped it is no cause of its own
     logs["node2"] = _node_log("node2", 1, ["step 26/60 loss 1.91"], -15)
     assert ssh.first_failure(Run(), nodes)["host"] == "node3"
+
+
+def test_root_cause_reads_torchruns_summary():
+    # torchrun's own summary, as a node's log holds it: other failures first, then the root cause
+    from cluster.backends.base import root_cause
+    summary = ["[node2 agent] Failures:", "[node2 agent] [1]:",
+               "[node2 agent]   rank      : 3 (local_rank: 1)", "[node2 agent]   exitcode  : -15 (pid: 77)",
+               "[node2 agent] Root Cause (first observed failure):", "[node2 agent] [0]:",
+               "[node2 agent]   time      : 2026-12-05_08:01:02",
+               "[node2 agent]   rank      : 2 (local_rank: 0)", "[node2 agent]   exitcode  : -9 (pid: 76)",
+               "[node2 agent]   traceback : Signal 9 (SIGKILL) received by PID 76"]
+    assert root_cause(summary) == (2, -9)
+    assert root_cause(summary[:4]) == (3, None)     # no root-cause block: the first rank named, no code
+    assert root_cause(["step 3/10 loss 1.2"]) == (None, None)
+
+
+def test_a_failure_report_reads_each_hosts_log_once():
+    # over ssh each read is a round trip to the host; the report looks at a tail several times
+    from cluster.backends.base import NodeStatus
+    from cluster.backends.ssh import SSHBackend
+    from cluster.runs import State
+    logs = {"node1": _node_log("node1", 0, PEER_GONE, 1), "node2": _node_log("node2", 1, ["step 26/60 loss 1.91"], -9),
+            "node3": _node_log("node3", 2, PEER_GONE, 1)}
+    stopped = "stopped by the gang: node3 failed (exit code 1)"
+    nodes = [NodeStatus("node1", State.CANCELLED, exit_code=1, exit_time=100.6, detail=stopped),
+             NodeStatus("node2", State.CANCELLED, exit_code=1, exit_time=100.7, detail=stopped),
+             NodeStatus("node3", State.FAILED, exit_code=1, exit_time=100.2)]
+
+    class Run:
+        data = {"plan": {"nodes": [{"host": h, "nprocs": 1} for h in ("node1", "node2", "node3")]}}
+
+    reads = []
+    ssh = object.__new__(SSHBackend)
+    ssh.log_tail = lambda run, host, lines: reads.append(host) or logs[host][-lines:]
+    f = ssh.first_failure(Run(), nodes)
+    assert (f["host"], f["rank"]) == ("node2", 1), f
+    assert sorted(reads) == ["node1", "node2", "node3"], reads

@@ -119,16 +119,17 @@ class Backend(ABC):
         run.set_state(state, final=True, ended=time.time(),
                       nodes_final=[_plain(n) for n in nodes], **extra)
 
-    def first_failure(self, run: Run, nodes: list[NodeStatus]) -> dict:
+    def first_failure(self, run: Run, nodes: list[NodeStatus], tails: Optional["LogTails"] = None) -> dict:
         failed = [n for n in nodes if n.exit_code not in (None, 0)] or \
                  [n for n in nodes if n.state == State.FAILED]
         if not failed:
             return {}
-        first, tail, rank, own = self._root_failure(run, failed)
+        tails = tails or LogTails(self, run)
+        first, tail, rank, own = self._root_failure(failed, tails)
         return {"host": first.host, "rank": rank, "exit_code": first.exit_code,
-                "log_tail": own[-30:] or tail[-40:], "findings": self._diagnose(run, nodes, first.host, tail, rank)}
+                "log_tail": own[-30:] or tail[-40:], "findings": self._diagnose(nodes, first.host, tails, rank)}
 
-    def _root_failure(self, run: Run, failed: list[NodeStatus]):
+    def _root_failure(self, failed: list[NodeStatus], tails: "LogTails"):
         """The failed node whose failure is the cause: the first to end whose failing rank's own
         lines show more than a symptom of a peer's death (a connection closed by the peer, a
         collective timing out); the first to end if every one shows only that. When a rank dies,
@@ -143,9 +144,9 @@ class Backend(ABC):
         for n in failed[:8]:
             if seen and n.exit_time and n.exit_time - t0 > _SYMPTOM_WINDOW_S:
                 break
-            tail = self.log_tail(run, n.host, 400)
+            tail = tails[n.host]
             errors = _heartbeat_errors(n)
-            rank = failing_rank(tail)
+            rank, _ = root_cause(tail)
             if rank is None and errors:
                 rank = min(errors)
             own = [l for l in tail if l.startswith(f"[{n.host} {rank}] ")] if rank is not None else []
@@ -158,14 +159,14 @@ class Backend(ABC):
         return seen[0]
 
     # ---- diagnosis (cluster/diagnose.py): known failures in the logs; hangs from heartbeats
-    def _diagnose(self, run: Run, nodes: list[NodeStatus], host: str, tail: list[str],
+    def _diagnose(self, nodes: list[NodeStatus], host: str, tails: "LogTails",
                   rank: Optional[int] = None) -> list[dict]:
         """Known failures in the failing host's log, then in up to 7 other hosts' logs."""
         from ..diagnose import diagnose_hosts
-        logs = {host: tail}
+        logs = {host: tails[host]}
         for n in sorted(nodes, key=lambda n: n.exit_time or float("inf")):
             if len(logs) < 8 and n.host not in logs:
-                logs[n.host] = self.log_tail(run, n.host, 400)
+                logs[n.host] = tails[n.host]
         for n in nodes:     # what the ranks' heartbeats recorded, should a log lack it
             if n.host in logs:
                 logs[n.host] = logs[n.host] + [f"[{n.host} {r}] {e}" for r, e in _heartbeat_errors(n).items()
@@ -196,11 +197,12 @@ class Backend(ABC):
         self.stop_nodes(run, grace_s=10.0)
         hosts = {r["rank"]: r.get("host") for r in w.get("ranks", [])}
         host = hosts.get(behind[0]) if behind else None
-        tail = self.log_tail(run, host, 400) if host else []
+        tails = LogTails(self, run)
+        tail = tails[host] if host else []
         return {"host": host, "rank": behind[0] if behind else None, "exit_code": None,
                 "error": "hung: " + (w.get("reason") or "no progress"),
                 "hang": {k: w.get(k) for k in ("hung", "behind", "reason")}, "log_tail": tail[-30:],
-                "findings": self._diagnose(run, self.node_status(run), host, tail) if host else []}
+                "findings": self._diagnose(self.node_status(run), host, tails) if host else []}
 
     def log_tail(self, run: Run, host: str, lines: int) -> list[str]:
         for src in self.log_sources(run):
@@ -222,6 +224,20 @@ class Backend(ABC):
         if not left:
             self.finish(run, State.CANCELLED, self.node_status(run))
         return left
+
+
+class LogTails(dict):
+    """The last 400 lines of each host's log, read once (over ssh, a read is a round trip) for
+    everything one failure report looks at."""
+    LINES = 400
+
+    def __init__(self, backend: "Backend", run: Run, known: Optional[dict] = None):
+        super().__init__(known or {})
+        self.backend, self.run = backend, run
+
+    def __missing__(self, host: str) -> list[str]:
+        self[host] = self.backend.log_tail(self.run, host, self.LINES)
+        return self[host]
 
 
 def aggregate(nodes: list[NodeStatus], run: Run) -> State:
@@ -270,13 +286,8 @@ def failed_by_itself(n: NodeStatus, tail: Iterable[str] = ()) -> bool:
     lines = [f"[{n.host} {r}] {e}" for r, e in _heartbeat_errors(n).items()]
     if {f.pattern_id for f in diagnose(lines)} - _PEER_SYMPTOMS:
         return True
-    after_root = False
-    for line in tail:
-        after_root = after_root or "Root Cause" in line
-        m = _EXITCODE.search(line) if after_root else None
-        if m:
-            return int(m.group(1)) < 0 and -int(m.group(1)) not in _STOP_SIGNALS
-    return False
+    _, code = root_cause(tail)
+    return code is not None and code < 0 and -code not in _STOP_SIGNALS
 
 
 def _heartbeat_errors(n: NodeStatus) -> dict[int, str]:
@@ -288,19 +299,26 @@ def _heartbeat_errors(n: NodeStatus) -> dict[int, str]:
     return out
 
 
-def failing_rank(lines: Iterable[str]) -> Optional[int]:
-    """The global rank named under torchrun's 'Root Cause (first observed failure)'."""
-    first, after_root = None, False
+def root_cause(lines: Iterable[str]) -> tuple[Optional[int], Optional[int]]:
+    """(global rank, exit code) from the block under torchrun's 'Root Cause (first observed
+    failure)'; without that block, the first rank a summary names and no exit code."""
+    first = rank = code = None
+    after_root = False
     for line in lines:
         if "Root Cause" in line:
             after_root = True
             continue
         m = _RANK.search(line)
+        if m and after_root and rank is None:
+            rank = int(m.group(1))
+        elif m and first is None:
+            first = int(m.group(1))
+        m = _EXITCODE.search(line) if after_root and code is None else None
         if m:
-            if after_root:
-                return int(m.group(1))
-            first = first if first is not None else int(m.group(1))
-    return first
+            code = int(m.group(1))
+        if rank is not None and code is not None:
+            break
+    return (rank if rank is not None else first), code
 
 
 def _plain(n: NodeStatus) -> dict:

@@ -36,7 +36,7 @@ from ..config import REPO, Job
 from ..errors import UserError
 from ..plan import RUNS, NodeLaunch, Plan, _payload, procs_for
 from ..runs import Run, State
-from .base import Backend, LogSource, NodeStatus, progress
+from .base import Backend, LogSource, LogTails, NodeStatus, progress
 from .local import FileSource
 
 # SLURM job states (scontrol / sacct) -> the project's states
@@ -284,7 +284,7 @@ class SlurmBackend(Backend):
         host = m["host"] if m else None
         return {"host": host, "rank": rank, "exit_code": code, "slurm": nodes[0].detail if nodes else "",
                 "log_tail": tail or batch[-30:],
-                "findings": self._diagnose(run, nodes, host, tail, rank) if host else []}
+                "findings": self._diagnose(nodes, host, LogTails(self, run, {host: tail}), rank) if host else []}
 
     def log_sources(self, run: Run) -> list[LogSource]:
         h = run.data.get("handle", {})

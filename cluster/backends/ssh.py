@@ -48,7 +48,7 @@ from ..remote import GroupError, Pool, Staged, fold, hint_for, quote_argv
 from ..hostside import _gpu_count, _probe_then_launch, _status, _stop, host_command
 from ..runs import Run, State
 from ..sync import manifest, project_files, pull_logs, push_checkpoint, push_code, remote_path, shell_path
-from .base import Backend, LogSource, NodeStatus, failed_by_itself, progress
+from .base import Backend, LogSource, LogTails, NodeStatus, failed_by_itself, progress
 
 MIN_FREE_GB = float(os.environ.get("CLUSTER_MIN_FREE_GB", "1"))
 PORT_WAIT_S = 10.0           # how long node 0 listens / the others retry in the port check
@@ -366,8 +366,9 @@ class SSHBackend(Backend):
         own = [n for n in nodes if n.state == State.FAILED]
         stopped = [n for n in nodes if n.state == State.CANCELLED and n.exit_code not in (None, 0)
                    and "gang" in n.detail]
-        own += [n for n in stopped[:8] if failed_by_itself(n, self.log_tail(run, n.host, 400))]
-        failure = super().first_failure(run, own or nodes)
+        tails = LogTails(self, run)
+        own += [n for n in stopped[:8] if failed_by_itself(n, tails[n.host])]
+        failure = super().first_failure(run, own or nodes, tails)
         if failure.get("host") and failure.get("rank") is None:
             # torchrun itself died (killed): no rank named in the log; name the host's first rank
             plan = run.data["plan"]
