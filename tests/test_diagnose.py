@@ -456,10 +456,12 @@ def test_a_killed_rank_on_a_node_the_gang_stopped_is_the_cause():
     class Run:
         data = {"plan": {"nodes": [{"host": h, "nprocs": 1} for h in ("node1", "node2", "node3")]}}
 
+    reads = []     # over ssh each read is a round trip to the host: one per host and report
     ssh = object.__new__(SSHBackend)
-    ssh.log_tail = lambda run, host, lines: logs[host][-lines:]
+    ssh.log_tail = lambda run, host, lines: reads.append(host) or logs[host][-lines:]
     f = ssh.first_failure(Run(), nodes)
     assert (f["host"], f["rank"]) == ("node2", 1), f
+    assert sorted(reads) == ["node1", "node2", "node3"], reads
     # a rank that torchrun TERMed when the gang stopped it is no cause of its own
     logs["node2"] = _node_log("node2", 1, ["step 26/60 loss 1.91"], -15)
     assert ssh.first_failure(Run(), nodes)["host"] == "node3"
@@ -478,25 +480,3 @@ def test_root_cause_reads_torchruns_summary():
     assert root_cause(summary[:4]) == (3, None)     # no root-cause block: the first rank named, no code
     assert root_cause(["step 3/10 loss 1.2"]) == (None, None)
 
-
-def test_a_failure_report_reads_each_hosts_log_once():
-    # over ssh each read is a round trip to the host; the report looks at a tail several times
-    from cluster.backends.base import NodeStatus
-    from cluster.backends.ssh import SSHBackend
-    from cluster.runs import State
-    logs = {"node1": _node_log("node1", 0, PEER_GONE, 1), "node2": _node_log("node2", 1, ["step 26/60 loss 1.91"], -9),
-            "node3": _node_log("node3", 2, PEER_GONE, 1)}
-    stopped = "stopped by the gang: node3 failed (exit code 1)"
-    nodes = [NodeStatus("node1", State.CANCELLED, exit_code=1, exit_time=100.6, detail=stopped),
-             NodeStatus("node2", State.CANCELLED, exit_code=1, exit_time=100.7, detail=stopped),
-             NodeStatus("node3", State.FAILED, exit_code=1, exit_time=100.2)]
-
-    class Run:
-        data = {"plan": {"nodes": [{"host": h, "nprocs": 1} for h in ("node1", "node2", "node3")]}}
-
-    reads = []
-    ssh = object.__new__(SSHBackend)
-    ssh.log_tail = lambda run, host, lines: reads.append(host) or logs[host][-lines:]
-    f = ssh.first_failure(Run(), nodes)
-    assert (f["host"], f["rank"]) == ("node2", 1), f
-    assert sorted(reads) == ["node1", "node2", "node3"], reads
