@@ -93,10 +93,11 @@ def follow_run(run: Run, follow: bool = False, host: Optional[str] = None, rank:
                 if tail:
                     out.write("\n".join(tail) + "\n")
                 print(f"-- run {run.id} {state.value}", file=sys.stderr, flush=True)
+                from .backends.base import progress
                 from .sync import describe_checkpoint_sync, wait_checkpoint_sync
-                cs = wait_checkpoint_sync(run, progress=lambda m: print(m, file=sys.stderr, flush=True))
+                cs = wait_checkpoint_sync(run, progress=progress)
                 if cs:
-                    print("-- " + describe_checkpoint_sync(cs), file=sys.stderr, flush=True)
+                    progress("-- " + describe_checkpoint_sync(cs))
                 return 0 if state.value == "SUCCEEDED" else 1
         if not lines:
             time.sleep(interval_s)

@@ -339,11 +339,12 @@ def checkpoint_sync(run) -> Optional[dict]:
     if done:
         e = done[-1]
         return {"state": "synced" if e.get("ok") else "failed", "dir": str(dest),
-                "latest": e.get("latest", _latest(dest)), "error": e.get("error")}
-    if _alive(handle.get("watcher_pid"), run.id):
-        return {"state": "syncing", "dir": str(dest), "latest": _latest(dest)}
-    return {"state": "stopped", "dir": str(dest), "latest": _latest(dest),
-            "error": f"the checkpoint watcher ended before its last pass (see {run.dir / 'state' / 'watcher.log'})"}
+                "latest": e["latest"] if "latest" in e else _latest(dest), "error": e.get("error")}
+    cs = {"state": "syncing", "dir": str(dest), "latest": _latest(dest)}
+    if not _alive(handle.get("watcher_pid"), run.id):
+        cs.update(state="stopped", error="the checkpoint watcher ended before its last pass "
+                                         f"(see {run.dir / 'state' / 'watcher.log'})")
+    return cs
 
 
 def describe_checkpoint_sync(cs: dict) -> str:

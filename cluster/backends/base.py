@@ -124,7 +124,7 @@ class Backend(ABC):
                  [n for n in nodes if n.state == State.FAILED]
         if not failed:
             return {}
-        tails = tails or LogTails(self, run)
+        tails = LogTails(self, run) if tails is None else tails   # an empty cache is still the caller's
         first, tail, rank, own = self._root_failure(failed, tails)
         return {"host": first.host, "rank": rank, "exit_code": first.exit_code,
                 "log_tail": own[-30:] or tail[-40:], "findings": self._diagnose(nodes, first.host, tails, rank)}
