@@ -88,8 +88,12 @@ SSHD = os.environ.get("BENCH_SSHD") or shutil.which("sshd") or "/usr/sbin/sshd" 
 
 
 class Hosts:
-    def __init__(self, n: int, loopback: bool = False, shared_fs: bool = False):
+    def __init__(self, n: int, loopback: bool = False, shared_fs: bool = False,
+                 host_env: dict[str, dict[str, str]] | None = None):
         self.n = n
+        # per host, variables its ssh sessions get (authorized_keys `environment=`): e.g. a GPU
+        # subset per host with CUDA_VISIBLE_DEVICES, so two "nodes" of one machine hold different GPUs
+        self.host_env = host_env or {}
         self.loopback = loopback
         self.shared_fs = shared_fs   # every host works in this checkout (no code sync)
         self.sd = Path(tempfile.mkdtemp(prefix="ddp-bench-"))
@@ -100,6 +104,9 @@ class Hosts:
         sys.path.insert(0, str(REPO))
         from cluster.hostside import _gpu_count
         self.gpus = _gpu_count({})   # what preflight finds on every host: they are all this machine
+        for env in self.host_env.values():
+            if "CUDA_VISIBLE_DEVICES" in env:
+                self.gpus = len(env["CUDA_VISIBLE_DEVICES"].split(","))
         self.pids: dict[str, int] = {}
 
     def up(self) -> None:
@@ -124,6 +131,10 @@ class Hosts:
             sshd = [SSHD, "-D", "-f", sd / "sshd_config", "-h", hd / "host_key",
                     "-o", f"ListenAddress={self.addr[name]}", "-o", f"PidFile={sd}/sshd-{name}.pid",
                     "-E", sd / "logs" / f"sshd-{name}.log"]
+            if name in self.host_env:
+                opts = ",".join(f'environment="{k}={v}"' for k, v in self.host_env[name].items())
+                (hd / "authorized_keys").write_text(f"{opts} " + (sd / "client_key.pub").read_text())
+                sshd += ["-o", f"AuthorizedKeysFile={hd / 'authorized_keys'}", "-o", "PermitUserEnvironment=yes"]
             if self.loopback:
                 # its own hostname (UTS namespace); the network is this one's loopback
                 argv = ["unshare", "--uts", "sh", "-c", 'echo "$0" > /proc/sys/kernel/hostname && exec "$@"',

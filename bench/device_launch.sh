@@ -4,6 +4,8 @@
 # (bash bench/launchpkg.sh), carry it, then
 #
 #   OUT=$OUT bash bench/device_launch.sh            # SIZES=1,2,4,8 REPS=3 LIMIT_S=250 BENCH_ARGS=...
+#   OUT=$OUT bash bench/device_launch.sh scaling    # bench/bench_scaling.py (PARTS=scaling,twonodes
+#                                                   #   SIZES=1,2,4,8 STEPS=300 LIMIT_S=580)
 #
 # The bundle's binaries run through wrappers that set LD_LIBRARY_PATH for them alone (in
 # /tmp/launchpkg-bin, first on this PATH; rsync also in /usr/local/bin for the hosts' sessions
@@ -58,6 +60,10 @@ getent passwd sshd >/dev/null || useradd -r -M -d /run/sshd -s /usr/sbin/nologin
     || echo 'sshd:x:997:65534::/run/sshd:/usr/sbin/nologin' >> /etc/passwd
 mkdir -p /run/sshd && chmod 755 /run/sshd
 "$W/sshd" -V 2>&1 | head -1; "$W/pdsh" -V 2>&1 | head -1; "$W/rsync" --version | head -1
+if [ "${1:-}" = scaling ]; then
+    exec timeout "${LIMIT_S:-580}" $PY bench/bench_scaling.py --out "$OUT" --parts "${PARTS:-scaling,twonodes}" \
+        --sizes "${SIZES:-1,2,4,8}" --steps "${STEPS:-300}" --budget-s "$(( ${LIMIT_S:-580} - 10 ))" ${BENCH_ARGS:-}
+fi
 shared=""
 git rev-parse --git-dir >/dev/null 2>&1 || shared=--shared-fs   # no git checkout here: the hosts use this one
 timeout "${LIMIT_S:-250}" $PY bench/bench_launch.py --loopback $shared --sizes "${SIZES:-1,2,4,8}" \

@@ -217,3 +217,17 @@ def test_sigterm_stops_both_ranks_and_marks_the_heartbeat(tmp_path):
     assert all(not b["done"] and "error" in b for b in beats.values()), (beats, out[-2000:])
     assert "summary:" not in out
     assert json.loads((metrics_dir / "heartbeat-rank0.json").read_text())["steps_total"] == 100000
+
+
+def test_ddp_knobs_for_the_scaling_bench_train_like_the_default(tmp_path):
+    # bench/bench_scaling.py measures DDP's own cost (ddp_always at world size 1) and the bf16
+    # gradient hook (grad_compress): both must still train, to the same first-step loss.
+    base = [*LEARNABLE, "steps=20", "log_every=5"]
+    plain = torchrun(1, [*base, *dirs(tmp_path, "plain")], tmp_path)
+    ddp1 = torchrun(1, [*base, "ddp_always=true", *dirs(tmp_path, "ddp1")], tmp_path)
+    bf16 = torchrun(2, [*base, "grad_compress=bf16", *dirs(tmp_path, "bf16")], tmp_path)
+    first = {name: train_records(tmp_path / name / "metrics", 0)[5]["loss"] for name in ("plain", "ddp1")}
+    assert first["plain"] == pytest.approx(first["ddp1"], rel=1e-4)   # DDP at world size 1 changes nothing
+    losses = [r["loss_mean"] for r in read_metrics(tmp_path / "bf16" / "metrics")[0] if r["kind"] == "train"]
+    assert losses[-1] < losses[0], losses
+    assert summary(plain.stdout)["steps"] == summary(ddp1.stdout)["steps"] == summary(bf16.stdout)["steps"] == "20"

@@ -54,6 +54,9 @@ class TrainConfig:
                            "computed faster, same function and parameters (train/model.py)")
     tune_kernels: bool = _f(False, "Inductor coordinate-descent tuning of the kernels it generates (longer compile)")
     bucket_cap_mb: int = _f(25, "DDP gradient bucket size in MiB")
+    ddp_always: bool = _f(False, "wrap the model in DDP at world size 1 too (to measure DDP's own cost)")
+    grad_compress: str = _f("none", "DDP communication hook: none | bf16 (gradients all-reduced as bf16, "
+                                    "torch's bf16_compress_hook: half the bytes on the network)", ("none", "bf16"))
     workers: int = _f(4, "DataLoader worker processes per rank (ImageFolder only)")
     prefetch_factor: int = _f(2, "batches each DataLoader worker loads ahead")
     threads: int = _f(0, "torch CPU threads per rank; 0 = CPU cores / local ranks")

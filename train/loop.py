@@ -57,9 +57,10 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
     swapped = fast_stem(raw) if speed.fast_stem else []
     # One process has nothing to all-reduce: DDP would only split the compiled graph at its
     # bucket boundaries (and add hooks); 1.8% slower on an H200 (bench/README.md).
-    net, ddp = wrap(raw, env.device, distributed=env.backend is not None and env.world_size > 1,
-                    channels_last=speed.channels_last,
-                    compile=speed.compile, compile_mode=cfg.compile_mode, bucket_cap_mb=cfg.bucket_cap_mb)
+    net, ddp = wrap(raw, env.device,
+                    distributed=env.backend is not None and (env.world_size > 1 or cfg.ddp_always),
+                    channels_last=speed.channels_last, compile=speed.compile, compile_mode=cfg.compile_mode,
+                    bucket_cap_mb=cfg.bucket_cap_mb, grad_compress=cfg.grad_compress)
     optimizer = build_optimizer(raw, cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay, env.device)
     data = build_data(cfg, env, speed.channels_last)
     samples_per_step = cfg.batch_size * cfg.grad_accum * env.world_size
