@@ -10,7 +10,7 @@ from typing import Any, Literal, Mapping, Optional, Union
 
 from . import hostlist
 from .errors import UserError
-from .schema import build, dotted
+from .schema import build, did_you_mean, dotted
 from .yamlsrc import Source, load, parse_scalar, show
 
 REPO = Path(__file__).resolve().parent.parent
@@ -183,6 +183,34 @@ RESERVED_ENV = {"CLUSTER_RUN_ID", "RANK", "LOCAL_RANK", "GROUP_RANK", "ROLE_RANK
                 "LOCAL_WORLD_SIZE", "GROUP_WORLD_SIZE", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR",
                 "MASTER_PORT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT",
                 "TORCHELASTIC_MAX_RESTARTS", "TORCHELASTIC_USE_AGENT_STORE"}
+# sbatch options the SLURM backend sets itself, and where the user sets them instead
+SBATCH_MANAGED = {
+    "partition": "slurm.partition", "account": "slurm.account", "qos": "slurm.qos",
+    "constraint": "slurm.constraint", "time": "slurm.time_min (or the job's time_limit_min)",
+    "cpus_per_task": "slurm.cpus_per_task", "mem": "slurm.mem_gb",
+    "gpus_per_node": "slurm.gpus_per_node (or the job's gpus_per_node)", "gpus": "slurm.gpus_per_node",
+    "gpus_per_task": "slurm.gpus_per_node", "ntasks_per_gpu": "slurm.gpus_per_node",
+    "nodes": "the job's nodes (or slurm.nodes)", "ntasks": "the job's nodes and gpus_per_node",
+    "ntasks_per_node": "the job's gpus_per_node", "signal": "slurm.signal_delay_s",
+    "requeue": "the job's restart.requeue", "no_requeue": "the job's restart.requeue",
+    "job_name": "the run id (set by the backend)", "output": "the backend (runs/<id>/slurm/)",
+    "error": "the backend (runs/<id>/slurm/)", "open_mode": "the backend (append)",
+    "chdir": "the backend (the repository)", "array": "nothing (one run is one job)",
+    "wrap": "nothing (the backend writes the script)", "wait": "nothing (submit returns at once)",
+}
+# further sbatch long options accepted in slurm.sbatch (written with '_' or '-')
+SBATCH_OPTIONS = sorted("""
+acctg_freq begin bb bbf cluster_constraint clusters comment contiguous core_spec cores_per_socket
+cpu_freq cpus_per_gpu deadline delay_boot dependency distribution exclude exclusive export
+extra_node_info get_user_env gpu_bind gpu_freq gpus_per_socket gres gres_flags hint hold licenses
+mail_type mail_user mcs_label mem_bind mem_per_cpu mem_per_gpu mincpus network nice no_kill
+nodefile nodelist ntasks_per_core ntasks_per_socket overcommit oversubscribe power priority
+profile propagate reboot reservation sockets_per_node spread_job switches thread_spec
+threads_per_core time_min tmp use_min_nodes wait_all_nodes wckey""".split())
+# ... of which these take no value ('true'), and these may go either way
+SBATCH_FLAGS = {"contiguous", "hold", "overcommit", "oversubscribe", "reboot", "spread_job", "use_min_nodes"}
+SBATCH_OPTIONAL_VALUE = {"exclusive", "get_user_env", "no_kill", "propagate"}
+SBATCH_VALUE_MAX = 1000           # characters; sbatch reads each #SBATCH line into a fixed buffer
 _FORMS = {
     "hostname": (_ADDRESS, "a host name, IP address or ~/.ssh/config alias: letters, digits, '.', '-', '_', ':' "
                            "(not starting with '-')"),
@@ -245,11 +273,37 @@ def _check_inventory(raw: InventoryFile, src: Source) -> None:
                      ("signal_delay_s", 0)):
         _check_min(getattr(sl, key), low, src, ("slurm", key))
     for k, v in sl.sbatch.items():
-        if not _SBATCH_KEY.fullmatch(k):
-            raise _bad(f"{show(k)} is not an sbatch option name", src, ("slurm", "sbatch", k),
-                       "write the long option without dashes, e.g. 'mail-type: END' or 'exclusive: true'")
-        if isinstance(v, str):
-            _check_text(v, src, ("slurm", "sbatch", k))
+        _check_sbatch_option(k, v, src, ("slurm", "sbatch", k))
+
+
+def _check_sbatch_option(key: str, value, src: Source, path: tuple) -> None:
+    """One slurm.sbatch entry: a known option the backend does not set, with a value sbatch takes.
+    Any printable text is a valid value: the SLURM backend renders it so that sbatch's #SBATCH
+    parser reads it back exactly (backends/slurm.py sbatch_value)."""
+    if not _SBATCH_KEY.fullmatch(key):
+        raise _bad(f"{show(key)} is not an sbatch option name", src, path,
+                   "write the long option without dashes, e.g. 'mail-type: END' or 'exclusive: true'")
+    k = key.replace("-", "_")
+    if k in SBATCH_MANAGED:
+        raise _bad(f"'{key}' is set by the backend", src, path, f"set it through {SBATCH_MANAGED[k]}")
+    if k not in SBATCH_OPTIONS:
+        raise _bad(f"unknown sbatch option '{key}'", src, path,
+                   did_you_mean(k, SBATCH_OPTIONS) + "valid options are: " + ", ".join(SBATCH_OPTIONS))
+    if value is True and k not in SBATCH_FLAGS | SBATCH_OPTIONAL_VALUE:
+        raise _bad(f"'{key}' needs a value", src, path, f"e.g. '{key}: VALUE' as `sbatch --{key.replace('_', '-')}=VALUE` takes it")
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and k in SBATCH_FLAGS:
+        raise _bad(f"'{key}' takes no value; got {value}", src, path, f"write '{key}: true' (or false to leave it out)")
+    if isinstance(value, str):
+        _check_text(value, src, path)
+        if not value.strip():
+            raise _bad("is empty", src, path, "give a value, or remove the option")
+        if len(value) > SBATCH_VALUE_MAX:
+            raise _bad(f"is {len(value)} characters long; sbatch takes at most {SBATCH_VALUE_MAX}", src, path)
+        if k in SBATCH_FLAGS:
+            raise _bad(f"'{key}' takes no value; got {show(value)}", src, path,
+                       f"write '{key}: true' (or false to leave it out)")
+    if isinstance(value, int) and not isinstance(value, bool) and not -2**31 < value < 2**31:
+        raise _bad(f"{value} is out of range", src, path)
 
 
 def _resolve_host(name, entry: HostEntry, defaults: HostDefaults, from_range: bool, src: Source, i: int) -> Host:

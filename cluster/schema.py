@@ -28,7 +28,7 @@ def build(cls, data: Any, src: Source, path: tuple = ()):
         k = unknown[0]
         raise UserError(f"unknown key {show(k)}", where=src.where(path + (k,)),
                         key=dotted(path + (k,)),
-                        hint="valid keys here are: " + ", ".join(sorted(fields)))
+                        hint=did_you_mean(k, fields) + "valid keys here are: " + ", ".join(sorted(fields)))
     kwargs = {}
     for name, f in fields.items():
         if name in data:
@@ -38,6 +38,13 @@ def build(cls, data: Any, src: Source, path: tuple = ()):
                             key=dotted(path + (name,)),
                             hint=f"add '{name}:' to this section")
     return cls(**kwargs)
+
+
+def did_you_mean(word, choices) -> str:
+    """'did you mean 'steps'? ' for a near miss among ``choices`` (difflib), else ''."""
+    import difflib
+    near = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f"did you mean '{near[0]}'? " if near else ""
 
 
 def convert(tp, value: Any, src: Source, path: tuple):
