@@ -177,6 +177,7 @@ _MODULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 _IMAGE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@+-]*$")
 _SBATCH_KEY = re.compile(r"^[a-z][a-z0-9_-]*$")
 _SLURM_WORD = re.compile(r"^[^\s'\"`$;\\]+$")
+MAX_MINUTES = 366 * 24 * 60       # a year: time limits beyond it are typos
 MAX_PROCS_PER_NODE = 256          # GPUs (or CPU processes) on one host; more is a typo
 # set by torchrun (or the cluster) for every rank: a job's own value would break the run
 RESERVED_ENV = {"CLUSTER_RUN_ID", "RANK", "LOCAL_RANK", "GROUP_RANK", "ROLE_RANK", "WORLD_SIZE",
@@ -236,11 +237,22 @@ def _check_min(value, low, src: Source, path: tuple, unit: str = "") -> None:
         raise _bad(f"must be at least {low}{unit}; got {value}", src, path)
 
 
+def _check_range(value, low, high, src: Source, path: tuple, unit: str = "") -> None:
+    _check_min(value, low, src, path, unit)
+    if value is not None and value > high:
+        raise _bad(f"must be at most {high}{unit}; got {value}", src, path)
+
+
 def _check_host_fields(d: HostDefaults, src: Source, path: tuple) -> None:
     for key, (rx, hint) in _FORMS.items():
         v = getattr(d, key)
         if v is not None and not rx.fullmatch(v):
             raise _bad(f"{show(v)} is not a valid {key}", src, path + (key,), hint)
+    for key in ("hostname", "address"):
+        v = getattr(d, key)
+        if v is not None and ":" in v and not _is_ipv6(v):
+            raise _bad(f"{show(v)} is not a valid {key}: a host name holds no port", src, path + (key,),
+                       "put the port in 'port:' (e.g. hostname: gpu1, port: 2222); an IPv6 address is written bare")
     if d.jump_host is not None and not all(_JUMP.fullmatch(j) for j in d.jump_host.split(",")):
         raise _bad(f"{show(d.jump_host)} is not a valid jump_host", src, path + ("jump_host",),
                    "[user@]host[:port], several separated by ','")
@@ -253,11 +265,31 @@ def _check_host_fields(d: HostDefaults, src: Source, path: tuple) -> None:
                    "give the GPU count of one host (or auto)")
 
 
+def _is_ipv6(text: str) -> bool:
+    import ipaddress
+    try:
+        ipaddress.IPv6Address(text.split("%", 1)[0])     # fe80::1%eth0: a zone index is allowed
+        return True
+    except ValueError:
+        return False
+
+
+MAX_TIMEOUT_S = 7 * 24 * 3600     # a week: longer is a typo (and Fabric's whole seconds overflow at .inf)
+
+
+def check_seconds(value, src: Source, path: tuple) -> None:
+    """A timeout: finite, more than 0, at most a week."""
+    if not (0 < value <= MAX_TIMEOUT_S):
+        raise _bad(f"must be more than 0 and at most {MAX_TIMEOUT_S} seconds; got {value}", src, path)
+
+
 def _check_inventory(raw: InventoryFile, src: Source) -> None:
     _check_min(raw.ssh.fanout, 1, src, ("ssh", "fanout"))
+    if raw.ssh.fanout > 4096:
+        raise _bad(f"{raw.ssh.fanout} connections at once is more than 4096", src, ("ssh", "fanout"),
+                   "a few hundred at most; each one is a thread and a socket")
     for key in ("connect_timeout_s", "command_timeout_s"):
-        if not getattr(raw.ssh, key) > 0:
-            raise _bad(f"must be more than 0 seconds; got {getattr(raw.ssh, key)}", src, ("ssh", key))
+        check_seconds(getattr(raw.ssh, key), src, ("ssh", key))
     for key in ("known_hosts", "config_file"):
         _check_text(getattr(raw.ssh, key), src, ("ssh", key))
     _check_text(raw.storage, src, ("storage",))
@@ -269,9 +301,10 @@ def _check_inventory(raw: InventoryFile, src: Source) -> None:
         if v is not None and not _SLURM_WORD.fullmatch(v):
             raise _bad(f"{show(v)} is not a valid {key}", src, ("slurm", key),
                        "one word as sbatch takes it: no spaces, quotes or control characters")
-    for key, low in (("time_min", 1), ("cpus_per_task", 1), ("mem_gb", 0), ("gpus_per_node", 0), ("nodes", 1),
-                     ("signal_delay_s", 0)):
-        _check_min(getattr(sl, key), low, src, ("slurm", key))
+    for key, low, high in (("time_min", 1, MAX_MINUTES), ("cpus_per_task", 1, 4096), ("mem_gb", 0, 10**6),
+                           ("gpus_per_node", 0, MAX_PROCS_PER_NODE), ("nodes", 1, hostlist.MAX_HOSTS),
+                           ("signal_delay_s", 0, 65535)):
+        _check_range(getattr(sl, key), low, high, src, ("slurm", key))
     for k, v in sl.sbatch.items():
         _check_sbatch_option(k, v, src, ("slurm", "sbatch", k))
 
@@ -517,12 +550,14 @@ def _check_job(job: Job, src: Source) -> None:
         v = getattr(job, key)
         if isinstance(v, int) and v > MAX_PROCS_PER_NODE:
             raise _bad(f"{v} processes on one host is more than {MAX_PROCS_PER_NODE}", src, (key,))
-    _check_min(job.time_limit_min, 1, src, ("time_limit_min",))
-    _check_min(job.checkpoint.every_steps, 0, src, ("checkpoint", "every_steps"))
-    _check_min(job.checkpoint.keep, 1, src, ("checkpoint", "keep"))
-    _check_min(job.checkpoint.sync_every_s, 1, src, ("checkpoint", "sync_every_s"))
-    _check_min(job.restart.max_restarts, 0, src, ("restart", "max_restarts"))
-    _check_min(job.restart.max_requeues, 0, src, ("restart", "max_requeues"))
+    if isinstance(job.nodes, int) and job.nodes > hostlist.MAX_HOSTS:
+        raise _bad(f"must be at most {hostlist.MAX_HOSTS}; got {job.nodes}", src, ("nodes",))
+    _check_range(job.time_limit_min, 1, MAX_MINUTES, src, ("time_limit_min",))
+    _check_range(job.checkpoint.every_steps, 0, 10**12, src, ("checkpoint", "every_steps"))
+    _check_range(job.checkpoint.keep, 1, 10**6, src, ("checkpoint", "keep"))
+    _check_range(job.checkpoint.sync_every_s, 1, MAX_TIMEOUT_S, src, ("checkpoint", "sync_every_s"))
+    _check_range(job.restart.max_restarts, 0, 10**6, src, ("restart", "max_restarts"))
+    _check_range(job.restart.max_requeues, 0, 10**6, src, ("restart", "max_requeues"))
     if job.container is not None:
         c = job.container
         if not _IMAGE.fullmatch(c.image):
@@ -539,8 +574,7 @@ def _check_job(job: Job, src: Source) -> None:
             if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k):
                 raise _bad(f"{show(k)} is not a valid environment variable name", src, ("container", "env", k))
     for key in ("hang_timeout_s", "startup_timeout_s"):
-        if getattr(job, key) < 1:
-            raise UserError("must be at least 1 (seconds)", where=src.where((key,)), key=key)
+        _check_range(getattr(job, key), 1, MAX_TIMEOUT_S, src, (key,), " (seconds)")
     if job.rdzv_port is not None and not 1024 <= job.rdzv_port < 65536:
         raise UserError("must be a port in 1024-65535", where=src.where(("rdzv_port",)), key="rdzv_port")
     for k in job.env:

@@ -283,13 +283,17 @@ class Pool:
             if failed and time.monotonic() - failed[0] < 1.0:   # a warm-up attempt just failed
                 raise ConnectError(failed[1])
             host = self.hosts[name]
-            conn = self._new_connection(host)
+            conn = None
             try:
+                # building the connection can fail too (a value Fabric or ~/.ssh/config rejects):
+                # that is this host's error, as a refused connection is, never the whole command's
+                conn = self._new_connection(host)
                 conn.open()
                 conn.transport.set_keepalive(5)   # a dead peer is noticed, idle links stay up
             except Exception as e:   # noqa: BLE001 -- paramiko raises many kinds; all mean "cannot connect"
                 try:
-                    conn.close()
+                    if conn is not None:
+                        conn.close()
                 except Exception:   # noqa: BLE001
                     pass
                 raise ConnectError(_connect_error(host, e)) from None

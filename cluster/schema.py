@@ -6,12 +6,15 @@ path and the file:line it came from.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from .errors import UserError
 from .yamlsrc import Source, escape, show
+
+MAX_INT = 2**53          # larger numbers in a config file are typos (and overflow C code down the line)
 
 
 def build(cls, data: Any, src: Source, path: tuple = ()):
@@ -91,9 +94,14 @@ def convert(tp, value: Any, src: Source, path: tuple):
             return value
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if abs(value) > MAX_INT:
+                raise UserError(f"{shown(value)} is too large", where=src.where(path), key=dotted_,
+                                hint="give a realistic value (each setting has its own range)")
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value) or abs(value) > MAX_INT:
+                raise UserError(f"must be a finite number; got {shown(value)}", where=src.where(path), key=dotted_)
             return float(value)
     elif tp is str:
         if isinstance(value, str):

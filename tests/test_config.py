@@ -95,7 +95,33 @@ BAD_INVENTORIES = [
     ("local with remote host", "backend: local\nhosts:\n  - name: gpu01\n", "bad.yaml:1", ["this machine only"]),
     ("ssh setting typo", "hosts:\n  - name: a\nssh:\n  fan_out: 8\n", "bad.yaml:4", ["ssh.fan_out", "fanout"]),
     ("hostname on a range", "hosts:\n  - name: g[1-2]\n    hostname: x\n", "bad.yaml:3", ["cannot be set on a host range"]),
+    ("hostname with a port", "hosts:\n  - name: a\n    hostname: gpu1:2222\n", "bad.yaml:3",
+     ["hosts[0].hostname", "holds no port", "port:"]),
+    ("hostname only a port", "hosts:\n  - name: a\n    hostname: ':2222'\n", "bad.yaml:3", ["holds no port"]),
+    ("address with a port", "defaults:\n  address: 10.0.0.1:29500\nhosts:\n  - name: a\n", "bad.yaml:2",
+     ["defaults.address", "holds no port"]),
+    ("timeout infinite", "hosts:\n  - name: a\nssh:\n  connect_timeout_s: .inf\n", "bad.yaml:4",
+     ["ssh.connect_timeout_s", "finite"]),
+    ("timeout nan", "hosts:\n  - name: a\nssh:\n  command_timeout_s: .nan\n", "bad.yaml:4", ["finite"]),
+    ("timeout a year", "hosts:\n  - name: a\nssh:\n  command_timeout_s: 31536000\n", "bad.yaml:4", ["at most 604800"]),
+    ("port huge", "hosts:\n  - name: a\n    port: 99999999999999999999999\n", "bad.yaml:3", ["too large"]),
+    ("time limit huge", "backend: slurm\nhosts:\n  - name: a\nslurm:\n  time_min: 100000000\n", "bad.yaml:5",
+     ["slurm.time_min", "at most"]),
 ]
+
+
+def test_ipv6_hostnames_are_not_ports(tmp_path):
+    p = tmp_path / "inv.yaml"
+    p.write_text("hosts:\n  - name: a\n    hostname: 'fe80::1%eth0'\n  - name: b\n    hostname: '2001:db8::2'\n")
+    assert [h.hostname for h in load_inventory(p).hosts] == ["fe80::1%eth0", "2001:db8::2"]
+
+
+@pytest.mark.parametrize("value", ["nan", "-1", "inf", "0", "1e300"])
+def test_exec_timeout_must_be_finite_and_positive(value, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["exec", "--timeout-s", value, "--", "true"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--timeout-s" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("case", BAD_INVENTORIES, ids=[c[0] for c in BAD_INVENTORIES])

@@ -53,3 +53,16 @@ def add_target(p: argparse.ArgumentParser) -> None:
                    help="override job settings, e.g. train.batch_size=32 nodes=2 (train keys may omit 'train.')")
     p.add_argument("-i", "--inventory", help="inventory file (default: inventory.yaml)")
     p.add_argument("-b", "--backend", help="local, ssh or slurm (default: from the inventory)")
+
+
+def seconds(text: str, zero_ok: bool = False) -> float:
+    """argparse type of a ``--...-s`` option: finite, more than 0 (or 0 if ``zero_ok``), at most a week."""
+    import math
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or not (0 <= value if zero_ok else 0 < value) or value > 7 * 24 * 3600:
+        least = "0 or more" if zero_ok else "more than 0"
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number of seconds, {least} and at most a week")
+    return value
