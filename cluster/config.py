@@ -142,6 +142,11 @@ def load_inventory(path: Path | str | None = None) -> Inventory:
         except ValueError as e:
             raise UserError(f"bad host range: {e}", where=where, key=f"hosts[{i}].name",
                             hint="write ranges as SLURM does: gpu[01-16] or node[1-3,7]") from None
+        if len(hosts) + len(names) > hostlist.MAX_HOSTS:
+            raise UserError(f"the inventory lists more than {hostlist.MAX_HOSTS:,} hosts "
+                            f"({len(hosts):,} before this entry, {len(names):,} in it)", where=where,
+                            key=f"hosts[{i}].name", hint="list the hosts one inventory works on; "
+                            "past a rack, use backend: slurm with the login host")
         for name in names:
             if not _HOSTNAME.fullmatch(name):
                 raise UserError(f"{show(name)} is not a valid host name", where=where, key=f"hosts[{i}].name",
@@ -177,6 +182,7 @@ _MODULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 _IMAGE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@+-]*$")
 _SBATCH_KEY = re.compile(r"^[a-z][a-z0-9_-]*$")
 _SLURM_WORD = re.compile(r"^[^\s'\"`$;\\]+$")
+MAX_NODES = 100_000               # nodes of one job (SLURM's allocations can be larger than an inventory)
 MAX_MINUTES = 366 * 24 * 60       # a year: time limits beyond it are typos
 MAX_PROCS_PER_NODE = 256          # GPUs (or CPU processes) on one host; more is a typo
 # set by torchrun (or the cluster) for every rank: a job's own value would break the run
@@ -302,7 +308,7 @@ def _check_inventory(raw: InventoryFile, src: Source) -> None:
             raise _bad(f"{show(v)} is not a valid {key}", src, ("slurm", key),
                        "one word as sbatch takes it: no spaces, quotes or control characters")
     for key, low, high in (("time_min", 1, MAX_MINUTES), ("cpus_per_task", 1, 4096), ("mem_gb", 0, 10**6),
-                           ("gpus_per_node", 0, MAX_PROCS_PER_NODE), ("nodes", 1, hostlist.MAX_HOSTS),
+                           ("gpus_per_node", 0, MAX_PROCS_PER_NODE), ("nodes", 1, MAX_NODES),
                            ("signal_delay_s", 0, 65535)):
         _check_range(getattr(sl, key), low, high, src, ("slurm", key))
     for k, v in sl.sbatch.items():
@@ -550,8 +556,8 @@ def _check_job(job: Job, src: Source) -> None:
         v = getattr(job, key)
         if isinstance(v, int) and v > MAX_PROCS_PER_NODE:
             raise _bad(f"{v} processes on one host is more than {MAX_PROCS_PER_NODE}", src, (key,))
-    if isinstance(job.nodes, int) and job.nodes > hostlist.MAX_HOSTS:
-        raise _bad(f"must be at most {hostlist.MAX_HOSTS}; got {job.nodes}", src, ("nodes",))
+    if isinstance(job.nodes, int) and job.nodes > MAX_NODES:
+        raise _bad(f"must be at most {MAX_NODES}; got {job.nodes}", src, ("nodes",))
     _check_range(job.time_limit_min, 1, MAX_MINUTES, src, ("time_limit_min",))
     _check_range(job.checkpoint.every_steps, 0, 10**12, src, ("checkpoint", "every_steps"))
     _check_range(job.checkpoint.keep, 1, 10**6, src, ("checkpoint", "keep"))

@@ -8,6 +8,8 @@ import yaml
 
 from .errors import UserError
 
+MAX_BYTES = 1024 * 1024         # a config file; anything larger is a mistake (or /dev/zero)
+
 
 @dataclass
 class Source:
@@ -30,10 +32,17 @@ def load(path: Path | str, text: str | None = None) -> Source:
     name = str(path)
     if text is None:
         try:
-            text = Path(path).read_text(encoding="utf-8")
+            with open(path, "rb") as f:
+                data = f.read(MAX_BYTES + 1)     # never more: /dev/zero or a huge file is refused at once
+            if len(data) > MAX_BYTES:
+                raise UserError(f"larger than {MAX_BYTES // 2**20} MiB", where=name,
+                                hint="an inventory or job file is a few kilobytes; is this the right file?")
+            text = data.decode("utf-8")
         except FileNotFoundError:
             raise UserError("file not found", where=name,
                             hint="check the path (INVENTORY=... / JOB=...)") from None
+        except IsADirectoryError:
+            raise UserError("is a directory, not a file", where=name) from None
         except UnicodeDecodeError as e:
             raise UserError(f"not UTF-8 text ({e.reason})", where=name) from None
         except OSError as e:

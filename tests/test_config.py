@@ -110,6 +110,27 @@ BAD_INVENTORIES = [
 ]
 
 
+def test_host_count_is_capped_per_inventory_before_expanding(tmp_path, capsys):
+    with pytest.raises(ValueError, match=r"is larger than 10,000 hosts \(1,000,000,000\)"):
+        hostlist.expand("n[1-1000]-[1-1000]x[1-1000]")     # counted, not expanded: no MemoryError
+    assert len(hostlist.expand("n[1-100]-[1-100]")) == 10_000
+    assert main(["exec", "--hosts", "x[1-100000]", "--", "true"]) == 2
+    err = capsys.readouterr().err
+    assert "is larger than 10,000 hosts (100,000)" in err and len(err) < 300, err
+    assert main(["exec", "--hosts", "x[1-5000]", "--", "true"]) == 2
+    err = capsys.readouterr().err
+    assert "5000 host(s) not in the inventory: x[1-5000]" in err and len(err) < 500, err
+
+
+def test_config_files_are_read_up_to_a_size(tmp_path, capsys):
+    assert main(["plan", "resnet50", "-i", "/dev/zero"]) == 2
+    assert capsys.readouterr().err.startswith("error: /dev/zero: larger than 1 MiB")
+    big = tmp_path / "job.yaml"
+    big.write_text("name: j\nmodule: a\n" + "#" * (2 << 20) + "\n")
+    assert main(["plan", str(big)]) == 2
+    assert f"error: {big}: larger than 1 MiB" in capsys.readouterr().err
+
+
 def test_ipv6_hostnames_are_not_ports(tmp_path):
     p = tmp_path / "inv.yaml"
     p.write_text("hosts:\n  - name: a\n    hostname: 'fe80::1%eth0'\n  - name: b\n    hostname: '2001:db8::2'\n")

@@ -229,7 +229,7 @@ class SlurmBackend(Backend):
             if time.time() - ended < REQUEUE_GRACE_S:
                 return [NodeStatus(f"job {jid}", State.PENDING, detail=detail + ", awaiting requeue")]
         nodelist = info.get("NodeList", "")
-        hosts = hostlist.expand(nodelist) if nodelist and nodelist not in ("(null)", "None assigned") else []
+        hosts = hostlist.expand(nodelist, limit=None) if nodelist and nodelist not in ("(null)", "None assigned") else []
         if state == State.PENDING or not hosts:
             return [NodeStatus(f"job {jid}", state, detail=detail)]
         if state == State.RUNNING:
