@@ -179,7 +179,6 @@ _JUMP = re.compile(r"^([A-Za-z0-9_][A-Za-z0-9_.-]*@)?(?!-)([A-Za-z0-9_.%:-]+|\[[
 _IFACE = re.compile(r"^[\^=]?[A-Za-z0-9_.:@-]+(,[A-Za-z0-9_.:@-]+)*$")   # NCCL_SOCKET_IFNAME syntax
 _JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _MODULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
-_IMAGE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@+-]*$")
 _SBATCH_KEY = re.compile(r"^[a-z][a-z0-9_-]*$")
 _SLURM_WORD = re.compile(r"^[^\s'\"`$;\\]+$")
 MAX_NODES = 100_000               # nodes of one job (SLURM's allocations can be larger than an inventory)
@@ -494,7 +493,8 @@ def load_job(name: str, overrides: list[str] = (), *, profile: Optional[str] = N
                 parts = ["train", parts[0]]
             else:
                 raise UserError(f"unknown key {show(parts[0])} in override {show(item)}", where="command line",
-                                hint="valid keys: " + ", ".join(sorted(job_fields)) +
+                                key=parts[0], hint=did_you_mean(parts[0], job_fields | train_keys) +
+                                "valid keys: " + ", ".join(sorted(job_fields)) +
                                      (" (and train settings such as " + ", ".join(sorted(train_keys)[:6]) + ", ...)" if train_keys else ""))
         cur = data
         for p in parts[:-1]:
@@ -564,21 +564,9 @@ def _check_job(job: Job, src: Source) -> None:
     _check_range(job.checkpoint.sync_every_s, 1, MAX_TIMEOUT_S, src, ("checkpoint", "sync_every_s"))
     _check_range(job.restart.max_restarts, 0, 10**6, src, ("restart", "max_restarts"))
     _check_range(job.restart.max_requeues, 0, 10**6, src, ("restart", "max_requeues"))
-    if job.container is not None:
-        c = job.container
-        if not _IMAGE.fullmatch(c.image):
-            raise _bad(f"{show(c.image)} is not a container image reference", src, ("container", "image"),
-                       "e.g. nvcr.io/nvidia/pytorch:24.05-py3 or a local image name")
-        for i, m in enumerate(c.mounts):
-            parts = m.split(":")
-            _check_text(m, src, ("container", "mounts", i))
-            if len(parts) not in (2, 3) or not parts[0] or not parts[1]:
-                raise _bad(f"{show(m)} is not a mount", src, ("container", "mounts", i),
-                           "write 'SRC:DST' or 'SRC:DST:ro'")
-        _check_min(c.shm_gb, 1, src, ("container", "shm_gb"), " GB")
-        for k in c.env:
-            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k):
-                raise _bad(f"{show(k)} is not a valid environment variable name", src, ("container", "env", k))
+    if job.container is not None:      # one validator of the section: the one that implements it
+        from .container import check_spec
+        check_spec(job.container, src.where)
     for key in ("hang_timeout_s", "startup_timeout_s"):
         _check_range(getattr(job, key), 1, MAX_TIMEOUT_S, src, (key,), " (seconds)")
     if job.rdzv_port is not None and not 1024 <= job.rdzv_port < 65536:
@@ -599,8 +587,13 @@ def _check_job(job: Job, src: Source) -> None:
             tcfg.validate(dict(job.train))
         except tcfg.ConfigError as e:
             key = getattr(e, "key", None)
-            raise UserError(str(getattr(e, "message", e)), where=src.where(("train", key) if key else ("train",)),
-                            key=f"train.{key}" if key else "train") from None
+            message = str(getattr(e, "message", e))
+            hint = None
+            if key and message == "unknown key":
+                message = f"unknown key {show(key)}"
+                hint = did_you_mean(key, tcfg.FIELDS) + "train settings are: " + ", ".join(sorted(tcfg.FIELDS))
+            raise UserError(message, where=src.where(("train", key) if key else ("train",)),
+                            key=f"train.{key}" if key else "train", hint=hint) from None
 
 
 def _train_keys() -> set[str]:

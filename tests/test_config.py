@@ -212,3 +212,24 @@ def test_unknown_job_lists_known_ones(capsys):
     assert main(["plan", "nosuchjob"]) == 2
     err = capsys.readouterr().err
     assert "no job named 'nosuchjob'" in err and "resnet50" in err
+
+
+def test_container_section_through_load_job_accepts_what_container_implements(tmp_path):
+    """One validator (cluster.container.check_spec): a .sif path, shm_gb 0 (--ipc host) and a bare
+    mount (the same path inside) load, and reach the plan's command line."""
+    from cluster.plan import make_plan
+    job = tmp_path / "c.yaml"
+    job.write_text("name: c\nmodule: tests.fixtures.hello\ncontainer:\n  image: /images/torch.sif\n"
+                   "  shm_gb: 0\n  mounts: [/data, '/models:/m:ro']\n")
+    spec = load_job(str(job)).job.container
+    assert (spec.image, spec.shm_gb, spec.mounts) == ("/images/torch.sif", 0, ("/data", "/models:/m:ro"))
+    inv = tmp_path / "inv.yaml"
+    inv.write_text("backend: ssh\ndefaults: {container_runtime: podman, gpus: 0}\nhosts:\n  - name: n1\n")
+    argv = make_plan(load_inventory(inv), load_job(str(job)).job, "r", {"n1": 0}).nodes[0].argv
+    text = " ".join(argv)
+    assert "--ipc host" in text and "--shm-size" not in text
+    assert "/data:/data" in text and "/models:/m:ro" in text and "/images/torch.sif" in text
+    job.write_text(job.read_text().replace("shm_gb: 0", "shm_gb: -2"))
+    with pytest.raises(UserError) as e:
+        load_job(str(job))
+    assert e.value.render().startswith(f"error: {job}:5: container.shm_gb: must be 0 or more")

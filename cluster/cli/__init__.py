@@ -37,6 +37,11 @@ def main(argv: list[str] | None = None) -> int:
             ap.error("unrecognized arguments: " + " ".join(extra))
         args.overrides = list(args.overrides) + extra
     try:
+        if getattr(args, "job", "") is None:
+            from ..config import JOBS_DIR
+            known = sorted(p.stem for p in JOBS_DIR.glob("*.yaml"))
+            raise UserError("a job is required", where=args.verb, key="JOB",
+                            hint=f"python -m cluster {args.verb} JOB [KEY=VALUE ...]; jobs: " + ", ".join(known))
         return mods[args.verb].run(args) or 0
     except UserError as e:
         print(e.render(), file=sys.stderr)
@@ -48,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def add_target(p: argparse.ArgumentParser) -> None:
     """The options that pick what to run and where (shared by submit, plan, doctor)."""
-    p.add_argument("job", help="job name (jobs/<name>.yaml) or a path to a job file")
+    # optional for argparse, required by the verb: without a job, argparse would name the
+    # overrides as missing too ("required: job, KEY=VALUE"); main() says what is missing
+    p.add_argument("job", nargs="?", help="job name (jobs/<name>.yaml) or a path to a job file")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="override job settings, e.g. train.batch_size=32 nodes=2 (train keys may omit 'train.')")
     p.add_argument("-i", "--inventory", help="inventory file (default: inventory.yaml)")
