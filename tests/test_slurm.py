@@ -220,7 +220,8 @@ BAD = [
     ("  partiton: gpu\n", "unknown key 'partiton'", "did you mean 'partition'? valid keys here are"),
     ("  qos: high prio\n", "is not a valid qos", None),
     ("  cpus_per_task: 0\n", "must be at least 1", None),
-    ("  signal_delay_s: 99999\n", "signal_delay_s 99999 is not shorter than the time limit", None),
+    ("  signal_delay_s: 65535\n", "signal_delay_s 65535 is not shorter than the time limit", None),
+    ("  signal_delay_s: 99999\n", "must be at most 65535", None),
 ]
 
 
