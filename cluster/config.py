@@ -399,6 +399,7 @@ class CheckpointSpec:
     every_steps: int = 0       # 0: the train config decides (ckpt_every)
     keep: int = 3
     sync_every_s: int = 60     # how often node 0's checkpoints are rsynced to storage
+    outside_workdir: bool = False   # train.ckpt_dir may lie outside the run's workdir (/scratch/...)
 
 
 @dataclass(frozen=True)
@@ -476,6 +477,19 @@ def load_job(name: str, overrides: list[str] = (), *, profile: Optional[str] = N
     data.setdefault("name", path.stem)
     notes: list[str] = []
     train_keys = _train_keys()
+    parsed = parse_overrides(list(overrides))
+    # overrides of a profile (profiles.cpu.train.steps=60) change it before it is applied
+    # (check_profile_overrides refuses one of a profile that the run does not apply)
+    for key, value, item in parsed:
+        parts = key.split(".")
+        if parts[0] == "profiles":
+            known = data.get("profiles") if isinstance(data.get("profiles"), dict) else {}
+            if len(parts) < 3 or parts[1] not in known:
+                raise UserError(f"override {show(item)} names no key of a profile of this job", where="command line",
+                                key=key, hint="profiles here: " + (", ".join(map(str, known)) or "none") +
+                                "; set one key of one, e.g. profiles.cpu.train.steps=60")
+            _set(data, parts, value, key)
+            src.lines[tuple(parts)] = 0
     if profile:
         profiles = data.get("profiles") or {}
         if isinstance(profiles, dict) and profile in profiles:
@@ -484,10 +498,14 @@ def load_job(name: str, overrides: list[str] = (), *, profile: Optional[str] = N
                 raise UserError("a profile must be a mapping", where=src.where(("profiles", profile)),
                                 key=f"profiles.{profile}")
             _deep_merge(data, prof)
+            for path in _paths(prof):      # errors in a profile's value name the profile's line
+                src.lines[path] = src.lines.get(("profiles", profile) + path, src.lines.get(("profiles", profile)))
             notes.append(f"applying profile {profile}: " + " ".join(f"{k}={v}" for k, v in _flatten(prof)))
     job_fields = {f for f in Job.__dataclass_fields__}
-    for key, value, item in parse_overrides(list(overrides)):
+    for key, value, item in parsed:
         parts = key.split(".")
+        if parts[0] == "profiles":
+            continue
         if parts[0] not in job_fields:
             if train_keys and parts[0] in train_keys and len(parts) == 1:
                 parts = ["train", parts[0]]
@@ -496,22 +514,45 @@ def load_job(name: str, overrides: list[str] = (), *, profile: Optional[str] = N
                                 key=parts[0], hint=did_you_mean(parts[0], job_fields | train_keys) +
                                 "valid keys: " + ", ".join(sorted(job_fields)) +
                                      (" (and train settings such as " + ", ".join(sorted(train_keys)[:6]) + ", ...)" if train_keys else ""))
-        cur = data
-        for p in parts[:-1]:
-            nxt = cur.get(p)
-            if nxt is None:
-                nxt = cur[p] = {}
-            if not isinstance(nxt, dict):
-                raise UserError(f"'{p}' is not a section, cannot set '{key}'", where="command line",
-                                hint=f"set the whole section in the job file, or a key inside it ({p}.KEY=...)")
-            cur = nxt
-        cur[parts[-1]] = value
+        _set(data, parts, value, key)
         # overrides have no line: errors point at the command line instead of a wrong line
         src.lines[tuple(parts)] = 0
     osrc = _OverrideSource(src, overrides)
     job: Job = build(Job, data, osrc)
     _check_job(job, osrc)
     return LoadedJob(job, str(path), data, profile if notes else None, tuple(notes))
+
+
+def check_profile_overrides(overrides, applied: Optional[str]) -> None:
+    """An override of a profile the run does not apply would change nothing: refused, not ignored."""
+    for key, _, item in parse_overrides(list(overrides)):
+        parts = key.split(".")
+        if parts[0] == "profiles" and parts[1] != applied:
+            why = f"profile {applied!r} is applied" if applied else "no profile is applied"
+            raise UserError(f"override {show(item)} changes profile {show(parts[1])}, but {why} on these hosts",
+                            where="command line", key=key,
+                            hint=f"set {'.'.join(parts[2:])}=... instead (it applies with or without a profile)")
+
+
+def _set(data: dict, parts: list, value, key: str) -> None:
+    """data[a][b][c] = value for an override a.b.c=value, making sections on the way."""
+    cur = data
+    for p in parts[:-1]:
+        nxt = cur.get(p)
+        if nxt is None:
+            nxt = cur[p] = {}
+        if not isinstance(nxt, dict):
+            raise UserError(f"'{p}' is not a section, cannot set '{key}'", where="command line",
+                            hint=f"set the whole section in the job file, or a key inside it ({p}.KEY=...)")
+        cur = nxt
+    cur[parts[-1]] = value
+
+
+def _paths(d: Mapping, prefix: tuple = ()):
+    for k, v in d.items():
+        yield prefix + (k,)
+        if isinstance(v, Mapping):
+            yield from _paths(v, prefix + (k,))
 
 
 class _OverrideSource(Source):
@@ -579,6 +620,11 @@ def _check_job(job: Job, src: Source) -> None:
             raise _bad(f"'{k}' is set by torchrun and the cluster for every rank", src, ("env", k),
                        "remove it from the job's env")
     if job.train is not None:
+        ckpt = job.train.get("ckpt_dir")
+        if isinstance(ckpt, str) and not job.checkpoint.outside_workdir and _outside(ckpt):
+            raise _bad(f"{show(ckpt)} is outside the run's workdir", src, ("train", "ckpt_dir"),
+                       "leave ckpt_dir out (the run keeps runs/<id>/checkpoints), give a path relative to the "
+                       "workdir, or set checkpoint.outside_workdir: true if rank 0 is meant to write there")
         try:
             from train import config as tcfg
         except ImportError:
@@ -594,6 +640,12 @@ def _check_job(job: Job, src: Source) -> None:
                 hint = did_you_mean(key, tcfg.FIELDS) + "train settings are: " + ", ".join(sorted(tcfg.FIELDS))
             raise UserError(message, where=src.where(("train", key) if key else ("train",)),
                             key=f"train.{key}" if key else "train", hint=hint) from None
+
+
+def _outside(path: str) -> bool:
+    """An absolute path, ~, or one that climbs out with '..' (relative paths are under the workdir)."""
+    import posixpath
+    return path.startswith(("/", "~")) or posixpath.normpath(path).split("/")[0] == ".."
 
 
 def _train_keys() -> set[str]:

@@ -117,11 +117,23 @@ def show(value, limit: int = 80) -> str:
 
 
 def parse_scalar(text: str):
-    """Parse a command-line override value the way YAML would (``8`` -> 8, ``true`` -> True)."""
+    """Parse a command-line override value the way YAML reads a scalar (``8`` -> 8, ``true`` ->
+    True, ``'8'`` -> '8', ``[a, b]`` -> a list). Any other text is taken as it is: YAML would drop a
+    ``#comment``, fold a newline into a space or make ``a: b`` a mapping, and an override's value
+    must arrive as the user wrote it."""
+    if not text.isprintable():
+        return text
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
-    if value is None and text.strip() not in ("null", "~", ""):
-        return text
-    return value
+    if value is None:
+        return None if text.strip() in ("null", "~", "") else text
+    if isinstance(value, (bool, int, float)):
+        return value
+    stripped = text.strip()
+    if isinstance(value, str) and len(stripped) >= 2 and stripped[0] == stripped[-1] and stripped[0] in "'\"":
+        return value                 # quoted on purpose: '8' is the string 8
+    if isinstance(value, (list, dict)) and stripped[:1] in "[{":
+        return value
+    return text

@@ -7,6 +7,7 @@ from cluster import hostlist
 from cluster.cli import main
 from cluster.config import load_inventory, load_job
 from cluster.errors import UserError
+from cluster.yamlsrc import parse_scalar
 
 
 def write(tmp_path, name, text):
@@ -233,3 +234,48 @@ def test_container_section_through_load_job_accepts_what_container_implements(tm
     with pytest.raises(UserError) as e:
         load_job(str(job))
     assert e.value.render().startswith(f"error: {job}:5: container.shm_gb: must be 0 or more")
+
+
+@pytest.mark.parametrize("override,words", [
+    ("train.steps=100000000000000000000000000", ["override train.steps", "must be at most"]),
+    ("train.lr=.inf", ["train.lr", "finite"]),
+    ("train.data=/data/a\nb", ["train.data", "control"]),
+    ("train.ckpt_dir=/etc", ["train.ckpt_dir", "outside the run's workdir", "checkpoint.outside_workdir"]),
+    ("train.ckpt_dir=runs/../../x", ["outside the run's workdir"]),
+    ("profiles.gpu.train.steps=5", ["names no key of a profile", "profiles here: cpu"]),
+])
+def test_train_settings_are_checked(override, words, capsys):
+    assert main(["plan", "resnet50", override]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: command line") and "Traceback" not in err
+    for w in words:
+        assert w in err, (w, err)
+
+
+def test_ckpt_dir_outside_the_workdir_with_opt_in(capsys):
+    assert main(["plan", "resnet50", "train.ckpt_dir=/scratch/ck", "checkpoint.outside_workdir=true",
+                 "--run-id", "r"]) == 0
+    assert " ckpt_dir=/scratch/ck " in capsys.readouterr().out
+
+
+def test_profile_overrides_apply_or_are_refused(tmp_path, capsys):
+    """profiles.cpu.train.steps=7 changes the cpu profile (applied on this GPU-less machine), and
+    is refused where the profile does not apply (hosts with GPUs): never silently ignored."""
+    import shlex
+    assert main(["plan", "resnet50", "profiles.cpu.train.steps=7", "--run-id", "r"]) == 0
+    out = capsys.readouterr().out
+    assert "steps=7" in shlex.split(out.splitlines()[-1])
+    gpu = tmp_path / "gpu.yaml"
+    gpu.write_text("backend: ssh\nhosts:\n  - name: g1\n    gpus: 8\n")
+    assert main(["plan", "resnet50", "profiles.cpu.train.steps=7", "-i", str(gpu)]) == 2
+    assert "changes profile 'cpu', but no profile is applied on these hosts" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text,value", [("a #b", "a #b"), ("x: y", "x: y"), ("8", 8), ("'8'", "8"),
+                                        ("[a, b]", ["a", "b"]), ("a\nb", "a\nb"), ("2024-01-01", "2024-01-01")])
+def test_override_values_arrive_as_written(text, value):
+    """YAML would drop '#b', fold the newline or read a date: an override's text is kept unless it
+    is a plain scalar (number, bool, null), quoted, or a flow list/mapping."""
+    assert parse_scalar(text) == value
+    if isinstance(value, str):
+        assert load_job("resnet50", [f"env.X={text}"]).job.env["X"] == value
