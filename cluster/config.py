@@ -265,6 +265,14 @@ def _check_host_fields(d: HostDefaults, src: Source, path: tuple) -> None:
         _check_text(getattr(d, key), src, path + (key,))
         if getattr(d, key) == "":
             raise _bad("is empty", src, path + (key,))
+    for key in ("workdir", "python"):       # paths on the host: ~ and ~/ are the remote user's home
+        v = getattr(d, key)
+        if v is not None and v.startswith("-"):
+            raise _bad(f"{show(v)} starts with '-' (cd and the shell would read it as an option)", src,
+                       path + (key,), "give an absolute path, or one relative to the login directory")
+        if v is not None and v.startswith("~") and v != "~" and not v.startswith("~/"):
+            raise _bad(f"{show(v)}: only ~ and ~/... (the remote user's home) are expanded", src, path + (key,),
+                       "write ~/PATH, or an absolute path such as /home/USER/PATH")
     if isinstance(d.gpus, int) and d.gpus > MAX_PROCS_PER_NODE:
         raise _bad(f"{d.gpus} GPUs on one host is more than {MAX_PROCS_PER_NODE}", src, path + ("gpus",),
                    "give the GPU count of one host (or auto)")

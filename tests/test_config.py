@@ -1,5 +1,6 @@
 """Loading and validation of inventories, jobs and overrides: good files load, bad ones say why."""
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -279,3 +280,73 @@ def test_override_values_arrive_as_written(text, value):
     assert parse_scalar(text) == value
     if isinstance(value, str):
         assert load_job("resnet50", [f"env.X={text}"]).job.env["X"] == value
+
+
+# ---------------------------------------------------------------- the examples users copy
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _readme_yaml_blocks():
+    """Every indented block of README.md that is a YAML mapping (commands and output are not)."""
+    import yaml
+    blocks, cur = [], []
+    for line in (REPO / "README.md").read_text().splitlines() + [""]:
+        if line.startswith("    ") or (cur and not line.strip()):
+            cur.append(line[4:])
+            continue
+        if cur:
+            try:
+                data = yaml.safe_load("\n".join(cur))
+            except yaml.YAMLError:
+                data = None
+            if isinstance(data, dict):
+                blocks.append("\n".join(cur))
+            cur = []
+    return blocks
+
+
+def _inventory_examples():
+    """inventory.yaml itself, and each commented '# --- Example' section of it, uncommented."""
+    text = (REPO / "inventory.yaml").read_text()
+    out = [("inventory.yaml", text)]
+    for part in text.split("# --- Example")[1:]:
+        title = part.splitlines()[0].strip(" :-")
+        body = "\n".join(l[2:] for l in part.splitlines()[1:] if l.startswith("# ") or l == "#")
+        out.append((title, body))
+    return out
+
+
+@pytest.mark.parametrize("title,text", _inventory_examples(), ids=[t for t, _ in _inventory_examples()])
+def test_inventory_examples_load_and_plan(title, text, tmp_path):
+    """The examples README points to (inventory.yaml's commented rack and SLURM cluster) load and
+    plan; their ~/ paths are the remote home in the plan's command line, not quoted into a name."""
+    from cluster.submit import resolve
+    p = tmp_path / "inv.yaml"
+    p.write_text(text)
+    inv = load_inventory(p)
+    plan = resolve(str(REPO / "tests" / "corpus" / "job.yaml"), [], str(p), None, run_id="r")[3]
+    text = plan.render()
+    if inv.backend == "ssh":
+        assert inv.hosts[0].python == "~/venv/bin/python"
+        assert "setsid ~/venv/bin/python -m cluster.agent" in text and "cd ~/ddp && " in text
+
+
+def test_readme_examples_load(tmp_path):
+    """Every YAML example shown in README.md loads: inventories as inventories, job sections
+    (container: ...) inside a minimal job; and every job in jobs/."""
+    import yaml
+    blocks = _readme_yaml_blocks()
+    assert blocks, "README.md shows no YAML example"
+    job_keys = set(load_job("resnet50").raw) | {"container", "checkpoint", "restart", "env", "profiles"}
+    for i, text in enumerate(blocks):
+        data = yaml.safe_load(text)
+        p = tmp_path / f"example{i}.yaml"
+        if "hosts" in data:
+            p.write_text(text)
+            load_inventory(p)
+        else:
+            assert set(data) <= job_keys, f"README example is neither an inventory nor a job: {text}"
+            p.write_text("name: example\nmodule: tests.fixtures.hello\n" + text)
+            load_job(str(p))
+    for job in sorted((REPO / "jobs").glob("*.yaml")):
+        load_job(str(job))
