@@ -178,6 +178,7 @@ _USER = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*\$?$")
 _JUMP = re.compile(r"^([A-Za-z0-9_][A-Za-z0-9_.-]*@)?(?!-)([A-Za-z0-9_.%:-]+|\[[0-9A-Fa-f:.%]+\])(:\d{1,5})?$")
 _IFACE = re.compile(r"^[\^=]?[A-Za-z0-9_.:@-]+(,[A-Za-z0-9_.:@-]+)*$")   # NCCL_SOCKET_IFNAME syntax
 _JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")     # <job name>-<date>-<time>-<hex>
 _MODULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 _SBATCH_KEY = re.compile(r"^[a-z][a-z0-9_-]*$")
 _SLURM_WORD = re.compile(r"^[^\s'\"`$;\\]+$")
@@ -224,6 +225,17 @@ _FORMS = {
     "user": (_USER, "a login name: letters, digits, '.', '-', '_'"),
     "interface": (_IFACE, "a network interface name such as ens1f0 (NCCL_SOCKET_IFNAME syntax: 'eth,ib' or '^docker')"),
 }
+
+
+def check_run_id(text: str, where: str) -> str:
+    """A run id (or a prefix of one, or a job name) as it enters from the command line: it names
+    a directory under runs/ and lands in scripts' comments and SLURM's job name, so it has the form
+    of a job name: letters, digits, '.', '-', '_', at most 128."""
+    if not _RUN_ID.fullmatch(text):
+        raise UserError(f"{show(text)} is not a run id", where=where,
+                        hint="run ids are letters, digits, '.', '-' and '_' (e.g. resnet50-20260101-120000-ab12); "
+                             "see 'python -m cluster status'")
+    return text
 
 
 def _bad(message: str, src: Source, path: tuple, hint: Optional[str] = None) -> UserError:

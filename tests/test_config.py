@@ -350,3 +350,23 @@ def test_readme_examples_load(tmp_path):
             load_job(str(p))
     for job in sorted((REPO / "jobs").glob("*.yaml")):
         load_job(str(job))
+
+
+@pytest.mark.parametrize("argv,where", [
+    (["plan", "resnet50", "--run-id", "x\n#SBATCH --wrap=id"], "--run-id"),
+    (["plan", "resnet50", "--run-id", "../x"], "--run-id"),
+    (["status", "../../etc"], "RUN"),
+    (["logs", "a\x1b[2Jb"], "RUN"),
+    (["stop", "-x"], None),
+    (["submit", "resnet50", "--resume", "a b"], "--resume"),
+])
+def test_run_ids_are_checked_where_they_enter(argv, where, capsys):
+    try:
+        code = main(argv)
+    except SystemExit as e:          # argparse: '-x' is an option, not a run
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    if where:
+        assert err.startswith(f"error: {where}: ") and "is not a run id" in err, err
+        assert "\x1b" not in err and "\n#SBATCH" not in err

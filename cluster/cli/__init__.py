@@ -37,6 +37,10 @@ def main(argv: list[str] | None = None) -> int:
             ap.error("unrecognized arguments: " + " ".join(extra))
         args.overrides = list(args.overrides) + extra
     try:
+        from ..config import check_run_id
+        for attr, where in (("run", "RUN"), ("resume", "--resume"), ("run_id", "--run-id")):
+            if isinstance(getattr(args, attr, None), str) and getattr(args, attr) != "latest":
+                check_run_id(getattr(args, attr), where)
         if getattr(args, "job", "") is None:
             from ..config import JOBS_DIR
             known = sorted(p.stem for p in JOBS_DIR.glob("*.yaml"))
