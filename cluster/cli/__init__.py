@@ -10,8 +10,16 @@ from ..errors import UserError
 VERBS = ("submit", "plan", "status", "logs", "stop", "doctor", "report", "exec", "gpus", "shell", "jupyter")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with what it echoes of the command line escaped (no control characters reach the terminal)."""
+
+    def error(self, message):
+        from ..yamlsrc import escape
+        super().error(escape(message))
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m cluster",
+    ap = _Parser(prog="python -m cluster",
                                  description="Run PyTorch DDP jobs on this machine, SSH hosts or SLURM.")
     sub = ap.add_subparsers(dest="verb", metavar="VERB")
     sub.required = True
