@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from cluster.config import REPO
 from cluster.submit import resolve
+from tests.test_fuzz import slurm_args
 
 pytestmark = [pytest.mark.testbed]
 JOB = str(Path(__file__).parent / "corpus" / "job.yaml")
@@ -51,6 +52,9 @@ def _submit_held(inventory, value: str) -> dict:
     plan = resolve(JOB, [], str(path), None, run_id="sbatch-quoting")[3]
     script = tmp / "job.sh"
     script.write_text(plan.render(), encoding="utf-8")
+    # the fuzz test's model of sbatch's #SBATCH parser reads the line as the real sbatch does below
+    (line,) = [l for l in plan.render().splitlines() if l.startswith("#SBATCH --comment=")]
+    assert slurm_args(line) == [f"--comment={value}"]
     p = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
     job_id = p.stdout.strip().split(";")[0]
