@@ -24,7 +24,7 @@ PYTEST_ARGS ?=
 
 TARGET_OPTS = $(if $(INVENTORY),--inventory $(INVENTORY)) $(if $(BACKEND),--backend $(BACKEND))
 
-.PHONY: setup submit plan status logs stop doctor report exec gpus shell jupyter test test-unit testbed-up testbed-down testbed-deps clean-runs bench-launch
+.PHONY: setup submit plan status logs stop doctor report exec gpus shell jupyter test test-unit fuzz testbed-up testbed-down testbed-deps clean-runs bench-launch
 
 setup: $(VENV)/.installed
 
@@ -78,6 +78,9 @@ test: $(STAMP) testbed-deps
 
 test-unit: $(STAMP)
 	$(PY) -m pytest -m "not testbed and not slow" $(PYTEST_ARGS)
+
+fuzz: $(STAMP)
+	FUZZ_EXAMPLES=$(or $(EXAMPLES),2000) $(PY) -m pytest tests/test_fuzz.py -x -q $(PYTEST_ARGS)
 
 testbed-deps: $(STAMP)
 	@if [ "$$(id -u)" = 0 ]; then $(PY) -m tests.testbed install-deps; \

@@ -210,7 +210,8 @@ def shell(t: Target) -> int:
             raise UserError(f"the run's directory {wd} does not exist", where=t.host.name)
         os.chdir(wd)
         return _exec(argv, env)
-    remote = cd_line(t.workdir) + " && exec " + quote_argv((["env"] + assigns if assigns else []) + argv)
+    remote = cd_line(t.workdir) + " && exec " + quote_argv((["env"] + assigns if assigns else []) + argv,
+                                                            home=[t.host.python])
     return _exec(ssh_client_argv(t.host, t.inventory, tty=sys.stdin.isatty()) + [remote], None)
 
 
@@ -301,7 +302,7 @@ class _Session:
                 self.pool.close()
                 raise UserError(str(e), where=t.host.name) from None
             self.chan = self.conn.transport.open_session(timeout=t.inventory.ssh.connect_timeout_s)
-            self.chan.exec_command(cd_line(t.workdir) + " && exec " + quote_argv(argv))
+            self.chan.exec_command(cd_line(t.workdir) + " && exec " + quote_argv(argv, home=[t.host.python]))
             self.chan.sendall(line)
             self.out, self.err = self.chan.makefile("rb"), self.chan.makefile_stderr("rb")
             self.proc = None

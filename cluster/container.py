@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, NamedTuple, Optional, Sequence
 
 from .errors import UserError
+from .yamlsrc import show
 
 RUNTIMES = ("docker", "podman", "apptainer", "enroot")
 ROOTFS = "rootfs:"                       # podman image "rootfs:/" -> --rootfs /:O
@@ -44,6 +45,9 @@ ULIMITS = (("memlock", "-1:-1"), ("stack", "67108864:67108864"))
 TILDE_SCRIPT = 'exec "$0" run -v "$PWD:$PWD" -w "$PWD" "$@"'
 _ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _URI = re.compile(r"^[a-z][a-z0-9+.-]*://")
+# a registry reference (nvcr.io/nvidia/pytorch:24.05-py3, nvcr.io#nvidia/...), a URI (docker://...),
+# a path (/images/torch.sif, ./x.sif) or rootfs:/DIR; never an option (-...), spaces or shell syntax
+_IMAGE = re.compile(r"^(?!-)[A-Za-z0-9._/~][A-Za-z0-9._/:@+#=~-]*$")
 
 
 @dataclass(frozen=True)
@@ -80,34 +84,37 @@ def check_spec(spec, where: Callable[[tuple], str] = lambda path: "job") -> None
     """Raise UserError for a container section no runtime can take (``where`` maps a key path
     such as ("container", "mounts", 0) to 'file:line', as config's Source.where does)."""
     image = spec.image
-    if not image or re.search(r"[\s\x00-\x1f]", image) or image.startswith("-"):
-        raise UserError(f"'{image}' is not an image name", where=where(("container", "image")),
+    if not _IMAGE.fullmatch(image):
+        raise UserError(f"{show(image)} is not a container image reference", where=where(("container", "image")),
                         key="container.image",
                         hint="e.g. nvcr.io/nvidia/pytorch:24.05-py3, docker://..., /images/torch.sif, rootfs:/")
     if image.startswith(ROOTFS) and not image[len(ROOTFS):].startswith("/"):
-        raise UserError(f"'{image}': rootfs needs an absolute host directory", where=where(("container", "image")),
+        raise UserError(f"{show(image)}: rootfs needs an absolute host directory", where=where(("container", "image")),
                         key="container.image", hint="e.g. rootfs:/ (the host's root as an overlay, podman)")
     if spec.runtime is not None and spec.runtime not in RUNTIMES:
-        raise UserError(f"unknown runtime '{spec.runtime}'", where=where(("container", "runtime")),
+        raise UserError(f"unknown runtime {show(spec.runtime)}", where=where(("container", "runtime")),
                         key="container.runtime", hint="use one of: " + ", ".join(RUNTIMES))
     for i, text in enumerate(spec.mounts):
         parse_mount(text, where(("container", "mounts", i)), f"container.mounts[{i}]")
     for k in spec.env:
         if not _ENV_KEY.fullmatch(k):
-            raise UserError(f"'{k}' is not a valid environment variable name", where=where(("container", "env", k)),
+            raise UserError(f"{show(k)} is not a valid environment variable name", where=where(("container", "env", k)),
                             key=f"container.env.{k}", hint="use letters, digits and '_', not starting with a digit")
     if "CLUSTER_RUN_ID" in spec.env:
         raise UserError("'CLUSTER_RUN_ID' is set by the cluster (stop finds the run's processes by it)",
                         where=where(("container", "env", "CLUSTER_RUN_ID")), key="container.env.CLUSTER_RUN_ID",
                         hint="remove it from the container's env")
-    if spec.shm_gb < 0:
-        raise UserError("must be 0 or more (0: the host's /dev/shm through --ipc host)",
+    if not 0 <= spec.shm_gb <= 4096:
+        raise UserError(f"must be 0 or more, at most 4096 (0: the host's /dev/shm through --ipc host); got {spec.shm_gb}",
                         where=where(("container", "shm_gb")), key="container.shm_gb")
 
 
 def parse_mount(text: str, where: str = "job", key: str = "container.mounts") -> Mount:
     """``SRC:DST[:ro|rw]`` or ``PATH`` (same path inside), both absolute. ':' and ',' cannot be in a
     path: every runtime splits on ':', and apptainer and pyxis join mounts with ','."""
+    if not text.isprintable():
+        raise UserError(f"mount {show(text)} contains a control or invisible character", where=where, key=key,
+                        hint="write it on one line, without control characters")
     parts = text.split(":")
     mode = ""
     if len(parts) > 1 and parts[-1] in ("ro", "rw"):
@@ -117,7 +124,7 @@ def parse_mount(text: str, where: str = "job", key: str = "container.mounts") ->
     bad = (len(parts) != 2 or "," in text or "\0" in text or
            not all(p.startswith("/") for p in parts))
     if bad:
-        raise UserError(f"mount '{text}' is not SRC:DST[:ro|rw] with absolute paths", where=where, key=key,
+        raise UserError(f"mount {show(text)} is not SRC:DST[:ro|rw] or PATH, with absolute paths", where=where, key=key,
                         hint="e.g. /data/imagenet:/data:ro; paths cannot contain ':' or ','")
     return Mount(parts[0], parts[1], mode)
 

@@ -19,11 +19,16 @@ def select(inv: Inventory, pattern: Optional[str]) -> list[str]:
         wanted = hostlist.expand(pattern)
     except ValueError as e:
         raise UserError(f"bad host range: {e}", where="--hosts", hint="e.g. --hosts node[1-2]") from None
-    unknown = [w for w in wanted if w not in names]
+    known = set(names)
+    unknown = [w for w in wanted if w not in known]
     if unknown:
-        raise UserError(f"not in the inventory: {', '.join(unknown)}", where="--hosts",
-                        hint="inventory hosts: " + hostlist.fold(names))
+        raise UserError(f"{len(unknown)} host(s) not in the inventory: {_short(hostlist.fold(unknown))}",
+                        where="--hosts", hint="inventory hosts: " + _short(hostlist.fold(names)))
     return wanted
+
+
+def _short(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def run_argv(inv: Inventory, names: list[str], argv: list[str], timeout_s: Optional[float] = None) -> GroupResult:

@@ -442,7 +442,7 @@ _HELPERS = {"_probe": (_gpu_count, _run_processes, stale_files),
 
 def host_command(python: str, func, site: bool = True) -> str:
     """``python -c <func's source>``: the function reads its argument as JSON on stdin, prints JSON."""
-    return quote_argv([python] + ([] if site else ["-S"]) + ["-c", _host_source(func.__name__)])
+    return quote_argv([python] + ([] if site else ["-S"]) + ["-c", _host_source(func.__name__)], home=[python])
 
 
 @functools.lru_cache(maxsize=None)

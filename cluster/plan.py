@@ -11,6 +11,7 @@ from typing import Any, Mapping, Optional
 
 from .config import Host, Inventory, Job
 from .errors import UserError
+from .remote import quote_argv, shell_word
 
 RUNS = "runs"
 
@@ -37,14 +38,15 @@ class NodeLaunch:
     def shell(self) -> str:
         """The one shell line that starts this node detached; every value quoted once."""
         env = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(self.env.items()))
-        cmd = " ".join(shlex.quote(a) for a in self.argv)
+        cmd = quote_argv(self.argv, home=self.argv[:1])     # python: ~/venv/bin/python is the host's home
         return (f"{cd_line(self.workdir)} && mkdir -p {shlex.quote(self.state_dir)} && "
                 f"env {env} setsid {cmd} </dev/null >{shlex.quote(self.agent_log_path)} 2>&1 &")
 
 
 def cd_line(wd: str) -> str:
-    """``cd WORKDIR`` for a remote shell: quoted once, a leading ``~/`` left for the shell to expand."""
-    return "cd " + (wd if wd == "~" else ("~/" + shlex.quote(wd[2:]) if wd.startswith("~/") else shlex.quote(wd)))
+    """``cd WORKDIR`` for a remote shell: quoted once, a leading ``~/`` left for the shell to
+    expand; ``--`` before a directory that cd would read as an option (config refuses those)."""
+    return "cd " + ("-- " if wd.startswith("-") else "") + shell_word(wd, home=True)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 from . import backends, hostlist
-from .config import inventory_from_plain, load_inventory, load_job
+from .config import check_profile_overrides, check_run_id, inventory_from_plain, load_inventory, load_job
 from .errors import UserError
 from .runs import Run, State, git_commit, new_run_id
 from .schema import to_plain
@@ -34,7 +34,8 @@ def resolve(job_name: str, overrides: list[str], inventory: Optional[str], backe
     if all(g == 0 for g in gpus.values()) and "cpu" in loaded.job.profiles:
         loaded = load_job(job_name, overrides, profile="cpu")
         notes += [f"no GPU on {hostlist.fold([h.name for h in hosts])}: {n}" for n in loaded.notes]
-    run_id = run_id or new_run_id(loaded.job.name)
+    check_profile_overrides(overrides, loaded.profile)
+    run_id = check_run_id(run_id, "--run-id") if run_id else new_run_id(loaded.job.name)
     plan = be.make_plan(loaded.job, run_id, gpus, notes=tuple(notes), local_runs=_local_runs())
     return inv, be, loaded, plan
 

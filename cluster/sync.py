@@ -141,11 +141,8 @@ def remote_path(workdir: str, *parts: str) -> str:
 
 def shell_path(path: str) -> str:
     """A path for a POSIX shell on the host, ~ expanded there and everything else quoted."""
-    if path == "~":
-        return "~"
-    if path.startswith("~/"):
-        return "~/" + shlex.quote(path[2:])
-    return shlex.quote(path)
+    from .remote import shell_word
+    return shell_word(path, home=True)
 
 
 def rsync(host: Host, ssh: SSHSettings, src: str, dst: str, *, push: bool, extra: Sequence[str] = (),

@@ -8,6 +8,8 @@ import yaml
 
 from .errors import UserError
 
+MAX_BYTES = 1024 * 1024         # a config file; anything larger is a mistake (or /dev/zero)
+
 
 @dataclass
 class Source:
@@ -30,10 +32,17 @@ def load(path: Path | str, text: str | None = None) -> Source:
     name = str(path)
     if text is None:
         try:
-            text = Path(path).read_text(encoding="utf-8")
+            with open(path, "rb") as f:
+                data = f.read(MAX_BYTES + 1)     # never more: /dev/zero or a huge file is refused at once
+            if len(data) > MAX_BYTES:
+                raise UserError(f"larger than {MAX_BYTES // 2**20} MiB", where=name,
+                                hint="an inventory or job file is a few kilobytes; is this the right file?")
+            text = data.decode("utf-8")
         except FileNotFoundError:
             raise UserError("file not found", where=name,
                             hint="check the path (INVENTORY=... / JOB=...)") from None
+        except IsADirectoryError:
+            raise UserError("is a directory, not a file", where=name) from None
         except UnicodeDecodeError as e:
             raise UserError(f"not UTF-8 text ({e.reason})", where=name) from None
         except OSError as e:
@@ -108,11 +117,23 @@ def show(value, limit: int = 80) -> str:
 
 
 def parse_scalar(text: str):
-    """Parse a command-line override value the way YAML would (``8`` -> 8, ``true`` -> True)."""
+    """Parse a command-line override value the way YAML reads a scalar (``8`` -> 8, ``true`` ->
+    True, ``'8'`` -> '8', ``[a, b]`` -> a list). Any other text is taken as it is: YAML would drop a
+    ``#comment``, fold a newline into a space or make ``a: b`` a mapping, and an override's value
+    must arrive as the user wrote it."""
+    if not text.isprintable():
+        return text
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
-    if value is None and text.strip() not in ("null", "~", ""):
-        return text
-    return value
+    if value is None:
+        return None if text.strip() in ("null", "~", "") else text
+    if isinstance(value, (bool, int, float)):
+        return value
+    stripped = text.strip()
+    if isinstance(value, str) and len(stripped) >= 2 and stripped[0] == stripped[-1] and stripped[0] in "'\"":
+        return value                 # quoted on purpose: '8' is the string 8
+    if isinstance(value, (list, dict)) and stripped[:1] in "[{":
+        return value
+    return text

@@ -61,6 +61,21 @@ def test_unreachable_host_is_a_result_not_an_exception():
     assert not res["dead"].ok and "cannot connect" in res["dead"].error and "refused" in res["dead"].error
 
 
+def test_a_connection_that_cannot_be_built_is_that_hosts_result(tmp_path):
+    """Fabric raises while building a connection for some values (here a port in the host name
+    next to a port); that is the host's error, beside the other hosts' results, never a traceback."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    pool = Pool([host("bad", hostname="127.0.0.1:2222", port=22), host("dead", hostname="127.0.0.1", port=port)],
+                SSHSettings(connect_timeout_s=2, config_file=None))
+    pool.warm(["bad"])            # the background warm-up must not raise in its thread either
+    res = pool.run("true")
+    assert set(res) == {"bad", "dead"} and not res.succeeded
+    assert res["bad"].error.startswith("cannot connect to 127.0.0.1:2222:22: ValueError"), res["bad"].error
+    assert "refused" in res["dead"].error
+
+
 # ---------------------------------------------------------------- one shell hop
 @pytest.mark.parametrize("word", HOSTILE)
 def test_quote_argv_survives_a_real_shell(word, tmp_path):

@@ -151,6 +151,29 @@ def _check_ranges(c: TrainConfig) -> None:
         raise ConfigError("label_smoothing", f"must be in [0, 1), got {c.label_smoothing}")
     if not c.model or c.model.count(":") > 1:
         raise ConfigError("model", f"expected a torchvision model name or package.module:factory, got {c.model!r}")
+    _check_limits(c)
+
+
+# Upper bounds: past them a value is a typo (steps=1e26), and some would overflow C code or
+# allocate without end. Floats must be finite (lr=.inf, nan).
+LIMITS = {"steps": 10**12, "epochs": 10**6, "batch_size": 2**20, "grad_accum": 2**20, "image_size": 16384,
+          "num_classes": 10**8, "synthetic_size": 10**12, "warmup_steps": 10**12, "seed": 2**63 - 1,
+          "bucket_cap_mb": 2**20, "workers": 1024, "prefetch_factor": 1024, "threads": 4096,
+          "log_every": 10**12, "val_every": 10**12, "ckpt_every": 10**12, "keep_ckpts": 10**6,
+          "init_timeout_s": 7 * 24 * 3600}
+
+
+def _check_limits(c: TrainConfig) -> None:
+    import math
+    for key, high in LIMITS.items():
+        if getattr(c, key) > high:
+            raise ConfigError(key, f"must be at most {high}, got {getattr(c, key)}")
+    for key in ("lr", "momentum", "weight_decay", "label_smoothing"):
+        if not math.isfinite(getattr(c, key)):
+            raise ConfigError(key, f"must be a finite number, got {getattr(c, key)}")
+    for key in ("model", "data", "ckpt_dir", "out_dir"):
+        if not getattr(c, key).isprintable():
+            raise ConfigError(key, f"contains a control or invisible character: {getattr(c, key)!r}")
 
 
 def validate(mapping: Mapping[str, Any]) -> TrainConfig:

@@ -107,7 +107,9 @@ class LocalBackend(Backend):
         env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         with open(wd / node.agent_log_path, "ab") as out:
             # setsid: the run survives this terminal; it is its own process group for stop
-            proc = subprocess.Popen(list(node.argv), cwd=wd, env=env, stdin=subprocess.DEVNULL,
+            # python: ~/venv/bin/python means this user's home here, as a remote host's shell reads it
+            argv = [os.path.expanduser(a) if a == node.argv[0] else a for a in node.argv]
+            proc = subprocess.Popen(argv, cwd=wd, env=env, stdin=subprocess.DEVNULL,
                                     stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         progress(f"[{node.host}] started agent pid {proc.pid}")
         return {"pgids": {node.host: proc.pid}}

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from .. import hostlist
-from ..config import REPO, Job
+from ..config import REPO, SBATCH_MANAGED, SBATCH_OPTIONS, Job
 from ..errors import UserError
 from ..plan import RUNS, NodeLaunch, Plan, _payload, procs_for
 from ..runs import Run, State
@@ -52,30 +52,8 @@ STATES = {
 }
 LIVE = {k for k, v in STATES.items() if not v.is_terminal()}
 
-# sbatch options the backend sets itself, and where the user sets them instead
-MANAGED = {
-    "partition": "slurm.partition", "account": "slurm.account", "qos": "slurm.qos",
-    "constraint": "slurm.constraint", "time": "slurm.time_min (or the job's time_limit_min)",
-    "cpus_per_task": "slurm.cpus_per_task", "mem": "slurm.mem_gb",
-    "gpus_per_node": "slurm.gpus_per_node (or the job's gpus_per_node)", "gpus": "slurm.gpus_per_node",
-    "gpus_per_task": "slurm.gpus_per_node", "ntasks_per_gpu": "slurm.gpus_per_node",
-    "nodes": "the job's nodes (or slurm.nodes)", "ntasks": "the job's nodes and gpus_per_node",
-    "ntasks_per_node": "the job's gpus_per_node", "signal": "slurm.signal_delay_s",
-    "requeue": "the job's restart.requeue", "no_requeue": "the job's restart.requeue",
-    "job_name": "the run id (set by the backend)", "output": "the backend (runs/<id>/slurm/)",
-    "error": "the backend (runs/<id>/slurm/)", "open_mode": "the backend (append)",
-    "chdir": "the backend (the repository)", "array": "nothing (one run is one job)",
-    "wrap": "nothing (the backend writes the script)", "wait": "nothing (submit returns at once)",
-}
-# further sbatch long options accepted in slurm.sbatch (written with '_' or '-')
-EXTRA = sorted("""
-acctg_freq begin bb bbf cluster_constraint clusters comment contiguous core_spec cores_per_socket
-cpu_freq cpus_per_gpu deadline delay_boot dependency distribution exclude exclusive export
-extra_node_info get_user_env gpu_bind gpu_freq gpus_per_socket gres gres_flags hint hold licenses
-mail_type mail_user mcs_label mem_bind mem_per_cpu mem_per_gpu mincpus network nice no_kill
-nodefile nodelist ntasks_per_core ntasks_per_socket overcommit oversubscribe power priority
-profile propagate reboot reservation sockets_per_node spread_job switches thread_spec
-threads_per_core time_min tmp use_min_nodes wait_all_nodes wckey""".split())
+# sbatch options: which the backend sets itself, which slurm.sbatch may add (cluster/config.py)
+MANAGED, EXTRA = SBATCH_MANAGED, SBATCH_OPTIONS
 PORT_BASE, PORT_SPAN = 20000, 10000
 # a --requeue job that ended in one of these is requeued by SLURM (node failure, preemption with
 # PreemptMode=REQUEUE); only if it is still in it this long after its end is the run over
@@ -170,9 +148,10 @@ class SlurmBackend(Backend):
                  f"export MASTER_PORT={port_text}",
                  f'echo "{START_MARK} $SLURM_JOB_ID restart ${{SLURM_RESTART_COUNT:-0}} on $SLURM_JOB_NODELIST, '
                  'rendezvous $MASTER_ADDR:$MASTER_PORT"']
-        extra = _extra_sbatch(s.sbatch, where)
+        extra = _extra_sbatch(s.sbatch)
         extra.update({"chdir": workdir, "output": f"{folder}/%j_batch.log", "error": f"{folder}/%j_batch.log",
                       ("requeue" if job.restart.requeue else "no-requeue"): True})
+        extra = {k: sbatch_value(v) for k, v in extra.items()}
         sbatch = {"job_name": run_id, "partition": s.partition, "account": s.account, "qos": s.qos,
                   "constraint": s.constraint, "time": time_min, "nodes": len(hosts), "ntasks_per_node": ntasks,
                   "gpus_per_node": ntasks if cap else None, "cpus_per_task": s.cpus_per_task,
@@ -250,7 +229,7 @@ class SlurmBackend(Backend):
             if time.time() - ended < REQUEUE_GRACE_S:
                 return [NodeStatus(f"job {jid}", State.PENDING, detail=detail + ", awaiting requeue")]
         nodelist = info.get("NodeList", "")
-        hosts = hostlist.expand(nodelist) if nodelist and nodelist not in ("(null)", "None assigned") else []
+        hosts = hostlist.expand(nodelist, limit=None) if nodelist and nodelist not in ("(null)", "None assigned") else []
         if state == State.PENDING or not hosts:
             return [NodeStatus(f"job {jid}", state, detail=detail)]
         if state == State.RUNNING:
@@ -416,22 +395,19 @@ def _comment(text: str) -> str:
     return "# " + text.replace("\r", "\\r").replace("\n", "\\n")
 
 
-def _extra_sbatch(opts: Mapping, where: str) -> dict:
-    """slurm.sbatch: known sbatch long options only; the ones the backend sets are named with their key."""
-    out = {}
-    for key, value in opts.items():
-        k = key.replace("-", "_")
-        if k in MANAGED:
-            raise UserError(f"'{key}' is set by the backend", where=where, key=f"slurm.sbatch.{key}",
-                            hint=f"set it through {MANAGED[k]}")
-        if k not in EXTRA:
-            raise UserError(f"unknown sbatch option '{key}'", where=where, key=f"slurm.sbatch.{key}",
-                            hint="valid options are: " + ", ".join(EXTRA))
-        if isinstance(value, str) and (not value or re.search(r"[\x00-\x1f]", value)):
-            raise UserError("must be a non-empty value on one line", where=where, key=f"slurm.sbatch.{key}")
-        if value is not False:
-            out[k] = value
-    return out
+def _extra_sbatch(opts: Mapping) -> dict:
+    """slurm.sbatch, validated by config (_check_sbatch_option): ``false`` leaves an option out."""
+    return {key.replace("-", "_"): value for key, value in opts.items() if value is not False}
+
+
+def sbatch_value(value):
+    """A value for submitit's ``#SBATCH --key=VALUE`` line, so that sbatch reads back ``value``.
+
+    submitit quotes each value with shlex.quote ('...' with '"'"' for a quote), which sbatch's
+    #SBATCH parser reads as a shell would, except that a backslash escapes the next character
+    even inside quotes: doubled here, each reads back as one. Newlines cannot be written at all
+    (config refuses every control character)."""
+    return value.replace("\\", "\\\\") if isinstance(value, str) else value
 
 
 def _in_container(job: Job, host, workdir: str, run_dir: Path, argv: list[str], env: dict, gpus: int):

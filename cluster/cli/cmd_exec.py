@@ -6,6 +6,7 @@ from ..config import load_inventory
 from ..errors import UserError
 from ..fanout import run_argv, select
 from ..remote import render_folded
+from . import seconds
 
 HELP = "run a command on every inventory host in parallel; identical output folded (clush -b)"
 
@@ -14,7 +15,7 @@ def add_arguments(p):
     p.add_argument("-i", "--inventory", help="inventory file (default: inventory.yaml)")
     p.add_argument("--hosts", metavar="RANGE", help="only these hosts, e.g. gpu[01-03]")
     p.add_argument("--no-fold", action="store_true", help="print '[host] line' as it came, host by host")
-    p.add_argument("--timeout-s", type=float, help="seconds per host (default: the inventory's command_timeout_s)")
+    p.add_argument("--timeout-s", type=seconds, help="seconds per host (default: the inventory's command_timeout_s)")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND ARG ... (passed as argv)")
 
 

@@ -2,13 +2,14 @@ import sys
 
 from ..runs import resolve
 from ..submit import backend_for
+from . import seconds
 
 HELP = "stop a run: TERM its process groups, wait, KILL, then verify nothing of it is left"
 
 
 def add_arguments(p):
     p.add_argument("run", nargs="?", help="run id, unique prefix or job name (default: the latest run)")
-    p.add_argument("--grace-s", type=float, default=10.0, help="seconds between TERM and KILL (default 10)")
+    p.add_argument("--grace-s", type=lambda t: seconds(t, zero_ok=True), default=10.0, help="seconds between TERM and KILL (default 10)")
 
 
 def run(args):
