@@ -47,7 +47,7 @@ from ..plan import Plan, default_port, make_plan
 from ..remote import GroupError, Pool, Staged, fold, hint_for, quote_argv
 from ..hostside import _gpu_count, _probe_then_launch, _status, _stop, host_command
 from ..runs import Run, State
-from ..sync import manifest, project_files, pull_logs, push_checkpoint, push_code, remote_path, shell_path
+from ..sync import manifest, project_files, pull_logs, push_code, push_run_files, remote_path, shell_path
 from .base import Backend, LogSource, LogTails, NodeStatus, failed_by_itself, progress
 
 MIN_FREE_GB = float(os.environ.get("CLUSTER_MIN_FREE_GB", "1"))
@@ -268,12 +268,17 @@ class SSHBackend(Backend):
             else:
                 progress(f"sync: code up to date on {hostlist.fold([h.name for h in hosts])}")
             run.event("code-synced", hosts=[h.name for h in todo])
-        if run.data.get("resume_from"):
-            r = push_checkpoint(hosts[0], self.inv.ssh, run.id, run.dir / "checkpoints")
-            if not r.ok:
-                raise UserError(f"cannot copy the checkpoint to {hosts[0].name}: {r.error}",
-                                hint="check node 0's workdir (disk, permissions)")
-            progress(f"resume: checkpoint copied to {hosts[0].name} ({r.describe().split(': ', 1)[1]})")
+        if run.data.get("resume_files"):
+            # node 0 (rank 0 loads and broadcasts), or every node where each rank loads it itself
+            every = ((run.data["job"].get("resolved") or {}).get("checkpoint") or {}).get("every_node")
+            to = hosts if every else hosts[:1]
+            results = push_run_files(to, self.inv.ssh, run.id, run.dir, run.data["resume_files"])
+            bad = [r for r in results if not r.ok]
+            if bad:
+                raise UserError("cannot copy the checkpoint to " + ", ".join(r.describe() for r in bad),
+                                hint="check the workdir of those hosts (disk, permissions)")
+            progress(f"resume: checkpoint ({', '.join(run.data['resume_files'])}) copied to "
+                     f"{hostlist.fold([h.name for h in to])}")
 
     # ---- launch
     def launch(self, plan: Plan, run: Run) -> dict:
