@@ -90,6 +90,32 @@ def _group_alive(pgid) -> bool:
     return False
 
 
+def _activity(log_path: str, pids, pgid) -> dict:
+    """What a run does on this node without heartbeats: when its log last grew (every line a rank
+    prints lands there) and the CPU seconds its own processes have used. The agent (``pgid``),
+    torchrun and a fork server only poll: they are left out."""
+    import os
+    try:
+        output_t = os.stat(log_path).st_mtime
+    except OSError:
+        output_t = None
+    ticks, tck = 0, os.sysconf("SC_CLK_TCK")
+    for pid in pids:
+        if pid == pgid:
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read()
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if b"torch.distributed.run" in cmd or b"cluster.agent" in cmd or b"forkserver" in cmd:
+            continue
+        ticks += int(fields[11]) + int(fields[12])      # utime + stime
+    return {"output_t": output_t, "cpu_s": round(ticks / tck, 2)}
+
+
 def _probe(a: dict) -> dict:
     import json
     import os
@@ -291,8 +317,13 @@ def _status(a: dict) -> dict:
             hb = load(os.path.join(mdir, n))
             if hb:
                 beats[str(hb.get("rank", n[14:-5]))] = hb
-    return {"pid": pid, "exit": load(os.path.join(base, "state", a["host"] + ".exit")), "alive": alive,
-            "heartbeats": beats}
+    out = {"pid": pid, "exit": load(os.path.join(base, "state", a["host"] + ".exit")), "alive": alive,
+           "heartbeats": beats}
+    if alive and a.get("run_id"):
+        wd = os.path.realpath(os.path.expanduser(a["workdir"]))
+        pids = _run_processes(wd, a["run_id"]).get(a["run_id"], [])
+        out["activity"] = _activity(os.path.join(base, "logs", a["host"] + ".log"), pids, pgid)
+    return out
 
 
 def _stop(a: dict) -> dict:
@@ -437,7 +468,7 @@ def _serve(a: dict) -> dict:
 
 _HELPERS = {"_probe": (_gpu_count, _run_processes, stale_files),
             "_probe_then_launch": (_gpu_count, _run_processes, stale_files, _probe, _park),
-            "_stop": (_run_processes, _group_alive), "_status": (_group_alive,), "_gpu_count": (), "_serve": (_group_alive,)}
+            "_stop": (_run_processes, _group_alive), "_status": (_group_alive, _run_processes, _activity), "_gpu_count": (), "_serve": (_group_alive,)}
 
 
 def host_command(python: str, func, site: bool = True) -> str:

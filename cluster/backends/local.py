@@ -131,7 +131,9 @@ class LocalBackend(Backend):
                 out.append(NodeStatus(host, st, pgid, code, exit_info.get("time"), hb))
             elif group_alive(pgid):
                 st = State.RUNNING if (self._state_dir(run) / f"{host}.pid").exists() else State.STARTING
-                out.append(NodeStatus(host, st, pgid, heartbeats=hb))
+                from ..hostside import _activity
+                out.append(NodeStatus(host, st, pgid, heartbeats=hb, activity=_activity(
+                    str(run.dir / "logs" / f"{host}.log"), pids_of_run(run.id), pgid)))
             else:
                 out.append(NodeStatus(host, State.FAILED, pgid, detail="agent gone without an exit record",
                                       heartbeats=hb))

@@ -110,6 +110,18 @@ def _params(sbatch: Mapping) -> dict:
             for k, v in sbatch.items()}
 
 
+def _output_activity(folder: Path, jid: str, tasks) -> Optional[dict]:
+    """When a node's tasks last printed (their log files on the shared filesystem): what judges
+    ranks that write no heartbeat (cluster/diagnose.py)."""
+    times = []
+    for t in tasks:
+        try:
+            times.append((folder / f"{jid}_{t}_log.out").stat().st_mtime)
+        except OSError:
+            pass
+    return {"output_t": max(times), "cpu_s": None} if times else None
+
+
 class SlurmBackend(Backend):
     name = "slurm"
 
@@ -269,9 +281,13 @@ class SlurmBackend(Backend):
         if state == State.FAILED and code.isdigit():
             exit_code = int(code) or (128 + int(sig) if sig.isdigit() and int(sig) else None)
         short = lambda name: str(name).split(".")[0]      # gpu01.cluster.local is node gpu01
+        folder = Path((run.data.get("handle") or {}).get("folder") or run.dir / "slurm")
+        nproc = ((run.data.get("plan") or {}).get("nodes") or [{}])[0].get("nprocs") or 1
         return [NodeStatus(h, state, exit_code=exit_code, detail=detail,
-                           heartbeats={r: b for r, b in beats.items() if short(b.get("host")) == short(h)})
-                for h in hosts]
+                           heartbeats={r: b for r, b in beats.items() if short(b.get("host")) == short(h)},
+                           activity=_output_activity(folder, jid, range(i * nproc, (i + 1) * nproc))
+                           if state == State.RUNNING else None)
+                for i, h in enumerate(hosts)]
 
     def first_failure(self, run: Run, nodes: list[NodeStatus]) -> dict:
         """srun names the first task that failed; its own log tail tells why."""

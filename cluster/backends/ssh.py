@@ -334,7 +334,7 @@ class SSHBackend(Backend):
         hosts = self._hosts(run)
         pgids = run.data.get("handle", {}).get("pgids", {})
         stdin = {h.name: json.dumps({"workdir": h.workdir, "run_dir": self._run_dir(run), "host": h.name,
-                                     "pgid": pgids.get(h.name)}).encode() for h in hosts}
+                                     "pgid": pgids.get(h.name), "run_id": run.id}).encode() for h in hosts}
         res = self.pool.run({h.name: host_command(h.python, _status, site=False) for h in hosts}, stdin=stdin,
                             timeout_s=min(30.0, self.inv.ssh.command_timeout_s), label="status probe (python -c ...)")
         out, aborts = [], {}
@@ -360,7 +360,8 @@ class SSHBackend(Backend):
                     st, detail = State.FAILED, ex.get("error", "")
                 out.append(NodeStatus(h.name, st, pgid, code, ex.get("time"), hb, detail))
             elif info["alive"]:
-                out.append(NodeStatus(h.name, State.RUNNING if info["pid"] else State.STARTING, pgid, heartbeats=hb))
+                out.append(NodeStatus(h.name, State.RUNNING if info["pid"] else State.STARTING, pgid, heartbeats=hb,
+                                      activity=info.get("activity")))
             else:
                 out.append(NodeStatus(h.name, State.FAILED, pgid, detail="agent gone without an exit record",
                                       heartbeats=hb))
