@@ -116,6 +116,19 @@ def _activity(log_path: str, pids, pgid) -> dict:
     return {"output_t": output_t, "cpu_s": round(ticks / tck, 2)}
 
 
+def _job_python(argv0: str) -> dict:
+    """The interpreter a ``command:`` job names itself (not the inventory's): its version, and
+    whether it has torch, as the job will find it (same PATH, no import of torch)."""
+    import subprocess
+    code = "import sys, importlib.util as u; print(sys.version.split()[0], u.find_spec('torch') is not None)"
+    try:
+        out = subprocess.run([argv0, "-c", code], capture_output=True, text=True, timeout=60)
+        version, torch = out.stdout.split()
+        return {"argv0": argv0, "python": version, "torch": torch == "True"}
+    except (OSError, ValueError, subprocess.SubprocessError) as e:
+        return {"argv0": argv0, "error": getattr(e, "strerror", None) or str(e) or type(e).__name__}
+
+
 def _probe(a: dict) -> dict:
     import json
     import os
@@ -148,6 +161,8 @@ def _probe(a: dict) -> dict:
     except (ImportError, OSError, ValueError, IndexError):
         pass
     r["gpus"] = _gpu_count(a)
+    if a.get("job_python"):
+        r["job_python"] = _job_python(a["job_python"])
     wd = os.path.expanduser(a["workdir"])
     p = wd
     while not os.path.exists(p):
@@ -466,8 +481,8 @@ def _serve(a: dict) -> dict:
             return stop("the run ended")
 
 
-_HELPERS = {"_probe": (_gpu_count, _run_processes, stale_files),
-            "_probe_then_launch": (_gpu_count, _run_processes, stale_files, _probe, _park),
+_HELPERS = {"_probe": (_gpu_count, _run_processes, stale_files, _job_python),
+            "_probe_then_launch": (_gpu_count, _run_processes, stale_files, _job_python, _probe, _park),
             "_stop": (_run_processes, _group_alive), "_status": (_group_alive, _run_processes, _activity), "_gpu_count": (), "_serve": (_group_alive,)}
 
 

@@ -4,6 +4,7 @@ No I/O here. Every backend consumes the same plan; ``--dry-run`` prints it byte-
 """
 from __future__ import annotations
 
+import re
 import shlex
 import zlib
 from dataclasses import dataclass, field
@@ -35,6 +36,16 @@ class NodeLaunch:
 
     def payload(self) -> tuple[str, ...]:
         return self.argv[self.argv.index("--") + 1:]
+
+    def job_python(self, host_python: str) -> Optional[str]:
+        """The interpreter a ``command:`` job names itself, where it is not ``host_python`` (which
+        the preflight checks anyway) and not inside a container: what the preflight must check too."""
+        payload = self.payload()
+        if self.container is not None or "--no-python" not in payload:
+            return None
+        prog = payload[payload.index("--no-python") + 1]
+        name = prog.rsplit("/", 1)[-1]
+        return prog if prog != host_python and re.fullmatch(r"python[\d.]*", name) else None
 
     def shell(self) -> str:
         """The one shell line that starts this node detached; every value quoted once."""
@@ -182,7 +193,8 @@ def _payload(job: Job, python: str = "python3") -> list[str]:
         return ["-m", job.module] + list(job.args)
     command = [python if a == PYTHON else a for a in job.command]
     for i, a in enumerate(command[1:], 1):
-        if command[0] == python and a.endswith(".py") and not a.startswith(("/", "~", CODE)):
+        interpreter = command[0] == python or re.fullmatch(r"python[\d.]*", command[0].rsplit("/", 1)[-1])
+        if interpreter and a.endswith(".py") and not a.startswith(("/", "~", CODE)):
             raise UserError(f"the script {a!r} is a relative path, and a run starts in its own run directory",
                             where="job", key=f"command[{i}]",
                             hint=f"write '{CODE}/{a}' (the code's directory on the host), or use 'module:'")

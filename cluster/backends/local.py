@@ -98,6 +98,15 @@ class LocalBackend(Backend):
                                 key="rdzv_port", hint="pass rdzv_port=<free port> or stop the other run") from None
         from ..container import preflight_local   # containers: runtime there, image present (or pulled)
         preflight_local(plan.nodes)
+        node, host = plan.nodes[0], self.inv.hosts[0]
+        if node.job_python(host.python):       # a command: naming its own interpreter: check that one
+            from ..hostside import _job_python
+            jp = _job_python(node.job_python(host.python))
+            if not jp.get("torch"):
+                raise UserError(f"the job's command runs {jp['argv0']!r}, which " +
+                                (f"cannot run ({jp['error']})" if "error" in jp else "has no torch") +
+                                " on this machine", where="job", key="command[0]",
+                                hint=f"write \"{{python}}\" in 'command:' for the inventory's python ({host.python})")
 
     def launch(self, plan: Plan, run: Run) -> dict:
         node = plan.nodes[0]

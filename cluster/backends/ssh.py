@@ -201,6 +201,8 @@ class SSHBackend(Backend):
                  "role": "server" if i == 0 else "client", "peers": len(hosts) - 1, "wait_s": wait_s}
             if self.inv.ssh.warm_start:
                 a["park"] = {"argv": list(node.argv), "env": dict(node.env)}
+            if node.job_python(h.python):
+                a["job_python"] = node.job_python(h.python)
             stdin[h.name] = json.dumps(a).encode() + b"\n"
             cmds[h.name] = host_command(h.python, _probe_then_launch)
         t0 = time.monotonic()
@@ -526,6 +528,17 @@ def preflight_report(plan: Plan, hosts: list[Host], res, ports: list[int]) -> tu
                             hostlist.fold([n for n, v in values.items() if v == "none"]))
         elif not same:
             problems.append(f"{label} versions differ: {folded(values)}")
+    jp = {n: d["job_python"] for n, d in info.items() if d.get("job_python")}
+    if jp:      # a command: that names its own interpreter: the one the job really runs
+        line(all(v.get("torch") for v in jp.values()), "job python", folded({
+            n: f"{v['argv0']}: " + (f"python {v['python']}, torch {'found' if v['torch'] else 'missing'}"
+                                   if "python" in v else v["error"]) for n, v in jp.items()}))
+        bad = sorted(n for n, v in jp.items() if not v.get("torch"))
+        if bad:
+            argv0 = jp[bad[0]]["argv0"]
+            problems.append(f"the job's command runs {argv0!r}, which has no torch (or does not run) on "
+                            f"{hostlist.fold(bad)}; write \"{{python}}\" in 'command:' for the inventory's "
+                            f"python ({hosts[0].python})")
     gpus_ok = True
     gvals = {}
     for h in hosts:
