@@ -419,7 +419,8 @@ def _serve(a: dict) -> dict:
     os.makedirs(os.path.dirname(log), exist_ok=True)
     try:
         with open(log, "ab") as logf:
-            p = subprocess.Popen(argv, cwd=wd, env=env, stdin=subprocess.DEVNULL, stdout=logf,
+            p = subprocess.Popen(argv, cwd=os.path.expanduser(a.get("cwd") or a["workdir"]), env=env,
+                                 stdin=subprocess.DEVNULL, stdout=logf,
                                  stderr=subprocess.STDOUT, start_new_session=True)
     except OSError as e:
         return {"error": f"cannot start {argv[0]}: {e.strerror}"}

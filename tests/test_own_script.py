@@ -131,6 +131,12 @@ def test_local_module_job_runs_in_its_run_directory_then_resumes(tmp_path):
     assert logs.count(f"starts at epoch 0 in {runs / rid}") == 2
     assert (runs / rid / "snapshot.pt").is_file()
     assert not (REPO / "snapshot.pt").exists() or (REPO / "snapshot.pt").stat().st_mtime < t0
+    # a shell (make shell RUN=...) and exec --run start in the run's directory
+    p = cli(runs, "exec", "--run", rid, "--", "sh", "-c", "pwd; ls snapshot.pt")
+    assert p.returncode == 0 and f"{runs / rid}\nsnapshot.pt" in p.stdout, p.stdout + p.stderr
+    p = subprocess.run([sys.executable, "-m", "cluster", "shell", rid], input="pwd; exit\n", text=True,
+                       capture_output=True, timeout=60, cwd=REPO, env={**os.environ, "CLUSTER_RUNS_DIR": str(runs)})
+    assert f"\n{runs / rid}\n" in "\n" + p.stdout, p.stdout + p.stderr
     rid2 = submit(runs, "ddp-script", "args=[--epochs, '3']", "cpu_procs_per_node=2", "--resume", rid)
     st = wait_state(runs, rid2, ("SUCCEEDED", "FAILED"), timeout=180)
     logs = cli(runs, "logs", rid2).stdout

@@ -69,6 +69,12 @@ def test_script_via_command_runs_in_its_run_directory_and_resumes_every_rank(bed
         time.sleep(1)
     assert cs["state"] == "synced" and cs["latest"] == "snapshot.pt", cs
     assert (bed.runs / rid / "checkpoints" / "snapshot.pt").is_file()
+    # exec --run (make exec RUN=...) works in the run's directory on each of its hosts
+    p = bed.cli("exec", "--run", rid, "--no-fold", "--", "sh", "-c", "pwd; ls")
+    assert p.returncode == 0, p.stderr
+    for h in bed.tb.host_names:
+        assert f"[{h}] {bed.workdir[h] / 'runs' / rid}" in p.stdout.splitlines()
+    assert "[node1] snapshot.pt" in p.stdout and "[node2] snapshot.pt" not in p.stdout
 
     # a second run of the same job starts fresh: nothing of the first leaked into it
     rid2, _ = bed.submit(job)
