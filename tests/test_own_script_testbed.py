@@ -86,7 +86,7 @@ def test_script_via_command_runs_in_its_run_directory_and_resumes_every_rank(bed
     # --resume: the synced snapshot goes to every host (every_node), every rank continues at epoch 3
     job5 = bed.job(shipped("ddp-script", args=["--epochs", "5"], cpu_procs_per_node=2), "job5.yaml")
     rid3, p = bed.submit(job5, "--resume", rid)
-    assert "resume: checkpoint (snapshot.pt) copied to node[1-3]" in p.stderr, p.stderr
+    assert "resume: checkpoint copied to node[1-3] (snapshot.pt)" in p.stderr, p.stderr
     st3 = bed.wait(rid3)
     logs3 = bed.cli("logs", rid3).stdout
     assert st3["state"] == "SUCCEEDED", logs3[-4000:]

@@ -279,8 +279,8 @@ class SSHBackend(Backend):
             if bad:
                 raise UserError("cannot copy the checkpoint to " + ", ".join(r.describe() for r in bad),
                                 hint="check the workdir of those hosts (disk, permissions)")
-            progress(f"resume: checkpoint ({', '.join(run.data['resume_files'])}) copied to "
-                     f"{hostlist.fold([h.name for h in to])}")
+            progress(f"resume: checkpoint copied to {hostlist.fold([h.name for h in to])} "
+                     f"({', '.join(run.data['resume_files'])})")
 
     # ---- launch
     def launch(self, plan: Plan, run: Run) -> dict:
