@@ -58,8 +58,8 @@ stop: $(STAMP)
 	$(PY) -m cluster stop $(RUN)
 
 exec: $(STAMP)
-	@[ -n "$(CMD)" ] || { echo 'usage: make exec CMD="nvidia-smi -L" [HOSTS=gpu[01-02]] [INVENTORY=...]'; exit 2; }
-	$(PY) -m cluster exec $(if $(INVENTORY),--inventory $(INVENTORY)) $(if $(HOSTS),--hosts '$(HOSTS)') -- sh -c '$(CMD)'
+	@[ -n "$(CMD)" ] || { echo 'usage: make exec CMD="nvidia-smi -L" [HOSTS=gpu[01-02]] [RUN=id] [INVENTORY=...]'; exit 2; }
+	$(PY) -m cluster exec $(if $(INVENTORY),--inventory $(INVENTORY)) $(if $(RUN),--run $(RUN)) $(if $(HOSTS),--hosts '$(HOSTS)') -- sh -c '$(CMD)'
 
 gpus: $(STAMP)
 	$(PY) -m cluster gpus $(if $(INVENTORY),--inventory $(INVENTORY))

@@ -188,7 +188,7 @@ MAX_PROCS_PER_NODE = 256          # GPUs (or CPU processes) on one host; more is
 # set by torchrun (or the cluster) for every rank: a job's own value would break the run
 RESERVED_ENV = {"CLUSTER_RUN_ID", "RANK", "LOCAL_RANK", "GROUP_RANK", "ROLE_RANK", "WORLD_SIZE",
                 "LOCAL_WORLD_SIZE", "GROUP_WORLD_SIZE", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR",
-                "MASTER_PORT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT",
+                "MASTER_PORT", "CLUSTER_RUN_DIR", "CLUSTER_CODE_DIR", "CLUSTER_CHECKPOINT_DIR", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT",
                 "TORCHELASTIC_MAX_RESTARTS", "TORCHELASTIC_USE_AGENT_STORE"}
 # sbatch options the SLURM backend sets itself, and where the user sets them instead
 SBATCH_MANAGED = {
@@ -420,6 +420,8 @@ class CheckpointSpec:
     keep: int = 3
     sync_every_s: int = 60     # how often node 0's checkpoints are rsynced to storage
     outside_workdir: bool = False   # train.ckpt_dir may lie outside the run's workdir (/scratch/...)
+    path: Optional[str] = None  # a script's own file or directory (relative to the run directory), synced too
+    every_node: bool = False    # resume puts it on every node, not node 0 only (each rank loads it)
 
 
 @dataclass(frozen=True)
@@ -623,6 +625,12 @@ def _check_job(job: Job, src: Source) -> None:
     _check_range(job.checkpoint.every_steps, 0, 10**12, src, ("checkpoint", "every_steps"))
     _check_range(job.checkpoint.keep, 1, 10**6, src, ("checkpoint", "keep"))
     _check_range(job.checkpoint.sync_every_s, 1, MAX_TIMEOUT_S, src, ("checkpoint", "sync_every_s"))
+    cp = job.checkpoint.path
+    if cp is not None:
+        _check_text(cp, src, ("checkpoint", "path"))
+        if not cp.strip("/") or cp.startswith(("/", "~")) or ".." in cp.split("/"):
+            raise _bad(f"{show(cp)} is not a path inside the run directory", src, ("checkpoint", "path"),
+                       "give it relative to the run directory (the job's working directory), e.g. snapshot.pt")
     _check_range(job.restart.max_restarts, 0, 10**6, src, ("restart", "max_restarts"))
     _check_range(job.restart.max_requeues, 0, 10**6, src, ("restart", "max_requeues"))
     if job.container is not None:      # one validator of the section: the one that implements it

@@ -23,7 +23,9 @@ the run's containers is left. apptainer runs as a plain child, inside the group:
 The workdir (code and runs/) and, when it lies elsewhere, the run directory are mounted at the same
 path inside, so sync, ``logs -f``, checkpoints and resume work as without a container. A workdir
 under ``~`` (the ssh default) is only known on the host: there the one deliberate shell expression,
-``exec "$0" run -v "$PWD:$PWD" -w "$PWD" "$@"``, mounts the directory the agent was started in.
+``exec "$0" run -v "$CLUSTER_CODE_DIR:$CLUSTER_CODE_DIR" -w "$PWD" "$@"``, mounts the code's
+directory the agent set (cluster/agent.py). The job runs in its run directory, as without a
+container, with the agent's CLUSTER_RUN_DIR, CLUSTER_CODE_DIR, CLUSTER_CHECKPOINT_DIR and PYTHONPATH.
 """
 from __future__ import annotations
 
@@ -42,7 +44,9 @@ HOST_LABEL = "cluster.host"              # ... and the inventory's host name (ho
 PYTHON = "python3"                       # in the image: present in NGC, pytorch/pytorch and Debian images
 # NVIDIA's settings for PyTorch in docker: pinned memory for RDMA, large thread stacks
 ULIMITS = (("memlock", "-1:-1"), ("stack", "67108864:67108864"))
-TILDE_SCRIPT = 'exec "$0" run -v "$PWD:$PWD" -w "$PWD" "$@"'
+TILDE_SCRIPT = 'exec "$0" run -v "$CLUSTER_CODE_DIR:$CLUSTER_CODE_DIR" -w "$PWD" "$@"'
+# set by the agent on the host (cluster/agent.py: run_environment), passed through by name
+PASS_ENV = ("CLUSTER_RUN_DIR", "CLUSTER_CODE_DIR", "CLUSTER_CHECKPOINT_DIR", "PYTHONPATH")
 _ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _URI = re.compile(r"^[a-z][a-z0-9+.-]*://")
 # a registry reference (nvcr.io/nvidia/pytorch:24.05-py3, nvcr.io#nvidia/...), a URI (docker://...),
@@ -190,16 +194,25 @@ def wrap(spec, runtime: str, *, name: str, workdir: str, run_dir: str, env: Mapp
     check_spec(spec)
     mounts = _mounts(spec, workdir, run_dir)
     inner = {**env, **spec.env}
+    cwd = run_cwd(workdir, run_dir)
     if runtime in ("docker", "podman"):
-        return _docker_like(spec, runtime, name, workdir, mounts, inner, list(payload_argv), gpus, run_id, host)
+        return _docker_like(spec, runtime, name, workdir, cwd, mounts, inner, list(payload_argv), gpus, run_id, host)
     if runtime == "apptainer":
         return apptainer_exec(spec, payload_argv, workdir=workdir, env=inner, gpus=gpus, mounts=mounts,
-                              own_mounts=False)
+                              own_mounts=False, pwd=cwd)
     if runtime == "enroot":
         raise UserError("enroot runs under SLURM only (pyxis: srun --container-image)", where="job",
                         key="container.runtime", hint="use backend slurm, or docker, podman or apptainer over ssh")
     raise UserError(f"unknown runtime '{runtime}'", where="job", key="container.runtime",
                     hint="use one of: " + ", ".join(RUNTIMES))
+
+
+def run_cwd(workdir: str, run_dir: str) -> Optional[str]:
+    """The job's directory inside (its run directory), where it is known before the host: None for
+    a workdir under ~ (the shell line's $PWD there, the agent having moved into it)."""
+    if run_dir.startswith("/"):
+        return run_dir
+    return workdir.rstrip("/") + "/" + run_dir if workdir.startswith("/") else None
 
 
 def _mounts(spec, workdir: str, run_dir: str) -> list[Mount]:
@@ -222,7 +235,7 @@ def _mounts(spec, workdir: str, run_dir: str) -> list[Mount]:
     return out
 
 
-def _docker_like(spec, runtime, name, workdir, mounts, env, payload, gpus, run_id, host) -> list[str]:
+def _docker_like(spec, runtime, name, workdir, cwd, mounts, env, payload, gpus, run_id, host) -> list[str]:
     opts = ["--rm", "--init", "--name", name]
     if run_id is not None:
         opts += ["--label", f"{LABEL}={run_id}"]
@@ -242,10 +255,11 @@ def _docker_like(spec, runtime, name, workdir, mounts, env, payload, gpus, run_i
         opts += ["--pull", "never"]    # preflight made sure the image is there, on every host
     for m in mounts:
         opts += ["-v", m.text()]
-    if workdir.startswith("/"):
-        opts += ["-w", workdir]
+    if cwd:
+        opts += ["-w", cwd]
     for k, v in sorted(env.items()):
         opts += ["-e", f"{k}={v}"]
+    opts += [a for k in PASS_ENV if k not in env for a in ("-e", k)]
     opts += list(spec.args)
     # --rootfs is a flag: the first word after the options is the directory, then the command
     image = ["--rootfs", spec.image[len(ROOTFS):] + ":O"] if rootfs else [docker_image(spec.image)]
@@ -263,7 +277,7 @@ def _ulimits_in(args: Sequence[str]) -> set[str]:
 
 
 def apptainer_exec(spec, payload: Sequence[str], *, workdir: str, env: Mapping[str, str], gpus: int,
-                   mounts: Iterable[Mount] = (), own_mounts: bool = True) -> list[str]:
+                   mounts: Iterable[Mount] = (), own_mounts: bool = True, pwd: Optional[str] = None) -> list[str]:
     """``apptainer exec`` around ``payload`` (also what the slurm backend runs per task).
 
     Variables go in as APPTAINERENV_K=V through ``env``: byte-exact for any value (apptainer's
@@ -278,8 +292,8 @@ def apptainer_exec(spec, payload: Sequence[str], *, workdir: str, env: Mapping[s
     argv += ["apptainer", "exec"] + (["--nv"] if gpus else [])
     for m in binds:
         argv += ["--bind", m.text()]
-    if workdir.startswith("/"):
-        argv += ["--pwd", workdir]     # a ~ workdir: apptainer binds $HOME and keeps the cwd itself
+    if pwd or workdir.startswith("/"):
+        argv += ["--pwd", pwd or workdir]     # a ~ workdir: apptainer binds $HOME and keeps the cwd itself
     return argv + list(spec.args) + [apptainer_image(spec.image)] + list(payload)
 
 

@@ -304,7 +304,8 @@ class Watch:
 def watch(heartbeats: Mapping[int, Mapping], memo: Optional[dict] = None, *, now: Optional[float] = None,
           started: Optional[float] = None, world_size: Optional[int] = None, hang_timeout_s: float = 300,
           startup_timeout_s: float = 900, straggler_steps: int = STRAGGLER_STEPS,
-          straggler_fraction: float = STRAGGLER_FRACTION) -> Watch:
+          straggler_fraction: float = STRAGGLER_FRACTION,
+          activity: Optional[Mapping[int, Optional[float]]] = None) -> Watch:
     """Progress of every rank from its heartbeat; a pure function of its arguments.
 
     ``memo`` is what the previous call returned in ``Watch.memo`` (empty the first time);
@@ -313,6 +314,11 @@ def watch(heartbeats: Mapping[int, Mapping], memo: Optional[dict] = None, *, now
     starting up -- no heartbeat yet, or still at the first step seen of it with a heartbeat
     written within ``startup_timeout_s`` of the start (the first step compiles, warms caches) --
     the limit is ``startup_timeout_s`` instead. A rank that is done never hangs.
+
+    ``activity`` (rank -> when its node last showed life: its log grew or its ranks used CPU;
+    None: not known) judges the ranks without a heartbeat, as a script need not write any: such
+    a rank hangs only after ``hang_timeout_s`` without output and CPU, never for lack of the file.
+    Without ``activity`` at all, a rank without a heartbeat hangs after ``startup_timeout_s``.
     """
     now = time.time() if now is None else now
     memo = json.loads(json.dumps(memo or {}))          # a copy, JSON-shaped
@@ -326,6 +332,10 @@ def watch(heartbeats: Mapping[int, Mapping], memo: Optional[dict] = None, *, now
         if not hb or not isinstance(hb.get("step"), int):
             stalled = now - since
             flag = "hung" if stalled > startup_timeout_s else "starting"
+            if activity is not None:        # judged by output and CPU (see above)
+                seen_at = activity.get(r)
+                stalled = now - max(seen_at, since) if seen_at is not None else 0.0
+                flag = "hung" if seen_at is not None and stalled > hang_timeout_s else "quiet"
             out.append(RankProgress(r, None, None, None, None, None, round(stalled, 1), False, flag))
             if flag == "hung":
                 hung.append(r)
@@ -360,7 +370,8 @@ def watch(heartbeats: Mapping[int, Mapping], memo: Optional[dict] = None, *, now
             if p.rank in w.behind:
                 parts.append(f"rank {p.rank}" + (f" ({p.host})" if p.host else "") +
                              (f" at step {p.step}, no progress for {p.stalled_s:.0f}s" if p.step is not None
-                              else f" has not sent a heartbeat in {p.stalled_s:.0f}s"))
+                              else f" has not sent a heartbeat in {p.stalled_s:.0f}s" if activity is None
+                              else f" no output and no CPU for {p.stalled_s:.0f}s (no heartbeats)"))
         others = sorted({p.step for p in live if p.rank not in w.behind})
         w.reason = "; ".join(parts) + (f" (others at step {others[-1]})" if others else "")
     else:
@@ -407,14 +418,43 @@ def watch_run(run, nodes, now: Optional[float] = None) -> Watch:
         saved = json.loads(path.read_text())
     except (OSError, ValueError):
         saved = {}
+    t = time.time() if now is None else now
+    cpu = saved.get("cpu") or {}
+    active = node_activity(nodes, cpu, t)
+    world = (run.data.get("plan") or {}).get("world_size") or 0
+    per_node = nproc or (world // max(1, len(nodes)))
+    # ranks are node-major: node i's are i*nproc ... (i+1)*nproc - 1
+    activity = {r: active[nodes[r // per_node].host] if per_node and r // per_node < len(nodes) else None
+                for r in range(world)}
     w = watch(heartbeats, saved.get("memo"), now=now, started=run.data.get("started") or run.data.get("created"),
-              world_size=(run.data.get("plan") or {}).get("world_size"),
-              hang_timeout_s=job.get("hang_timeout_s", 300),
-              startup_timeout_s=job.get("startup_timeout_s", 900))
+              world_size=world or None, hang_timeout_s=job.get("hang_timeout_s", 300),
+              startup_timeout_s=job.get("startup_timeout_s", 900), activity=activity)
     if w.hung and not (saved.get("watch") or {}).get("hung"):
         run.event("hang", ranks=w.behind, reason=w.reason)
-    _write_json(path, {"memo": w.memo, "watch": w.to_dict(), "time": time.time() if now is None else now})
+    _write_json(path, {"memo": w.memo, "watch": w.to_dict(), "cpu": cpu, "time": t})
     return w
+
+
+CPU_ACTIVE_S = 0.5          # CPU seconds (and at least 2% of a core since the last count) = alive
+
+
+def node_activity(nodes, cpu_memo: dict, now: float) -> dict[str, Optional[float]]:
+    """host -> when the node last showed life: its log grew, or its ranks' CPU time rose (by
+    CPU_ACTIVE_S and 2% of a core since it last did; updates ``cpu_memo``). None: not known."""
+    out: dict[str, Optional[float]] = {}
+    for n in nodes:
+        a = getattr(n, "activity", None)
+        if not a:
+            out[n.host] = None
+            continue
+        t = a.get("output_t") or 0.0
+        if a.get("cpu_s") is not None:
+            prev = cpu_memo.get(n.host)
+            if prev is None or a["cpu_s"] - prev[0] >= max(CPU_ACTIVE_S, 0.02 * (now - prev[1])):
+                cpu_memo[n.host] = prev = [a["cpu_s"], now]
+            t = max(t, prev[1])
+        out[n.host] = t or None
+    return out
 
 
 def saved_watch(run) -> Optional[dict]:

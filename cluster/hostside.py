@@ -90,6 +90,45 @@ def _group_alive(pgid) -> bool:
     return False
 
 
+def _activity(log_path: str, pids, pgid) -> dict:
+    """What a run does on this node without heartbeats: when its log last grew (every line a rank
+    prints lands there) and the CPU seconds its own processes have used. The agent (``pgid``),
+    torchrun and a fork server only poll: they are left out."""
+    import os
+    try:
+        output_t = os.stat(log_path).st_mtime
+    except OSError:
+        output_t = None
+    ticks, tck = 0, os.sysconf("SC_CLK_TCK")
+    for pid in pids:
+        if pid == pgid:
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read()
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if b"torch.distributed.run" in cmd or b"cluster.agent" in cmd or b"forkserver" in cmd:
+            continue
+        ticks += int(fields[11]) + int(fields[12])      # utime + stime
+    return {"output_t": output_t, "cpu_s": round(ticks / tck, 2)}
+
+
+def _job_python(argv0: str) -> dict:
+    """The interpreter a ``command:`` job names itself (not the inventory's): its version, and
+    whether it has torch, as the job will find it (same PATH, no import of torch)."""
+    import subprocess
+    code = "import sys, importlib.util as u; print(sys.version.split()[0], u.find_spec('torch') is not None)"
+    try:
+        out = subprocess.run([argv0, "-c", code], capture_output=True, text=True, timeout=60)
+        version, torch = out.stdout.split()
+        return {"argv0": argv0, "python": version, "torch": torch == "True"}
+    except (OSError, ValueError, subprocess.SubprocessError) as e:
+        return {"argv0": argv0, "error": getattr(e, "strerror", None) or str(e) or type(e).__name__}
+
+
 def _probe(a: dict) -> dict:
     import json
     import os
@@ -122,6 +161,8 @@ def _probe(a: dict) -> dict:
     except (ImportError, OSError, ValueError, IndexError):
         pass
     r["gpus"] = _gpu_count(a)
+    if a.get("job_python"):
+        r["job_python"] = _job_python(a["job_python"])
     wd = os.path.expanduser(a["workdir"])
     p = wd
     while not os.path.exists(p):
@@ -291,8 +332,13 @@ def _status(a: dict) -> dict:
             hb = load(os.path.join(mdir, n))
             if hb:
                 beats[str(hb.get("rank", n[14:-5]))] = hb
-    return {"pid": pid, "exit": load(os.path.join(base, "state", a["host"] + ".exit")), "alive": alive,
-            "heartbeats": beats}
+    out = {"pid": pid, "exit": load(os.path.join(base, "state", a["host"] + ".exit")), "alive": alive,
+           "heartbeats": beats}
+    if alive and a.get("run_id"):
+        wd = os.path.realpath(os.path.expanduser(a["workdir"]))
+        pids = _run_processes(wd, a["run_id"]).get(a["run_id"], [])
+        out["activity"] = _activity(os.path.join(base, "logs", a["host"] + ".log"), pids, pgid)
+    return out
 
 
 def _stop(a: dict) -> dict:
@@ -373,7 +419,8 @@ def _serve(a: dict) -> dict:
     os.makedirs(os.path.dirname(log), exist_ok=True)
     try:
         with open(log, "ab") as logf:
-            p = subprocess.Popen(argv, cwd=wd, env=env, stdin=subprocess.DEVNULL, stdout=logf,
+            p = subprocess.Popen(argv, cwd=os.path.expanduser(a.get("cwd") or a["workdir"]), env=env,
+                                 stdin=subprocess.DEVNULL, stdout=logf,
                                  stderr=subprocess.STDOUT, start_new_session=True)
     except OSError as e:
         return {"error": f"cannot start {argv[0]}: {e.strerror}"}
@@ -435,9 +482,9 @@ def _serve(a: dict) -> dict:
             return stop("the run ended")
 
 
-_HELPERS = {"_probe": (_gpu_count, _run_processes, stale_files),
-            "_probe_then_launch": (_gpu_count, _run_processes, stale_files, _probe, _park),
-            "_stop": (_run_processes, _group_alive), "_status": (_group_alive,), "_gpu_count": (), "_serve": (_group_alive,)}
+_HELPERS = {"_probe": (_gpu_count, _run_processes, stale_files, _job_python),
+            "_probe_then_launch": (_gpu_count, _run_processes, stale_files, _job_python, _probe, _park),
+            "_stop": (_run_processes, _group_alive), "_status": (_group_alive, _run_processes, _activity), "_gpu_count": (), "_serve": (_group_alive,)}
 
 
 def host_command(python: str, func, site: bool = True) -> str:

@@ -4,6 +4,7 @@ No I/O here. Every backend consumes the same plan; ``--dry-run`` prints it byte-
 """
 from __future__ import annotations
 
+import re
 import shlex
 import zlib
 from dataclasses import dataclass, field
@@ -14,6 +15,8 @@ from .errors import UserError
 from .remote import quote_argv, shell_word
 
 RUNS = "runs"
+PYTHON = "{python}"     # in command: the interpreter the job runs (the inventory's, or the container's)
+CODE = "{code}"         # in command: the code's directory on the host (filled in there: cluster/agent.py)
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,16 @@ class NodeLaunch:
 
     def payload(self) -> tuple[str, ...]:
         return self.argv[self.argv.index("--") + 1:]
+
+    def job_python(self, host_python: str) -> Optional[str]:
+        """The interpreter a ``command:`` job names itself, where it is not ``host_python`` (which
+        the preflight checks anyway) and not inside a container: what the preflight must check too."""
+        payload = self.payload()
+        if self.container is not None or "--no-python" not in payload:
+            return None
+        prog = payload[payload.index("--no-python") + 1]
+        name = prog.rsplit("/", 1)[-1]
+        return prog if prog != host_python and re.fullmatch(r"python[\d.]*", name) else None
 
     def shell(self) -> str:
         """The one shell line that starts this node detached; every value quoted once."""
@@ -134,7 +147,11 @@ def make_plan(inv: Inventory, job: Job, run_id: str, gpus: Mapping[str, int], *,
             f"--max-restarts={job.restart.max_restarts}",
             "--tee=3",
         ]
-        torchrun += _payload(job, run_dir)
+        payload_python = h.python
+        if job.container is not None:
+            from .container import inner_python
+            payload_python = inner_python(job.container, h)
+        torchrun += _payload(job, payload_python)
         ref = None
         if job.container is not None:   # containers (cluster/container.py): torchrun in the image, agent outside
             from .container import wrap_node
@@ -142,6 +159,8 @@ def make_plan(inv: Inventory, job: Job, run_id: str, gpus: Mapping[str, int], *,
                                       payload_argv=torchrun, gpus=gpus[h.name])
         agent = [h.python, "-m", "cluster.agent", "--run-dir", run_dir, "--host", h.name,
                  "--node-rank", str(rank)]
+        for d in module_dirs(job):
+            agent += ["--module-dir", d]
         if gang_port and len(hosts) > 1:
             agent += ["--gang", f"{master}:{gang_port}", "--gang-nodes", str(len(hosts))]
         if inv.backend == "ssh" and inv.ssh.warm_start and job.container is None and _preload(job):
@@ -156,9 +175,17 @@ def make_plan(inv: Inventory, job: Job, run_id: str, gpus: Mapping[str, int], *,
                 tuple(notes))
 
 
-def _payload(job: Job, run_dir: str) -> list[str]:
+def module_dirs(job: Job) -> list[str]:
+    """The directory of a ``module:`` job's own file, relative to the code: on the path ahead of
+    the code itself, as ``python pkg/script.py`` would put it (so ``from sibling import x`` works)."""
+    if job.module is None or "." not in job.module:
+        return []
+    return ["/".join(job.module.split(".")[:-1])]
+
+
+def _payload(job: Job, python: str = "python3") -> list[str]:
     if job.train is not None:
-        cfg = {"out_dir": f"{run_dir}/metrics", "ckpt_dir": f"{run_dir}/checkpoints"}
+        cfg = {"out_dir": "metrics", "ckpt_dir": "checkpoints"}     # in the run directory, its cwd
         if job.checkpoint.every_steps:
             cfg["ckpt_every"] = job.checkpoint.every_steps
         cfg["keep_ckpts"] = job.checkpoint.keep
@@ -166,7 +193,16 @@ def _payload(job: Job, run_dir: str) -> list[str]:
         return ["-m", "train"] + [f"{k}={_scalar(v)}" for k, v in cfg.items()] + list(job.args)
     if job.module is not None:
         return ["-m", job.module] + list(job.args)
-    return ["--no-python"] + list(job.command) + list(job.args)
+    command = [python if a == PYTHON else a for a in job.command]
+    for i, a in enumerate(command[1:], 1):
+        interpreter = command[0] == python or re.fullmatch(r"python[\d.]*", command[0].rsplit("/", 1)[-1])
+        if interpreter and a.endswith(".py") and not a.startswith(("/", "~", CODE)):
+            raise UserError(f"the script {a!r} is a relative path, and a run starts in its own run directory",
+                            where="job", key=f"command[{i}]",
+                            hint=f"write '{CODE}/{a}' (the code's directory on the host), or use 'module:'")
+        if not a.startswith("-"):
+            break
+    return ["--no-python"] + command + list(job.args)
 
 
 def _preload(job: Job) -> list[str]:

@@ -135,10 +135,11 @@ def test_docker_and_podman_flags(tmp_path):
         assert s[:2] in (["docker", "run"], ["podman", "run"])
         for flag in (["--rm"], ["--init"], ["--network", "host"], gpu, ["--shm-size", "32g"],
                      ["--ulimit", "memlock=-1:-1"], ["--ulimit", "stack=67108864:67108864"],
-                     ["--pull", "never"], ["-v", "/srv/ddp runs:/srv/ddp runs"], ["-w", "/srv/ddp runs"],
+                     ["--pull", "never"], ["-v", "/srv/ddp runs:/srv/ddp runs"], ["-w", "/srv/ddp runs/runs/hostile-golden"],
                      ["--label", "cluster.run_id=hostile-golden"], ["--label", "cluster.host=gpu01"],
                      ["-e", "CLUSTER_RUN_ID=hostile-golden"],
-                     ["-e", "NCCL_SOCKET_IFNAME=ens1f0"], ["-e", "NL=line1\nline2"]):
+                     ["-e", "NCCL_SOCKET_IFNAME=ens1f0"], ["-e", "NL=line1\nline2"],
+                     ["-e", "CLUSTER_RUN_DIR"], ["-e", "PYTHONPATH"]):   # the agent's, passed by name
             assert any(s[i:i + len(flag)] == flag for i in range(len(s))), flag
         image = s.index("nvcr.io/nvidia/pytorch:24.05-py3")
         # the image's python3 runs torchrun; the job's args stay after the module
@@ -345,11 +346,11 @@ def test_shell_line_delivers_argv_byte_exact(tmp_path, runtime, tilde):
         assert got["env"] == dict(a.split("=", 1) for a in want[1:start])
         assert got["env"]["APPTAINERENV_NL"] == "line1\nline2"
         want = want[start + 1:]
-    elif tilde:                      # sh -c 'exec "$0" run -v "$PWD:$PWD" -w "$PWD" "$@"' podman ...
+    elif tilde:    # sh -c 'exec "$0" run -v "$CLUSTER_CODE_DIR:$CLUSTER_CODE_DIR" -w "$PWD" "$@"' podman ...
         assert want[:4] == ["sh", "-c", container.TILDE_SCRIPT, "podman"]
-        want = ["run", "-v", f"{wd}:{wd}", "-w", str(wd)] + want[4:]
+        want = ["run", "-v", f"{wd}:{wd}", "-w", str(wd / "runs" / "hostile-golden")] + want[4:]
     else:
         want = want[1:]
     assert got["argv"] == want
-    assert got["cwd"] == str(wd)
+    assert got["cwd"] == str(wd / "runs" / "hostile-golden")      # the run directory, not the code
     assert not Path(PWNED).exists() and not (wd / "pwned").exists()

@@ -202,7 +202,7 @@ def test_container_pyxis_and_apptainer(tmp_path):
     plan = resolve(str(job), [], inv, None, run_id="r")[3]
     assert plan.task["argv"] == ["env", "APPTAINERENV_CLUSTER_RUN_ID=r", "APPTAINERENV_NCCL_DEBUG=INFO",
                                  "APPTAINERENV_PYTHONUNBUFFERED=1", "apptainer", "exec", "--nv",
-                                 "--bind", f"{REPO}:{REPO}", "--bind", "/data:/data:ro", "--pwd", str(REPO),
+                                 "--bind", f"{REPO}:{REPO}", "--bind", "/data:/data:ro", "--pwd", str(REPO / "runs" / "r"),
                                  "docker://nvcr.io/nvidia/pytorch:24.05-py3", "python3", "-m", "tests.fixtures.hello"]
     assert "--container-image" not in plan.render()
 

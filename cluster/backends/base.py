@@ -22,6 +22,7 @@ class NodeStatus:
     exit_time: Optional[float] = None
     heartbeats: dict = field(default_factory=dict)   # rank -> {"step", "time", ...}
     detail: str = ""
+    activity: Optional[dict] = None   # a live node: {"output_t": log's mtime, "cpu_s": its ranks' CPU}
 
 
 class LogSource(ABC):
@@ -323,4 +324,4 @@ def root_cause(lines: Iterable[str]) -> tuple[Optional[int], Optional[int]]:
 
 def _plain(n: NodeStatus) -> dict:
     return {"host": n.host, "state": n.state.value, "pid": n.pid, "exit_code": n.exit_code,
-            "exit_time": n.exit_time, "heartbeats": n.heartbeats, "detail": n.detail}
+            "exit_time": n.exit_time, "heartbeats": n.heartbeats, "detail": n.detail}   # activity: live only

@@ -98,6 +98,15 @@ class LocalBackend(Backend):
                                 key="rdzv_port", hint="pass rdzv_port=<free port> or stop the other run") from None
         from ..container import preflight_local   # containers: runtime there, image present (or pulled)
         preflight_local(plan.nodes)
+        node, host = plan.nodes[0], self.inv.hosts[0]
+        if node.job_python(host.python):       # a command: naming its own interpreter: check that one
+            from ..hostside import _job_python
+            jp = _job_python(node.job_python(host.python))
+            if not jp.get("torch"):
+                raise UserError(f"the job's command runs {jp['argv0']!r}, which " +
+                                (f"cannot run ({jp['error']})" if "error" in jp else "has no torch") +
+                                " on this machine", where="job", key="command[0]",
+                                hint=f"write \"{{python}}\" in 'command:' for the inventory's python ({host.python})")
 
     def launch(self, plan: Plan, run: Run) -> dict:
         node = plan.nodes[0]
@@ -133,7 +142,9 @@ class LocalBackend(Backend):
                 out.append(NodeStatus(host, st, pgid, code, exit_info.get("time"), hb))
             elif group_alive(pgid):
                 st = State.RUNNING if (self._state_dir(run) / f"{host}.pid").exists() else State.STARTING
-                out.append(NodeStatus(host, st, pgid, heartbeats=hb))
+                from ..hostside import _activity
+                out.append(NodeStatus(host, st, pgid, heartbeats=hb, activity=_activity(
+                    str(run.dir / "logs" / f"{host}.log"), pids_of_run(run.id), pgid)))
             else:
                 out.append(NodeStatus(host, State.FAILED, pgid, detail="agent gone without an exit record",
                                       heartbeats=hb))

@@ -34,7 +34,7 @@ from typing import Any, Mapping, Optional
 from .. import hostlist
 from ..config import REPO, SBATCH_MANAGED, SBATCH_OPTIONS, Job
 from ..errors import UserError
-from ..plan import RUNS, NodeLaunch, Plan, _payload, procs_for
+from ..plan import RUNS, NodeLaunch, Plan, _payload, module_dirs, procs_for
 from ..runs import Run, State
 from .base import Backend, LogSource, LogTails, NodeStatus, progress
 from .local import FileSource
@@ -88,6 +88,18 @@ def _params(sbatch: Mapping) -> dict:
             for k, v in sbatch.items()}
 
 
+def _output_activity(folder: Path, jid: str, tasks) -> Optional[dict]:
+    """When a node's tasks last printed (their log files on the shared filesystem): what judges
+    ranks that write no heartbeat (cluster/diagnose.py)."""
+    times = []
+    for t in tasks:
+        try:
+            times.append((folder / f"{jid}_{t}_log.out").stat().st_mtime)
+        except OSError:
+            pass
+    return {"output_t": max(times), "cpu_s": None} if times else None
+
+
 class SlurmBackend(Backend):
     name = "slurm"
 
@@ -135,7 +147,11 @@ class SlurmBackend(Backend):
             env["NCCL_SOCKET_IFNAME"] = env["GLOO_SOCKET_IFNAME"] = hosts[0].interface
         env.update(job.env)
         env.update(job.container.env if job.container else {})      # the image's own variables win
-        payload = _payload(job, run_dir)
+        payload_python = sys.executable
+        if job.container is not None:
+            from ..container import inner_python
+            payload_python = inner_python(job.container, hosts[0])
+        payload = _payload(job, payload_python)
         argv = payload[1:] if payload[0] == "--no-python" else [sys.executable] + payload
         python, argv, srun_extra = _in_container(job, hosts[0], workdir, Path(workdir, run_dir), argv, env, cap)
         port_text = str(port or job.rdzv_port or _PORT_SHELL)
@@ -162,7 +178,7 @@ class SlurmBackend(Backend):
         sbatch = {k: v for k, v in sbatch.items() if v is not None}
         sbatch["wckey"] = None   # not submitit's default: clusters that enforce wckeys reject unknown ones
         task = {"argv": argv, "workdir": workdir, "run_dir": run_dir, "requeue": job.restart.requeue,
-                "max_requeues": job.restart.max_requeues}
+                "max_requeues": job.restart.max_requeues, "module_dirs": module_dirs(job)}
         nodes = tuple(NodeLaunch(host=h.name, node_rank=i, hostname="", workdir=workdir, argv=tuple(argv),
                                  env=env, log_path=f"{run_dir}/slurm/%j_<task>_log.out",
                                  agent_log_path=f"{run_dir}/slurm/%j_batch.log", state_dir=f"{run_dir}/state",
@@ -244,9 +260,13 @@ class SlurmBackend(Backend):
         if state == State.FAILED and code.isdigit():
             exit_code = int(code) or (128 + int(sig) if sig.isdigit() and int(sig) else None)
         short = lambda name: str(name).split(".")[0]      # gpu01.cluster.local is node gpu01
+        folder = Path((run.data.get("handle") or {}).get("folder") or run.dir / "slurm")
+        nproc = ((run.data.get("plan") or {}).get("nodes") or [{}])[0].get("nprocs") or 1
         return [NodeStatus(h, state, exit_code=exit_code, detail=detail,
-                           heartbeats={r: b for r, b in beats.items() if short(b.get("host")) == short(h)})
-                for h in hosts]
+                           heartbeats={r: b for r, b in beats.items() if short(b.get("host")) == short(h)},
+                           activity=_output_activity(folder, jid, range(i * nproc, (i + 1) * nproc))
+                           if state == State.RUNNING else None)
+                for i, h in enumerate(hosts)]
 
     def first_failure(self, run: Run, nodes: list[NodeStatus]) -> dict:
         """srun names the first task that failed; its own log tail tells why."""
@@ -430,7 +450,8 @@ def _in_container(job: Job, host, workdir: str, run_dir: Path, argv: list[str], 
         return shlex.quote(inner[0]), inner, srun
     if runtime == "apptainer":
         binds = [container.parse_mount(m) for m in runs]
-        return py, container.apptainer_exec(spec, inner, workdir=workdir, env=env, gpus=gpus, mounts=binds), []
+        return py, container.apptainer_exec(spec, inner, workdir=workdir, env=env, gpus=gpus, mounts=binds,
+                                               pwd=str(run_dir)), []
     raise UserError(f"container runtime '{runtime}' does not run under SLURM", where="job",
                     key="container.runtime", hint="use runtime: enroot (pyxis, srun --container-image) or apptainer")
 

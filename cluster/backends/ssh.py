@@ -47,7 +47,7 @@ from ..plan import Plan, default_port, make_plan
 from ..remote import GroupError, Pool, Staged, fold, hint_for, quote_argv
 from ..hostside import _gpu_count, _probe_then_launch, _status, _stop, host_command
 from ..runs import Run, State
-from ..sync import manifest, project_files, pull_logs, push_checkpoint, push_code, remote_path, shell_path
+from ..sync import manifest, project_files, pull_logs, push_code, push_run_files, remote_path, shell_path
 from .base import Backend, LogSource, LogTails, NodeStatus, failed_by_itself, progress
 
 MIN_FREE_GB = float(os.environ.get("CLUSTER_MIN_FREE_GB", "1"))
@@ -201,6 +201,8 @@ class SSHBackend(Backend):
                  "role": "server" if i == 0 else "client", "peers": len(hosts) - 1, "wait_s": wait_s}
             if self.inv.ssh.warm_start:
                 a["park"] = {"argv": list(node.argv), "env": dict(node.env)}
+            if node.job_python(h.python):
+                a["job_python"] = node.job_python(h.python)
             stdin[h.name] = json.dumps(a).encode() + b"\n"
             cmds[h.name] = host_command(h.python, _probe_then_launch)
         t0 = time.monotonic()
@@ -268,12 +270,17 @@ class SSHBackend(Backend):
             else:
                 progress(f"sync: code up to date on {hostlist.fold([h.name for h in hosts])}")
             run.event("code-synced", hosts=[h.name for h in todo])
-        if run.data.get("resume_from"):
-            r = push_checkpoint(hosts[0], self.inv.ssh, run.id, run.dir / "checkpoints")
-            if not r.ok:
-                raise UserError(f"cannot copy the checkpoint to {hosts[0].name}: {r.error}",
-                                hint="check node 0's workdir (disk, permissions)")
-            progress(f"resume: checkpoint copied to {hosts[0].name} ({r.describe().split(': ', 1)[1]})")
+        if run.data.get("resume_files"):
+            # node 0 (rank 0 loads and broadcasts), or every node where each rank loads it itself
+            every = ((run.data["job"].get("resolved") or {}).get("checkpoint") or {}).get("every_node")
+            to = hosts if every else hosts[:1]
+            results = push_run_files(to, self.inv.ssh, run.id, run.dir, run.data["resume_files"])
+            bad = [r for r in results if not r.ok]
+            if bad:
+                raise UserError("cannot copy the checkpoint to " + ", ".join(r.describe() for r in bad),
+                                hint="check the workdir of those hosts (disk, permissions)")
+            progress(f"resume: checkpoint copied to {hostlist.fold([h.name for h in to])} "
+                     f"({', '.join(run.data['resume_files'])})")
 
     # ---- launch
     def launch(self, plan: Plan, run: Run) -> dict:
@@ -329,7 +336,7 @@ class SSHBackend(Backend):
         hosts = self._hosts(run)
         pgids = run.data.get("handle", {}).get("pgids", {})
         stdin = {h.name: json.dumps({"workdir": h.workdir, "run_dir": self._run_dir(run), "host": h.name,
-                                     "pgid": pgids.get(h.name)}).encode() for h in hosts}
+                                     "pgid": pgids.get(h.name), "run_id": run.id}).encode() for h in hosts}
         res = self.pool.run({h.name: host_command(h.python, _status, site=False) for h in hosts}, stdin=stdin,
                             timeout_s=min(30.0, self.inv.ssh.command_timeout_s), label="status probe (python -c ...)")
         out, aborts = [], {}
@@ -355,7 +362,8 @@ class SSHBackend(Backend):
                     st, detail = State.FAILED, ex.get("error", "")
                 out.append(NodeStatus(h.name, st, pgid, code, ex.get("time"), hb, detail))
             elif info["alive"]:
-                out.append(NodeStatus(h.name, State.RUNNING if info["pid"] else State.STARTING, pgid, heartbeats=hb))
+                out.append(NodeStatus(h.name, State.RUNNING if info["pid"] else State.STARTING, pgid, heartbeats=hb,
+                                      activity=info.get("activity")))
             else:
                 out.append(NodeStatus(h.name, State.FAILED, pgid, detail="agent gone without an exit record",
                                       heartbeats=hb))
@@ -520,6 +528,17 @@ def preflight_report(plan: Plan, hosts: list[Host], res, ports: list[int]) -> tu
                             hostlist.fold([n for n, v in values.items() if v == "none"]))
         elif not same:
             problems.append(f"{label} versions differ: {folded(values)}")
+    jp = {n: d["job_python"] for n, d in info.items() if d.get("job_python")}
+    if jp:      # a command: that names its own interpreter: the one the job really runs
+        line(all(v.get("torch") for v in jp.values()), "job python", folded({
+            n: f"{v['argv0']}: " + (f"python {v['python']}, torch {'found' if v['torch'] else 'missing'}"
+                                   if "python" in v else v["error"]) for n, v in jp.items()}))
+        bad = sorted(n for n, v in jp.items() if not v.get("torch"))
+        if bad:
+            argv0 = jp[bad[0]]["argv0"]
+            problems.append(f"the job's command runs {argv0!r}, which has no torch (or does not run) on "
+                            f"{hostlist.fold(bad)}; write \"{{python}}\" in 'command:' for the inventory's "
+                            f"python ({hosts[0].python})")
     gpus_ok = True
     gvals = {}
     for h in hosts:

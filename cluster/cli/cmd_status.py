@@ -90,9 +90,13 @@ def _one(r, as_json):
             flag = {"hung": "  HUNG", "straggler": "  STRAGGLER"}.get(p.get("flag"), "")
             print(f"    rank {rank:<3} step {hb.get('step')}{total}{rate}  heartbeat {_age(hb.get('time'))} ago"
                   + ("  done" if hb.get("done") else "") + flag)
-    waiting = [p for p in progress.values() if p.get("step") is None]
+    waiting = [p for p in progress.values() if p.get("step") is None and p.get("flag") != "quiet"]
     if waiting:
         print("  no heartbeat yet from rank(s) " + ", ".join(str(p["rank"]) for p in waiting))
+    quiet = [p for p in progress.values() if p.get("flag") == "quiet"]
+    if quiet:
+        print("  rank(s) " + ", ".join(str(p["rank"]) for p in quiet) + " write no heartbeat: judged by their "
+              f"output and CPU (last active {max(p['stalled_s'] for p in quiet):.0f}s ago)")
     if watch and watch.get("hung") and state.value == "HUNG":
         print(f"hung: {watch.get('reason')}")
         print("  hint: 'cluster logs RUN --rank R' for a rank behind; the job's stop_on_hang: true stops hung runs")
