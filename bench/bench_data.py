@@ -62,12 +62,14 @@ def tree_cpu_s(pid: int) -> float:
 
 def run_train(name: str, args: list[str], cores: str, steps: int, limit_s: float) -> dict:
     d = WORK / name
-    cmd = ["taskset", "-c", cores, sys.executable, "-m", "torch.distributed.run", "--standalone",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            "--nproc-per-node", "1", "-m", "train", *JOB, *args, f"steps={steps}", "log_every=10",
            f"out_dir={d}/metrics", f"ckpt_dir={d}/ckpt"]
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
     t0 = time.time()
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=WORK)
+    allowed = set(range(int(cores.split("-")[0]), int(cores.split("-")[1]) + 1))
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=WORK,
+                         preexec_fn=lambda: os.sched_setaffinity(0, allowed))   # as taskset -c would
     marks: dict[int, tuple[float, float]] = {}
     lines = []
     timer = threading.Timer(limit_s, p.kill)

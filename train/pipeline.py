@@ -157,7 +157,7 @@ class Items(torch.utils.data.Dataset):
         kind, h, w = gpu_kind(data) if self.gpu else ("cpu", 0, 0)
         if kind == "jpeg":
             *b, flip = box(h, w)
-            return label, torch.frombuffer(bytearray(data), dtype=torch.uint8), tuple(b), flip, ""
+            return label, data, tuple(b), flip, ""
         try:
             pixels = cpu_crop(data, self.size, box)
         except Exception as e:  # noqa: BLE001 - any undecodable file: PIL raises many kinds
@@ -178,7 +178,9 @@ def collate(items: list) -> dict:
     done = [i for i, it in enumerate(items) if it[2] is None]
     return {
         "labels": torch.tensor([it[0] for it in items]),
-        "jpeg": [items[i][1] for i in jpeg],
+        # all compressed images in one tensor: one shared-memory block per batch from a worker, not one each
+        "jpeg": torch.frombuffer(bytearray(b"".join(items[i][1] for i in jpeg)) or bytearray(1), dtype=torch.uint8),
+        "jpeg_sizes": [len(items[i][1]) for i in jpeg],
         "jpeg_pos": torch.tensor(jpeg, dtype=torch.long),
         "boxes": torch.tensor([items[i][2] for i in jpeg], dtype=torch.float32).view(-1, 4),
         "flips": torch.tensor([items[i][3] for i in jpeg], dtype=torch.bool),
@@ -216,7 +218,8 @@ class DeviceStage:
         """roi_align over the padded batch of decoded images: crop, resize, flip; (n, 3, S, S) float."""
         from torchvision.ops import roi_align
 
-        imgs = self.decode(b["jpeg"])
+        datas = list(torch.split(b["jpeg"][:sum(b["jpeg_sizes"])], b["jpeg_sizes"]))
+        imgs = self.decode(datas)
         S, dev = self.size, self.device
         bad = [i for i, im in enumerate(imgs) if im is None]
         hmax = max(im.shape[1] for im in imgs if im is not None) if len(bad) < len(imgs) else 1
@@ -236,7 +239,7 @@ class DeviceStage:
             self.counts["gpu-refused"] += 1
             box = tuple(int(v) for v in b["boxes"][i].tolist())
             flip = bool(b["flips"][i])
-            out[i] = cpu_crop(b["jpeg"][i].numpy().tobytes(), S,
+            out[i] = cpu_crop(datas[i].numpy().tobytes(), S,
                               lambda h, w: (*box, flip)).to(dev).permute(2, 0, 1).float()
         return out
 
@@ -246,7 +249,7 @@ class DeviceStage:
         x = torch.empty((n, 3, S, S), device=dev)
         if b["pixels"] is not None:
             x[b["pixels_pos"].to(dev)] = b["pixels"].to(dev, non_blocking=True).permute(0, 3, 1, 2).float()
-        if len(b["jpeg"]):
+        if b["jpeg_sizes"]:
             x[b["jpeg_pos"].to(dev)] = self.crops(b)
         x = (x - self.mean) * self.inv_std
         if self.channels_last:
