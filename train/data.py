@@ -14,6 +14,7 @@ stream's history, so a resumed run sees exactly the batches a straight run would
 
 from __future__ import annotations
 
+import os
 from typing import Iterator
 
 import torch
@@ -154,7 +155,9 @@ class RealImages:
             # Every image exactly once across ranks (no padding), so top-1 counts are exact.
             mine = [(-1, i) for i in range(env.rank, len(val_split), env.world_size)]
             self.val_loader = DataLoader(items(val_split), sampler=mine, **opts)
-        self.stage = DeviceStage(env.device, cfg.image_size, channels_last)
+        trace = os.environ.get("TRAIN_TEST_SAMPLE_TRACE")   # tests: which samples each rank trained on
+        self.stage = DeviceStage(env.device, cfg.image_size, channels_last,
+                                 trace and os.path.join(trace, f"samples-rank{env.rank}.jsonl"))
         self.samples_per_epoch = self.sampler.total_size // (cfg.batch_size * env.world_size) \
             * cfg.batch_size * env.world_size
         print0(env, f"data: {root} ({'packed' if train_split.paths is None else 'folder'}): "

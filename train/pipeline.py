@@ -23,6 +23,7 @@ Only uint8 crosses PCIe (compressed bytes, or decoded crops); floats are made on
 from __future__ import annotations
 
 import io
+import json
 import math
 import queue
 import random
@@ -153,24 +154,25 @@ class Items(torch.utils.data.Dataset):
         try:
             data = self.split.read(index)
         except OSError as e:
-            return self._blank(label, index, "corrupt", e)
+            return self._blank(label, key, "corrupt", e)
         kind, h, w = gpu_kind(data) if self.gpu else ("cpu", 0, 0)
         if kind == "jpeg":
             *b, flip = box(h, w)
-            return label, data, tuple(b), flip, ""
+            return label, data, tuple(b), flip, "", key
         try:
             pixels = cpu_crop(data, self.size, box)
         except Exception as e:  # noqa: BLE001 - any undecodable file: PIL raises many kinds
-            return self._blank(label, index, "corrupt", e)
-        return label, pixels, None, False, kind if self.gpu else ""
+            return self._blank(label, key, "corrupt", e)
+        return label, pixels, None, False, kind if self.gpu else "", key
 
-    def _blank(self, label: int, index: int, why: str, err: BaseException):
+    def _blank(self, label: int, key: tuple[int, int], why: str, err: BaseException):
+        index = key[1]
         if index not in self.warned:
             self.warned.add(index)
             print(f"data: rank {self.rank}: {self.split.names[index]}: cannot read or decode "
                   f"({type(err).__name__}: {str(err)[:120]}); a blank image takes its place", file=sys.stderr, flush=True)
         mean = torch.tensor([round(255 * m) for m in IMAGENET_MEAN], dtype=torch.uint8)
-        return label, mean.expand(self.size, self.size, 3).contiguous(), None, False, why
+        return label, mean.expand(self.size, self.size, 3).contiguous(), None, False, why, key
 
 
 def collate(items: list) -> dict:
@@ -187,14 +189,16 @@ def collate(items: list) -> dict:
         "pixels": torch.stack([items[i][1] for i in done]) if done else None,
         "pixels_pos": torch.tensor(done, dtype=torch.long),
         "reasons": [it[4] for it in items if it[4]],
+        "keys": [it[5] for it in items],
     }
 
 
 class DeviceStage:
     """Turns a collated batch into the normalised float batch on the device."""
 
-    def __init__(self, device: torch.device, size: int, channels_last: bool):
+    def __init__(self, device: torch.device, size: int, channels_last: bool, trace: Optional[str] = None):
         self.device, self.size, self.channels_last = device, size, channels_last
+        self.trace = trace   # tests: a file that gets the (epoch, index) keys of every training batch staged
         self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
         self.inv_std = 1 / (torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255)
         self.counts: Counter = Counter()
@@ -255,6 +259,9 @@ class DeviceStage:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         self.counts.update(b["reasons"])
+        if self.trace and b["keys"][0][0] >= 0:
+            with open(self.trace, "a") as f:
+                f.write(json.dumps(b["keys"]) + "\n")
         return x, b["labels"].to(dev, non_blocking=True)
 
 
