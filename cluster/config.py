@@ -317,6 +317,14 @@ class RestartSpec:
 
 
 @dataclass(frozen=True)
+class DataSpec:
+    """A dataset staged onto every node before the launch (cluster/stage.py)."""
+    source: str                # a packed set or a folder on the submitting machine
+    path: str                  # where each node holds it; relative: under the host's workdir
+    fanout: int = 4            # hosts copied at once
+
+
+@dataclass(frozen=True)
 class Job:
     name: str
     description: str = ""
@@ -329,6 +337,7 @@ class Job:
     args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     container: Optional[ContainerSpec] = None
+    data: Optional[DataSpec] = None        # staged to every node; train.data defaults to data.path
     checkpoint: CheckpointSpec = CheckpointSpec()
     restart: RestartSpec = RestartSpec()
     time_limit_min: Optional[int] = None
@@ -396,6 +405,8 @@ def load_job(name: str, overrides: list[str] = (), *, profile: Optional[str] = N
     job_fields = {f for f in Job.__dataclass_fields__}
     for key, value, item in parse_overrides(list(overrides)):
         parts = key.split(".")
+        if parts == ["data"] and not isinstance(value, dict):
+            parts = ["train", "data"]      # data=PATH is the train setting; the data: section is a mapping
         if parts[0] not in job_fields:
             if train_keys and parts[0] in train_keys and len(parts) == 1:
                 parts = ["train", parts[0]]
@@ -415,6 +426,8 @@ def load_job(name: str, overrides: list[str] = (), *, profile: Optional[str] = N
         cur[parts[-1]] = value
         # overrides have no line: errors point at the command line instead of a wrong line
         src.lines[tuple(parts)] = 0
+    if isinstance(data.get("data"), dict) and isinstance(data.get("train"), dict) and "path" in data["data"]:
+        data["train"].setdefault("data", data["data"]["path"])   # train on the staged copy
     osrc = _OverrideSource(src, overrides)
     job: Job = build(Job, data, osrc)
     _check_job(job, osrc)
@@ -484,6 +497,12 @@ def _check_job(job: Job, src: Source) -> None:
         for k in c.env:
             if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k):
                 raise _bad(f"{show(k)} is not a valid environment variable name", src, ("container", "env", k))
+    if job.data is not None:
+        for key in ("source", "path"):
+            _check_text(getattr(job.data, key), src, ("data", key))
+            if not getattr(job.data, key).strip():
+                raise _bad("is empty", src, ("data", key), "a path (data.path: relative ones are under each host's workdir)")
+        _check_min(job.data.fanout, 1, src, ("data", "fanout"))
     for key in ("hang_timeout_s", "startup_timeout_s"):
         if getattr(job, key) < 1:
             raise UserError("must be at least 1 (seconds)", where=src.where((key,)), key=key)
