@@ -16,8 +16,9 @@ cannot hold what is missing, copy to the rest with rsync (resumable: --partial; 
 host; at most `fanout` at once), verify the checksums of what changed, write the stamp. Any host
 that ends without a current copy stops the submit: nothing starts, one message names the hosts.
 `shared_fs: true`: no copy; the set must be present (every file, right size) at `path`.
-`doctor` only checks and reports per host. SLURM: train/stage_node.py runs the same check and
-copy on each allocated node in the job's first step (see cluster/backends/slurm.py).
+`doctor` only checks and reports per host. SLURM: `python -m cluster.stage SOURCE PATH` runs the
+same check, copy and verify on each allocated node in the job's first step, before the tasks
+(cluster/backends/slurm.py); PATH may name $TMPDIR or $SLURMD_NODENAME, expanded on the node.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ import os
 import re
 import shlex
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -88,7 +90,7 @@ def host_path(host: Host, path: str) -> str:
 
 # ---------------------------------------------------------------- on the host (standard library only)
 def node_check(a: dict) -> dict:
-    """Runs on a node (python -c, JSON in and out; train/stage_node.py runs it too).
+    """Runs on a node (python -c, JSON in and out; stage_here() calls it on SLURM nodes).
     mode "check": is the copy current (stamp + stat, checksums of files that changed)?
     "verify": after a copy: checksum every file not matching the stamp, then write the stamp.
     "presence": every file there with its size (shared filesystems)."""
@@ -321,3 +323,53 @@ class Background:
     def cancel(self) -> None:
         self.stager.cancel()
         self.thread.join()
+
+
+# ---------------------------------------------------------------- SLURM: on each allocated node
+def stage_here(source: str, path: str) -> int:
+    """`python -m cluster.stage SOURCE PATH`, one task per node in the SLURM job's first step:
+    the same check, copy (local rsync from the shared filesystem) and verify as over SSH.
+    Environment variables in PATH ($TMPDIR, $SLURMD_NODENAME) are expanded here, on the node."""
+    import socket
+
+    host = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+    path = os.path.expandvars(path)
+    src = describe(source)
+    args = {"path": path, "digest": src.digest, "files": src.files, "stamp": STAMP}
+    s = node_check({**args, "mode": "check"})
+    if s["state"] == "current":
+        print(f"data: {host}: current at {path}", flush=True)
+        return 0
+    need = (src.total - s["present_bytes"]) * MARGIN
+    if need > s["free"]:
+        print(f"data: {host}: not enough disk at {path}: {_size(need)} to copy, {_size(s['free'])} free",
+              file=sys.stderr, flush=True)
+        return 1
+    t0 = time.monotonic()
+    os.makedirs(path, exist_ok=True)
+    argv = ["rsync", "-rlt", "--partial", "--exclude", f"/{STAMP}", "--exclude", f"/{STAMP}.tmp"]
+    if s["bad"]:
+        argv.append("--ignore-times")
+    p = subprocess.run(argv + [src.path + "/", path + "/"], capture_output=True, text=True)
+    if p.returncode != 0:
+        print(f"data: {host}: rsync exit code {p.returncode}: {p.stderr.strip()[-300:]}", file=sys.stderr, flush=True)
+        return 1
+    s = node_check({**args, "mode": "verify"})
+    if s["state"] != "current":
+        print(f"data: {host}: copy does not verify: {s['missing']} missing, differ: {', '.join(s['bad'][:3])}",
+              file=sys.stderr, flush=True)
+        return 1
+    print(f"data: {host}: copied {_size(need / MARGIN)} to {path} and verified in {time.monotonic() - t0:.1f} s",
+          flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        print("usage: python -m cluster.stage SOURCE PATH", file=sys.stderr)
+        sys.exit(2)
+    try:
+        sys.exit(stage_here(sys.argv[1], sys.argv[2]))
+    except UserError as e:
+        print(f"data: {e}", file=sys.stderr)
+        sys.exit(1)

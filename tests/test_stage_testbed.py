@@ -111,3 +111,30 @@ def test_shared_fs_copies_nothing_and_names_the_hosts_without_the_data(bed, pack
     assert "error: data not ready on node3" in p.stderr and "node3: missing at" in p.stderr, p.stderr
     assert "shared_fs: nothing is copied" in p.stderr and "node1:" not in p.stderr.split("error:")[1]
     assert not (bed.workdir["node3"] / data_path).exists()
+
+
+@pytest.mark.slow
+def test_slurm_stages_the_data_on_each_node_in_the_first_step(testbed, tmp_path, packed):
+    """The job's first step copies the set to each allocated node's path ($SLURMD_NODENAME keeps
+    the testbed's nodes, which share one filesystem, apart), then the tasks run; a second job
+    finds every copy current."""
+    from tests.test_slurm_testbed import Slurm
+
+    s = Slurm(testbed, tmp_path)
+    base = tmp_path / "local"
+    job = s.job("stagehello", HELLO.format(sleep=0) + f"nodes: 3\ngpus_per_node: 1\ndata:\n  source: {packed}\n"
+                f"  path: {base}/$SLURMD_NODENAME/set\n")
+    plan = s.cli("plan", job, "-i", str(s.inventory))
+    assert "-m cluster.stage " in plan.stdout and "'" + str(base) + "/$SLURMD_NODENAME/set'" in plan.stdout
+    for attempt in ("copies", "current"):
+        rid, jid = s.submit(job)
+        assert s.wait_state(rid, ("SUCCEEDED", "FAILED"), timeout=180)["state"] == "SUCCEEDED", s.logs(rid)
+        batch = (s.runs / rid / "slurm" / f"{jid}_batch.log").read_text()
+        nodes = sorted(p.name for p in base.iterdir())
+        assert len(nodes) == 3, nodes   # every node of the testbed: the second job has the same ones
+        for n in nodes:
+            assert same_tree(base / n / "set", packed)
+            if attempt == "copies":
+                assert f"data: {n}: copied " in batch and "verified" in batch, batch
+            else:
+                assert f"data: {n}: current at {base / n / 'set'}" in batch, batch

@@ -127,7 +127,7 @@ class RealImages:
         from .imagesets import open_split
         from .pipeline import DeviceStage, Items, collate
 
-        root = cfg.data
+        root = os.path.expandvars(cfg.data)   # a SLURM job's staged copy may sit under $TMPDIR
         try:
             train_split = open_split(root, "train")
             val_split = open_split(root, "val")
