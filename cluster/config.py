@@ -432,6 +432,14 @@ class RestartSpec:
 
 
 @dataclass(frozen=True)
+class DataSpec:
+    """A dataset staged onto every node before the launch (cluster/stage.py)."""
+    source: str                # a packed set or a folder on the submitting machine
+    path: str                  # where each node holds it; relative: under the host's workdir
+    fanout: int = 4            # hosts copied at once
+
+
+@dataclass(frozen=True)
 class Job:
     name: str
     description: str = ""
@@ -444,6 +452,7 @@ class Job:
     args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     container: Optional[ContainerSpec] = None
+    data: Optional[DataSpec] = None        # staged to every node; train.data defaults to data.path
     checkpoint: CheckpointSpec = CheckpointSpec()
     restart: RestartSpec = RestartSpec()
     time_limit_min: Optional[int] = None
@@ -528,6 +537,8 @@ def load_job(name: str, overrides: list[str] = (), *, profile: Optional[str] = N
         parts = key.split(".")
         if parts[0] == "profiles":
             continue
+        if parts == ["data"] and not isinstance(value, dict):
+            parts = ["train", "data"]      # data=PATH is the train setting; the data: section is a mapping
         if parts[0] not in job_fields:
             if train_keys and parts[0] in train_keys and len(parts) == 1:
                 parts = ["train", parts[0]]
@@ -539,6 +550,8 @@ def load_job(name: str, overrides: list[str] = (), *, profile: Optional[str] = N
         _set(data, parts, value, key)
         # overrides have no line: errors point at the command line instead of a wrong line
         src.lines[tuple(parts)] = 0
+    if isinstance(data.get("data"), dict) and isinstance(data.get("train"), dict) and "path" in data["data"]:
+        data["train"].setdefault("data", data["data"]["path"])   # train on the staged copy
     osrc = _OverrideSource(src, overrides)
     job: Job = build(Job, data, osrc)
     _check_job(job, osrc)
@@ -636,6 +649,12 @@ def _check_job(job: Job, src: Source) -> None:
     if job.container is not None:      # one validator of the section: the one that implements it
         from .container import check_spec
         check_spec(job.container, src.where)
+    if job.data is not None:
+        for key in ("source", "path"):
+            _check_text(getattr(job.data, key), src, ("data", key))
+            if not getattr(job.data, key).strip():
+                raise _bad("is empty", src, ("data", key), "a path (data.path: relative ones are under each host's workdir)")
+        _check_min(job.data.fanout, 1, src, ("data", "fanout"))
     for key in ("hang_timeout_s", "startup_timeout_s"):
         _check_range(getattr(job, key), 1, MAX_TIMEOUT_S, src, (key,), " (seconds)")
     if job.rdzv_port is not None and not 1024 <= job.rdzv_port < 65536:

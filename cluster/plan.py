@@ -71,6 +71,7 @@ class Plan:
     world_size: int
     nodes: tuple[NodeLaunch, ...]
     notes: tuple[str, ...] = field(default_factory=tuple)
+    data: Optional[Any] = None      # the job's data: section (DataSpec), staged before the launch
 
     def render(self) -> str:
         lines = [f"# run {self.run_id}: job {self.job}, backend {self.backend}, "
@@ -172,7 +173,7 @@ def make_plan(inv: Inventory, job: Job, run_id: str, gpus: Mapping[str, int], *,
             log_path=f"{run_dir}/logs/{h.name}.log", agent_log_path=f"{run_dir}/state/{h.name}.agent.out",
             state_dir=f"{run_dir}/state", nprocs=nproc, container=ref))
     return Plan(run_id, job.name, inv.backend, f"{master}:{port}", nproc * len(hosts), tuple(nodes),
-                tuple(notes))
+                tuple(notes), data=job.data)
 
 
 def module_dirs(job: Job) -> list[str]:

@@ -29,7 +29,10 @@ class TrainConfig:
     model: str = _f("resnet50", "torchvision classification model name, or package.module:factory")
     num_classes: int = _f(1000, "classes of the classifier head")
     image_size: int = _f(224, "input height and width in pixels")
-    data: str = _f("synthetic", "synthetic | synthetic-learnable | path to an ImageFolder root holding train/ (and val/)")
+    data: str = _f("synthetic", "synthetic | synthetic-learnable | path to an ImageFolder root holding train/ "
+                               "(and val/), or to its packed form (python -m train.pack)")
+    decode: str = _f(AUTO, "real images: gpu (nvJPEG, crop and normalise on the GPU) | cpu (PIL in the workers) | "
+                           "auto (gpu on a GPU)", ("gpu", "cpu", AUTO))
     synthetic_size: int = _f(1_281_167, "images in one epoch of synthetic data (ImageNet-1k's train split by default)")
     # how long
     steps: int = _f(100, "total optimizer steps; 0 = run `epochs` epochs")
@@ -57,7 +60,7 @@ class TrainConfig:
     ddp_always: bool = _f(False, "wrap the model in DDP at world size 1 too (to measure DDP's own cost)")
     grad_compress: str = _f("none", "DDP communication hook: none | bf16 (gradients all-reduced as bf16, "
                                     "torch's bf16_compress_hook: half the bytes on the network)", ("none", "bf16"))
-    workers: int = _f(4, "DataLoader worker processes per rank (ImageFolder only)")
+    workers: int = _f(4, "DataLoader worker processes per rank (real images only)")
     prefetch_factor: int = _f(2, "batches each DataLoader worker loads ahead")
     threads: int = _f(0, "torch CPU threads per rank; 0 = CPU cores / local ranks")
     # bookkeeping

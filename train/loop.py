@@ -131,6 +131,10 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
                "final_loss": round(last["loss"], 4)}
     if last["top1"] is not None:
         summary.update(top1=round(last["top1"], 2), top5=round(last["top5"], 2))
+    if hasattr(data, "report"):   # real images: what took the CPU path, what was blank
+        fallback = all_reduce_sum(torch.tensor([sum(v for k, v in data.report().items() if k != "corrupt"),
+                                                data.report().get("corrupt", 0)], device=env.device)).tolist()
+        summary.update(decode=data.decode, cpu_decoded=int(fallback[0]), blank=int(fallback[1]))
     if env.device.type == "cuda":
         summary["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(env.device) / 2**30, 2)
     metrics.log({"kind": "summary", **summary})

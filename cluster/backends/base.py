@@ -46,6 +46,8 @@ class Backend(ABC):
         self.inv = inventory
         # what launch() started before it failed, so submit can stop exactly that
         self.partial_handle: dict = {}
+        # doctor: preflight checks only (data staging reports, copies nothing)
+        self.check_only = False
 
     # ---- hooks
     def select_hosts(self, job) -> tuple:

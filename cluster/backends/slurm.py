@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import shlex
 import shutil
@@ -164,6 +165,14 @@ class SlurmBackend(Backend):
                  f"export MASTER_PORT={port_text}",
                  f'echo "{START_MARK} $SLURM_JOB_ID restart ${{SLURM_RESTART_COUNT:-0}} on $SLURM_JOB_NODELIST, '
                  'rendezvous $MASTER_ADDR:$MASTER_PORT"']
+        if job.data is not None:
+            # the job's first step: the dataset onto each node's local disk (cluster/stage.py); a node
+            # that cannot hold it ends the job before any task starts
+            setup += ["# data: staged on every node before the tasks start",
+                      f"srun --ntasks-per-node=1 --ntasks={len(hosts)} --kill-on-bad-exit=1 "
+                      f"{shlex.quote(sys.executable)} -m cluster.stage "
+                      f"{shlex.quote(os.path.abspath(os.path.expanduser(job.data.source)))} "
+                      f"{shlex.quote(job.data.path)} || exit 1"]
         extra = _extra_sbatch(s.sbatch)
         extra.update({"chdir": workdir, "output": f"{folder}/%j_batch.log", "error": f"{folder}/%j_batch.log",
                       ("requeue" if job.restart.requeue else "no-requeue"): True})

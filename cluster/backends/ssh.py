@@ -188,6 +188,26 @@ class SSHBackend(Backend):
 
     # ---- preflight
     def preflight(self, plan: Plan) -> None:
+        """The checks below and, at the same time, the job's data onto every node (cluster/stage.py)."""
+        staging = None
+        if plan.data is not None:
+            from ..stage import Background, Stager
+            staging = Background(Stager(plan.data, [self.inv.host(n.host) for n in plan.nodes], self.pool,
+                                        self.inv.ssh, self.inv.shared_fs, progress, copy=not self.check_only))
+        try:
+            self._preflight(plan)
+        except BaseException:
+            if staging is not None:
+                staging.cancel()
+            raise
+        if staging is not None:
+            try:
+                staging.result()
+            except BaseException:
+                self._staged.close()    # parked agents end: nothing starts
+                raise
+
+    def _preflight(self, plan: Plan) -> None:
         hosts = [self.inv.host(n.host) for n in plan.nodes]
         master, port = plan.rdzv_endpoint.rsplit(":", 1)
         ports = [int(port), gang_port(int(port))] if len(hosts) > 1 else [int(port)]

@@ -14,6 +14,7 @@ def run(args):
     inv, be, loaded, plan = resolve(args.job, args.overrides, args.inventory, args.backend)
     for n in plan.notes:
         print(n)
+    be.check_only = True
     be.preflight(plan)
     hosts = ", ".join(n.host for n in plan.nodes)
     print(f"ok: {len(plan.nodes)} node(s) ({hosts}), {plan.nodes[0].nprocs} process(es) per node, "
