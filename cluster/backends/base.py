@@ -22,6 +22,7 @@ class NodeStatus:
     exit_time: Optional[float] = None
     heartbeats: dict = field(default_factory=dict)   # rank -> {"step", "time", ...}
     detail: str = ""
+    gpus: Optional[list] = None     # with Backend.with_gpus: hostside._gpu_query's answer (None: no GPU)
 
 
 class LogSource(ABC):
@@ -40,6 +41,8 @@ def progress(msg: str) -> None:
 
 class Backend(ABC):
     name = "base"
+    # set by cluster top: node_status also reads each node's GPU use, in the same round trip
+    with_gpus = False
 
     def __init__(self, inventory: Inventory):
         self.inv = inventory
