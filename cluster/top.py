@@ -184,12 +184,20 @@ KEYS = {b"\x1b[A": "up", b"\x1bOA": "up", b"k": "up", b"\x1b[B": "down", b"\x1bO
         b"s": "sort", b"r": "reverse", b"\x03": "quit"}
 
 
-def _key(fd: int, timeout_s: float) -> Optional[str]:
+def _keys(fd: int, timeout_s: float) -> Optional[list[str]]:
+    """The keys typed within ``timeout_s`` (None: none); one read may hold several ("j" then Enter)."""
     ready, _, _ = select.select([fd], [], [], max(0.0, timeout_s))
     if not ready:
         return None
-    data = os.read(fd, 16)
-    return "quit" if not data else KEYS.get(data, "other")
+    data = os.read(fd, 64)
+    if not data:
+        return ["quit"]      # the terminal is gone
+    out = []
+    while data:
+        seq = next((k for k in sorted(KEYS, key=len, reverse=True) if data.startswith(k)), data[:1])
+        out.append(KEYS.get(seq, "other"))
+        data = data[len(seq):]
+    return out
 
 
 def top(run_id: str, interval_s: float = 3.0, once: bool = False) -> int:
@@ -212,34 +220,44 @@ def top(run_id: str, interval_s: float = 3.0, once: bool = False) -> int:
             while True:
                 if log_of is None:
                     live.update(render(snap, sort, reverse, selected), refresh=True)
+                elif (row := next((r for r in snap.rows if r.rank == log_of), None)) is None:
+                    log_of = None
+                    continue
                 else:
-                    row = next(r for r in snap.rows if r.rank == log_of)
                     lines = [l for l in be.log_tail(Run(run_id), row.host, 400)
                              if l.startswith(f"[{row.host} {row.rank}]")]
                     live.update(render_log(row.host, row.rank, lines, console.size.height), refresh=True)
-                key = _key(fd, next_at - time.monotonic())
-                if key is None:
+                keys = _keys(fd, next_at - time.monotonic())
+                if keys is None:
                     snap, be = fetch(run_id, backend=be)
                     next_at = time.monotonic() + interval_s
-                elif key == "quit":
-                    return 0
-                elif log_of is not None:
-                    log_of = None if key in ("enter", "back") else log_of
-                elif key == "sort":
-                    sort = SORTS[(SORTS.index(sort) + 1) % len(SORTS)]
-                elif key == "reverse":
-                    reverse = not reverse
-                elif key in ("up", "down") and snap.rows:
-                    ranks = [r.rank for r in sorted(snap.rows, key=lambda r: r.rank)]
-                    i = ranks.index(selected) if selected in ranks else -1
-                    selected = ranks[max(0, min(len(ranks) - 1, i + (1 if key == "down" else -1)))]
-                elif key == "enter" and selected is not None and any(r.rank == selected for r in snap.rows):
-                    log_of = selected
+                    continue
+                for key in keys:
+                    if key == "quit":
+                        return 0
+                    sort, reverse, selected, log_of = _on_key(key, snap, sort, reverse, selected, log_of)
     finally:
         termios.tcsetattr(fd, termios.TCSADRAIN, saved)
         close = getattr(be, "close", None)
         if close:
             close()
+
+
+def _on_key(key: str, snap: Snapshot, sort: str, reverse: bool, selected: Optional[int], log_of: Optional[int]):
+    """The view's next (sort, reverse, selected rank, rank whose log is shown) after ``key``."""
+    if log_of is not None:
+        return sort, reverse, selected, (None if key in ("enter", "back") else log_of)
+    if key == "sort":
+        sort = SORTS[(SORTS.index(sort) + 1) % len(SORTS)]
+    elif key == "reverse":
+        reverse = not reverse
+    elif key in ("up", "down") and snap.rows:
+        ranks = [r.rank for r in sorted(snap.rows, key=lambda r: r.rank)]
+        i = ranks.index(selected) if selected in ranks else -1
+        selected = ranks[max(0, min(len(ranks) - 1, i + (1 if key == "down" else -1)))]
+    elif key == "enter" and selected is not None and any(r.rank == selected for r in snap.rows):
+        log_of = selected
+    return sort, reverse, selected, log_of
 
 
 def bench(run_id: str, refreshes: int) -> int:
