@@ -41,15 +41,18 @@ def run(args):
     # TERM stops this process as Ctrl-C does (the server with it); were it killed outright, the
     # kernel TERMs the server (parent-death signal)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            preexec_fn=_die_with_parent)
+    log = runs[0].dir / "state" / "tensorboard.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "wb") as out:      # a file, not a pipe: nobody reads it while the server runs
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                preexec_fn=_die_with_parent)
     try:
         deadline = time.time() + 60
         while not _listening(port):
             if proc.poll() is not None or time.time() > deadline:
-                err = proc.stderr.read().decode(errors="replace") if proc.poll() is not None else ""
-                raise UserError(f"TensorBoard did not start on port {port}: {err.strip()[-500:] or 'timed out'}",
-                                hint="another port: --port P (0: any free one)")
+                err = log.read_text(errors="replace").strip()[-500:] if proc.poll() is not None else "timed out"
+                raise UserError(f"TensorBoard did not start on port {port}: {err}",
+                                hint=f"another port: --port P (0: any free one); its log: {log}")
             time.sleep(0.2)
         print(f"TensorBoard for {', '.join(r.id for r in runs)}: http://127.0.0.1:{port}/  (Ctrl-C stops it)",
               flush=True)
