@@ -96,6 +96,15 @@ def test_top_shows_ranks_and_the_straggler_live_and_the_final_state_after(bed, t
         tmux.kill()
     st = bed.wait(rid, timeout=300)
     assert st["state"] == "SUCCEEDED", st
+    # the watcher's last pass brought every host's metrics and TensorBoard files here
+    deadline = time.time() + 120
+    while bed.state(rid)["checkpoints"]["state"] == "syncing":
+        assert time.time() < deadline, "the watcher's last pass did not come"
+        time.sleep(2)
+    metrics = bed.runs / rid / "metrics"
+    for r in range(3):
+        assert (metrics / f"metrics-rank{r}.jsonl").stat().st_size > 0
+        assert list((metrics / "tb" / f"rank{r}").glob("events.out.tfevents.*")), r
     # after the run, from a new process: the final state of every rank
     p = bed.cli("top", rid, "--once")
     assert p.returncode == 0, p.stderr
