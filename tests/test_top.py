@@ -100,10 +100,13 @@ def test_report_marks_restarts_and_splits_the_step_time():
 def test_rank_0_charts_everything_the_others_their_own_throughput(tmp_path):
     rec = {"kind": "train", "step": 5, "loss": 2.0, "loss_mean": 2.1, "lr": 0.1, "img_s": 40.0,
            "img_s_total": 120.0, "step_ms": 400.0, "data_ms": 4.0}
-    assert set(MetricsWriter(str(tmp_path), 0, 10).scalars(rec)) == {
+    rank0, rank1 = MetricsWriter(str(tmp_path), 0, 10), MetricsWriter(str(tmp_path), 1, 10)
+    assert set(rank0.scalars(rec)) == {
         "loss", "lr", "throughput/img_s_total", "rank/img_s", "rank/step_ms", "rank/data_wait_ms"}
-    assert set(MetricsWriter(str(tmp_path), 1, 10).scalars(rec)) == {"rank/img_s", "rank/step_ms", "rank/data_wait_ms"}
-    assert MetricsWriter(str(tmp_path), 0, 10).scalars({"kind": "start", "step": 0}) == {}
+    assert set(rank1.scalars(rec)) == {"rank/img_s", "rank/step_ms", "rank/data_wait_ms"}
+    assert rank0.scalars({"kind": "start", "step": 0}) == {}
+    rank0.close()
+    rank1.close()
 
 
 def test_wandb_without_the_package_is_one_clear_error(tmp_path, monkeypatch):
