@@ -35,6 +35,7 @@ class MetricsWriter:
 
     def __init__(self, out_dir: str, rank: int, steps_total: int, *, tensorboard: bool = False,
                  wandb_project: str = "", config: dict | None = None):
+        self._wandb = _wandb_run(wandb_project, config or {}) if wandb_project else None   # first: it may refuse
         self.dir = Path(out_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.rank = rank
@@ -43,12 +44,10 @@ class MetricsWriter:
         self._file = open(self.dir / f"metrics-rank{rank}.jsonl", "a", encoding="utf-8")
         self._last_beat = 0.0
         self._sticky: dict[str, Any] = {}
-        self._tb = self._wandb = None
+        self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             self._tb = SummaryWriter(str(self.dir / "tb" / f"rank{rank}"), flush_secs=10)
-        if wandb_project:
-            self._wandb = _wandb_run(wandb_project, config or {})
 
     def log(self, record: dict[str, Any]) -> None:
         record = {"time": round(time.time(), 3), "rank": self.rank, **record}
