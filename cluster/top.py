@@ -80,15 +80,17 @@ def fetch(run_id: str, root=None, backend=None) -> tuple[Snapshot, object]:
     snap = Snapshot(run.id, state.value, run.data.get("backend", "?"), len(nodes), fetch_s=time.monotonic() - t0)
     watch = saved_watch(run) or {}
     flags = {p["rank"]: p.get("flag", "") for p in watch.get("ranks", [])}
+    planned = (run.data.get("plan") or {}).get("nodes") or [{}]
+    nprocs = planned[0].get("nprocs") or 1        # ranks are node-major: local rank = rank % nprocs = GPU
     now = time.time()
     seen = set()
     for n in nodes:
-        for i, rank in enumerate(sorted(int(r) for r in n.heartbeats)):
+        for rank in sorted(int(r) for r in n.heartbeats):
             hb = n.heartbeats.get(rank, n.heartbeats.get(str(rank))) or {}
             gpus = n.gpus or []
             snap.rows.append(Row(n.host, rank, hb.get("step"), hb.get("steps_total"), hb.get("img_s"),
                                  hb.get("step_ms"), hb.get("data_share"), hb.get("comm_share"),
-                                 gpus[i] if i < len(gpus) else None,
+                                 gpus[rank % nprocs] if rank % nprocs < len(gpus) else None,
                                  max(0.0, now - hb["time"]) if hb.get("time") else None,
                                  "done" if hb.get("done") else flags.get(rank, "")))
             seen.add(rank)
