@@ -76,10 +76,11 @@ def test_gpu_query_reads_nvidia_smi_and_says_none_without_it(tmp_path, monkeypat
     monkeypatch.setenv("PATH", str(tmp_path))
     assert _gpu_query({}) is None
     smi = tmp_path / "nvidia-smi"
-    smi.write_text("#!/bin/sh\necho '0, 97, 20480, 81559, 612.41'\necho '1, 0, 1, 81559, [N/A]'\n")
+    # the first line as an idle H100's nvidia-smi printed it for this query; the second as a GPU without power readings
+    smi.write_text("#!/bin/sh\necho '0, 0, 0, 81559, 73.94'\necho '1, 97, 20480, 81559, [N/A]'\n")
     smi.chmod(0o755)
-    assert _gpu_query({}) == [{"index": 0, "util": 97, "mem_used": 20480, "mem_total": 81559, "power": 612.41},
-                              {"index": 1, "util": 0, "mem_used": 1, "mem_total": 81559, "power": None}]
+    assert _gpu_query({}) == [{"index": 0, "util": 0, "mem_used": 0, "mem_total": 81559, "power": 73.94},
+                              {"index": 1, "util": 97, "mem_used": 20480, "mem_total": 81559, "power": None}]
 
 
 def test_report_marks_restarts_and_splits_the_step_time():
