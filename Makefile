@@ -24,7 +24,7 @@ PYTEST_ARGS ?=
 
 TARGET_OPTS = $(if $(INVENTORY),--inventory $(INVENTORY)) $(if $(BACKEND),--backend $(BACKEND))
 
-.PHONY: setup submit plan status logs stop doctor report exec gpus shell jupyter test test-unit fuzz testbed-up testbed-down testbed-deps clean-runs bench-launch
+.PHONY: setup submit plan status logs stop doctor report top tensorboard exec gpus shell jupyter test test-unit fuzz testbed-up testbed-down testbed-deps clean-runs bench-launch
 
 setup: $(VENV)/.installed
 
@@ -66,6 +66,13 @@ gpus: $(STAMP)
 
 report: $(STAMP)
 	$(PY) -m cluster report $(RUN)
+
+top: $(STAMP)
+	$(PY) -m cluster top $(RUN)
+
+# RUN="id1 id2" serves several runs side by side
+tensorboard: $(STAMP)
+	$(PY) -m cluster tensorboard $(RUN) $(if $(PORT),--port $(PORT))
 
 shell: $(STAMP)
 	$(PY) -m cluster shell $(RUN) $(if $(NODE),--node $(NODE))

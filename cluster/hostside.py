@@ -39,6 +39,30 @@ def _gpu_count(a: dict) -> int:
     return 0
 
 
+def _gpu_query(a: dict):
+    """Each GPU's use now (``cluster top``): [{index, util, mem_used, mem_total, power}] (MiB, %,
+    W; None where nvidia-smi says N/A), or None when this host has no nvidia-smi."""
+    import shutil
+    import subprocess
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return None
+    try:
+        out = subprocess.run([smi, "--query-gpu=index,utilization.gpu,memory.used,memory.total,power.draw",
+                              "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+    def num(x):
+        try:
+            return float(x)
+        except ValueError:
+            return None
+    keys = ("index", "util", "mem_used", "mem_total", "power")
+    return [dict(zip(keys, map(num, (f.strip() for f in line.split(","))))) for line in out.splitlines()
+            if line.count(",") == 4]
+
+
 def _run_processes(wd: str, run_id=None) -> dict:
     """run id -> pids of processes in this host's network namespace that carry CLUSTER_RUN_ID and
     run in ``wd`` (one pid namespace may hold several hosts' processes, as in the cluster in a box)."""
@@ -338,6 +362,8 @@ def _status(a: dict) -> dict:
         wd = os.path.realpath(os.path.expanduser(a["workdir"]))
         pids = _run_processes(wd, a["run_id"]).get(a["run_id"], [])
         out["activity"] = _activity(os.path.join(base, "logs", a["host"] + ".log"), pids, pgid)
+    if a.get("gpus"):       # cluster top: the GPUs' use in the same round trip
+        out["gpus"] = _gpu_query(a)
     return out
 
 
@@ -484,7 +510,8 @@ def _serve(a: dict) -> dict:
 
 _HELPERS = {"_probe": (_gpu_count, _run_processes, stale_files, _job_python),
             "_probe_then_launch": (_gpu_count, _run_processes, stale_files, _job_python, _probe, _park),
-            "_stop": (_run_processes, _group_alive), "_status": (_group_alive, _run_processes, _activity), "_gpu_count": (), "_serve": (_group_alive,)}
+            "_stop": (_run_processes, _group_alive), "_status": (_group_alive, _run_processes, _activity, _gpu_query),
+            "_gpu_count": (), "_gpu_query": (), "_serve": (_group_alive,)}
 
 
 def host_command(python: str, func, site: bool = True) -> str:

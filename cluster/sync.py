@@ -10,6 +10,9 @@
   is replaced only once the checkpoint it names is here.
 * Logs: ``cluster logs --collect`` pulls every host's runs/<id>/logs/ (also done by the watcher
   when the run ends).
+* Metrics: every host's runs/<id>/metrics/ (the ranks' records, heartbeats and TensorBoard event
+  files) comes with each checkpoint pass of the watcher and at the end, for ``report`` and
+  ``tensorboard``.
 
 rsync talks to the hosts through OpenSSH with the inventory's settings (user, port, key, jump
 host, known_hosts, accept-new, timeouts, BatchMode: never a prompt).
@@ -313,15 +316,25 @@ def watch(run_id: str, poll_s: float = 5.0) -> int:
             last_sync = time.time()
             r = pull_checkpoints(node0, be.inv.ssh, run_id, dest, own)
             print(f"checkpoints: {r.describe()}", flush=True)
+            _pull_metrics(be, first)
     r = pull_checkpoints(node0, be.inv.ssh, run_id, dest, own)
     print(f"checkpoints (final): {r.describe()}", flush=True)
     run = Run(run_id, first.dir.parent)
     run.event("checkpoints-synced", ok=r.ok, files=r.files, error=r.error or None, latest=_latest(dest, own))
+    _pull_metrics(be, run)
     hosts = [be.inv.host(n["host"]) for n in run.data["plan"]["nodes"]]
     for r in pull_logs(hosts, be.inv.ssh, run_id, run.dir / "logs"):
         print(f"logs: {r.describe()}", flush=True)
     be.close()
     return 0
+
+
+def _pull_metrics(be, run) -> None:
+    """The metrics and TensorBoard files of every host, with the checkpoints (report, tensorboard)."""
+    hosts = [be.inv.host(n["host"]) for n in run.data["plan"]["nodes"]]
+    for r in pull_metrics(hosts, be.inv.ssh, run.id, run.dir / "metrics"):
+        if not r.ok:
+            print(f"metrics: {r.describe()}", flush=True)
 
 
 def checkpoint_path(run_data: dict) -> Optional[str]:
@@ -347,6 +360,17 @@ def _alive(pid: Optional[int], run_id: str) -> bool:
     except (OSError, TypeError, ValueError):
         return False
     return b"cluster.sync" in argv and run_id.encode() in argv
+
+
+def pull_metrics(hosts: Sequence[Host], ssh: SSHSettings, run_id: str, dest: Path) -> list[SyncResult]:
+    """Every host's runs/<id>/metrics/ (each rank's records and heartbeat, TensorBoard event files
+    under tb/rank<R>/: the names differ per rank, so the hosts' files land side by side) into ``dest``."""
+    dest.mkdir(parents=True, exist_ok=True)
+
+    def one(h: Host) -> SyncResult:
+        return rsync(h, ssh, remote_path(h.workdir, "runs", run_id, "metrics") + "/", str(dest) + "/", push=False,
+                     nice=True, extra=["--exclude", ".*", "--ignore-missing-args"])
+    return parallel(one, list(hosts), ssh.fanout)
 
 
 def checkpoint_sync(run) -> Optional[dict]:

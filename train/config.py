@@ -72,11 +72,18 @@ class TrainConfig:
     resume: bool = _f(True, "resume from ckpt_dir's latest checkpoint when there is one")
     out_dir: str = _f("runs/train/metrics", "where each rank writes metrics-rank<R>.jsonl and heartbeat-rank<R>.json")
     init_timeout_s: int = _f(600, "timeout of process-group init and of every collective, in seconds")
+    tensorboard: Any = _f(AUTO, "true | false | auto (when the tensorboard package is installed): event files "
+                                "under out_dir/tb (rank 0's metrics; every rank's throughput)")
+    wandb_project: str = _f("", "log rank 0's metrics to this Weights & Biases project (off when empty; "
+                               "needs the wandb package)")
+    # test knob: a slow input pipeline on one rank (cluster top and report show it as a straggler)
+    debug_sleep_ms: int = _f(0, "extra milliseconds of data loading per step on debug_sleep_rank (a test knob)")
+    debug_sleep_rank: int = _f(-1, "the rank that debug_sleep_ms slows; -1 = every rank")
 
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(TrainConfig)}
 # Keys whose value is true, false or "auto".
-_TRISTATE = {"channels_last", "compile", "fast_stem"}
+_TRISTATE = {"channels_last", "compile", "fast_stem", "tensorboard"}
 
 
 class ConfigError(ValueError):
@@ -143,7 +150,8 @@ def _check_ranges(c: TrainConfig) -> None:
     for key in positive:
         if getattr(c, key) < 1:
             raise ConfigError(key, f"must be >= 1, got {getattr(c, key)}")
-    for key in ["steps", "warmup_steps", "ckpt_every", "workers", "threads", "weight_decay", "momentum"]:
+    for key in ["steps", "warmup_steps", "ckpt_every", "workers", "threads", "weight_decay", "momentum",
+                "debug_sleep_ms"]:
         if getattr(c, key) < 0:
             raise ConfigError(key, f"must be >= 0, got {getattr(c, key)}")
     if c.val_every < -1:

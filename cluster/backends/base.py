@@ -23,6 +23,7 @@ class NodeStatus:
     heartbeats: dict = field(default_factory=dict)   # rank -> {"step", "time", ...}
     detail: str = ""
     activity: Optional[dict] = None   # a live node: {"output_t": log's mtime, "cpu_s": its ranks' CPU}
+    gpus: Optional[list] = None     # with Backend.with_gpus: hostside._gpu_query's answer (None: no GPU)
 
 
 class LogSource(ABC):
@@ -41,6 +42,8 @@ def progress(msg: str) -> None:
 
 class Backend(ABC):
     name = "base"
+    # set by cluster top: node_status also reads each node's GPU use, in the same round trip
+    with_gpus = False
 
     def __init__(self, inventory: Inventory):
         self.inv = inventory

@@ -148,6 +148,10 @@ class LocalBackend(Backend):
             else:
                 out.append(NodeStatus(host, State.FAILED, pgid, detail="agent gone without an exit record",
                                       heartbeats=hb))
+        if self.with_gpus:
+            from ..hostside import _gpu_query
+            for n in out:
+                n.gpus = _gpu_query({})
         return out
 
     def stop_nodes(self, run: Run, grace_s: float) -> list[str]:

@@ -269,13 +269,34 @@ class SlurmBackend(Backend):
         if state == State.FAILED and code.isdigit():
             exit_code = int(code) or (128 + int(sig) if sig.isdigit() and int(sig) else None)
         short = lambda name: str(name).split(".")[0]      # gpu01.cluster.local is node gpu01
+        gpus = self._gpus(jid, len(hosts)) if self.with_gpus and state == State.RUNNING else {}
         folder = Path((run.data.get("handle") or {}).get("folder") or run.dir / "slurm")
         nproc = ((run.data.get("plan") or {}).get("nodes") or [{}])[0].get("nprocs") or 1
         return [NodeStatus(h, state, exit_code=exit_code, detail=detail,
                            heartbeats={r: b for r, b in beats.items() if short(b.get("host")) == short(h)},
                            activity=_output_activity(folder, jid, range(i * nproc, (i + 1) * nproc))
-                           if state == State.RUNNING else None)
+                           if state == State.RUNNING else None, gpus=gpus.get(i))
                 for i, h in enumerate(hosts)]
+
+    def _gpus(self, jid: str, nodes: int) -> dict[int, list]:
+        """Node index -> its GPUs' use: one ``srun --overlap`` step inside the job's allocation, one
+        task per node (task i runs on node i of the allocation); {} when that fails."""
+        from ..hostside import _gpu_query, host_command
+        argv = ["srun", f"--jobid={jid}", "--overlap", f"--nodes={nodes}", f"--ntasks={nodes}",
+                "--ntasks-per-node=1", "--label", "--input=none", "--quiet",
+                "sh", "-c", host_command(self.inv.hosts[0].python, _gpu_query, site=False)]
+        try:
+            p = _run(argv, timeout=20)
+        except (OSError, subprocess.TimeoutExpired):
+            return {}
+        out = {}
+        for line in p.stdout.splitlines():
+            task, _, answer = line.partition(": ")
+            try:
+                out[int(task)] = json.loads(answer)
+            except ValueError:
+                continue
+        return out
 
     def first_failure(self, run: Run, nodes: list[NodeStatus]) -> dict:
         """srun names the first task that failed; its own log tail tells why."""

@@ -47,7 +47,8 @@ from ..plan import Plan, default_port, make_plan
 from ..remote import GroupError, Pool, Staged, fold, hint_for, quote_argv
 from ..hostside import _gpu_count, _probe_then_launch, _status, _stop, host_command
 from ..runs import Run, State
-from ..sync import manifest, project_files, pull_logs, push_code, push_run_files, remote_path, shell_path
+from ..sync import (manifest, project_files, pull_logs, pull_metrics, push_code, push_run_files, remote_path,
+                    shell_path)
 from .base import Backend, LogSource, LogTails, NodeStatus, failed_by_itself, progress
 
 MIN_FREE_GB = float(os.environ.get("CLUSTER_MIN_FREE_GB", "1"))
@@ -356,7 +357,8 @@ class SSHBackend(Backend):
         hosts = self._hosts(run)
         pgids = run.data.get("handle", {}).get("pgids", {})
         stdin = {h.name: json.dumps({"workdir": h.workdir, "run_dir": self._run_dir(run), "host": h.name,
-                                     "pgid": pgids.get(h.name), "run_id": run.id}).encode() for h in hosts}
+                                     "pgid": pgids.get(h.name), "run_id": run.id,
+                                     "gpus": self.with_gpus}).encode() for h in hosts}
         res = self.pool.run({h.name: host_command(h.python, _status, site=False) for h in hosts}, stdin=stdin,
                             timeout_s=min(30.0, self.inv.ssh.command_timeout_s), label="status probe (python -c ...)")
         out, aborts = [], {}
@@ -387,6 +389,8 @@ class SSHBackend(Backend):
             else:
                 out.append(NodeStatus(h.name, State.FAILED, pgid, detail="agent gone without an exit record",
                                       heartbeats=hb))
+        for n in out:
+            n.gpus = (_json_of(res[n.host]) or {}).get("gpus") if res[n.host].ok else None
         return _blame_lost(out, aborts, run)
 
     def first_failure(self, run: Run, nodes: list[NodeStatus]) -> dict:
@@ -477,6 +481,12 @@ class SSHBackend(Backend):
         if local.exists():
             return local.read_text(errors="replace").splitlines()[-lines:]
         return []
+
+    def collect_metrics(self, run: Run) -> None:
+        """Every host's runs/<id>/metrics (records, heartbeats, TensorBoard files) into runs/<id>/metrics."""
+        for r in pull_metrics(self._hosts(run), self.inv.ssh, run.id, run.dir / "metrics"):
+            if not r.ok:
+                progress(f"metrics: {r.describe()} (what is here already is used)")
 
     def collect_logs(self, run: Run) -> None:
         results = pull_logs(self._hosts(run), self.inv.ssh, run.id, run.dir / "logs", progress)
