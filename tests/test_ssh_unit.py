@@ -313,6 +313,49 @@ def test_gang_survives_a_clean_run_and_a_lost_agent_stops_the_rest(tmp_path):
             p.kill()
 
 
+def _gang_run(tmp_path):
+    from cluster.runs import Run
+    r = Run("cut-1", tmp_path)
+    r.create({"plan": {"nodes": [{"host": "node1"}, {"host": "node2"}, {"host": "node3"}]}})
+    return r
+
+
+def _cut_nodes(reasons: dict):
+    """Node statuses as status reads them after a cut: a reason per aborted host, None = unreachable."""
+    from cluster.backends.base import NodeStatus
+    from cluster.runs import State
+    nodes, aborts = [], {}
+    for h, why in reasons.items():
+        if why is None:
+            nodes.append(NodeStatus(h, State.UNKNOWN, detail="unreachable: timed out"))
+        else:
+            aborts[h] = {"origin": "?", "reason": why}
+            nodes.append(NodeStatus(h, State.CANCELLED, exit_code=-15, detail=f"stopped by the gang: {why}"))
+    return nodes, aborts
+
+
+@pytest.mark.parametrize("reasons, lost", [
+    # node 0 cut off, still unreachable: both others lost "node 0"
+    ({"node1": None, "node2": "lost node 0 (silent for 15 s)", "node3": "lost node 0 (silent for 15 s)"}, "node1"),
+    # node 0 cut off, back by the time status looks: it lost a peer, the peers lost it
+    ({"node1": "lost node node2 (silent for 15 s)", "node2": "lost node 0 (silent for 15 s)",
+      "node3": "lost node 0 (its agent's connection closed)"}, "node1"),
+    # node3 cut off, back: node 0 (and node2, told by node 0) lost node3; node3 lost node 0
+    ({"node1": "lost node node3 (silent for 15 s)", "node2": "lost node node3 (silent for 15 s)",
+      "node3": "lost node 0 (silent for 15 s)"}, "node3"),
+])
+def test_the_host_cut_off_is_the_failed_node_node_0_included(tmp_path, reasons, lost):
+    from cluster.backends.base import aggregate
+    from cluster.backends.ssh import _blame_lost
+    from cluster.runs import State
+    run = _gang_run(tmp_path)
+    nodes, aborts = _cut_nodes(reasons)
+    nodes = _blame_lost(nodes, aborts, run)
+    assert [n.host for n in nodes if n.state == State.FAILED] == [lost]
+    assert "cut off the network" in next(n.detail for n in nodes if n.host == lost)
+    assert aggregate(nodes, run) == State.FAILED
+
+
 # ---------------------------------------------------------------- logs across a dropped link
 class FlakySource:
     """A host's log that is unreachable for a while (as over SSH); bytes come from offsets."""
