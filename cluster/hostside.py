@@ -90,6 +90,32 @@ def _group_alive(pgid) -> bool:
     return False
 
 
+def _other_runs(wd: str, host: str) -> tuple:
+    """(leftovers, live runs) among the processes of runs in ``wd`` on this host. A run whose agent
+    is alive and has not recorded an exit is live: "running" once its pid file is there, "starting"
+    before (another submit's preflight parked it, or it is writing the pid file now). Processes of
+    a run with no such agent (it was killed, or ended and left them) are leftovers: run id -> pids."""
+    import os
+    left, live = {}, {}
+    for rid, pids in _run_processes(wd).items():
+        state = os.path.join(wd, "runs", rid, "state")
+        agent = False
+        for pid in pids:
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    argv = f.read().split(b"\0")
+            except OSError:
+                continue
+            if b"cluster.agent" in argv and argv[argv.index(b"cluster.agent") - 1] == b"-m":
+                agent = True
+                break
+        if agent and not os.path.exists(os.path.join(state, host + ".exit")):
+            live[rid] = "running" if os.path.exists(os.path.join(state, host + ".pid")) else "starting"
+        else:
+            left[rid] = sorted(pids)
+    return left, live
+
+
 def _probe(a: dict) -> dict:
     import json
     import os
@@ -132,18 +158,7 @@ def _probe(a: dict) -> dict:
     if a.get("manifest") is not None:
         r["stale"] = stale_files(a["workdir"], a["manifest"])
     wd_real = os.path.realpath(wd)
-    left, busy = {}, {}
-    for rid, pids in _run_processes(wd_real).items():
-        state = os.path.join(wd_real, "runs", rid, "state")
-        agent = False
-        try:
-            with open(os.path.join(state, a["host"] + ".pid")) as f:
-                os.kill(json.load(f)["pid"], 0)
-            agent = not os.path.exists(os.path.join(state, a["host"] + ".exit"))
-        except (OSError, ValueError, KeyError):
-            pass
-        (busy if agent else left)[rid] = sorted(pids)
-    r["leftovers"], r["busy"] = left, busy
+    r["leftovers"], r["busy"] = _other_runs(wd_real, a["host"])
     # ports: node 0 binds them and waits for every other node to connect to each
     ports = a.get("ports") or []
     if a.get("role") == "server":
@@ -435,8 +450,8 @@ def _serve(a: dict) -> dict:
             return stop("the run ended")
 
 
-_HELPERS = {"_probe": (_gpu_count, _run_processes, stale_files),
-            "_probe_then_launch": (_gpu_count, _run_processes, stale_files, _probe, _park),
+_HELPERS = {"_probe": (_gpu_count, _run_processes, _other_runs, stale_files),
+            "_probe_then_launch": (_gpu_count, _run_processes, _other_runs, stale_files, _probe, _park),
             "_stop": (_run_processes, _group_alive), "_status": (_group_alive,), "_gpu_count": (), "_serve": (_group_alive,)}
 
 

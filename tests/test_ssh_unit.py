@@ -246,6 +246,16 @@ def test_preflight_differences_and_failures_are_named():
     assert any(l.startswith("  !!  torch") and "<- differs" in l for l in lines)
 
 
+def test_another_live_run_on_a_host_shares_its_cpus_but_not_its_gpus():
+    ok = {"ports": {"29500": "free", "30500": "free"}}
+    lines, problems = report_for({"cpu01": probe_answer(gpus=0, busy={"other-1": "starting"}, **ok)}, gpus=0)
+    assert problems == [] and any(l.startswith("  ok  other runs") and "other-1 (starting)" in l for l in lines)
+    lines, problems = report_for({"gpu01": probe_answer(busy={"other-1": "running"}, **ok)})
+    assert problems == ["gpu01: its 8 GPU(s) are in use by run other-1 (running); a GPU is not shared between "
+                        "runs: wait for it to end, or 'python -m cluster stop other-1'"]
+    assert not any("leftover" in p or "earlier run" in p for p in problems)
+
+
 # ---------------------------------------------------------------- the gang, on this machine
 def start_agents(tmp_path, payloads, port):
     procs = []

@@ -577,9 +577,17 @@ def preflight_report(plan: Plan, hosts: list[Host], res, ports: list[int]) -> tu
         for rid in l:
             problems.append(f"{n}: processes of earlier run {rid} are still running; "
                             f"'python -m cluster stop {rid}' ends them")
+    # other live runs on a host: they share its CPUs and memory, never its GPUs (every run's ranks
+    # use cuda:0..N-1); their ports are checked above
     busy = {n: d["busy"] for n, d in info.items() if d.get("busy")}
+    gpu_clash = {n: b for n, b in busy.items() if info[n].get("gpus")}
     if busy:
-        line(True, "other runs", "; ".join(f"{n}: {', '.join(b)}" for n, b in busy.items()) + " (still running)")
+        line(not gpu_clash, "other runs", "; ".join(
+            f"{n}: " + ", ".join(f"{rid} ({what})" for rid, what in b.items()) for n, b in busy.items()))
+    for n, b in gpu_clash.items():
+        for rid, what in b.items():
+            problems.append(f"{n}: its {info[n]['gpus']} GPU(s) are in use by run {rid} ({what}); a GPU is not "
+                            f"shared between runs: wait for it to end, or 'python -m cluster stop {rid}'")
     stale = {n: d.get("stale") for n, d in info.items() if d.get("stale") is not None}
     if stale:
         line(True, "code", folded({n: "up to date" if s == 0 else f"{s} file(s) to sync" for n, s in stale.items()}))
