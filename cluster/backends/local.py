@@ -163,6 +163,21 @@ class LocalBackend(Backend):
                 for h in run.data.get("handle", {}).get("pgids", {})]
 
 
+def stop_by_run_id(run_id: str, grace_s: float) -> list[str]:
+    """Stop a run on this machine knowing only its id (its record lost): TERM every process that
+    carries its CLUSTER_RUN_ID (the agents forward it to torchrun), wait, KILL what is left."""
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 2.0)):
+        for pid in pids_of_run(run_id):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + wait_s
+        while pids_of_run(run_id) and time.time() < deadline:
+            time.sleep(0.2)
+    return [f"localhost: pid {p} still alive" for p in pids_of_run(run_id)]
+
+
 def _killpg(pgid: int, sig) -> None:
     try:
         os.killpg(pgid, sig)

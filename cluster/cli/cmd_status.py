@@ -1,4 +1,5 @@
 import json
+import sys
 import time
 
 from ..diagnose import render_failure, saved_watch, scaling_for_run
@@ -47,8 +48,13 @@ def run(args):
         print("no runs yet (start one: make submit JOB=resnet50)")
         return 0
     rows = [("RUN", "STATE", "BACKEND", "NODES", "STEP", "IMG/S", "AGE")]
-    out = []
+    out, damaged = [], []
     for r in runs:
+        if r.damaged:          # named below; the other runs go on
+            damaged.append(r.damaged)
+            rows.append((r.id, "DAMAGED", "?", "?", "-", "-", "-"))
+            out.append({"id": r.id, "state": "UNKNOWN", "damaged": r.damaged.message})
+            continue
         state, nodes = _poll(r)
         step, rate = _progress(nodes)
         total = max((hb.get("steps_total") or 0 for n in nodes for hb in n.heartbeats.values()), default=0)
@@ -62,13 +68,17 @@ def run(args):
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    for e in damaged:
+        print(e.render().replace("error: ", "damaged: ", 1), file=sys.stderr)
     return 0
 
 
 def _one(r, as_json):
+    if r.damaged:
+        raise r.damaged
     state, nodes = _poll(r)
     watch = saved_watch(r) if not r.data.get("final") or state.value == "HUNG" else None
-    scaling = scaling_for_run(r, all_runs()) if state.value == "SUCCEEDED" else None
+    scaling = scaling_for_run(r, [o for o in all_runs() if not o.damaged]) if state.value == "SUCCEEDED" else None
     ckpts = checkpoint_sync(r)
     if as_json:
         print(json.dumps({"id": r.id, "state": state.value, "failure": r.data.get("failure"),
