@@ -57,9 +57,13 @@ logs: $(STAMP)
 stop: $(STAMP)
 	$(PY) -m cluster stop $(RUN)
 
+# CMD and HOSTS reach the hosts exactly as typed: through the environment, never spliced into this
+# recipe's shell line ($(value ...): not even make expands a '$' in them); only the hosts' sh reads CMD
+exec: export CLUSTER_EXEC_CMD := $(value CMD)
+exec: export CLUSTER_EXEC_HOSTS := $(value HOSTS)
 exec: $(STAMP)
-	@[ -n "$(CMD)" ] || { echo 'usage: make exec CMD="nvidia-smi -L" [HOSTS=gpu[01-02]] [INVENTORY=...]'; exit 2; }
-	$(PY) -m cluster exec $(if $(INVENTORY),--inventory $(INVENTORY)) $(if $(HOSTS),--hosts '$(HOSTS)') -- sh -c '$(CMD)'
+	@[ -n "$$CLUSTER_EXEC_CMD" ] || { echo 'usage: make exec CMD="nvidia-smi -L" [HOSTS=gpu[01-02]] [INVENTORY=...]'; exit 2; }
+	$(PY) -m cluster exec $(if $(INVENTORY),--inventory $(INVENTORY)) $${CLUSTER_EXEC_HOSTS:+--hosts "$$CLUSTER_EXEC_HOSTS"} -- sh -c "$$CLUSTER_EXEC_CMD"
 
 gpus: $(STAMP)
 	$(PY) -m cluster gpus $(if $(INVENTORY),--inventory $(INVENTORY))
