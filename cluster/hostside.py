@@ -280,6 +280,25 @@ def _probe_then_launch(a: dict) -> dict:
     sys.exit(3)
 
 
+def _rank_states(beats: dict, run_id: str) -> None:
+    """Each live rank's process state from /proc ("R", "S", "D", "T" stopped, "t" traced, "Z"), as
+    ``proc`` in its heartbeat, where its pid is a process of this run here (a container's ranks
+    have pids of their own namespace: no state, rather than a wrong one)."""
+    needle = ("CLUSTER_RUN_ID=" + run_id).encode()
+    for hb in beats.values():
+        pid = hb.get("pid")
+        if hb.get("done") or not isinstance(pid, int):
+            continue
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if needle not in f.read().split(b"\0"):
+                    continue
+            with open(f"/proc/{pid}/stat") as f:
+                hb["proc"] = f.read().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+
+
 def _status(a: dict) -> dict:
     import json
     import os
@@ -306,6 +325,7 @@ def _status(a: dict) -> dict:
             hb = load(os.path.join(mdir, n))
             if hb:
                 beats[str(hb.get("rank", n[14:-5]))] = hb
+    _rank_states(beats, os.path.basename(os.path.normpath(base)))
     return {"pid": pid, "exit": load(os.path.join(base, "state", a["host"] + ".exit")), "alive": alive,
             "heartbeats": beats}
 
@@ -452,7 +472,7 @@ def _serve(a: dict) -> dict:
 
 _HELPERS = {"_probe": (_gpu_count, _run_processes, _other_runs, stale_files),
             "_probe_then_launch": (_gpu_count, _run_processes, _other_runs, stale_files, _probe, _park),
-            "_stop": (_run_processes, _group_alive), "_status": (_group_alive,), "_gpu_count": (), "_serve": (_group_alive,)}
+            "_stop": (_run_processes, _group_alive), "_status": (_group_alive, _rank_states), "_gpu_count": (), "_serve": (_group_alive,)}
 
 
 def host_command(python: str, func, site: bool = True) -> str:

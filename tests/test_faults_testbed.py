@@ -167,6 +167,28 @@ def test_node_0_cut_off_the_network(bed):
     assert st["failure"]["rank"] == 0
 
 
+def test_a_rank_frozen_by_sigstop_is_named_as_the_hang(bed):
+    """SIGSTOP to node2's rank: every rank stops at the same step (the others wait in the next
+    all-reduce); HUNG names rank 1 on node2 by its process state, not every rank as behind."""
+    job = TRAIN.format(steps=STEPS, log_every=2) + "hang_timeout_s: 20\nstartup_timeout_s: 20\n"
+    rid, _ = bed.submit(bed.job(job))
+    wait_step(bed, rid, 6)
+    pid = [l.split()[0] for l in bed.run_pids("node2", rid) if " -m train " in l and "torch.distributed.run" not in l]
+    assert len(pid) == 1, bed.run_pids("node2", rid)
+    assert bed.tb.run("node2", ["kill", "-STOP", pid[0]]).returncode == 0
+    try:
+        st = bed.wait(rid, states=("HUNG",), timeout=120)
+        text = bed.cli("status", rid).stdout
+        assert "hung: rank 1 (node2) is stopped (process state T" in text, text
+        assert "rank 0 (" not in text.split("hung:", 1)[1] and "rank 2 (" not in text.split("hung:", 1)[1], text
+        assert st["watch"]["behind"] == [1], st["watch"]
+    finally:
+        bed.tb.run("node2", ["kill", "-CONT", pid[0]])
+        p = bed.cli("stop", rid, "--grace-s", "3")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert not bed.left_anywhere(rid)
+
+
 def _env_has(pid, entry):
     try:
         return entry.encode() in open(f"/proc/{pid}/environ", "rb").read().split(b"\0")

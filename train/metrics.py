@@ -50,7 +50,8 @@ class MetricsWriter:
             return
         self._last_beat = now
         self._sticky = {**getattr(self, "_sticky", {}), **{k: v for k, v in extra.items() if k == "img_s"}}
-        beat = {"step": step, "time": round(now, 3), "rank": self.rank, "host": self.host,
+        # pid: status reads the rank's process state (a rank stopped by SIGSTOP hangs every rank)
+        beat = {"step": step, "time": round(now, 3), "rank": self.rank, "host": self.host, "pid": os.getpid(),
                 "done": done, "steps_total": self.steps_total, **self._sticky, **extra}
         atomic_write_text(self.dir / f"heartbeat-rank{self.rank}.json", json.dumps(beat) + "\n")
 

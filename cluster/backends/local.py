@@ -13,6 +13,7 @@ from pathlib import Path
 from ..config import REPO
 from ..errors import UserError
 from ..plan import Plan
+from ..hostside import _rank_states
 from ..runs import Run, State
 from .base import Backend, LogSource, NodeStatus, progress
 
@@ -124,6 +125,7 @@ class LocalBackend(Backend):
                 d = _read_json(f)
                 if d:   # one host: every heartbeat here is this node's
                     hb[int(d.get("rank", f.stem.rsplit("rank", 1)[1]))] = d
+            _rank_states(hb, run.id)
             if exit_info is not None:
                 code = exit_info.get("code")
                 st = State.SUCCEEDED if code == 0 else (

@@ -2,7 +2,7 @@ import json
 import sys
 import time
 
-from ..diagnose import render_failure, saved_watch, scaling_for_run
+from ..diagnose import STOPPED_STATES, render_failure, saved_watch, scaling_for_run
 from ..errors import UserError
 from ..runs import all_runs, resolve
 from ..submit import backend_for
@@ -98,6 +98,8 @@ def _one(r, as_json):
             rate += f" {p['rate']:.2f} step/s" if p.get("rate") is not None else ""
             total = f"/{hb['steps_total']}" if hb.get("steps_total") else ""
             flag = {"hung": "  HUNG", "straggler": "  STRAGGLER"}.get(p.get("flag"), "")
+            if hb.get("proc") in STOPPED_STATES:
+                flag += f"  process stopped (state {hb['proc']})"
             print(f"    rank {rank:<3} step {hb.get('step')}{total}{rate}  heartbeat {_age(hb.get('time'))} ago"
                   + ("  done" if hb.get("done") else "") + flag)
     waiting = [p for p in progress.values() if p.get("step") is None]
