@@ -336,6 +336,11 @@ def watch(heartbeats: Mapping[int, Mapping], memo: Optional[dict] = None, *, now
             continue
         step, t = hb["step"], float(hb.get("time") or now)
         m = seen.setdefault(str(r), {"first": step, "last": [step, t]})
+        if step < m["last"][0]:
+            # a new attempt (a requeue, a restart) resumed from an earlier checkpoint: its rate
+            # starts over, from this attempt's heartbeats alone (never a negative rate)
+            m.clear()
+            m.update(first=step, last=[step, t])
         if t > m["last"][1] and step != m["last"][0]:
             m["prev"], m["last"] = m["last"], [step, t]
         m["first"] = min(m["first"], step)

@@ -165,3 +165,10 @@ def test_unknown_job_lists_known_ones(capsys):
     assert main(["plan", "nosuchjob"]) == 2
     err = capsys.readouterr().err
     assert "no job named 'nosuchjob'" in err and "resnet50" in err
+
+
+def test_the_profile_notice_shows_the_values_that_run():
+    """steps=60 on a machine without GPU: the cpu profile says 30, the override wins, the notice says so."""
+    loaded = load_job("resnet50", ["steps=60"], profile="cpu")
+    assert loaded.job.train["steps"] == 60
+    assert "steps=60 (override; the profile's: 30)" in loaded.notes[0] and "batch_size=8" in loaded.notes[0]

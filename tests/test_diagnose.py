@@ -175,6 +175,18 @@ def test_a_stopped_rank_is_the_one_behind_though_every_rank_waits_at_its_step():
     assert w.reason.startswith("rank 1 (gpu01) is stopped (process state T") and "wait for it at step 24" in w.reason
 
 
+def test_rates_after_a_requeue_come_from_the_new_attempt_never_negative():
+    kw = dict(world_size=1, hang_timeout_s=600, startup_timeout_s=600)
+    w = dg.watch({0: hb(28, 100.0)}, None, now=100.0, **kw)
+    w = dg.watch({0: hb(30, 102.0)}, w.memo, now=102.0, **kw)
+    assert w.ranks[0].rate == 1.0
+    # requeued: the new attempt resumed from ckpt_20 and has written one heartbeat
+    w = dg.watch({0: hb(20, 400.0)}, w.memo, now=400.0, **kw)
+    assert w.ranks[0].rate is None and w.ranks[0].step == 20
+    w = dg.watch({0: hb(24, 402.0)}, w.memo, now=402.0, **kw)
+    assert w.ranks[0].rate == 2.0
+
+
 def test_done_ranks_never_hang():
     w = dg.watch({0: hb(1000, 100.0, done=True), 1: hb(1000, 100.0, done=True)}, {"since": 0}, now=10_000.0,
                  world_size=2, hang_timeout_s=60)
