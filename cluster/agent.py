@@ -178,7 +178,18 @@ def park(fd: int, payload: list[str], preload: list[str]) -> Optional["ForkedTor
         line = f.readline()
     if not line.startswith(b"GO"):
         if forked is not None:
-            os.killpg(os.getpgrp(), signal.SIGKILL)    # the fork, its fork server, and us
+            import shutil
+            others, deadline = run_members(), time.time() + 5     # the fork and its fork server
+            while others and time.time() < deadline:
+                for pid in others:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                time.sleep(0.02)
+                others = run_members()
+            shutil.rmtree(forked.tmp, ignore_errors=True)
+            os.killpg(os.getpgrp(), signal.SIGKILL)    # anything left, and us
         os._exit(0)
     go = json.loads(line[2:] or b"{}")
     if go.get("out"):
@@ -199,6 +210,10 @@ class ForkedTorchrun:
     def __init__(self, payload: list[str], preload: list[str], close: int):
         out_r, out_w = os.pipe()
         gate_r, self._gate = os.pipe()
+        # multiprocessing's temporary directory (the fork server's socket), made here so that the
+        # agent removes it when the run ends: a fork server killed with the group cannot
+        import tempfile
+        self.tmp = tempfile.mkdtemp(prefix="pymp-")
         sys.stdout.flush()
         sys.stderr.flush()
         pid = os.fork()
@@ -206,6 +221,8 @@ class ForkedTorchrun:
             os.close(out_r)
             os.close(self._gate)
             os.close(close)
+            import multiprocessing.process
+            multiprocessing.process.current_process()._config["tempdir"] = self.tmp   # util.get_temp_dir()
             self._child(gate_r, out_w, payload, preload)
         os.close(gate_r)
         os.close(out_w)
@@ -275,6 +292,8 @@ class ForkedTorchrun:
             os.close(self._gate)
             self._gate = None
             os.waitpid(self.pid, 0)
+            import shutil
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
     def poll(self):
         if self.returncode is None:
@@ -568,9 +587,10 @@ def main(argv: list[str] | None = None) -> int:
             return 1
 
     # torchrun keeps its own per-rank files in the run's state dir rather than in /tmp
-    if payload and "torch.distributed.run" in payload[:3]:
-        i = payload.index("torch.distributed.run") + 1
-        payload = payload[:i] + [f"--log-dir={state}/{host}.torchrun"] + payload[i:]
+    # (also inside a container's command: the workdir is mounted at the same path)
+    i = next((i for i in range(1, len(payload)) if payload[i - 1:i + 1] == ["-m", "torch.distributed.run"]), None)
+    if i is not None and not any(a.startswith(("--log-dir", "--log_dir")) for a in payload[i + 1:]):
+        payload = payload[:i + 1] + [f"--log-dir={state}/{host}.torchrun"] + payload[i + 1:]
     note(f"starting on {socket.gethostname()} (pid {os.getpid()}): " + " ".join(payload))
     try:
         if forked is not None:
@@ -657,6 +677,9 @@ def main(argv: list[str] | None = None) -> int:
     left = end_group(grace_s=1.0 if aborted else 3.0)
     if left:
         note(f"could not end pid(s) {', '.join(map(str, left))} of this run's process group")
+    elif forked is not None:
+        import shutil
+        shutil.rmtree(forked.tmp, ignore_errors=True)
     reader.join(5.0)
     extra: dict = {"signal": stopping["signal"]}
     if aborted:

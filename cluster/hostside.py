@@ -236,6 +236,11 @@ def _probe_then_launch(a: dict) -> dict:
     line = sys.stdin.readline()
     if not line.startswith("GO "):
         if parked:
+            os.close(parked[1])                 # EOF: the agent ends what it forked and its temp dir
+            try:
+                parked[0].wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
             try:
                 os.killpg(parked[0].pid, 9)     # its own session: the agent and what it forked
             except ProcessLookupError:
