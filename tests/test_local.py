@@ -79,6 +79,14 @@ def test_train_run_to_completion_with_logs_status_checkpoint(tmp_path):
     from cluster.report import read_metrics
     losses = [r["loss_mean"] for r in read_metrics(runs / rid / "metrics")[0] if r.get("kind") == "train"]
     assert losses[-1] < losses[0], losses
+    # one run's mean throughput, said twice and labelled: train's summary (all ranks, from the
+    # step it names) and the report's 'all' row (the sum of the ranks' means over those steps)
+    summary = [r for r in read_metrics(runs / rid / "metrics")[0] if r.get("kind") == "summary"][-1]
+    assert f"mean_img_s={summary['mean_img_s']} mean_from_step={summary['mean_from_step']}" in logs
+    rep = cli(runs, "report", rid)
+    assert rep.returncode == 0 and "img/s mean" in rep.stdout, rep.stdout + rep.stderr
+    total = float(next(l for l in rep.stdout.splitlines() if l.split()[:1] == ["all"]).split()[2])
+    assert abs(total - summary["mean_img_s"]) <= 0.05 * summary["mean_img_s"], (total, summary)
     # resume: a new run continues from the old run's last checkpoint, not from step 0
     rid2 = submit(runs, "resnet50", "--resume", rid, "train.model=resnet18", "train.image_size=32",
                   "train.steps=15", "train.ckpt_every=6", "train.log_every=3", "train.data=synthetic-learnable")

@@ -90,7 +90,7 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
     metrics.log({"kind": "start", "step": pos.step, "epoch": pos.epoch, "world_size": env.world_size,
                  "steps_total": total})
     metrics.heartbeat(pos.step)
-    clock = Clock(env.device, pos.step, total, samples_per_step)
+    clock = Clock(env.device, pos.step, total, samples_per_step, cfg.log_every)
     loss_sum = torch.zeros((), device=env.device)  # summed on the device: no host sync per step
     last = {"loss": math.nan, "top1": None, "top5": None}
     saved_at = pos.step
@@ -126,8 +126,9 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
     except BaseException as e:
         metrics.heartbeat(pos.step, error=f"{type(e).__name__}: {e}"[:300])
         raise
+    # mean_img_s: all ranks, steps mean_from_step..steps (status and report label theirs alike)
     summary = {"steps": pos.step, "time_s": round(clock.elapsed(), 2), "mean_img_s": round(clock.mean_img_s(), 1),
-               "final_loss": round(last["loss"], 4)}
+               "mean_from_step": clock.steady_from, "final_loss": round(last["loss"], 4)}
     if last["top1"] is not None:
         summary.update(top1=round(last["top1"], 2), top5=round(last["top5"], 2))
     if env.device.type == "cuda":
@@ -198,14 +199,19 @@ class Clock:
 
     The first tenth of the run's steps (at least one) is left out of mean_img_s: it holds
     compilation, cuDNN autotuning and allocator warmup. Both ends are taken at steps, so the
-    final validation and checkpoint do not count."""
+    final validation and checkpoint do not count. The mean starts at a logged step, so that
+    the per-rank intervals after it (metrics, `cluster report`) cover the same steps."""
 
-    def __init__(self, device: torch.device, start_step: int, total: int, samples_per_step: int):
+    def __init__(self, device: torch.device, start_step: int, total: int, samples_per_step: int,
+                 log_every: int = 1):
         self.device, self.samples_per_step, self.total = device, samples_per_step, total
         self.start = self.last = self.end = time.perf_counter()
         self.last_step = start_step
         run = total - start_step
         self.steady_from = start_step + (max(1, run // 10) if run > 1 else 0)
+        aligned = -(-self.steady_from // max(1, log_every)) * max(1, log_every)
+        if self.steady_from > start_step and aligned < total:
+            self.steady_from = aligned
         self.steady_start = self.start if self.steady_from == start_step else None
 
     def sync(self) -> float:
@@ -252,7 +258,7 @@ def log_progress(env: DistEnv, metrics: MetricsWriter, clock: Clock, pos: Positi
     metrics.log(record)
     metrics.heartbeat(pos.step, img_s=record["img_s"])
     print0(env, f"step {pos.step}/{total} loss {mean_loss:.4f} lr {lr:.4g} {total_img_s:.0f} img/s "
-                f"{record['step_ms']:.1f} ms/step")
+                f"{record['step_ms']:.1f} ms/step (all ranks, last {steps} step(s))")
     return mean_loss
 
 

@@ -24,7 +24,7 @@ def _age(t):
 
 
 def _progress(nodes):
-    """(last step, summed img/s) from the ranks' heartbeats."""
+    """(last step, img/s of all ranks over their last logged interval) from the ranks' heartbeats."""
     hbs = [hb for n in nodes for hb in n.heartbeats.values()]
     if not hbs:
         return None, None
@@ -47,7 +47,8 @@ def run(args):
     if not runs:
         print("no runs yet (start one: make submit JOB=resnet50)")
         return 0
-    rows = [("RUN", "STATE", "BACKEND", "NODES", "STEP", "IMG/S", "AGE")]
+    # IMG/S NOW: all ranks, each over its last logged interval (a run's mean is in its summary line)
+    rows = [("RUN", "STATE", "BACKEND", "NODES", "STEP", "IMG/S NOW", "AGE")]
     out, damaged = [], []
     for r in runs:
         if r.damaged:          # named below; the other runs go on
@@ -94,7 +95,7 @@ def _one(r, as_json):
         print(f"  {n.host:<16} {n.state.value:<10} pid {n.pid}{extra} {n.detail}".rstrip())
         for rank in sorted(n.heartbeats):
             hb, p = n.heartbeats[rank], progress.get(int(rank), {})
-            rate = f" {hb['img_s']:.1f} img/s" if hb.get("img_s") else ""
+            rate = f" {hb['img_s']:.1f} img/s (rank, last interval)" if hb.get("img_s") else ""
             rate += f" {p['rate']:.2f} step/s" if p.get("rate") is not None else ""
             total = f"/{hb['steps_total']}" if hb.get("steps_total") else ""
             flag = {"hung": "  HUNG", "straggler": "  STRAGGLER"}.get(p.get("flag"), "")
@@ -102,6 +103,9 @@ def _one(r, as_json):
                 flag += f"  process stopped (state {hb['proc']})"
             print(f"    rank {rank:<3} step {hb.get('step')}{total}{rate}  heartbeat {_age(hb.get('time'))} ago"
                   + ("  done" if hb.get("done") else "") + flag)
+    _, now = _progress(nodes)
+    if now is not None and not state.is_terminal():
+        print(f"  {now:.1f} img/s now (all ranks, each over its last logged interval)")
     waiting = [p for p in progress.values() if p.get("step") is None]
     if waiting:
         print("  no heartbeat yet from rank(s) " + ", ".join(str(p["rank"]) for p in waiting))
