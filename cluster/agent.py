@@ -587,10 +587,9 @@ def main(argv: list[str] | None = None) -> int:
             return 1
 
     # torchrun keeps its own per-rank files in the run's state dir rather than in /tmp
-    # (also inside a container's command: the workdir is mounted at the same path)
-    i = next((i for i in range(1, len(payload)) if payload[i - 1:i + 1] == ["-m", "torch.distributed.run"]), None)
-    if i is not None and not any(a.startswith(("--log-dir", "--log_dir")) for a in payload[i + 1:]):
-        payload = payload[:i + 1] + [f"--log-dir={state}/{host}.torchrun"] + payload[i + 1:]
+    if payload and "torch.distributed.run" in payload[:3]:
+        i = payload.index("torch.distributed.run") + 1
+        payload = payload[:i] + [f"--log-dir={state}/{host}.torchrun"] + payload[i:]
     note(f"starting on {socket.gethostname()} (pid {os.getpid()}): " + " ".join(payload))
     try:
         if forked is not None:
