@@ -57,9 +57,14 @@ logs: $(STAMP)
 stop: $(STAMP)
 	$(PY) -m cluster stop $(RUN)
 
+# CMD and HOSTS reach the hosts exactly as typed: through the environment, never spliced into this
+# recipe's shell line ($(value ...): not even make expands a '$' in them); only the hosts' sh reads CMD
+exec: export CLUSTER_EXEC_CMD := $(value CMD)
+exec: export CLUSTER_EXEC_HOSTS := $(value HOSTS)
+exec: export CLUSTER_EXEC_RUN := $(value RUN)
 exec: $(STAMP)
-	@[ -n "$(CMD)" ] || { echo 'usage: make exec CMD="nvidia-smi -L" [HOSTS=gpu[01-02]] [RUN=id] [INVENTORY=...]'; exit 2; }
-	$(PY) -m cluster exec $(if $(INVENTORY),--inventory $(INVENTORY)) $(if $(RUN),--run $(RUN)) $(if $(HOSTS),--hosts '$(HOSTS)') -- sh -c '$(CMD)'
+	@[ -n "$$CLUSTER_EXEC_CMD" ] || { echo 'usage: make exec CMD="nvidia-smi -L" [HOSTS=gpu[01-02]] [RUN=id] [INVENTORY=...]'; exit 2; }
+	$(PY) -m cluster exec $(if $(INVENTORY),--inventory $(INVENTORY)) $${CLUSTER_EXEC_RUN:+--run "$$CLUSTER_EXEC_RUN"} $${CLUSTER_EXEC_HOSTS:+--hosts "$$CLUSTER_EXEC_HOSTS"} -- sh -c "$$CLUSTER_EXEC_CMD"
 
 gpus: $(STAMP)
 	$(PY) -m cluster gpus $(if $(INVENTORY),--inventory $(INVENTORY))

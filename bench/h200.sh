@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything for one GPU-host call, in one command (the device tool's `run`, or any GPU box):
+# Everything for one GPU host, in one command (any GPU box):
 #
 #   bash bench/h200.sh                 # env + bench (plan "current": verify, naive, train/ +- tune_kernels)
 #   PLAN=first bash bench/h200.sh      # the first round's plan

@@ -196,7 +196,18 @@ def park(fd: int, payload: list[str], preload: list[str]) -> Optional["ForkedTor
         line = f.readline()
     if not line.startswith(b"GO"):
         if forked is not None:
-            os.killpg(os.getpgrp(), signal.SIGKILL)    # the fork, its fork server, and us
+            import shutil
+            others, deadline = run_members(), time.time() + 5     # the fork and its fork server
+            while others and time.time() < deadline:
+                for pid in others:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                time.sleep(0.02)
+                others = run_members()
+            shutil.rmtree(forked.tmp, ignore_errors=True)
+            os.killpg(os.getpgrp(), signal.SIGKILL)    # anything left, and us
         os._exit(0)
     go = json.loads(line[2:] or b"{}")
     if go.get("out"):
@@ -217,6 +228,10 @@ class ForkedTorchrun:
     def __init__(self, payload: list[str], preload: list[str], close: int):
         out_r, out_w = os.pipe()
         gate_r, self._gate = os.pipe()
+        # multiprocessing's temporary directory (the fork server's socket), made here so that the
+        # agent removes it when the run ends: a fork server killed with the group cannot
+        import tempfile
+        self.tmp = tempfile.mkdtemp(prefix="pymp-")
         sys.stdout.flush()
         sys.stderr.flush()
         pid = os.fork()
@@ -224,6 +239,8 @@ class ForkedTorchrun:
             os.close(out_r)
             os.close(self._gate)
             os.close(close)
+            import multiprocessing.process
+            multiprocessing.process.current_process()._config["tempdir"] = self.tmp   # util.get_temp_dir()
             self._child(gate_r, out_w, payload, preload)
         os.close(gate_r)
         os.close(out_w)
@@ -294,6 +311,8 @@ class ForkedTorchrun:
             os.close(self._gate)
             self._gate = None
             os.waitpid(self.pid, 0)
+            import shutil
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
     def poll(self):
         if self.returncode is None:
@@ -680,6 +699,9 @@ def main(argv: list[str] | None = None) -> int:
     left = end_group(grace_s=1.0 if aborted else 3.0)
     if left:
         note(f"could not end pid(s) {', '.join(map(str, left))} of this run's process group")
+    elif forked is not None:
+        import shutil
+        shutil.rmtree(forked.tmp, ignore_errors=True)
     reader.join(5.0)
     extra: dict = {"signal": stopping["signal"]}
     if aborted:

@@ -552,6 +552,8 @@ def load_job(name: str, overrides: list[str] = (), *, profile: Optional[str] = N
         src.lines[tuple(parts)] = 0
     if isinstance(data.get("data"), dict) and isinstance(data.get("train"), dict) and "path" in data["data"]:
         data["train"].setdefault("data", data["data"]["path"])   # train on the staged copy
+    if notes:       # the notice shows what runs: an override of a profile's key wins over the profile
+        notes[0] = f"applying profile {profile}: " + " ".join(_effective(prof, data))
     osrc = _OverrideSource(src, overrides)
     job: Job = build(Job, data, osrc)
     _check_job(job, osrc)
@@ -709,6 +711,18 @@ def _deep_merge(dst: dict, src: Mapping) -> None:
             _deep_merge(dst[k], v)
         else:
             dst[k] = copy.deepcopy(v)
+
+
+def _effective(prof: Mapping, data: Mapping):
+    """``key=value`` of each setting of a profile as the job has it after the overrides."""
+    for k, v in prof.items():
+        now = data.get(k) if isinstance(data, Mapping) else None
+        if isinstance(v, Mapping):
+            yield from _effective(v, now if isinstance(now, Mapping) else {})
+        elif now != v:
+            yield f"{k}={now} (override; the profile's: {v})"
+        else:
+            yield f"{k}={v}"
 
 
 def _flatten(d: Mapping, prefix: str = ""):

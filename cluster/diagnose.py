@@ -285,6 +285,7 @@ class RankProgress:
     stalled_s: Optional[float]     # since the rank's last heartbeat (its clock) or since start
     done: bool
     flag: str = ""                 # "", "starting", "hung", "straggler", "done"
+    proc: Optional[str] = None     # the rank's process state where status could read it (T: stopped)
 
 
 @dataclass
@@ -299,6 +300,9 @@ class Watch:
     def to_dict(self) -> dict:
         return {"hung": self.hung, "behind": self.behind, "stragglers": self.stragglers,
                 "reason": self.reason, "ranks": [asdict(r) for r in self.ranks]}
+
+
+STOPPED_STATES = ("T", "t")      # /proc/<pid>/stat: stopped by a signal, stopped by a tracer
 
 
 def watch(heartbeats: Mapping[int, Mapping], memo: Optional[dict] = None, *, now: Optional[float] = None,
@@ -342,6 +346,11 @@ def watch(heartbeats: Mapping[int, Mapping], memo: Optional[dict] = None, *, now
             continue
         step, t = hb["step"], float(hb.get("time") or now)
         m = seen.setdefault(str(r), {"first": step, "last": [step, t]})
+        if step < m["last"][0]:
+            # a new attempt (a requeue, a restart) resumed from an earlier checkpoint: its rate
+            # starts over, from this attempt's heartbeats alone (never a negative rate)
+            m.clear()
+            m.update(first=step, last=[step, t])
         if t > m["last"][1] and step != m["last"][0]:
             m["prev"], m["last"] = m["last"], [step, t]
         m["first"] = min(m["first"], step)
@@ -357,23 +366,30 @@ def watch(heartbeats: Mapping[int, Mapping], memo: Optional[dict] = None, *, now
             hung.append(r)
         out.append(RankProgress(r, hb.get("host"), step, hb.get("steps_total"),
                                 None if rate is None else round(rate, 3), hb.get("img_s"),
-                                round(stalled, 1), done, flag))
+                                round(stalled, 1), done, flag, hb.get("proc")))
     w = Watch(out, hung=hung, memo=memo)
     live = [p for p in out if p.step is not None and not p.done]
     if hung:
         steps = [p.step for p in live]
         low = min(steps) if steps else None
-        w.behind = [p.rank for p in out if p.step is None and p.flag == "hung"] or \
+        # a rank whose process is stopped (SIGSTOP, Ctrl-Z, a debugger) holds every other rank in
+        # the next collective at the same step: its process state names it, the steps cannot
+        stopped = [p.rank for p in live if p.rank in hung and p.proc in STOPPED_STATES]
+        w.behind = stopped or [p.rank for p in out if p.step is None and p.flag == "hung"] or \
                    ([p.rank for p in live if p.step == low] if steps and low < max(steps) else list(hung))
         parts = []
         for p in out:
             if p.rank in w.behind:
                 parts.append(f"rank {p.rank}" + (f" ({p.host})" if p.host else "") +
+                             (f" is stopped (process state {p.proc}: SIGSTOP, Ctrl-Z or a debugger)"
+                              if p.rank in stopped else "") +
                              (f" at step {p.step}, no progress for {p.stalled_s:.0f}s" if p.step is not None
                               else f" has not sent a heartbeat in {p.stalled_s:.0f}s" if activity is None
                               else f" no output and no CPU for {p.stalled_s:.0f}s (no heartbeats)"))
         others = sorted({p.step for p in live if p.rank not in w.behind})
-        w.reason = "; ".join(parts) + (f" (others at step {others[-1]})" if others else "")
+        w.reason = "; ".join(parts) + (
+            f" (the others wait for it at step {others[-1]})" if stopped and others else
+            f" (others at step {others[-1]})" if others else "")
     else:
         w.stragglers = _stragglers(live, straggler_steps, straggler_fraction)
         w.ranks = [replace(p, flag="straggler") if p.rank in w.stragglers else p for p in out]

@@ -153,6 +153,32 @@ def _job_python(argv0: str) -> dict:
         return {"argv0": argv0, "error": getattr(e, "strerror", None) or str(e) or type(e).__name__}
 
 
+def _other_runs(wd: str, host: str) -> tuple:
+    """(leftovers, live runs) among the processes of runs in ``wd`` on this host. A run whose agent
+    is alive and has not recorded an exit is live: "running" once its pid file is there, "starting"
+    before (another submit's preflight parked it, or it is writing the pid file now). Processes of
+    a run with no such agent (it was killed, or ended and left them) are leftovers: run id -> pids."""
+    import os
+    left, live = {}, {}
+    for rid, pids in _run_processes(wd).items():
+        state = os.path.join(wd, "runs", rid, "state")
+        agent = False
+        for pid in pids:
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    argv = f.read().split(b"\0")
+            except OSError:
+                continue
+            if b"cluster.agent" in argv and argv[argv.index(b"cluster.agent") - 1] == b"-m":
+                agent = True
+                break
+        if agent and not os.path.exists(os.path.join(state, host + ".exit")):
+            live[rid] = "running" if os.path.exists(os.path.join(state, host + ".pid")) else "starting"
+        else:
+            left[rid] = sorted(pids)
+    return left, live
+
+
 def _probe(a: dict) -> dict:
     import json
     import os
@@ -197,18 +223,7 @@ def _probe(a: dict) -> dict:
     if a.get("manifest") is not None:
         r["stale"] = stale_files(a["workdir"], a["manifest"])
     wd_real = os.path.realpath(wd)
-    left, busy = {}, {}
-    for rid, pids in _run_processes(wd_real).items():
-        state = os.path.join(wd_real, "runs", rid, "state")
-        agent = False
-        try:
-            with open(os.path.join(state, a["host"] + ".pid")) as f:
-                os.kill(json.load(f)["pid"], 0)
-            agent = not os.path.exists(os.path.join(state, a["host"] + ".exit"))
-        except (OSError, ValueError, KeyError):
-            pass
-        (busy if agent else left)[rid] = sorted(pids)
-    r["leftovers"], r["busy"] = left, busy
+    r["leftovers"], r["busy"] = _other_runs(wd_real, a["host"])
     # ports: node 0 binds them and waits for every other node to connect to each
     ports = a.get("ports") or []
     if a.get("role") == "server":
@@ -286,6 +301,11 @@ def _probe_then_launch(a: dict) -> dict:
     line = sys.stdin.readline()
     if not line.startswith("GO "):
         if parked:
+            os.close(parked[1])                 # EOF: the agent ends what it forked and its temp dir
+            try:
+                parked[0].wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
             try:
                 os.killpg(parked[0].pid, 9)     # its own session: the agent and what it forked
             except ProcessLookupError:
@@ -330,6 +350,25 @@ def _probe_then_launch(a: dict) -> dict:
     sys.exit(3)
 
 
+def _rank_states(beats: dict, run_id: str) -> None:
+    """Each live rank's process state from /proc ("R", "S", "D", "T" stopped, "t" traced, "Z"), as
+    ``proc`` in its heartbeat, where its pid is a process of this run here (a container's ranks
+    have pids of their own namespace: no state, rather than a wrong one)."""
+    needle = ("CLUSTER_RUN_ID=" + run_id).encode()
+    for hb in beats.values():
+        pid = hb.get("pid")
+        if hb.get("done") or not isinstance(pid, int):
+            continue
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if needle not in f.read().split(b"\0"):
+                    continue
+            with open(f"/proc/{pid}/stat") as f:
+                hb["proc"] = f.read().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+
+
 def _status(a: dict) -> dict:
     import json
     import os
@@ -356,6 +395,7 @@ def _status(a: dict) -> dict:
             hb = load(os.path.join(mdir, n))
             if hb:
                 beats[str(hb.get("rank", n[14:-5]))] = hb
+    _rank_states(beats, os.path.basename(os.path.normpath(base)))
     out = {"pid": pid, "exit": load(os.path.join(base, "state", a["host"] + ".exit")), "alive": alive,
            "heartbeats": beats}
     if alive and a.get("run_id"):
@@ -508,9 +548,10 @@ def _serve(a: dict) -> dict:
             return stop("the run ended")
 
 
-_HELPERS = {"_probe": (_gpu_count, _run_processes, stale_files, _job_python),
-            "_probe_then_launch": (_gpu_count, _run_processes, stale_files, _job_python, _probe, _park),
-            "_stop": (_run_processes, _group_alive), "_status": (_group_alive, _run_processes, _activity, _gpu_query),
+_HELPERS = {"_probe": (_gpu_count, _run_processes, _other_runs, stale_files, _job_python),
+            "_probe_then_launch": (_gpu_count, _run_processes, _other_runs, stale_files, _job_python, _probe, _park),
+            "_stop": (_run_processes, _group_alive),
+            "_status": (_group_alive, _run_processes, _activity, _gpu_query, _rank_states),
             "_gpu_count": (), "_gpu_query": (), "_serve": (_group_alive,)}
 
 

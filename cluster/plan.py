@@ -88,8 +88,15 @@ def default_port(run_id: str) -> int:
     return 29500 + zlib.crc32(run_id.encode()) % 1000
 
 
-def procs_for(host_gpus: int, job: Job) -> int:
+def procs_for(host_gpus: int, job: Job, hint: str = "") -> int:
+    """Processes per node: one per GPU, or ``cpu_procs_per_node`` without GPUs. A job that asks
+    for GPUs (``gpus_per_node`` N > 0) on nodes with none is refused, never run on CPUs instead."""
     if host_gpus <= 0:
+        if isinstance(job.gpus_per_node, int) and job.gpus_per_node > 0:
+            raise UserError(f"the job asks for {job.gpus_per_node} GPU(s) per node, but the nodes have none",
+                            where="job", key="gpus_per_node",
+                            hint=hint or "set the hosts' gpus in the inventory (or 'auto' to detect them), or "
+                                         "drop gpus_per_node to run cpu_procs_per_node CPU processes per node")
         return job.cpu_procs_per_node
     if job.gpus_per_node == "auto":
         return host_gpus

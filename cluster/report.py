@@ -70,10 +70,20 @@ def summarize(metrics: dict[int, list[dict]]) -> list[dict]:
         train = train_records(metrics[rank])
         if not train:
             continue
-        # the first interval holds start-up (compile, warm caches): leave it out of the means
-        steady = train[1:] or train
+        # the steps train's summary averaged over (mean_from_step: start-up left out), else all but
+        # the first interval; time-weighted, so that the ranks' sum is the summary's mean_img_s
+        summary = next((r for r in reversed(metrics[rank]) if r.get("kind") == "summary"), {})
+        since = summary.get("mean_from_step", train[0]["step"])
+        steady, secs = [], []
+        for prev, r in zip(train, train[1:]):
+            if since <= prev["step"] < r["step"]:       # an interval wholly in the averaged steps
+                steady.append(r)
+                secs.append(r["step_ms"] * (r["step"] - prev["step"]) / 1000)
+        img_s = sum(r["img_s"] * t for r, t in zip(steady, secs)) / sum(secs) if sum(secs) > 0 else \
+            mean(r["img_s"] for r in train)
+        steady = steady or train
         val = [r for r in metrics[rank] if r.get("kind") == "val"]
-        rows.append({"rank": rank, "steps": train[-1]["step"], "img_s": mean(r["img_s"] for r in steady),
+        rows.append({"rank": rank, "steps": train[-1]["step"], "img_s": img_s,
                      "step_ms": mean(r["step_ms"] for r in steady),
                      "final_loss": train[-1].get("loss_mean", train[-1].get("loss")),
                      "top1": val[-1]["top1"] if val else None, "top5": val[-1]["top5"] if val else None,
@@ -92,12 +102,13 @@ def report(run: Run, output: Optional[str] = None) -> int:
         raise UserError(f"run {run.id} has no metrics yet ({run.dir / 'metrics'})",
                         hint="metrics appear after the first log interval of a train job")
     pct = lambda v: "-" if v is None else f"{100 * v:.0f}%"
-    print(f"{'rank':>4}  {'steps':>6}  {'img/s':>9}  {'ms/step':>8}  {'data':>5}  {'comm':>5}  {'loss':>8}  {'top1':>6}")
+    # img/s: each rank's mean over the run (start-up left out, as train's summary); 'all': their sum
+    print(f"{'rank':>4}  {'steps':>6}  {'img/s mean':>10}  {'ms/step':>8}  {'data':>5}  {'comm':>5}  {'loss':>8}  {'top1':>6}")
     for r in rows:
         top1 = f"{r['top1']:.3f}" if r["top1"] is not None else "-"
-        print(f"{r['rank']:>4}  {r['steps']:>6}  {r['img_s']:>9.1f}  {r['step_ms']:>8.1f}  {pct(r['data_share']):>5}  "
+        print(f"{r['rank']:>4}  {r['steps']:>6}  {r['img_s']:>10.1f}  {r['step_ms']:>8.1f}  {pct(r['data_share']):>5}  "
               f"{pct(r['comm_share']):>5}  {r['final_loss']:>8.4f}  {top1:>6}")
-    print(f"{'all':>4}  {max(r['steps'] for r in rows):>6}  {sum(r['img_s'] for r in rows):>9.1f}  "
+    print(f"{'all':>4}  {max(r['steps'] for r in rows):>6}  {sum(r['img_s'] for r in rows):>10.1f}  "
           f"{mean(r['step_ms'] for r in rows):>8.1f}")
     marks = restarts(metrics)
     for m in marks:

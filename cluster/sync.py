@@ -302,6 +302,9 @@ def watch(run_id: str, poll_s: float = 5.0) -> int:
                 last_seen = time.time()
         except Exception as e:   # noqa: BLE001 -- a flaky host must not end the watcher
             print(f"status: {e}", flush=True)
+            if run.damaged:     # nothing to follow without a record; 'stop RUN' still stops the run
+                be.close()
+                return 1
             state = run.state
         if state.is_terminal():
             break

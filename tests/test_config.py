@@ -371,3 +371,10 @@ def test_run_ids_are_checked_where_they_enter(argv, where, capsys):
     if where:
         assert err.startswith(f"error: {where}: ") and "is not a run id" in err, err
         assert "\x1b" not in err and "\n#SBATCH" not in err
+
+
+def test_the_profile_notice_shows_the_values_that_run():
+    """steps=60 on a machine without GPU: the cpu profile says 30, the override wins, the notice says so."""
+    loaded = load_job("resnet50", ["steps=60"], profile="cpu")
+    assert loaded.job.train["steps"] == 60
+    assert "steps=60 (override; the profile's: 30)" in loaded.notes[0] and "batch_size=8" in loaded.notes[0]

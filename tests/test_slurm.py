@@ -173,6 +173,24 @@ def test_tasks_per_node_follow_gpus_and_cpu_profile(tmp_path):
     assert plan.sbatch["ntasks_per_node"] == 4 and plan.sbatch["gpus_per_node"] == 4
 
 
+def test_gpus_per_node_on_nodes_without_gpus_is_refused_not_ignored(tmp_path):
+    """The inventory says the nodes have no GPU (gpus: 0, no slurm.gpus_per_node); the job asks for 2:
+    one clear refusal naming the setting that gives SLURM nodes GPUs, never CPU tasks instead."""
+    from cluster.submit import resolve
+    inv = write_inv(tmp_path, CLUSTER_INV.replace("  gpus_per_node: 8\n", "").replace(
+        "  - name: login01\n", "  - name: login01\n    gpus: 0\n"))
+    with pytest.raises(UserError) as e:
+        resolve("resnet50", ["gpus_per_node=2"], inv, None, run_id="r")
+    text = e.value.render()
+    assert "gpus_per_node: the job asks for 2 GPU(s) per node, but the nodes have none" in text
+    assert "slurm.gpus_per_node: 2" in text
+    _, _, _, plan = resolve("resnet50", [], inv, None, run_id="r")          # auto: CPU tasks, as before
+    assert plan.sbatch["ntasks_per_node"] == 2 and "gpus_per_node" not in plan.sbatch
+    p = subprocess.run([sys.executable, "-m", "cluster", "plan", "resnet50", "gpus_per_node=2", "-i", str(inv)],
+                       cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "Traceback" not in p.stderr and "slurm.gpus_per_node: 2" in p.stderr, p.stderr
+
+
 def test_rendezvous_from_the_allocation_and_job_port(tmp_path):
     from cluster.submit import resolve
     inv = write_inv(tmp_path)

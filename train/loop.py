@@ -93,7 +93,7 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
     metrics.log({"kind": "start", "step": pos.step, "epoch": pos.epoch, "world_size": env.world_size,
                  "steps_total": total})
     metrics.heartbeat(pos.step)
-    clock = Clock(env.device, pos.step, total, samples_per_step)
+    clock = Clock(env.device, pos.step, total, samples_per_step, cfg.log_every)
     slow_s = cfg.debug_sleep_ms / 1000 if cfg.debug_sleep_rank in (-1, env.rank) else 0.0
     loss_sum = torch.zeros((), device=env.device)  # summed on the device: no host sync per step
     last = {"loss": math.nan, "top1": None, "top5": None}
@@ -132,8 +132,9 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
         metrics.heartbeat(pos.step, error=f"{type(e).__name__}: {e}"[:300])
         metrics.close()     # what the event files hold so far reaches the disk
         raise
+    # mean_img_s: all ranks, steps mean_from_step..steps (status and report label theirs alike)
     summary = {"steps": pos.step, "time_s": round(clock.elapsed(), 2), "mean_img_s": round(clock.mean_img_s(), 1),
-               "final_loss": round(last["loss"], 4)}
+               "mean_from_step": clock.steady_from, "final_loss": round(last["loss"], 4)}
     if last["top1"] is not None:
         summary.update(top1=round(last["top1"], 2), top5=round(last["top5"], 2))
     if hasattr(data, "report"):   # real images: what took the CPU path, what was blank
@@ -287,14 +288,19 @@ class Clock:
 
     The first tenth of the run's steps (at least one) is left out of mean_img_s: it holds
     compilation, cuDNN autotuning and allocator warmup. Both ends are taken at steps, so the
-    final validation and checkpoint do not count."""
+    final validation and checkpoint do not count. The mean starts at a logged step, so that
+    the per-rank intervals after it (metrics, `cluster report`) cover the same steps."""
 
-    def __init__(self, device: torch.device, start_step: int, total: int, samples_per_step: int):
+    def __init__(self, device: torch.device, start_step: int, total: int, samples_per_step: int,
+                 log_every: int = 1):
         self.device, self.samples_per_step, self.total = device, samples_per_step, total
         self.start = self.last = self.end = time.perf_counter()
         self.last_step = start_step
         run = total - start_step
         self.steady_from = start_step + (max(1, run // 10) if run > 1 else 0)
+        aligned = -(-self.steady_from // max(1, log_every)) * max(1, log_every)
+        if self.steady_from > start_step and aligned < total:
+            self.steady_from = aligned
         self.steady_start = self.start if self.steady_from == start_step else None
 
     def sync(self) -> float:
@@ -349,7 +355,7 @@ def log_progress(env: DistEnv, metrics: MetricsWriter, clock: Clock, pos: Positi
               (("data_share", record.get("data_ms")), ("comm_share", record.get("comm_ms"))) if v is not None}
     metrics.heartbeat(pos.step, img_s=record["img_s"], step_ms=record["step_ms"], **shares)
     print0(env, f"step {pos.step}/{total} loss {mean_loss:.4f} lr {lr:.4g} {total_img_s:.0f} img/s "
-                f"{record['step_ms']:.1f} ms/step")
+                f"{record['step_ms']:.1f} ms/step (all ranks, last {steps} step(s))")
     return mean_loss
 
 

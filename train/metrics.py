@@ -80,7 +80,8 @@ class MetricsWriter:
         self._last_beat = now
         # the last interval's rates stay in every beat until the next interval replaces them
         self._sticky.update({k: v for k, v in extra.items() if k in ("img_s", "step_ms", "data_share", "comm_share")})
-        beat = {"step": step, "time": round(now, 3), "rank": self.rank, "host": self.host,
+        # pid: status reads the rank's process state (a rank stopped by SIGSTOP hangs every rank)
+        beat = {"step": step, "time": round(now, 3), "rank": self.rank, "host": self.host, "pid": os.getpid(),
                 "done": done, "steps_total": self.steps_total, **self._sticky, **extra}
         atomic_write_text(self.dir / f"heartbeat-rank{self.rank}.json", json.dumps(beat) + "\n")
 

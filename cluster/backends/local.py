@@ -13,6 +13,7 @@ from pathlib import Path
 from ..config import REPO
 from ..errors import UserError
 from ..plan import Plan
+from ..hostside import _rank_states
 from ..runs import Run, State
 from .base import Backend, LogSource, NodeStatus, progress
 
@@ -135,6 +136,7 @@ class LocalBackend(Backend):
                 d = _read_json(f)
                 if d:   # one host: every heartbeat here is this node's
                     hb[int(d.get("rank", f.stem.rsplit("rank", 1)[1]))] = d
+            _rank_states(hb, run.id)
             if exit_info is not None:
                 code = exit_info.get("code")
                 st = State.SUCCEEDED if code == 0 else (
@@ -178,6 +180,21 @@ class LocalBackend(Backend):
     def log_sources(self, run: Run) -> list[LogSource]:
         return [FileSource(h, run.dir / "logs" / f"{h}.log")
                 for h in run.data.get("handle", {}).get("pgids", {})]
+
+
+def stop_by_run_id(run_id: str, grace_s: float) -> list[str]:
+    """Stop a run on this machine knowing only its id (its record lost): TERM every process that
+    carries its CLUSTER_RUN_ID (the agents forward it to torchrun), wait, KILL what is left."""
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 2.0)):
+        for pid in pids_of_run(run_id):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + wait_s
+        while pids_of_run(run_id) and time.time() < deadline:
+            time.sleep(0.2)
+    return [f"localhost: pid {p} still alive" for p in pids_of_run(run_id)]
 
 
 def _killpg(pgid: int, sig) -> None:

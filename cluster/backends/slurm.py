@@ -127,7 +127,10 @@ class SlurmBackend(Backend):
         s, where = self.inv.slurm, self.inv.path
         hosts = self.select_hosts(job)
         cap = gpus[hosts[0].name]
-        ntasks = procs_for(cap, job)
+        ntasks = procs_for(cap, job, hint=(
+            "the nodes' GPUs come from slurm.gpus_per_node in the inventory (else hosts[0].gpus, else the "
+            f"partition's gres): set slurm.gpus_per_node: {job.gpus_per_node} to ask SLURM for them, or drop "
+            "gpus_per_node to run cpu_procs_per_node CPU tasks per node"))
         if cap and ntasks > cap:
             raise UserError(f"job wants {ntasks} GPUs per node but the nodes have {cap}", where="job",
                             key="gpus_per_node", hint=f"set gpus_per_node={cap} or fewer")

@@ -400,7 +400,7 @@ class SSHBackend(Backend):
                    and "gang" in n.detail]
         tails = LogTails(self, run)
         own += [n for n in stopped[:8] if failed_by_itself(n, tails[n.host])]
-        failure = super().first_failure(run, own or nodes, tails)
+        failure = super().first_failure(run, own or nodes, tails, everyone=nodes)
         if failure.get("host") and failure.get("rank") is None:
             # torchrun itself died (killed): no rank named in the log; name the host's first rank
             plan = run.data["plan"]
@@ -499,14 +499,26 @@ class SSHBackend(Backend):
 
 def _blame_lost(nodes: list[NodeStatus], aborts: dict, run: Run) -> list[NodeStatus]:
     """A host the gang lost (it went silent: down, or cut off the network) failed the run, though
-    every agent, its own included, ended by the gang's abort: it becomes the FAILED node."""
+    every agent, its own included, ended by the gang's abort: it becomes the FAILED node.
+
+    Each aborted agent claims whom it lost; a peer names node 0 only as "node 0". A host cut off
+    loses everyone, so it claims too: only claims by hosts that no other host lost count (node 0
+    cut off: the others both lost node 0, and it lost one of them). An unreachable host counts as
+    lost by nobody's claim but its own silence. With no such claimer (two nodes, each lost the
+    other), node 0's own claim decides, as node 0 is the one that saw every peer."""
     if run.data.get("stop_requested") or any(n.state == State.FAILED for n in nodes):
         return nodes
-    lost = {}
-    for ab in aborts.values():
+    node0 = (run.data.get("plan", {}).get("nodes") or [{}])[0].get("host")
+    claims: dict[str, tuple[str, str]] = {}       # claimer -> (lost host, why)
+    for claimer, ab in aborts.items():
         m = re.match(r"lost node (\S+) \((.*)\)", ab.get("reason") or "")
         if m:
-            lost[m.group(1)] = m.group(2)
+            claims[claimer] = (node0 if m.group(1) == "0" else m.group(1), m.group(2))
+    lost_by_some = {host for host, _ in claims.values()}
+    trusted = {c: v for c, v in claims.items() if c not in lost_by_some}
+    if not trusted and node0 in claims:
+        trusted = {node0: claims[node0]}
+    lost = {host: why for host, why in trusted.values()}
     for n in nodes:
         if n.host in lost:
             n.state = State.FAILED
@@ -614,9 +626,17 @@ def preflight_report(plan: Plan, hosts: list[Host], res, ports: list[int]) -> tu
         for rid in l:
             problems.append(f"{n}: processes of earlier run {rid} are still running; "
                             f"'python -m cluster stop {rid}' ends them")
+    # other live runs on a host: they share its CPUs and memory, never its GPUs (every run's ranks
+    # use cuda:0..N-1); their ports are checked above
     busy = {n: d["busy"] for n, d in info.items() if d.get("busy")}
+    gpu_clash = {n: b for n, b in busy.items() if info[n].get("gpus")}
     if busy:
-        line(True, "other runs", "; ".join(f"{n}: {', '.join(b)}" for n, b in busy.items()) + " (still running)")
+        line(not gpu_clash, "other runs", "; ".join(
+            f"{n}: " + ", ".join(f"{rid} ({what})" for rid, what in b.items()) for n, b in busy.items()))
+    for n, b in gpu_clash.items():
+        for rid, what in b.items():
+            problems.append(f"{n}: its {info[n]['gpus']} GPU(s) are in use by run {rid} ({what}); a GPU is not "
+                            f"shared between runs: wait for it to end, or 'python -m cluster stop {rid}'")
     stale = {n: d.get("stale") for n, d in info.items() if d.get("stale") is not None}
     if stale:
         line(True, "code", folded({n: "up to date" if s == 0 else f"{s} file(s) to sync" for n, s in stale.items()}))
