@@ -122,6 +122,11 @@ class Inventory:
 def load_inventory(path: Path | str | None = None) -> Inventory:
     path = Path(path) if path else DEFAULT_INVENTORY
     src = load(path)
+    hosts_in = src.data.get("hosts") if isinstance(src.data, dict) else None
+    if isinstance(hosts_in, list) and len(hosts_in) > hostlist.MAX_HOSTS:    # before building 10,000s of entries
+        raise UserError(f"the inventory lists more than {hostlist.MAX_HOSTS:,} hosts ({len(hosts_in):,} entries)",
+                        where=src.where(("hosts", hostlist.MAX_HOSTS)), key=f"hosts[{hostlist.MAX_HOSTS}]",
+                        hint="list the hosts one inventory works on; past a rack, use backend: slurm with the login host")
     raw: InventoryFile = build(InventoryFile, src.data, src)
     if not raw.hosts:
         raise UserError("no hosts listed", where=src.where(("hosts",)), key="hosts",
