@@ -90,6 +90,10 @@ SBATCH = st.dictionaries(
     sometimes_bad(st.sampled_from(["comment", "exclusive", "mail_type", "mail-user", "hold", "nice", "gres"]),
                   st.sampled_from(["wrap", "chdir", "output", "bad key", "time"])),
     sometimes_bad(st.one_of(st.text(max_size=30), st.booleans(), st.integers(-5, 100))), max_size=3)
+SLURM = st.fixed_dictionaries({"time_min": sometimes_bad(st.integers(1, 600))}, optional={
+    "partition": sometimes_bad(WORD), "account": sometimes_bad(WORD), "gpus_per_node": sometimes_bad(st.integers(0, 8)),
+    "nodes": sometimes_bad(st.integers(1, 4)), "mem_gb": sometimes_bad(st.integers(0, 512)),
+    "signal_delay_s": sometimes_bad(st.integers(0, 120)), "sbatch": SBATCH})
 INVENTORY = st.fixed_dictionaries(
     {"hosts": sometimes_bad(st.lists(host_fields(True), min_size=1, max_size=3), st.sampled_from([[], "gpu01", None]))},
     optional={
@@ -99,13 +103,13 @@ INVENTORY = st.fixed_dictionaries(
             "connect_timeout_s": sometimes_bad(st.floats(0.5, 60)), "command_timeout_s": sometimes_bad(st.integers(1, 600)),
             "fanout": sometimes_bad(st.integers(1, 64)), "warm_start": sometimes_bad(st.booleans()),
             "accept_new_host_keys": sometimes_bad(st.booleans())}),
-        "slurm": st.fixed_dictionaries({"time_min": sometimes_bad(st.integers(1, 600))}, optional={
-            "partition": sometimes_bad(WORD), "account": sometimes_bad(WORD), "gpus_per_node": sometimes_bad(st.integers(0, 8)),
-            "nodes": sometimes_bad(st.integers(1, 4)), "mem_gb": sometimes_bad(st.integers(0, 512)),
-            "signal_delay_s": sometimes_bad(st.integers(0, 120)), "sbatch": SBATCH}),
+        "slurm": SLURM,
         "shared_fs": sometimes_bad(st.booleans()),
         "storage": sometimes_bad(PATH),
     })
+# a login host and a slurm: section, so that SLURM plans are common
+SLURM_INVENTORY = st.fixed_dictionaries({"backend": st.just("slurm"), "hosts": st.just([{"name": "login01"}]),
+                                         "slurm": SLURM})
 TRAIN = st.fixed_dictionaries({}, optional={
     "steps": sometimes_bad(st.integers(0, 1000)), "batch_size": sometimes_bad(st.integers(1, 64)),
     "lr": sometimes_bad(st.floats(1e-5, 1.0)), "data": sometimes_bad(st.sampled_from(["synthetic", "/data/in et", "~/d"])),
@@ -141,7 +145,7 @@ OVERRIDES = st.lists(st.builds(lambda k, v: f"{k}={v}", sometimes_bad(st.sampled
 def cases(draw):
     """(inventory text, job text, overrides): YAML from the structures, sometimes with an anchor
     (the same object twice), sometimes with a character spliced into the text."""
-    inv, job = draw(INVENTORY), draw(JOB)
+    inv, job = draw(st.one_of(INVENTORY, SLURM_INVENTORY)), draw(JOB)
     if draw(st.integers(0, 19)) == 19 and isinstance(inv.get("hosts"), list) and inv["hosts"]:
         inv["defaults"] = inv["hosts"][0]                  # safe_dump writes &id001 / *id001
     texts = [yaml.safe_dump(d, allow_unicode=True, sort_keys=False) for d in (inv, job)]
