@@ -464,6 +464,11 @@ class LoadedJob:
     raw: dict                   # the data after overrides and profile, as validated
     profile: Optional[str]      # the profile applied, if any
     notes: tuple[str, ...]      # what was applied, for the user to see
+    src: Optional[Source] = None   # where each key came from (file:line, or the command line)
+
+    def where(self, key: str) -> str:
+        """'jobs/x.yaml:12' (or 'command line (override ...)') for a dotted key such as 'container.runtime'."""
+        return self.src.where(tuple(key.split("."))) if self.src else self.path
 
 
 def job_path(name: str) -> Path:
@@ -545,7 +550,7 @@ def load_job(name: str, overrides: list[str] = (), *, profile: Optional[str] = N
     osrc = _OverrideSource(src, overrides)
     job: Job = build(Job, data, osrc)
     _check_job(job, osrc)
-    return LoadedJob(job, str(path), data, profile if notes else None, tuple(notes))
+    return LoadedJob(job, str(path), data, profile if notes else None, tuple(notes), osrc)
 
 
 def check_profile_overrides(overrides, applied: Optional[str]) -> None:
