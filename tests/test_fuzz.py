@@ -19,7 +19,6 @@ import hashlib
 import io
 import json
 import os
-import re
 import resource
 import shlex
 import subprocess
@@ -219,16 +218,11 @@ def check_plan(job: Path, inv: Path, overrides: list[str], printed: str) -> None
     p = subprocess.run(["sh", "-n"], input="\n".join(lines) + "\n", capture_output=True, text=True, timeout=30)
     assert p.returncode == 0, p.stderr + "\n".join(lines)
     for node, line in zip(plan.nodes, lines):
-        words = shlex.split(line)
-        assert words[-4:] == ["</dev/null", ">" + node.agent_log_path, "2>&1", "&"], line
-        i = words.index("env") + 1
-        env = {}
-        while re.match(r"[A-Za-z_][A-Za-z0-9_]*=", words[i]):
-            k, _, v = words[i].partition("=")
-            env[k] = v
-            i += 1
-        assert env == dict(node.env), line
-        assert words[i] == "setsid" and words[i + 1:-4] == list(node.argv), line
+        # the words the shell reads (before ~ expansion) are exactly the plan's directory, env and argv
+        cd = (["--"] if node.workdir.startswith("-") else []) + [node.workdir]
+        env = [f"{k}={v}" for k, v in sorted(node.env.items())]
+        assert shlex.split(line) == ["cd", *cd, "&&", "mkdir", "-p", node.state_dir, "&&", "env", *env, "setsid",
+                                     *node.argv, "</dev/null", ">" + node.agent_log_path, "2>&1", "&"], line
 
 
 def run_case(inv_text: str, job_text: str, overrides: list[str]) -> None:
