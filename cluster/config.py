@@ -122,6 +122,11 @@ class Inventory:
 def load_inventory(path: Path | str | None = None) -> Inventory:
     path = Path(path) if path else DEFAULT_INVENTORY
     src = load(path)
+    hosts_in = src.data.get("hosts") if isinstance(src.data, dict) else None
+    if isinstance(hosts_in, list) and len(hosts_in) > hostlist.MAX_HOSTS:    # before building 10,000s of entries
+        raise UserError(f"the inventory lists more than {hostlist.MAX_HOSTS:,} hosts ({len(hosts_in):,} entries)",
+                        where=src.where(("hosts", hostlist.MAX_HOSTS)), key=f"hosts[{hostlist.MAX_HOSTS}]",
+                        hint="list the hosts one inventory works on; past a rack, use backend: slurm with the login host")
     raw: InventoryFile = build(InventoryFile, src.data, src)
     if not raw.hosts:
         raise UserError("no hosts listed", where=src.where(("hosts",)), key="hosts",
@@ -470,6 +475,11 @@ class LoadedJob:
     raw: dict                   # the data after overrides and profile, as validated
     profile: Optional[str]      # the profile applied, if any
     notes: tuple[str, ...]      # what was applied, for the user to see
+    src: Optional[Source] = None   # where each key came from (file:line, or the command line)
+
+    def where(self, key: str) -> str:
+        """'jobs/x.yaml:12' (or 'command line (override ...)') for a dotted key such as 'container.runtime'."""
+        return self.src.where(tuple(key.split("."))) if self.src else self.path
 
 
 def job_path(name: str) -> Path:
@@ -557,7 +567,7 @@ def load_job(name: str, overrides: list[str] = (), *, profile: Optional[str] = N
     osrc = _OverrideSource(src, overrides)
     job: Job = build(Job, data, osrc)
     _check_job(job, osrc)
-    return LoadedJob(job, str(path), data, profile if notes else None, tuple(notes))
+    return LoadedJob(job, str(path), data, profile if notes else None, tuple(notes), osrc)
 
 
 def check_profile_overrides(overrides, applied: Optional[str]) -> None:

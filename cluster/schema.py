@@ -6,6 +6,7 @@ path and the file:line it came from.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import types
 import typing
@@ -24,7 +25,7 @@ def build(cls, data: Any, src: Source, path: tuple = ()):
         data = {}
     if not isinstance(data, dict):
         raise UserError(f"expected a mapping, got {_kind(data)}", where=src.where(path), key=dotted_)
-    hints = get_type_hints(cls)
+    hints = _hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = [k for k in data if k not in fields]
     if unknown:
@@ -41,6 +42,12 @@ def build(cls, data: Any, src: Source, path: tuple = ()):
                             key=dotted(path + (name,)),
                             hint=f"add '{name}:' to this section")
     return cls(**kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def _hints(cls) -> dict:
+    """get_type_hints, once per class (it re-evaluates every annotation on each call)."""
+    return get_type_hints(cls)
 
 
 def did_you_mean(word, choices) -> str:

@@ -36,7 +36,13 @@ def resolve(job_name: str, overrides: list[str], inventory: Optional[str], backe
         notes += [f"no GPU on {hostlist.fold([h.name for h in hosts])}: {n}" for n in loaded.notes]
     check_profile_overrides(overrides, loaded.profile)
     run_id = check_run_id(run_id, "--run-id") if run_id else new_run_id(loaded.job.name)
-    plan = be.make_plan(loaded.job, run_id, gpus, notes=tuple(notes), local_runs=_local_runs())
+    try:
+        plan = be.make_plan(loaded.job, run_id, gpus, notes=tuple(notes), local_runs=_local_runs())
+    except UserError as e:
+        if e.where != "job":
+            raise
+        # the plan knows the key, not the file: name the job file's line (or the override) of it
+        raise UserError(e.message, where=loaded.where(e.key or ""), key=e.key, hint=e.hint) from None
     return inv, be, loaded, plan
 
 

@@ -48,14 +48,18 @@ def load(path: Path | str, text: str | None = None) -> Source:
         except OSError as e:
             raise UserError(f"cannot read: {e.strerror}", where=name) from None
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        # the C parser where PyYAML has it (the pure-Python one takes seconds for a 1 MiB file)
+        node = yaml.compose(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
         src = Source(name, None)
-        src.data = _convert(node, (), src, set()) if node is not None else {}
+        src.data = _convert(node, (), src, set(), yaml.constructor.SafeConstructor()) if node is not None else {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{name}:{mark.line + 1}" if mark else name
         problem = ", ".join(escape(x) for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x) \
             or escape(str(e))
+        if "nesting depth" in problem:       # libyaml's own limit (the pure-Python parser recurses instead)
+            raise UserError("invalid YAML: nested too deeply", where=where,
+                            hint="a config file needs a few levels of nesting, not hundreds") from None
         raise UserError(f"invalid YAML: {problem}", where=where,
                         hint="fix the syntax (indentation, quotes, colons)") from None
     except RecursionError:
@@ -68,7 +72,7 @@ def load(path: Path | str, text: str | None = None) -> Source:
 _TAGS = {f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null", "seq", "map", "timestamp")}
 
 
-def _convert(node, path: tuple, src: Source, seen: set):
+def _convert(node, path: tuple, src: Source, seen: set, scalars):
     line = node.start_mark.line + 1
     if id(node) in seen:
         # an alias (*name) of a node already converted: refused, since repeated aliases expand
@@ -94,11 +98,11 @@ def _convert(node, path: tuple, src: Source, seen: set):
                                 where=f"{src.name}:{knode.start_mark.line + 1}",
                                 key=".".join(map(str, kpath)), hint="keep one of them")
             src.lines[kpath] = knode.start_mark.line + 1
-            out[key] = _convert(vnode, kpath, src, seen)
+            out[key] = _convert(vnode, kpath, src, seen, scalars)
         return out
     if isinstance(node, yaml.SequenceNode):
-        return [_convert(v, path + (i,), src, seen) for i, v in enumerate(node.value)]
-    return yaml.SafeLoader(" ").construct_object(node, deep=True) if node.tag != "tag:yaml.org,2002:str" else node.value
+        return [_convert(v, path + (i,), src, seen, scalars) for i, v in enumerate(node.value)]
+    return scalars.construct_object(node, deep=True) if node.tag != "tag:yaml.org,2002:str" else node.value
 
 
 def escape(text: str) -> str:

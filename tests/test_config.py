@@ -378,3 +378,16 @@ def test_the_profile_notice_shows_the_values_that_run():
     loaded = load_job("resnet50", ["steps=60"], profile="cpu")
     assert loaded.job.train["steps"] == 60
     assert "steps=60 (override; the profile's: 30)" in loaded.notes[0] and "batch_size=8" in loaded.notes[0]
+
+
+def test_plan_errors_name_the_job_files_line(tmp_path, capsys):
+    """Errors found while planning (GPUs per node, a runtime for the backend) name the job file's
+    line of the key, or the override that set it."""
+    inv = tmp_path / "gpu.yaml"
+    inv.write_text("backend: ssh\nhosts:\n  - name: g1\n    gpus: 8\n")
+    job = tmp_path / "j.yaml"
+    job.write_text("name: j\nmodule: a\ngpus_per_node: 16\n")
+    assert main(["plan", str(job), "-i", str(inv)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {job}:3: gpus_per_node: job wants 16 GPUs per node but g1 has 8")
+    assert main(["plan", "resnet50", "gpus_per_node=12", "-i", str(inv)]) == 2
+    assert capsys.readouterr().err.startswith("error: command line (override gpus_per_node): gpus_per_node: job wants 12")
