@@ -116,7 +116,11 @@ class Run:
             if self.path.exists() and not self.damaged_on_disk():
                 prev_tmp = self.prev_path.with_name(f".run.json.prev.tmp{os.getpid()}")
                 prev_tmp.unlink(missing_ok=True)
-                os.link(self.path, prev_tmp)
+                try:
+                    os.link(self.path, prev_tmp)
+                except OSError:         # a filesystem without hard links
+                    import shutil
+                    shutil.copyfile(self.path, prev_tmp)
                 os.replace(prev_tmp, self.prev_path)
             os.replace(tmp, self.path)
         finally:
