@@ -192,6 +192,19 @@ def scaling_finding(img_s: float, world_size: int, base_img_s: float, base_world
                        f"{base_img_s:.0f} img/s")
 
 
+def early_exit_finding(nodes, first_host: Optional[str], failed_at: Optional[float]) -> Optional[Finding]:
+    """A node whose ranks all ended with exit code 0 before the first failure: the others' errors
+    (a peer's closed connection) follow from it. ``nodes``: NodeStatus-like (host, exit_code, exit_time)."""
+    p = next((p for p in patterns() if p.check == "early-exit"), None)
+    early = [n for n in nodes if n.exit_code == 0 and n.exit_time and failed_at and n.exit_time < failed_at
+             and n.host != first_host]
+    if p is None or not early:
+        return None
+    n = min(early, key=lambda n: n.exit_time)
+    return _finding(p, f"{n.host} ended with exit code 0 {failed_at - n.exit_time:.1f} s before "
+                       f"{first_host} failed", host=n.host)
+
+
 def run_throughput(run) -> Optional[float]:
     """Median total img/s of a train run, from rank 0's metrics (runs/<id>/metrics), if kept here."""
     try:

@@ -48,7 +48,7 @@ from ..remote import GroupError, Pool, Staged, fold, hint_for, quote_argv
 from ..hostside import _gpu_count, _probe_then_launch, _status, _stop, host_command
 from ..runs import Run, State
 from ..sync import manifest, project_files, pull_logs, push_code, push_run_files, remote_path, shell_path
-from .base import Backend, LogSource, LogTails, NodeStatus, failed_by_itself, progress
+from .base import _PEER_SYMPTOMS, Backend, LogSource, LogTails, NodeStatus, failed_by_itself, progress
 
 MIN_FREE_GB = float(os.environ.get("CLUSTER_MIN_FREE_GB", "1"))
 PORT_WAIT_S = 10.0           # how long node 0 listens / the others retry in the port check
@@ -386,6 +386,15 @@ class SSHBackend(Backend):
                 failure["rank"] = idx * nproc
                 failure["error"] = (f"torchrun on {failure['host']} ended with exit code {failure.get('exit_code')} "
                                     f"(ranks {idx * nproc}-{idx * nproc + nproc - 1})")
+        findings = failure.get("findings") or []
+        if {f["pattern_id"] for f in findings} <= _PEER_SYMPTOMS:
+            # only a peer's death shows, and a node had already finished: the ranks disagreed on the work
+            from ..diagnose import early_exit_finding
+            failed_at = next((n.exit_time for n in nodes if n.host == failure.get("host")), None)
+            early = early_exit_finding(nodes, failure.get("host"), failed_at)
+            if early is not None:
+                failure["findings"] = [early.to_dict()] + findings
+                failure["error"] = f"{early.host} finished while the others were still at work ({early.line})"
         lost = next((n for n in nodes if n.host == failure.get("host") and n.detail.startswith("lost by the gang")), None)
         if lost is not None:
             failure["error"] = f"{lost.host}: {lost.detail}"
