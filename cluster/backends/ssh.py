@@ -387,14 +387,16 @@ class SSHBackend(Backend):
                 failure["error"] = (f"torchrun on {failure['host']} ended with exit code {failure.get('exit_code')} "
                                     f"(ranks {idx * nproc}-{idx * nproc + nproc - 1})")
         findings = failure.get("findings") or []
-        if {f["pattern_id"] for f in findings} <= _PEER_SYMPTOMS:
-            # only a peer's death shows, and a node had already finished: the ranks disagreed on the work
-            from ..diagnose import early_exit_finding
-            failed_at = next((n.exit_time for n in nodes if n.host == failure.get("host")), None)
-            early = early_exit_finding(nodes, failure.get("host"), failed_at)
-            if early is not None:
-                failure["findings"] = [early.to_dict()] + findings
-                failure["error"] = f"{early.host} finished while the others were still at work ({early.line})"
+        if failure.get("host") and {f["pattern_id"] for f in findings} <= _PEER_SYMPTOMS:
+            # only a peer's death shows; if that peer did not fail by itself, the ranks were out of step
+            from ..diagnose import diagnose, out_of_step_finding
+            address = {n["host"]: self.inv.host(n["host"]).address for n in run.data["plan"]["nodes"]}
+            step = out_of_step_finding(failure.get("log_tail") or tails[failure["host"]], failure["host"],
+                                       failure.get("rank"), nodes, address,
+                                       lambda h: diagnose(tails[h]))    # a victim too: not out of step
+            if step is not None:
+                failure["findings"] = [step.to_dict()] + findings
+                failure["error"] = f"ranks out of step: {step.line}"
         lost = next((n for n in nodes if n.host == failure.get("host") and n.detail.startswith("lost by the gang")), None)
         if lost is not None:
             failure["error"] = f"{lost.host}: {lost.detail}"
