@@ -3,7 +3,9 @@
 Started detached (``setsid``, stdin from /dev/null) by the local and ssh backends, it
 
 * records its pid, which is also the run's process-group id on this node, in state/<host>.pid;
-* runs the payload (torchrun ...) in that group, reading everything it prints;
+* runs the payload (torchrun ...) in that group, in the run's directory (its working directory:
+  what a job writes stays in the run), with the code on its path (:func:`run_environment`),
+  reading everything it prints;
 * writes each line, prefixed ``[host rank]`` (from torchrun's ``[default<local>]:``), into logs/<host>.log and the
   rank's own logs/<host>.rank<R>.log (lines that torchrun itself prints get ``[host agent]``);
 * when the payload ends, ends whatever it left in the group (TERM, then KILL), and writes the exit

@@ -192,6 +192,29 @@ def scaling_finding(img_s: float, world_size: int, base_img_s: float, base_world
                        f"{base_img_s:.0f} img/s")
 
 
+_PEER_ADDR = re.compile(r"(?:closed|reset) by peer \[?([0-9A-Fa-f:.]+?)\]?:\d+")
+
+
+def out_of_step_finding(tail: Iterable[str], first_host: Optional[str], rank: Optional[int],
+                        nodes, address_of: Mapping[str, str], peer_errors) -> Optional[Finding]:
+    """The failing rank's peer (named by address in "Connection closed by peer [ADDR]:PORT") is a
+    node that did not fail by itself and whose log shows no error: the ranks were out of step.
+    ``nodes``: NodeStatus-like; ``address_of``: host -> address; ``peer_errors(host)``: the known
+    failures found in that host's log (a peer's death included: then it was a victim too)."""
+    p = next((p for p in patterns() if p.check == "out-of-step"), None)
+    m = next((m for m in map(_PEER_ADDR.search, reversed(list(tail))) if m), None)
+    if p is None or m is None:
+        return None
+    host = next((h for h, a in address_of.items() if a == m.group(1)), None)
+    node = next((n for n in nodes if n.host == host), None)
+    if node is None or host == first_host or node.exit_code not in (0, None) and "gang" not in node.detail \
+            or peer_errors(host):
+        return None
+    how = "had finished (exit code 0)" if node.exit_code == 0 else "showed no error (stopped by the gang)"
+    who = f"{first_host}" + (f" rank {rank}" if rank is not None else "")
+    return _finding(p, f"{who} lost its connection to {host} ({m.group(1)}), whose ranks {how}", host=host)
+
+
 def run_throughput(run) -> Optional[float]:
     """Median total img/s of a train run, from rank 0's metrics (runs/<id>/metrics), if kept here."""
     try:

@@ -7,7 +7,10 @@
   runs/<id>/checkpoints here) every ``checkpoint.sync_every_s`` by a detached watcher process
   (``python -m cluster.sync watch RUN``), and once more when the run ends. The host side runs at
   ``nice 19``; files arrive by rsync's temp file + rename (never ``--inplace``), and ``latest``
-  is replaced only once the checkpoint it names is here.
+  is replaced only once the checkpoint it names is here. A job's own ``checkpoint.path`` (a file or
+  directory of its run directory, e.g. a script's ``snapshot.pt``) is pulled into the storage too;
+  ``submit --resume`` puts what it kept back into the new run's directory on node 0, or on every
+  node (``checkpoint.every_node``), before the start (:func:`push_run_files`).
 * Logs: ``cluster logs --collect`` pulls every host's runs/<id>/logs/ (also done by the watcher
   when the run ends).
 * Metrics: every host's runs/<id>/metrics/ (the ranks' records, heartbeats and TensorBoard event

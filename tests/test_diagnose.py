@@ -504,6 +504,8 @@ def test_a_killed_rank_on_a_node_the_gang_stopped_is_the_cause():
     reads = []     # over ssh each read is a round trip to the host: one per host and report
     ssh = object.__new__(SSHBackend)
     ssh.log_tail = lambda run, host, lines: reads.append(host) or logs[host][-lines:]
+    from types import SimpleNamespace       # the hosts' addresses, as an inventory gives them
+    ssh.inv = SimpleNamespace(host=lambda h: SimpleNamespace(address=f"10.213.0.1{h[-1]}"))
     f = ssh.first_failure(Run(), nodes)
     assert (f["host"], f["rank"]) == ("node2", 1), f
     assert sorted(reads) == ["node1", "node2", "node3"], reads

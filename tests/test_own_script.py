@@ -149,3 +149,17 @@ def test_preflight_checks_the_interpreter_a_command_names(tmp_path):
     p = cli(tmp_path / "runs", "doctor", job)
     assert p.returncode == 2 and "the job's command runs 'python3.99', which cannot run" in p.stderr, p.stderr
     assert "write \"{python}\" in 'command:'" in p.stderr
+
+
+def test_a_peer_that_left_without_an_error_means_ranks_out_of_step():
+    from types import SimpleNamespace as N
+    tail = ["[node3 2] RuntimeError: [../gloo/transport/tcp/pair.cc:561] Connection closed by peer [10.0.0.1]:16303."]
+    address = {"node1": "10.0.0.1", "node2": "10.0.0.2", "node3": "10.0.0.3"}
+    quiet = N(host="node1", exit_code=-9, detail="stopped by the gang: node3 failed (exit code 1)")
+    f = dg.out_of_step_finding(tail, "node3", 2, [quiet], address, lambda h: [])
+    assert f.pattern_id == "ranks-out-of-step" and f.host == "node1"
+    assert f.line == "node3 rank 2 lost its connection to node1 (10.0.0.1), whose ranks showed no error (stopped by the gang)"
+    # the peer had an error of its own (it was a victim too, or the cause): no such claim
+    assert dg.out_of_step_finding(tail, "node3", 2, [quiet], address, lambda h: ["nccl-network"]) is None
+    failed = N(host="node1", exit_code=1, detail="")
+    assert dg.out_of_step_finding(tail, "node3", 2, [failed], address, lambda h: []) is None

@@ -130,6 +130,23 @@ def test_module_job_kill9_of_one_rank_then_resume_from_the_synced_snapshot(bed):
     assert not bed.left_anywhere(rid) and not bed.left_anywhere(rid2)
 
 
+def test_a_snapshot_on_node_0_only_is_named_as_the_ranks_disagreeing(bed):
+    """The failure this issue began with: resumed with the snapshot on node 0 only (every_node off),
+    rank 0 has nothing left to do while the others start over; their errors are a peer's death."""
+    job = bed.job(shipped("ddp-script", args=["--epochs", "2"], checkpoint={"every_node": False}))
+    rid, _ = bed.submit(job)
+    assert bed.wait(rid)["state"] == "SUCCEEDED"
+    rid2, p = bed.submit(job, "--resume", rid)
+    assert "resume: checkpoint copied to node1 (snapshot.pt)" in p.stderr, p.stderr
+    st = bed.wait(rid2, timeout=120)
+    assert st["state"] == "FAILED"
+    ids = [f["pattern_id"] for f in st["failure"]["findings"]]
+    assert ids[0] == "ranks-out-of-step" and "dataloader-slow" not in ids, (ids, st["failure"])
+    assert re.match(r"ranks out of step: node[23] rank [12] lost its connection to node1 \(10\.213\.0\.11\)",
+                    st["failure"]["error"]), st["failure"]
+    assert not bed.left_anywhere(rid2)
+
+
 def test_no_heartbeats_judged_by_output_and_cpu_printing_is_not_hung_silent_is(bed):
     limits = {"startup_timeout_s": 2, "hang_timeout_s": 12}
     printing, _ = bed.submit(bed.job(shipped("ddp-script", args=["--epochs", "1", "--epoch-s", "30"], **limits),

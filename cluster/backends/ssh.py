@@ -49,7 +49,7 @@ from ..hostside import _gpu_count, _probe_then_launch, _status, _stop, host_comm
 from ..runs import Run, State
 from ..sync import (manifest, project_files, pull_logs, pull_metrics, push_code, push_run_files, remote_path,
                     shell_path)
-from .base import Backend, LogSource, LogTails, NodeStatus, failed_by_itself, progress
+from .base import _PEER_SYMPTOMS, Backend, LogSource, LogTails, NodeStatus, failed_by_itself, progress
 
 MIN_FREE_GB = float(os.environ.get("CLUSTER_MIN_FREE_GB", "1"))
 PORT_WAIT_S = 10.0           # how long node 0 listens / the others retry in the port check
@@ -410,6 +410,17 @@ class SSHBackend(Backend):
                 failure["rank"] = idx * nproc
                 failure["error"] = (f"torchrun on {failure['host']} ended with exit code {failure.get('exit_code')} "
                                     f"(ranks {idx * nproc}-{idx * nproc + nproc - 1})")
+        findings = failure.get("findings") or []
+        if failure.get("host") and {f["pattern_id"] for f in findings} <= _PEER_SYMPTOMS:
+            # only a peer's death shows; if that peer did not fail by itself, the ranks were out of step
+            from ..diagnose import diagnose, out_of_step_finding
+            address = {n["host"]: self.inv.host(n["host"]).address for n in run.data["plan"]["nodes"]}
+            step = out_of_step_finding(failure.get("log_tail") or tails[failure["host"]], failure["host"],
+                                       failure.get("rank"), nodes, address,
+                                       lambda h: diagnose(tails[h]))    # a victim too: not out of step
+            if step is not None:
+                failure["findings"] = [step.to_dict()] + findings
+                failure["error"] = f"ranks out of step: {step.line}"
         lost = next((n for n in nodes if n.host == failure.get("host") and n.detail.startswith("lost by the gang")), None)
         if lost is not None:
             failure["error"] = f"{lost.host}: {lost.detail}"
