@@ -157,12 +157,6 @@ class RealImages:
             self.val_loader = DataLoader(items(val_split), sampler=mine, **opts)
         trace = os.environ.get("TRAIN_TEST_SAMPLE_TRACE")   # tests: which samples each rank trained on
         decoder = cfg.jpeg_decoder
-        if decoder == "auto":
-            try:
-                from nvidia import nvimgcodec  # noqa: F401
-                decoder = "nvimgcodec" if gpu else "torchvision"
-            except ImportError:
-                decoder = "torchvision"
         self.stage = DeviceStage(env.device, cfg.image_size, channels_last,
                                  trace and os.path.join(trace, f"samples-rank{env.rank}.jsonl"), decoder)
         self.samples_per_epoch = self.sampler.total_size // (cfg.batch_size * env.world_size) \
