@@ -198,17 +198,16 @@ class Stager:
         mode = "presence" if self.shared_fs else "check"
         t0 = time.monotonic()
         state = self.check(src, self.hosts, mode)
-        problems, lines = [], []
+        problems, said = [], {}          # said: line text -> hosts (identical answers folded)
         what = f"{'packed' if src.packed else 'folder'} {_size(src.total)}, {len(src.files)} files"
-        current = [n for n, s in state.items() if s.get("state") == "current"]
-        if current:
-            lines.append(f"data: {hostlist.fold(current)}: current ({what}) at {self.spec.path}")
         todo = []
         for h in self.hosts:
             s = state[h.name]
             if "error" in s:
                 problems.append(f"{h.name}: cannot check the data: {s['error']}")
-            elif s["state"] != "current":
+            elif s["state"] == "current":
+                said.setdefault(f"current ({what}) at {self.spec.path}", []).append(h.name)
+            else:
                 why = ", ".join(filter(None, [
                     f"{s['missing']} of {len(src.files)} files missing" if s["missing"] else "",
                     f"{len(s['bad'])} differ ({', '.join(s['bad'][:3])})" if s["bad"] else ""])) \
@@ -219,17 +218,16 @@ class Stager:
                 elif need > s["free"]:
                     problems.append(f"{h.name}: not enough disk at {s['path']}: {_size(need)} to copy, "
                                     f"{_size(s['free'])} free")
-                elif not self.copy:
-                    lines.append(f"data: {h.name}: {s['state']} ({why}); submit copies it ({_size(need)})")
                 else:
-                    lines.append(f"data: {h.name}: {s['state']} ({why})")
-                    todo.append((h, s, _size(need)))
-        if not problems:   # nothing is copied unless every host can take it
-            sizes = {f"data: {t[0].name}: ": t[2] for t in todo}
-            lines = [ln + next((f": copying {v}" for k, v in sizes.items() if ln.startswith(k)), "") for ln in lines]
+                    todo.append((h, s, f"{s['state']} ({why})", _size(need)))
+        for h, s, text, need in todo:
+            # nothing is copied unless every host can take it
+            text += f"; submit copies it ({need})" if not self.copy else "" if problems else f": copying {need}"
+            said.setdefault(text, []).append(h.name)
+        lines = [f"data: {hostlist.fold(hosts)}: {text}" for text, hosts in said.items()]
         for line in lines:
             self.progress(line)
-        if problems or not todo:
+        if problems or not todo or not self.copy:
             return self._done(problems, lines)
         copied = parallel(lambda t: self._copy(src, t[0], t[1]), todo, max(1, self.spec.fanout))
         problems += [p for p in copied if p]

@@ -56,8 +56,10 @@ def test_staging_copies_skips_current_hosts_and_recopies_a_corrupted_shard(bed, 
     hosts = bed.tb.host_names
     # nothing there yet: copied to every host, verified, then the run starts
     _, err = submitted(bed, job)
+    n = len(json.loads((packed / "MANIFEST.json").read_text())["files"]) + 1   # and the manifest itself
+    assert f"data: node[1-3]: missing ({n} of {n} files missing): copying" in err, err
     for h in hosts:
-        assert f"data: {h}: missing (" in err and f"data: {h}: copied in" in err, err
+        assert f"data: {h}: copied in" in err, err
         assert same_tree(bed.workdir[h] / data_path, packed)
     assert "data: copied to node[1-3] and verified" in err
     # a second submit: every host current, nothing copied
@@ -79,7 +81,6 @@ def test_staging_copies_skips_current_hosts_and_recopies_a_corrupted_shard(bed, 
     shutil.rmtree(bed.workdir["node1"] / data_path)
     p = bed.cli("doctor", job, "-i", bed.tb.inventory)
     assert p.returncode == 0, p.stdout + p.stderr
-    n = len(json.loads((packed / "MANIFEST.json").read_text())["files"]) + 1   # and the manifest itself
     assert "data: node[2-3]: current" in p.stderr and f"data: node1: missing ({n} of {n} files missing); submit " \
         "copies it" in p.stderr, p.stderr
     assert not (bed.workdir["node1"] / data_path).exists()

@@ -156,13 +156,14 @@ class RealImages:
             mine = [(-1, i) for i in range(env.rank, len(val_split), env.world_size)]
             self.val_loader = DataLoader(items(val_split), sampler=mine, **opts)
         trace = os.environ.get("TRAIN_TEST_SAMPLE_TRACE")   # tests: which samples each rank trained on
+        decoder = cfg.jpeg_decoder
         self.stage = DeviceStage(env.device, cfg.image_size, channels_last,
-                                 trace and os.path.join(trace, f"samples-rank{env.rank}.jsonl"))
+                                 trace and os.path.join(trace, f"samples-rank{env.rank}.jsonl"), decoder)
         self.samples_per_epoch = self.sampler.total_size // (cfg.batch_size * env.world_size) \
             * cfg.batch_size * env.world_size
         print0(env, f"data: {root} ({'packed' if train_split.paths is None else 'folder'}): "
                     f"{len(train_split)} train images, {len(val_split) if val_split else 0} val, "
-                    f"{len(train_split.classes)} classes; decode on {'GPU (nvJPEG)' if gpu else 'CPU (PIL)'}, "
+                    f"{len(train_split.classes)} classes; decode on {f'GPU ({decoder})' if gpu else 'CPU (PIL)'}, "
                     f"{cfg.workers} workers per rank")
 
     def batches(self, epoch: int, start_sample: int) -> Iterator[Batch]:

@@ -196,14 +196,18 @@ def collate(items: list) -> dict:
 class DeviceStage:
     """Turns a collated batch into the normalised float batch on the device."""
 
-    def __init__(self, device: torch.device, size: int, channels_last: bool, trace: Optional[str] = None):
+    def __init__(self, device: torch.device, size: int, channels_last: bool, trace: Optional[str] = None,
+                 decoder: str = "torchvision"):
         self.device, self.size, self.channels_last = device, size, channels_last
+        self.decoder, self._nvimgcodec = decoder, None
         self.trace = trace   # tests: a file that gets the (epoch, index) keys of every training batch staged
         self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
         self.inv_std = 1 / (torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255)
         self.counts: Counter = Counter()
 
     def decode(self, datas: list[torch.Tensor]) -> list[torch.Tensor]:
+        if self.decoder == "nvimgcodec":
+            return self.decode_nvimgcodec(datas)
         from torchvision.io import ImageReadMode, decode_jpeg
 
         dev = "cuda" if self.device.type == "cuda" else "cpu"
@@ -217,6 +221,19 @@ class DeviceStage:
                 except RuntimeError:
                     out.append(None)
             return out
+
+    def decode_nvimgcodec(self, datas: list[torch.Tensor]) -> list[Optional[torch.Tensor]]:
+        """nvImageCodec: the GPU's hardware JPEG decoders (A100, H100, H200) first, so the decode
+        does not take the training's SMs; its CUDA decoder for what they refuse. None: not decoded."""
+        from nvidia import nvimgcodec
+
+        if self._nvimgcodec is None:
+            self._nvimgcodec = nvimgcodec.Decoder(device_id=self.device.index or 0, backends=[
+                nvimgcodec.Backend(nvimgcodec.BackendKind.HW_GPU_ONLY),
+                nvimgcodec.Backend(nvimgcodec.BackendKind.HYBRID_CPU_GPU)])
+        stream = torch.cuda.current_stream(self.device)
+        imgs = self._nvimgcodec.decode([d.numpy() for d in datas], cuda_stream=stream.cuda_stream)
+        return [None if im is None else torch.as_tensor(im, device=self.device).permute(2, 0, 1) for im in imgs]
 
     def crops(self, b: dict) -> torch.Tensor:
         """roi_align over the padded batch of decoded images: crop, resize, flip; (n, 3, S, S) float."""
