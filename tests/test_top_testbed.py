@@ -112,3 +112,21 @@ def test_top_shows_ranks_and_the_straggler_live_and_the_final_state_after(bed, t
     for r in range(3):
         line = rank_line(p.stdout, f"node{r + 1}", r)
         assert line and "DONE" in line and " 120 " in line, p.stdout
+
+
+def test_top_of_a_slurm_run_shows_its_nodes_ranks_and_straggler(testbed, tmp_path):
+    from tests.test_slurm_testbed import Slurm
+    s = Slurm(testbed, tmp_path)
+    rid, _ = s.submit(s.job("top", JOB), "nodes=2")
+    try:
+        deadline, out = time.time() + 240, ""
+        while not ("STRAGGLER" in out and rank_line(out, "node1", 0) and rank_line(out, "node2", 1)):
+            assert time.time() < deadline, out
+            time.sleep(3)
+            p = s.cli("top", rid, "--once")
+            assert p.returncode == 0, p.stderr
+            out = p.stdout
+        assert "RUNNING  slurm, 2 host(s), 2 rank(s)" in out
+        assert "STRAGGLER" in rank_line(out, "node2", SLOW_RANK) and "STRAGGLER" not in rank_line(out, "node1", 0)
+    finally:
+        s.cli("stop", rid, "--grace-s", "2")
