@@ -99,3 +99,14 @@ def test_report_page_shows_the_ranks_the_time_split_and_the_restart(two_runs, tm
     assert f"Run {second}" in dom and "SUCCEEDED" in dom
     assert "<td>0</td><td>45</td>" in dom and "<td>1</td><td>45</td>" in dom     # rank, steps
     assert "resumed at step 30" in dom and "data:image/png;base64," in dom
+
+
+def test_top_of_a_finished_local_run_from_a_new_shell(two_runs):
+    runs, first, second = two_runs
+    p = local.cli(runs, "top", second)        # stdin is not a terminal: one frame
+    assert p.returncode == 0, p.stderr
+    assert f"run {second}  SUCCEEDED  local, 1 host(s), 2 rank(s)" in p.stdout and "step 45/45" in p.stdout
+    rows = [l.split() for l in p.stdout.splitlines() if l.split()[:1] == ["localhost"]]
+    assert [r[1] for r in rows] == ["0", "1"] and all(r[2] == "45" and r[-1] == "DONE" for r in rows)
+    if not shutil.which("nvidia-smi"):
+        assert all(r[7:10] == ["-", "-", "-"] for r in rows)      # no GPU here: GPU %, memory, power

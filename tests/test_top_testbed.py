@@ -112,3 +112,48 @@ def test_top_shows_ranks_and_the_straggler_live_and_the_final_state_after(bed, t
     for r in range(3):
         line = rank_line(p.stdout, f"node{r + 1}", r)
         assert line and "DONE" in line and " 120 " in line, p.stdout
+
+
+def test_top_of_a_slurm_run_shows_its_nodes_ranks_and_straggler(testbed, tmp_path):
+    from tests.test_slurm_testbed import Slurm
+    s = Slurm(testbed, tmp_path)
+    rid, _ = s.submit(s.job("top", JOB), "nodes=2")
+    try:
+        deadline, out = time.time() + 240, ""
+        while not ("STRAGGLER" in out and rank_line(out, "node1", 0) and rank_line(out, "node2", 1)):
+            assert time.time() < deadline, out
+            time.sleep(3)
+            p = s.cli("top", rid, "--once")
+            assert p.returncode == 0, p.stderr
+            out = p.stdout
+        assert "RUNNING  slurm, 2 host(s), 2 rank(s)" in out
+        assert "STRAGGLER" in rank_line(out, "node2", SLOW_RANK) and "STRAGGLER" not in rank_line(out, "node1", 0)
+    finally:
+        s.cli("stop", rid, "--grace-s", "2")
+
+
+def test_top_marks_hung_ranks_red(bed):
+    # rank 2 is stopped (SIGSTOP); the others block in the all-reduce; 10 s later the run is HUNG
+    # (startup_timeout_s too: a rank seen at one step only may still be starting up)
+    job = TRAIN.format(steps=2000, log_every=5) + "hang_timeout_s: 10\nstartup_timeout_s: 10\n"
+    rid, _ = bed.submit(bed.job(job))
+    bed.wait_lines(rid, "step 10/2000", 1)
+    pid = next(l.split()[0] for l in bed.run_pids("node3", rid) if " -m train " in l)
+    assert bed.tb.run("node3", ["kill", "-STOP", pid]).returncode == 0
+    try:
+        deadline, out = time.time() + 120, ""
+        while "HUNG" not in out.split("\n", 1)[0]:
+            assert time.time() < deadline, out
+            time.sleep(3)
+            p = bed.cli("top", rid, "--once", env={"FORCE_COLOR": "1"})
+            assert p.returncode == 0, p.stderr
+            out = p.stdout
+        plain = re.sub(r"\x1b\[[0-9;]*m", "", out)
+        assert "\nhung: " in plain and "rank 2 (node3) at step" in plain, plain
+        # the others wait for rank 2 in the all-reduce: no heartbeat moves, every rank is hung
+        for host, rank in (("node1", 0), ("node2", 1), ("node3", 2)):
+            line = rank_line(out, host, rank)
+            assert "HUNG" in line and re.search(r"\x1b\[[0-9;]*\b41[;m]", line), line     # white on red
+    finally:
+        bed.tb.run("node3", ["kill", "-CONT", pid])
+        bed.cli("stop", rid, "--grace-s", "2")
