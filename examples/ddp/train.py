@@ -66,6 +66,7 @@ def main() -> None:
             from cluster import heartbeat
             heartbeat.beat(epoch + 1, total=args.epochs)
         dist.barrier()                         # the snapshot is complete before anyone goes on
+    del ddp                                    # DDP's reducer goes before the process group it uses
     dist.destroy_process_group()
 
 
