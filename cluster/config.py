@@ -300,6 +300,11 @@ class ContainerSpec:
     args: list[str] = field(default_factory=list)     # extra runtime arguments, passed as given
     shm_gb: int = 16
     pull: bool = False
+    # quotas and identity (cluster/container.py maps them per runtime; None: the whole host)
+    cpus: Optional[float] = None           # cores the container may use
+    memory_gb: Optional[float] = None      # RAM, no swap beyond it; over it the kernel kills
+    pids: Optional[int] = None             # processes + threads (docker/podman default: 16384)
+    user: Literal["self", "root"] = "self"  # self: your uid/gid on the host; root only when asked
 
 
 @dataclass(frozen=True)
@@ -484,6 +489,10 @@ def _check_job(job: Job, src: Source) -> None:
         for k in c.env:
             if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k):
                 raise _bad(f"{show(k)} is not a valid environment variable name", src, ("container", "env", k))
+        for key in ("cpus", "memory_gb", "pids"):      # issue 20: quotas
+            if getattr(c, key) is not None and getattr(c, key) <= 0:
+                raise _bad(f"must be above 0; got {getattr(c, key)}", src, ("container", key),
+                           "leave it out for the default (see README, Containers)")
     for key in ("hang_timeout_s", "startup_timeout_s"):
         if getattr(job, key) < 1:
             raise UserError("must be at least 1 (seconds)", where=src.where((key,)), key=key)

@@ -27,6 +27,7 @@ under ``~`` (the ssh default) is only known on the host: there the one deliberat
 """
 from __future__ import annotations
 
+import math
 import re
 import subprocess
 from dataclasses import dataclass
@@ -41,7 +42,28 @@ HOST_LABEL = "cluster.host"              # ... and the inventory's host name (ho
 PYTHON = "python3"                       # in the image: present in NGC, pytorch/pytorch and Debian images
 # NVIDIA's settings for PyTorch in docker: pinned memory for RDMA, large thread stacks
 ULIMITS = (("memlock", "-1:-1"), ("stack", "67108864:67108864"))
-TILDE_SCRIPT = 'exec "$0" run -v "$PWD:$PWD" -w "$PWD" "$@"'
+# The two deliberate shell expressions of a docker/podman line, resolved on the host by ``sh -c``
+# (argv: runtime, "run", options...): the submitting user's uid:gid there (the default identity
+# inside), and a ``~`` workdir, known only on the host, mounted at the directory the agent runs in.
+SELF_USER = '--user "$(id -u):$(id -g)"'
+TILDE_MOUNT = '-v "$PWD:$PWD" -w "$PWD"'
+USERS = ("self", "root")
+DEFAULT_PIDS = 16384   # podman's own default (2048) is too few for 8 ranks x DataLoader workers x threads
+# Run inside the container around torchrun when memory is limited: forwards TERM/INT/HUP (sh would
+# not), then reads the container's own cgroup: a kill by the memory limit becomes one plain log line.
+OOM_LINE = "container: out of memory"
+OOM_SCRIPT = ('"$@" & p=$!; trap \'kill -TERM $p 2>/dev/null\' TERM INT HUP; '
+              'while :; do wait $p; rc=$?; kill -0 $p 2>/dev/null || break; done; '
+              'n=$(cat /sys/fs/cgroup/memory.events /sys/fs/cgroup/memory/memory.oom_control 2>/dev/null '
+              '| sed -n "s/^oom_kill //p" | head -n 1); '
+              f'if [ "${{n:-0}}" -gt 0 ]; then echo "{OOM_LINE}: the kernel killed $n process(es) at the '
+              'container memory limit ($0 GB, container.memory_gb)" >&2; fi; exit $rc')
+
+
+def host_script(user: str, tilde: bool) -> Optional[str]:
+    """The ``sh -c`` script that runs ``runtime run OPTIONS...`` with the host's expressions added."""
+    extra = ([SELF_USER] if user == "self" else []) + ([TILDE_MOUNT] if tilde else [])
+    return 'r=$1; shift; exec "$0" "$r" ' + " ".join(extra) + ' "$@"' if extra else None
 _ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _URI = re.compile(r"^[a-z][a-z0-9+.-]*://")
 
@@ -103,6 +125,28 @@ def check_spec(spec, where: Callable[[tuple], str] = lambda path: "job") -> None
     if spec.shm_gb < 0:
         raise UserError("must be 0 or more (0: the host's /dev/shm through --ipc host)",
                         where=where(("container", "shm_gb")), key="container.shm_gb")
+    for key, unit in (("cpus", "cores"), ("memory_gb", "GB"), ("pids", "processes")):
+        v = getattr(spec, key, None)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0):
+            raise UserError(f"must be a number of {unit} above 0, got {v!r}", where=where(("container", key)),
+                            key=f"container.{key}", hint="leave it out for the default")
+    if getattr(spec, "pids", None) is not None and int(spec.pids) != spec.pids:
+        raise UserError("must be a whole number", where=where(("container", "pids")), key="container.pids")
+    if getattr(spec, "user", "self") not in USERS:
+        raise UserError(f"'{spec.user}' is not a container user", where=where(("container", "user")),
+                        key="container.user",
+                        hint="self (default: your uid/gid on the host, files on mounts are yours) or root")
+
+
+def limits(spec) -> dict:
+    """The quotas asked for, defaults applied: cpus/memory_gb None mean the whole host."""
+    pids = getattr(spec, "pids", None)
+    return {"cpus": getattr(spec, "cpus", None), "memory_gb": getattr(spec, "memory_gb", None),
+            "pids": DEFAULT_PIDS if pids is None else int(pids)}
+
+
+def _num(v) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
 
 
 def parse_mount(text: str, where: str = "job", key: str = "container.mounts") -> Mount:
@@ -239,10 +283,21 @@ def _docker_like(spec, runtime, name, workdir, mounts, env, payload, gpus, run_i
         opts += ["-w", workdir]
     for k, v in sorted(env.items()):
         opts += ["-e", f"{k}={v}"]
+    lim = limits(spec)
+    if lim["cpus"] is not None:
+        opts += ["--cpus", _num(lim["cpus"])]
+    if lim["memory_gb"] is not None:       # swap = memory: the limit is the limit, not a slowdown
+        mem = f"{int(lim['memory_gb'] * 1024)}m"
+        opts += ["--memory", mem, "--memory-swap", mem]
+        payload = ["sh", "-c", OOM_SCRIPT, _num(lim["memory_gb"])] + payload
+    opts += ["--pids-limit", str(lim["pids"])]
+    if getattr(spec, "user", "self") == "root":
+        opts += ["--user", "0:0"]
     opts += list(spec.args)
     # --rootfs is a flag: the first word after the options is the directory, then the command
     image = ["--rootfs", spec.image[len(ROOTFS):] + ":O"] if rootfs else [docker_image(spec.image)]
-    head = [runtime, "run"] if workdir.startswith("/") else ["sh", "-c", TILDE_SCRIPT, runtime]
+    script = host_script(getattr(spec, "user", "self"), not workdir.startswith("/"))
+    head = ["sh", "-c", script, runtime, "run"] if script else [runtime, "run"]
     return head + opts + image + payload
 
 
@@ -269,6 +324,9 @@ def apptainer_exec(spec, payload: Sequence[str], *, workdir: str, env: Mapping[s
         binds = [m for m in _mounts(spec, workdir, "") if m not in binds] + binds
     argv = ["env"] + [f"APPTAINERENV_{k}={v}" for k, v in sorted({**env, **spec.env}.items())]
     argv += ["apptainer", "exec"] + (["--nv"] if gpus else [])
+    if getattr(spec, "user", "self") == "root":
+        argv += ["--fakeroot"]          # apptainer runs as the user already; root only when asked
+    argv += apptainer_limits(spec)
     for m in binds:
         argv += ["--bind", m.text()]
     if workdir.startswith("/"):
@@ -276,9 +334,21 @@ def apptainer_exec(spec, payload: Sequence[str], *, workdir: str, env: Mapping[s
     return argv + list(spec.args) + [apptainer_image(spec.image)] + list(payload)
 
 
+def apptainer_limits(spec) -> list[str]:
+    """apptainer's cgroup flags (3.10+: root, or cgroups v2 with systemd for a user; preflight checks)."""
+    lim, out = limits(spec), []
+    if lim["cpus"] is not None:
+        out += ["--cpus", _num(lim["cpus"])]
+    if lim["memory_gb"] is not None:
+        out += ["--memory", f"{int(lim['memory_gb'] * 1024)}M", "--memory-swap", f"{int(lim['memory_gb'] * 1024)}M"]
+    if getattr(spec, "pids", None) is not None:   # no default here: it would need cgroups on every host
+        out += ["--pids-limit", str(lim["pids"])]
+    return out
+
+
 # ---------------------------------------------------------------- SLURM (pyxis/enroot)
 def srun_args(spec, *, workdir: str, mounts: Iterable[str] = (), env_names: Iterable[str] = (),
-              name: Optional[str] = None) -> list[str]:
+              name: Optional[str] = None, tasks_per_node: int = 1) -> list[str]:
     """pyxis options for srun: every task of the step starts inside the image.
 
     ``env_names``: variables the host side sets that must win over the image's ENV
@@ -303,6 +373,16 @@ def srun_args(spec, *, workdir: str, mounts: Iterable[str] = (), env_names: Iter
     names = sorted(set(env_names) | set(spec.env))
     if names:
         argv.append("--container-env=" + ",".join(names))
+    if getattr(spec, "user", "self") == "root":
+        argv.append("--container-remap-root")     # pyxis runs as the user unless asked
+    # quotas are SLURM's (its cgroups): a node's cpus spread over its tasks, memory per node
+    if getattr(spec, "cpus", None) is not None:
+        argv.append(f"--cpus-per-task={max(1, math.ceil(spec.cpus / max(1, tasks_per_node)))}")
+    if getattr(spec, "memory_gb", None) is not None:
+        argv.append(f"--mem={int(spec.memory_gb * 1024)}M")
+    if getattr(spec, "pids", None) is not None:
+        raise UserError("SLURM/pyxis has no per-job process limit", where="job", key="container.pids",
+                        hint="remove container.pids for SLURM runs (the admin sets TasksMax in cgroup.conf)")
     return argv + list(spec.args)
 
 
@@ -392,8 +472,8 @@ def remove_argv_of_payload(payload: Sequence[str]) -> Optional[list[str]]:
     """For the node agent (which knows only its payload): remove_argv of the docker/podman
     container the payload runs, None when the payload is not one of ours."""
     p = list(payload)
-    if p[:3] == ["sh", "-c", TILDE_SCRIPT]:
-        p = p[3:4] + ["run"] + p[4:]
+    if p[:2] == ["sh", "-c"] and len(p) > 3 and p[2].startswith('r=$1; shift; exec "$0" "$r" '):
+        p = p[3:]
     if len(p) < 4 or p[0] not in ("docker", "podman") or p[1] != "run" or "--name" not in p:
         return None
     return remove_argv(p[0], p[p.index("--name") + 1])

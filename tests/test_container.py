@@ -126,13 +126,50 @@ def test_golden_slurm_srun_args_and_apptainer(tmp_path):
     check_golden("container_slurm.txt", "\n".join(lines) + "\n")
 
 
+def test_golden_quotas_and_user_per_runtime(tmp_path):
+    """container.cpus/memory_gb/pids/user on every runtime, with the hostile job around them."""
+    lines = []
+    for user in ("self", "root"):
+        over = dict(cpus=1.5, memory_gb=2, pids=512, user=user)
+        for runtime in ("docker", "podman"):
+            node = rack_plan(tmp_path, runtime, **over).nodes[0]
+            lines += [f"# {runtime}, user {user}", node.shell()]
+        node = rack_plan(tmp_path, "podman", "~/ddp runs", **over).nodes[0]
+        lines += [f"# podman, ~ workdir, user {user}", node.shell()]
+        spec = load_job(job_file(tmp_path, **over)).job.container
+        lines += [f"# apptainer, user {user}", shlex.join(container.apptainer_exec(
+            spec, ["python3", "-m", "train"], workdir="/shared/ddp runs", env={"CLUSTER_RUN_ID": "r1"}, gpus=4))]
+        lines += [f"# pyxis, user {user}, 4 tasks per node", *container.srun_args(
+            replace(spec, pids=None), workdir="/shared/ddp runs", env_names=["CLUSTER_RUN_ID"], tasks_per_node=4)]
+    check_golden("container_quotas.txt", "\n".join(lines) + "\n")
+
+
+def test_quota_defaults_and_refusals(tmp_path):
+    """Defaults: no cpu/memory cap, 16384 pids on docker/podman; apptainer and pyxis add nothing
+    unasked; pyxis cannot limit pids (SLURM has no such limit): a clear error."""
+    s = list(rack_plan(tmp_path, "podman").nodes[0].payload())
+    assert s[s.index("--pids-limit") + 1] == "16384"
+    assert "--cpus" not in s and "--memory" not in s and "--user" not in s[3:]   # --user: the host's shell
+    spec = load_job(job_file(tmp_path)).job.container
+    a = container.apptainer_exec(spec, ["x"], workdir="/w", env={}, gpus=0)
+    assert not {"--cpus", "--memory", "--pids-limit", "--fakeroot"} & set(a)
+    with pytest.raises(UserError, match="no per-job process limit"):
+        container.srun_args(replace(spec, pids=100), workdir="/w")
+    # the OOM watcher sits around torchrun only when memory is limited
+    m = list(rack_plan(tmp_path, "podman", memory_gb=1).nodes[0].payload())
+    i = m.index("nvcr.io/nvidia/pytorch:24.05-py3")
+    assert m[i + 1:i + 5] == ["sh", "-c", container.OOM_SCRIPT, "1"] and m[i + 5] == "python3"
+
+
 # ---------------------------------------------------------------- mapping details
 def test_docker_and_podman_flags(tmp_path):
     d = rack_plan(tmp_path, "docker").nodes[0].payload()
     p = rack_plan(tmp_path, "podman").nodes[0].payload()
     for argv, gpu in ((d, ["--gpus", "all"]), (p, ["--device", "nvidia.com/gpu=all"])):
         s = list(argv)
-        assert s[:2] in (["docker", "run"], ["podman", "run"])
+        # the host's shell runs "<runtime> run" with --user "$(id -u):$(id -g)" (the default: user self)
+        assert s[:3] == ["sh", "-c", container.host_script("self", False)]
+        assert s[3:5] in (["docker", "run"], ["podman", "run"])
         for flag in (["--rm"], ["--init"], ["--network", "host"], gpu, ["--shm-size", "32g"],
                      ["--ulimit", "memlock=-1:-1"], ["--ulimit", "stack=67108864:67108864"],
                      ["--pull", "never"], ["-v", "/srv/ddp runs:/srv/ddp runs"], ["-w", "/srv/ddp runs"],
@@ -169,7 +206,7 @@ def test_runtime_per_host_and_job_override(tmp_path):
     inv = load_inventory(path)
     job = load_job(job_file(tmp_path)).job
     plan = make_plan(inv, job, "r", {h.name: 0 for h in inv.hosts})
-    assert [n.payload()[0] for n in plan.nodes] == ["docker", "podman", "docker"]
+    assert [n.payload()[3] for n in plan.nodes] == ["docker", "podman", "docker"]   # after sh -c SCRIPT (--user)
     job = load_job(job_file(tmp_path, runtime="apptainer")).job
     assert {n.container.runtime for n in make_plan(inv, job, "r", {h.name: 0 for h in inv.hosts}).nodes} == {"apptainer"}
     path.write_text("defaults: {gpus: 0, workdir: /w}\nhosts:\n  - name: a\n")
@@ -202,6 +239,11 @@ def test_image_mapping_per_runtime():
     ("env", {"1X": "v"}, "not a valid environment variable name"),
     ("env", {"CLUSTER_RUN_ID": "v"}, "CLUSTER_RUN_ID"),
     ("shm_gb", -1, "at least|0 or more"),
+    ("cpus", 0, "above 0"),
+    ("memory_gb", -1, "above 0"),
+    ("pids", 0, "above 0"),
+    ("pids", "many", "integer"),
+    ("user", "bob; id", "one of|not a container user"),
 ])
 def test_bad_container_sections_are_user_errors(tmp_path, field, value, match):
     """Caught when the job is loaded (config) or at the latest when the plan is made (container)."""
@@ -345,11 +387,11 @@ def test_shell_line_delivers_argv_byte_exact(tmp_path, runtime, tilde):
         assert got["env"] == dict(a.split("=", 1) for a in want[1:start])
         assert got["env"]["APPTAINERENV_NL"] == "line1\nline2"
         want = want[start + 1:]
-    elif tilde:                      # sh -c 'exec "$0" run -v "$PWD:$PWD" -w "$PWD" "$@"' podman ...
-        assert want[:4] == ["sh", "-c", container.TILDE_SCRIPT, "podman"]
-        want = ["run", "-v", f"{wd}:{wd}", "-w", str(wd)] + want[4:]
-    else:
-        want = want[1:]
+    else:                            # sh -c 'r=$1; shift; exec "$0" "$r" --user ... "$@"' podman run ...
+        # the host's shell adds the submitting user's uid:gid (and a ~ workdir) after "run"
+        assert want[:5] == ["sh", "-c", container.host_script("self", tilde), runtime, "run"]
+        user = ["--user", f"{os.getuid()}:{os.getgid()}"]
+        want = ["run"] + user + (["-v", f"{wd}:{wd}", "-w", str(wd)] if tilde else []) + want[5:]
     assert got["argv"] == want
     assert got["cwd"] == str(wd)
     assert not Path(PWNED).exists() and not (wd / "pwned").exists()
