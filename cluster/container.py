@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, NamedTuple, Optional, Sequence
 
 from .errors import UserError
+from .image import compare as compare_digests, digest_argv, digest_of
 
 RUNTIMES = ("docker", "podman", "apptainer", "enroot")
 ROOTFS = "rootfs:"                       # podman image "rootfs:/" -> --rootfs /:O
@@ -86,6 +87,8 @@ class Check:
     argv: tuple[str, ...]
     problem: str
     hint: str
+    digest: bool = False     # it prints the image's digest: every host of the run must print the same
+    compare_only: bool = False   # nothing but the digest (one host alone has nothing to compare it with)
 
 
 class Mount(NamedTuple):
@@ -429,7 +432,11 @@ def preflight_checks(ref: ContainerRef) -> list[Check]:
         else:
             exists = ("image", "inspect", "--format", "{{.Id}}", image) if rt == "docker" else ("image", "exists", image)
             checks.append(Check((rt,) + exists, f"image {image} is not present",
-                                f"pull it on every host ({rt} pull {image}) or set container.pull: true"))
+                                f"copy it to every host (python -m cluster image push {image}), pull it "
+                                f"({rt} pull {image}) or set container.pull: true", digest=rt == "docker"))
+        if not image.startswith(ROOTFS) and not checks[-1].digest:   # a tag pulled twice can differ too
+            checks.append(Check(tuple(digest_argv(rt, image)), f"cannot read the digest of image {image}",
+                                f"check {rt} on the host", digest=True, compare_only=True))
         return checks
     if rt == "apptainer":
         checks = [Check(("apptainer", "--version"), "apptainer is not installed",
@@ -439,7 +446,11 @@ def preflight_checks(ref: ContainerRef) -> list[Check]:
                                 "check the name and the registry login (apptainer remote login)"))
         else:
             checks.append(Check(("test", "-r", image), f"image {image} is not present",
-                                "copy the .sif to the same path on every host (or use a shared filesystem)"))
+                                "copy the .sif to the same path on every host (python -m cluster image push "
+                                f"{image}, or use a shared filesystem)"))
+            checks.append(Check(tuple(digest_argv(rt, image)), f"cannot checksum image {image}",
+                                "install sha256sum (coreutils) on the host", digest=True,
+                                compare_only=True))
         return checks
     raise UserError(f"runtime '{rt}' has no preflight outside SLURM", where="job", key="container.runtime")
 
@@ -456,6 +467,11 @@ def check_failed(host: str, check: Check, code: int, output: str) -> UserError:
     return UserError(f"{check.problem} (`{' '.join(check.argv)}` exited {code})" +
                      (":\n    " + tail.replace("\n", "\n    ") if tail else ""),
                      where=host, key="container", hint=check.hint)
+
+
+def check_digests(image: str, outputs: Mapping[str, str]) -> None:
+    """The digest checks' outputs (host -> stdout) must agree: else one error naming the hosts."""
+    compare_digests(image, {h: digest_of(out) or None for h, out in outputs.items()})
 
 
 def remove_argv(runtime: str, name: str) -> Optional[list[str]]:
@@ -497,7 +513,7 @@ def preflight_local(nodes, run: Callable = subprocess.run) -> None:
         if ref is None or (ref.runtime, ref.image, ref.pull) in done:
             continue
         done.add((ref.runtime, ref.image, ref.pull))
-        for check in preflight_checks(ref):
+        for check in [c for c in preflight_checks(ref) if not c.compare_only]:
             try:
                 p = run(list(check.argv), capture_output=True, text=True, timeout=1800)
             except FileNotFoundError:

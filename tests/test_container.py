@@ -264,13 +264,17 @@ def test_rootfs_is_podman_only_and_enroot_is_slurm_only(tmp_path):
 
 def test_preflight_commands():
     P = container.preflight_argv
+    # the last check prints the image's digest: preflight compares it across the run's hosts
     assert P("podman", "img:1") == [["podman", "version", "--format", "{{.Client.Version}}"],
-                                    ["podman", "image", "exists", "img:1"]]
+                                    ["podman", "image", "exists", "img:1"],
+                                    ["podman", "image", "inspect", "--format", "{{.Id}}", "img:1"]]
     assert P("docker", "img:1", pull=True) == [["docker", "version", "--format", "{{.Server.Version}}"],
-                                               ["docker", "pull", "-q", "img:1"]]
+                                               ["docker", "pull", "-q", "img:1"],
+                                               ["docker", "image", "inspect", "--format", "{{.Id}}", "img:1"]]
+    assert len(P("docker", "img:1")) == 2 and len(P("podman", "rootfs:/")) == 2   # inspect is the digest
     assert P("docker", "img:1")[1] == ["docker", "image", "inspect", "--format", "{{.Id}}", "img:1"]
     assert P("podman", "rootfs:/")[1] == ["test", "-d", "/"]
-    assert P("apptainer", "/img/t.sif")[1] == ["test", "-r", "/img/t.sif"]
+    assert P("apptainer", "/img/t.sif")[1:] == [["test", "-r", "/img/t.sif"], ["sha256sum", "/img/t.sif"]]
     assert P("apptainer", "docker://t:1")[1] == ["apptainer", "exec", "docker://t:1", "true"]
     assert container.remove_argv("podman", "n") == ["podman", "rm", "--force", "--ignore", "--time", "0", "n"]
     assert container.remove_argv("docker", "n") == ["docker", "rm", "--force", "n"]

@@ -7,7 +7,8 @@ import sys
 
 from ..errors import UserError
 
-VERBS = ("submit", "plan", "status", "logs", "stop", "doctor", "report", "exec", "gpus", "shell", "jupyter")
+VERBS = ("submit", "plan", "status", "logs", "stop", "doctor", "report", "exec", "gpus", "shell", "jupyter",
+         "image")
 
 
 def main(argv: list[str] | None = None) -> int:
