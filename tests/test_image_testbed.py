@@ -33,7 +33,8 @@ pytestmark = [pytest.mark.testbed, pytest.mark.slow]
 class Stores:
     """Per-host podman stores behind per-host sshds; ``inventory`` points at them."""
 
-    def __init__(self, testbed, root: Path):
+    def __init__(self, testbed, root: Path, sshd_extra: dict = {}):
+        """``sshd_extra``: host -> {keyword: value} that replace the testbed's sshd settings there."""
         self.tb, self.root = testbed, root
         self.port = _free_port()
         self.pids, self.conf = [], {}
@@ -48,7 +49,10 @@ class Stores:
             conf.write_text(f'[storage]\ndriver = "vfs"\ngraphroot = "{d}/graph"\nrunroot = "{d}/run"\n')
             self.conf[name] = conf
             cfg = d / "sshd_config"
-            cfg.write_text(sshd_config + f"\nSetEnv CONTAINERS_STORAGE_CONF={conf}\n")
+            extra = sshd_extra.get(name, {})
+            kept = [l for l in sshd_config.splitlines() if (l.split() or [""])[0] not in extra]
+            cfg.write_text("\n".join([f"{k} {v}" for k, v in extra.items()] + kept +
+                                     [f"SetEnv CONTAINERS_STORAGE_CONF={conf}", ""]))
             key = testbed.state_dir / "hosts" / name / "ssh_host_ed25519_key"
             self.pids.append(_spawn(["/usr/sbin/sshd", "-D", "-f", cfg, "-h", key, "-o", f"Port={self.port}",
                                      "-o", f"ListenAddress={h['address']}", "-o", f"PidFile={d}/sshd.pid",
