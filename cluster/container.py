@@ -49,6 +49,7 @@ ULIMITS = (("memlock", "-1:-1"), ("stack", "67108864:67108864"))
 SELF_USER = '--user "$(id -u):$(id -g)"'
 TILDE_MOUNT = '-v "$PWD:$PWD" -w "$PWD"'
 USERS = ("self", "root")
+APPTAINER_CGROUPS = '[ "$(id -u)" = 0 ] || [ -f /sys/fs/cgroup/cgroup.controllers ]'   # root, or cgroups v2
 DEFAULT_PIDS = 16384   # podman's own default (2048) is too few for 8 ranks x DataLoader workers x threads
 # Run inside the container around torchrun when memory is limited: forwards TERM/INT/HUP (sh would
 # not), then reads the container's own cgroup: a kill by the memory limit becomes one plain log line.
@@ -78,6 +79,7 @@ class ContainerRef:
     image: str       # as the runtime takes it
     pull: bool
     run_id: str
+    quotas: bool = False   # container.cpus/memory_gb/pids asked for (apptainer: preflight checks cgroups)
 
 
 @dataclass(frozen=True)
@@ -400,7 +402,8 @@ def wrap_node(spec, host, *, run_id: str, run_dir: str, env: Mapping[str, str], 
                 payload_argv=payload, gpus=gpus, run_id=run_id, host=host.name)
     image = (apptainer_image(spec.image) if runtime == "apptainer" else
              spec.image if spec.image.startswith(ROOTFS) else docker_image(spec.image))
-    return argv, ContainerRef(runtime, name, image, spec.pull, run_id)
+    quotas = any(getattr(spec, k, None) is not None for k in ("cpus", "memory_gb", "pids"))
+    return argv, ContainerRef(runtime, name, image, spec.pull, run_id, quotas)
 
 
 def refs_of_run(run_data: Mapping) -> list[tuple[str, ContainerRef]]:
@@ -441,6 +444,12 @@ def preflight_checks(ref: ContainerRef) -> list[Check]:
     if rt == "apptainer":
         checks = [Check(("apptainer", "--version"), "apptainer is not installed",
                         f"install apptainer on the host, or {where_else}")]
+        if ref.quotas:      # apptainer limits through cgroups: as root, or as a user on cgroups v2
+            checks.append(Check(("sh", "-c", APPTAINER_CGROUPS),
+                                "apptainer cannot apply container.cpus/memory_gb/pids here: it needs root "
+                                "or cgroups v2 (this host has cgroups v1 and the run is not root)",
+                                "leave the quotas out for apptainer hosts, or boot the host with cgroups v2 "
+                                "(systemd.unified_cgroup_hierarchy=1)"))
         if _URI.match(image):   # fetched into apptainer's cache on first use: fetch it now, everywhere
             checks.append(Check(("apptainer", "exec", image, "true"), f"cannot fetch or run image {image}",
                                 "check the name and the registry login (apptainer remote login)"))

@@ -153,6 +153,11 @@ def test_quota_defaults_and_refusals(tmp_path):
     spec = load_job(job_file(tmp_path)).job.container
     a = container.apptainer_exec(spec, ["x"], workdir="/w", env={}, gpus=0)
     assert not {"--cpus", "--memory", "--pids-limit", "--fakeroot"} & set(a)
+    # apptainer applies quotas through cgroups: preflight checks it can (root, or cgroups v2)
+    ref = container.ContainerRef("apptainer", "", "/i.sif", False, "r", quotas=True)
+    check = container.preflight_checks(ref)[1]
+    assert check.argv == ("sh", "-c", container.APPTAINER_CGROUPS) and "cgroups v2" in check.problem
+    assert container.preflight_checks(replace(ref, quotas=False))[1].argv == ("test", "-r", "/i.sif")
     with pytest.raises(UserError, match="no per-job process limit"):
         container.srun_args(replace(spec, pids=100), workdir="/w")
     # the OOM watcher sits around torchrun only when memory is limited
