@@ -45,13 +45,19 @@ def pins() -> dict[str, str]:
     return out
 
 
-def local_pip_sources() -> tuple[list[str], list[str]]:
-    """(pip arguments, host paths to mount) for the local package sources pip is configured with."""
+def local_pip_sources(offline: bool = False) -> tuple[list[str], list[str]]:
+    """(pip arguments, host paths to mount) for the local package sources pip is configured with,
+    and its CA bundle (a TLS-intercepting proxy's). ``offline``: the local sources only, no PyPI."""
     p = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True)
     args, paths = [], []
     for line in p.stdout.splitlines():
         key, _, value = line.partition("=")
         name = key.rsplit(".", 1)[-1]
+        if name == "cert" and not offline and "--cert" not in args:
+            cert = value.strip().strip("'\"")
+            if os.path.isfile(cert):
+                args += ["--cert", cert]
+                paths.append(cert)
         if name not in ("index-url", "extra-index-url", "find-links"):
             continue
         for v in value.strip().strip("'\"").split():
@@ -63,6 +69,10 @@ def local_pip_sources() -> tuple[list[str], list[str]]:
                 arg = ["--find-links" if name == "find-links" else "--extra-index-url", v]
                 if not any(args[i:i + 2] == arg for i in range(0, len(args), 2)):
                     args += arg
+    if offline and "--extra-index-url" in args:         # the first local index replaces PyPI
+        args[args.index("--extra-index-url")] = "--index-url"
+    elif offline:
+        args.append("--no-index")
     return args, sorted(set(paths))
 
 
@@ -111,7 +121,7 @@ def main(argv=None) -> int:
     runtime = a.runtime or next((r for r in ("podman", "docker") if shutil.which(r)), None)
     if runtime is None:
         sys.exit("error: neither podman nor docker is installed")
-    pip_args, mounts = local_pip_sources()
+    pip_args, mounts = local_pip_sources(offline=a.small)
     p = pins()
     build_args = {"TORCH": p.get("torch", "torch"), "TORCHVISION": p.get("torchvision", ""), "JUPYTER": "1"}
     reqs = (REPO / "requirements.txt").read_text()
