@@ -130,7 +130,7 @@ def main(argv=None) -> int:
         base = base or "local"
         torch, index = cpu_torch([pip_args[i + 1] for i, x in enumerate(pip_args) if x == "--find-links"])
         build_args.update(TORCH=torch, TORCHVISION="", JUPYTER="0", TORCH_INDEX=index)
-        reqs = ""                      # the nodes' agent runs outside the image; train needs torch only
+        reqs = "numpy\n"               # the agent runs outside the image; train needs torch (+ numpy for gloo objects)
     if a.no_jupyter:
         build_args["JUPYTER"] = "0"
     if base == "local":
