@@ -63,6 +63,9 @@ def docker(small_image):  # noqa: F811
     if p is None:
         p, env = _start(root, "vfs")
     assert p is not None, f"dockerd did not start: {env}"
+    info = subprocess.run(["docker", "info", "--format", "{{.Driver}} {{.ServerVersion}}"], env=env,
+                          capture_output=True, text=True).stdout.strip()
+    print(f"dockerd {info} in {root}")
     tag, _ = small_image
     save = subprocess.Popen(["podman", "save", tag], stdout=subprocess.PIPE)
     load = subprocess.run(["docker", "load"], stdin=save.stdout, env=env, capture_output=True, text=True)
