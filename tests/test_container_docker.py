@@ -19,7 +19,6 @@ import pytest
 import yaml
 
 from .test_container_podman import podman_args
-from .test_image_build import small_image  # noqa: F401  (the session fixture)
 from .test_local import cli, wait_state
 
 pytestmark = pytest.mark.slow
@@ -54,7 +53,7 @@ def _stop(p):
 
 
 @pytest.fixture(scope="module")
-def docker(small_image):  # noqa: F811
+def docker(small_image):
     why = None if shutil.which("dockerd") and shutil.which("docker") else "docker.io is not installed"
     if why:
         pytest.fail(why) if os.environ.get("CI") else pytest.skip(why)
@@ -116,6 +115,9 @@ def test_docker_quotas_and_the_submitting_users_identity_inside(docker, tmp_path
     quota, period = map(int, seen["cpu_max"].split())
     assert quota == period and int(seen["memory_max"]) == 1 << 30 and seen["pids_max"] == "16384"
     assert (seen["uid"], seen["gid"]) == (os.getuid(), os.getgid())
+    # the image's own USER is nobody (65534): the file is the submitting user's because of --user
+    assert subprocess.run(["docker", "image", "inspect", "--format", "{{.Config.User}}", image], env=env,
+                          capture_output=True, text=True).stdout.strip() == "65534:65534"
     f = out / "written-by-rank0.txt"
     assert (f.stat().st_uid, f.stat().st_gid) == (os.getuid(), os.getgid())
     assert _containers(env, rid) == []

@@ -4,42 +4,22 @@ The small variant (``python image/build.py --small``) is the Containerfile on a 
 (debootstrap, imported into podman, kept between runs) with the CPU torch of the configured local
 package index, no extras. Durations on this 2-core machine: the base about 2.5 min once, the
 build about 4 min cold; with podman's layer cache (same Containerfile and inputs) a few seconds.
-The full build (CUDA base, the pinned torch) is bench/bench_image.py.
+The full build (CUDA base, the pinned torch) is bench/bench_image.py. The image is built once
+per session (the ``small_image`` fixture in conftest.py; tests/test_container_docker.py uses it too).
 """
-import os
 import re
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from .test_container_podman import _podman_problem, podman_args
+from .test_container_podman import podman_args
 from .test_local import cli, submit, wait_state
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="session")
-def small_image():
-    """Built once per session: ``ddp-train-small:torch<version>-cpu-<commit>``."""
-    problem = _podman_problem() or (None if os.path.exists("/usr/sbin/debootstrap") or
-                                    subprocess.run(["podman", "image", "exists", "localhost/ddp-base:bookworm"]
-                                                   ).returncode == 0 else "debootstrap is not installed")
-    if problem:
-        pytest.fail(problem) if os.environ.get("CI") else pytest.skip(problem)
-    t0 = time.monotonic()
-    p = subprocess.run([sys.executable, "image/build.py", "--small",
-                        *[f"--build-opt={a}={b}" for a, b in zip(podman_args()[::2], podman_args()[1::2])]],
-                       cwd=REPO, capture_output=True, text=True, timeout=1200)
-    assert p.returncode == 0, p.stderr[-3000:]
-    tag = p.stdout.strip().splitlines()[-1]
-    print(f"small image {tag} built in {time.monotonic() - t0:.0f} s")
-    return tag, p.stderr
 
 
 def test_small_image_builds_with_its_versions_in_the_tag(small_image):
