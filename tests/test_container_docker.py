@@ -132,3 +132,26 @@ def test_docker_over_the_memory_limit_is_oom_killed_and_diagnosed(docker, tmp_pa
     assert "container: out of memory: the kernel killed" in logs
     assert st["failure"]["findings"][0]["pattern_id"] == "container-oom-killed"
     assert _containers(env, rid) == []
+
+
+def test_docker_stop_removes_the_container(docker, tmp_path):
+    """stop TERMs the agent's group; docker's container (the daemon's, not ours) is removed by name."""
+    env, image = docker
+    runs = tmp_path / "runs"
+    job = tmp_path / "dhello.yaml"
+    job.write_text(yaml.safe_dump({"name": "dhello", "module": "tests.fixtures.hello", "cpu_procs_per_node": 2,
+                                   "env": {"HELLO_SLEEP_S": "120"},
+                                   "container": {"image": image, "runtime": "docker", "args": podman_args()}}))
+    p = cli(runs, "submit", str(job), env=env)
+    assert p.returncode == 0, p.stdout + p.stderr
+    rid = p.stdout.split()[1]
+    deadline = time.time() + 120
+    while cli(runs, "logs", rid, env=env).stdout.count("hello from rank") < 2:
+        assert time.time() < deadline, cli(runs, "logs", rid, env=env).stdout[-3000:]
+        time.sleep(0.5)
+    assert _containers(env, rid) == [f"ddp-{rid}-localhost"]
+    p = cli(runs, "stop", rid, "--grace-s", "10", env=env)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "nothing of the run is left running" in p.stdout
+    assert _containers(env, rid) == []
+    assert json.loads(cli(runs, "status", rid, "--json", env=env).stdout)["state"] == "CANCELLED"
