@@ -3,10 +3,12 @@
 One ``container:`` section in the job, mapped per runtime. Pure functions that return argv lists
 (one shell hop later quotes them once); only ``preflight_local`` and ``remove_local`` run anything.
 
-    docker     docker run --rm --init --name N --label cluster.run_id=ID --label cluster.host=H
+    docker     sh -c 'r=$1; shift; exec "$0" "$r" --user "$(id -u):$(id -g)" "$@"'
+               docker run --rm --init --name N --label cluster.run_id=ID --label cluster.host=H
                --network host [--gpus all] --shm-size Gg (or --ipc host when shm_gb is 0)
                --ulimit memlock=-1:-1 --ulimit stack=67108864:67108864 --pull never
-               -v WD:WD -w WD -e K=V ... ARGS IMAGE python3 -m torch.distributed.run ...
+               -v WD:WD -w WD -e K=V ... [--cpus N] [--memory Mm --memory-swap Mm] --pids-limit P
+               ARGS IMAGE [sh -c OOM_SCRIPT GB] python3 -m torch.distributed.run ...
     podman     the same; GPUs through CDI (--device nvidia.com/gpu=all); image ``rootfs:/PATH``
                runs the host directory PATH as an overlay (``--rootfs PATH:O``, no image, no pull:
                for tests and air-gapped hosts)
@@ -21,9 +23,15 @@ stop also removes it by name (``remove_argv``) and verifies by label (``list_arg
 the run's containers is left. apptainer runs as a plain child, inside the group: nothing to remove.
 
 The workdir (code and runs/) and, when it lies elsewhere, the run directory are mounted at the same
-path inside, so sync, ``logs -f``, checkpoints and resume work as without a container. A workdir
-under ``~`` (the ssh default) is only known on the host: there the one deliberate shell expression,
-``exec "$0" run -v "$PWD:$PWD" -w "$PWD" "$@"``, mounts the directory the agent was started in.
+path inside, so sync, ``logs -f``, checkpoints and resume work as without a container. Two things
+are known only on the host, so ``sh -c`` there adds them after ``run`` (``host_script``): the
+submitting user's uid:gid (``user: self``, the default: files written to mounts are theirs; ``user:
+root`` gives --user 0:0 instead) and, for a workdir under ``~`` (the ssh default), ``-v
+"$PWD:$PWD" -w "$PWD"``, the directory the agent was started in.
+
+Quotas (``cpus``, ``memory_gb``, ``pids``) map to each runtime's flags (``limits``); pyxis gets
+SLURM's (--cpus-per-task, --mem). With a memory limit, OOM_SCRIPT in the image waits for torchrun
+and turns the container cgroup's oom_kill count into one log line that diagnose knows.
 """
 from __future__ import annotations
 
