@@ -54,7 +54,7 @@ def compare(image: str, digests: Mapping[str, Optional[str]]) -> None:
     if len(groups) <= 1 and None not in groups:
         return
     parts = [f"{hostlist.fold(hosts)}: {d[:19] + '...' if d else 'missing'}"
-             for d, hosts in sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0] or ""))]
+             for d, hosts in sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0] is None, kv[0] or ""))]
     raise UserError(f"image {image} is not the same on every host ({'; '.join(parts)})", key="container.image",
                     hint=f"copy one image to every host: python -m cluster image push {image} "
                          "(or pull the same digest everywhere)")

@@ -404,3 +404,26 @@ def test_shell_line_delivers_argv_byte_exact(tmp_path, runtime, tilde):
     assert got["argv"] == want
     assert got["cwd"] == str(wd)
     assert not Path(PWNED).exists() and not (wd / "pwned").exists()
+
+
+# ---------------------------------------------------------------- one image everywhere (cluster/image.py)
+def test_digest_mismatch_names_the_hosts():
+    from cluster import image
+    image.compare("img:1", {"gpu01": "sha256:aa", "gpu02": "sha256:aa"})          # the same: nothing
+    with pytest.raises(UserError) as e:
+        image.compare("img:1", {"gpu01": "sha256:" + "a" * 64, "gpu02": "sha256:" + "a" * 64,
+                                "gpu03": "sha256:" + "b" * 64, "gpu04": None})
+    msg = e.value.render()
+    assert "image img:1 is not the same on every host (gpu[01-02]: sha256:aaaaaaaaaaaa...; gpu03: sha256:bbb" in msg
+    assert "gpu04: missing" in msg and "python -m cluster image push img:1" in msg
+    assert image.digest_of("0123abcd  /shared/t.sif\n") == "sha256:0123abcd"
+    assert image.digest_of("sha256:feed\n") == "sha256:feed"
+
+
+def test_image_push_refuses_what_it_cannot_do(tmp_path):
+    from cluster.cli import main
+    local = tmp_path / "local.yaml"
+    local.write_text("hosts:\n  - name: localhost\n")
+    assert main(["image", "push", "img:1", "-i", str(local)]) == 2
+    inv = rack(tmp_path, "podman")
+    assert main(["image", "push", "img:1", "-i", str(inv.path), "--hosts", "gpu09"]) == 2
