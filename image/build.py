@@ -114,6 +114,9 @@ def main(argv=None) -> int:
     ap.add_argument("--base", help="base image, or 'local' (default: the Containerfile's CUDA runtime image)")
     ap.add_argument("--small", action="store_true", help="local base, CPU torch, no torchvision/requirements/jupyter")
     ap.add_argument("--no-jupyter", action="store_true")
+    ap.add_argument("--torch-index", metavar="URL",
+                    help="extra index for torch (default: the Containerfile's PyTorch CUDA index; '' for none, "
+                         "e.g. where only a PyPI mirror is reachable)")
     ap.add_argument("--name", default=None, help="image name (default: ddp-train, ddp-train-small)")
     ap.add_argument("--build-opt", action="append", default=[], metavar="OPT",
                     help="passed to '<runtime> build' as is (e.g. --build-opt=--ulimit=nofile=1000:1000)")
@@ -133,6 +136,8 @@ def main(argv=None) -> int:
         reqs = "numpy\n"               # the agent runs outside the image; train needs torch (+ numpy for gloo objects)
     if a.no_jupyter:
         build_args["JUPYTER"] = "0"
+    if a.torch_index is not None:
+        build_args["TORCH_INDEX"] = a.torch_index
     if base == "local":
         base = ensure_local_base(runtime)
     if base:
