@@ -200,4 +200,10 @@ def small_image():
     assert p.returncode == 0, p.stderr[-3000:]
     tag = p.stdout.strip().splitlines()[-1]
     print(f"small image {tag} built in {time.monotonic() - t0:.0f} s")
+    # one tag per commit would pile up: keep this one (and the base), the cache for the next run
+    old = subprocess.run(["podman", "images", "--format", "{{.Repository}}:{{.Tag}}", "localhost/ddp-train-small"],
+                         capture_output=True, text=True).stdout.split()
+    for t in old:
+        if t != tag and t != f"localhost/{tag}":
+            subprocess.run(["podman", "rmi", t], capture_output=True)
     return tag, p.stderr
