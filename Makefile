@@ -24,7 +24,7 @@ PYTEST_ARGS ?=
 
 TARGET_OPTS = $(if $(INVENTORY),--inventory $(INVENTORY)) $(if $(BACKEND),--backend $(BACKEND))
 
-.PHONY: setup submit plan status logs stop doctor report exec gpus shell jupyter test test-unit testbed-up testbed-down testbed-deps clean-runs bench-launch image image-push bench-image
+.PHONY: setup submit plan status logs stop doctor report top tensorboard exec gpus shell jupyter test test-unit fuzz testbed-up testbed-down testbed-deps clean-runs bench-launch image image-push bench-image
 
 setup: $(VENV)/.installed
 
@@ -57,15 +57,27 @@ logs: $(STAMP)
 stop: $(STAMP)
 	$(PY) -m cluster stop $(RUN)
 
+# CMD and HOSTS reach the hosts exactly as typed: through the environment, never spliced into this
+# recipe's shell line ($(value ...): not even make expands a '$' in them); only the hosts' sh reads CMD
+exec: export CLUSTER_EXEC_CMD := $(value CMD)
+exec: export CLUSTER_EXEC_HOSTS := $(value HOSTS)
+exec: export CLUSTER_EXEC_RUN := $(value RUN)
 exec: $(STAMP)
-	@[ -n "$(CMD)" ] || { echo 'usage: make exec CMD="nvidia-smi -L" [HOSTS=gpu[01-02]] [INVENTORY=...]'; exit 2; }
-	$(PY) -m cluster exec $(if $(INVENTORY),--inventory $(INVENTORY)) $(if $(HOSTS),--hosts '$(HOSTS)') -- sh -c '$(CMD)'
+	@[ -n "$$CLUSTER_EXEC_CMD" ] || { echo 'usage: make exec CMD="nvidia-smi -L" [HOSTS=gpu[01-02]] [RUN=id] [INVENTORY=...]'; exit 2; }
+	$(PY) -m cluster exec $(if $(INVENTORY),--inventory $(INVENTORY)) $${CLUSTER_EXEC_RUN:+--run "$$CLUSTER_EXEC_RUN"} $${CLUSTER_EXEC_HOSTS:+--hosts "$$CLUSTER_EXEC_HOSTS"} -- sh -c "$$CLUSTER_EXEC_CMD"
 
 gpus: $(STAMP)
 	$(PY) -m cluster gpus $(if $(INVENTORY),--inventory $(INVENTORY))
 
 report: $(STAMP)
 	$(PY) -m cluster report $(RUN)
+
+top: $(STAMP)
+	$(PY) -m cluster top $(RUN)
+
+# RUN="id1 id2" serves several runs side by side
+tensorboard: $(STAMP)
+	$(PY) -m cluster tensorboard $(RUN) $(if $(PORT),--port $(PORT))
 
 shell: $(STAMP)
 	$(PY) -m cluster shell $(RUN) $(if $(NODE),--node $(NODE))
@@ -90,6 +102,9 @@ test: $(STAMP) testbed-deps
 
 test-unit: $(STAMP)
 	$(PY) -m pytest -m "not testbed and not slow" $(PYTEST_ARGS)
+
+fuzz: $(STAMP)
+	FUZZ_EXAMPLES=$(or $(EXAMPLES),2000) $(PY) -m pytest tests/test_fuzz.py -x -q $(PYTEST_ARGS)
 
 testbed-deps: $(STAMP)
 	@if [ "$$(id -u)" = 0 ]; then $(PY) -m tests.testbed install-deps; \

@@ -4,7 +4,7 @@
 
 Builds its own hosts (network namespaces bench1..N on bridge ddpbn0, 10.214.0.0/24, one real
 sshd each; apart from the test suite's cluster in a box) and takes them down at the end. With
-``--loopback`` (a machine without `ip`, veth or bridges, e.g. the GPU machines of the device tool)
+``--loopback`` (a machine without `ip`, veth or bridges, e.g. a bare GPU machine)
 the hosts are sshds on 127.0.1.11.. in this network namespace, each in its own UTS namespace
 (its own hostname); what a launch does over ssh is the same.
 

@@ -4,7 +4,7 @@
                                    [--steps 300] [--budget-s 580] [--tuned]
 
 On a GPU machine without sshd/rsync (carry .launchpkg, see bench/launchpkg.sh):
-    OUT=$OUT bash bench/device_launch.sh scaling          # PARTS=... SIZES=... STEPS=...
+    OUT=$OUT bash bench/gpu_launch.sh scaling          # PARTS=... SIZES=... STEPS=...
 
 scaling   the job as shipped (synthetic data), through the CLI exactly as `make submit` runs it
           (local backend, one torchrun, one rank per GPU), on the first 1, 2, 4, 8 GPUs of the

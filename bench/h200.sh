@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Everything for one GPU-host call, in one command (the device tool's `run`, or any GPU box):
+# Everything for one GPU host, in one command (any GPU box):
 #
 #   bash bench/h200.sh                 # env + bench (plan "current": verify, naive, train/ +- tune_kernels)
 #   PLAN=first bash bench/h200.sh      # the first round's plan
 #   PLAN=tune bash bench/h200.sh       # the second round of variants (see bench/bench_train.py)
 #   bash bench/h200.sh env bench       # named steps, in order
+#   bash bench/h200.sh env data        # real data: seed loop, synthetic, PIL and GPU decode (bench_data.py)
 #   bash bench/h200.sh env search final  # step variants (bench/step_variants.py), then the faster
 #                                        # of the fast_stem settings through train/, twice, + verify
 #
@@ -63,6 +64,13 @@ step_round3() {
     python3 bench/step_variants.py --out "$OUT" --budget-s "${SEARCH_S:-330}" --limit-s 160 \
         --variants "${VARIANTS:-maxpool-micro,stem-both,stem-both-inductor,stem-both-profile}"
     PLAN="${FINAL:-verify,train-fast-b512}" step_bench
+}
+
+step_data() {
+    # real data against synthetic (bench/bench_data.py): generated JPEGs, pack, GPU-vs-CPU check,
+    # the seed article's loop, train/ on synthetic, PIL and nvJPEG paths, at most $CORES cores
+    python3 bench/bench_data.py --out "$OUT" --cores "${CORES:-8}" --images "${IMAGES:-25600}" \
+        --steps "${STEPS:-150}" --budget-s "$(left)" ${BENCH_ARGS:-}
 }
 
 step_probe() {

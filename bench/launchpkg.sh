@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Build .launchpkg/ (git-ignored): what bench/device_launch.sh needs on a machine without sshd,
-# ssh, pdsh or rsync (the device tool's GPU machines): those binaries from this Debian machine with
+# Build .launchpkg/ (git-ignored): what bench/gpu_launch.sh needs on a machine without sshd,
+# ssh, pdsh or rsync (a bare GPU machine): those binaries from this Debian machine with
 # every library they load except glibc's, pdsh's modules, and wheels for the submitting side
 # (fabric, paramiko and their needs) for CPython 3.12. Run as root on Debian 12 with pdsh installed.
 #
-#   bash bench/launchpkg.sh && (device) bash bench/device_launch.sh
+#   bash bench/launchpkg.sh && (on the GPU machine) bash bench/gpu_launch.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 P=.launchpkg

@@ -3,7 +3,9 @@
 Started detached (``setsid``, stdin from /dev/null) by the local and ssh backends, it
 
 * records its pid, which is also the run's process-group id on this node, in state/<host>.pid;
-* runs the payload (torchrun ...) in that group, reading everything it prints;
+* runs the payload (torchrun ...) in that group, in the run's directory (its working directory:
+  what a job writes stays in the run), with the code on its path (:func:`run_environment`),
+  reading everything it prints;
 * writes each line, prefixed ``[host rank]`` (from torchrun's ``[default<local>]:``), into logs/<host>.log and the
   rank's own logs/<host>.rank<R>.log (lines that torchrun itself prints get ``[host agent]``);
 * when the payload ends, ends whatever it left in the group (TERM, then KILL), and writes the exit
@@ -157,6 +159,24 @@ def become_subreaper() -> None:
         pass
 
 
+def run_environment(code_dir: str, run_dir: Path, module_dirs: list[str], payload: list[str],
+                    environ=os.environ) -> list[str]:
+    """The job's view of the host, set in ``environ``; returns the payload with ``{code}`` filled in.
+
+    The job runs in its run directory (runs/<id>/, never synced as code, new for every run), with
+    the code on its path: the code's directory, after a module job's own directory (as
+    ``python pkg/script.py`` would have it). CLUSTER_RUN_DIR, CLUSTER_CODE_DIR and
+    CLUSTER_CHECKPOINT_DIR (synced from node 0 to storage, put back by ``submit --resume``) name them."""
+    paths = [os.path.join(code_dir, d) for d in module_dirs] + [code_dir]
+    if environ.get("PYTHONPATH"):
+        paths.append(environ["PYTHONPATH"])
+    environ["PYTHONPATH"] = os.pathsep.join(paths)
+    environ["CLUSTER_RUN_DIR"] = str(run_dir)
+    environ["CLUSTER_CODE_DIR"] = code_dir
+    environ["CLUSTER_CHECKPOINT_DIR"] = str(run_dir / "checkpoints")
+    return [code_dir + a[len("{code}"):] if a == "{code}" or a.startswith("{code}/") else a for a in payload]
+
+
 # ---------------------------------------------------------------- warm start
 def _torchrun_here(payload: list[str]) -> bool:
     """The payload is torchrun under this very interpreter (not a container, not another python)."""
@@ -178,7 +198,18 @@ def park(fd: int, payload: list[str], preload: list[str]) -> Optional["ForkedTor
         line = f.readline()
     if not line.startswith(b"GO"):
         if forked is not None:
-            os.killpg(os.getpgrp(), signal.SIGKILL)    # the fork, its fork server, and us
+            import shutil
+            others, deadline = run_members(), time.time() + 5     # the fork and its fork server
+            while others and time.time() < deadline:
+                for pid in others:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                time.sleep(0.02)
+                others = run_members()
+            shutil.rmtree(forked.tmp, ignore_errors=True)
+            os.killpg(os.getpgrp(), signal.SIGKILL)    # anything left, and us
         os._exit(0)
     go = json.loads(line[2:] or b"{}")
     if go.get("out"):
@@ -199,6 +230,10 @@ class ForkedTorchrun:
     def __init__(self, payload: list[str], preload: list[str], close: int):
         out_r, out_w = os.pipe()
         gate_r, self._gate = os.pipe()
+        # multiprocessing's temporary directory (the fork server's socket), made here so that the
+        # agent removes it when the run ends: a fork server killed with the group cannot
+        import tempfile
+        self.tmp = tempfile.mkdtemp(prefix="pymp-")
         sys.stdout.flush()
         sys.stderr.flush()
         pid = os.fork()
@@ -206,6 +241,8 @@ class ForkedTorchrun:
             os.close(out_r)
             os.close(self._gate)
             os.close(close)
+            import multiprocessing.process
+            multiprocessing.process.current_process()._config["tempdir"] = self.tmp   # util.get_temp_dir()
             self._child(gate_r, out_w, payload, preload)
         os.close(gate_r)
         os.close(out_w)
@@ -238,7 +275,8 @@ class ForkedTorchrun:
             os.close(gate)
             if not data:
                 os._exit(0)     # the agent did not get as far as starting us
-            argv = json.loads(data)
+            argv, cwd = json.loads(data)
+            os.chdir(cwd)
             if torchrun is None:
                 os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run"] + argv)
             sys.argv = [torchrun.__file__] + argv
@@ -264,8 +302,8 @@ class ForkedTorchrun:
             finally:
                 os._exit(code)
 
-    def start(self, argv: list[str]) -> None:
-        os.write(self._gate, json.dumps(argv).encode())
+    def start(self, argv: list[str], cwd: str) -> None:
+        os.write(self._gate, json.dumps([argv, cwd]).encode())
         os.close(self._gate)
         self._gate = None
 
@@ -275,6 +313,8 @@ class ForkedTorchrun:
             os.close(self._gate)
             self._gate = None
             os.waitpid(self.pid, 0)
+            import shutil
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
     def poll(self):
         if self.returncode is None:
@@ -515,18 +555,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--park-fd", type=int, help="warm start: wait for 'GO' on this descriptor (see above)")
     ap.add_argument("--preload", default="", metavar="MOD,...",
                     help="warm start: modules the workers' fork server imports after torch")
+    ap.add_argument("--module-dir", action="append", default=[], metavar="DIR",
+                    help="a module job's own directory (relative to the code), put on the path first")
     ap.add_argument("payload", nargs=argparse.REMAINDER)
     args = ap.parse_args(argv)
     payload = args.payload[1:] if args.payload[:1] == ["--"] else args.payload
     if os.getpgrp() != os.getpid():
         os.setpgrp()   # stop must be able to signal everything of the run through one group
+    run_dir = Path(os.path.abspath(args.run_dir))
+    payload = run_environment(os.getcwd(), run_dir, args.module_dir, payload)
     forked = None
     if args.park_fd is not None:
         forked = park(args.park_fd, payload, [m for m in args.preload.split(",") if m])
-    run_dir = Path(args.run_dir)
     state, logs = run_dir / "state", run_dir / "logs"
     for d in (state, logs, run_dir / "metrics", run_dir / "checkpoints"):
         d.mkdir(parents=True, exist_ok=True)
+    os.chdir(run_dir)       # what the job writes stays in this run (see run_environment)
     become_subreaper()
     host = args.host
     exit_file = state / f"{host}.exit"
@@ -575,7 +619,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if forked is not None:
             note(f"torchrun from a warm interpreter (pid {forked.pid}; imported while the preflight ran)")
-            forked.start(payload[3:])
+            forked.start(payload[3:], str(run_dir))
             proc = forked
         else:
             proc = subprocess.Popen(payload, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -657,6 +701,9 @@ def main(argv: list[str] | None = None) -> int:
     left = end_group(grace_s=1.0 if aborted else 3.0)
     if left:
         note(f"could not end pid(s) {', '.join(map(str, left))} of this run's process group")
+    elif forked is not None:
+        import shutil
+        shutil.rmtree(forked.tmp, ignore_errors=True)
     reader.join(5.0)
     extra: dict = {"signal": stopping["signal"]}
     if aborted:

@@ -58,6 +58,18 @@ class Target:
         where = f"{self.host.name} (node {self.node_rank} of run {self.run.id})" if self.run else self.host.name
         return where
 
+    @property
+    def cwd(self) -> str:
+        """Where a shell or command next to a run starts: the run's directory (its job's working
+        directory, cluster/agent.py), else the host's workdir."""
+        state_dir = (self.node or {}).get("state_dir")
+        if not self.run or not state_dir:
+            return self.workdir
+        if self.backend == "local":
+            return str(self.run.dir)
+        run_dir = os.path.dirname(state_dir.rstrip("/"))
+        return run_dir if run_dir.startswith("/") else self.workdir.rstrip("/") + "/" + run_dir
+
     def end_file(self) -> Optional[str]:
         return f"{self.node['state_dir']}/{self.host.name}.exit" if self.node else None
 
@@ -160,7 +172,8 @@ def shell_argv(t: Target, running: Optional[bool] = None) -> tuple[list[str], li
                                   mounts=[], own_mounts=False), []
     running = _container_running(t) if running is None else running
     if running:
-        argv = [c.runtime, "exec", "-it", "-w", wd]
+        cwd = os.path.expanduser(t.cwd) if t.backend == "local" else t.cwd
+        argv = [c.runtime, "exec", "-it", "-w", cwd if cwd.startswith("/") else wd]
         for k, v in sorted(env.items()):
             argv += ["-e", f"{k}={v}"]
         return argv + [c.name] + inner, []
@@ -197,25 +210,25 @@ def shell(t: Target) -> int:
         if t.run.state.is_terminal():
             raise UserError(f"run {t.run.id} is {t.run.state.value}: its SLURM allocation is gone",
                             hint="a shell on a SLURM node lives inside the job's allocation: use it while the run runs")
-        task = (t.run.data.get("plan") or {}).get("task") or {}
-        wd = task.get("workdir") or t.workdir
+        wd = t.cwd
         env = [f"{k}={v}" for k, v in sorted(((t.node or {}).get("env") or {}).items())]
         argv = ["srun", f"--jobid={jid}", "--overlap", "--pty", "--nodes=1", "--ntasks=1",
                 f"--relative={t.node_rank}", f"--chdir={wd}"] + (["env"] + env if env else []) + ["sh", "-c", INTERACTIVE]
         print(f"shell on node {t.node_rank} of SLURM job {jid} (run {t.run.id}), in {wd}", file=sys.stderr)
         return _exec(argv, None)
     argv, assigns = shell_argv(t)
-    print(f"shell on {t.label}, in {t.workdir}" + (f" (inside {t.container.runtime} container)" if t.container else ""),
+    print(f"shell on {t.label}, in {t.cwd}" + (f" (inside {t.container.runtime} container)" if t.container else ""),
           file=sys.stderr)
     if t.backend == "local" or (t.host.is_local and t.backend != "ssh"):
         env = dict(os.environ)
         env.update(kv.split("=", 1) for kv in assigns)
-        wd = os.path.expanduser(t.workdir)
+        wd = os.path.expanduser(t.cwd)
         if not os.path.isdir(wd):
             raise UserError(f"the run's directory {wd} does not exist", where=t.host.name)
         os.chdir(wd)
         return _exec(argv, env)
-    remote = cd_line(t.workdir) + " && exec " + quote_argv((["env"] + assigns if assigns else []) + argv)
+    remote = cd_line(t.cwd) + " && exec " + quote_argv((["env"] + assigns if assigns else []) + argv,
+                                                        home=[t.host.python])
     return _exec(ssh_client_argv(t.host, t.inventory, tty=sys.stdin.isatty()) + [remote], None)
 
 
@@ -306,7 +319,7 @@ class _Session:
                 self.pool.close()
                 raise UserError(str(e), where=t.host.name) from None
             self.chan = self.conn.transport.open_session(timeout=t.inventory.ssh.connect_timeout_s)
-            self.chan.exec_command(cd_line(t.workdir) + " && exec " + quote_argv(argv))
+            self.chan.exec_command(cd_line(t.workdir) + " && exec " + quote_argv(argv, home=[t.host.python]))
             self.chan.sendall(line)
             self.out, self.err = self.chan.makefile("rb"), self.chan.makefile_stderr("rb")
             self.proc = None
@@ -356,7 +369,7 @@ def jupyter(t: Target, command: Sequence[str], local_port: Optional[int] = None,
                             hint="start jupyter without a run: python -m cluster jupyter --host " + t.host.name)
         pgid = ((t.run.data.get("handle") or {}).get("pgids") or {}).get(t.host.name)
     name = t.run.id if t.run else "adhoc"
-    spec = {"argv": server_argv(t, command), "workdir": t.workdir, "token": token,
+    spec = {"argv": server_argv(t, command), "workdir": t.workdir, "cwd": t.cwd, "token": token,
             "env": {**t.env, **({"CLUSTER_RUN_ID": t.run.id} if t.run else {})},
             "log": f"runs/{name}/logs/jupyter-{t.host.name}-{os.getpid()}.log" if t.run else
                    f"runs/_adhoc/jupyter-{t.host.name}-{os.getpid()}.log",

@@ -10,7 +10,7 @@ from typing import Any, Literal, Mapping, Optional, Union
 
 from . import hostlist
 from .errors import UserError
-from .schema import build, dotted
+from .schema import build, did_you_mean, dotted
 from .yamlsrc import Source, load, parse_scalar, show
 
 REPO = Path(__file__).resolve().parent.parent
@@ -122,6 +122,11 @@ class Inventory:
 def load_inventory(path: Path | str | None = None) -> Inventory:
     path = Path(path) if path else DEFAULT_INVENTORY
     src = load(path)
+    hosts_in = src.data.get("hosts") if isinstance(src.data, dict) else None
+    if isinstance(hosts_in, list) and len(hosts_in) > hostlist.MAX_HOSTS:    # before building 10,000s of entries
+        raise UserError(f"the inventory lists more than {hostlist.MAX_HOSTS:,} hosts ({len(hosts_in):,} entries)",
+                        where=src.where(("hosts", hostlist.MAX_HOSTS)), key=f"hosts[{hostlist.MAX_HOSTS}]",
+                        hint="list the hosts one inventory works on; past a rack, use backend: slurm with the login host")
     raw: InventoryFile = build(InventoryFile, src.data, src)
     if not raw.hosts:
         raise UserError("no hosts listed", where=src.where(("hosts",)), key="hosts",
@@ -142,6 +147,11 @@ def load_inventory(path: Path | str | None = None) -> Inventory:
         except ValueError as e:
             raise UserError(f"bad host range: {e}", where=where, key=f"hosts[{i}].name",
                             hint="write ranges as SLURM does: gpu[01-16] or node[1-3,7]") from None
+        if len(hosts) + len(names) > hostlist.MAX_HOSTS:
+            raise UserError(f"the inventory lists more than {hostlist.MAX_HOSTS:,} hosts "
+                            f"({len(hosts):,} before this entry, {len(names):,} in it)", where=where,
+                            key=f"hosts[{i}].name", hint="list the hosts one inventory works on; "
+                            "past a rack, use backend: slurm with the login host")
         for name in names:
             if not _HOSTNAME.fullmatch(name):
                 raise UserError(f"{show(name)} is not a valid host name", where=where, key=f"hosts[{i}].name",
@@ -173,16 +183,46 @@ _USER = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*\$?$")
 _JUMP = re.compile(r"^([A-Za-z0-9_][A-Za-z0-9_.-]*@)?(?!-)([A-Za-z0-9_.%:-]+|\[[0-9A-Fa-f:.%]+\])(:\d{1,5})?$")
 _IFACE = re.compile(r"^[\^=]?[A-Za-z0-9_.:@-]+(,[A-Za-z0-9_.:@-]+)*$")   # NCCL_SOCKET_IFNAME syntax
 _JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")     # <job name>-<date>-<time>-<hex>
 _MODULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
-_IMAGE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@+-]*$")
 _SBATCH_KEY = re.compile(r"^[a-z][a-z0-9_-]*$")
 _SLURM_WORD = re.compile(r"^[^\s'\"`$;\\]+$")
+MAX_NODES = 100_000               # nodes of one job (SLURM's allocations can be larger than an inventory)
+MAX_MINUTES = 366 * 24 * 60       # a year: time limits beyond it are typos
 MAX_PROCS_PER_NODE = 256          # GPUs (or CPU processes) on one host; more is a typo
 # set by torchrun (or the cluster) for every rank: a job's own value would break the run
 RESERVED_ENV = {"CLUSTER_RUN_ID", "RANK", "LOCAL_RANK", "GROUP_RANK", "ROLE_RANK", "WORLD_SIZE",
                 "LOCAL_WORLD_SIZE", "GROUP_WORLD_SIZE", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR",
-                "MASTER_PORT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT",
+                "MASTER_PORT", "CLUSTER_RUN_DIR", "CLUSTER_CODE_DIR", "CLUSTER_CHECKPOINT_DIR", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT",
                 "TORCHELASTIC_MAX_RESTARTS", "TORCHELASTIC_USE_AGENT_STORE"}
+# sbatch options the SLURM backend sets itself, and where the user sets them instead
+SBATCH_MANAGED = {
+    "partition": "slurm.partition", "account": "slurm.account", "qos": "slurm.qos",
+    "constraint": "slurm.constraint", "time": "slurm.time_min (or the job's time_limit_min)",
+    "cpus_per_task": "slurm.cpus_per_task", "mem": "slurm.mem_gb",
+    "gpus_per_node": "slurm.gpus_per_node (or the job's gpus_per_node)", "gpus": "slurm.gpus_per_node",
+    "gpus_per_task": "slurm.gpus_per_node", "ntasks_per_gpu": "slurm.gpus_per_node",
+    "nodes": "the job's nodes (or slurm.nodes)", "ntasks": "the job's nodes and gpus_per_node",
+    "ntasks_per_node": "the job's gpus_per_node", "signal": "slurm.signal_delay_s",
+    "requeue": "the job's restart.requeue", "no_requeue": "the job's restart.requeue",
+    "job_name": "the run id (set by the backend)", "output": "the backend (runs/<id>/slurm/)",
+    "error": "the backend (runs/<id>/slurm/)", "open_mode": "the backend (append)",
+    "chdir": "the backend (the repository)", "array": "nothing (one run is one job)",
+    "wrap": "nothing (the backend writes the script)", "wait": "nothing (submit returns at once)",
+}
+# further sbatch long options accepted in slurm.sbatch (written with '_' or '-')
+SBATCH_OPTIONS = sorted("""
+acctg_freq begin bb bbf cluster_constraint clusters comment contiguous core_spec cores_per_socket
+cpu_freq cpus_per_gpu deadline delay_boot dependency distribution exclude exclusive export
+extra_node_info get_user_env gpu_bind gpu_freq gpus_per_socket gres gres_flags hint hold licenses
+mail_type mail_user mcs_label mem_bind mem_per_cpu mem_per_gpu mincpus network nice no_kill
+nodefile nodelist ntasks_per_core ntasks_per_socket overcommit oversubscribe power priority
+profile propagate reboot reservation sockets_per_node spread_job switches thread_spec
+threads_per_core time_min tmp use_min_nodes wait_all_nodes wckey""".split())
+# ... of which these take no value ('true'), and these may go either way
+SBATCH_FLAGS = {"contiguous", "hold", "overcommit", "oversubscribe", "reboot", "spread_job", "use_min_nodes"}
+SBATCH_OPTIONAL_VALUE = {"exclusive", "get_user_env", "no_kill", "propagate"}
+SBATCH_VALUE_MAX = 1000           # characters; sbatch reads each #SBATCH line into a fixed buffer
 _FORMS = {
     "hostname": (_ADDRESS, "a host name, IP address or ~/.ssh/config alias: letters, digits, '.', '-', '_', ':' "
                            "(not starting with '-')"),
@@ -190,6 +230,17 @@ _FORMS = {
     "user": (_USER, "a login name: letters, digits, '.', '-', '_'"),
     "interface": (_IFACE, "a network interface name such as ens1f0 (NCCL_SOCKET_IFNAME syntax: 'eth,ib' or '^docker')"),
 }
+
+
+def check_run_id(text: str, where: str) -> str:
+    """A run id (or a prefix of one, or a job name) as it enters from the command line: it names
+    a directory under runs/ and lands in scripts' comments and SLURM's job name, so it has the form
+    of a job name: letters, digits, '.', '-', '_', at most 128."""
+    if not _RUN_ID.fullmatch(text):
+        raise UserError(f"{show(text)} is not a run id", where=where,
+                        hint="run ids are letters, digits, '.', '-' and '_' (e.g. resnet50-20260101-120000-ab12); "
+                             "see 'python -m cluster status'")
+    return text
 
 
 def _bad(message: str, src: Source, path: tuple, hint: Optional[str] = None) -> UserError:
@@ -208,11 +259,22 @@ def _check_min(value, low, src: Source, path: tuple, unit: str = "") -> None:
         raise _bad(f"must be at least {low}{unit}; got {value}", src, path)
 
 
+def _check_range(value, low, high, src: Source, path: tuple, unit: str = "") -> None:
+    _check_min(value, low, src, path, unit)
+    if value is not None and value > high:
+        raise _bad(f"must be at most {high}{unit}; got {value}", src, path)
+
+
 def _check_host_fields(d: HostDefaults, src: Source, path: tuple) -> None:
     for key, (rx, hint) in _FORMS.items():
         v = getattr(d, key)
         if v is not None and not rx.fullmatch(v):
             raise _bad(f"{show(v)} is not a valid {key}", src, path + (key,), hint)
+    for key in ("hostname", "address"):
+        v = getattr(d, key)
+        if v is not None and ":" in v and not _is_ipv6(v):
+            raise _bad(f"{show(v)} is not a valid {key}: a host name holds no port", src, path + (key,),
+                       "put the port in 'port:' (e.g. hostname: gpu1, port: 2222); an IPv6 address is written bare")
     if d.jump_host is not None and not all(_JUMP.fullmatch(j) for j in d.jump_host.split(",")):
         raise _bad(f"{show(d.jump_host)} is not a valid jump_host", src, path + ("jump_host",),
                    "[user@]host[:port], several separated by ','")
@@ -220,16 +282,44 @@ def _check_host_fields(d: HostDefaults, src: Source, path: tuple) -> None:
         _check_text(getattr(d, key), src, path + (key,))
         if getattr(d, key) == "":
             raise _bad("is empty", src, path + (key,))
+    for key in ("workdir", "python"):       # paths on the host: ~ and ~/ are the remote user's home
+        v = getattr(d, key)
+        if v is not None and v.startswith("-"):
+            raise _bad(f"{show(v)} starts with '-' (cd and the shell would read it as an option)", src,
+                       path + (key,), "give an absolute path, or one relative to the login directory")
+        if v is not None and v.startswith("~") and v != "~" and not v.startswith("~/"):
+            raise _bad(f"{show(v)}: only ~ and ~/... (the remote user's home) are expanded", src, path + (key,),
+                       "write ~/PATH, or an absolute path such as /home/USER/PATH")
     if isinstance(d.gpus, int) and d.gpus > MAX_PROCS_PER_NODE:
         raise _bad(f"{d.gpus} GPUs on one host is more than {MAX_PROCS_PER_NODE}", src, path + ("gpus",),
                    "give the GPU count of one host (or auto)")
 
 
+def _is_ipv6(text: str) -> bool:
+    import ipaddress
+    try:
+        ipaddress.IPv6Address(text.split("%", 1)[0])     # fe80::1%eth0: a zone index is allowed
+        return True
+    except ValueError:
+        return False
+
+
+MAX_TIMEOUT_S = 7 * 24 * 3600     # a week: longer is a typo (and Fabric's whole seconds overflow at .inf)
+
+
+def check_seconds(value, src: Source, path: tuple) -> None:
+    """A timeout: finite, more than 0, at most a week."""
+    if not (0 < value <= MAX_TIMEOUT_S):
+        raise _bad(f"must be more than 0 and at most {MAX_TIMEOUT_S} seconds; got {value}", src, path)
+
+
 def _check_inventory(raw: InventoryFile, src: Source) -> None:
     _check_min(raw.ssh.fanout, 1, src, ("ssh", "fanout"))
+    if raw.ssh.fanout > 4096:
+        raise _bad(f"{raw.ssh.fanout} connections at once is more than 4096", src, ("ssh", "fanout"),
+                   "a few hundred at most; each one is a thread and a socket")
     for key in ("connect_timeout_s", "command_timeout_s"):
-        if not getattr(raw.ssh, key) > 0:
-            raise _bad(f"must be more than 0 seconds; got {getattr(raw.ssh, key)}", src, ("ssh", key))
+        check_seconds(getattr(raw.ssh, key), src, ("ssh", key))
     for key in ("known_hosts", "config_file"):
         _check_text(getattr(raw.ssh, key), src, ("ssh", key))
     _check_text(raw.storage, src, ("storage",))
@@ -241,15 +331,42 @@ def _check_inventory(raw: InventoryFile, src: Source) -> None:
         if v is not None and not _SLURM_WORD.fullmatch(v):
             raise _bad(f"{show(v)} is not a valid {key}", src, ("slurm", key),
                        "one word as sbatch takes it: no spaces, quotes or control characters")
-    for key, low in (("time_min", 1), ("cpus_per_task", 1), ("mem_gb", 0), ("gpus_per_node", 0), ("nodes", 1),
-                     ("signal_delay_s", 0)):
-        _check_min(getattr(sl, key), low, src, ("slurm", key))
+    for key, low, high in (("time_min", 1, MAX_MINUTES), ("cpus_per_task", 1, 4096), ("mem_gb", 0, 10**6),
+                           ("gpus_per_node", 0, MAX_PROCS_PER_NODE), ("nodes", 1, MAX_NODES),
+                           ("signal_delay_s", 0, 65535)):
+        _check_range(getattr(sl, key), low, high, src, ("slurm", key))
     for k, v in sl.sbatch.items():
-        if not _SBATCH_KEY.fullmatch(k):
-            raise _bad(f"{show(k)} is not an sbatch option name", src, ("slurm", "sbatch", k),
-                       "write the long option without dashes, e.g. 'mail-type: END' or 'exclusive: true'")
-        if isinstance(v, str):
-            _check_text(v, src, ("slurm", "sbatch", k))
+        _check_sbatch_option(k, v, src, ("slurm", "sbatch", k))
+
+
+def _check_sbatch_option(key: str, value, src: Source, path: tuple) -> None:
+    """One slurm.sbatch entry: a known option the backend does not set, with a value sbatch takes.
+    Any printable text is a valid value: the SLURM backend renders it so that sbatch's #SBATCH
+    parser reads it back exactly (backends/slurm.py sbatch_value)."""
+    if not _SBATCH_KEY.fullmatch(key):
+        raise _bad(f"{show(key)} is not an sbatch option name", src, path,
+                   "write the long option without dashes, e.g. 'mail-type: END' or 'exclusive: true'")
+    k = key.replace("-", "_")
+    if k in SBATCH_MANAGED:
+        raise _bad(f"'{key}' is set by the backend", src, path, f"set it through {SBATCH_MANAGED[k]}")
+    if k not in SBATCH_OPTIONS:
+        raise _bad(f"unknown sbatch option '{key}'", src, path,
+                   did_you_mean(k, SBATCH_OPTIONS) + "valid options are: " + ", ".join(SBATCH_OPTIONS))
+    if value is True and k not in SBATCH_FLAGS | SBATCH_OPTIONAL_VALUE:
+        raise _bad(f"'{key}' needs a value", src, path, f"e.g. '{key}: VALUE' as `sbatch --{key.replace('_', '-')}=VALUE` takes it")
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and k in SBATCH_FLAGS:
+        raise _bad(f"'{key}' takes no value; got {value}", src, path, f"write '{key}: true' (or false to leave it out)")
+    if isinstance(value, str):
+        _check_text(value, src, path)
+        if not value.strip():
+            raise _bad("is empty", src, path, "give a value, or remove the option")
+        if len(value) > SBATCH_VALUE_MAX:
+            raise _bad(f"is {len(value)} characters long; sbatch takes at most {SBATCH_VALUE_MAX}", src, path)
+        if k in SBATCH_FLAGS:
+            raise _bad(f"'{key}' takes no value; got {show(value)}", src, path,
+                       f"write '{key}: true' (or false to leave it out)")
+    if isinstance(value, int) and not isinstance(value, bool) and not -2**31 < value < 2**31:
+        raise _bad(f"{value} is out of range", src, path)
 
 
 def _resolve_host(name, entry: HostEntry, defaults: HostDefaults, from_range: bool, src: Source, i: int) -> Host:
@@ -312,6 +429,9 @@ class CheckpointSpec:
     every_steps: int = 0       # 0: the train config decides (ckpt_every)
     keep: int = 3
     sync_every_s: int = 60     # how often node 0's checkpoints are rsynced to storage
+    outside_workdir: bool = False   # train.ckpt_dir may lie outside the run's workdir (/scratch/...)
+    path: Optional[str] = None  # a script's own file or directory (relative to the run directory), synced too
+    every_node: bool = False    # resume puts it on every node, not node 0 only (each rank loads it)
 
 
 @dataclass(frozen=True)
@@ -319,6 +439,14 @@ class RestartSpec:
     max_restarts: int = 0      # torchrun restarts of a failed worker group
     requeue: bool = True       # SLURM: requeue on time limit / preemption
     max_requeues: int = 3
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """A dataset staged onto every node before the launch (cluster/stage.py)."""
+    source: str                # a packed set or a folder on the submitting machine
+    path: str                  # where each node holds it; relative: under the host's workdir
+    fanout: int = 4            # hosts copied at once
 
 
 @dataclass(frozen=True)
@@ -334,6 +462,7 @@ class Job:
     args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     container: Optional[ContainerSpec] = None
+    data: Optional[DataSpec] = None        # staged to every node; train.data defaults to data.path
     checkpoint: CheckpointSpec = CheckpointSpec()
     restart: RestartSpec = RestartSpec()
     time_limit_min: Optional[int] = None
@@ -351,6 +480,11 @@ class LoadedJob:
     raw: dict                   # the data after overrides and profile, as validated
     profile: Optional[str]      # the profile applied, if any
     notes: tuple[str, ...]      # what was applied, for the user to see
+    src: Optional[Source] = None   # where each key came from (file:line, or the command line)
+
+    def where(self, key: str) -> str:
+        """'jobs/x.yaml:12' (or 'command line (override ...)') for a dotted key such as 'container.runtime'."""
+        return self.src.where(tuple(key.split("."))) if self.src else self.path
 
 
 def job_path(name: str) -> Path:
@@ -389,6 +523,19 @@ def load_job(name: str, overrides: list[str] = (), *, profile: Optional[str] = N
     data.setdefault("name", path.stem)
     notes: list[str] = []
     train_keys = _train_keys()
+    parsed = parse_overrides(list(overrides))
+    # overrides of a profile (profiles.cpu.train.steps=60) change it before it is applied
+    # (check_profile_overrides refuses one of a profile that the run does not apply)
+    for key, value, item in parsed:
+        parts = key.split(".")
+        if parts[0] == "profiles":
+            known = data.get("profiles") if isinstance(data.get("profiles"), dict) else {}
+            if len(parts) < 3 or parts[1] not in known:
+                raise UserError(f"override {show(item)} names no key of a profile of this job", where="command line",
+                                key=key, hint="profiles here: " + (", ".join(map(str, known)) or "none") +
+                                "; set one key of one, e.g. profiles.cpu.train.steps=60")
+            _set(data, parts, value, key)
+            src.lines[tuple(parts)] = 0
     if profile:
         profiles = data.get("profiles") or {}
         if isinstance(profiles, dict) and profile in profiles:
@@ -397,33 +544,67 @@ def load_job(name: str, overrides: list[str] = (), *, profile: Optional[str] = N
                 raise UserError("a profile must be a mapping", where=src.where(("profiles", profile)),
                                 key=f"profiles.{profile}")
             _deep_merge(data, prof)
+            for path in _paths(prof):      # errors in a profile's value name the profile's line
+                src.lines[path] = src.lines.get(("profiles", profile) + path, src.lines.get(("profiles", profile)))
             notes.append(f"applying profile {profile}: " + " ".join(f"{k}={v}" for k, v in _flatten(prof)))
     job_fields = {f for f in Job.__dataclass_fields__}
-    for key, value, item in parse_overrides(list(overrides)):
+    for key, value, item in parsed:
         parts = key.split(".")
+        if parts[0] == "profiles":
+            continue
+        if parts == ["data"] and not isinstance(value, dict):
+            parts = ["train", "data"]      # data=PATH is the train setting; the data: section is a mapping
         if parts[0] not in job_fields:
             if train_keys and parts[0] in train_keys and len(parts) == 1:
                 parts = ["train", parts[0]]
             else:
                 raise UserError(f"unknown key {show(parts[0])} in override {show(item)}", where="command line",
-                                hint="valid keys: " + ", ".join(sorted(job_fields)) +
+                                key=parts[0], hint=did_you_mean(parts[0], job_fields | train_keys) +
+                                "valid keys: " + ", ".join(sorted(job_fields)) +
                                      (" (and train settings such as " + ", ".join(sorted(train_keys)[:6]) + ", ...)" if train_keys else ""))
-        cur = data
-        for p in parts[:-1]:
-            nxt = cur.get(p)
-            if nxt is None:
-                nxt = cur[p] = {}
-            if not isinstance(nxt, dict):
-                raise UserError(f"'{p}' is not a section, cannot set '{key}'", where="command line",
-                                hint=f"set the whole section in the job file, or a key inside it ({p}.KEY=...)")
-            cur = nxt
-        cur[parts[-1]] = value
+        _set(data, parts, value, key)
         # overrides have no line: errors point at the command line instead of a wrong line
         src.lines[tuple(parts)] = 0
+    if isinstance(data.get("data"), dict) and isinstance(data.get("train"), dict) and "path" in data["data"]:
+        data["train"].setdefault("data", data["data"]["path"])   # train on the staged copy
+    if notes:       # the notice shows what runs: an override of a profile's key wins over the profile
+        notes[0] = f"applying profile {profile}: " + " ".join(_effective(prof, data))
     osrc = _OverrideSource(src, overrides)
     job: Job = build(Job, data, osrc)
     _check_job(job, osrc)
-    return LoadedJob(job, str(path), data, profile if notes else None, tuple(notes))
+    return LoadedJob(job, str(path), data, profile if notes else None, tuple(notes), osrc)
+
+
+def check_profile_overrides(overrides, applied: Optional[str]) -> None:
+    """An override of a profile the run does not apply would change nothing: refused, not ignored."""
+    for key, _, item in parse_overrides(list(overrides)):
+        parts = key.split(".")
+        if parts[0] == "profiles" and parts[1] != applied:
+            why = f"profile {applied!r} is applied" if applied else "no profile is applied"
+            raise UserError(f"override {show(item)} changes profile {show(parts[1])}, but {why} on these hosts",
+                            where="command line", key=key,
+                            hint=f"set {'.'.join(parts[2:])}=... instead (it applies with or without a profile)")
+
+
+def _set(data: dict, parts: list, value, key: str) -> None:
+    """data[a][b][c] = value for an override a.b.c=value, making sections on the way."""
+    cur = data
+    for p in parts[:-1]:
+        nxt = cur.get(p)
+        if nxt is None:
+            nxt = cur[p] = {}
+        if not isinstance(nxt, dict):
+            raise UserError(f"'{p}' is not a section, cannot set '{key}'", where="command line",
+                            hint=f"set the whole section in the job file, or a key inside it ({p}.KEY=...)")
+        cur = nxt
+    cur[parts[-1]] = value
+
+
+def _paths(d: Mapping, prefix: tuple = ()):
+    for k, v in d.items():
+        yield prefix + (k,)
+        if isinstance(v, Mapping):
+            yield from _paths(v, prefix + (k,))
 
 
 class _OverrideSource(Source):
@@ -468,34 +649,31 @@ def _check_job(job: Job, src: Source) -> None:
         v = getattr(job, key)
         if isinstance(v, int) and v > MAX_PROCS_PER_NODE:
             raise _bad(f"{v} processes on one host is more than {MAX_PROCS_PER_NODE}", src, (key,))
-    _check_min(job.time_limit_min, 1, src, ("time_limit_min",))
-    _check_min(job.checkpoint.every_steps, 0, src, ("checkpoint", "every_steps"))
-    _check_min(job.checkpoint.keep, 1, src, ("checkpoint", "keep"))
-    _check_min(job.checkpoint.sync_every_s, 1, src, ("checkpoint", "sync_every_s"))
-    _check_min(job.restart.max_restarts, 0, src, ("restart", "max_restarts"))
-    _check_min(job.restart.max_requeues, 0, src, ("restart", "max_requeues"))
-    if job.container is not None:
-        c = job.container
-        if not _IMAGE.fullmatch(c.image):
-            raise _bad(f"{show(c.image)} is not a container image reference", src, ("container", "image"),
-                       "e.g. nvcr.io/nvidia/pytorch:24.05-py3 or a local image name")
-        for i, m in enumerate(c.mounts):
-            parts = m.split(":")
-            _check_text(m, src, ("container", "mounts", i))
-            if len(parts) not in (2, 3) or not parts[0] or not parts[1]:
-                raise _bad(f"{show(m)} is not a mount", src, ("container", "mounts", i),
-                           "write 'SRC:DST' or 'SRC:DST:ro'")
-        _check_min(c.shm_gb, 1, src, ("container", "shm_gb"), " GB")
-        for k in c.env:
-            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k):
-                raise _bad(f"{show(k)} is not a valid environment variable name", src, ("container", "env", k))
-        for key in ("cpus", "memory_gb", "pids"):      # issue 20: quotas
-            if getattr(c, key) is not None and getattr(c, key) <= 0:
-                raise _bad(f"must be above 0; got {getattr(c, key)}", src, ("container", key),
-                           "leave it out for the default (see README, Containers)")
+    if isinstance(job.nodes, int) and job.nodes > MAX_NODES:
+        raise _bad(f"must be at most {MAX_NODES}; got {job.nodes}", src, ("nodes",))
+    _check_range(job.time_limit_min, 1, MAX_MINUTES, src, ("time_limit_min",))
+    _check_range(job.checkpoint.every_steps, 0, 10**12, src, ("checkpoint", "every_steps"))
+    _check_range(job.checkpoint.keep, 1, 10**6, src, ("checkpoint", "keep"))
+    _check_range(job.checkpoint.sync_every_s, 1, MAX_TIMEOUT_S, src, ("checkpoint", "sync_every_s"))
+    cp = job.checkpoint.path
+    if cp is not None:
+        _check_text(cp, src, ("checkpoint", "path"))
+        if not cp.strip("/") or cp.startswith(("/", "~")) or ".." in cp.split("/"):
+            raise _bad(f"{show(cp)} is not a path inside the run directory", src, ("checkpoint", "path"),
+                       "give it relative to the run directory (the job's working directory), e.g. snapshot.pt")
+    _check_range(job.restart.max_restarts, 0, 10**6, src, ("restart", "max_restarts"))
+    _check_range(job.restart.max_requeues, 0, 10**6, src, ("restart", "max_requeues"))
+    if job.container is not None:      # one validator of the section: the one that implements it
+        from .container import check_spec
+        check_spec(job.container, src.where)
+    if job.data is not None:
+        for key in ("source", "path"):
+            _check_text(getattr(job.data, key), src, ("data", key))
+            if not getattr(job.data, key).strip():
+                raise _bad("is empty", src, ("data", key), "a path (data.path: relative ones are under each host's workdir)")
+        _check_min(job.data.fanout, 1, src, ("data", "fanout"))
     for key in ("hang_timeout_s", "startup_timeout_s"):
-        if getattr(job, key) < 1:
-            raise UserError("must be at least 1 (seconds)", where=src.where((key,)), key=key)
+        _check_range(getattr(job, key), 1, MAX_TIMEOUT_S, src, (key,), " (seconds)")
     if job.rdzv_port is not None and not 1024 <= job.rdzv_port < 65536:
         raise UserError("must be a port in 1024-65535", where=src.where(("rdzv_port",)), key="rdzv_port")
     for k in job.env:
@@ -506,6 +684,11 @@ def _check_job(job: Job, src: Source) -> None:
             raise _bad(f"'{k}' is set by torchrun and the cluster for every rank", src, ("env", k),
                        "remove it from the job's env")
     if job.train is not None:
+        ckpt = job.train.get("ckpt_dir")
+        if isinstance(ckpt, str) and not job.checkpoint.outside_workdir and _outside(ckpt):
+            raise _bad(f"{show(ckpt)} is outside the run's workdir", src, ("train", "ckpt_dir"),
+                       "leave ckpt_dir out (the run keeps runs/<id>/checkpoints), give a path relative to the "
+                       "workdir, or set checkpoint.outside_workdir: true if rank 0 is meant to write there")
         try:
             from train import config as tcfg
         except ImportError:
@@ -514,8 +697,19 @@ def _check_job(job: Job, src: Source) -> None:
             tcfg.validate(dict(job.train))
         except tcfg.ConfigError as e:
             key = getattr(e, "key", None)
-            raise UserError(str(getattr(e, "message", e)), where=src.where(("train", key) if key else ("train",)),
-                            key=f"train.{key}" if key else "train") from None
+            message = str(getattr(e, "message", e))
+            hint = None
+            if key and message == "unknown key":
+                message = f"unknown key {show(key)}"
+                hint = did_you_mean(key, tcfg.FIELDS) + "train settings are: " + ", ".join(sorted(tcfg.FIELDS))
+            raise UserError(message, where=src.where(("train", key) if key else ("train",)),
+                            key=f"train.{key}" if key else "train", hint=hint) from None
+
+
+def _outside(path: str) -> bool:
+    """An absolute path, ~, or one that climbs out with '..' (relative paths are under the workdir)."""
+    import posixpath
+    return path.startswith(("/", "~")) or posixpath.normpath(path).split("/")[0] == ".."
 
 
 def _train_keys() -> set[str]:
@@ -532,6 +726,18 @@ def _deep_merge(dst: dict, src: Mapping) -> None:
             _deep_merge(dst[k], v)
         else:
             dst[k] = copy.deepcopy(v)
+
+
+def _effective(prof: Mapping, data: Mapping):
+    """``key=value`` of each setting of a profile as the job has it after the overrides."""
+    for k, v in prof.items():
+        now = data.get(k) if isinstance(data, Mapping) else None
+        if isinstance(v, Mapping):
+            yield from _effective(v, now if isinstance(now, Mapping) else {})
+        elif now != v:
+            yield f"{k}={now} (override; the profile's: {v})"
+        else:
+            yield f"{k}={v}"
 
 
 def _flatten(d: Mapping, prefix: str = ""):

@@ -23,11 +23,14 @@ stop also removes it by name (``remove_argv``) and verifies by label (``list_arg
 the run's containers is left. apptainer runs as a plain child, inside the group: nothing to remove.
 
 The workdir (code and runs/) and, when it lies elsewhere, the run directory are mounted at the same
-path inside, so sync, ``logs -f``, checkpoints and resume work as without a container. Two things
-are known only on the host, so ``sh -c`` there adds them after ``run`` (``host_script``): the
-submitting user's uid:gid (``user: self``, the default: files written to mounts are theirs; ``user:
-root`` gives --user 0:0 instead) and, for a workdir under ``~`` (the ssh default), ``-v
-"$PWD:$PWD" -w "$PWD"``, the directory the agent was started in.
+path inside, so sync, ``logs -f``, checkpoints and resume work as without a container. The job runs
+in its run directory, as without a container, with the agent's CLUSTER_RUN_DIR, CLUSTER_CODE_DIR,
+CLUSTER_CHECKPOINT_DIR and PYTHONPATH. Two things are known only on the host, so ``sh -c`` there
+adds them after ``run`` (``host_script``, the one deliberate shell expression): the submitting
+user's uid:gid (``user: self``, the default: files written to mounts are theirs; ``user: root``
+gives --user 0:0 instead) and, for a workdir under ``~`` (the ssh default), ``-v
+"$CLUSTER_CODE_DIR:$CLUSTER_CODE_DIR" -w "$PWD"``: the code's directory the agent set
+(cluster/agent.py) and the run directory it starts in.
 
 Quotas (``cpus``, ``memory_gb``, ``pids``) map to each runtime's flags (``limits``); pyxis gets
 SLURM's (--cpus-per-task, --mem). With a memory limit, OOM_SCRIPT in the image waits for torchrun
@@ -43,6 +46,7 @@ from typing import Callable, Iterable, Mapping, NamedTuple, Optional, Sequence
 
 from .errors import UserError
 from .image import compare as compare_digests, digest_argv, digest_of
+from .yamlsrc import show
 
 RUNTIMES = ("docker", "podman", "apptainer", "enroot")
 ROOTFS = "rootfs:"                       # podman image "rootfs:/" -> --rootfs /:O
@@ -53,10 +57,13 @@ PYTHON = "python3"                       # in the image: present in NGC, pytorch
 ULIMITS = (("memlock", "-1:-1"), ("stack", "67108864:67108864"))
 # The two deliberate shell expressions of a docker/podman line, resolved on the host by ``sh -c``
 # (argv: runtime, "run", options...): the submitting user's uid:gid there (the default identity
-# inside), and a ``~`` workdir, known only on the host, mounted at the directory the agent runs in.
+# inside), and for a ``~`` workdir the code's directory the agent set (CLUSTER_CODE_DIR) mounted, with
+# the run directory the agent starts in as the working directory.
 SELF_USER = '--user "$(id -u):$(id -g)"'
-TILDE_MOUNT = '-v "$PWD:$PWD" -w "$PWD"'
+TILDE_MOUNT = '-v "$CLUSTER_CODE_DIR:$CLUSTER_CODE_DIR" -w "$PWD"'
 USERS = ("self", "root")
+# quotas: key, unit, the most that makes sense (the range check also refuses nan and inf)
+QUOTAS = (("cpus", "cores", 4096), ("memory_gb", "GB", 1 << 20), ("pids", "processes", 1 << 22))
 APPTAINER_CGROUPS = '[ "$(id -u)" = 0 ] || [ -f /sys/fs/cgroup/cgroup.controllers ]'   # root, or cgroups v2
 DEFAULT_PIDS = 16384   # podman's own default (2048) is too few for 8 ranks x DataLoader workers x threads
 # Run inside the container around torchrun when memory is limited: forwards TERM/INT/HUP (sh would
@@ -74,8 +81,15 @@ def host_script(user: str, tilde: bool) -> Optional[str]:
     """The ``sh -c`` script that runs ``runtime run OPTIONS...`` with the host's expressions added."""
     extra = ([SELF_USER] if user == "self" else []) + ([TILDE_MOUNT] if tilde else [])
     return 'r=$1; shift; exec "$0" "$r" ' + " ".join(extra) + ' "$@"' if extra else None
+
+
+# set by the agent on the host (cluster/agent.py: run_environment), passed through by name
+PASS_ENV = ("CLUSTER_RUN_DIR", "CLUSTER_CODE_DIR", "CLUSTER_CHECKPOINT_DIR", "PYTHONPATH")
 _ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _URI = re.compile(r"^[a-z][a-z0-9+.-]*://")
+# a registry reference (nvcr.io/nvidia/pytorch:24.05-py3, nvcr.io#nvidia/...), a URI (docker://...),
+# a path (/images/torch.sif, ./x.sif) or rootfs:/DIR; never an option (-...), spaces or shell syntax
+_IMAGE = re.compile(r"^(?!-)[A-Za-z0-9._/~][A-Za-z0-9._/:@+#=~-]*$")
 
 
 @dataclass(frozen=True)
@@ -115,38 +129,39 @@ def check_spec(spec, where: Callable[[tuple], str] = lambda path: "job") -> None
     """Raise UserError for a container section no runtime can take (``where`` maps a key path
     such as ("container", "mounts", 0) to 'file:line', as config's Source.where does)."""
     image = spec.image
-    if not image or re.search(r"[\s\x00-\x1f]", image) or image.startswith("-"):
-        raise UserError(f"'{image}' is not an image name", where=where(("container", "image")),
+    if not _IMAGE.fullmatch(image):
+        raise UserError(f"{show(image)} is not a container image reference", where=where(("container", "image")),
                         key="container.image",
                         hint="e.g. nvcr.io/nvidia/pytorch:24.05-py3, docker://..., /images/torch.sif, rootfs:/")
     if image.startswith(ROOTFS) and not image[len(ROOTFS):].startswith("/"):
-        raise UserError(f"'{image}': rootfs needs an absolute host directory", where=where(("container", "image")),
+        raise UserError(f"{show(image)}: rootfs needs an absolute host directory", where=where(("container", "image")),
                         key="container.image", hint="e.g. rootfs:/ (the host's root as an overlay, podman)")
     if spec.runtime is not None and spec.runtime not in RUNTIMES:
-        raise UserError(f"unknown runtime '{spec.runtime}'", where=where(("container", "runtime")),
+        raise UserError(f"unknown runtime {show(spec.runtime)}", where=where(("container", "runtime")),
                         key="container.runtime", hint="use one of: " + ", ".join(RUNTIMES))
     for i, text in enumerate(spec.mounts):
         parse_mount(text, where(("container", "mounts", i)), f"container.mounts[{i}]")
     for k in spec.env:
         if not _ENV_KEY.fullmatch(k):
-            raise UserError(f"'{k}' is not a valid environment variable name", where=where(("container", "env", k)),
+            raise UserError(f"{show(k)} is not a valid environment variable name", where=where(("container", "env", k)),
                             key=f"container.env.{k}", hint="use letters, digits and '_', not starting with a digit")
     if "CLUSTER_RUN_ID" in spec.env:
         raise UserError("'CLUSTER_RUN_ID' is set by the cluster (stop finds the run's processes by it)",
                         where=where(("container", "env", "CLUSTER_RUN_ID")), key="container.env.CLUSTER_RUN_ID",
                         hint="remove it from the container's env")
-    if spec.shm_gb < 0:
-        raise UserError("must be 0 or more (0: the host's /dev/shm through --ipc host)",
+    if not 0 <= spec.shm_gb <= 4096:
+        raise UserError(f"must be 0 or more, at most 4096 (0: the host's /dev/shm through --ipc host); got {spec.shm_gb}",
                         where=where(("container", "shm_gb")), key="container.shm_gb")
-    for key, unit in (("cpus", "cores"), ("memory_gb", "GB"), ("pids", "processes")):
+    for key, unit, most in QUOTAS:
         v = getattr(spec, key, None)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0):
-            raise UserError(f"must be a number of {unit} above 0, got {v!r}", where=where(("container", key)),
-                            key=f"container.{key}", hint="leave it out for the default")
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= most):
+            raise UserError(f"must be a number of {unit} above 0, at most {most}; got {show(v)}",
+                            where=where(("container", key)), key=f"container.{key}",
+                            hint="leave it out for the default (see README, Containers)")
     if getattr(spec, "pids", None) is not None and int(spec.pids) != spec.pids:
         raise UserError("must be a whole number", where=where(("container", "pids")), key="container.pids")
     if getattr(spec, "user", "self") not in USERS:
-        raise UserError(f"'{spec.user}' is not a container user", where=where(("container", "user")),
+        raise UserError(f"{show(spec.user)} is not a container user", where=where(("container", "user")),
                         key="container.user",
                         hint="self (default: your uid/gid on the host, files on mounts are yours) or root")
 
@@ -165,6 +180,9 @@ def _num(v) -> str:
 def parse_mount(text: str, where: str = "job", key: str = "container.mounts") -> Mount:
     """``SRC:DST[:ro|rw]`` or ``PATH`` (same path inside), both absolute. ':' and ',' cannot be in a
     path: every runtime splits on ':', and apptainer and pyxis join mounts with ','."""
+    if not text.isprintable():
+        raise UserError(f"mount {show(text)} contains a control or invisible character", where=where, key=key,
+                        hint="write it on one line, without control characters")
     parts = text.split(":")
     mode = ""
     if len(parts) > 1 and parts[-1] in ("ro", "rw"):
@@ -174,7 +192,7 @@ def parse_mount(text: str, where: str = "job", key: str = "container.mounts") ->
     bad = (len(parts) != 2 or "," in text or "\0" in text or
            not all(p.startswith("/") for p in parts))
     if bad:
-        raise UserError(f"mount '{text}' is not SRC:DST[:ro|rw] with absolute paths", where=where, key=key,
+        raise UserError(f"mount {show(text)} is not SRC:DST[:ro|rw] or PATH, with absolute paths", where=where, key=key,
                         hint="e.g. /data/imagenet:/data:ro; paths cannot contain ':' or ','")
     return Mount(parts[0], parts[1], mode)
 
@@ -240,16 +258,25 @@ def wrap(spec, runtime: str, *, name: str, workdir: str, run_dir: str, env: Mapp
     check_spec(spec)
     mounts = _mounts(spec, workdir, run_dir)
     inner = {**env, **spec.env}
+    cwd = run_cwd(workdir, run_dir)
     if runtime in ("docker", "podman"):
-        return _docker_like(spec, runtime, name, workdir, mounts, inner, list(payload_argv), gpus, run_id, host)
+        return _docker_like(spec, runtime, name, workdir, cwd, mounts, inner, list(payload_argv), gpus, run_id, host)
     if runtime == "apptainer":
         return apptainer_exec(spec, payload_argv, workdir=workdir, env=inner, gpus=gpus, mounts=mounts,
-                              own_mounts=False)
+                              own_mounts=False, pwd=cwd)
     if runtime == "enroot":
         raise UserError("enroot runs under SLURM only (pyxis: srun --container-image)", where="job",
                         key="container.runtime", hint="use backend slurm, or docker, podman or apptainer over ssh")
     raise UserError(f"unknown runtime '{runtime}'", where="job", key="container.runtime",
                     hint="use one of: " + ", ".join(RUNTIMES))
+
+
+def run_cwd(workdir: str, run_dir: str) -> Optional[str]:
+    """The job's directory inside (its run directory), where it is known before the host: None for
+    a workdir under ~ (the shell line's $PWD there, the agent having moved into it)."""
+    if run_dir.startswith("/"):
+        return run_dir
+    return workdir.rstrip("/") + "/" + run_dir if workdir.startswith("/") else None
 
 
 def _mounts(spec, workdir: str, run_dir: str) -> list[Mount]:
@@ -272,7 +299,7 @@ def _mounts(spec, workdir: str, run_dir: str) -> list[Mount]:
     return out
 
 
-def _docker_like(spec, runtime, name, workdir, mounts, env, payload, gpus, run_id, host) -> list[str]:
+def _docker_like(spec, runtime, name, workdir, cwd, mounts, env, payload, gpus, run_id, host) -> list[str]:
     opts = ["--rm", "--init", "--name", name]
     if run_id is not None:
         opts += ["--label", f"{LABEL}={run_id}"]
@@ -292,10 +319,11 @@ def _docker_like(spec, runtime, name, workdir, mounts, env, payload, gpus, run_i
         opts += ["--pull", "never"]    # preflight made sure the image is there, on every host
     for m in mounts:
         opts += ["-v", m.text()]
-    if workdir.startswith("/"):
-        opts += ["-w", workdir]
+    if cwd:
+        opts += ["-w", cwd]
     for k, v in sorted(env.items()):
         opts += ["-e", f"{k}={v}"]
+    opts += [a for k in PASS_ENV if k not in env for a in ("-e", k)]
     lim = limits(spec)
     if lim["cpus"] is not None:
         opts += ["--cpus", _num(lim["cpus"])]
@@ -324,7 +352,7 @@ def _ulimits_in(args: Sequence[str]) -> set[str]:
 
 
 def apptainer_exec(spec, payload: Sequence[str], *, workdir: str, env: Mapping[str, str], gpus: int,
-                   mounts: Iterable[Mount] = (), own_mounts: bool = True) -> list[str]:
+                   mounts: Iterable[Mount] = (), own_mounts: bool = True, pwd: Optional[str] = None) -> list[str]:
     """``apptainer exec`` around ``payload`` (also what the slurm backend runs per task).
 
     Variables go in as APPTAINERENV_K=V through ``env``: byte-exact for any value (apptainer's
@@ -342,8 +370,8 @@ def apptainer_exec(spec, payload: Sequence[str], *, workdir: str, env: Mapping[s
     argv += apptainer_limits(spec)
     for m in binds:
         argv += ["--bind", m.text()]
-    if workdir.startswith("/"):
-        argv += ["--pwd", workdir]     # a ~ workdir: apptainer binds $HOME and keeps the cwd itself
+    if pwd or workdir.startswith("/"):
+        argv += ["--pwd", pwd or workdir]     # a ~ workdir: apptainer binds $HOME and keeps the cwd itself
     return argv + list(spec.args) + [apptainer_image(spec.image)] + list(payload)
 
 

@@ -192,6 +192,29 @@ def scaling_finding(img_s: float, world_size: int, base_img_s: float, base_world
                        f"{base_img_s:.0f} img/s")
 
 
+_PEER_ADDR = re.compile(r"(?:closed|reset) by peer \[?([0-9A-Fa-f:.]+?)\]?:\d+")
+
+
+def out_of_step_finding(tail: Iterable[str], first_host: Optional[str], rank: Optional[int],
+                        nodes, address_of: Mapping[str, str], peer_errors) -> Optional[Finding]:
+    """The failing rank's peer (named by address in "Connection closed by peer [ADDR]:PORT") is a
+    node that did not fail by itself and whose log shows no error: the ranks were out of step.
+    ``nodes``: NodeStatus-like; ``address_of``: host -> address; ``peer_errors(host)``: the known
+    failures found in that host's log (a peer's death included: then it was a victim too)."""
+    p = next((p for p in patterns() if p.check == "out-of-step"), None)
+    m = next((m for m in map(_PEER_ADDR.search, reversed(list(tail))) if m), None)
+    if p is None or m is None:
+        return None
+    host = next((h for h, a in address_of.items() if a == m.group(1)), None)
+    node = next((n for n in nodes if n.host == host), None)
+    if node is None or host == first_host or node.exit_code not in (0, None) and "gang" not in node.detail \
+            or peer_errors(host):
+        return None
+    how = "had finished (exit code 0)" if node.exit_code == 0 else "showed no error (stopped by the gang)"
+    who = f"{first_host}" + (f" rank {rank}" if rank is not None else "")
+    return _finding(p, f"{who} lost its connection to {host} ({m.group(1)}), whose ranks {how}", host=host)
+
+
 def run_throughput(run) -> Optional[float]:
     """Median total img/s of a train run, from rank 0's metrics (runs/<id>/metrics), if kept here."""
     try:
@@ -285,6 +308,7 @@ class RankProgress:
     stalled_s: Optional[float]     # since the rank's last heartbeat (its clock) or since start
     done: bool
     flag: str = ""                 # "", "starting", "hung", "straggler", "done"
+    proc: Optional[str] = None     # the rank's process state where status could read it (T: stopped)
 
 
 @dataclass
@@ -301,10 +325,14 @@ class Watch:
                 "reason": self.reason, "ranks": [asdict(r) for r in self.ranks]}
 
 
+STOPPED_STATES = ("T", "t")      # /proc/<pid>/stat: stopped by a signal, stopped by a tracer
+
+
 def watch(heartbeats: Mapping[int, Mapping], memo: Optional[dict] = None, *, now: Optional[float] = None,
           started: Optional[float] = None, world_size: Optional[int] = None, hang_timeout_s: float = 300,
           startup_timeout_s: float = 900, straggler_steps: int = STRAGGLER_STEPS,
-          straggler_fraction: float = STRAGGLER_FRACTION) -> Watch:
+          straggler_fraction: float = STRAGGLER_FRACTION,
+          activity: Optional[Mapping[int, Optional[float]]] = None) -> Watch:
     """Progress of every rank from its heartbeat; a pure function of its arguments.
 
     ``memo`` is what the previous call returned in ``Watch.memo`` (empty the first time);
@@ -313,6 +341,11 @@ def watch(heartbeats: Mapping[int, Mapping], memo: Optional[dict] = None, *, now
     starting up -- no heartbeat yet, or still at the first step seen of it with a heartbeat
     written within ``startup_timeout_s`` of the start (the first step compiles, warms caches) --
     the limit is ``startup_timeout_s`` instead. A rank that is done never hangs.
+
+    ``activity`` (rank -> when its node last showed life: its log grew or its ranks used CPU;
+    None: not known) judges the ranks without a heartbeat, as a script need not write any: such
+    a rank hangs only after ``hang_timeout_s`` without output and CPU, never for lack of the file.
+    Without ``activity`` at all, a rank without a heartbeat hangs after ``startup_timeout_s``.
     """
     now = time.time() if now is None else now
     memo = json.loads(json.dumps(memo or {}))          # a copy, JSON-shaped
@@ -326,12 +359,21 @@ def watch(heartbeats: Mapping[int, Mapping], memo: Optional[dict] = None, *, now
         if not hb or not isinstance(hb.get("step"), int):
             stalled = now - since
             flag = "hung" if stalled > startup_timeout_s else "starting"
+            if activity is not None:        # judged by output and CPU (see above)
+                seen_at = activity.get(r)
+                stalled = now - max(seen_at, since) if seen_at is not None else 0.0
+                flag = "hung" if seen_at is not None and stalled > hang_timeout_s else "quiet"
             out.append(RankProgress(r, None, None, None, None, None, round(stalled, 1), False, flag))
             if flag == "hung":
                 hung.append(r)
             continue
         step, t = hb["step"], float(hb.get("time") or now)
         m = seen.setdefault(str(r), {"first": step, "last": [step, t]})
+        if step < m["last"][0]:
+            # a new attempt (a requeue, a restart) resumed from an earlier checkpoint: its rate
+            # starts over, from this attempt's heartbeats alone (never a negative rate)
+            m.clear()
+            m.update(first=step, last=[step, t])
         if t > m["last"][1] and step != m["last"][0]:
             m["prev"], m["last"] = m["last"], [step, t]
         m["first"] = min(m["first"], step)
@@ -347,22 +389,30 @@ def watch(heartbeats: Mapping[int, Mapping], memo: Optional[dict] = None, *, now
             hung.append(r)
         out.append(RankProgress(r, hb.get("host"), step, hb.get("steps_total"),
                                 None if rate is None else round(rate, 3), hb.get("img_s"),
-                                round(stalled, 1), done, flag))
+                                round(stalled, 1), done, flag, hb.get("proc")))
     w = Watch(out, hung=hung, memo=memo)
     live = [p for p in out if p.step is not None and not p.done]
     if hung:
         steps = [p.step for p in live]
         low = min(steps) if steps else None
-        w.behind = [p.rank for p in out if p.step is None and p.flag == "hung"] or \
+        # a rank whose process is stopped (SIGSTOP, Ctrl-Z, a debugger) holds every other rank in
+        # the next collective at the same step: its process state names it, the steps cannot
+        stopped = [p.rank for p in live if p.rank in hung and p.proc in STOPPED_STATES]
+        w.behind = stopped or [p.rank for p in out if p.step is None and p.flag == "hung"] or \
                    ([p.rank for p in live if p.step == low] if steps and low < max(steps) else list(hung))
         parts = []
         for p in out:
             if p.rank in w.behind:
                 parts.append(f"rank {p.rank}" + (f" ({p.host})" if p.host else "") +
+                             (f" is stopped (process state {p.proc}: SIGSTOP, Ctrl-Z or a debugger)"
+                              if p.rank in stopped else "") +
                              (f" at step {p.step}, no progress for {p.stalled_s:.0f}s" if p.step is not None
-                              else f" has not sent a heartbeat in {p.stalled_s:.0f}s"))
+                              else f" has not sent a heartbeat in {p.stalled_s:.0f}s" if activity is None
+                              else f" no output and no CPU for {p.stalled_s:.0f}s (no heartbeats)"))
         others = sorted({p.step for p in live if p.rank not in w.behind})
-        w.reason = "; ".join(parts) + (f" (others at step {others[-1]})" if others else "")
+        w.reason = "; ".join(parts) + (
+            f" (the others wait for it at step {others[-1]})" if stopped and others else
+            f" (others at step {others[-1]})" if others else "")
     else:
         w.stragglers = _stragglers(live, straggler_steps, straggler_fraction)
         w.ranks = [replace(p, flag="straggler") if p.rank in w.stragglers else p for p in out]
@@ -407,14 +457,43 @@ def watch_run(run, nodes, now: Optional[float] = None) -> Watch:
         saved = json.loads(path.read_text())
     except (OSError, ValueError):
         saved = {}
+    t = time.time() if now is None else now
+    cpu = saved.get("cpu") or {}
+    active = node_activity(nodes, cpu, t)
+    world = (run.data.get("plan") or {}).get("world_size") or 0
+    per_node = nproc or (world // max(1, len(nodes)))
+    # ranks are node-major: node i's are i*nproc ... (i+1)*nproc - 1
+    activity = {r: active[nodes[r // per_node].host] if per_node and r // per_node < len(nodes) else None
+                for r in range(world)}
     w = watch(heartbeats, saved.get("memo"), now=now, started=run.data.get("started") or run.data.get("created"),
-              world_size=(run.data.get("plan") or {}).get("world_size"),
-              hang_timeout_s=job.get("hang_timeout_s", 300),
-              startup_timeout_s=job.get("startup_timeout_s", 900))
+              world_size=world or None, hang_timeout_s=job.get("hang_timeout_s", 300),
+              startup_timeout_s=job.get("startup_timeout_s", 900), activity=activity)
     if w.hung and not (saved.get("watch") or {}).get("hung"):
         run.event("hang", ranks=w.behind, reason=w.reason)
-    _write_json(path, {"memo": w.memo, "watch": w.to_dict(), "time": time.time() if now is None else now})
+    _write_json(path, {"memo": w.memo, "watch": w.to_dict(), "cpu": cpu, "time": t})
     return w
+
+
+CPU_ACTIVE_S = 0.5          # CPU seconds (and at least 2% of a core since the last count) = alive
+
+
+def node_activity(nodes, cpu_memo: dict, now: float) -> dict[str, Optional[float]]:
+    """host -> when the node last showed life: its log grew, or its ranks' CPU time rose (by
+    CPU_ACTIVE_S and 2% of a core since it last did; updates ``cpu_memo``). None: not known."""
+    out: dict[str, Optional[float]] = {}
+    for n in nodes:
+        a = getattr(n, "activity", None)
+        if not a:
+            out[n.host] = None
+            continue
+        t = a.get("output_t") or 0.0
+        if a.get("cpu_s") is not None:
+            prev = cpu_memo.get(n.host)
+            if prev is None or a["cpu_s"] - prev[0] >= max(CPU_ACTIVE_S, 0.02 * (now - prev[1])):
+                cpu_memo[n.host] = prev = [a["cpu_s"], now]
+            t = max(t, prev[1])
+        out[n.host] = t or None
+    return out
 
 
 def saved_watch(run) -> Optional[dict]:

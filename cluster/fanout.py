@@ -1,6 +1,7 @@
 """Commands on every inventory host at once (exec, gpus): ssh fan-out, or this machine directly."""
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from typing import Optional
@@ -8,6 +9,7 @@ from typing import Optional
 from . import hostlist
 from .config import Inventory
 from .errors import UserError
+from .plan import cd_line
 from .remote import GroupResult, Result, quote_argv
 
 
@@ -19,27 +21,38 @@ def select(inv: Inventory, pattern: Optional[str]) -> list[str]:
         wanted = hostlist.expand(pattern)
     except ValueError as e:
         raise UserError(f"bad host range: {e}", where="--hosts", hint="e.g. --hosts node[1-2]") from None
-    unknown = [w for w in wanted if w not in names]
+    known = set(names)
+    unknown = [w for w in wanted if w not in known]
     if unknown:
-        raise UserError(f"not in the inventory: {', '.join(unknown)}", where="--hosts",
-                        hint="inventory hosts: " + hostlist.fold(names))
+        raise UserError(f"{len(unknown)} host(s) not in the inventory: {_short(hostlist.fold(unknown))}",
+                        where="--hosts", hint="inventory hosts: " + _short(hostlist.fold(names)))
     return wanted
 
 
-def run_argv(inv: Inventory, names: list[str], argv: list[str], timeout_s: Optional[float] = None) -> GroupResult:
-    """Run ``argv`` on each host; the argv is quoted once for the one remote shell hop."""
+def _short(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def run_argv(inv: Inventory, names: list[str], argv: list[str], timeout_s: Optional[float] = None,
+             cwd: Optional[dict] = None) -> GroupResult:
+    """Run ``argv`` on each host; the argv is quoted once for the one remote shell hop. ``cwd``:
+    host -> the directory to run in (a run's directory, ``exec --run``); else the login's home."""
     command = quote_argv(argv)
     if inv.backend == "local":
         t0 = time.monotonic()
         try:
-            p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s or inv.ssh.command_timeout_s)
+            where = os.path.expanduser((cwd or {}).get(names[0]) or ".")
+            p = subprocess.run(argv, capture_output=True, text=True, cwd=where,
+                               timeout=timeout_s or inv.ssh.command_timeout_s)
             r = Result(names[0], command, p.returncode, p.stdout, p.stderr)
         except FileNotFoundError as e:
-            r = Result(names[0], command, 127, "", f"{e.strerror}: {argv[0]}\n")
+            r = Result(names[0], command, 127, "", f"{e.strerror}: {e.filename or argv[0]}\n")
         except subprocess.TimeoutExpired:
             r = Result(names[0], command, error=f"timed out after {timeout_s or inv.ssh.command_timeout_s:g} s")
         r.duration_s = time.monotonic() - t0
         return GroupResult({names[0]: r})
     from .remote import Pool
     with Pool([inv.host(n) for n in names], inv.ssh) as pool:
+        if cwd:
+            return pool.run({n: f"{cd_line(cwd[n])} && {command}" for n in names}, timeout_s=timeout_s)
         return pool.run(command, hosts=names, timeout_s=timeout_s)

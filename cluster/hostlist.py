@@ -4,15 +4,44 @@ from __future__ import annotations
 import re
 
 _BRACKET = re.compile(r"\[([^\[\]]*)\]")
-MAX_HOSTS = 100_000
+# hosts in one inventory (or one --hosts expression): an SSH fan-out or a plan of more is a typo
+# (past a rack SLURM schedules; its inventory lists login hosts). Counted before expanding, so a
+# product of ranges (n[1-1000]-[1-1000]) is refused at once instead of filling memory.
+MAX_HOSTS = 10_000
 
 
-def expand(pattern: str) -> list[str]:
-    """Expand one hostlist expression (may hold several bracket groups and commas outside them)."""
+def expand(pattern: str, limit: int | None = MAX_HOSTS) -> list[str]:
+    """Expand one hostlist expression (may hold several bracket groups and commas outside them);
+    ValueError if it is malformed or names more than ``limit`` hosts."""
+    parts = _split_top(pattern)
+    if limit is not None:
+        total = sum(count(p) for p in parts)
+        if total > limit:
+            raise ValueError(f"{_cut(pattern)} is larger than {limit:,} hosts ({total:,})")
     names: list[str] = []
-    for part in _split_top(pattern):
+    for part in parts:
         names.extend(_expand_one(part))
     return names
+
+
+def count(part: str) -> int:
+    """How many names one comma-free part expands to (the product of its bracket groups)."""
+    n = 1
+    for group in _BRACKET.findall(part):
+        size = 0
+        for item in group.split(","):
+            lo, dash, hi = item.strip().partition("-")
+            if dash and lo.isdigit() and hi.isdigit():
+                size += max(0, int(hi) - int(lo) + 1)
+            else:
+                size += 1        # a malformed item: _expand_one names the mistake
+        n *= max(size, 1)
+    return n
+
+
+def _cut(text: str, limit: int = 60) -> str:
+    """``text`` for a message: repr'd, at most ``limit`` characters of it."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text)} characters)"
 
 
 def _split_top(text: str) -> list[str]:
@@ -23,18 +52,18 @@ def _split_top(text: str) -> list[str]:
         elif ch == "]":
             depth -= 1
             if depth < 0:
-                raise ValueError(f"unbalanced ']' in {text!r}")
+                raise ValueError(f"unbalanced ']' in {_cut(text)}")
         if ch == "," and depth == 0:
             parts.append(cur)
             cur = ""
         else:
             cur += ch
     if depth != 0:
-        raise ValueError(f"unbalanced '[' in {text!r}")
+        raise ValueError(f"unbalanced '[' in {_cut(text)}")
     parts.append(cur)
     for p in parts:
         if not p.strip():
-            raise ValueError(f"empty host name in {text!r}")
+            raise ValueError(f"empty host name in {_cut(text)}")
     return [p.strip() for p in parts]
 
 
@@ -42,27 +71,25 @@ def _expand_one(text: str) -> list[str]:
     m = _BRACKET.search(text)
     if not m:
         if "[" in text or "]" in text:
-            raise ValueError(f"unbalanced brackets in {text!r}")
+            raise ValueError(f"unbalanced brackets in {_cut(text)}")
         return [text]
     head, tail = text[: m.start()], text[m.end():]
     out: list[str] = []
     for item in m.group(1).split(","):
         item = item.strip()
         if not item:
-            raise ValueError(f"empty range item in {text!r}")
+            raise ValueError(f"empty range item in {_cut(text)}")
         if "-" in item:
             lo, _, hi = item.partition("-")
             if not (lo.isdigit() and hi.isdigit()):
-                raise ValueError(f"range {item!r} in {text!r} is not numeric (write e.g. 01-16)")
+                raise ValueError(f"range {_cut(item, 20)} in {_cut(text)} is not numeric (write e.g. 01-16)")
             if int(hi) < int(lo):
-                raise ValueError(f"range {item!r} in {text!r} goes backwards")
+                raise ValueError(f"range {_cut(item, 20)} in {_cut(text)} goes backwards")
             width = len(lo) if lo.startswith("0") or len(lo) == len(hi) else 0
-            if int(hi) - int(lo) + 1 > MAX_HOSTS:
-                raise ValueError(f"range {item!r} in {text!r} is larger than {MAX_HOSTS} hosts")
             nums = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
         else:
             if not item.isdigit():
-                raise ValueError(f"range item {item!r} in {text!r} is not a number")
+                raise ValueError(f"range item {_cut(item, 20)} in {_cut(text)} is not a number")
             nums = [item]
         for n in nums:
             out.extend(head + n + rest for rest in _expand_one(tail))

@@ -39,6 +39,30 @@ def _gpu_count(a: dict) -> int:
     return 0
 
 
+def _gpu_query(a: dict):
+    """Each GPU's use now (``cluster top``): [{index, util, mem_used, mem_total, power}] (MiB, %,
+    W; None where nvidia-smi says N/A), or None when this host has no nvidia-smi."""
+    import shutil
+    import subprocess
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return None
+    try:
+        out = subprocess.run([smi, "--query-gpu=index,utilization.gpu,memory.used,memory.total,power.draw",
+                              "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+    def num(x):
+        try:
+            return float(x)
+        except ValueError:
+            return None
+    keys = ("index", "util", "mem_used", "mem_total", "power")
+    return [dict(zip(keys, map(num, (f.strip() for f in line.split(","))))) for line in out.splitlines()
+            if line.count(",") == 4]
+
+
 def _run_processes(wd: str, run_id=None) -> dict:
     """run id -> pids of processes in this host's network namespace that carry CLUSTER_RUN_ID and
     run in ``wd`` (one pid namespace may hold several hosts' processes, as in the cluster in a box)."""
@@ -90,6 +114,71 @@ def _group_alive(pgid) -> bool:
     return False
 
 
+def _activity(log_path: str, pids, pgid) -> dict:
+    """What a run does on this node without heartbeats: when its log last grew (every line a rank
+    prints lands there) and the CPU seconds its own processes have used. The agent (``pgid``),
+    torchrun and a fork server only poll: they are left out."""
+    import os
+    try:
+        output_t = os.stat(log_path).st_mtime
+    except OSError:
+        output_t = None
+    ticks, tck = 0, os.sysconf("SC_CLK_TCK")
+    for pid in pids:
+        if pid == pgid:
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read()
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if b"torch.distributed.run" in cmd or b"cluster.agent" in cmd or b"forkserver" in cmd:
+            continue
+        ticks += int(fields[11]) + int(fields[12])      # utime + stime
+    return {"output_t": output_t, "cpu_s": round(ticks / tck, 2)}
+
+
+def _job_python(argv0: str) -> dict:
+    """The interpreter a ``command:`` job names itself (not the inventory's): its version, and
+    whether it has torch, as the job will find it (same PATH, no import of torch)."""
+    import subprocess
+    code = "import sys, importlib.util as u; print(sys.version.split()[0], u.find_spec('torch') is not None)"
+    try:
+        out = subprocess.run([argv0, "-c", code], capture_output=True, text=True, timeout=60)
+        version, torch = out.stdout.split()
+        return {"argv0": argv0, "python": version, "torch": torch == "True"}
+    except (OSError, ValueError, subprocess.SubprocessError) as e:
+        return {"argv0": argv0, "error": getattr(e, "strerror", None) or str(e) or type(e).__name__}
+
+
+def _other_runs(wd: str, host: str) -> tuple:
+    """(leftovers, live runs) among the processes of runs in ``wd`` on this host. A run whose agent
+    is alive and has not recorded an exit is live: "running" once its pid file is there, "starting"
+    before (another submit's preflight parked it, or it is writing the pid file now). Processes of
+    a run with no such agent (it was killed, or ended and left them) are leftovers: run id -> pids."""
+    import os
+    left, live = {}, {}
+    for rid, pids in _run_processes(wd).items():
+        state = os.path.join(wd, "runs", rid, "state")
+        agent = False
+        for pid in pids:
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    argv = f.read().split(b"\0")
+            except OSError:
+                continue
+            if b"cluster.agent" in argv and argv[argv.index(b"cluster.agent") - 1] == b"-m":
+                agent = True
+                break
+        if agent and not os.path.exists(os.path.join(state, host + ".exit")):
+            live[rid] = "running" if os.path.exists(os.path.join(state, host + ".pid")) else "starting"
+        else:
+            left[rid] = sorted(pids)
+    return left, live
+
+
 def _probe(a: dict) -> dict:
     import json
     import os
@@ -122,6 +211,8 @@ def _probe(a: dict) -> dict:
     except (ImportError, OSError, ValueError, IndexError):
         pass
     r["gpus"] = _gpu_count(a)
+    if a.get("job_python"):
+        r["job_python"] = _job_python(a["job_python"])
     wd = os.path.expanduser(a["workdir"])
     p = wd
     while not os.path.exists(p):
@@ -132,18 +223,7 @@ def _probe(a: dict) -> dict:
     if a.get("manifest") is not None:
         r["stale"] = stale_files(a["workdir"], a["manifest"])
     wd_real = os.path.realpath(wd)
-    left, busy = {}, {}
-    for rid, pids in _run_processes(wd_real).items():
-        state = os.path.join(wd_real, "runs", rid, "state")
-        agent = False
-        try:
-            with open(os.path.join(state, a["host"] + ".pid")) as f:
-                os.kill(json.load(f)["pid"], 0)
-            agent = not os.path.exists(os.path.join(state, a["host"] + ".exit"))
-        except (OSError, ValueError, KeyError):
-            pass
-        (busy if agent else left)[rid] = sorted(pids)
-    r["leftovers"], r["busy"] = left, busy
+    r["leftovers"], r["busy"] = _other_runs(wd_real, a["host"])
     # ports: node 0 binds them and waits for every other node to connect to each
     ports = a.get("ports") or []
     if a.get("role") == "server":
@@ -221,6 +301,11 @@ def _probe_then_launch(a: dict) -> dict:
     line = sys.stdin.readline()
     if not line.startswith("GO "):
         if parked:
+            os.close(parked[1])                 # EOF: the agent ends what it forked and its temp dir
+            try:
+                parked[0].wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
             try:
                 os.killpg(parked[0].pid, 9)     # its own session: the agent and what it forked
             except ProcessLookupError:
@@ -265,6 +350,25 @@ def _probe_then_launch(a: dict) -> dict:
     sys.exit(3)
 
 
+def _rank_states(beats: dict, run_id: str) -> None:
+    """Each live rank's process state from /proc ("R", "S", "D", "T" stopped, "t" traced, "Z"), as
+    ``proc`` in its heartbeat, where its pid is a process of this run here (a container's ranks
+    have pids of their own namespace: no state, rather than a wrong one)."""
+    needle = ("CLUSTER_RUN_ID=" + run_id).encode()
+    for hb in beats.values():
+        pid = hb.get("pid")
+        if hb.get("done") or not isinstance(pid, int):
+            continue
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if needle not in f.read().split(b"\0"):
+                    continue
+            with open(f"/proc/{pid}/stat") as f:
+                hb["proc"] = f.read().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+
+
 def _status(a: dict) -> dict:
     import json
     import os
@@ -291,8 +395,16 @@ def _status(a: dict) -> dict:
             hb = load(os.path.join(mdir, n))
             if hb:
                 beats[str(hb.get("rank", n[14:-5]))] = hb
-    return {"pid": pid, "exit": load(os.path.join(base, "state", a["host"] + ".exit")), "alive": alive,
-            "heartbeats": beats}
+    _rank_states(beats, os.path.basename(os.path.normpath(base)))
+    out = {"pid": pid, "exit": load(os.path.join(base, "state", a["host"] + ".exit")), "alive": alive,
+           "heartbeats": beats}
+    if alive and a.get("run_id"):
+        wd = os.path.realpath(os.path.expanduser(a["workdir"]))
+        pids = _run_processes(wd, a["run_id"]).get(a["run_id"], [])
+        out["activity"] = _activity(os.path.join(base, "logs", a["host"] + ".log"), pids, pgid)
+    if a.get("gpus"):       # cluster top: the GPUs' use in the same round trip
+        out["gpus"] = _gpu_query(a)
+    return out
 
 
 def _stop(a: dict) -> dict:
@@ -373,7 +485,8 @@ def _serve(a: dict) -> dict:
     os.makedirs(os.path.dirname(log), exist_ok=True)
     try:
         with open(log, "ab") as logf:
-            p = subprocess.Popen(argv, cwd=wd, env=env, stdin=subprocess.DEVNULL, stdout=logf,
+            p = subprocess.Popen(argv, cwd=os.path.expanduser(a.get("cwd") or a["workdir"]), env=env,
+                                 stdin=subprocess.DEVNULL, stdout=logf,
                                  stderr=subprocess.STDOUT, start_new_session=True)
     except OSError as e:
         return {"error": f"cannot start {argv[0]}: {e.strerror}"}
@@ -435,14 +548,16 @@ def _serve(a: dict) -> dict:
             return stop("the run ended")
 
 
-_HELPERS = {"_probe": (_gpu_count, _run_processes, stale_files),
-            "_probe_then_launch": (_gpu_count, _run_processes, stale_files, _probe, _park),
-            "_stop": (_run_processes, _group_alive), "_status": (_group_alive,), "_gpu_count": (), "_serve": (_group_alive,)}
+_HELPERS = {"_probe": (_gpu_count, _run_processes, _other_runs, stale_files, _job_python),
+            "_probe_then_launch": (_gpu_count, _run_processes, _other_runs, stale_files, _job_python, _probe, _park),
+            "_stop": (_run_processes, _group_alive),
+            "_status": (_group_alive, _run_processes, _activity, _gpu_query, _rank_states),
+            "_gpu_count": (), "_gpu_query": (), "_serve": (_group_alive,)}
 
 
 def host_command(python: str, func, site: bool = True) -> str:
     """``python -c <func's source>``: the function reads its argument as JSON on stdin, prints JSON."""
-    return quote_argv([python] + ([] if site else ["-S"]) + ["-c", _host_source(func.__name__)])
+    return quote_argv([python] + ([] if site else ["-S"]) + ["-c", _host_source(func.__name__)], home=[python])
 
 
 @functools.lru_cache(maxsize=None)

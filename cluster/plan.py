@@ -4,6 +4,7 @@ No I/O here. Every backend consumes the same plan; ``--dry-run`` prints it byte-
 """
 from __future__ import annotations
 
+import re
 import shlex
 import zlib
 from dataclasses import dataclass, field
@@ -11,8 +12,11 @@ from typing import Any, Mapping, Optional
 
 from .config import Host, Inventory, Job
 from .errors import UserError
+from .remote import quote_argv, shell_word
 
 RUNS = "runs"
+PYTHON = "{python}"     # in command: the interpreter the job runs (the inventory's, or the container's)
+CODE = "{code}"         # in command: the code's directory on the host (filled in there: cluster/agent.py)
 
 
 @dataclass(frozen=True)
@@ -34,17 +38,28 @@ class NodeLaunch:
     def payload(self) -> tuple[str, ...]:
         return self.argv[self.argv.index("--") + 1:]
 
+    def job_python(self, host_python: str) -> Optional[str]:
+        """The interpreter a ``command:`` job names itself, where it is not ``host_python`` (which
+        the preflight checks anyway) and not inside a container: what the preflight must check too."""
+        payload = self.payload()
+        if self.container is not None or "--no-python" not in payload:
+            return None
+        prog = payload[payload.index("--no-python") + 1]
+        name = prog.rsplit("/", 1)[-1]
+        return prog if prog != host_python and re.fullmatch(r"python[\d.]*", name) else None
+
     def shell(self) -> str:
         """The one shell line that starts this node detached; every value quoted once."""
         env = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(self.env.items()))
-        cmd = " ".join(shlex.quote(a) for a in self.argv)
+        cmd = quote_argv(self.argv, home=self.argv[:1])     # python: ~/venv/bin/python is the host's home
         return (f"{cd_line(self.workdir)} && mkdir -p {shlex.quote(self.state_dir)} && "
                 f"env {env} setsid {cmd} </dev/null >{shlex.quote(self.agent_log_path)} 2>&1 &")
 
 
 def cd_line(wd: str) -> str:
-    """``cd WORKDIR`` for a remote shell: quoted once, a leading ``~/`` left for the shell to expand."""
-    return "cd " + (wd if wd == "~" else ("~/" + shlex.quote(wd[2:]) if wd.startswith("~/") else shlex.quote(wd)))
+    """``cd WORKDIR`` for a remote shell: quoted once, a leading ``~/`` left for the shell to
+    expand; ``--`` before a directory that cd would read as an option (config refuses those)."""
+    return "cd " + ("-- " if wd.startswith("-") else "") + shell_word(wd, home=True)
 
 
 @dataclass(frozen=True)
@@ -56,6 +71,7 @@ class Plan:
     world_size: int
     nodes: tuple[NodeLaunch, ...]
     notes: tuple[str, ...] = field(default_factory=tuple)
+    data: Optional[Any] = None      # the job's data: section (DataSpec), staged before the launch
 
     def render(self) -> str:
         lines = [f"# run {self.run_id}: job {self.job}, backend {self.backend}, "
@@ -72,8 +88,15 @@ def default_port(run_id: str) -> int:
     return 29500 + zlib.crc32(run_id.encode()) % 1000
 
 
-def procs_for(host_gpus: int, job: Job) -> int:
+def procs_for(host_gpus: int, job: Job, hint: str = "") -> int:
+    """Processes per node: one per GPU, or ``cpu_procs_per_node`` without GPUs. A job that asks
+    for GPUs (``gpus_per_node`` N > 0) on nodes with none is refused, never run on CPUs instead."""
     if host_gpus <= 0:
+        if isinstance(job.gpus_per_node, int) and job.gpus_per_node > 0:
+            raise UserError(f"the job asks for {job.gpus_per_node} GPU(s) per node, but the nodes have none",
+                            where="job", key="gpus_per_node",
+                            hint=hint or "set the hosts' gpus in the inventory (or 'auto' to detect them), or "
+                                         "drop gpus_per_node to run cpu_procs_per_node CPU processes per node")
         return job.cpu_procs_per_node
     if job.gpus_per_node == "auto":
         return host_gpus
@@ -132,7 +155,11 @@ def make_plan(inv: Inventory, job: Job, run_id: str, gpus: Mapping[str, int], *,
             f"--max-restarts={job.restart.max_restarts}",
             "--tee=3",
         ]
-        torchrun += _payload(job, run_dir)
+        payload_python = h.python
+        if job.container is not None:
+            from .container import inner_python
+            payload_python = inner_python(job.container, h)
+        torchrun += _payload(job, payload_python)
         ref = None
         if job.container is not None:   # containers (cluster/container.py): torchrun in the image, agent outside
             from .container import wrap_node
@@ -140,6 +167,8 @@ def make_plan(inv: Inventory, job: Job, run_id: str, gpus: Mapping[str, int], *,
                                       payload_argv=torchrun, gpus=gpus[h.name])
         agent = [h.python, "-m", "cluster.agent", "--run-dir", run_dir, "--host", h.name,
                  "--node-rank", str(rank)]
+        for d in module_dirs(job):
+            agent += ["--module-dir", d]
         if gang_port and len(hosts) > 1:
             agent += ["--gang", f"{master}:{gang_port}", "--gang-nodes", str(len(hosts))]
         if inv.backend == "ssh" and inv.ssh.warm_start and job.container is None and _preload(job):
@@ -151,12 +180,20 @@ def make_plan(inv: Inventory, job: Job, run_id: str, gpus: Mapping[str, int], *,
             log_path=f"{run_dir}/logs/{h.name}.log", agent_log_path=f"{run_dir}/state/{h.name}.agent.out",
             state_dir=f"{run_dir}/state", nprocs=nproc, container=ref))
     return Plan(run_id, job.name, inv.backend, f"{master}:{port}", nproc * len(hosts), tuple(nodes),
-                tuple(notes))
+                tuple(notes), data=job.data)
 
 
-def _payload(job: Job, run_dir: str) -> list[str]:
+def module_dirs(job: Job) -> list[str]:
+    """The directory of a ``module:`` job's own file, relative to the code: on the path ahead of
+    the code itself, as ``python pkg/script.py`` would put it (so ``from sibling import x`` works)."""
+    if job.module is None or "." not in job.module:
+        return []
+    return ["/".join(job.module.split(".")[:-1])]
+
+
+def _payload(job: Job, python: str = "python3") -> list[str]:
     if job.train is not None:
-        cfg = {"out_dir": f"{run_dir}/metrics", "ckpt_dir": f"{run_dir}/checkpoints"}
+        cfg = {"out_dir": "metrics", "ckpt_dir": "checkpoints"}     # in the run directory, its cwd
         if job.checkpoint.every_steps:
             cfg["ckpt_every"] = job.checkpoint.every_steps
         cfg["keep_ckpts"] = job.checkpoint.keep
@@ -164,7 +201,16 @@ def _payload(job: Job, run_dir: str) -> list[str]:
         return ["-m", "train"] + [f"{k}={_scalar(v)}" for k, v in cfg.items()] + list(job.args)
     if job.module is not None:
         return ["-m", job.module] + list(job.args)
-    return ["--no-python"] + list(job.command) + list(job.args)
+    command = [python if a == PYTHON else a for a in job.command]
+    for i, a in enumerate(command[1:], 1):
+        interpreter = command[0] == python or re.fullmatch(r"python[\d.]*", command[0].rsplit("/", 1)[-1])
+        if interpreter and a.endswith(".py") and not a.startswith(("/", "~", CODE)):
+            raise UserError(f"the script {a!r} is a relative path, and a run starts in its own run directory",
+                            where="job", key=f"command[{i}]",
+                            hint=f"write '{CODE}/{a}' (the code's directory on the host), or use 'module:'")
+        if not a.startswith("-"):
+            break
+    return ["--no-python"] + command + list(job.args)
 
 
 def _preload(job: Job) -> list[str]:

@@ -42,9 +42,21 @@ DEFAULT_SSH_CONFIG = "~/.ssh/config"
 logging.getLogger("paramiko").setLevel(logging.CRITICAL + 1)
 
 
-def quote_argv(argv: Sequence[str]) -> str:
-    """One shell word per argument: the command line for exactly one shell hop."""
-    return " ".join(shlex.quote(str(a)) for a in argv)
+def quote_argv(argv: Sequence[str], home: Iterable[str] = ()) -> str:
+    """One shell word per argument: the command line for exactly one shell hop. Words listed in
+    ``home`` (the inventory's python) keep a leading ``~/`` for the host's shell to expand."""
+    home = set(home)
+    return " ".join(shell_word(str(a), home=a in home) for a in argv)
+
+
+def shell_word(word: str, home: bool = False) -> str:
+    """``word`` quoted for a POSIX shell; with ``home``, ``~`` or a leading ``~/`` is left outside
+    the quotes, so it is the home of the user the command runs as on the host."""
+    if home and word == "~":
+        return "~"
+    if home and word.startswith("~/"):
+        return "~/" + shlex.quote(word[2:]) if word[2:] else "~/"
+    return shlex.quote(word)
 
 
 # ---------------------------------------------------------------- results
@@ -283,13 +295,17 @@ class Pool:
             if failed and time.monotonic() - failed[0] < 1.0:   # a warm-up attempt just failed
                 raise ConnectError(failed[1])
             host = self.hosts[name]
-            conn = self._new_connection(host)
+            conn = None
             try:
+                # building the connection can fail too (a value Fabric or ~/.ssh/config rejects):
+                # that is this host's error, as a refused connection is, never the whole command's
+                conn = self._new_connection(host)
                 conn.open()
                 conn.transport.set_keepalive(5)   # a dead peer is noticed, idle links stay up
             except Exception as e:   # noqa: BLE001 -- paramiko raises many kinds; all mean "cannot connect"
                 try:
-                    conn.close()
+                    if conn is not None:
+                        conn.close()
                 except Exception:   # noqa: BLE001
                     pass
                 raise ConnectError(_connect_error(host, e)) from None

@@ -6,6 +6,7 @@ import json
 import os
 import secrets
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -62,11 +63,39 @@ class Run:
     def data(self) -> dict:
         if self._data is None:
             try:
-                self._data = json.loads(self.path.read_text())
+                data = json.loads(self.path.read_text())
             except FileNotFoundError:
                 raise UserError(f"run '{self.id}' has no record ({self.path} is missing)",
                                 hint="see 'python -m cluster status' for known runs") from None
+            except (ValueError, UnicodeDecodeError) as e:       # JSONDecodeError is a ValueError
+                raise DamagedRecord(self, e) from None
+            if not isinstance(data, dict):
+                raise DamagedRecord(self, ValueError(f"a JSON {type(data).__name__}, not an object"))
+            self._data = data
         return self._data
+
+    @property
+    def damaged(self) -> Optional["DamagedRecord"]:
+        """The error reading run.json, if it is damaged (None if it reads, or is missing)."""
+        try:
+            self.data
+        except DamagedRecord as e:
+            return e
+        except UserError:
+            return None
+        return None
+
+    def last_good(self) -> Optional[dict]:
+        """The record as it was before its last write (run.json.prev), if that one reads."""
+        try:
+            data = json.loads(self.prev_path.read_text())
+        except (OSError, ValueError, UnicodeDecodeError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    @property
+    def prev_path(self) -> Path:
+        return self.dir / "run.json.prev"
 
     def create(self, data: dict) -> None:
         for sub in ("logs", "checkpoints", "metrics", "state"):
@@ -75,9 +104,33 @@ class Run:
         self.save()
 
     def save(self) -> None:
+        """Atomic and durable: a crash or a full disk leaves the old record whole (the new one is
+        written and synced beside it, then renamed over it), and the record before it is kept as
+        run.json.prev, from which 'stop' still finds a run whose record was damaged all the same."""
         tmp = self.path.with_name(f".run.json.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(self._data, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, self.path)
+        try:
+            with open(tmp, "w") as f:
+                f.write(json.dumps(self._data, indent=2, sort_keys=True) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            if self.path.exists() and not self.damaged_on_disk():
+                prev_tmp = self.prev_path.with_name(f".run.json.prev.tmp{os.getpid()}")
+                prev_tmp.unlink(missing_ok=True)
+                try:
+                    os.link(self.path, prev_tmp)
+                except OSError:         # a filesystem without hard links
+                    import shutil
+                    shutil.copyfile(self.path, prev_tmp)
+                os.replace(prev_tmp, self.prev_path)
+            os.replace(tmp, self.path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def damaged_on_disk(self) -> bool:
+        try:
+            return not isinstance(json.loads(self.path.read_text()), dict)
+        except (OSError, ValueError, UnicodeDecodeError):
+            return True
 
     def update(self, **fields: Any) -> None:
         self.data.update(fields)
@@ -104,30 +157,61 @@ class Run:
             return []
 
 
+class DamagedRecord(UserError):
+    """runs/<id>/run.json does not read (a partial write, a full disk, an edit): the run is named,
+    the other runs go on."""
+
+    def __init__(self, run: "Run", err: Exception):
+        self.run = run
+        prev = " (its previous version, run.json.prev, reads)" if run.last_good() is not None else ""
+        super().__init__(f"run '{run.id}': its record {run.path} is damaged ({err}){prev}",
+                         hint=f"'python -m cluster stop {run.id}' still stops its processes; "
+                              f"{'cp ' + str(run.prev_path) + ' ' + str(run.path) + ' restores the record before its last write; ' if prev else ''}"
+                              f"or remove {run.dir} if the run is over")
+
+
+def _created(r: Run) -> float:
+    if r.damaged:
+        try:
+            return r.path.stat().st_mtime
+        except OSError:
+            return 0.0
+    return r.data.get("created", 0)
+
+
 def all_runs(root: Path = None) -> list[Run]:
+    """Every run under ``root``, oldest first; those with a damaged record too (``Run.damaged``)."""
     root = root or RUNS_DIR
     if not root.is_dir():
         return []
     runs = [Run(p.name, root) for p in root.iterdir() if (p / "run.json").is_file()]
-    return sorted(runs, key=lambda r: r.data.get("created", 0))
+    return sorted(runs, key=_created)
 
 
 def resolve(arg: Optional[str], root: Path = None) -> Run:
-    """A run by id, unique prefix, job name (its latest run), or the latest run when omitted."""
+    """A run by id, job name (its latest run), unique prefix, or the latest run when omitted.
+    A run whose record is damaged is found by its id or prefix (so that 'stop' can end it), and
+    passed over, with a note, as the latest run or a job's latest."""
     runs = all_runs(root)
     if not runs:
         raise UserError("no runs yet", hint="start one with 'make submit JOB=resnet50'")
-    if not arg or arg == "latest":
-        return runs[-1]
     exact = [r for r in runs if r.id == arg]
     if exact:
         return exact[0]
+    good = [r for r in runs if not r.damaged]
+    latest = not arg or arg == "latest"
+    by_job = [r for r in good if latest or r.data.get("job", {}).get("name") == arg]
+    if latest or by_job:
+        if not by_job:
+            raise UserError("no run has a readable record", hint="see 'python -m cluster status'")
+        newer = runs[runs.index(by_job[-1]) + 1:]
+        for r in newer:      # damaged, or another job's: which damaged ones might have been meant
+            if r.damaged and (latest or r.id.startswith(f"{arg}-")):
+                print(f"note: passing over {r.id}: its record {r.path} is damaged", file=sys.stderr)
+        return by_job[-1]
     pref = [r for r in runs if r.id.startswith(arg)]
     if len(pref) == 1:
         return pref[0]
-    by_job = [r for r in runs if r.data.get("job", {}).get("name") == arg]
-    if by_job and not pref:
-        return by_job[-1]
     if len(pref) > 1:
         raise UserError(f"'{arg}' matches {len(pref)} runs: " + ", ".join(r.id for r in pref[-5:]),
                         hint="give more of the run id")

@@ -6,12 +6,16 @@ path and the file:line it came from.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 import types
 import typing
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from .errors import UserError
 from .yamlsrc import Source, escape, show
+
+MAX_INT = 2**53          # larger numbers in a config file are typos (and overflow C code down the line)
 
 
 def build(cls, data: Any, src: Source, path: tuple = ()):
@@ -21,14 +25,14 @@ def build(cls, data: Any, src: Source, path: tuple = ()):
         data = {}
     if not isinstance(data, dict):
         raise UserError(f"expected a mapping, got {_kind(data)}", where=src.where(path), key=dotted_)
-    hints = get_type_hints(cls)
+    hints = _hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = [k for k in data if k not in fields]
     if unknown:
         k = unknown[0]
         raise UserError(f"unknown key {show(k)}", where=src.where(path + (k,)),
                         key=dotted(path + (k,)),
-                        hint="valid keys here are: " + ", ".join(sorted(fields)))
+                        hint=did_you_mean(k, fields) + "valid keys here are: " + ", ".join(sorted(fields)))
     kwargs = {}
     for name, f in fields.items():
         if name in data:
@@ -38,6 +42,19 @@ def build(cls, data: Any, src: Source, path: tuple = ()):
                             key=dotted(path + (name,)),
                             hint=f"add '{name}:' to this section")
     return cls(**kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def _hints(cls) -> dict:
+    """get_type_hints, once per class (it re-evaluates every annotation on each call)."""
+    return get_type_hints(cls)
+
+
+def did_you_mean(word, choices) -> str:
+    """'did you mean 'steps'? ' for a near miss among ``choices`` (difflib), else ''."""
+    import difflib
+    near = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f"did you mean '{near[0]}'? " if near else ""
 
 
 def convert(tp, value: Any, src: Source, path: tuple):
@@ -84,9 +101,14 @@ def convert(tp, value: Any, src: Source, path: tuple):
             return value
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if abs(value) > MAX_INT:
+                raise UserError(f"{shown(value)} is too large", where=src.where(path), key=dotted_,
+                                hint="give a realistic value (each setting has its own range)")
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value) or abs(value) > MAX_INT:
+                raise UserError(f"must be a finite number; got {shown(value)}", where=src.where(path), key=dotted_)
             return float(value)
     elif tp is str:
         if isinstance(value, str):

@@ -83,15 +83,17 @@ class SlurmTask:
             RANK=str(rank), LOCAL_RANK=env.get("SLURM_LOCALID", "0"),
             WORLD_SIZE=env.get("SLURM_NTASKS", "1"), GROUP_RANK=env.get("SLURM_NODEID", "0"),
             LOCAL_WORLD_SIZE=str(_local_world(env)))
-        workdir = self.spec["workdir"]
-        child_env["PYTHONPATH"] = workdir + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        argv = list(self.spec["argv"])
+        # as on the other backends (cluster/agent.py): the run directory as cwd, the code on the path
+        from cluster.agent import run_environment
+        (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        argv = run_environment(self.spec["workdir"], self.run_dir, self.spec.get("module_dirs", []),
+                               list(self.spec["argv"]), child_env)
         gpus = f", GPUs {env['CUDA_VISIBLE_DEVICES']}" if env.get("CUDA_VISIBLE_DEVICES") else ""
         print(f"task {rank}/{child_env['WORLD_SIZE']} on {host} (job {env.get('SLURM_JOB_ID')}, "
               f"restart {restarts}{gpus}), rendezvous {env.get('MASTER_ADDR')}:{env.get('MASTER_PORT')}: "
               + " ".join(argv), flush=True)
         _one_submitit_log_stream()
-        self._proc = subprocess.Popen(argv, cwd=workdir, env=child_env, stdin=subprocess.DEVNULL,
+        self._proc = subprocess.Popen(argv, cwd=self.run_dir, env=child_env, stdin=subprocess.DEVNULL,
                                       stderr=subprocess.STDOUT, preexec_fn=_ignore_usr2)
         # submitit logs every TERM/CONT it ignores. SLURM sends CONT with the warning signal, and
         # when USR2's handler runs inside that logging call, logging swallows its "not requeued"

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 from . import backends, hostlist
-from .config import inventory_from_plain, load_inventory, load_job
+from .config import check_profile_overrides, check_run_id, inventory_from_plain, load_inventory, load_job
 from .errors import UserError
 from .runs import Run, State, git_commit, new_run_id
 from .schema import to_plain
@@ -34,8 +34,15 @@ def resolve(job_name: str, overrides: list[str], inventory: Optional[str], backe
     if all(g == 0 for g in gpus.values()) and "cpu" in loaded.job.profiles:
         loaded = load_job(job_name, overrides, profile="cpu")
         notes += [f"no GPU on {hostlist.fold([h.name for h in hosts])}: {n}" for n in loaded.notes]
-    run_id = run_id or new_run_id(loaded.job.name)
-    plan = be.make_plan(loaded.job, run_id, gpus, notes=tuple(notes), local_runs=_local_runs())
+    check_profile_overrides(overrides, loaded.profile)
+    run_id = check_run_id(run_id, "--run-id") if run_id else new_run_id(loaded.job.name)
+    try:
+        plan = be.make_plan(loaded.job, run_id, gpus, notes=tuple(notes), local_runs=_local_runs())
+    except UserError as e:
+        if e.where != "job":
+            raise
+        # the plan knows the key, not the file: name the job file's line (or the override) of it
+        raise UserError(e.message, where=loaded.where(e.key or ""), key=e.key, hint=e.hint) from None
     return inv, be, loaded, plan
 
 
@@ -111,27 +118,59 @@ def submitter_gone(run: Run) -> bool:
     return _proc_start(sub["pid"]) != sub.get("start")
 
 
-def seed_checkpoint(src: Run, dst: Run) -> None:
-    """Copy the latest checkpoint of ``src`` (in its run dir on this machine) into ``dst``."""
-    ckpts = Path(src.data.get("checkpoint_dir") or src.dir / "checkpoints")   # ssh: the storage copy
+def seed_checkpoint(src: Run, dst: Run) -> list[str]:
+    """Copy the newest checkpoint of ``src`` (kept on this machine) into ``dst``'s run directory:
+    train's latest ``ckpt_*.pt`` and ``latest``, or else all of its checkpoints/ (CLUSTER_CHECKPOINT_DIR),
+    and the job's own ``checkpoint.path``. Returns what was copied, relative to the run directory
+    (the ssh backend puts exactly that on the node(s) that need it)."""
+    from .sync import checkpoint_path
+    own = checkpoint_path(src.data)
+    stored = src.data.get("checkpoint_dir")           # ssh: the storage copy
+    ckpts = Path(stored or src.dir / "checkpoints")
     if src.data.get("backend") == "ssh" and (src.data.get("plan") or {}).get("nodes"):
         # the run may have ended a moment ago, before its watcher's last sync: fetch node 0's newest now
         from .backends.base import progress
         from .sync import pull_checkpoints
         inv = inventory_from_plain(src.data["inventory"])
         node0 = inv.host(src.data["plan"]["nodes"][0]["host"])
-        r = pull_checkpoints(node0, inv.ssh, src.id, ckpts)
+        r = pull_checkpoints(node0, inv.ssh, src.id, ckpts, own)
         progress(f"resume: {src.id}'s checkpoints from {node0.name}: " +
                  (r.describe() if r.ok else f"not reachable ({r.error}); using the copy here"))
+    out = dst.dir / "checkpoints"
+    out.mkdir(parents=True, exist_ok=True)
+    copied: list[str] = []
     latest = ckpts / "latest"
-    if not latest.exists():
-        raise UserError(f"run {src.id} has no checkpoint to resume from ({latest} is missing)",
-                        hint="resume a run that wrote a checkpoint (ckpt_every or the end of training)")
-    name = latest.read_text().strip()
-    (dst.dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    shutil.copy2(ckpts / name, dst.dir / "checkpoints" / name)
-    shutil.copy2(latest, dst.dir / "checkpoints" / "latest")
-    dst.event("resume", from_run=src.id, checkpoint=name)
+    if latest.exists():
+        name = latest.read_text().strip()
+        shutil.copy2(ckpts / name, out / name)
+        shutil.copy2(latest, out / "latest")
+        copied += [f"checkpoints/{name}", "checkpoints/latest"]
+    elif ckpts.is_dir():
+        skip = own.split("/")[0] if own and stored else None      # kept beside them in storage
+        for item in sorted(ckpts.iterdir()):
+            if not item.name.startswith(".") and item.name != skip:
+                _copy(item, out / item.name)
+                copied.append(f"checkpoints/{item.name}")
+    if own and ((Path(stored) if stored else src.dir) / own).exists():
+        _copy((Path(stored) if stored else src.dir) / own, dst.dir / own)
+        copied.append(own)
+    if not copied:
+        raise UserError(f"run {src.id} has no checkpoint to resume from (nothing in {ckpts}" +
+                        (f", no {own}" if own else "") + ")",
+                        hint="resume a run that wrote a checkpoint (train: ckpt_every or the end of training; "
+                             "a script: into $CLUSTER_CHECKPOINT_DIR or its checkpoint.path)")
+    dst.update(resume_files=copied)
+    dst.event("resume", from_run=src.id, checkpoint=copied[0].split("/", 1)[-1] if latest.exists() else None,
+              files=copied)
+    return copied
+
+
+def _copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if src.is_dir():
+        shutil.copytree(src, dst, dirs_exist_ok=True)
+    else:
+        shutil.copy2(src, dst)
 
 
 def backend_for(run: Run):

@@ -7,9 +7,15 @@
   runs/<id>/checkpoints here) every ``checkpoint.sync_every_s`` by a detached watcher process
   (``python -m cluster.sync watch RUN``), and once more when the run ends. The host side runs at
   ``nice 19``; files arrive by rsync's temp file + rename (never ``--inplace``), and ``latest``
-  is replaced only once the checkpoint it names is here.
+  is replaced only once the checkpoint it names is here. A job's own ``checkpoint.path`` (a file or
+  directory of its run directory, e.g. a script's ``snapshot.pt``) is pulled into the storage too;
+  ``submit --resume`` puts what it kept back into the new run's directory on node 0, or on every
+  node (``checkpoint.every_node``), before the start (:func:`push_run_files`).
 * Logs: ``cluster logs --collect`` pulls every host's runs/<id>/logs/ (also done by the watcher
   when the run ends).
+* Metrics: every host's runs/<id>/metrics/ (the ranks' records, heartbeats and TensorBoard event
+  files) comes with each checkpoint pass of the watcher and at the end, for ``report`` and
+  ``tensorboard``.
 
 rsync talks to the hosts through OpenSSH with the inventory's settings (user, port, key, jump
 host, known_hosts, accept-new, timeouts, BatchMode: never a prompt).
@@ -141,11 +147,8 @@ def remote_path(workdir: str, *parts: str) -> str:
 
 def shell_path(path: str) -> str:
     """A path for a POSIX shell on the host, ~ expanded there and everything else quoted."""
-    if path == "~":
-        return "~"
-    if path.startswith("~/"):
-        return "~/" + shlex.quote(path[2:])
-    return shlex.quote(path)
+    from .remote import shell_word
+    return shell_word(path, home=True)
 
 
 def rsync(host: Host, ssh: SSHSettings, src: str, dst: str, *, push: bool, extra: Sequence[str] = (),
@@ -212,8 +215,10 @@ def push_code(hosts: Sequence[Host], ssh: SSHSettings, files: Sequence[str], pro
     return parallel(one, list(hosts), ssh.fanout)
 
 
-def pull_checkpoints(host: Host, ssh: SSHSettings, run_id: str, dest: Path) -> SyncResult:
-    """Node 0's checkpoints into ``dest``: files first, then ``latest`` once what it names is here."""
+def pull_checkpoints(host: Host, ssh: SSHSettings, run_id: str, dest: Path,
+                     path: Optional[str] = None) -> SyncResult:
+    """Node 0's checkpoints into ``dest``: files first, then ``latest`` once what it names is here;
+    then the job's own ``checkpoint.path`` (a file or directory of its run directory) into ``dest/path``."""
     dest.mkdir(parents=True, exist_ok=True)
     src = remote_path(host.workdir, "runs", run_id, "checkpoints")
     marker = dest / ".latest.incoming"
@@ -222,22 +227,35 @@ def pull_checkpoints(host: Host, ssh: SSHSettings, run_id: str, dest: Path) -> S
     if not first.ok:
         return first
     r = rsync(host, ssh, src + "/", str(dest) + "/", push=False, nice=True,
-              extra=["--exclude", ".*", "--exclude", "latest"])
+              extra=["--exclude", ".*", "--exclude", "latest"] +
+                    (["--exclude", "/" + path.strip("/").split("/")[0]] if path else []))
     if r.ok and marker.exists():
         name = marker.read_text().strip()
         if name and (dest / name).is_file():
             os.replace(marker, dest / "latest")
+    if r.ok and path:
+        into = (dest / path.strip("/")).parent
+        into.mkdir(parents=True, exist_ok=True)
+        own = rsync(host, ssh, remote_path(host.workdir, "runs", run_id, path.strip("/")), str(into) + "/",
+                    push=False, nice=True, extra=["--ignore-missing-args"])
+        if not own.ok:
+            return own
+        r.files, r.bytes, r.seconds = r.files + own.files, r.bytes + own.bytes, r.seconds + own.seconds
     return r
 
 
-def push_checkpoint(host: Host, ssh: SSHSettings, run_id: str, src_dir: Path) -> SyncResult:
-    """This run's seeded checkpoint (``ckpt_*.pt`` then ``latest``) to node 0, before it starts."""
-    latest = src_dir / "latest"
-    name = latest.read_text().strip()
-    dst = remote_path(host.workdir, "runs", run_id, "checkpoints")
-    wd = host.workdir.rstrip("/")
-    return rsync(host, ssh, str(src_dir) + "/", dst + "/", push=True, files_from=[name, "latest"],
-                 mkdir=f"{wd}/runs/{run_id}/checkpoints")
+def push_run_files(hosts: Sequence[Host], ssh: SSHSettings, run_id: str, src_dir: Path, files: Sequence[str],
+                   progress=None) -> list[SyncResult]:
+    """Files of this run's directory here (``files``, relative to ``src_dir``; a directory goes
+    whole) into the run's directory on ``hosts``, before it starts: a resumed run's checkpoint."""
+    def one(h: Host) -> SyncResult:
+        wd = h.workdir.rstrip("/")
+        r = rsync(h, ssh, str(src_dir) + "/", remote_path(h.workdir, "runs", run_id) + "/", push=True,
+                  files_from=sorted(files), mkdir=f"{wd}/runs/{run_id}")
+        if progress:
+            progress(f"resume: {r.describe()}")
+        return r
+    return parallel(one, list(hosts), ssh.fanout)
 
 
 def pull_logs(hosts: Sequence[Host], ssh: SSHSettings, run_id: str, dest: Path, progress=None) -> list[SyncResult]:
@@ -276,6 +294,7 @@ def watch(run_id: str, poll_s: float = 5.0) -> int:
     every_s = (first.data.get("job", {}).get("resolved", {}).get("checkpoint", {}) or {}).get("sync_every_s", 60)
     node0 = be.inv.host(first.data["plan"]["nodes"][0]["host"])
     dest = Path(first.data.get("checkpoint_dir") or first.dir / "checkpoints")
+    own = checkpoint_path(first.data)
     last_sync = last_seen = time.time()
     while True:
         time.sleep(poll_s)
@@ -286,24 +305,29 @@ def watch(run_id: str, poll_s: float = 5.0) -> int:
                 last_seen = time.time()
         except Exception as e:   # noqa: BLE001 -- a flaky host must not end the watcher
             print(f"status: {e}", flush=True)
+            if run.damaged:     # nothing to follow without a record; 'stop RUN' still stops the run
+                be.close()
+                return 1
             state = run.state
         if state.is_terminal():
             break
         if time.time() - last_seen > GIVE_UP_S:
             print(f"no host of the run answered for {GIVE_UP_S:g} s; giving up "
                   f"('python -m cluster logs {run_id} --collect' and 'status' still work later)", flush=True)
-            run.event("checkpoints-synced", ok=False, files=0, latest=_latest(dest),
+            run.event("checkpoints-synced", ok=False, files=0, latest=_latest(dest, own),
                       error=f"no host of the run answered for {GIVE_UP_S:g} s; the watcher gave up")
             be.close()
             return 1
         if time.time() - last_sync >= every_s:
             last_sync = time.time()
-            r = pull_checkpoints(node0, be.inv.ssh, run_id, dest)
+            r = pull_checkpoints(node0, be.inv.ssh, run_id, dest, own)
             print(f"checkpoints: {r.describe()}", flush=True)
-    r = pull_checkpoints(node0, be.inv.ssh, run_id, dest)
+            _pull_metrics(be, first)
+    r = pull_checkpoints(node0, be.inv.ssh, run_id, dest, own)
     print(f"checkpoints (final): {r.describe()}", flush=True)
     run = Run(run_id, first.dir.parent)
-    run.event("checkpoints-synced", ok=r.ok, files=r.files, error=r.error or None, latest=_latest(dest))
+    run.event("checkpoints-synced", ok=r.ok, files=r.files, error=r.error or None, latest=_latest(dest, own))
+    _pull_metrics(be, run)
     hosts = [be.inv.host(n["host"]) for n in run.data["plan"]["nodes"]]
     for r in pull_logs(hosts, be.inv.ssh, run_id, run.dir / "logs"):
         print(f"logs: {r.describe()}", flush=True)
@@ -311,11 +335,28 @@ def watch(run_id: str, poll_s: float = 5.0) -> int:
     return 0
 
 
-def _latest(dest: Path) -> Optional[str]:
+def _pull_metrics(be, run) -> None:
+    """The metrics and TensorBoard files of every host, with the checkpoints (report, tensorboard)."""
+    hosts = [be.inv.host(n["host"]) for n in run.data["plan"]["nodes"]]
+    for r in pull_metrics(hosts, be.inv.ssh, run.id, run.dir / "metrics"):
+        if not r.ok:
+            print(f"metrics: {r.describe()}", flush=True)
+
+
+def checkpoint_path(run_data: dict) -> Optional[str]:
+    """The job's ``checkpoint.path`` (relative to the run directory), from run.json; None where it
+    lies in checkpoints/ (CLUSTER_CHECKPOINT_DIR), which is synced whole anyway."""
+    path = (((run_data.get("job") or {}).get("resolved") or {}).get("checkpoint") or {}).get("path")
+    path = path.strip("/") if path else None
+    return None if not path or path.split("/")[0] == "checkpoints" else path
+
+
+def _latest(dest: Path, own: Optional[str] = None) -> Optional[str]:
+    """The newest checkpoint kept in ``dest``: what ``latest`` names, else the job's own file."""
     try:
         return (dest / "latest").read_text().strip() or None
     except OSError:
-        return None
+        return own if own and (dest / own).exists() else None
 
 
 def _alive(pid: Optional[int], run_id: str) -> bool:
@@ -325,6 +366,17 @@ def _alive(pid: Optional[int], run_id: str) -> bool:
     except (OSError, TypeError, ValueError):
         return False
     return b"cluster.sync" in argv and run_id.encode() in argv
+
+
+def pull_metrics(hosts: Sequence[Host], ssh: SSHSettings, run_id: str, dest: Path) -> list[SyncResult]:
+    """Every host's runs/<id>/metrics/ (each rank's records and heartbeat, TensorBoard event files
+    under tb/rank<R>/: the names differ per rank, so the hosts' files land side by side) into ``dest``."""
+    dest.mkdir(parents=True, exist_ok=True)
+
+    def one(h: Host) -> SyncResult:
+        return rsync(h, ssh, remote_path(h.workdir, "runs", run_id, "metrics") + "/", str(dest) + "/", push=False,
+                     nice=True, extra=["--exclude", ".*", "--ignore-missing-args"])
+    return parallel(one, list(hosts), ssh.fanout)
 
 
 def checkpoint_sync(run) -> Optional[dict]:
@@ -339,8 +391,9 @@ def checkpoint_sync(run) -> Optional[dict]:
     if done:
         e = done[-1]
         return {"state": "synced" if e.get("ok") else "failed", "dir": str(dest),
-                "latest": e["latest"] if "latest" in e else _latest(dest), "error": e.get("error")}
-    cs = {"state": "syncing", "dir": str(dest), "latest": _latest(dest)}
+                "latest": e["latest"] if "latest" in e else _latest(dest, checkpoint_path(run.data)),
+                "error": e.get("error")}
+    cs = {"state": "syncing", "dir": str(dest), "latest": _latest(dest, checkpoint_path(run.data))}
     if not _alive(handle.get("watcher_pid"), run.id):
         cs.update(state="stopped", error="the checkpoint watcher ended before its last pass "
                                          f"(see {run.dir / 'state' / 'watcher.log'})")

@@ -73,6 +73,13 @@ def run_module(module: str, *args: str) -> None:
     import atexit
     import runpy
     retitle([sys.executable, "-u", "-m", module, *args])
+    # as a fresh interpreter started by torchrun would be: in the run directory, with PYTHONPATH
+    # (the code, a module job's own directory) on the path; the server began in the code's directory
+    if os.environ.get("CLUSTER_RUN_DIR"):
+        os.chdir(os.environ["CLUSTER_RUN_DIR"])
+    for p in reversed(os.environ.get("PYTHONPATH", "").split(os.pathsep)):
+        if p and p not in sys.path:
+            sys.path.insert(0, p)
     threads = os.environ.get("OMP_NUM_THREADS", "")
     if threads.isdigit() and int(threads) > 0 and "torch" in sys.modules:
         # a fresh interpreter's OpenMP reads it when torch loads; the server loaded torch without it

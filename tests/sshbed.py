@@ -117,11 +117,15 @@ class Bed:
 
 
 def stop_leftover_runs(b: Bed) -> None:
-    """Whatever a failed test left running: stop it (this test's runs only)."""
+    """Whatever a failed test left running: stop it; then remove what this test's runs left in
+    the hosts' workdirs (logs, checkpoints: the hosts' files are this machine's)."""
+    import shutil
     for d in (b.runs.iterdir() if b.runs.exists() else []):
         rec = d / "run.json"
         if rec.exists() and not json.loads(rec.read_text()).get("final"):
             b.cli("stop", d.name, "--grace-s", "2")
+        for h in b.tb.host_names:
+            shutil.rmtree(b.host_file(h, d.name, ""), ignore_errors=True)
 
 
 def host_lines(bed, rid):

@@ -94,7 +94,7 @@ def test_local_shell_through_a_pty(tmp_path, monkeypatch):
     local_run(tmp_path, monkeypatch, wd)
     code, out = pty_cli(["shell", "hello-1"], b'echo "AT:$(pwd):$CLUSTER_RUN_ID:$WEIRD"; exit 5\n', dict(os.environ), 30)
     assert code == 5
-    assert f"AT:{wd}:hello-1:a'b; $(x)" in out, out
+    assert f"AT:{tmp_path / 'runs' / 'hello-1'}:hello-1:a'b; $(x)" in out, out     # the run's directory
     # a node the run does not have
     q = subprocess.run([sys.executable, "-m", "cluster", "shell", "hello-1", "--node", "3"], cwd=REPO,
                        capture_output=True, text=True)

@@ -39,13 +39,13 @@ def hello_run(bed):
 
 def test_shell_on_the_chosen_node_in_the_runs_directory(bed, hello_run):
     rid = hello_run
-    # by node rank; the command runs on node2, in the run's workdir, with the run's environment
+    # by node rank; the command runs on node2, in the run's directory (its job's cwd), with the run's environment
     code, out = pty_session(bed, ["shell", rid, "--node", "1"],
                             b"echo \"MARK:$(hostname):$(pwd):$CLUSTER_RUN_ID:$(tty >/dev/null && echo tty)\"; exit 7\n")
     assert code == 7, out
-    assert f"MARK:node2:{bed.workdir['node2']}:{rid}:tty" in out, out
+    assert f"MARK:node2:{bed.workdir['node2'] / 'runs' / rid}:{rid}:tty" in out, out
     # by host name; a file the run wrote is right there (relative path from the run's directory)
-    code, out = pty_session(bed, ["shell", rid, "--node", "node3"], f"cat runs/{rid}/state/node3.pid; exit\n".encode())
+    code, out = pty_session(bed, ["shell", rid, "--node", "node3"], b"cat state/node3.pid; exit\n")
     assert code == 0 and '"pgid"' in out, out
     # a node the run does not have: one clear error, exit 2, nothing started
     p = bed.cli("shell", rid, "--node", "5")
@@ -85,7 +85,7 @@ def server_of(bed, rid, host):
 def test_jupyter_tunnel_serves_the_nodes_loopback_and_leaves_nothing(bed, hello_run):
     rid = hello_run
     marker = f"served from node2 for {rid}\n"
-    (bed.workdir["node2"] / f"tunnel-{rid}.txt").write_text(marker)
+    (bed.host_file("node2", rid, f"tunnel-{rid}.txt")).write_text(marker)     # the server runs in the run's directory
     try:
         # 1. Ctrl-C: the page comes through the tunnel; the server is on node2's loopback only
         p, url, local = start_server(bed, rid, "--node", "1", *HTTP)
@@ -120,7 +120,7 @@ def test_jupyter_tunnel_serves_the_nodes_loopback_and_leaves_nothing(bed, hello_
         wait_gone(bed, "node2", port, pid)
         assert not bed.left_anywhere(rid)
     finally:
-        (bed.workdir["node2"] / f"tunnel-{rid}.txt").unlink()
+        (bed.host_file("node2", rid, f"tunnel-{rid}.txt")).unlink()
 
 
 def test_jupyter_without_a_run_on_an_inventory_host_and_a_failing_server(bed):

@@ -177,10 +177,11 @@ def test_docker_and_podman_flags(tmp_path):
         assert s[3:5] in (["docker", "run"], ["podman", "run"])
         for flag in (["--rm"], ["--init"], ["--network", "host"], gpu, ["--shm-size", "32g"],
                      ["--ulimit", "memlock=-1:-1"], ["--ulimit", "stack=67108864:67108864"],
-                     ["--pull", "never"], ["-v", "/srv/ddp runs:/srv/ddp runs"], ["-w", "/srv/ddp runs"],
+                     ["--pull", "never"], ["-v", "/srv/ddp runs:/srv/ddp runs"], ["-w", "/srv/ddp runs/runs/hostile-golden"],
                      ["--label", "cluster.run_id=hostile-golden"], ["--label", "cluster.host=gpu01"],
                      ["-e", "CLUSTER_RUN_ID=hostile-golden"],
-                     ["-e", "NCCL_SOCKET_IFNAME=ens1f0"], ["-e", "NL=line1\nline2"]):
+                     ["-e", "NCCL_SOCKET_IFNAME=ens1f0"], ["-e", "NL=line1\nline2"],
+                     ["-e", "CLUSTER_RUN_DIR"], ["-e", "PYTHONPATH"]):   # the agent's, passed by name
             assert any(s[i:i + len(flag)] == flag for i in range(len(s))), flag
         image = s.index("nvcr.io/nvidia/pytorch:24.05-py3")
         # the image's python3 runs torchrun; the job's args stay after the module
@@ -248,6 +249,11 @@ def test_image_mapping_per_runtime():
     ("memory_gb", -1, "above 0"),
     ("pids", 0, "above 0"),
     ("pids", "many", "integer"),
+    ("cpus", float("inf"), "finite"),                 # numbers finite (schema) and in range (check_spec)
+    ("memory_gb", float("nan"), "finite"),
+    ("cpus", 5000, "at most 4096"),
+    ("pids", 10**9, "at most"),
+    ("pids", 1.5, "whole number|integer"),
     ("user", "bob; id", "one of|not a container user"),
 ])
 def test_bad_container_sections_are_user_errors(tmp_path, field, value, match):
@@ -397,12 +403,14 @@ def test_shell_line_delivers_argv_byte_exact(tmp_path, runtime, tilde):
         assert got["env"]["APPTAINERENV_NL"] == "line1\nline2"
         want = want[start + 1:]
     else:                            # sh -c 'r=$1; shift; exec "$0" "$r" --user ... "$@"' podman run ...
-        # the host's shell adds the submitting user's uid:gid (and a ~ workdir) after "run"
+        # the host's shell adds the submitting user's uid:gid after "run", and for a ~ workdir the
+        # code's directory (CLUSTER_CODE_DIR) mounted and the run directory ($PWD) as the working one
         assert want[:5] == ["sh", "-c", container.host_script("self", tilde), runtime, "run"]
         user = ["--user", f"{os.getuid()}:{os.getgid()}"]
-        want = ["run"] + user + (["-v", f"{wd}:{wd}", "-w", str(wd)] if tilde else []) + want[5:]
+        here = ["-v", f"{wd}:{wd}", "-w", str(wd / "runs" / "hostile-golden")] if tilde else []
+        want = ["run"] + user + here + want[5:]
     assert got["argv"] == want
-    assert got["cwd"] == str(wd)
+    assert got["cwd"] == str(wd / "runs" / "hostile-golden")      # the run directory, not the code
     assert not Path(PWNED).exists() and not (wd / "pwned").exists()
 
 

@@ -224,7 +224,7 @@ def test_cli_submit_and_stop_in_podman_with_the_ssh_backend(cl, bed, tmp_path):
     code, out = pty_cli(["shell", rid, "--node", "1"],
                         b'echo "IN:$(hostname):$(pwd):$(test -e /run/.containerenv && echo container)"; exit\n', env)
     node2 = cl.inv.hosts[1]
-    assert code == 0 and f"IN:node2:{node2.workdir}:container" in out, out
+    assert code == 0 and f"IN:node2:{node2.workdir}/runs/{rid}:container" in out, out   # the job's cwd
     # a server started in that container, on the node's loopback, through the tunnel; gone after Ctrl-C
     j = subprocess.Popen([sys.executable, "-m", "cluster", "jupyter", rid, "--node", "1", "--", "python3", "-c",
                           "import http.server as h, sys, os; open('inside', 'w').write(str(os.path.exists('/run/.containerenv'))); "

@@ -165,6 +165,29 @@ def test_progress_rates_and_a_stalled_rank_is_named():
     assert "rank 1 (gpu01) at step 21, no progress for 79s" in w.reason and "others at step 22" in w.reason
 
 
+def test_a_stopped_rank_is_the_one_behind_though_every_rank_waits_at_its_step():
+    kw = dict(world_size=3, hang_timeout_s=60, startup_timeout_s=300)
+    beats = {r: hb(24, 100.0) for r in range(3)}
+    w = dg.watch(beats, {"since": 0}, now=500.0, **kw)
+    assert w.hung == [0, 1, 2] and w.behind == [0, 1, 2]         # the steps alone cannot tell
+    beats[1] = {**beats[1], "proc": "T"}
+    w = dg.watch(beats, {"since": 0}, now=500.0, **kw)
+    assert w.hung == [0, 1, 2] and w.behind == [1]
+    assert w.reason.startswith("rank 1 (gpu01) is stopped (process state T") and "wait for it at step 24" in w.reason
+
+
+def test_rates_after_a_requeue_come_from_the_new_attempt_never_negative():
+    kw = dict(world_size=1, hang_timeout_s=600, startup_timeout_s=600)
+    w = dg.watch({0: hb(28, 100.0)}, None, now=100.0, **kw)
+    w = dg.watch({0: hb(30, 102.0)}, w.memo, now=102.0, **kw)
+    assert w.ranks[0].rate == 1.0
+    # requeued: the new attempt resumed from ckpt_20 and has written one heartbeat
+    w = dg.watch({0: hb(20, 400.0)}, w.memo, now=400.0, **kw)
+    assert w.ranks[0].rate is None and w.ranks[0].step == 20
+    w = dg.watch({0: hb(24, 402.0)}, w.memo, now=402.0, **kw)
+    assert w.ranks[0].rate == 2.0
+
+
 def test_done_ranks_never_hang():
     w = dg.watch({0: hb(1000, 100.0, done=True), 1: hb(1000, 100.0, done=True)}, {"since": 0}, now=10_000.0,
                  world_size=2, hang_timeout_s=60)
@@ -249,10 +272,10 @@ def live_group(tmp_path):
         p.wait()
 
 
-def _beat(r, rank, step, age_s, done=False):
+def _beat(r, rank, step, age_s, done=False, pid=None):
     (r.dir / "metrics" / f"heartbeat-rank{rank}.json").write_text(json.dumps(
         {"step": step, "time": time.time() - age_s, "rank": rank, "host": "localhost", "done": done,
-         "steps_total": 500}))
+         "steps_total": 500, **({"pid": pid} if pid else {})}))
 
 
 def test_status_marks_hung_and_names_the_rank_behind(tmp_path, monkeypatch, capsys, live_group):
@@ -277,6 +300,28 @@ def test_status_marks_hung_and_names_the_rank_behind(tmp_path, monkeypatch, caps
     _beat(r, 1, 130, 1)
     assert main(["status", r.id]) == 0
     assert ": RUNNING" in capsys.readouterr().out
+
+
+def test_status_names_the_rank_whose_process_is_stopped(tmp_path, monkeypatch, capsys, live_group):
+    """A rank frozen by SIGSTOP: every rank stops at the same step; its process state names it."""
+    r = _run(tmp_path, monkeypatch, "resnet50-20261128-120000-eeee", job={"hang_timeout_s": 30, "startup_timeout_s": 10})
+    pgid = live_group(r.id)
+    frozen = live_group(r.id)            # stands in for rank 1's process
+    os.kill(frozen, signal.SIGSTOP)
+    r.update(handle={"pgids": {"localhost": pgid}})
+    (r.dir / "state" / "localhost.pid").write_text("{}")
+    for rank, pid in ((0, pgid), (1, frozen)):
+        _beat(r, rank, 24, 45, pid=pid)
+    deadline = time.time() + 5
+    while open(f"/proc/{frozen}/stat").read().rsplit(")", 1)[1].split()[0] != "T":
+        assert time.time() < deadline
+        time.sleep(0.05)
+    assert main(["status", r.id]) == 0
+    out = capsys.readouterr().out
+    assert ": HUNG" in out and "hung: rank 1 (localhost) is stopped (process state T" in out, out
+    assert "rank 0 (localhost)" not in out.split("hung:", 1)[1]
+    assert [e for e in r.events() if e["event"] == "hang"][0]["ranks"] == [1]
+    os.kill(frozen, signal.SIGCONT)
 
 
 def test_stop_on_hang_stops_the_run_and_records_why(tmp_path, monkeypatch, capsys, live_group):
@@ -460,6 +505,8 @@ def test_a_killed_rank_on_a_node_the_gang_stopped_is_the_cause():
     reads = []     # over ssh each read is a round trip to the host: one per host and report
     ssh = object.__new__(SSHBackend)
     ssh.log_tail = lambda run, host, lines: reads.append(host) or logs[host][-lines:]
+    from types import SimpleNamespace       # the hosts' addresses, as an inventory gives them
+    ssh.inv = SimpleNamespace(host=lambda h: SimpleNamespace(address=f"10.213.0.1{h[-1]}"))
     f = ssh.first_failure(Run(), nodes)
     assert (f["host"], f["rank"]) == ("node2", 1), f
     assert sorted(reads) == ["node1", "node2", "node3"], reads

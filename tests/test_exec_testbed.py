@@ -50,3 +50,19 @@ def test_gpus_degrades_to_a_no_gpu_row(testbed):
     assert p.returncode == 0, p.stderr
     for h in testbed.host_names:
         assert any(l.startswith(h) and "no GPU" in l for l in p.stdout.splitlines()), p.stdout
+
+
+def test_make_exec_passes_the_command_as_typed_and_runs_nothing_here(testbed, tmp_path):
+    """make exec CMD="..." with single and double quotes, $ and ;: the hosts' sh gets the string as
+    typed (through the environment, not re-quoted by the Makefile); nothing of it runs here. The
+    hosts share this machine's files, not its hostname: where each part ran is the hostname it wrote."""
+    ran = tmp_path / "ran"
+    cmd = f"""printf '%s|' "it's" 'a "b"' "$(hostname)"; echo; hostname >> {ran}"""
+    p = subprocess.run(["make", "-s", "exec", f"CMD={cmd}", "HOSTS=node[1-2]", f"INVENTORY={testbed.inventory}",
+                        f"PY={sys.executable}"], cwd=REPO, text=True, capture_output=True, timeout=120,
+                       env={**os.environ, **testbed.env()})
+    assert p.returncode == 0, p.stdout + p.stderr
+    for h in ("node1", "node2"):
+        assert f"""it's|a "b"|{h}|""" in p.stdout, p.stdout
+    assert "node3" not in p.stdout
+    assert sorted(ran.read_text().split()) == ["node1", "node2"]      # and not this machine

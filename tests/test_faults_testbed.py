@@ -123,32 +123,70 @@ def test_kill9_of_every_process_of_one_host(bed):
     assert st["failure"]["host"] == "node2", st["failure"]
 
 
-def test_host_cut_off_the_network(bed):
+def _cut_off(bed, host, name):
+    """Take ``host``'s link down until every process of the run is gone everywhere, then put it back;
+    returns what `status` said while the host was still cut off, and the usual checks' result."""
     rid, _ = start(bed)
     at = heartbeat_step(bed, rid)
-    link = "tbveth3"
+    link = "tbveth" + host[len("node"):]
+    others = [h for h in bed.tb.host_names if h != host]
     subprocess.run(["ip", "link", "set", link, "down"], check=True)
     try:
-        # the other hosts stop (the gang notices node3 is silent); node3 stops itself (node 0 silent)
-        left_s = wait_clean(bed, rid, timeout=90, hosts=["node1", "node2"])
-        # node3 cannot be asked over ssh while cut off: look at its processes from here, by network namespace
+        # the other hosts stop (the gang notices the host is silent); it stops itself (its peers silent)
+        left_s = wait_clean(bed, rid, timeout=90, hosts=others)
+        # the host cannot be asked over ssh while cut off: look at its processes from here, by network namespace
         t0 = time.time()
         while True:
-            out = subprocess.run(["ip", "netns", "pids", "node3"], capture_output=True, text=True).stdout.split()
+            out = subprocess.run(["ip", "netns", "pids", host], capture_output=True, text=True).stdout.split()
             mine = [p for p in out if _env_has(p, f"CLUSTER_RUN_ID={rid}")]
             if not mine:
                 break
-            assert time.time() - t0 < 60, f"node3 still runs {mine} while cut off"
+            assert time.time() - t0 < 60, f"{host} still runs {mine} while cut off"
             time.sleep(0.5)
-        node3_s = left_s + time.time() - t0
+        cut_s = left_s + time.time() - t0
+        during = bed.state(rid)          # from a new shell, the host still unreachable
     finally:
         subprocess.run(["ip", "link", "set", link, "up"], check=True)
     time.sleep(1)
-    st = finish(bed, "host cut off the network (link down)", rid, at, "FAILED", None, max(left_s, node3_s))
-    f = st["failure"]
-    assert f["host"] == "node3" and "cut off the network" in f["error"], f
-    assert "node-lost" in [x["pattern_id"] for x in f["findings"]], f["findings"]
-    assert sorted(f["gang_stopped"]) == ["node1", "node2"]
+    st = finish(bed, name, rid, at, "FAILED", None, max(left_s, cut_s))
+    for s in (during, st):       # the record, written while cut off, stays as it was
+        f = s["failure"]
+        assert s["state"] == "FAILED" and f["host"] == host and "cut off the network" in f["error"], f
+        assert "node-lost" in [x["pattern_id"] for x in f["findings"]], f["findings"]
+        assert sorted(f["gang_stopped"]) == others
+    return st
+
+
+def test_host_cut_off_the_network(bed):
+    _cut_off(bed, "node3", "host cut off the network (link down)")
+
+
+def test_node_0_cut_off_the_network(bed):
+    """Node 0 (rank 0, the rendezvous and gang server) lost: FAILED naming it, not CANCELLED."""
+    st = _cut_off(bed, "node1", "node 0's host cut off the network (link down)")
+    assert st["failure"]["rank"] == 0
+
+
+def test_a_rank_frozen_by_sigstop_is_named_as_the_hang(bed):
+    """SIGSTOP to node2's rank: every rank stops at the same step (the others wait in the next
+    all-reduce); HUNG names rank 1 on node2 by its process state, not every rank as behind."""
+    job = TRAIN.format(steps=STEPS, log_every=2) + "hang_timeout_s: 20\nstartup_timeout_s: 20\n"
+    rid, _ = bed.submit(bed.job(job))
+    wait_step(bed, rid, 6)
+    pid = [l.split()[0] for l in bed.run_pids("node2", rid) if " -m train " in l and "torch.distributed.run" not in l]
+    assert len(pid) == 1, bed.run_pids("node2", rid)
+    assert bed.tb.run("node2", ["kill", "-STOP", pid[0]]).returncode == 0
+    try:
+        st = bed.wait(rid, states=("HUNG",), timeout=120)
+        text = bed.cli("status", rid).stdout
+        assert "hung: rank 1 (node2) is stopped (process state T" in text, text
+        assert "rank 0 (" not in text.split("hung:", 1)[1] and "rank 2 (" not in text.split("hung:", 1)[1], text
+        assert st["watch"]["behind"] == [1], st["watch"]
+    finally:
+        bed.tb.run("node2", ["kill", "-CONT", pid[0]])
+        p = bed.cli("stop", rid, "--grace-s", "3")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert not bed.left_anywhere(rid)
 
 
 def _env_has(pid, entry):

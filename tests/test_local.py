@@ -79,6 +79,14 @@ def test_train_run_to_completion_with_logs_status_checkpoint(tmp_path):
     from cluster.report import read_metrics
     losses = [r["loss_mean"] for r in read_metrics(runs / rid / "metrics")[0] if r.get("kind") == "train"]
     assert losses[-1] < losses[0], losses
+    # one run's mean throughput, said twice and labelled: train's summary (all ranks, from the
+    # step it names) and the report's 'all' row (the sum of the ranks' means over those steps)
+    summary = [r for r in read_metrics(runs / rid / "metrics")[0] if r.get("kind") == "summary"][-1]
+    assert f"mean_img_s={summary['mean_img_s']} mean_from_step={summary['mean_from_step']}" in logs
+    rep = cli(runs, "report", rid)
+    assert rep.returncode == 0 and "img/s mean" in rep.stdout, rep.stdout + rep.stderr
+    total = float(next(l for l in rep.stdout.splitlines() if l.split()[:1] == ["all"]).split()[2])
+    assert abs(total - summary["mean_img_s"]) <= 0.05 * summary["mean_img_s"], (total, summary)
     # resume: a new run continues from the old run's last checkpoint, not from step 0
     rid2 = submit(runs, "resnet50", "--resume", rid, "train.model=resnet18", "train.image_size=32",
                   "train.steps=15", "train.ckpt_every=6", "train.log_every=3", "train.data=synthetic-learnable")
@@ -143,3 +151,39 @@ def test_logs_follow_ends_when_the_run_ends(tmp_path):
     assert p.returncode == 0
     assert "hello from rank 0/2" in p.stdout and "hello from rank 1/2" in p.stdout
     assert f"-- run {rid} SUCCEEDED" in p.stderr
+
+
+@pytest.mark.parametrize("keep_prev", [True, False])
+def test_a_damaged_record_is_named_the_others_go_on_and_stop_still_stops_it(tmp_path, keep_prev):
+    """run.json cut short (a partial write, a full disk): status, logs and stop name that run and go
+    on with the others; stop finds its processes through the record before its last write
+    (run.json.prev) or, without one, by its CLUSTER_RUN_ID on this machine."""
+    runs = tmp_path / "runs"
+    ok = submit(runs, hello_job(tmp_path, HELLO_SLEEP_S=0))
+    assert wait_state(runs, ok, {"SUCCEEDED", "FAILED"})["state"] == "SUCCEEDED"
+    bad = submit(runs, hello_job(tmp_path, HELLO_SLEEP_S=120))
+    deadline = time.time() + 60
+    while "hello from rank 1" not in cli(runs, "logs", bad).stdout:
+        assert time.time() < deadline, "ranks never started"
+        time.sleep(0.5)
+    assert len(run_pids(bad)) >= 4
+    record = runs / bad / "run.json"
+    record.write_text(record.read_text()[:200])
+    if not keep_prev:
+        (runs / bad / "run.json.prev").unlink()
+    table = cli(runs, "status")
+    assert table.returncode == 0 and "Traceback" not in table.stderr, table.stderr
+    assert any(l.split()[:2] == [ok, "SUCCEEDED"] for l in table.stdout.splitlines()), table.stdout
+    assert any(l.split()[:2] == [bad, "DAMAGED"] for l in table.stdout.splitlines()), table.stdout
+    assert f"run '{bad}': its record {record} is damaged" in table.stderr
+    one = cli(runs, "status", bad)
+    assert one.returncode == 2 and "Traceback" not in one.stderr and f"'{bad}'" in one.stderr
+    assert f"stop {bad}" in one.stderr           # what to do
+    logs = cli(runs, "logs")                     # the latest run is the damaged one: passed over, named
+    assert logs.returncode == 0 and "hello from rank 0/2" in logs.stdout
+    assert f"passing over {bad}" in logs.stderr
+    stop = cli(runs, "stop", bad, "--grace-s", "5")
+    assert stop.returncode == 0 and "Traceback" not in stop.stderr, stop.stdout + stop.stderr
+    assert "nothing of the run is left running" in stop.stdout
+    assert ("run.json.prev" in stop.stderr) == keep_prev
+    assert run_pids(bad) == []

@@ -173,6 +173,24 @@ def test_tasks_per_node_follow_gpus_and_cpu_profile(tmp_path):
     assert plan.sbatch["ntasks_per_node"] == 4 and plan.sbatch["gpus_per_node"] == 4
 
 
+def test_gpus_per_node_on_nodes_without_gpus_is_refused_not_ignored(tmp_path):
+    """The inventory says the nodes have no GPU (gpus: 0, no slurm.gpus_per_node); the job asks for 2:
+    one clear refusal naming the setting that gives SLURM nodes GPUs, never CPU tasks instead."""
+    from cluster.submit import resolve
+    inv = write_inv(tmp_path, CLUSTER_INV.replace("  gpus_per_node: 8\n", "").replace(
+        "  - name: login01\n", "  - name: login01\n    gpus: 0\n"))
+    with pytest.raises(UserError) as e:
+        resolve("resnet50", ["gpus_per_node=2"], inv, None, run_id="r")
+    text = e.value.render()
+    assert "gpus_per_node: the job asks for 2 GPU(s) per node, but the nodes have none" in text
+    assert "slurm.gpus_per_node: 2" in text
+    _, _, _, plan = resolve("resnet50", [], inv, None, run_id="r")          # auto: CPU tasks, as before
+    assert plan.sbatch["ntasks_per_node"] == 2 and "gpus_per_node" not in plan.sbatch
+    p = subprocess.run([sys.executable, "-m", "cluster", "plan", "resnet50", "gpus_per_node=2", "-i", str(inv)],
+                       cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "Traceback" not in p.stderr and "slurm.gpus_per_node: 2" in p.stderr, p.stderr
+
+
 def test_rendezvous_from_the_allocation_and_job_port(tmp_path):
     from cluster.submit import resolve
     inv = write_inv(tmp_path)
@@ -202,7 +220,7 @@ def test_container_pyxis_and_apptainer(tmp_path):
     plan = resolve(str(job), [], inv, None, run_id="r")[3]
     assert plan.task["argv"] == ["env", "APPTAINERENV_CLUSTER_RUN_ID=r", "APPTAINERENV_NCCL_DEBUG=INFO",
                                  "APPTAINERENV_PYTHONUNBUFFERED=1", "apptainer", "exec", "--nv",
-                                 "--bind", f"{REPO}:{REPO}", "--bind", "/data:/data:ro", "--pwd", str(REPO),
+                                 "--bind", f"{REPO}:{REPO}", "--bind", "/data:/data:ro", "--pwd", str(REPO / "runs" / "r"),
                                  "docker://nvcr.io/nvidia/pytorch:24.05-py3", "python3", "-m", "tests.fixtures.hello"]
     assert "--container-image" not in plan.render()
 
@@ -213,10 +231,15 @@ BAD = [
     ("  sbatch:\n    time: 10\n", "'time' is set by the backend", "slurm.time_min"),
     ("  sbatch:\n    ntasks-per-node: 3\n", "'ntasks-per-node' is set by the backend", "gpus_per_node"),
     ("  sbatch:\n    mail_user: \"a@b\\nrm -rf /\"\n", "contains a control or invisible character", None),
-    ("  partiton: gpu\n", "unknown key 'partiton'", "valid keys here are"),
+    ("  sbatch:\n    comment: true\n", "'comment' needs a value", "--comment=VALUE"),
+    ("  sbatch:\n    hold: 'yes'\n", "'hold' takes no value", "hold: true"),
+    ("  sbatch:\n    mail_usr: a@b\n", "unknown sbatch option 'mail_usr'", "did you mean 'mail_user'?"),
+    ("  sbatch:\n    comment: '" + "x" * 1001 + "'\n", "sbatch takes at most 1000", None),
+    ("  partiton: gpu\n", "unknown key 'partiton'", "did you mean 'partition'? valid keys here are"),
     ("  qos: high prio\n", "is not a valid qos", None),
     ("  cpus_per_task: 0\n", "must be at least 1", None),
-    ("  signal_delay_s: 99999\n", "signal_delay_s 99999 is not shorter than the time limit", None),
+    ("  signal_delay_s: 65535\n", "signal_delay_s 65535 is not shorter than the time limit", None),
+    ("  signal_delay_s: 99999\n", "must be at most 65535", None),
 ]
 
 
@@ -231,6 +254,23 @@ def test_bad_slurm_settings_fail_before_anything_is_submitted(tmp_path, fake_slu
     assert hint is None or hint in p.stderr
     assert fake_slurm.calls() == []           # not even sbatch --test-only
     assert not (tmp_path / "runs").exists()
+
+
+def test_sbatch_option_errors_name_file_line_and_key(tmp_path):
+    inv = write_inv(tmp_path, CLUSTER_INV + "    wrap: 'id'\n")
+    line = open(inv).read().splitlines().index("    wrap: 'id'") + 1
+    p = cli("plan", "resnet50", "-i", inv, runs=tmp_path / "runs")
+    assert p.returncode == 2
+    assert p.stderr.startswith(f"error: {inv}:{line}: slurm.sbatch.wrap: 'wrap' is set by the backend"), p.stderr
+
+
+def test_sbatch_values_are_rendered_for_sbatchs_parser(tmp_path):
+    """A backslash is doubled: sbatch's #SBATCH parser reads it as an escape even inside quotes
+    (proved against the real sbatch in test_sbatch_quoting_testbed.py)."""
+    from cluster.submit import resolve
+    inv = write_inv(tmp_path, CLUSTER_INV.replace("it's fine", "a\\\\' --chdir=/x"))
+    text = resolve("resnet50", [], inv, None, run_id="r")[3].render()
+    assert "#SBATCH --comment='resnet50 on 2 x 8 H100; a\\\\'\"'\"' --chdir=/x'\n" in text
 
 
 def test_no_time_limit_is_an_error(tmp_path):

@@ -135,6 +135,30 @@ def test_unreachable_host_or_wrong_gpu_count_is_a_preflight_error_and_nothing_st
     assert parked == []
 
 
+def test_two_submits_of_one_job_seconds_apart_both_run(bed):
+    """The second submit's preflight sees the first run starting on the same hosts (its agents
+    parked, no pid file yet): not a leftover to stop. CPU hosts, distinct ports: both run."""
+    job = bed.job(HELLO.format(sleep=3))
+    first = subprocess.Popen([sys.executable, "-m", "cluster", "submit", str(job), "-i", str(bed.tb.inventory)],
+                             cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             env=bed.tb.env(CLUSTER_RUNS_DIR=str(bed.runs)))
+    err1 = ""
+    for line in first.stderr:          # the first run's agents are parked: it is starting, right now
+        err1 += line
+        if line.startswith("warm start:") or "started" in line:
+            break
+    second = bed.cli("submit", job, "-i", bed.tb.inventory)
+    out1, rest = first.communicate(timeout=240)
+    err1 += rest
+    assert first.returncode == 0 and second.returncode == 0, err1 + second.stdout + second.stderr
+    rid1, rid2 = out1.split()[1], second.stdout.split()[1]
+    assert "!!  leftovers" not in second.stderr and "earlier run" not in second.stderr, second.stderr
+    assert f"{rid1} (starting)" in second.stderr or f"{rid1} (running)" in second.stderr, second.stderr
+    for rid in (rid1, rid2):
+        assert bed.wait(rid)["state"] == "SUCCEEDED", bed.cli("logs", rid).stdout[-3000:]
+        assert not bed.left_anywhere(rid)
+
+
 def test_unknown_host_keys_are_refused_unless_the_inventory_accepts_new_ones(bed):
     kh = bed.tmp / "known_hosts"
     kh.write_text("")

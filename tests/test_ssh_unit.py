@@ -61,6 +61,21 @@ def test_unreachable_host_is_a_result_not_an_exception():
     assert not res["dead"].ok and "cannot connect" in res["dead"].error and "refused" in res["dead"].error
 
 
+def test_a_connection_that_cannot_be_built_is_that_hosts_result(tmp_path):
+    """Fabric raises while building a connection for some values (here a port in the host name
+    next to a port); that is the host's error, beside the other hosts' results, never a traceback."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    pool = Pool([host("bad", hostname="127.0.0.1:2222", port=22), host("dead", hostname="127.0.0.1", port=port)],
+                SSHSettings(connect_timeout_s=2, config_file=None))
+    pool.warm(["bad"])            # the background warm-up must not raise in its thread either
+    res = pool.run("true")
+    assert set(res) == {"bad", "dead"} and not res.succeeded
+    assert res["bad"].error.startswith("cannot connect to 127.0.0.1:2222:22: ValueError"), res["bad"].error
+    assert "refused" in res["dead"].error
+
+
 # ---------------------------------------------------------------- one shell hop
 @pytest.mark.parametrize("word", HOSTILE)
 def test_quote_argv_survives_a_real_shell(word, tmp_path):
@@ -246,6 +261,16 @@ def test_preflight_differences_and_failures_are_named():
     assert any(l.startswith("  !!  torch") and "<- differs" in l for l in lines)
 
 
+def test_another_live_run_on_a_host_shares_its_cpus_but_not_its_gpus():
+    ok = {"ports": {"29500": "free", "30500": "free"}}
+    lines, problems = report_for({"cpu01": probe_answer(gpus=0, busy={"other-1": "starting"}, **ok)}, gpus=0)
+    assert problems == [] and any(l.startswith("  ok  other runs") and "other-1 (starting)" in l for l in lines)
+    lines, problems = report_for({"gpu01": probe_answer(busy={"other-1": "running"}, **ok)})
+    assert problems == ["gpu01: its 8 GPU(s) are in use by run other-1 (running); a GPU is not shared between "
+                        "runs: wait for it to end, or 'python -m cluster stop other-1'"]
+    assert not any("leftover" in p or "earlier run" in p for p in problems)
+
+
 # ---------------------------------------------------------------- the gang, on this machine
 def start_agents(tmp_path, payloads, port):
     procs = []
@@ -311,6 +336,49 @@ def test_gang_survives_a_clean_run_and_a_lost_agent_stops_the_rest(tmp_path):
     finally:
         for p in procs:
             p.kill()
+
+
+def _gang_run(tmp_path):
+    from cluster.runs import Run
+    r = Run("cut-1", tmp_path)
+    r.create({"plan": {"nodes": [{"host": "node1"}, {"host": "node2"}, {"host": "node3"}]}})
+    return r
+
+
+def _cut_nodes(reasons: dict):
+    """Node statuses as status reads them after a cut: a reason per aborted host, None = unreachable."""
+    from cluster.backends.base import NodeStatus
+    from cluster.runs import State
+    nodes, aborts = [], {}
+    for h, why in reasons.items():
+        if why is None:
+            nodes.append(NodeStatus(h, State.UNKNOWN, detail="unreachable: timed out"))
+        else:
+            aborts[h] = {"origin": "?", "reason": why}
+            nodes.append(NodeStatus(h, State.CANCELLED, exit_code=-15, detail=f"stopped by the gang: {why}"))
+    return nodes, aborts
+
+
+@pytest.mark.parametrize("reasons, lost", [
+    # node 0 cut off, still unreachable: both others lost "node 0"
+    ({"node1": None, "node2": "lost node 0 (silent for 15 s)", "node3": "lost node 0 (silent for 15 s)"}, "node1"),
+    # node 0 cut off, back by the time status looks: it lost a peer, the peers lost it
+    ({"node1": "lost node node2 (silent for 15 s)", "node2": "lost node 0 (silent for 15 s)",
+      "node3": "lost node 0 (its agent's connection closed)"}, "node1"),
+    # node3 cut off, back: node 0 (and node2, told by node 0) lost node3; node3 lost node 0
+    ({"node1": "lost node node3 (silent for 15 s)", "node2": "lost node node3 (silent for 15 s)",
+      "node3": "lost node 0 (silent for 15 s)"}, "node3"),
+])
+def test_the_host_cut_off_is_the_failed_node_node_0_included(tmp_path, reasons, lost):
+    from cluster.backends.base import aggregate
+    from cluster.backends.ssh import _blame_lost
+    from cluster.runs import State
+    run = _gang_run(tmp_path)
+    nodes, aborts = _cut_nodes(reasons)
+    nodes = _blame_lost(nodes, aborts, run)
+    assert [n.host for n in nodes if n.state == State.FAILED] == [lost]
+    assert "cut off the network" in next(n.detail for n in nodes if n.host == lost)
+    assert aggregate(nodes, run) == State.FAILED
 
 
 # ---------------------------------------------------------------- logs across a dropped link

@@ -292,6 +292,7 @@ def test_torchrun_across_two_hosts(testbed):
     script = Path(testbed.hosts[0]["workdir"]) / "allreduce.py"
     script.write_text(TORCH_SCRIPT)
     tr = [testbed.python, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+          f"--log-dir={script.parent / 'torchrun-tbtest'}",        # not /tmp/torchelastic_*
           "--rdzv-backend=c10d", "--rdzv-endpoint=node1:29512", "--rdzv-id=tbtest", str(script)]
     procs = [subprocess.Popen(testbed.ssh_argv(h, tr), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True, stdin=subprocess.DEVNULL) for h in ("node1", "node2")]
@@ -300,6 +301,9 @@ def test_torchrun_across_two_hosts(testbed):
     finally:
         for p in procs:
             p.kill()
+        import shutil
+        shutil.rmtree(script.parent / "torchrun-tbtest", ignore_errors=True)
+        script.unlink(missing_ok=True)
     lines = [ln for out in outs for ln in out.splitlines() if ln.startswith("rank=")]
     assert all(p.returncode == 0 for p in procs), "\n".join(outs)
     assert sorted(lines) == ["rank=0 world=2 host=node1 sum=3.0", "rank=1 world=2 host=node2 sum=3.0"], outs

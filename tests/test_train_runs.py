@@ -48,8 +48,9 @@ def run(cmd: list[str], tmp_path: Path, env: dict | None = None, check: bool = T
 
 
 def torchrun(nproc: int, args: list[str], tmp_path: Path, **kw) -> subprocess.CompletedProcess:
+    # --log-dir: torchrun's per-rank files stay in the test's directory (else /tmp/torchelastic_*)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-           "-m", "train", *args]
+           f"--log-dir={tmp_path / 'torchrun'}", "-m", "train", *args]
     return run(cmd, tmp_path, **kw)
 
 
@@ -196,7 +197,8 @@ def test_slurm_variables_give_rank_and_world_size(tmp_path):
 def test_sigterm_stops_both_ranks_and_marks_the_heartbeat(tmp_path):
     """What `cluster stop` does: TERM the launcher; every rank leaves (process group destroyed),
     no one hangs, and the heartbeats say the run did not finish."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "train",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           f"--log-dir={tmp_path / 'torchrun'}", "-m", "train",
            *LEARNABLE, "steps=100000", "log_every=10", *dirs(tmp_path, "run")]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)

@@ -75,6 +75,26 @@ def test_a_parked_agent_that_gets_no_go_leaves_nothing(tmp_path):
     assert not (tmp_path / "runs").exists()                         # and it wrote nothing
 
 
+def test_a_second_submit_sees_a_parked_agent_as_a_run_starting_not_a_leftover(tmp_path):
+    """Two submits of one job seconds apart: the first's agent is parked (no pid file yet) while the
+    second's probe looks for leftovers on the same host."""
+    from cluster.hostside import _probe
+    p, rid, _, _ = probe(tmp_path)
+    try:
+        deadline = time.time() + 20
+        while not any("cluster.agent --park-fd" in cmdline(pid) for pid in pids_of_run(rid)):
+            assert time.time() < deadline, pids_of_run(rid)
+            time.sleep(0.1)
+        second = subprocess.run(["/bin/sh", "-c", host_command(sys.executable, _probe)], capture_output=True,
+                                input=json.dumps({"workdir": str(tmp_path), "host": "h1"}), text=True, timeout=60)
+        answer = json.loads(second.stdout)
+        assert answer["leftovers"] == {} and answer["busy"] == {rid: "starting"}, answer
+    finally:
+        p.stdin.close()
+        p.wait(timeout=30)
+    assert pids_of_run(rid) == []
+
+
 @pytest.mark.parametrize("fail", [None, "exit", "raise"])
 def test_go_runs_torchrun_and_its_workers_warm(tmp_path, fail):
     env = {"HELLO_SHOW_PROCS": "1"}

@@ -29,7 +29,14 @@ class TrainConfig:
     model: str = _f("resnet50", "torchvision classification model name, or package.module:factory")
     num_classes: int = _f(1000, "classes of the classifier head")
     image_size: int = _f(224, "input height and width in pixels")
-    data: str = _f("synthetic", "synthetic | synthetic-learnable | path to an ImageFolder root holding train/ (and val/)")
+    data: str = _f("synthetic", "synthetic | synthetic-learnable | path to an ImageFolder root holding train/ "
+                               "(and val/), or to its packed form (python -m train.pack)")
+    decode: str = _f(AUTO, "real images: gpu (nvJPEG, crop and normalise on the GPU) | cpu (PIL in the workers) | "
+                           "auto (gpu on a GPU)", ("gpu", "cpu", AUTO))
+    jpeg_decoder: str = _f("torchvision", "decode=gpu: torchvision (nvJPEG, batched, on the SMs) | nvimgcodec "
+                                          "(nvImageCodec, the GPU's hardware JPEG decoders first; package "
+                                          "nvidia-nvimgcodec-cu13; not yet measured, see bench/README.md)",
+                           ("torchvision", "nvimgcodec"))
     synthetic_size: int = _f(1_281_167, "images in one epoch of synthetic data (ImageNet-1k's train split by default)")
     # how long
     steps: int = _f(100, "total optimizer steps; 0 = run `epochs` epochs")
@@ -57,7 +64,7 @@ class TrainConfig:
     ddp_always: bool = _f(False, "wrap the model in DDP at world size 1 too (to measure DDP's own cost)")
     grad_compress: str = _f("none", "DDP communication hook: none | bf16 (gradients all-reduced as bf16, "
                                     "torch's bf16_compress_hook: half the bytes on the network)", ("none", "bf16"))
-    workers: int = _f(4, "DataLoader worker processes per rank (ImageFolder only)")
+    workers: int = _f(4, "DataLoader worker processes per rank (real images only)")
     prefetch_factor: int = _f(2, "batches each DataLoader worker loads ahead")
     threads: int = _f(0, "torch CPU threads per rank; 0 = CPU cores / local ranks")
     # bookkeeping
@@ -69,11 +76,18 @@ class TrainConfig:
     resume: bool = _f(True, "resume from ckpt_dir's latest checkpoint when there is one")
     out_dir: str = _f("runs/train/metrics", "where each rank writes metrics-rank<R>.jsonl and heartbeat-rank<R>.json")
     init_timeout_s: int = _f(600, "timeout of process-group init and of every collective, in seconds")
+    tensorboard: Any = _f(AUTO, "true | false | auto (when the tensorboard package is installed): event files "
+                                "under out_dir/tb (rank 0's metrics; every rank's throughput)")
+    wandb_project: str = _f("", "log rank 0's metrics to this Weights & Biases project (off when empty; "
+                               "needs the wandb package)")
+    # test knob: a slow input pipeline on one rank (cluster top and report show it as a straggler)
+    debug_sleep_ms: int = _f(0, "extra milliseconds of data loading per step on debug_sleep_rank (a test knob)")
+    debug_sleep_rank: int = _f(-1, "the rank that debug_sleep_ms slows; -1 = every rank")
 
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(TrainConfig)}
 # Keys whose value is true, false or "auto".
-_TRISTATE = {"channels_last", "compile", "fast_stem"}
+_TRISTATE = {"channels_last", "compile", "fast_stem", "tensorboard"}
 
 
 class ConfigError(ValueError):
@@ -140,7 +154,8 @@ def _check_ranges(c: TrainConfig) -> None:
     for key in positive:
         if getattr(c, key) < 1:
             raise ConfigError(key, f"must be >= 1, got {getattr(c, key)}")
-    for key in ["steps", "warmup_steps", "ckpt_every", "workers", "threads", "weight_decay", "momentum"]:
+    for key in ["steps", "warmup_steps", "ckpt_every", "workers", "threads", "weight_decay", "momentum",
+                "debug_sleep_ms"]:
         if getattr(c, key) < 0:
             raise ConfigError(key, f"must be >= 0, got {getattr(c, key)}")
     if c.val_every < -1:
@@ -151,6 +166,29 @@ def _check_ranges(c: TrainConfig) -> None:
         raise ConfigError("label_smoothing", f"must be in [0, 1), got {c.label_smoothing}")
     if not c.model or c.model.count(":") > 1:
         raise ConfigError("model", f"expected a torchvision model name or package.module:factory, got {c.model!r}")
+    _check_limits(c)
+
+
+# Upper bounds: past them a value is a typo (steps=1e26), and some would overflow C code or
+# allocate without end. Floats must be finite (lr=.inf, nan).
+LIMITS = {"steps": 10**12, "epochs": 10**6, "batch_size": 2**20, "grad_accum": 2**20, "image_size": 16384,
+          "num_classes": 10**8, "synthetic_size": 10**12, "warmup_steps": 10**12, "seed": 2**63 - 1,
+          "bucket_cap_mb": 2**20, "workers": 1024, "prefetch_factor": 1024, "threads": 4096,
+          "log_every": 10**12, "val_every": 10**12, "ckpt_every": 10**12, "keep_ckpts": 10**6,
+          "init_timeout_s": 7 * 24 * 3600}
+
+
+def _check_limits(c: TrainConfig) -> None:
+    import math
+    for key, high in LIMITS.items():
+        if getattr(c, key) > high:
+            raise ConfigError(key, f"must be at most {high}, got {getattr(c, key)}")
+    for key in ("lr", "momentum", "weight_decay", "label_smoothing"):
+        if not math.isfinite(getattr(c, key)):
+            raise ConfigError(key, f"must be a finite number, got {getattr(c, key)}")
+    for key in ("model", "data", "ckpt_dir", "out_dir"):
+        if not getattr(c, key).isprintable():
+            raise ConfigError(key, f"contains a control or invisible character: {getattr(c, key)!r}")
 
 
 def validate(mapping: Mapping[str, Any]) -> TrainConfig:

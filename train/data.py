@@ -4,7 +4,8 @@ Three sources, one interface (see build_data):
 - "synthetic": one random batch made on the device once and reused: the host never limits speed.
 - "synthetic-learnable": class prototypes plus noise, made on the device per batch from a seed,
   so a model can learn it (tests) and any batch can be remade after a restart.
-- a folder: ImageFolder `train/` (and `val/`) with the standard ImageNet transforms.
+- real images: an ImageFolder `train/` (and `val/`), or its packed form, with the standard
+  ImageNet augmentation, decoded on the GPU where possible (train/pipeline.py).
 
 Position in an epoch is counted in global samples (`start_sample`), which means the same thing
 at any world size. Every random choice is a function of (seed, epoch, position), never of a
@@ -13,20 +14,17 @@ stream's history, so a resumed run sees exactly the batches a straight run would
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Iterator
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .config import ConfigError, TrainConfig
 from .dist import DistEnv
 
 Batch = tuple[torch.Tensor, torch.Tensor]
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def mix_seed(*parts: int) -> int:
@@ -121,67 +119,72 @@ class ResumableSampler(DistributedSampler):
         return max(0, self.total_size - self.start_sample) // self.num_replicas
 
 
-class SeededItems(Dataset):
-    """Items keyed by (epoch, index); the augmentation's randomness is seeded by that key, so
-    it does not depend on which worker loads the item or what it loaded before."""
+class RealImages:
+    """A folder (ImageFolder layout) or its packed form (train/pack.py), through train/pipeline.py:
+    compressed bytes from the workers, decode and augmentation on the GPU where it can."""
 
-    def __init__(self, dataset: Dataset, seed: int):
-        self.dataset, self.seed = dataset, seed
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key: tuple[int, int]):
-        epoch, index = key
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(mix_seed(self.seed, epoch, index))
-            return self.dataset[index]
-
-
-class ImageFolderData:
     def __init__(self, cfg: TrainConfig, env: DistEnv, channels_last: bool):
-        from torchvision import datasets, transforms as T  # torchvision only when reading images
+        from .imagesets import open_split
+        from .pipeline import DeviceStage, Items, collate
 
-        root = cfg.data
-        if not os.path.isdir(os.path.join(root, "train")):
-            raise ConfigError("data", f"{root!r} is not synthetic, synthetic-learnable or a folder with train/")
-        normalize = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
-        train_tf = T.Compose([T.RandomResizedCrop(cfg.image_size), T.RandomHorizontalFlip(), T.ToTensor(), normalize])
-        val_tf = T.Compose([T.Resize(math.ceil(cfg.image_size * 256 / 224)), T.CenterCrop(cfg.image_size),
-                            T.ToTensor(), normalize])
-        train_set = datasets.ImageFolder(os.path.join(root, "train"), train_tf)
-        self.sampler = ResumableSampler(train_set, env, cfg.seed)
+        root = os.path.expandvars(cfg.data)   # a SLURM job's staged copy may sit under $TMPDIR
+        try:
+            train_split = open_split(root, "train")
+            val_split = open_split(root, "val")
+        except (OSError, ValueError) as e:
+            raise ConfigError("data", f"{root!r}: {e}")
+        if train_split is None:
+            raise ConfigError("data", f"{root!r} is not synthetic, synthetic-learnable, a folder with train/ "
+                              "or a packed set (MANIFEST.json, python -m train.pack)")
+        gpu = env.device.type == "cuda" if cfg.decode == "auto" else cfg.decode == "gpu"
+        if gpu and env.device.type != "cuda":
+            raise ConfigError("decode", "gpu needs a CUDA device; use decode=cpu or auto")
+        self.decode = "gpu" if gpu else "cpu"
+        self.sampler = ResumableSampler(train_split, env, cfg.seed)
         if len(self.sampler) < cfg.batch_size:
-            raise ConfigError("data", f"{root}/train has {len(train_set)} images: too few for "
+            raise ConfigError("data", f"{root}/train has {len(train_split)} images: too few for "
                               f"batch_size={cfg.batch_size} on {env.world_size} ranks")
-        loader_opts = dict(batch_size=cfg.batch_size, num_workers=cfg.workers,
-                           pin_memory=env.device.type == "cuda", drop_last=True)
+        opts = dict(batch_size=cfg.batch_size, num_workers=cfg.workers, collate_fn=collate,
+                    pin_memory=env.device.type == "cuda")
         if cfg.workers > 0:
-            loader_opts.update(persistent_workers=True, prefetch_factor=cfg.prefetch_factor)
-        self.loader = DataLoader(SeededItems(train_set, cfg.seed), sampler=self.sampler, **loader_opts)
+            opts.update(persistent_workers=True, prefetch_factor=cfg.prefetch_factor)
+        items = lambda split: Items(split, cfg.seed, cfg.image_size, gpu, env.rank)  # noqa: E731
+        self.loader = DataLoader(items(train_split), sampler=self.sampler, drop_last=True, **opts)
         self.val_loader = None
-        if os.path.isdir(os.path.join(root, "val")):
-            val_set = datasets.ImageFolder(os.path.join(root, "val"), val_tf)
+        if val_split is not None and len(val_split):
             # Every image exactly once across ranks (no padding), so top-1 counts are exact.
-            mine = Subset(val_set, range(env.rank, len(val_set), env.world_size))
-            self.val_loader = DataLoader(mine, batch_size=cfg.batch_size, num_workers=cfg.workers,
-                                         pin_memory=env.device.type == "cuda")
-        self.device, self.channels_last = env.device, channels_last
+            mine = [(-1, i) for i in range(env.rank, len(val_split), env.world_size)]
+            self.val_loader = DataLoader(items(val_split), sampler=mine, **opts)
+        trace = os.environ.get("TRAIN_TEST_SAMPLE_TRACE")   # tests: which samples each rank trained on
+        decoder = cfg.jpeg_decoder
+        self.stage = DeviceStage(env.device, cfg.image_size, channels_last,
+                                 trace and os.path.join(trace, f"samples-rank{env.rank}.jsonl"), decoder)
         self.samples_per_epoch = self.sampler.total_size // (cfg.batch_size * env.world_size) \
             * cfg.batch_size * env.world_size
-
-    def _to_device(self, loader: DataLoader) -> Iterator[Batch]:
-        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        for x, y in loader:
-            yield (x.to(self.device, non_blocking=True, memory_format=fmt),
-                   y.to(self.device, non_blocking=True))
+        print0(env, f"data: {root} ({'packed' if train_split.paths is None else 'folder'}): "
+                    f"{len(train_split)} train images, {len(val_split) if val_split else 0} val, "
+                    f"{len(train_split.classes)} classes; decode on {f'GPU ({decoder})' if gpu else 'CPU (PIL)'}, "
+                    f"{cfg.workers} workers per rank")
 
     def batches(self, epoch: int, start_sample: int) -> Iterator[Batch]:
+        from .pipeline import overlapped
+
         self.sampler.set_epoch(epoch, start_sample)
-        return self._to_device(self.loader)
+        return overlapped(self.loader, self.stage)
 
     def val_batches(self) -> Iterator[Batch] | None:
-        return None if self.val_loader is None else self._to_device(self.val_loader)
+        from .pipeline import overlapped
+
+        return None if self.val_loader is None else overlapped(self.val_loader, self.stage)
+
+    def report(self) -> dict:
+        """Images that took the CPU path on a GPU run, and blanks for undecodable files (this rank)."""
+        return dict(self.stage.counts)
+
+
+def print0(env: DistEnv, text: str) -> None:
+    if env.is_main:
+        print(text, flush=True)
 
 
 def build_data(cfg: TrainConfig, env: DistEnv, channels_last: bool):
@@ -191,4 +194,4 @@ def build_data(cfg: TrainConfig, env: DistEnv, channels_last: bool):
         return Synthetic(cfg, env, channels_last)
     if cfg.data == "synthetic-learnable":
         return SyntheticLearnable(cfg, env, channels_last)
-    return ImageFolderData(cfg, env, channels_last)
+    return RealImages(cfg, env, channels_last)

@@ -72,7 +72,9 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, total))
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     pos = resume(cfg, env, raw, optimizer, scheduler, samples_per_step) if cfg.resume else Position()
-    metrics = MetricsWriter(cfg.out_dir, env.rank, total)
+    metrics = MetricsWriter(cfg.out_dir, env.rank, total, tensorboard=use_tensorboard(cfg, env),
+                            wandb_project=cfg.wandb_project if env.is_main else "", config=dataclasses.asdict(cfg))
+    times = StepTimes(ddp, env.device, compiled=speed.compile)
     # one line from every rank, so a user sees which ranks landed on which host and device
     print(f"rank {env.rank}/{env.world_size} (local {env.local_rank}) on {socket.gethostname()} "
           f"device {env.device}", flush=True)
@@ -91,21 +93,23 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
     metrics.log({"kind": "start", "step": pos.step, "epoch": pos.epoch, "world_size": env.world_size,
                  "steps_total": total})
     metrics.heartbeat(pos.step)
-    clock = Clock(env.device, pos.step, total, samples_per_step)
+    clock = Clock(env.device, pos.step, total, samples_per_step, cfg.log_every)
+    slow_s = cfg.debug_sleep_ms / 1000 if cfg.debug_sleep_rank in (-1, env.rank) else 0.0
     loss_sum = torch.zeros((), device=env.device)  # summed on the device: no host sync per step
     last = {"loss": math.nan, "top1": None, "top5": None}
     saved_at = pos.step
     try:
         while pos.step < total:
-            for group in groups(data.batches(pos.epoch, pos.samples_in_epoch), cfg.grad_accum):
-                loss_sum += train_step(net, ddp, group, optimizer, loss_fn, speed.bf16)
+            batches = times.waiting(groups(data.batches(pos.epoch, pos.samples_in_epoch), cfg.grad_accum), slow_s)
+            for group in batches:
+                loss_sum += train_step(net, ddp, group, optimizer, loss_fn, speed.bf16, times)
                 scheduler.step()
                 pos.step += 1
                 pos.samples_in_epoch += samples_per_step
                 clock.tick(pos.step)
                 metrics.heartbeat(pos.step, every_s=5.0)
                 if pos.step % cfg.log_every == 0 or pos.step == total:
-                    last["loss"] = log_progress(env, metrics, clock, pos, total, loss_sum, scheduler)
+                    last["loss"] = log_progress(env, metrics, clock, pos, total, loss_sum, scheduler, times)
                     loss_sum.zero_()
                 if cfg.val_every > 0 and pos.step % cfg.val_every == 0 and pos.step < total:
                     validate(env, metrics, raw, data, speed, pos.step, last)
@@ -126,11 +130,17 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
             save_checkpoint(cfg, env, raw, optimizer, scheduler, pos)
     except BaseException as e:
         metrics.heartbeat(pos.step, error=f"{type(e).__name__}: {e}"[:300])
+        metrics.close()     # what the event files hold so far reaches the disk
         raise
+    # mean_img_s: all ranks, steps mean_from_step..steps (status and report label theirs alike)
     summary = {"steps": pos.step, "time_s": round(clock.elapsed(), 2), "mean_img_s": round(clock.mean_img_s(), 1),
-               "final_loss": round(last["loss"], 4)}
+               "mean_from_step": clock.steady_from, "final_loss": round(last["loss"], 4)}
     if last["top1"] is not None:
         summary.update(top1=round(last["top1"], 2), top5=round(last["top5"], 2))
+    if hasattr(data, "report"):   # real images: what took the CPU path, what was blank
+        fallback = all_reduce_sum(torch.tensor([sum(v for k, v in data.report().items() if k != "corrupt"),
+                                                data.report().get("corrupt", 0)], device=env.device)).tolist()
+        summary.update(decode=data.decode, cpu_decoded=int(fallback[0]), blank=int(fallback[1]))
     if env.device.type == "cuda":
         summary["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(env.device) / 2**30, 2)
     metrics.log({"kind": "summary", **summary})
@@ -177,7 +187,8 @@ def groups(batches: Iterator, n: int) -> Iterator[list]:
         yield group
 
 
-def train_step(net: nn.Module, ddp, micro_batches: list, optimizer, loss_fn, bf16: bool) -> torch.Tensor:
+def train_step(net: nn.Module, ddp, micro_batches: list, optimizer, loss_fn, bf16: bool,
+               times: "StepTimes | None" = None) -> torch.Tensor:
     """One optimizer step over len(micro_batches) micro-batches; returns the mean loss (on device)."""
     n = len(micro_batches)
     total = torch.zeros((), device=micro_batches[0][0].device)
@@ -185,13 +196,91 @@ def train_step(net: nn.Module, ddp, micro_batches: list, optimizer, loss_fn, bf1
         # Gradients are all-reduced only on the last micro-batch; the others accumulate locally.
         sync = ddp is None or i == n - 1
         with nullcontext() if sync else ddp.no_sync():
+            if times is not None:
+                times.forward_start()
             with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
                 loss = loss_fn(net(x), y) / n
             loss.backward()
+        if sync and times is not None:
+            times.backward_done()
         total += loss.detach()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return total
+
+
+class StepTimes:
+    """Where a rank's step time goes, by the host's wall clock: waiting for the next batch (data)
+    and, with DDP on CPU, waiting for its peers in DDP's collectives (communication): the buffer
+    broadcast that starts each forward (until the inner module's forward begins) and the gradient
+    all-reduce once its own backward is done (from the last bucket handed to it to backward's
+    return). A rank that the others wait for shows little of it, its peers much. The rest is
+    compute.
+
+    On GPU the host runs ahead of the device, so there only the data wait is measured (and a
+    comm hook could cost speed); ``comm_s`` stays None. Also None with torch.compile."""
+
+    def __init__(self, ddp, device: torch.device, compiled: bool = False):
+        self.data_s, self.comm_s = 0.0, None
+        self._ready = self._forward = None
+        if ddp is not None and device.type == "cpu" and not compiled:
+            from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+            self.comm_s = 0.0
+
+            def bucket_ready(state, bucket):
+                self._ready = time.perf_counter()
+                return allreduce_hook(state, bucket)
+
+            def inner_forward(module, args):
+                if self._forward is not None:
+                    self.comm_s += time.perf_counter() - self._forward
+                    self._forward = None
+            ddp.register_comm_hook(None, bucket_ready)
+            ddp.module.register_forward_pre_hook(inner_forward)
+
+    def forward_start(self) -> None:
+        if self.comm_s is not None:
+            self._forward = time.perf_counter()
+
+    def waiting(self, batches: Iterator, sleep_s: float = 0.0) -> Iterator:
+        """``batches``, adding the time spent waiting for each to data_s (``sleep_s``: the test knob)."""
+        it = iter(batches)
+        while True:
+            t0 = time.perf_counter()
+            if sleep_s:
+                time.sleep(sleep_s)
+            try:
+                item = next(it)
+            except StopIteration:
+                return
+            self.data_s += time.perf_counter() - t0
+            yield item
+
+    def backward_done(self) -> None:
+        if self._ready is not None:
+            self.comm_s += time.perf_counter() - self._ready
+            self._ready = None
+
+    def take(self) -> tuple[float, float | None]:
+        """(data seconds, comm seconds or None) since the previous call."""
+        out = (self.data_s, self.comm_s)
+        self.data_s = 0.0
+        self.comm_s = None if self.comm_s is None else 0.0
+        return out
+
+
+def use_tensorboard(cfg: TrainConfig, env: DistEnv) -> bool:
+    if cfg.tensorboard is False:
+        return False
+    try:
+        import torch.utils.tensorboard  # noqa: F401 -- needs the tensorboard package
+    except ImportError:
+        if cfg.tensorboard is True:
+            raise ConfigError("tensorboard", "the tensorboard package is not installed on this host: "
+                              "pip install tensorboard, or tensorboard=false") from None
+        print0(env, "train: no TensorBoard event files (the tensorboard package is not installed)")
+        return False
+    return True
 
 
 class Clock:
@@ -199,14 +288,19 @@ class Clock:
 
     The first tenth of the run's steps (at least one) is left out of mean_img_s: it holds
     compilation, cuDNN autotuning and allocator warmup. Both ends are taken at steps, so the
-    final validation and checkpoint do not count."""
+    final validation and checkpoint do not count. The mean starts at a logged step, so that
+    the per-rank intervals after it (metrics, `cluster report`) cover the same steps."""
 
-    def __init__(self, device: torch.device, start_step: int, total: int, samples_per_step: int):
+    def __init__(self, device: torch.device, start_step: int, total: int, samples_per_step: int,
+                 log_every: int = 1):
         self.device, self.samples_per_step, self.total = device, samples_per_step, total
         self.start = self.last = self.end = time.perf_counter()
         self.last_step = start_step
         run = total - start_step
         self.steady_from = start_step + (max(1, run // 10) if run > 1 else 0)
+        aligned = -(-self.steady_from // max(1, log_every)) * max(1, log_every)
+        if self.steady_from > start_step and aligned < total:
+            self.steady_from = aligned
         self.steady_start = self.start if self.steady_from == start_step else None
 
     def sync(self) -> float:
@@ -237,9 +331,10 @@ class Clock:
 
 
 def log_progress(env: DistEnv, metrics: MetricsWriter, clock: Clock, pos: Position, total: int,
-                 loss_sum: torch.Tensor, scheduler) -> float:
+                 loss_sum: torch.Tensor, scheduler, times: "StepTimes | None" = None) -> float:
     """Write this rank's record, print rank 0's line; return the mean loss over all ranks."""
     dt, steps = clock.interval(pos.step)
+    data_s, comm_s = times.take() if times is not None else (None, None)
     local_loss = loss_sum.item() / max(1, steps)
     img_s = steps * clock.samples_per_step / env.world_size / dt
     summed = all_reduce_sum(torch.tensor([local_loss, img_s], device=env.device)).tolist()
@@ -248,12 +343,19 @@ def log_progress(env: DistEnv, metrics: MetricsWriter, clock: Clock, pos: Positi
     record = {"kind": "train", "step": pos.step, "epoch": pos.epoch, "loss": local_loss, "loss_mean": mean_loss,
               "lr": lr, "img_s": round(img_s, 1), "img_s_total": round(total_img_s, 1),
               "step_ms": round(1000 * dt / max(1, steps), 2)}
+    per_step = 1000 / max(1, steps)
+    if data_s is not None:
+        record["data_ms"] = round(data_s * per_step, 2)
+    if comm_s is not None:
+        record["comm_ms"] = round(comm_s * per_step, 2)
     if env.device.type == "cuda":
         record["gpu_mem_gb"] = round(torch.cuda.max_memory_allocated(env.device) / 2**30, 3)
     metrics.log(record)
-    metrics.heartbeat(pos.step, img_s=record["img_s"])
+    shares = {k: round(v / (1000 * dt / max(1, steps)), 3) for k, v in
+              (("data_share", record.get("data_ms")), ("comm_share", record.get("comm_ms"))) if v is not None}
+    metrics.heartbeat(pos.step, img_s=record["img_s"], step_ms=record["step_ms"], **shares)
     print0(env, f"step {pos.step}/{total} loss {mean_loss:.4f} lr {lr:.4g} {total_img_s:.0f} img/s "
-                f"{record['step_ms']:.1f} ms/step")
+                f"{record['step_ms']:.1f} ms/step (all ranks, last {steps} step(s))")
     return mean_loss
 
 

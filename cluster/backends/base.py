@@ -22,6 +22,8 @@ class NodeStatus:
     exit_time: Optional[float] = None
     heartbeats: dict = field(default_factory=dict)   # rank -> {"step", "time", ...}
     detail: str = ""
+    activity: Optional[dict] = None   # a live node: {"output_t": log's mtime, "cpu_s": its ranks' CPU}
+    gpus: Optional[list] = None     # with Backend.with_gpus: hostside._gpu_query's answer (None: no GPU)
 
 
 class LogSource(ABC):
@@ -40,11 +42,15 @@ def progress(msg: str) -> None:
 
 class Backend(ABC):
     name = "base"
+    # set by cluster top: node_status also reads each node's GPU use, in the same round trip
+    with_gpus = False
 
     def __init__(self, inventory: Inventory):
         self.inv = inventory
         # what launch() started before it failed, so submit can stop exactly that
         self.partial_handle: dict = {}
+        # doctor: preflight checks only (data staging reports, copies nothing)
+        self.check_only = False
 
     # ---- hooks
     def select_hosts(self, job) -> tuple:
@@ -113,21 +119,29 @@ class Backend(ABC):
         return state, nodes
 
     def finish(self, run: Run, state: State, nodes: list[NodeStatus], failure: Optional[dict] = None) -> None:
+        fresh = Run(run.id, run.dir.parent)
+        if fresh.data.get("final"):
+            # another verb (or the watcher) recorded the end while this one looked: its record stands
+            run._data = fresh.data
+            return
         extra = {}
         if state == State.FAILED:
             extra["failure"] = failure or self.first_failure(run, nodes)
         run.set_state(state, final=True, ended=time.time(),
                       nodes_final=[_plain(n) for n in nodes], **extra)
 
-    def first_failure(self, run: Run, nodes: list[NodeStatus], tails: Optional["LogTails"] = None) -> dict:
+    def first_failure(self, run: Run, nodes: list[NodeStatus], tails: Optional["LogTails"] = None,
+                      everyone: Optional[list[NodeStatus]] = None) -> dict:
+        """The failure among ``nodes``; known failures are looked for in the logs of ``everyone``
+        (default ``nodes``): a host lost off the network has no log to read, its peers' say why."""
         failed = [n for n in nodes if n.exit_code not in (None, 0)] or \
                  [n for n in nodes if n.state == State.FAILED]
         if not failed:
             return {}
         tails = LogTails(self, run) if tails is None else tails   # an empty cache is still the caller's
         first, tail, rank, own = self._root_failure(failed, tails)
-        return {"host": first.host, "rank": rank, "exit_code": first.exit_code,
-                "log_tail": own[-30:] or tail[-40:], "findings": self._diagnose(nodes, first.host, tails, rank)}
+        return {"host": first.host, "rank": rank, "exit_code": first.exit_code, "log_tail": own[-30:] or tail[-40:],
+                "findings": self._diagnose(everyone or nodes, first.host, tails, rank)}
 
     def _root_failure(self, failed: list[NodeStatus], tails: "LogTails"):
         """The failed node whose failure is the cause: the first to end whose failing rank's own
@@ -323,4 +337,4 @@ def root_cause(lines: Iterable[str]) -> tuple[Optional[int], Optional[int]]:
 
 def _plain(n: NodeStatus) -> dict:
     return {"host": n.host, "state": n.state.value, "pid": n.pid, "exit_code": n.exit_code,
-            "exit_time": n.exit_time, "heartbeats": n.heartbeats, "detail": n.detail}
+            "exit_time": n.exit_time, "heartbeats": n.heartbeats, "detail": n.detail}   # activity: live only

@@ -13,6 +13,7 @@ from pathlib import Path
 from ..config import REPO
 from ..errors import UserError
 from ..plan import Plan
+from ..hostside import _rank_states
 from ..runs import Run, State
 from .base import Backend, LogSource, NodeStatus, progress
 
@@ -98,6 +99,15 @@ class LocalBackend(Backend):
                                 key="rdzv_port", hint="pass rdzv_port=<free port> or stop the other run") from None
         from ..container import preflight_local   # containers: runtime there, image present (or pulled)
         preflight_local(plan.nodes)
+        node, host = plan.nodes[0], self.inv.hosts[0]
+        if node.job_python(host.python):       # a command: naming its own interpreter: check that one
+            from ..hostside import _job_python
+            jp = _job_python(node.job_python(host.python))
+            if not jp.get("torch"):
+                raise UserError(f"the job's command runs {jp['argv0']!r}, which " +
+                                (f"cannot run ({jp['error']})" if "error" in jp else "has no torch") +
+                                " on this machine", where="job", key="command[0]",
+                                hint=f"write \"{{python}}\" in 'command:' for the inventory's python ({host.python})")
 
     def launch(self, plan: Plan, run: Run) -> dict:
         node = plan.nodes[0]
@@ -107,7 +117,9 @@ class LocalBackend(Backend):
         env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         with open(wd / node.agent_log_path, "ab") as out:
             # setsid: the run survives this terminal; it is its own process group for stop
-            proc = subprocess.Popen(list(node.argv), cwd=wd, env=env, stdin=subprocess.DEVNULL,
+            # python: ~/venv/bin/python means this user's home here, as a remote host's shell reads it
+            argv = [os.path.expanduser(a) if a == node.argv[0] else a for a in node.argv]
+            proc = subprocess.Popen(argv, cwd=wd, env=env, stdin=subprocess.DEVNULL,
                                     stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         progress(f"[{node.host}] started agent pid {proc.pid}")
         return {"pgids": {node.host: proc.pid}}
@@ -124,6 +136,7 @@ class LocalBackend(Backend):
                 d = _read_json(f)
                 if d:   # one host: every heartbeat here is this node's
                     hb[int(d.get("rank", f.stem.rsplit("rank", 1)[1]))] = d
+            _rank_states(hb, run.id)
             if exit_info is not None:
                 code = exit_info.get("code")
                 st = State.SUCCEEDED if code == 0 else (
@@ -131,10 +144,16 @@ class LocalBackend(Backend):
                 out.append(NodeStatus(host, st, pgid, code, exit_info.get("time"), hb))
             elif group_alive(pgid):
                 st = State.RUNNING if (self._state_dir(run) / f"{host}.pid").exists() else State.STARTING
-                out.append(NodeStatus(host, st, pgid, heartbeats=hb))
+                from ..hostside import _activity
+                out.append(NodeStatus(host, st, pgid, heartbeats=hb, activity=_activity(
+                    str(run.dir / "logs" / f"{host}.log"), pids_of_run(run.id), pgid)))
             else:
                 out.append(NodeStatus(host, State.FAILED, pgid, detail="agent gone without an exit record",
                                       heartbeats=hb))
+        if self.with_gpus:
+            from ..hostside import _gpu_query
+            for n in out:
+                n.gpus = _gpu_query({})
         return out
 
     def stop_nodes(self, run: Run, grace_s: float) -> list[str]:
@@ -161,6 +180,21 @@ class LocalBackend(Backend):
     def log_sources(self, run: Run) -> list[LogSource]:
         return [FileSource(h, run.dir / "logs" / f"{h}.log")
                 for h in run.data.get("handle", {}).get("pgids", {})]
+
+
+def stop_by_run_id(run_id: str, grace_s: float) -> list[str]:
+    """Stop a run on this machine knowing only its id (its record lost): TERM every process that
+    carries its CLUSTER_RUN_ID (the agents forward it to torchrun), wait, KILL what is left."""
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 2.0)):
+        for pid in pids_of_run(run_id):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + wait_s
+        while pids_of_run(run_id) and time.time() < deadline:
+            time.sleep(0.2)
+    return [f"localhost: pid {p} still alive" for p in pids_of_run(run_id)]
 
 
 def _killpg(pgid: int, sig) -> None:

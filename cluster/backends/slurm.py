@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import shlex
 import shutil
@@ -32,9 +33,9 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from .. import hostlist
-from ..config import REPO, Job
+from ..config import REPO, SBATCH_MANAGED, SBATCH_OPTIONS, Job
 from ..errors import UserError
-from ..plan import RUNS, NodeLaunch, Plan, _payload, procs_for
+from ..plan import RUNS, NodeLaunch, Plan, _payload, module_dirs, procs_for
 from ..runs import Run, State
 from .base import Backend, LogSource, LogTails, NodeStatus, progress
 from .local import FileSource
@@ -52,30 +53,8 @@ STATES = {
 }
 LIVE = {k for k, v in STATES.items() if not v.is_terminal()}
 
-# sbatch options the backend sets itself, and where the user sets them instead
-MANAGED = {
-    "partition": "slurm.partition", "account": "slurm.account", "qos": "slurm.qos",
-    "constraint": "slurm.constraint", "time": "slurm.time_min (or the job's time_limit_min)",
-    "cpus_per_task": "slurm.cpus_per_task", "mem": "slurm.mem_gb",
-    "gpus_per_node": "slurm.gpus_per_node (or the job's gpus_per_node)", "gpus": "slurm.gpus_per_node",
-    "gpus_per_task": "slurm.gpus_per_node", "ntasks_per_gpu": "slurm.gpus_per_node",
-    "nodes": "the job's nodes (or slurm.nodes)", "ntasks": "the job's nodes and gpus_per_node",
-    "ntasks_per_node": "the job's gpus_per_node", "signal": "slurm.signal_delay_s",
-    "requeue": "the job's restart.requeue", "no_requeue": "the job's restart.requeue",
-    "job_name": "the run id (set by the backend)", "output": "the backend (runs/<id>/slurm/)",
-    "error": "the backend (runs/<id>/slurm/)", "open_mode": "the backend (append)",
-    "chdir": "the backend (the repository)", "array": "nothing (one run is one job)",
-    "wrap": "nothing (the backend writes the script)", "wait": "nothing (submit returns at once)",
-}
-# further sbatch long options accepted in slurm.sbatch (written with '_' or '-')
-EXTRA = sorted("""
-acctg_freq begin bb bbf cluster_constraint clusters comment contiguous core_spec cores_per_socket
-cpu_freq cpus_per_gpu deadline delay_boot dependency distribution exclude exclusive export
-extra_node_info get_user_env gpu_bind gpu_freq gpus_per_socket gres gres_flags hint hold licenses
-mail_type mail_user mcs_label mem_bind mem_per_cpu mem_per_gpu mincpus network nice no_kill
-nodefile nodelist ntasks_per_core ntasks_per_socket overcommit oversubscribe power priority
-profile propagate reboot reservation sockets_per_node spread_job switches thread_spec
-threads_per_core time_min tmp use_min_nodes wait_all_nodes wckey""".split())
+# sbatch options: which the backend sets itself, which slurm.sbatch may add (cluster/config.py)
+MANAGED, EXTRA = SBATCH_MANAGED, SBATCH_OPTIONS
 PORT_BASE, PORT_SPAN = 20000, 10000
 # a --requeue job that ended in one of these is requeued by SLURM (node failure, preemption with
 # PreemptMode=REQUEUE); only if it is still in it this long after its end is the run over
@@ -110,6 +89,18 @@ def _params(sbatch: Mapping) -> dict:
             for k, v in sbatch.items()}
 
 
+def _output_activity(folder: Path, jid: str, tasks) -> Optional[dict]:
+    """When a node's tasks last printed (their log files on the shared filesystem): what judges
+    ranks that write no heartbeat (cluster/diagnose.py)."""
+    times = []
+    for t in tasks:
+        try:
+            times.append((folder / f"{jid}_{t}_log.out").stat().st_mtime)
+        except OSError:
+            pass
+    return {"output_t": max(times), "cpu_s": None} if times else None
+
+
 class SlurmBackend(Backend):
     name = "slurm"
 
@@ -136,7 +127,10 @@ class SlurmBackend(Backend):
         s, where = self.inv.slurm, self.inv.path
         hosts = self.select_hosts(job)
         cap = gpus[hosts[0].name]
-        ntasks = procs_for(cap, job)
+        ntasks = procs_for(cap, job, hint=(
+            "the nodes' GPUs come from slurm.gpus_per_node in the inventory (else hosts[0].gpus, else the "
+            f"partition's gres): set slurm.gpus_per_node: {job.gpus_per_node} to ask SLURM for them, or drop "
+            "gpus_per_node to run cpu_procs_per_node CPU tasks per node"))
         if cap and ntasks > cap:
             raise UserError(f"job wants {ntasks} GPUs per node but the nodes have {cap}", where="job",
                             key="gpus_per_node", hint=f"set gpus_per_node={cap} or fewer")
@@ -157,7 +151,11 @@ class SlurmBackend(Backend):
             env["NCCL_SOCKET_IFNAME"] = env["GLOO_SOCKET_IFNAME"] = hosts[0].interface
         env.update(job.env)
         env.update(job.container.env if job.container else {})      # the image's own variables win
-        payload = _payload(job, run_dir)
+        payload_python = sys.executable
+        if job.container is not None:
+            from ..container import inner_python
+            payload_python = inner_python(job.container, hosts[0])
+        payload = _payload(job, payload_python)
         argv = payload[1:] if payload[0] == "--no-python" else [sys.executable] + payload
         python, argv, srun_extra = _in_container(job, hosts[0], workdir, Path(workdir, run_dir), argv, env, cap)
         port_text = str(port or job.rdzv_port or _PORT_SHELL)
@@ -170,9 +168,18 @@ class SlurmBackend(Backend):
                  f"export MASTER_PORT={port_text}",
                  f'echo "{START_MARK} $SLURM_JOB_ID restart ${{SLURM_RESTART_COUNT:-0}} on $SLURM_JOB_NODELIST, '
                  'rendezvous $MASTER_ADDR:$MASTER_PORT"']
-        extra = _extra_sbatch(s.sbatch, where)
+        if job.data is not None:
+            # the job's first step: the dataset onto each node's local disk (cluster/stage.py); a node
+            # that cannot hold it ends the job before any task starts
+            setup += ["# data: staged on every node before the tasks start",
+                      f"srun --ntasks-per-node=1 --ntasks={len(hosts)} --kill-on-bad-exit=1 "
+                      f"{shlex.quote(sys.executable)} -m cluster.stage "
+                      f"{shlex.quote(os.path.abspath(os.path.expanduser(job.data.source)))} "
+                      f"{shlex.quote(job.data.path)} || exit 1"]
+        extra = _extra_sbatch(s.sbatch)
         extra.update({"chdir": workdir, "output": f"{folder}/%j_batch.log", "error": f"{folder}/%j_batch.log",
                       ("requeue" if job.restart.requeue else "no-requeue"): True})
+        extra = {k: sbatch_value(v) for k, v in extra.items()}
         sbatch = {"job_name": run_id, "partition": s.partition, "account": s.account, "qos": s.qos,
                   "constraint": s.constraint, "time": time_min, "nodes": len(hosts), "ntasks_per_node": ntasks,
                   "gpus_per_node": ntasks if cap else None, "cpus_per_task": s.cpus_per_task,
@@ -183,7 +190,7 @@ class SlurmBackend(Backend):
         sbatch = {k: v for k, v in sbatch.items() if v is not None}
         sbatch["wckey"] = None   # not submitit's default: clusters that enforce wckeys reject unknown ones
         task = {"argv": argv, "workdir": workdir, "run_dir": run_dir, "requeue": job.restart.requeue,
-                "max_requeues": job.restart.max_requeues}
+                "max_requeues": job.restart.max_requeues, "module_dirs": module_dirs(job)}
         nodes = tuple(NodeLaunch(host=h.name, node_rank=i, hostname="", workdir=workdir, argv=tuple(argv),
                                  env=env, log_path=f"{run_dir}/slurm/%j_<task>_log.out",
                                  agent_log_path=f"{run_dir}/slurm/%j_batch.log", state_dir=f"{run_dir}/state",
@@ -250,7 +257,7 @@ class SlurmBackend(Backend):
             if time.time() - ended < REQUEUE_GRACE_S:
                 return [NodeStatus(f"job {jid}", State.PENDING, detail=detail + ", awaiting requeue")]
         nodelist = info.get("NodeList", "")
-        hosts = hostlist.expand(nodelist) if nodelist and nodelist not in ("(null)", "None assigned") else []
+        hosts = hostlist.expand(nodelist, limit=None) if nodelist and nodelist not in ("(null)", "None assigned") else []
         if state == State.PENDING or not hosts:
             return [NodeStatus(f"job {jid}", state, detail=detail)]
         if state == State.RUNNING:
@@ -265,9 +272,34 @@ class SlurmBackend(Backend):
         if state == State.FAILED and code.isdigit():
             exit_code = int(code) or (128 + int(sig) if sig.isdigit() and int(sig) else None)
         short = lambda name: str(name).split(".")[0]      # gpu01.cluster.local is node gpu01
+        gpus = self._gpus(jid, len(hosts)) if self.with_gpus and state == State.RUNNING else {}
+        folder = Path((run.data.get("handle") or {}).get("folder") or run.dir / "slurm")
+        nproc = ((run.data.get("plan") or {}).get("nodes") or [{}])[0].get("nprocs") or 1
         return [NodeStatus(h, state, exit_code=exit_code, detail=detail,
-                           heartbeats={r: b for r, b in beats.items() if short(b.get("host")) == short(h)})
-                for h in hosts]
+                           heartbeats={r: b for r, b in beats.items() if short(b.get("host")) == short(h)},
+                           activity=_output_activity(folder, jid, range(i * nproc, (i + 1) * nproc))
+                           if state == State.RUNNING else None, gpus=gpus.get(i))
+                for i, h in enumerate(hosts)]
+
+    def _gpus(self, jid: str, nodes: int) -> dict[int, list]:
+        """Node index -> its GPUs' use: one ``srun --overlap`` step inside the job's allocation, one
+        task per node (task i runs on node i of the allocation); {} when that fails."""
+        from ..hostside import _gpu_query, host_command
+        argv = ["srun", f"--jobid={jid}", "--overlap", f"--nodes={nodes}", f"--ntasks={nodes}",
+                "--ntasks-per-node=1", "--label", "--input=none", "--quiet",
+                "sh", "-c", host_command(self.inv.hosts[0].python, _gpu_query, site=False)]
+        try:
+            p = _run(argv, timeout=20)
+        except (OSError, subprocess.TimeoutExpired):
+            return {}
+        out = {}
+        for line in p.stdout.splitlines():
+            task, _, answer = line.partition(": ")
+            try:
+                out[int(task)] = json.loads(answer)
+            except ValueError:
+                continue
+        return out
 
     def first_failure(self, run: Run, nodes: list[NodeStatus]) -> dict:
         """srun names the first task that failed; its own log tail tells why."""
@@ -416,22 +448,19 @@ def _comment(text: str) -> str:
     return "# " + text.replace("\r", "\\r").replace("\n", "\\n")
 
 
-def _extra_sbatch(opts: Mapping, where: str) -> dict:
-    """slurm.sbatch: known sbatch long options only; the ones the backend sets are named with their key."""
-    out = {}
-    for key, value in opts.items():
-        k = key.replace("-", "_")
-        if k in MANAGED:
-            raise UserError(f"'{key}' is set by the backend", where=where, key=f"slurm.sbatch.{key}",
-                            hint=f"set it through {MANAGED[k]}")
-        if k not in EXTRA:
-            raise UserError(f"unknown sbatch option '{key}'", where=where, key=f"slurm.sbatch.{key}",
-                            hint="valid options are: " + ", ".join(EXTRA))
-        if isinstance(value, str) and (not value or re.search(r"[\x00-\x1f]", value)):
-            raise UserError("must be a non-empty value on one line", where=where, key=f"slurm.sbatch.{key}")
-        if value is not False:
-            out[k] = value
-    return out
+def _extra_sbatch(opts: Mapping) -> dict:
+    """slurm.sbatch, validated by config (_check_sbatch_option): ``false`` leaves an option out."""
+    return {key.replace("-", "_"): value for key, value in opts.items() if value is not False}
+
+
+def sbatch_value(value):
+    """A value for submitit's ``#SBATCH --key=VALUE`` line, so that sbatch reads back ``value``.
+
+    submitit quotes each value with shlex.quote ('...' with '"'"' for a quote), which sbatch's
+    #SBATCH parser reads as a shell would, except that a backslash escapes the next character
+    even inside quotes: doubled here, each reads back as one. Newlines cannot be written at all
+    (config refuses every control character)."""
+    return value.replace("\\", "\\\\") if isinstance(value, str) else value
 
 
 def _in_container(job: Job, host, workdir: str, run_dir: Path, argv: list[str], env: dict, gpus: int):
@@ -455,7 +484,8 @@ def _in_container(job: Job, host, workdir: str, run_dir: Path, argv: list[str], 
         return shlex.quote(inner[0]), inner, srun
     if runtime == "apptainer":
         binds = [container.parse_mount(m) for m in runs]
-        return py, container.apptainer_exec(spec, inner, workdir=workdir, env=env, gpus=gpus, mounts=binds), []
+        return py, container.apptainer_exec(spec, inner, workdir=workdir, env=env, gpus=gpus, mounts=binds,
+                                               pwd=str(run_dir)), []
     raise UserError(f"container runtime '{runtime}' does not run under SLURM", where="job",
                     key="container.runtime", hint="use runtime: enroot (pyxis, srun --container-image) or apptainer")
 

@@ -47,8 +47,9 @@ from ..plan import Plan, default_port, make_plan
 from ..remote import GroupError, Pool, Staged, fold, hint_for, quote_argv
 from ..hostside import _gpu_count, _probe_then_launch, _status, _stop, host_command
 from ..runs import Run, State
-from ..sync import manifest, project_files, pull_logs, push_checkpoint, push_code, remote_path, shell_path
-from .base import Backend, LogSource, LogTails, NodeStatus, failed_by_itself, progress
+from ..sync import (manifest, project_files, pull_logs, pull_metrics, push_code, push_run_files, remote_path,
+                    shell_path)
+from .base import _PEER_SYMPTOMS, Backend, LogSource, LogTails, NodeStatus, failed_by_itself, progress
 
 MIN_FREE_GB = float(os.environ.get("CLUSTER_MIN_FREE_GB", "1"))
 PORT_WAIT_S = 10.0           # how long node 0 listens / the others retry in the port check
@@ -188,6 +189,26 @@ class SSHBackend(Backend):
 
     # ---- preflight
     def preflight(self, plan: Plan) -> None:
+        """The checks below and, at the same time, the job's data onto every node (cluster/stage.py)."""
+        staging = None
+        if plan.data is not None:
+            from ..stage import Background, Stager
+            staging = Background(Stager(plan.data, [self.inv.host(n.host) for n in plan.nodes], self.pool,
+                                        self.inv.ssh, self.inv.shared_fs, progress, copy=not self.check_only))
+        try:
+            self._preflight(plan)
+        except BaseException:
+            if staging is not None:
+                staging.cancel()
+            raise
+        if staging is not None:
+            try:
+                staging.result()
+            except BaseException:
+                self._staged.close()    # parked agents end: nothing starts
+                raise
+
+    def _preflight(self, plan: Plan) -> None:
         hosts = [self.inv.host(n.host) for n in plan.nodes]
         master, port = plan.rdzv_endpoint.rsplit(":", 1)
         ports = [int(port), gang_port(int(port))] if len(hosts) > 1 else [int(port)]
@@ -201,6 +222,8 @@ class SSHBackend(Backend):
                  "role": "server" if i == 0 else "client", "peers": len(hosts) - 1, "wait_s": wait_s}
             if self.inv.ssh.warm_start:
                 a["park"] = {"argv": list(node.argv), "env": dict(node.env)}
+            if node.job_python(h.python):
+                a["job_python"] = node.job_python(h.python)
             stdin[h.name] = json.dumps(a).encode() + b"\n"
             cmds[h.name] = host_command(h.python, _probe_then_launch)
         t0 = time.monotonic()
@@ -279,12 +302,17 @@ class SSHBackend(Backend):
             else:
                 progress(f"sync: code up to date on {hostlist.fold([h.name for h in hosts])}")
             run.event("code-synced", hosts=[h.name for h in todo])
-        if run.data.get("resume_from"):
-            r = push_checkpoint(hosts[0], self.inv.ssh, run.id, run.dir / "checkpoints")
-            if not r.ok:
-                raise UserError(f"cannot copy the checkpoint to {hosts[0].name}: {r.error}",
-                                hint="check node 0's workdir (disk, permissions)")
-            progress(f"resume: checkpoint copied to {hosts[0].name} ({r.describe().split(': ', 1)[1]})")
+        if run.data.get("resume_files"):
+            # node 0 (rank 0 loads and broadcasts), or every node where each rank loads it itself
+            every = ((run.data["job"].get("resolved") or {}).get("checkpoint") or {}).get("every_node")
+            to = hosts if every else hosts[:1]
+            results = push_run_files(to, self.inv.ssh, run.id, run.dir, run.data["resume_files"])
+            bad = [r for r in results if not r.ok]
+            if bad:
+                raise UserError("cannot copy the checkpoint to " + ", ".join(r.describe() for r in bad),
+                                hint="check the workdir of those hosts (disk, permissions)")
+            progress(f"resume: checkpoint copied to {hostlist.fold([h.name for h in to])} "
+                     f"({', '.join(run.data['resume_files'])})")
 
     # ---- launch
     def launch(self, plan: Plan, run: Run) -> dict:
@@ -340,7 +368,8 @@ class SSHBackend(Backend):
         hosts = self._hosts(run)
         pgids = run.data.get("handle", {}).get("pgids", {})
         stdin = {h.name: json.dumps({"workdir": h.workdir, "run_dir": self._run_dir(run), "host": h.name,
-                                     "pgid": pgids.get(h.name)}).encode() for h in hosts}
+                                     "pgid": pgids.get(h.name), "run_id": run.id,
+                                     "gpus": self.with_gpus}).encode() for h in hosts}
         res = self.pool.run({h.name: host_command(h.python, _status, site=False) for h in hosts}, stdin=stdin,
                             timeout_s=min(30.0, self.inv.ssh.command_timeout_s), label="status probe (python -c ...)")
         out, aborts = [], {}
@@ -366,10 +395,13 @@ class SSHBackend(Backend):
                     st, detail = State.FAILED, ex.get("error", "")
                 out.append(NodeStatus(h.name, st, pgid, code, ex.get("time"), hb, detail))
             elif info["alive"]:
-                out.append(NodeStatus(h.name, State.RUNNING if info["pid"] else State.STARTING, pgid, heartbeats=hb))
+                out.append(NodeStatus(h.name, State.RUNNING if info["pid"] else State.STARTING, pgid, heartbeats=hb,
+                                      activity=info.get("activity")))
             else:
                 out.append(NodeStatus(h.name, State.FAILED, pgid, detail="agent gone without an exit record",
                                       heartbeats=hb))
+        for n in out:
+            n.gpus = (_json_of(res[n.host]) or {}).get("gpus") if res[n.host].ok else None
         return _blame_lost(out, aborts, run)
 
     def first_failure(self, run: Run, nodes: list[NodeStatus]) -> dict:
@@ -379,7 +411,7 @@ class SSHBackend(Backend):
                    and "gang" in n.detail]
         tails = LogTails(self, run)
         own += [n for n in stopped[:8] if failed_by_itself(n, tails[n.host])]
-        failure = super().first_failure(run, own or nodes, tails)
+        failure = super().first_failure(run, own or nodes, tails, everyone=nodes)
         if failure.get("host") and failure.get("rank") is None:
             # torchrun itself died (killed): no rank named in the log; name the host's first rank
             plan = run.data["plan"]
@@ -389,6 +421,17 @@ class SSHBackend(Backend):
                 failure["rank"] = idx * nproc
                 failure["error"] = (f"torchrun on {failure['host']} ended with exit code {failure.get('exit_code')} "
                                     f"(ranks {idx * nproc}-{idx * nproc + nproc - 1})")
+        findings = failure.get("findings") or []
+        if failure.get("host") and {f["pattern_id"] for f in findings} <= _PEER_SYMPTOMS:
+            # only a peer's death shows; if that peer did not fail by itself, the ranks were out of step
+            from ..diagnose import diagnose, out_of_step_finding
+            address = {n["host"]: self.inv.host(n["host"]).address for n in run.data["plan"]["nodes"]}
+            step = out_of_step_finding(failure.get("log_tail") or tails[failure["host"]], failure["host"],
+                                       failure.get("rank"), nodes, address,
+                                       lambda h: diagnose(tails[h]))    # a victim too: not out of step
+            if step is not None:
+                failure["findings"] = [step.to_dict()] + findings
+                failure["error"] = f"ranks out of step: {step.line}"
         lost = next((n for n in nodes if n.host == failure.get("host") and n.detail.startswith("lost by the gang")), None)
         if lost is not None:
             failure["error"] = f"{lost.host}: {lost.detail}"
@@ -461,6 +504,12 @@ class SSHBackend(Backend):
             return local.read_text(errors="replace").splitlines()[-lines:]
         return []
 
+    def collect_metrics(self, run: Run) -> None:
+        """Every host's runs/<id>/metrics (records, heartbeats, TensorBoard files) into runs/<id>/metrics."""
+        for r in pull_metrics(self._hosts(run), self.inv.ssh, run.id, run.dir / "metrics"):
+            if not r.ok:
+                progress(f"metrics: {r.describe()} (what is here already is used)")
+
     def collect_logs(self, run: Run) -> None:
         results = pull_logs(self._hosts(run), self.inv.ssh, run.id, run.dir / "logs", progress)
         bad = [r for r in results if not r.ok]
@@ -472,14 +521,26 @@ class SSHBackend(Backend):
 
 def _blame_lost(nodes: list[NodeStatus], aborts: dict, run: Run) -> list[NodeStatus]:
     """A host the gang lost (it went silent: down, or cut off the network) failed the run, though
-    every agent, its own included, ended by the gang's abort: it becomes the FAILED node."""
+    every agent, its own included, ended by the gang's abort: it becomes the FAILED node.
+
+    Each aborted agent claims whom it lost; a peer names node 0 only as "node 0". A host cut off
+    loses everyone, so it claims too: only claims by hosts that no other host lost count (node 0
+    cut off: the others both lost node 0, and it lost one of them). An unreachable host counts as
+    lost by nobody's claim but its own silence. With no such claimer (two nodes, each lost the
+    other), node 0's own claim decides, as node 0 is the one that saw every peer."""
     if run.data.get("stop_requested") or any(n.state == State.FAILED for n in nodes):
         return nodes
-    lost = {}
-    for ab in aborts.values():
+    node0 = (run.data.get("plan", {}).get("nodes") or [{}])[0].get("host")
+    claims: dict[str, tuple[str, str]] = {}       # claimer -> (lost host, why)
+    for claimer, ab in aborts.items():
         m = re.match(r"lost node (\S+) \((.*)\)", ab.get("reason") or "")
         if m:
-            lost[m.group(1)] = m.group(2)
+            claims[claimer] = (node0 if m.group(1) == "0" else m.group(1), m.group(2))
+    lost_by_some = {host for host, _ in claims.values()}
+    trusted = {c: v for c, v in claims.items() if c not in lost_by_some}
+    if not trusted and node0 in claims:
+        trusted = {node0: claims[node0]}
+    lost = {host: why for host, why in trusted.values()}
     for n in nodes:
         if n.host in lost:
             n.state = State.FAILED
@@ -531,6 +592,17 @@ def preflight_report(plan: Plan, hosts: list[Host], res, ports: list[int]) -> tu
                             hostlist.fold([n for n, v in values.items() if v == "none"]))
         elif not same:
             problems.append(f"{label} versions differ: {folded(values)}")
+    jp = {n: d["job_python"] for n, d in info.items() if d.get("job_python")}
+    if jp:      # a command: that names its own interpreter: the one the job really runs
+        line(all(v.get("torch") for v in jp.values()), "job python", folded({
+            n: f"{v['argv0']}: " + (f"python {v['python']}, torch {'found' if v['torch'] else 'missing'}"
+                                   if "python" in v else v["error"]) for n, v in jp.items()}))
+        bad = sorted(n for n, v in jp.items() if not v.get("torch"))
+        if bad:
+            argv0 = jp[bad[0]]["argv0"]
+            problems.append(f"the job's command runs {argv0!r}, which has no torch (or does not run) on "
+                            f"{hostlist.fold(bad)}; write \"{{python}}\" in 'command:' for the inventory's "
+                            f"python ({hosts[0].python})")
     gpus_ok = True
     gvals = {}
     for h in hosts:
@@ -576,9 +648,17 @@ def preflight_report(plan: Plan, hosts: list[Host], res, ports: list[int]) -> tu
         for rid in l:
             problems.append(f"{n}: processes of earlier run {rid} are still running; "
                             f"'python -m cluster stop {rid}' ends them")
+    # other live runs on a host: they share its CPUs and memory, never its GPUs (every run's ranks
+    # use cuda:0..N-1); their ports are checked above
     busy = {n: d["busy"] for n, d in info.items() if d.get("busy")}
+    gpu_clash = {n: b for n, b in busy.items() if info[n].get("gpus")}
     if busy:
-        line(True, "other runs", "; ".join(f"{n}: {', '.join(b)}" for n, b in busy.items()) + " (still running)")
+        line(not gpu_clash, "other runs", "; ".join(
+            f"{n}: " + ", ".join(f"{rid} ({what})" for rid, what in b.items()) for n, b in busy.items()))
+    for n, b in gpu_clash.items():
+        for rid, what in b.items():
+            problems.append(f"{n}: its {info[n]['gpus']} GPU(s) are in use by run {rid} ({what}); a GPU is not "
+                            f"shared between runs: wait for it to end, or 'python -m cluster stop {rid}'")
     stale = {n: d.get("stale") for n, d in info.items() if d.get("stale") is not None}
     if stale:
         line(True, "code", folded({n: "up to date" if s == 0 else f"{s} file(s) to sync" for n, s in stale.items()}))

@@ -8,11 +8,19 @@ import sys
 from ..errors import UserError
 
 VERBS = ("submit", "plan", "status", "logs", "stop", "doctor", "report", "exec", "gpus", "shell", "jupyter",
-         "image")
+         "top", "tensorboard", "image")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with what it echoes of the command line escaped (no control characters reach the terminal)."""
+
+    def error(self, message):
+        from ..yamlsrc import escape
+        super().error(escape(message))
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m cluster",
+    ap = _Parser(prog="python -m cluster",
                                  description="Run PyTorch DDP jobs on this machine, SSH hosts or SLURM.")
     sub = ap.add_subparsers(dest="verb", metavar="VERB")
     sub.required = True
@@ -38,6 +46,15 @@ def main(argv: list[str] | None = None) -> int:
             ap.error("unrecognized arguments: " + " ".join(extra))
         args.overrides = list(args.overrides) + extra
     try:
+        from ..config import check_run_id
+        for attr, where in (("run", "RUN"), ("resume", "--resume"), ("run_id", "--run-id")):
+            if isinstance(getattr(args, attr, None), str) and getattr(args, attr) != "latest":
+                check_run_id(getattr(args, attr), where)
+        if getattr(args, "job", "") is None:
+            from ..config import JOBS_DIR
+            known = sorted(p.stem for p in JOBS_DIR.glob("*.yaml"))
+            raise UserError("a job is required", where=args.verb, key="JOB",
+                            hint=f"python -m cluster {args.verb} JOB [KEY=VALUE ...]; jobs: " + ", ".join(known))
         return mods[args.verb].run(args) or 0
     except UserError as e:
         print(e.render(), file=sys.stderr)
@@ -49,8 +66,23 @@ def main(argv: list[str] | None = None) -> int:
 
 def add_target(p: argparse.ArgumentParser) -> None:
     """The options that pick what to run and where (shared by submit, plan, doctor)."""
-    p.add_argument("job", help="job name (jobs/<name>.yaml) or a path to a job file")
+    # optional for argparse, required by the verb: without a job, argparse would name the
+    # overrides as missing too ("required: job, KEY=VALUE"); main() says what is missing
+    p.add_argument("job", nargs="?", help="job name (jobs/<name>.yaml) or a path to a job file")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="override job settings, e.g. train.batch_size=32 nodes=2 (train keys may omit 'train.')")
     p.add_argument("-i", "--inventory", help="inventory file (default: inventory.yaml)")
     p.add_argument("-b", "--backend", help="local, ssh or slurm (default: from the inventory)")
+
+
+def seconds(text: str, zero_ok: bool = False) -> float:
+    """argparse type of a ``--...-s`` option: finite, more than 0 (or 0 if ``zero_ok``), at most a week."""
+    import math
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or not (0 <= value if zero_ok else 0 < value) or value > 7 * 24 * 3600:
+        least = "0 or more" if zero_ok else "more than 0"
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number of seconds, {least} and at most a week")
+    return value

@@ -87,6 +87,7 @@ def run(args):
         print(n)
     for w in root_login_warnings(be.inv, [be.inv.host(n.host) for n in plan.nodes]):
         print(w)
+    be.check_only = True
     be.preflight(plan)
     hosts = ", ".join(n.host for n in plan.nodes)
     print(f"ok: {len(plan.nodes)} node(s) ({hosts}), {plan.nodes[0].nprocs} process(es) per node, "

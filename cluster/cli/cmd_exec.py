@@ -6,6 +6,7 @@ from ..config import load_inventory
 from ..errors import UserError
 from ..fanout import run_argv, select
 from ..remote import render_folded
+from . import seconds
 
 HELP = "run a command on every inventory host in parallel; identical output folded (clush -b)"
 
@@ -13,8 +14,9 @@ HELP = "run a command on every inventory host in parallel; identical output fold
 def add_arguments(p):
     p.add_argument("-i", "--inventory", help="inventory file (default: inventory.yaml)")
     p.add_argument("--hosts", metavar="RANGE", help="only these hosts, e.g. gpu[01-03]")
+    p.add_argument("--run", metavar="RUN", help="on the hosts of this run, in its run directory (its job's cwd)")
     p.add_argument("--no-fold", action="store_true", help="print '[host] line' as it came, host by host")
-    p.add_argument("--timeout-s", type=float, help="seconds per host (default: the inventory's command_timeout_s)")
+    p.add_argument("--timeout-s", type=seconds, help="seconds per host (default: the inventory's command_timeout_s)")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND ARG ... (passed as argv)")
 
 
@@ -22,9 +24,23 @@ def run(args):
     argv = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not argv:
         raise UserError("no command given", where="exec", hint="python -m cluster exec -- nvidia-smi -L")
-    inv = load_inventory(args.inventory)
-    names = select(inv, args.hosts)
-    results = run_argv(inv, names, argv, args.timeout_s)
+    cwd = None
+    if args.run:        # the run's hosts, each in the run's directory there
+        from ..attach import target
+        from ..config import inventory_from_plain
+        from ..runs import resolve
+        run = resolve(args.run)
+        if run.data.get("backend") == "slurm":
+            raise UserError("exec --run does not reach SLURM nodes", where="--run",
+                            hint=f"python -m cluster shell {run.id} --node N (srun inside the job's allocation)")
+        inv = inventory_from_plain(run.data["inventory"])
+        nodes = [n["host"] for n in (run.data.get("plan") or {}).get("nodes", [])]
+        cwd = {h: target(run.id, h).cwd for h in nodes}
+        names = [n for n in select(inv, args.hosts) if n in cwd] if args.hosts else nodes
+    else:
+        inv = load_inventory(args.inventory)
+        names = select(inv, args.hosts)
+    results = run_argv(inv, names, argv, args.timeout_s, cwd)
     outputs = {h: r.stdout + r.stderr + (f"[{r.error}]\n" if r.error else "") for h, r in results.items()}
     if args.no_fold:
         for h in names:

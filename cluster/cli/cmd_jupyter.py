@@ -1,4 +1,5 @@
 from ..attach import jupyter, target
+from . import seconds
 
 HELP = ("Jupyter (or a server you name) on a node, bound to its loopback with a token, "
         "forwarded here through ssh; stops with the run or Ctrl-C")
@@ -10,7 +11,7 @@ def add_arguments(p):
     p.add_argument("--host", metavar="HOST", help="an inventory host, without a run")
     p.add_argument("-i", "--inventory", help="inventory file for --host (default: inventory.yaml)")
     p.add_argument("--port", type=int, metavar="PORT", help="local port (default: the node's port if free here)")
-    p.add_argument("--ready-timeout-s", type=float, default=120.0,
+    p.add_argument("--ready-timeout-s", type=seconds, default=120.0,
                    help="seconds for the server to listen before giving up (default 120)")
     p.set_defaults(command=[])
     p.epilog = ("After '--', another server to run instead of JupyterLab, as argv; {port}, {token} and "

@@ -1,7 +1,8 @@
 import json
+import sys
 import time
 
-from ..diagnose import render_failure, saved_watch, scaling_for_run
+from ..diagnose import STOPPED_STATES, render_failure, saved_watch, scaling_for_run
 from ..errors import UserError
 from ..runs import all_runs, resolve
 from ..submit import backend_for
@@ -23,7 +24,7 @@ def _age(t):
 
 
 def _progress(nodes):
-    """(last step, summed img/s) from the ranks' heartbeats."""
+    """(last step, img/s of all ranks over their last logged interval) from the ranks' heartbeats."""
     hbs = [hb for n in nodes for hb in n.heartbeats.values()]
     if not hbs:
         return None, None
@@ -46,9 +47,15 @@ def run(args):
     if not runs:
         print("no runs yet (start one: make submit JOB=resnet50)")
         return 0
-    rows = [("RUN", "STATE", "BACKEND", "NODES", "STEP", "IMG/S", "AGE")]
-    out = []
+    # IMG/S NOW: all ranks, each over its last logged interval (a run's mean is in its summary line)
+    rows = [("RUN", "STATE", "BACKEND", "NODES", "STEP", "IMG/S NOW", "AGE")]
+    out, damaged = [], []
     for r in runs:
+        if r.damaged:          # named below; the other runs go on
+            damaged.append(r.damaged)
+            rows.append((r.id, "DAMAGED", "?", "?", "-", "-", "-"))
+            out.append({"id": r.id, "state": "UNKNOWN", "damaged": r.damaged.message})
+            continue
         state, nodes = _poll(r)
         step, rate = _progress(nodes)
         total = max((hb.get("steps_total") or 0 for n in nodes for hb in n.heartbeats.values()), default=0)
@@ -62,13 +69,17 @@ def run(args):
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    for e in damaged:
+        print(e.render().replace("error: ", "damaged: ", 1), file=sys.stderr)
     return 0
 
 
 def _one(r, as_json):
+    if r.damaged:
+        raise r.damaged
     state, nodes = _poll(r)
     watch = saved_watch(r) if not r.data.get("final") or state.value == "HUNG" else None
-    scaling = scaling_for_run(r, all_runs()) if state.value == "SUCCEEDED" else None
+    scaling = scaling_for_run(r, [o for o in all_runs() if not o.damaged]) if state.value == "SUCCEEDED" else None
     ckpts = checkpoint_sync(r)
     if as_json:
         print(json.dumps({"id": r.id, "state": state.value, "failure": r.data.get("failure"),
@@ -84,15 +95,24 @@ def _one(r, as_json):
         print(f"  {n.host:<16} {n.state.value:<10} pid {n.pid}{extra} {n.detail}".rstrip())
         for rank in sorted(n.heartbeats):
             hb, p = n.heartbeats[rank], progress.get(int(rank), {})
-            rate = f" {hb['img_s']:.1f} img/s" if hb.get("img_s") else ""
+            rate = f" {hb['img_s']:.1f} img/s (rank, last interval)" if hb.get("img_s") else ""
             rate += f" {p['rate']:.2f} step/s" if p.get("rate") is not None else ""
             total = f"/{hb['steps_total']}" if hb.get("steps_total") else ""
             flag = {"hung": "  HUNG", "straggler": "  STRAGGLER"}.get(p.get("flag"), "")
+            if hb.get("proc") in STOPPED_STATES:
+                flag += f"  process stopped (state {hb['proc']})"
             print(f"    rank {rank:<3} step {hb.get('step')}{total}{rate}  heartbeat {_age(hb.get('time'))} ago"
                   + ("  done" if hb.get("done") else "") + flag)
-    waiting = [p for p in progress.values() if p.get("step") is None]
+    _, now = _progress(nodes)
+    if now is not None and not state.is_terminal():
+        print(f"  {now:.1f} img/s now (all ranks, each over its last logged interval)")
+    waiting = [p for p in progress.values() if p.get("step") is None and p.get("flag") != "quiet"]
     if waiting:
         print("  no heartbeat yet from rank(s) " + ", ".join(str(p["rank"]) for p in waiting))
+    quiet = [p for p in progress.values() if p.get("flag") == "quiet"]
+    if quiet:
+        print("  rank(s) " + ", ".join(str(p["rank"]) for p in quiet) + " write no heartbeat: judged by their "
+              f"output and CPU (last active {max(p['stalled_s'] for p in quiet):.0f}s ago)")
     if watch and watch.get("hung") and state.value == "HUNG":
         print(f"hung: {watch.get('reason')}")
         print("  hint: 'cluster logs RUN --rank R' for a rank behind; the job's stop_on_hang: true stops hung runs")

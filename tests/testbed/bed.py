@@ -59,6 +59,7 @@ DAEMON_BINARIES = {
     "nsenter": "nsenter",
     "unshare": "unshare",
     "ip": "ip",
+    "tmux": "tmux",         # the terminal `cluster top` is tested in
 }
 
 # Debian packages the testbed (and the containers work) needs; install-deps adds the missing ones.
@@ -66,6 +67,7 @@ DEB_PACKAGES = (
     "slurm-wlm", "munge", "openssh-server", "openssh-client", "rsync",
     "podman", "runc", "iproute2", "util-linux",
     "debootstrap", "docker.io",       # the small training image's base; the docker engine tests
+    "tmux", "chromium",     # cluster top under a real terminal; TensorBoard and report pages in a real browser
 )
 
 
@@ -1006,7 +1008,7 @@ def missing_packages() -> list[str]:
 def install_deps(quiet: bool = False) -> int:
     if shutil.which("dpkg-query") is None or shutil.which("apt-get") is None:
         print("[testbed] not a Debian/Ubuntu system (no dpkg/apt-get): install slurm-wlm, munge, "
-              "openssh-server, rsync, podman, runc by hand", file=sys.stderr)
+              "openssh-server, rsync, podman, runc, tmux, chromium by hand", file=sys.stderr)
         return 1
     missing = missing_packages()
     if not missing:

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The launch bench (bench/bench_launch.py --loopback) on a machine that runs us as root but has no
-# sshd, ssh, pdsh or rsync, e.g. a GPU machine of the device tool: build .launchpkg/ here first
+# sshd, ssh, pdsh or rsync (e.g. a bare GPU machine: one H200, 16 cores): build .launchpkg/ here first
 # (bash bench/launchpkg.sh), carry it, then
 #
-#   OUT=$OUT bash bench/device_launch.sh            # SIZES=1,2,4,8 REPS=3 LIMIT_S=250 BENCH_ARGS=...
-#   OUT=$OUT bash bench/device_launch.sh scaling    # bench/bench_scaling.py (PARTS=scaling,twonodes
-#                                                   #   SIZES=1,2,4,8 STEPS=300 LIMIT_S=580)
+#   OUT=$OUT bash bench/gpu_launch.sh            # SIZES=1,2,4,8 REPS=3 LIMIT_S=250 BENCH_ARGS=...
+#   OUT=$OUT bash bench/gpu_launch.sh scaling    # bench/bench_scaling.py (PARTS=scaling,twonodes
+#                                                #   SIZES=1,2,4,8 STEPS=300 LIMIT_S=580)
 #
 # The bundle's binaries run through wrappers that set LD_LIBRARY_PATH for them alone (in
 # /tmp/launchpkg-bin, first on this PATH; rsync also in /usr/local/bin for the hosts' sessions

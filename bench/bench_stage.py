@@ -1,0 +1,105 @@
+"""Dataset staging speed: one source (this machine) to N hosts of an inventory, packed vs loose,
+ours (cluster/stage.py: check, rsync, verify, stamp) against plain `rsync -a` of the same tree.
+
+    python bench/bench_stage.py --inventory .testbed/inventory.yaml [--images 2000] [--out DIR]
+
+Generates an ImageNet-like set (bench/imageset.py) and its packed form in /tmp, then for 1 host
+and for all hosts: ours packed, ours loose, plain rsync packed, plain rsync loose (each to fresh
+paths under the hosts' workdirs, removed afterwards), and ours again on current hosts (the
+check a second submit does). Prints and writes a table: seconds, files/s and MB/s per host.
+On the cluster in a box hold the testbed lock: `flock /tmp/ddp-testbed.lock python bench/...`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench.imageset import make  # noqa: E402
+from cluster.config import DataSpec, load_inventory  # noqa: E402
+from cluster.remote import Pool  # noqa: E402
+from cluster.stage import Stager, describe, host_path  # noqa: E402
+from cluster.sync import parallel, ssh_command  # noqa: E402
+from train.pack import pack  # noqa: E402
+
+
+def plain_rsync(hosts, ssh, src: str, rel: str) -> None:
+    def one(h):
+        dst = host_path(h, rel)
+        subprocess.run(["rsync", "-a", "--protect-args", "-e", " ".join(shlex.quote(a) for a in ssh_command(h, ssh)),
+                        "--rsync-path", f"mkdir -p {shlex.quote(dst)} && rsync", src + "/", f"{h.hostname}:{dst}/"],
+                       check=True, capture_output=True)
+    parallel(one, hosts, len(hosts))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--inventory", required=True)
+    ap.add_argument("--images", type=int, default=2000)
+    ap.add_argument("--fanout", type=int, default=8)
+    ap.add_argument("--out", type=Path, default=None)
+    a = ap.parse_args()
+    inv = load_inventory(a.inventory)
+    hosts = list(inv.hosts)
+    work = Path("/tmp/bench_stage")
+    shutil.rmtree(work, ignore_errors=True)
+    t = time.time()
+    make(str(work / "loose"), a.images, 0, 100, workers=2)
+    pack(str(work / "loose"), str(work / "packed"), shard_mb=64, log=lambda _: None)
+    print(f"set: {a.images} images, made and packed in {time.time() - t:.0f} s", flush=True)
+    pool = Pool(hosts, inv.ssh)
+    rows, made = [], []
+    try:
+        for n in sorted({1, len(hosts)}):
+            sel = hosts[:n]
+            for form in ("packed", "loose"):
+                src = describe(str(work / form))
+                for how in ("ours", "plain rsync", "ours, current"):
+                    if how != "ours, current":
+                        rel = f"bench-stage-{uuid.uuid4().hex[:8]}"
+                        made.append(rel)
+                    t = time.monotonic()
+                    if how == "plain rsync":
+                        plain_rsync(sel, inv.ssh, src.path, rel)
+                    else:
+                        Stager(DataSpec(src.path, rel, a.fanout), sel, pool, inv.ssh, False, lambda _: None).run()
+                    dt = time.monotonic() - t
+                    rows.append({"hosts": n, "form": form, "how": how, "files": len(src.files),
+                                 "mb": round(src.total / 1e6, 1), "s": round(dt, 2),
+                                 "files_s_per_host": round(len(src.files) / dt), "mb_s_per_host": round(src.total / 1e6 / dt, 1),
+                                 "mb_s_total": round(n * src.total / 1e6 / dt, 1)})
+                    print(json.dumps(rows[-1]), flush=True)
+    finally:
+        for rel in made:
+            pool.run({h.name: f"rm -rf {shlex.quote(host_path(h, rel))}" for h in hosts}, timeout_s=120)
+        pool.close()
+        shutil.rmtree(work, ignore_errors=True)
+    lines = ["| hosts | form | how | files | MB | s | files/s per host | MB/s per host | MB/s total |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['hosts']} | {r['form']} | {r['how']} | {r['files']} | {r['mb']} | {r['s']} | "
+              f"{r['files_s_per_host']:,} | {r['mb_s_per_host']} | {r['mb_s_total']} |" for r in rows]
+    one = {(r["form"], r["how"]): r["s"] for r in rows if r["hosts"] == 1}
+    many = {(r["form"], r["how"]): r["s"] for r in rows if r["hosts"] == len(hosts)}
+    lines.append("")
+    lines += [f"{form}, {how}: {len(hosts)} hosts / 1 host = {many[(form, how)] / one[(form, how)]:.2f}x"
+              for form, how in one if (form, how) in many and len(hosts) > 1]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if a.out:
+        a.out.mkdir(parents=True, exist_ok=True)
+        (a.out / "stage_results.md").write_text(text)
+        (a.out / "stage_results.json").write_text(json.dumps(rows, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,17 @@
+HELP = "a live view of a run: every rank's step, img/s, step time, data and communication wait, GPU use"
+
+
+def add_arguments(p):
+    p.add_argument("run", nargs="?", help="run id, prefix or job name (default: the latest run)")
+    p.add_argument("--interval-s", type=float, default=3.0, help="seconds between refreshes (default 3)")
+    p.add_argument("--once", action="store_true", help="print one frame and exit (also when stdin is not a terminal)")
+    p.add_argument("--bench", type=int, metavar="N", help="time N refreshes and print the median (no view)")
+
+
+def run(args):
+    from ..runs import resolve
+    from ..top import bench, top
+    r = resolve(args.run)
+    if args.bench:
+        return bench(r.id, args.bench)
+    return top(r.id, args.interval_s, args.once)

@@ -1,0 +1,373 @@
+"""Dataset staging: a job's `data:` on every node before the launch.
+
+    data:
+      source: /datasets/imagenet-packed   # on the submitting machine (a packed set or a folder)
+      path: data/imagenet                 # where each node holds it (relative: under its workdir)
+      fanout: 4                           # hosts copied at once (the source's disk and NIC)
+
+Each node's copy carries a stamp (`.ddp-data.json`: the source's digest and the size and mtime of
+every file as verified). A node is current when its stamp names the source's digest and no file
+changed since; a file that changed is checked against its sha256 (packed sets list one per
+file, train/pack.py) and copied again when it differs. So a second submit checks in one round
+trip and copies nothing, and a corrupted shard is found and replaced.
+
+On submit, in parallel with the preflight: check every node, refuse at once when a node's disk
+cannot hold what is missing, copy to the rest with rsync (resumable: --partial; progress per
+host; at most `fanout` at once), verify the checksums of what changed, write the stamp. Any host
+that ends without a current copy stops the submit: nothing starts, one message names the hosts.
+`shared_fs: true`: no copy; the set must be present (every file, right size) at `path`.
+`doctor` only checks and reports per host. SLURM: `python -m cluster.stage SOURCE PATH` runs the
+same check, copy and verify on each allocated node in the job's first step, before the tasks
+(cluster/backends/slurm.py); PATH may name $TMPDIR or $SLURMD_NODENAME, expanded on the node.
+"""
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+from . import hostlist
+from .config import Host, SSHSettings
+from .errors import UserError
+from .sync import parallel, remote_path, ssh_command
+
+STAMP = ".ddp-data.json"
+MANIFEST = "MANIFEST.json"
+MARGIN = 1.02            # free space asked for beyond what is missing (filesystem overhead)
+
+
+@dataclass
+class Source:
+    path: str
+    packed: bool
+    digest: str
+    files: list            # [relpath, bytes, sha256 or None]
+
+    @property
+    def total(self) -> int:
+        return sum(f[1] for f in self.files)
+
+
+def describe(path: str) -> Source:
+    """The source set: a packed set (its manifest lists every file with a checksum) or a folder."""
+    root = os.path.abspath(os.path.expanduser(path))
+    if not os.path.isdir(root):
+        raise UserError(f"data.source {path!r} is not a folder on this machine", key="data.source",
+                        hint="a packed set (python -m train.pack SRC DST) or an ImageFolder root")
+    man = os.path.join(root, MANIFEST)
+    if os.path.isfile(man):
+        raw = open(man, "rb").read()
+        files = [[f["path"], f["bytes"], f["sha256"]] for f in json.loads(raw)["files"]]
+        files.append([MANIFEST, len(raw), hashlib.sha256(raw).hexdigest()])
+        return Source(root, True, hashlib.sha256(raw).hexdigest()[:16], files)
+    files, h = [], hashlib.sha256()
+    for dirpath, dirnames, names in os.walk(root):
+        dirnames.sort()
+        for n in sorted(names):
+            if n == STAMP:
+                continue
+            full = os.path.join(dirpath, n)
+            st = os.stat(full)
+            rel = os.path.relpath(full, root)
+            files.append([rel, st.st_size, None])
+            h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode(errors="surrogateescape"))
+    return Source(root, False, h.hexdigest()[:16], files)
+
+
+def host_path(host: Host, path: str) -> str:
+    """`path` on the host: relative ones are under its workdir."""
+    return path if path.startswith(("/", "~")) else remote_path(host.workdir, path)
+
+
+# ---------------------------------------------------------------- on the host (standard library only)
+def node_check(a: dict) -> dict:
+    """Runs on a node (python -c, JSON in and out; stage_here() calls it on SLURM nodes).
+    mode "check": is the copy current (stamp + stat, checksums of files that changed)?
+    "verify": after a copy: checksum every file not matching the stamp, then write the stamp.
+    "presence": every file there with its size (shared filesystems)."""
+    import hashlib
+    import json
+    import os
+    import shutil
+
+    path, mode, digest = os.path.expanduser(a["path"]), a["mode"], a["digest"]
+    probe = path
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe) or "/"
+    out = {"state": "current", "missing": 0, "bad": [], "present_bytes": 0,
+           "free": shutil.disk_usage(probe).free, "path": path}
+    try:
+        with open(os.path.join(path, a["stamp"])) as f:
+            stamp = json.load(f)
+    except (OSError, ValueError):
+        stamp = {}
+    same = stamp.get("digest") == digest
+    seen = stamp.get("stat", {}) if same else {}
+    stats, unverified = {}, 0
+
+    def sha(p):
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            while block := f.read(1 << 20):
+                h.update(block)
+        return h.hexdigest()
+
+    for rel, size, checksum in a["files"]:
+        p = os.path.join(path, rel)
+        try:
+            st = os.stat(p)
+        except OSError:
+            out["missing"] += 1
+            continue
+        if st.st_size != size:
+            out["bad"].append(rel)
+            continue
+        out["present_bytes"] += size
+        key = [st.st_size, st.st_mtime_ns]
+        if mode == "presence" or seen.get(rel) == key:
+            stats[rel] = key
+            continue
+        if checksum is None:          # a folder's file: no checksum; rsync's copy is trusted
+            if mode == "verify":
+                stats[rel] = key
+            else:
+                unverified += 1
+            continue
+        if mode == "check" and not same:
+            unverified += 1           # copied by something else: rsync and verify decide
+            continue
+        if sha(p) == checksum:
+            stats[rel] = key
+        else:
+            out["bad"].append(rel)
+    if out["missing"] or out["bad"] or unverified:
+        out["state"] = "missing" if out["present_bytes"] == 0 else "stale"
+    elif mode != "presence" and (mode == "verify" or stats != seen):
+        tmp = os.path.join(path, a["stamp"] + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump({"digest": digest, "stat": stats}, f)
+        os.replace(tmp, os.path.join(path, a["stamp"]))
+    return out
+
+
+def node_command(python: str) -> str:
+    src = "import json, sys\n" + inspect.getsource(node_check) + \
+        "print(json.dumps(node_check(json.loads(sys.stdin.readline()))))\n"
+    return " ".join(shlex.quote(a) for a in (python, "-c", src))
+
+
+# ---------------------------------------------------------------- from here
+def _size(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+class Stager:
+    """Check, copy, verify: `run()` returns per-host lines, or raises UserError naming the hosts."""
+
+    def __init__(self, spec, hosts: Sequence[Host], pool, ssh: SSHSettings, shared_fs: bool,
+                 progress: Callable[[str], None], copy: bool = True):
+        self.spec, self.hosts, self.pool, self.ssh = spec, list(hosts), pool, ssh
+        self.shared_fs, self.progress, self.copy = shared_fs, progress, copy
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.cancelled = threading.Event()
+
+    def check(self, src: Source, hosts: Sequence[Host], mode: str) -> dict:
+        stdin = {h.name: json.dumps({"path": host_path(h, self.spec.path), "mode": mode, "digest": src.digest,
+                                     "files": src.files, "stamp": STAMP}).encode() + b"\n" for h in hosts}
+        res = self.pool.run({h.name: node_command(h.python) for h in hosts}, stdin=stdin,
+                            timeout_s=max(600.0, self.ssh.command_timeout_s), label=f"data {mode} (python -c ...)")
+        out = {}
+        for name, r in res.items():
+            try:
+                out[name] = json.loads(r.stdout.strip().splitlines()[-1]) if r.ok else {"error": r.describe()}
+            except (ValueError, IndexError):
+                out[name] = {"error": r.describe()}
+        return out
+
+    def run(self) -> list[str]:
+        src = describe(self.spec.source)
+        mode = "presence" if self.shared_fs else "check"
+        t0 = time.monotonic()
+        state = self.check(src, self.hosts, mode)
+        problems, said = [], {}          # said: line text -> hosts (identical answers folded)
+        what = f"{'packed' if src.packed else 'folder'} {_size(src.total)}, {len(src.files)} files"
+        todo = []
+        for h in self.hosts:
+            s = state[h.name]
+            if "error" in s:
+                problems.append(f"{h.name}: cannot check the data: {s['error']}")
+            elif s["state"] == "current":
+                said.setdefault(f"current ({what}) at {self.spec.path}", []).append(h.name)
+            else:
+                why = ", ".join(filter(None, [
+                    f"{s['missing']} of {len(src.files)} files missing" if s["missing"] else "",
+                    f"{len(s['bad'])} differ ({', '.join(s['bad'][:3])})" if s["bad"] else ""])) \
+                    or "not verified against this source"
+                need = (src.total - s["present_bytes"]) * MARGIN
+                if self.shared_fs:
+                    problems.append(f"{h.name}: {s['state']} at {s['path']} ({why}; shared_fs: nothing is copied)")
+                elif need > s["free"]:
+                    problems.append(f"{h.name}: not enough disk at {s['path']}: {_size(need)} to copy, "
+                                    f"{_size(s['free'])} free")
+                else:
+                    todo.append((h, s, f"{s['state']} ({why})", _size(need)))
+        for h, s, text, need in todo:
+            # nothing is copied unless every host can take it
+            text += f"; submit copies it ({need})" if not self.copy else "" if problems else f": copying {need}"
+            said.setdefault(text, []).append(h.name)
+        lines = [f"data: {hostlist.fold(hosts)}: {text}" for text, hosts in said.items()]
+        for line in lines:
+            self.progress(line)
+        if problems or not todo or not self.copy:
+            return self._done(problems, lines)
+        copied = parallel(lambda t: self._copy(src, t[0], t[1]), todo, max(1, self.spec.fanout))
+        problems += [p for p in copied if p]
+        ok = [t[0] for t, p in zip(todo, copied) if not p]
+        if ok:
+            after = self.check(src, ok, "verify")
+            for h in ok:
+                s = after[h.name]
+                if s.get("state") != "current":
+                    problems.append(f"{h.name}: copy does not verify: " +
+                                    (s.get("error") or f"{s['missing']} missing, differ: {', '.join(s['bad'][:3])}"))
+        if not problems:
+            done = [t[0].name for t in todo]
+            lines.append(f"data: copied to {hostlist.fold(done)} and verified in {time.monotonic() - t0:.1f} s")
+            self.progress(lines[-1])
+        return self._done(problems, lines)
+
+    def _done(self, problems: list[str], lines: list[str]) -> list[str]:
+        if problems:
+            hosts = hostlist.fold(sorted({p.split(":", 1)[0] for p in problems}))
+            raise UserError(f"data not ready on {hosts}, nothing was started:\n  " + "\n  ".join(problems),
+                            hint="free disk there, fix the source or the path, or set shared_fs "
+                                             "correctly; a rerun copies only what is missing")
+        return lines
+
+    def _copy(self, src: Source, h: Host, s: dict) -> Optional[str]:
+        """rsync the source to one host; progress every few seconds; None when it worked."""
+        if self.cancelled.is_set():
+            return f"{h.name}: cancelled"
+        dst = host_path(h, self.spec.path)
+        argv = ["rsync", "--protect-args", "-rlt", "--partial", "--info=progress2", "--no-inc-recursive",
+                "--exclude", f"/{STAMP}", "--exclude", f"/{STAMP}.tmp", "--timeout", str(int(self.ssh.command_timeout_s)),
+                "-e", " ".join(shlex.quote(a) for a in ssh_command(h, self.ssh)),
+                "--rsync-path", f"mkdir -p {shlex.quote(dst) if not dst.startswith('~') else dst} && rsync"]
+        if s["bad"]:
+            argv.append("--ignore-times")   # a file with the right size and a changed content: copy it again
+        argv += [src.path + "/", f"{h.hostname}:{dst}/"]
+        t0 = last = time.monotonic()
+        p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        self.procs[h.name] = p
+        buf = b""
+        while chunk := p.stdout.read1(4096) if hasattr(p.stdout, "read1") else p.stdout.read(4096):
+            buf = (buf + chunk)[-512:]
+            now = time.monotonic()
+            if now - last >= 2.0:
+                m = re.findall(rb"([\d,]+)\s+(\d+)%\s+(\S+/s)", buf)
+                if m:
+                    done, pct, rate = m[-1]
+                    self.progress(f"data: {h.name}: {pct.decode()}% {_size(int(done.replace(b',', b'')))} "
+                                  f"{rate.decode()}")
+                    last = now
+        err = p.stderr.read().decode(errors="replace")
+        rc = p.wait()
+        self.procs.pop(h.name, None)
+        if rc != 0:
+            lines = [ln for ln in err.splitlines() if ln.strip()]
+            if any("No space left" in ln for ln in lines):
+                return f"{h.name}: no space left at {dst} while copying"
+            return f"{h.name}: rsync exit code {rc}: " + " | ".join(lines[-2:])
+        self.progress(f"data: {h.name}: copied in {time.monotonic() - t0:.1f} s")
+        return None
+
+    def cancel(self) -> None:
+        """Stop the copies in flight (rsync keeps the partial files: the next submit resumes)."""
+        self.cancelled.set()
+        for p in list(self.procs.values()):
+            if p.poll() is None:
+                p.terminate()
+
+
+class Background:
+    """A Stager in a thread, so staging runs while the preflight does."""
+
+    def __init__(self, stager: Stager):
+        self.stager, self.error, self.lines = stager, None, []
+        self.thread = threading.Thread(target=self._run, name="data-staging", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.lines = self.stager.run()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller in result()
+            self.error = e
+
+    def result(self) -> list[str]:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.lines
+
+    def cancel(self) -> None:
+        self.stager.cancel()
+        self.thread.join()
+
+
+# ---------------------------------------------------------------- SLURM: on each allocated node
+def stage_here(source: str, path: str) -> int:
+    """`python -m cluster.stage SOURCE PATH`, one task per node in the SLURM job's first step:
+    the same check, copy (local rsync from the shared filesystem) and verify as over SSH.
+    Environment variables in PATH ($TMPDIR, $SLURMD_NODENAME) are expanded here, on the node."""
+    import socket
+
+    host = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+    path = os.path.expandvars(path)
+    src = describe(source)
+    args = {"path": path, "digest": src.digest, "files": src.files, "stamp": STAMP}
+    s = node_check({**args, "mode": "check"})
+    if s["state"] == "current":
+        print(f"data: {host}: current at {path}", flush=True)
+        return 0
+    need = (src.total - s["present_bytes"]) * MARGIN
+    if need > s["free"]:
+        print(f"data: {host}: not enough disk at {path}: {_size(need)} to copy, {_size(s['free'])} free",
+              file=sys.stderr, flush=True)
+        return 1
+    t0 = time.monotonic()
+    os.makedirs(path, exist_ok=True)
+    argv = ["rsync", "-rlt", "--partial", "--exclude", f"/{STAMP}", "--exclude", f"/{STAMP}.tmp"]
+    if s["bad"]:
+        argv.append("--ignore-times")
+    p = subprocess.run(argv + [src.path + "/", path + "/"], capture_output=True, text=True)
+    if p.returncode != 0:
+        print(f"data: {host}: rsync exit code {p.returncode}: {p.stderr.strip()[-300:]}", file=sys.stderr, flush=True)
+        return 1
+    s = node_check({**args, "mode": "verify"})
+    if s["state"] != "current":
+        print(f"data: {host}: copy does not verify: {s['missing']} missing, differ: {', '.join(s['bad'][:3])}",
+              file=sys.stderr, flush=True)
+        return 1
+    print(f"data: {host}: copied {_size(need / MARGIN)} to {path} and verified in {time.monotonic() - t0:.1f} s",
+          flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        print("usage: python -m cluster.stage SOURCE PATH", file=sys.stderr)
+        sys.exit(2)
+    try:
+        sys.exit(stage_here(sys.argv[1], sys.argv[2]))
+    except UserError as e:
+        print(f"data: {e}", file=sys.stderr)
+        sys.exit(1)

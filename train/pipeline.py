@@ -1,0 +1,333 @@
+"""The real-image input pipeline: CPU workers read compressed bytes, the GPU decodes and augments.
+
+Per sample, a DataLoader worker (any number per rank) reads the file's bytes (a folder or the
+packed form, train/imagesets.py) and chooses the crop: RandomResizedCrop's box and a flip for
+training, the resize-256/center-224 box for validation, drawn from a generator seeded by
+(seed, epoch, index) and the image size read from the JPEG header. So the crop does not depend
+on which worker or which path decodes the image, and a resumed run sees the same crops.
+
+- GPU path (decode=gpu, or auto on a GPU): baseline JPEGs travel as their compressed bytes;
+  the main process decodes a whole batch with nvJPEG (torchvision.io.decode_jpeg(device="cuda")),
+  then one roi_align crops and resizes every image at once (it averages several samples per
+  output pixel, as an antialiased resize does), then flip and normalise, on a side CUDA stream
+  in a thread, one batch ahead of the step.
+- CPU path (the fallback, and every image on a machine without a GPU): the worker decodes with
+  PIL, crops and resizes to the output size and hands back uint8 pixels. Images nvJPEG cannot
+  decode (PNG and other formats, progressive or CMYK JPEGs) take this path on a GPU machine too;
+  they are counted. A file nothing can decode is replaced by a blank (mean-colour) image, counted
+  and named once per rank, so one bad file never stops a run.
+
+Only uint8 crosses PCIe (compressed bytes, or decoded crops); floats are made on the device.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import queue
+import random
+import sys
+import threading
+from collections import Counter
+from typing import Iterator, Optional
+
+import torch
+
+from .imagesets import Split
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def jpeg_header(data: bytes) -> Optional[tuple[int, int, int, int]]:
+    """(SOF marker, height, width, components) of a JPEG, or None if it is not one."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    i, n = 2, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:
+            i += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:
+            i += 2
+            continue
+        if marker in _SOF:
+            if i + 10 > n:
+                return None
+            return (marker, int.from_bytes(data[i + 5:i + 7], "big"), int.from_bytes(data[i + 7:i + 9], "big"),
+                    data[i + 9])
+        if marker == 0xDA:   # scan data before a frame header: not a JPEG we know
+            return None
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return None
+
+
+def gpu_kind(data: bytes) -> tuple[str, int, int]:
+    """('jpeg', h, w) for what nvJPEG decodes here (baseline or extended sequential Huffman, grey
+    or YCbCr), else (why not: 'progressive', 'cmyk', 'lossless', 'not-jpeg', ..., 0, 0)."""
+    hdr = jpeg_header(data)
+    if hdr is None:
+        return "not-jpeg", 0, 0
+    marker, h, w, comps = hdr
+    if marker == 0xC2 or marker == 0xC6 or marker == 0xCA or marker == 0xCE:
+        return "progressive", 0, 0
+    if marker not in (0xC0, 0xC1):
+        return "lossless-or-arithmetic", 0, 0
+    if comps not in (1, 3):
+        return "cmyk", 0, 0
+    if h == 0 or w == 0:
+        return "no-size", 0, 0
+    return "jpeg", h, w
+
+
+def train_box(rng: random.Random, h: int, w: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """RandomResizedCrop's box (top, left, height, width), as torchvision draws it."""
+    area = h * w
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        cw, ch = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        if 0 < cw <= w and 0 < ch <= h:
+            return rng.randint(0, h - ch), rng.randint(0, w - cw), ch, cw
+    in_ratio = w / h
+    if in_ratio < ratio[0]:
+        cw, ch = w, int(round(w / ratio[0]))
+    elif in_ratio > ratio[1]:
+        ch, cw = h, int(round(h * ratio[1]))
+    else:
+        cw, ch = w, h
+    return (h - ch) // 2, (w - cw) // 2, ch, cw
+
+
+def val_box(h: int, w: int, size: int) -> tuple[int, int, int, int]:
+    """Resize the shorter side to size*256/224, take the centre size x size: the same pixels as a
+    centre square of the original, side shorter*224/256."""
+    side = max(1, min(h, w, int(round(min(h, w) * size / math.ceil(size * 256 / 224)))))
+    return (h - side) // 2, (w - side) // 2, side, side
+
+
+def cpu_crop(data: bytes, size: int, box_of) -> torch.Tensor:
+    """PIL decode, crop to box_of(h, w), resize to size x size (bilinear, antialiased): (size, size, 3) uint8."""
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(data))
+    img = img.convert("RGB")
+    top, left, ch, cw, flip = box_of(img.height, img.width)
+    img = img.resize((size, size), Image.BILINEAR, box=(left, top, left + cw, top + ch))
+    if flip:
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    return torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(size, size, 3)
+
+
+class Items(torch.utils.data.Dataset):
+    """Item (epoch, index) -> (label, bytes or uint8 crop, crop box, flip, why it took the CPU path).
+
+    Runs in the DataLoader workers; epoch -1 means validation (centre box, no flip)."""
+
+    def __init__(self, split: Split, seed: int, size: int, gpu: bool, rank: int = 0):
+        self.split, self.seed, self.size, self.gpu, self.rank = split, seed, size, gpu, rank
+        self.warned: set = set()
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def box_of(self, epoch: int, index: int):
+        from .data import mix_seed
+
+        def box(h: int, w: int):
+            if epoch < 0:
+                return (*val_box(h, w, self.size), False)
+            rng = random.Random(mix_seed(self.seed, epoch, index))
+            b = train_box(rng, h, w)
+            return (*b, rng.random() < 0.5)
+        return box
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, index = key
+        label, box = self.split.labels[index], self.box_of(epoch, index)
+        try:
+            data = self.split.read(index)
+        except OSError as e:
+            return self._blank(label, key, "corrupt", e)
+        kind, h, w = gpu_kind(data) if self.gpu else ("cpu", 0, 0)
+        if kind == "jpeg":
+            *b, flip = box(h, w)
+            return label, data, tuple(b), flip, "", key
+        try:
+            pixels = cpu_crop(data, self.size, box)
+        except Exception as e:  # noqa: BLE001 - any undecodable file: PIL raises many kinds
+            return self._blank(label, key, "corrupt", e)
+        return label, pixels, None, False, kind if self.gpu else "", key
+
+    def _blank(self, label: int, key: tuple[int, int], why: str, err: BaseException):
+        index = key[1]
+        if index not in self.warned:
+            self.warned.add(index)
+            print(f"data: rank {self.rank}: {self.split.names[index]}: cannot read or decode "
+                  f"({type(err).__name__}: {str(err)[:120]}); a blank image takes its place", file=sys.stderr, flush=True)
+        mean = torch.tensor([round(255 * m) for m in IMAGENET_MEAN], dtype=torch.uint8)
+        return label, mean.expand(self.size, self.size, 3).contiguous(), None, False, why, key
+
+
+def collate(items: list) -> dict:
+    jpeg = [i for i, it in enumerate(items) if it[2] is not None]
+    done = [i for i, it in enumerate(items) if it[2] is None]
+    return {
+        "labels": torch.tensor([it[0] for it in items]),
+        # all compressed images in one tensor: one shared-memory block per batch from a worker, not one each
+        "jpeg": torch.frombuffer(bytearray(b"".join(items[i][1] for i in jpeg)) or bytearray(1), dtype=torch.uint8),
+        "jpeg_sizes": [len(items[i][1]) for i in jpeg],
+        "jpeg_pos": torch.tensor(jpeg, dtype=torch.long),
+        "boxes": torch.tensor([items[i][2] for i in jpeg], dtype=torch.float32).view(-1, 4),
+        "flips": torch.tensor([items[i][3] for i in jpeg], dtype=torch.bool),
+        "pixels": torch.stack([items[i][1] for i in done]) if done else None,
+        "pixels_pos": torch.tensor(done, dtype=torch.long),
+        "reasons": [it[4] for it in items if it[4]],
+        "keys": [it[5] for it in items],
+    }
+
+
+class DeviceStage:
+    """Turns a collated batch into the normalised float batch on the device."""
+
+    def __init__(self, device: torch.device, size: int, channels_last: bool, trace: Optional[str] = None,
+                 decoder: str = "torchvision"):
+        self.device, self.size, self.channels_last = device, size, channels_last
+        self.decoder, self._nvimgcodec = decoder, None
+        self.trace = trace   # tests: a file that gets the (epoch, index) keys of every training batch staged
+        self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
+        self.inv_std = 1 / (torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255)
+        self.counts: Counter = Counter()
+
+    def decode(self, datas: list[torch.Tensor]) -> list[torch.Tensor]:
+        if self.decoder == "nvimgcodec":
+            return self.decode_nvimgcodec(datas)
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        dev = "cuda" if self.device.type == "cuda" else "cpu"
+        try:
+            return decode_jpeg(datas, mode=ImageReadMode.RGB, device=dev)
+        except RuntimeError:
+            out = []   # one bad image must not lose the batch: decode one by one, PIL for failures
+            for d in datas:
+                try:
+                    out.append(decode_jpeg(d, mode=ImageReadMode.RGB, device=dev))
+                except RuntimeError:
+                    out.append(None)
+            return out
+
+    def decode_nvimgcodec(self, datas: list[torch.Tensor]) -> list[Optional[torch.Tensor]]:
+        """nvImageCodec: the GPU's hardware JPEG decoders (A100, H100, H200) first, so the decode
+        does not take the training's SMs; its CUDA decoder for what they refuse. None: not decoded."""
+        from nvidia import nvimgcodec
+
+        if self._nvimgcodec is None:
+            self._nvimgcodec = nvimgcodec.Decoder(device_id=self.device.index or 0, backends=[
+                nvimgcodec.Backend(nvimgcodec.BackendKind.HW_GPU_ONLY),
+                nvimgcodec.Backend(nvimgcodec.BackendKind.HYBRID_CPU_GPU)])
+        stream = torch.cuda.current_stream(self.device)
+        imgs = self._nvimgcodec.decode([d.numpy() for d in datas], cuda_stream=stream.cuda_stream)
+        return [None if im is None else torch.as_tensor(im, device=self.device).permute(2, 0, 1) for im in imgs]
+
+    def crops(self, b: dict) -> torch.Tensor:
+        """roi_align over the padded batch of decoded images: crop, resize, flip; (n, 3, S, S) float."""
+        from torchvision.ops import roi_align
+
+        datas = list(torch.split(b["jpeg"][:sum(b["jpeg_sizes"])], b["jpeg_sizes"]))
+        imgs = self.decode(datas)
+        S, dev = self.size, self.device
+        bad = [i for i, im in enumerate(imgs) if im is None]
+        hmax = max(im.shape[1] for im in imgs if im is not None) if len(bad) < len(imgs) else 1
+        wmax = max(im.shape[2] for im in imgs if im is not None) if len(bad) < len(imgs) else 1
+        dtype = torch.float16 if dev.type == "cuda" else torch.float32
+        padded = torch.zeros((len(imgs), 3, hmax, wmax), dtype=dtype, device=dev)
+        for i, im in enumerate(imgs):
+            if im is not None:
+                padded[i, :, :im.shape[1], :im.shape[2]] = im
+        boxes = b["boxes"].to(dev, non_blocking=True)      # top, left, h, w
+        rois = torch.stack([torch.arange(len(imgs), device=dev, dtype=boxes.dtype),
+                            boxes[:, 1], boxes[:, 0], boxes[:, 1] + boxes[:, 3], boxes[:, 0] + boxes[:, 2]], 1)
+        out = roi_align(padded, rois.to(dtype), (S, S), spatial_scale=1.0, sampling_ratio=0, aligned=True).float()
+        flips = b["flips"].to(dev, non_blocking=True).view(-1, 1, 1, 1)
+        out = torch.where(flips, out.flip(-1), out)
+        for i in bad:   # nvJPEG refused it after all: the CPU path for this one
+            self.counts["gpu-refused"] += 1
+            box = tuple(int(v) for v in b["boxes"][i].tolist())
+            flip = bool(b["flips"][i])
+            out[i] = cpu_crop(datas[i].numpy().tobytes(), S,
+                              lambda h, w: (*box, flip)).to(dev).permute(2, 0, 1).float()
+        return out
+
+    def __call__(self, b: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        S, dev = self.size, self.device
+        n = len(b["labels"])
+        x = torch.empty((n, 3, S, S), device=dev)
+        if b["pixels"] is not None:
+            x[b["pixels_pos"].to(dev)] = b["pixels"].to(dev, non_blocking=True).permute(0, 3, 1, 2).float()
+        if b["jpeg_sizes"]:
+            x[b["jpeg_pos"].to(dev)] = self.crops(b)
+        x = (x - self.mean) * self.inv_std
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        self.counts.update(b["reasons"])
+        if self.trace and b["keys"][0][0] >= 0:
+            with open(self.trace, "a") as f:
+                f.write(json.dumps(b["keys"]) + "\n")
+        return x, b["labels"].to(dev, non_blocking=True)
+
+
+def overlapped(loader, stage: DeviceStage, depth: int = 2) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """stage(batch) for each batch of loader; on a GPU in a thread on its own stream, `depth`
+    batches ahead of the consumer (whose stream waits for each batch's event)."""
+    if stage.device.type != "cuda":
+        for b in loader:
+            yield stage(b)
+        return
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    side = torch.cuda.Stream(stage.device)
+
+    def produce():
+        try:
+            with torch.cuda.device(stage.device), torch.cuda.stream(side):
+                for b in loader:
+                    x, y = stage(b)
+                    ev = torch.cuda.Event()
+                    ev.record(side)
+                    while not stop.is_set():
+                        try:
+                            q.put((x, y, ev), timeout=0.2)
+                            break
+                        except queue.Full:
+                            pass
+                    if stop.is_set():
+                        return
+            q.put(None)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
+            q.put(e)
+
+    t = threading.Thread(target=produce, name="gpu-input", daemon=True)
+    t.start()
+    try:
+        main = torch.cuda.current_stream(stage.device)
+        while (item := q.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            x, y, ev = item
+            main.wait_event(ev)
+            x.record_stream(main)   # made on the side stream: not reused before the step is done with it
+            y.record_stream(main)
+            yield x, y
+    finally:
+        stop.set()
+        while t.is_alive():
+            try:
+                q.get(timeout=0.1)
+            except queue.Empty:
+                pass
