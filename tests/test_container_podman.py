@@ -119,7 +119,7 @@ def test_env_and_hostile_mounts_arrive_byte_exact(podman, tmp_path):
         assert p["in_container"] is True
         assert p["env"] == {**env, "JOBVAR": "j v", "CLUSTER_RUN_ID": rid, "PYTHONUNBUFFERED": "1"}
         assert p["files"] == ["f `id`.txt"]
-        assert p["cwd"] == str(Path(__file__).resolve().parent.parent)
+        assert p["cwd"] == str(runs / rid)      # the job runs in its run directory, in the container too
     assert not Path("/tmp/pwned-podman").exists() and not (tmp_path / "pwned").exists()
     assert containers(rid) == []
 
