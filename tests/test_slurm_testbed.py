@@ -217,7 +217,7 @@ def test_stop_mid_run_cancels_and_leaves_nothing_and_a_shell_on_node_1_first(tes
     code, out = pty_cli(["shell", run_id, "--node", "1"],
                         b'echo "AT:$(hostname):$(pwd):$SLURM_JOB_ID:$CLUSTER_RUN_ID"; exit 4\n',
                         s.testbed.env(CLUSTER_RUNS_DIR=str(s.runs)))
-    assert f"AT:node2:{REPO}:{jid}:{run_id}" in out and code == 4, out
+    assert f"AT:node2:{s.runs / run_id}:{jid}:{run_id}" in out and code == 4, out   # in the run directory
     p = s.cli("stop", run_id)
     assert p.returncode == 0, p.stderr
     assert "nothing of the run is left running" in p.stdout

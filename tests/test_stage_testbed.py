@@ -123,7 +123,7 @@ def test_slurm_stages_the_data_on_each_node_in_the_first_step(testbed, tmp_path,
 
     s = Slurm(testbed, tmp_path)
     base = tmp_path / "local"
-    job = s.job("stagehello", HELLO.format(sleep=0) + f"nodes: 3\ngpus_per_node: 1\ndata:\n  source: {packed}\n"
+    job = s.job("stagehello", HELLO.format(sleep=0) + f"nodes: 3\ndata:\n  source: {packed}\n"
                 f"  path: {base}/$SLURMD_NODENAME/set\n")
     plan = s.cli("plan", job, "-i", str(s.inventory))
     assert "-m cluster.stage " in plan.stdout and "'" + str(base) + "/$SLURMD_NODENAME/set'" in plan.stdout

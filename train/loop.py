@@ -60,7 +60,7 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
     net, ddp = wrap(raw, env.device,
                     distributed=env.backend is not None and (env.world_size > 1 or cfg.ddp_always),
                     channels_last=speed.channels_last, compile=speed.compile, compile_mode=cfg.compile_mode,
-                    bucket_cap_mb=cfg.bucket_cap_mb, grad_compress=cfg.grad_compress)
+                    bucket_cap_mb=cfg.bucket_cap_mb)
     optimizer = build_optimizer(raw, cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay, env.device)
     data = build_data(cfg, env, speed.channels_last)
     samples_per_step = cfg.batch_size * cfg.grad_accum * env.world_size
@@ -74,7 +74,7 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
     pos = resume(cfg, env, raw, optimizer, scheduler, samples_per_step) if cfg.resume else Position()
     metrics = MetricsWriter(cfg.out_dir, env.rank, total, tensorboard=use_tensorboard(cfg, env),
                             wandb_project=cfg.wandb_project if env.is_main else "", config=dataclasses.asdict(cfg))
-    times = StepTimes(ddp, env.device, compiled=speed.compile)
+    times = StepTimes(ddp, env.device, compiled=speed.compile, grad_compress=cfg.grad_compress)
     # one line from every rank, so a user sees which ranks landed on which host and device
     print(f"rank {env.rank}/{env.world_size} (local {env.local_rank}) on {socket.gethostname()} "
           f"device {env.device}", flush=True)
@@ -220,23 +220,30 @@ class StepTimes:
     On GPU the host runs ahead of the device, so there only the data wait is measured (and a
     comm hook could cost speed); ``comm_s`` stays None. Also None with torch.compile."""
 
-    def __init__(self, ddp, device: torch.device, compiled: bool = False):
+    def __init__(self, ddp, device: torch.device, compiled: bool = False, grad_compress: str = "none"):
         self.data_s, self.comm_s = 0.0, None
         self._ready = self._forward = None
-        if ddp is not None and device.type == "cpu" and not compiled:
-            from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
-            self.comm_s = 0.0
+        if ddp is None:
+            return
+        # DDP takes one communication hook: the timing below wraps the one the config asks for
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+        reduce = default_hooks.bf16_compress_hook if grad_compress == "bf16" else default_hooks.allreduce_hook
+        if device.type != "cpu" or compiled:
+            if grad_compress != "none":
+                ddp.register_comm_hook(None, reduce)
+            return
+        self.comm_s = 0.0
 
-            def bucket_ready(state, bucket):
-                self._ready = time.perf_counter()
-                return allreduce_hook(state, bucket)
+        def bucket_ready(state, bucket):
+            self._ready = time.perf_counter()
+            return reduce(state, bucket)
 
-            def inner_forward(module, args):
-                if self._forward is not None:
-                    self.comm_s += time.perf_counter() - self._forward
-                    self._forward = None
-            ddp.register_comm_hook(None, bucket_ready)
-            ddp.module.register_forward_pre_hook(inner_forward)
+        def inner_forward(module, args):
+            if self._forward is not None:
+                self.comm_s += time.perf_counter() - self._forward
+                self._forward = None
+        ddp.register_comm_hook(None, bucket_ready)
+        ddp.module.register_forward_pre_hook(inner_forward)
 
     def forward_start(self) -> None:
         if self.comm_s is not None:

@@ -274,8 +274,7 @@ def fast_stem(model: nn.Module) -> list[str]:
 
 
 def wrap(model: nn.Module, device: torch.device, *, distributed: bool, channels_last: bool,
-         compile: bool, compile_mode: str, bucket_cap_mb: int,
-         grad_compress: str = "none") -> tuple[nn.Module, DDP | None]:
+         compile: bool, compile_mode: str, bucket_cap_mb: int) -> tuple[nn.Module, DDP | None]:
     """Move to device, wrap in DDP, then compile: (the module to train, the DDP wrapper or None).
 
     DDP goes inside torch.compile so that Dynamo's DDPOptimizer can split the graph at bucket
@@ -288,9 +287,6 @@ def wrap(model: nn.Module, device: torch.device, *, distributed: bool, channels_
                   bucket_cap_mb=bucket_cap_mb,
                   # gradients live in the all-reduce buckets: no copy, less memory
                   gradient_as_bucket_view=True)
-        if grad_compress == "bf16":
-            from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-            ddp.register_comm_hook(None, default_hooks.bf16_compress_hook)
         net = ddp
     if compile:
         net = torch.compile(net, mode=None if compile_mode == "default" else compile_mode)
