@@ -24,7 +24,7 @@ PYTEST_ARGS ?=
 
 TARGET_OPTS = $(if $(INVENTORY),--inventory $(INVENTORY)) $(if $(BACKEND),--backend $(BACKEND))
 
-.PHONY: setup submit plan status logs stop doctor report top tensorboard exec gpus shell jupyter test test-unit fuzz testbed-up testbed-down testbed-deps clean-runs bench-launch
+.PHONY: setup submit plan status logs stop doctor report top tensorboard exec gpus shell jupyter test test-unit fuzz testbed-up testbed-down testbed-deps clean-runs bench-launch image image-push bench-image
 
 setup: $(VENV)/.installed
 
@@ -84,6 +84,18 @@ shell: $(STAMP)
 
 jupyter: $(STAMP)
 	$(PY) -m cluster jupyter $(RUN) $(if $(NODE),--node $(NODE)) $(if $(ON_HOST),--host $(ON_HOST)) $(if $(INVENTORY),--inventory $(INVENTORY)) $(if $(PORT),--port $(PORT))
+
+# the training image (image/Containerfile): IMAGE_OPTS="--base local" where no registry is reachable,
+# "--small" for the tests' CPU variant; prints the tag (ddp-train:torch<v>-<cuda>-<commit>)
+image:
+	$(PYTHON) image/build.py $(IMAGE_OPTS)
+
+image-push: $(STAMP)
+	@[ -n "$(IMAGE)" ] || { echo 'usage: make image-push IMAGE=ddp-train:torch... [HOSTS=gpu[01-02]] [INVENTORY=...]'; exit 2; }
+	$(PY) -m cluster image push '$(IMAGE)' $(if $(INVENTORY),--inventory $(INVENTORY)) $(if $(HOSTS),--hosts '$(HOSTS)')
+
+bench-image:
+	$(PYTHON) bench/bench_image.py $(ARGS)
 
 test: $(STAMP) testbed-deps
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -177,7 +177,12 @@ def shell_argv(t: Target, running: Optional[bool] = None) -> tuple[list[str], li
         for k, v in sorted(env.items()):
             argv += ["-e", f"{k}={v}"]
         return argv + [c.name] + inner, []
-    argv = [c.runtime, "run", "--rm", "-it", "--network", "host", "-v", f"{wd}:{wd}", "-w", wd]
+    # a fresh container, as the run's would be: the submitting user's uid/gid unless user: root
+    # (``exec`` into the running one needs nothing: it keeps the user the container started as)
+    user = getattr(_spec_of(t), "user", "self") if t.run else "self"
+    script = ctr.host_script(user, False)
+    argv = (["sh", "-c", script] if script else []) + [c.runtime, "run", "--rm", "-it", "--network", "host",
+                                                       "-v", f"{wd}:{wd}", "-w", wd]
     for k, v in sorted(env.items()):
         argv += ["-e", f"{k}={v}"]
     if c.image.startswith(ctr.ROOTFS):

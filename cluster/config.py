@@ -417,6 +417,11 @@ class ContainerSpec:
     args: list[str] = field(default_factory=list)     # extra runtime arguments, passed as given
     shm_gb: int = 16
     pull: bool = False
+    # quotas and identity (cluster/container.py maps them per runtime; None: the whole host)
+    cpus: Optional[float] = None           # cores the container may use
+    memory_gb: Optional[float] = None      # RAM, no swap beyond it; over it the kernel kills
+    pids: Optional[int] = None             # processes + threads (docker/podman default: 16384)
+    user: Literal["self", "root"] = "self"  # self: your uid/gid on the host; root only when asked
 
 
 @dataclass(frozen=True)

@@ -3,10 +3,12 @@
 One ``container:`` section in the job, mapped per runtime. Pure functions that return argv lists
 (one shell hop later quotes them once); only ``preflight_local`` and ``remove_local`` run anything.
 
-    docker     docker run --rm --init --name N --label cluster.run_id=ID --label cluster.host=H
+    docker     sh -c 'r=$1; shift; exec "$0" "$r" --user "$(id -u):$(id -g)" "$@"'
+               docker run --rm --init --name N --label cluster.run_id=ID --label cluster.host=H
                --network host [--gpus all] --shm-size Gg (or --ipc host when shm_gb is 0)
                --ulimit memlock=-1:-1 --ulimit stack=67108864:67108864 --pull never
-               -v WD:WD -w WD -e K=V ... ARGS IMAGE python3 -m torch.distributed.run ...
+               -v WD:WD -w WD -e K=V ... [--cpus N] [--memory Mm --memory-swap Mm] --pids-limit P
+               ARGS IMAGE [sh -c OOM_SCRIPT GB] python3 -m torch.distributed.run ...
     podman     the same; GPUs through CDI (--device nvidia.com/gpu=all); image ``rootfs:/PATH``
                runs the host directory PATH as an overlay (``--rootfs PATH:O``, no image, no pull:
                for tests and air-gapped hosts)
@@ -21,20 +23,29 @@ stop also removes it by name (``remove_argv``) and verifies by label (``list_arg
 the run's containers is left. apptainer runs as a plain child, inside the group: nothing to remove.
 
 The workdir (code and runs/) and, when it lies elsewhere, the run directory are mounted at the same
-path inside, so sync, ``logs -f``, checkpoints and resume work as without a container. A workdir
-under ``~`` (the ssh default) is only known on the host: there the one deliberate shell expression,
-``exec "$0" run -v "$CLUSTER_CODE_DIR:$CLUSTER_CODE_DIR" -w "$PWD" "$@"``, mounts the code's
-directory the agent set (cluster/agent.py). The job runs in its run directory, as without a
-container, with the agent's CLUSTER_RUN_DIR, CLUSTER_CODE_DIR, CLUSTER_CHECKPOINT_DIR and PYTHONPATH.
+path inside, so sync, ``logs -f``, checkpoints and resume work as without a container. The job runs
+in its run directory, as without a container, with the agent's CLUSTER_RUN_DIR, CLUSTER_CODE_DIR,
+CLUSTER_CHECKPOINT_DIR and PYTHONPATH. Two things are known only on the host, so ``sh -c`` there
+adds them after ``run`` (``host_script``, the one deliberate shell expression): the submitting
+user's uid:gid (``user: self``, the default: files written to mounts are theirs; ``user: root``
+gives --user 0:0 instead) and, for a workdir under ``~`` (the ssh default), ``-v
+"$CLUSTER_CODE_DIR:$CLUSTER_CODE_DIR" -w "$PWD"``: the code's directory the agent set
+(cluster/agent.py) and the run directory it starts in.
+
+Quotas (``cpus``, ``memory_gb``, ``pids``) map to each runtime's flags (``limits``); pyxis gets
+SLURM's (--cpus-per-task, --mem). With a memory limit, OOM_SCRIPT in the image waits for torchrun
+and turns the container cgroup's oom_kill count into one log line that diagnose knows.
 """
 from __future__ import annotations
 
+import math
 import re
 import subprocess
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, NamedTuple, Optional, Sequence
 
 from .errors import UserError
+from .image import compare as compare_digests, digest_argv, digest_of
 from .yamlsrc import show
 
 RUNTIMES = ("docker", "podman", "apptainer", "enroot")
@@ -44,7 +55,34 @@ HOST_LABEL = "cluster.host"              # ... and the inventory's host name (ho
 PYTHON = "python3"                       # in the image: present in NGC, pytorch/pytorch and Debian images
 # NVIDIA's settings for PyTorch in docker: pinned memory for RDMA, large thread stacks
 ULIMITS = (("memlock", "-1:-1"), ("stack", "67108864:67108864"))
-TILDE_SCRIPT = 'exec "$0" run -v "$CLUSTER_CODE_DIR:$CLUSTER_CODE_DIR" -w "$PWD" "$@"'
+# The two deliberate shell expressions of a docker/podman line, resolved on the host by ``sh -c``
+# (argv: runtime, "run", options...): the submitting user's uid:gid there (the default identity
+# inside), and for a ``~`` workdir the code's directory the agent set (CLUSTER_CODE_DIR) mounted, with
+# the run directory the agent starts in as the working directory.
+SELF_USER = '--user "$(id -u):$(id -g)"'
+TILDE_MOUNT = '-v "$CLUSTER_CODE_DIR:$CLUSTER_CODE_DIR" -w "$PWD"'
+USERS = ("self", "root")
+# quotas: key, unit, the most that makes sense (the range check also refuses nan and inf)
+QUOTAS = (("cpus", "cores", 4096), ("memory_gb", "GB", 1 << 20), ("pids", "processes", 1 << 22))
+APPTAINER_CGROUPS = '[ "$(id -u)" = 0 ] || [ -f /sys/fs/cgroup/cgroup.controllers ]'   # root, or cgroups v2
+DEFAULT_PIDS = 16384   # podman's own default (2048) is too few for 8 ranks x DataLoader workers x threads
+# Run inside the container around torchrun when memory is limited: forwards TERM/INT/HUP (sh would
+# not), then reads the container's own cgroup: a kill by the memory limit becomes one plain log line.
+OOM_LINE = "container: out of memory"
+OOM_SCRIPT = ('"$@" & p=$!; trap \'kill -TERM $p 2>/dev/null\' TERM INT HUP; '
+              'while :; do wait $p; rc=$?; kill -0 $p 2>/dev/null || break; done; '
+              'n=$(cat /sys/fs/cgroup/memory.events /sys/fs/cgroup/memory/memory.oom_control 2>/dev/null '
+              '| sed -n "s/^oom_kill //p" | head -n 1); '
+              f'if [ "${{n:-0}}" -gt 0 ]; then echo "{OOM_LINE}: the kernel killed $n process(es) at the '
+              'container memory limit ($0 GB, container.memory_gb)" >&2; fi; exit $rc')
+
+
+def host_script(user: str, tilde: bool) -> Optional[str]:
+    """The ``sh -c`` script that runs ``runtime run OPTIONS...`` with the host's expressions added."""
+    extra = ([SELF_USER] if user == "self" else []) + ([TILDE_MOUNT] if tilde else [])
+    return 'r=$1; shift; exec "$0" "$r" ' + " ".join(extra) + ' "$@"' if extra else None
+
+
 # set by the agent on the host (cluster/agent.py: run_environment), passed through by name
 PASS_ENV = ("CLUSTER_RUN_DIR", "CLUSTER_CODE_DIR", "CLUSTER_CHECKPOINT_DIR", "PYTHONPATH")
 _ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -63,6 +101,7 @@ class ContainerRef:
     image: str       # as the runtime takes it
     pull: bool
     run_id: str
+    quotas: bool = False   # container.cpus/memory_gb/pids asked for (apptainer: preflight checks cgroups)
 
 
 @dataclass(frozen=True)
@@ -72,6 +111,8 @@ class Check:
     argv: tuple[str, ...]
     problem: str
     hint: str
+    digest: bool = False     # it prints the image's digest: every host of the run must print the same
+    compare_only: bool = False   # nothing but the digest (one host alone has nothing to compare it with)
 
 
 class Mount(NamedTuple):
@@ -111,6 +152,29 @@ def check_spec(spec, where: Callable[[tuple], str] = lambda path: "job") -> None
     if not 0 <= spec.shm_gb <= 4096:
         raise UserError(f"must be 0 or more, at most 4096 (0: the host's /dev/shm through --ipc host); got {spec.shm_gb}",
                         where=where(("container", "shm_gb")), key="container.shm_gb")
+    for key, unit, most in QUOTAS:
+        v = getattr(spec, key, None)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= most):
+            raise UserError(f"must be a number of {unit} above 0, at most {most}; got {show(v)}",
+                            where=where(("container", key)), key=f"container.{key}",
+                            hint="leave it out for the default (see README, Containers)")
+    if getattr(spec, "pids", None) is not None and int(spec.pids) != spec.pids:
+        raise UserError("must be a whole number", where=where(("container", "pids")), key="container.pids")
+    if getattr(spec, "user", "self") not in USERS:
+        raise UserError(f"{show(spec.user)} is not a container user", where=where(("container", "user")),
+                        key="container.user",
+                        hint="self (default: your uid/gid on the host, files on mounts are yours) or root")
+
+
+def limits(spec) -> dict:
+    """The quotas asked for, defaults applied: cpus/memory_gb None mean the whole host."""
+    pids = getattr(spec, "pids", None)
+    return {"cpus": getattr(spec, "cpus", None), "memory_gb": getattr(spec, "memory_gb", None),
+            "pids": DEFAULT_PIDS if pids is None else int(pids)}
+
+
+def _num(v) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
 
 
 def parse_mount(text: str, where: str = "job", key: str = "container.mounts") -> Mount:
@@ -260,10 +324,21 @@ def _docker_like(spec, runtime, name, workdir, cwd, mounts, env, payload, gpus, 
     for k, v in sorted(env.items()):
         opts += ["-e", f"{k}={v}"]
     opts += [a for k in PASS_ENV if k not in env for a in ("-e", k)]
+    lim = limits(spec)
+    if lim["cpus"] is not None:
+        opts += ["--cpus", _num(lim["cpus"])]
+    if lim["memory_gb"] is not None:       # swap = memory: the limit is the limit, not a slowdown
+        mem = f"{int(lim['memory_gb'] * 1024)}m"
+        opts += ["--memory", mem, "--memory-swap", mem]
+        payload = ["sh", "-c", OOM_SCRIPT, _num(lim["memory_gb"])] + payload
+    opts += ["--pids-limit", str(lim["pids"])]
+    if getattr(spec, "user", "self") == "root":
+        opts += ["--user", "0:0"]
     opts += list(spec.args)
     # --rootfs is a flag: the first word after the options is the directory, then the command
     image = ["--rootfs", spec.image[len(ROOTFS):] + ":O"] if rootfs else [docker_image(spec.image)]
-    head = [runtime, "run"] if workdir.startswith("/") else ["sh", "-c", TILDE_SCRIPT, runtime]
+    script = host_script(getattr(spec, "user", "self"), not workdir.startswith("/"))
+    head = ["sh", "-c", script, runtime, "run"] if script else [runtime, "run"]
     return head + opts + image + payload
 
 
@@ -290,6 +365,9 @@ def apptainer_exec(spec, payload: Sequence[str], *, workdir: str, env: Mapping[s
         binds = [m for m in _mounts(spec, workdir, "") if m not in binds] + binds
     argv = ["env"] + [f"APPTAINERENV_{k}={v}" for k, v in sorted({**env, **spec.env}.items())]
     argv += ["apptainer", "exec"] + (["--nv"] if gpus else [])
+    if getattr(spec, "user", "self") == "root":
+        argv += ["--fakeroot"]          # apptainer runs as the user already; root only when asked
+    argv += apptainer_limits(spec)
     for m in binds:
         argv += ["--bind", m.text()]
     if pwd or workdir.startswith("/"):
@@ -297,9 +375,21 @@ def apptainer_exec(spec, payload: Sequence[str], *, workdir: str, env: Mapping[s
     return argv + list(spec.args) + [apptainer_image(spec.image)] + list(payload)
 
 
+def apptainer_limits(spec) -> list[str]:
+    """apptainer's cgroup flags (3.10+: root, or cgroups v2 with systemd for a user; preflight checks)."""
+    lim, out = limits(spec), []
+    if lim["cpus"] is not None:
+        out += ["--cpus", _num(lim["cpus"])]
+    if lim["memory_gb"] is not None:
+        out += ["--memory", f"{int(lim['memory_gb'] * 1024)}M", "--memory-swap", f"{int(lim['memory_gb'] * 1024)}M"]
+    if getattr(spec, "pids", None) is not None:   # no default here: it would need cgroups on every host
+        out += ["--pids-limit", str(lim["pids"])]
+    return out
+
+
 # ---------------------------------------------------------------- SLURM (pyxis/enroot)
 def srun_args(spec, *, workdir: str, mounts: Iterable[str] = (), env_names: Iterable[str] = (),
-              name: Optional[str] = None) -> list[str]:
+              name: Optional[str] = None, tasks_per_node: int = 1) -> list[str]:
     """pyxis options for srun: every task of the step starts inside the image.
 
     ``env_names``: variables the host side sets that must win over the image's ENV
@@ -324,6 +414,16 @@ def srun_args(spec, *, workdir: str, mounts: Iterable[str] = (), env_names: Iter
     names = sorted(set(env_names) | set(spec.env))
     if names:
         argv.append("--container-env=" + ",".join(names))
+    if getattr(spec, "user", "self") == "root":
+        argv.append("--container-remap-root")     # pyxis runs as the user unless asked
+    # quotas are SLURM's (its cgroups): a node's cpus spread over its tasks, memory per node
+    if getattr(spec, "cpus", None) is not None:
+        argv.append(f"--cpus-per-task={max(1, math.ceil(spec.cpus / max(1, tasks_per_node)))}")
+    if getattr(spec, "memory_gb", None) is not None:
+        argv.append(f"--mem={int(spec.memory_gb * 1024)}M")
+    if getattr(spec, "pids", None) is not None:
+        raise UserError("SLURM/pyxis has no per-job process limit", where="job", key="container.pids",
+                        hint="remove container.pids for SLURM runs (the admin sets TasksMax in cgroup.conf)")
     return argv + list(spec.args)
 
 
@@ -338,7 +438,8 @@ def wrap_node(spec, host, *, run_id: str, run_dir: str, env: Mapping[str, str], 
                 payload_argv=payload, gpus=gpus, run_id=run_id, host=host.name)
     image = (apptainer_image(spec.image) if runtime == "apptainer" else
              spec.image if spec.image.startswith(ROOTFS) else docker_image(spec.image))
-    return argv, ContainerRef(runtime, name, image, spec.pull, run_id)
+    quotas = any(getattr(spec, k, None) is not None for k in ("cpus", "memory_gb", "pids"))
+    return argv, ContainerRef(runtime, name, image, spec.pull, run_id, quotas)
 
 
 def refs_of_run(run_data: Mapping) -> list[tuple[str, ContainerRef]]:
@@ -370,17 +471,31 @@ def preflight_checks(ref: ContainerRef) -> list[Check]:
         else:
             exists = ("image", "inspect", "--format", "{{.Id}}", image) if rt == "docker" else ("image", "exists", image)
             checks.append(Check((rt,) + exists, f"image {image} is not present",
-                                f"pull it on every host ({rt} pull {image}) or set container.pull: true"))
+                                f"copy it to every host (python -m cluster image push {image}), pull it "
+                                f"({rt} pull {image}) or set container.pull: true", digest=rt == "docker"))
+        if not image.startswith(ROOTFS) and not checks[-1].digest:   # a tag pulled twice can differ too
+            checks.append(Check(tuple(digest_argv(rt, image)), f"cannot read the digest of image {image}",
+                                f"check {rt} on the host", digest=True, compare_only=True))
         return checks
     if rt == "apptainer":
         checks = [Check(("apptainer", "--version"), "apptainer is not installed",
                         f"install apptainer on the host, or {where_else}")]
+        if ref.quotas:      # apptainer limits through cgroups: as root, or as a user on cgroups v2
+            checks.append(Check(("sh", "-c", APPTAINER_CGROUPS),
+                                "apptainer cannot apply container.cpus/memory_gb/pids here: it needs root "
+                                "or cgroups v2 (this host has cgroups v1 and the run is not root)",
+                                "leave the quotas out for apptainer hosts, or boot the host with cgroups v2 "
+                                "(systemd.unified_cgroup_hierarchy=1)"))
         if _URI.match(image):   # fetched into apptainer's cache on first use: fetch it now, everywhere
             checks.append(Check(("apptainer", "exec", image, "true"), f"cannot fetch or run image {image}",
                                 "check the name and the registry login (apptainer remote login)"))
         else:
             checks.append(Check(("test", "-r", image), f"image {image} is not present",
-                                "copy the .sif to the same path on every host (or use a shared filesystem)"))
+                                "copy the .sif to the same path on every host (python -m cluster image push "
+                                f"{image}, or use a shared filesystem)"))
+            checks.append(Check(tuple(digest_argv(rt, image)), f"cannot checksum image {image}",
+                                "install sha256sum (coreutils) on the host", digest=True,
+                                compare_only=True))
         return checks
     raise UserError(f"runtime '{rt}' has no preflight outside SLURM", where="job", key="container.runtime")
 
@@ -399,6 +514,11 @@ def check_failed(host: str, check: Check, code: int, output: str) -> UserError:
                      where=host, key="container", hint=check.hint)
 
 
+def check_digests(image: str, outputs: Mapping[str, str]) -> None:
+    """The digest checks' outputs (host -> stdout) must agree: else one error naming the hosts."""
+    compare_digests(image, {h: digest_of(out) or None for h, out in outputs.items()})
+
+
 def remove_argv(runtime: str, name: str) -> Optional[list[str]]:
     """Remove the container now (kill if running); None where nothing outlives the process group.
     Its exit status is no verdict (the container may be gone already, --rm): verify with list_argv."""
@@ -413,8 +533,8 @@ def remove_argv_of_payload(payload: Sequence[str]) -> Optional[list[str]]:
     """For the node agent (which knows only its payload): remove_argv of the docker/podman
     container the payload runs, None when the payload is not one of ours."""
     p = list(payload)
-    if p[:3] == ["sh", "-c", TILDE_SCRIPT]:
-        p = p[3:4] + ["run"] + p[4:]
+    if p[:2] == ["sh", "-c"] and len(p) > 3 and p[2].startswith('r=$1; shift; exec "$0" "$r" '):
+        p = p[3:]
     if len(p) < 4 or p[0] not in ("docker", "podman") or p[1] != "run" or "--name" not in p:
         return None
     return remove_argv(p[0], p[p.index("--name") + 1])
@@ -438,7 +558,7 @@ def preflight_local(nodes, run: Callable = subprocess.run) -> None:
         if ref is None or (ref.runtime, ref.image, ref.pull) in done:
             continue
         done.add((ref.runtime, ref.image, ref.pull))
-        for check in preflight_checks(ref):
+        for check in [c for c in preflight_checks(ref) if not c.compare_only]:
             try:
                 p = run(list(check.argv), capture_output=True, text=True, timeout=1800)
             except FileNotFoundError:

@@ -178,3 +178,32 @@ def bed(testbed, tmp_path):
     b = Bed(testbed, tmp_path)
     yield b
     stop_leftover_runs(b)
+
+
+@pytest.fixture(scope="session")
+def small_image():
+    """tests/test_image_build.py's small training image, built once per session (podman's layer
+    cache makes a rebuild of unchanged inputs take seconds): ``ddp-train-small:torch<v>-cpu-<commit>``."""
+    import subprocess
+    import time
+
+    from tests.test_container_podman import _podman_problem, podman_args
+    problem = _podman_problem() or (None if os.path.exists("/usr/sbin/debootstrap") or
+                                    subprocess.run(["podman", "image", "exists", "localhost/ddp-base:bookworm"]
+                                                   ).returncode == 0 else "debootstrap is not installed")
+    if problem:
+        pytest.fail(problem) if _in_ci() else pytest.skip(problem)
+    t0 = time.monotonic()
+    p = subprocess.run([sys.executable, "image/build.py", "--small",
+                        *[f"--build-opt={a}={b}" for a, b in zip(podman_args()[::2], podman_args()[1::2])]],
+                       cwd=REPO_ROOT, capture_output=True, text=True, timeout=1200)
+    assert p.returncode == 0, p.stderr[-3000:]
+    tag = p.stdout.strip().splitlines()[-1]
+    print(f"small image {tag} built in {time.monotonic() - t0:.0f} s")
+    # one tag per commit would pile up: keep this one (and the base), the cache for the next run
+    old = subprocess.run(["podman", "images", "--format", "{{.Repository}}:{{.Tag}}", "localhost/ddp-train-small"],
+                         capture_output=True, text=True).stdout.split()
+    for t in old:
+        if t != tag and t != f"localhost/{tag}":
+            subprocess.run(["podman", "rmi", t], capture_output=True)
+    return tag, p.stderr

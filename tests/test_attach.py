@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from cluster import attach
+from cluster import container as ctr
 from cluster.config import Host, Inventory, SSHSettings
 from cluster.container import ContainerRef
 from cluster.errors import UserError
@@ -61,11 +62,13 @@ def test_shell_goes_into_the_running_container_or_a_new_one_of_the_image():
     assert argv[:4] == ["podman", "exec", "-it", "-w"] and "ddp-r1-gpu1" in argv and assigns == []
     assert argv[argv.index("-w") + 1] == "/w d" and "A=x y" in argv
     argv, _ = attach.shell_argv(target(ref), running=False)
-    assert argv[:4] == ["podman", "run", "--rm", "-it"] and "--rootfs" in argv and "/w d:/w d" in argv
+    # a fresh container runs as the submitting user: the host's shell adds --user "$(id -u):$(id -g)"
+    assert argv[:3] == ["sh", "-c", ctr.host_script("self", False)]
+    assert argv[3:7] == ["podman", "run", "--rm", "-it"] and "--rootfs" in argv and "/w d:/w d" in argv
     assert argv[argv.index("--rootfs") + 1] == "/:O"
     ref = ContainerRef("docker", "ddp-r1-gpu1", "nvcr.io/nvidia/pytorch:24.05-py3", False, "r1")
     argv, _ = attach.shell_argv(target(ref), running=False)
-    assert argv[argv.index("sh") - 1] == "nvcr.io/nvidia/pytorch:24.05-py3"
+    assert argv[-4:-2] == ["nvcr.io/nvidia/pytorch:24.05-py3", "sh"]
     # no container: the user's shell with the run's environment as assignments
     argv, assigns = attach.shell_argv(target())
     assert argv[:2] == ["sh", "-c"] and assigns == ["A=x y", "CLUSTER_RUN_ID=r1"]

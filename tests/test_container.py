@@ -126,13 +126,55 @@ def test_golden_slurm_srun_args_and_apptainer(tmp_path):
     check_golden("container_slurm.txt", "\n".join(lines) + "\n")
 
 
+def test_golden_quotas_and_user_per_runtime(tmp_path):
+    """container.cpus/memory_gb/pids/user on every runtime, with the hostile job around them."""
+    lines = []
+    for user in ("self", "root"):
+        over = dict(cpus=1.5, memory_gb=2, pids=512, user=user)
+        for runtime in ("docker", "podman"):
+            node = rack_plan(tmp_path, runtime, **over).nodes[0]
+            lines += [f"# {runtime}, user {user}", node.shell()]
+        node = rack_plan(tmp_path, "podman", "~/ddp runs", **over).nodes[0]
+        lines += [f"# podman, ~ workdir, user {user}", node.shell()]
+        spec = load_job(job_file(tmp_path, **over)).job.container
+        lines += [f"# apptainer, user {user}", shlex.join(container.apptainer_exec(
+            spec, ["python3", "-m", "train"], workdir="/shared/ddp runs", env={"CLUSTER_RUN_ID": "r1"}, gpus=4))]
+        lines += [f"# pyxis, user {user}, 4 tasks per node", *container.srun_args(
+            replace(spec, pids=None), workdir="/shared/ddp runs", env_names=["CLUSTER_RUN_ID"], tasks_per_node=4)]
+    check_golden("container_quotas.txt", "\n".join(lines) + "\n")
+
+
+def test_quota_defaults_and_refusals(tmp_path):
+    """Defaults: no cpu/memory cap, 16384 pids on docker/podman; apptainer and pyxis add nothing
+    unasked; pyxis cannot limit pids (SLURM has no such limit): a clear error."""
+    s = list(rack_plan(tmp_path, "podman").nodes[0].payload())
+    assert s[s.index("--pids-limit") + 1] == "16384"
+    assert "--cpus" not in s and "--memory" not in s and "--user" not in s[3:]   # --user: the host's shell
+    spec = load_job(job_file(tmp_path)).job.container
+    a = container.apptainer_exec(spec, ["x"], workdir="/w", env={}, gpus=0)
+    assert not {"--cpus", "--memory", "--pids-limit", "--fakeroot"} & set(a)
+    # apptainer applies quotas through cgroups: preflight checks it can (root, or cgroups v2)
+    ref = container.ContainerRef("apptainer", "", "/i.sif", False, "r", quotas=True)
+    check = container.preflight_checks(ref)[1]
+    assert check.argv == ("sh", "-c", container.APPTAINER_CGROUPS) and "cgroups v2" in check.problem
+    assert container.preflight_checks(replace(ref, quotas=False))[1].argv == ("test", "-r", "/i.sif")
+    with pytest.raises(UserError, match="no per-job process limit"):
+        container.srun_args(replace(spec, pids=100), workdir="/w")
+    # the OOM watcher sits around torchrun only when memory is limited
+    m = list(rack_plan(tmp_path, "podman", memory_gb=1).nodes[0].payload())
+    i = m.index("nvcr.io/nvidia/pytorch:24.05-py3")
+    assert m[i + 1:i + 5] == ["sh", "-c", container.OOM_SCRIPT, "1"] and m[i + 5] == "python3"
+
+
 # ---------------------------------------------------------------- mapping details
 def test_docker_and_podman_flags(tmp_path):
     d = rack_plan(tmp_path, "docker").nodes[0].payload()
     p = rack_plan(tmp_path, "podman").nodes[0].payload()
     for argv, gpu in ((d, ["--gpus", "all"]), (p, ["--device", "nvidia.com/gpu=all"])):
         s = list(argv)
-        assert s[:2] in (["docker", "run"], ["podman", "run"])
+        # the host's shell runs "<runtime> run" with --user "$(id -u):$(id -g)" (the default: user self)
+        assert s[:3] == ["sh", "-c", container.host_script("self", False)]
+        assert s[3:5] in (["docker", "run"], ["podman", "run"])
         for flag in (["--rm"], ["--init"], ["--network", "host"], gpu, ["--shm-size", "32g"],
                      ["--ulimit", "memlock=-1:-1"], ["--ulimit", "stack=67108864:67108864"],
                      ["--pull", "never"], ["-v", "/srv/ddp runs:/srv/ddp runs"], ["-w", "/srv/ddp runs/runs/hostile-golden"],
@@ -170,7 +212,7 @@ def test_runtime_per_host_and_job_override(tmp_path):
     inv = load_inventory(path)
     job = load_job(job_file(tmp_path)).job
     plan = make_plan(inv, job, "r", {h.name: 0 for h in inv.hosts})
-    assert [n.payload()[0] for n in plan.nodes] == ["docker", "podman", "docker"]
+    assert [n.payload()[3] for n in plan.nodes] == ["docker", "podman", "docker"]   # after sh -c SCRIPT (--user)
     job = load_job(job_file(tmp_path, runtime="apptainer")).job
     assert {n.container.runtime for n in make_plan(inv, job, "r", {h.name: 0 for h in inv.hosts}).nodes} == {"apptainer"}
     path.write_text("defaults: {gpus: 0, workdir: /w}\nhosts:\n  - name: a\n")
@@ -203,6 +245,16 @@ def test_image_mapping_per_runtime():
     ("env", {"1X": "v"}, "not a valid environment variable name"),
     ("env", {"CLUSTER_RUN_ID": "v"}, "CLUSTER_RUN_ID"),
     ("shm_gb", -1, "at least|0 or more"),
+    ("cpus", 0, "above 0"),
+    ("memory_gb", -1, "above 0"),
+    ("pids", 0, "above 0"),
+    ("pids", "many", "integer"),
+    ("cpus", float("inf"), "finite"),                 # numbers finite (schema) and in range (check_spec)
+    ("memory_gb", float("nan"), "finite"),
+    ("cpus", 5000, "at most 4096"),
+    ("pids", 10**9, "at most"),
+    ("pids", 1.5, "whole number|integer"),
+    ("user", "bob; id", "one of|not a container user"),
 ])
 def test_bad_container_sections_are_user_errors(tmp_path, field, value, match):
     """Caught when the job is loaded (config) or at the latest when the plan is made (container)."""
@@ -223,13 +275,17 @@ def test_rootfs_is_podman_only_and_enroot_is_slurm_only(tmp_path):
 
 def test_preflight_commands():
     P = container.preflight_argv
+    # the last check prints the image's digest: preflight compares it across the run's hosts
     assert P("podman", "img:1") == [["podman", "version", "--format", "{{.Client.Version}}"],
-                                    ["podman", "image", "exists", "img:1"]]
+                                    ["podman", "image", "exists", "img:1"],
+                                    ["podman", "image", "inspect", "--format", "{{.Id}}", "img:1"]]
     assert P("docker", "img:1", pull=True) == [["docker", "version", "--format", "{{.Server.Version}}"],
-                                               ["docker", "pull", "-q", "img:1"]]
+                                               ["docker", "pull", "-q", "img:1"],
+                                               ["docker", "image", "inspect", "--format", "{{.Id}}", "img:1"]]
+    assert len(P("docker", "img:1")) == 2 and len(P("podman", "rootfs:/")) == 2   # inspect is the digest
     assert P("docker", "img:1")[1] == ["docker", "image", "inspect", "--format", "{{.Id}}", "img:1"]
     assert P("podman", "rootfs:/")[1] == ["test", "-d", "/"]
-    assert P("apptainer", "/img/t.sif")[1] == ["test", "-r", "/img/t.sif"]
+    assert P("apptainer", "/img/t.sif")[1:] == [["test", "-r", "/img/t.sif"], ["sha256sum", "/img/t.sif"]]
     assert P("apptainer", "docker://t:1")[1] == ["apptainer", "exec", "docker://t:1", "true"]
     assert container.remove_argv("podman", "n") == ["podman", "rm", "--force", "--ignore", "--time", "0", "n"]
     assert container.remove_argv("docker", "n") == ["docker", "rm", "--force", "n"]
@@ -346,11 +402,36 @@ def test_shell_line_delivers_argv_byte_exact(tmp_path, runtime, tilde):
         assert got["env"] == dict(a.split("=", 1) for a in want[1:start])
         assert got["env"]["APPTAINERENV_NL"] == "line1\nline2"
         want = want[start + 1:]
-    elif tilde:    # sh -c 'exec "$0" run -v "$CLUSTER_CODE_DIR:$CLUSTER_CODE_DIR" -w "$PWD" "$@"' podman ...
-        assert want[:4] == ["sh", "-c", container.TILDE_SCRIPT, "podman"]
-        want = ["run", "-v", f"{wd}:{wd}", "-w", str(wd / "runs" / "hostile-golden")] + want[4:]
-    else:
-        want = want[1:]
+    else:                            # sh -c 'r=$1; shift; exec "$0" "$r" --user ... "$@"' podman run ...
+        # the host's shell adds the submitting user's uid:gid after "run", and for a ~ workdir the
+        # code's directory (CLUSTER_CODE_DIR) mounted and the run directory ($PWD) as the working one
+        assert want[:5] == ["sh", "-c", container.host_script("self", tilde), runtime, "run"]
+        user = ["--user", f"{os.getuid()}:{os.getgid()}"]
+        here = ["-v", f"{wd}:{wd}", "-w", str(wd / "runs" / "hostile-golden")] if tilde else []
+        want = ["run"] + user + here + want[5:]
     assert got["argv"] == want
     assert got["cwd"] == str(wd / "runs" / "hostile-golden")      # the run directory, not the code
     assert not Path(PWNED).exists() and not (wd / "pwned").exists()
+
+
+# ---------------------------------------------------------------- one image everywhere (cluster/image.py)
+def test_digest_mismatch_names_the_hosts():
+    from cluster import image
+    image.compare("img:1", {"gpu01": "sha256:aa", "gpu02": "sha256:aa"})          # the same: nothing
+    with pytest.raises(UserError) as e:
+        image.compare("img:1", {"gpu01": "sha256:" + "a" * 64, "gpu02": "sha256:" + "a" * 64,
+                                "gpu03": "sha256:" + "b" * 64, "gpu04": None})
+    msg = e.value.render()
+    assert "image img:1 is not the same on every host (gpu[01-02]: sha256:aaaaaaaaaaaa...; gpu03: sha256:bbb" in msg
+    assert "gpu04: missing" in msg and "python -m cluster image push img:1" in msg
+    assert image.digest_of("0123abcd  /shared/t.sif\n") == "sha256:0123abcd"
+    assert image.digest_of("sha256:feed\n") == "sha256:feed"
+
+
+def test_image_push_refuses_what_it_cannot_do(tmp_path):
+    from cluster.cli import main
+    local = tmp_path / "local.yaml"
+    local.write_text("hosts:\n  - name: localhost\n")
+    assert main(["image", "push", "img:1", "-i", str(local)]) == 2
+    inv = rack(tmp_path, "podman")
+    assert main(["image", "push", "img:1", "-i", str(inv.path), "--hosts", "gpu09"]) == 2

@@ -170,3 +170,51 @@ def test_preflight_refuses_a_missing_image_before_anything_starts(podman, tmp_pa
     assert "localhost: container: image localhost/ddp-no-such-image:0 is not present" in p.stderr
     assert "podman pull localhost/ddp-no-such-image:0" in p.stderr and "Traceback" not in p.stderr
     assert not runs.exists() or not any(runs.iterdir())
+
+
+# ---------------------------------------------------------------- quotas and identity (issue 20)
+def _limits_job(tmp_path, name, out, **env):
+    return write_job(tmp_path, name, module="tests.fixtures.limits", cpu_procs_per_node=1,
+                     env={"LIMITS_OUT": "/out", **env},
+                     container={"cpus": 1, "memory_gb": 1, "mounts": [f"{out}:/out"]})
+
+
+def test_quotas_and_the_submitting_users_identity_inside(podman, tmp_path):
+    """cpus=1, memory_gb=1: the container's own cgroup files say so; the rank runs as the
+    submitting uid/gid and the file it writes to a mounted volume belongs to that user."""
+    runs, out = tmp_path / "runs", tmp_path / "vol"
+    out.mkdir()
+    out.chmod(0o777)
+    rid = submit(runs, _limits_job(tmp_path, "quota", out))
+    st = wait_state(runs, rid, {"SUCCEEDED", "FAILED"}, timeout=120)
+    logs = cli(runs, "logs", rid).stdout
+    assert st["state"] == "SUCCEEDED", logs[-3000:]
+    seen = json.loads(next(l for l in logs.splitlines() if "] LIMITS " in l).split("LIMITS ", 1)[1])
+    quota, period = map(int, seen["cpu_max"].split())
+    assert quota == period                                   # one core's worth of time per period
+    assert int(seen["memory_max"]) == 1 << 30
+    assert seen["pids_max"] == "16384"                        # the default
+    assert (seen["uid"], seen["gid"]) == (os.getuid(), os.getgid())
+    f = out / "written-by-rank0.txt"
+    assert (f.stat().st_uid, f.stat().st_gid) == (os.getuid(), os.getgid())
+    assert containers(rid) == []
+
+
+def test_over_the_memory_limit_is_oom_killed_and_diagnosed(podman, tmp_path):
+    runs, out = tmp_path / "runs", tmp_path / "vol"
+    out.mkdir()
+    # podman's conmon (2.1 here) writes an empty file 'oom' into its working directory, the run's
+    # workdir, when the container hit its memory limit: remove what this test made
+    stray = Path(__file__).resolve().parent.parent / "oom"
+    ours = not stray.exists()
+    rid = submit(runs, _limits_job(tmp_path, "oom", out, LIMITS_EAT_MB="1500"))
+    st = wait_state(runs, rid, {"SUCCEEDED", "FAILED"}, timeout=120)
+    if ours:
+        stray.unlink(missing_ok=True)
+    logs = cli(runs, "logs", rid).stdout
+    assert st["state"] == "FAILED", logs[-3000:]
+    assert "still alive after eating" not in logs
+    assert "container: out of memory: the kernel killed" in logs
+    ids = [f["pattern_id"] for f in st["failure"]["findings"]]
+    assert ids[0] == "container-oom-killed", ids
+    assert containers(rid) == []

@@ -182,8 +182,10 @@ def test_preflight_commands_on_each_host(cl):
         for argv in container.preflight_argv("podman", "rootfs:/"):
             p = cl.ssh(h.name, shlex.join(argv))
             assert p.returncode == 0, (h.name, argv, p.stderr)
-        runtime_ok, image_check = container.preflight_argv("podman", "localhost/ddp-no-such-image:0")
+        # the last check reads the image's digest (compared across hosts): it fails too when missing
+        runtime_ok, image_check, digest_check = container.preflight_argv("podman", "localhost/ddp-no-such-image:0")
         assert cl.ssh(h.name, shlex.join(image_check)).returncode == 1
+        assert cl.ssh(h.name, shlex.join(digest_check)).returncode != 0
         assert cl.ssh(h.name, "nosuchruntime --version").returncode == 127
 
 

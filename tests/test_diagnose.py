@@ -35,6 +35,7 @@ EXPECTED = {
     "ddp_unused_parameters": ["ddp-unused-parameters"],
     "gloo_collective_timeout": ["collective-timeout"],
     "host_oom_killed": ["host-oom-killed", "nccl-network"],
+    "container_oom_killed": ["container-oom-killed", "host-oom-killed"],
     "dataloader_workers": ["dataloader-slow"],
     "missing_module": ["missing-module"],
     "disk_full": ["disk-full", "nccl-network"],

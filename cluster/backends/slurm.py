@@ -479,7 +479,8 @@ def _in_container(job: Job, host, workdir: str, run_dir: Path, argv: list[str], 
     runs = [] if str(run_dir).startswith(workdir + "/") else [f"{run_dir}:{run_dir}"]
     if runtime == "enroot":
         names = sorted(env) + ["MASTER_ADDR", "MASTER_PORT"]
-        srun = container.srun_args(spec, workdir=workdir, mounts=runs, env_names=names)
+        srun = container.srun_args(spec, workdir=workdir, mounts=runs, env_names=names,
+                                   tasks_per_node=procs_for(gpus, job))
         return shlex.quote(inner[0]), inner, srun
     if runtime == "apptainer":
         binds = [container.parse_mount(m) for m in runs]

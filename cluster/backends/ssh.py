@@ -255,8 +255,10 @@ class SSHBackend(Backend):
 
     def _container_preflight(self, plan: Plan) -> None:
         """Jobs in a container: the runtime works and the image is there, on every host (cluster/container.py)."""
-        from ..container import check_failed, preflight_checks
+        from ..container import check_digests, check_failed, preflight_checks
         checks = {n.host: preflight_checks(n.container) for n in plan.nodes if n.container is not None}
+        images = {n.host: n.container.image for n in plan.nodes if n.container is not None}
+        digests: dict[str, dict[str, str]] = {}     # image -> host -> digest check's output
         for i in range(max((len(c) for c in checks.values()), default=0)):
             todo = {h: c[i] for h, c in checks.items() if i < len(c)}
             res = self.pool.run({h: quote_argv(c.argv) for h, c in todo.items()}, timeout_s=1800,
@@ -266,8 +268,17 @@ class SSHBackend(Backend):
             if bad:
                 raise UserError("container preflight failed, nothing was started:\n  " +
                                 "\n  ".join(b.render().replace("error: ", "", 1) for b in bad), hint=bad[0].hint)
+            for h, c in todo.items():
+                if c.digest:
+                    digests.setdefault(images[h], {})[h] = res[h].stdout
             for h in [h for h in checks if h in res.failed]:
                 checks.pop(h)
+        for image, outputs in digests.items():      # one image everywhere: all or nothing
+            try:
+                check_digests(image, outputs)
+            except UserError as e:
+                raise UserError("container preflight failed, nothing was started: " + e.message,
+                                key="container.image", hint=e.hint) from None
 
     # ---- prepare: code and checkpoints
     def prepare(self, plan: Plan, run: Run) -> None:

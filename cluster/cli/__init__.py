@@ -8,7 +8,7 @@ import sys
 from ..errors import UserError
 
 VERBS = ("submit", "plan", "status", "logs", "stop", "doctor", "report", "exec", "gpus", "shell", "jupyter",
-         "top", "tensorboard")
+         "top", "tensorboard", "image")
 
 
 class _Parser(argparse.ArgumentParser):

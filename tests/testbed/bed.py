@@ -66,6 +66,7 @@ DAEMON_BINARIES = {
 DEB_PACKAGES = (
     "slurm-wlm", "munge", "openssh-server", "openssh-client", "rsync",
     "podman", "runc", "iproute2", "util-linux",
+    "debootstrap", "docker.io",       # the small training image's base; the docker engine tests
     "tmux", "chromium",     # cluster top under a real terminal; TensorBoard and report pages in a real browser
 )
 
