@@ -67,12 +67,13 @@ def main() -> None:
             from cluster import heartbeat
             heartbeat.beat(epoch + 1, total=args.epochs)
         dist.barrier()                         # the snapshot is complete before anyone goes on
+    del ddp                                    # DDP's reducer goes before the process group it uses
     dist.destroy_process_group()
-    # gloo's threads can abort the interpreter's own teardown at exit ("terminate called without
-    # an active exception", exit 134 at times under srun and torchrun): everything is saved, so
-    # leave without it
-    sys.stdout.flush()
-    os._exit(0)
+    if "SLURM_JOB_ID" in os.environ:
+        # under srun, gloo's threads can abort the interpreter's own teardown ("terminate called
+        # without an active exception", exit 134): everything is saved, so leave without it
+        sys.stdout.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":
