@@ -22,7 +22,7 @@ submit/pdsh command: ``returned`` (the command came back: every agent started), 
 (every rank's process is up) and ``joined`` (every rank passed the rendezvous).
 
 Logs: one writer per host appends ``[host r] seq=N t=...`` lines into that host's log file;
-the merger (cluster/logs.py Merger over the backend's SFTP log sources, polled as ``logs -f``
+the merger (cluster/run/logs.py Merger over the backend's SFTP log sources, polled as ``logs -f``
 does) reads them; reported: lines/s through the merger, write-to-merged latency (p50/p99/max),
 and that no line is missing or repeated.
 """
@@ -102,7 +102,7 @@ class Hosts:
         self.addr = {name: f"{prefix}{10 + i}" for i, name in enumerate(self.names, 1)}
         self.interface = "lo" if loopback else "eth0"
         sys.path.insert(0, str(REPO))
-        from cluster.hostside import _gpu_count
+        from cluster.node.probe import _gpu_count
         self.gpus = _gpu_count({})   # what preflight finds on every host: they are all this machine
         for env in self.host_env.values():
             if "CUDA_VISIBLE_DEVICES" in env:
@@ -375,9 +375,9 @@ def writer(path: Path, host: str, rate: int, seconds: float, start_at: float) ->
 def bench_logs(hosts: Hosts, n: int, rate_per_host: int, seconds: float, log) -> dict:
     sys.path.insert(0, str(REPO))
     from cluster.backends.ssh import SSHBackend, SSHLogSource
-    from cluster.config import load_inventory
-    from cluster.logs import Merger
-    from cluster.sync import remote_path
+    from cluster.spec.config import load_inventory
+    from cluster.run.logs import Merger
+    from cluster.backends.rsync import remote_path
     inv = load_inventory(hosts.inventory(n))
     be = SSHBackend(inv)
     rid = f"logbench-{time.time_ns()}"

@@ -1,4 +1,4 @@
-"""How long `plan` takes on inputs at the size limits (cluster/hostlist.py MAX_HOSTS, yamlsrc.MAX_BYTES).
+"""How long `plan` takes on inputs at the size limits (cluster/spec/hostlist.py MAX_HOSTS, yamlsrc.MAX_BYTES).
 
     .venv/bin/python bench/bench_load.py          # one line per case: seconds (best of 3), exit code
 

@@ -1,5 +1,5 @@
 """Dataset staging speed: one source (this machine) to N hosts of an inventory, packed vs loose,
-ours (cluster/stage.py: check, rsync, verify, stamp) against plain `rsync -a` of the same tree.
+ours (cluster/backends/stage.py: check, rsync, verify, stamp) against plain `rsync -a` of the same tree.
 
     python bench/bench_stage.py --inventory .testbed/inventory.yaml [--images 2000] [--out DIR]
 
@@ -25,10 +25,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.imageset import make  # noqa: E402
-from cluster.config import DataSpec, load_inventory  # noqa: E402
-from cluster.remote import Pool  # noqa: E402
-from cluster.stage import Stager, describe, host_path  # noqa: E402
-from cluster.sync import parallel, ssh_command  # noqa: E402
+from cluster.spec.config import DataSpec, load_inventory  # noqa: E402
+from cluster.backends.transport import Pool  # noqa: E402
+from cluster.backends.stage import Stager, describe, host_path  # noqa: E402
+from cluster.backends.rsync import parallel, ssh_command  # noqa: E402
 from train.pack import pack  # noqa: E402
 
 

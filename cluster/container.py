@@ -30,7 +30,7 @@ adds them after ``run`` (``host_script``, the one deliberate shell expression): 
 user's uid:gid (``user: self``, the default: files written to mounts are theirs; ``user: root``
 gives --user 0:0 instead) and, for a workdir under ``~`` (the ssh default), ``-v
 "$CLUSTER_CODE_DIR:$CLUSTER_CODE_DIR" -w "$PWD"``: the code's directory the agent set
-(cluster/agent.py) and the run directory it starts in.
+(cluster/node/agent.py) and the run directory it starts in.
 
 Quotas (``cpus``, ``memory_gb``, ``pids``) map to each runtime's flags (``limits``); pyxis gets
 SLURM's (--cpus-per-task, --mem). With a memory limit, OOM_SCRIPT in the image waits for torchrun
@@ -44,9 +44,9 @@ import subprocess
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, NamedTuple, Optional, Sequence
 
-from .errors import UserError
-from .image import compare as compare_digests, digest_argv, digest_of
-from .yamlsrc import show
+from cluster.errors import UserError
+from cluster.image import compare as compare_digests, digest_argv, digest_of
+from cluster.spec.yamlsrc import show
 
 RUNTIMES = ("docker", "podman", "apptainer", "enroot")
 ROOTFS = "rootfs:"                       # podman image "rootfs:/" -> --rootfs /:O
@@ -83,7 +83,7 @@ def host_script(user: str, tilde: bool) -> Optional[str]:
     return 'r=$1; shift; exec "$0" "$r" ' + " ".join(extra) + ' "$@"' if extra else None
 
 
-# set by the agent on the host (cluster/agent.py: run_environment), passed through by name
+# set by the agent on the host (cluster/node/agent.py: run_environment), passed through by name
 PASS_ENV = ("CLUSTER_RUN_DIR", "CLUSTER_CODE_DIR", "CLUSTER_CHECKPOINT_DIR", "PYTHONPATH")
 _ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _URI = re.compile(r"^[a-z][a-z0-9+.-]*://")

@@ -24,8 +24,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Mapping, Optional
 
-from . import hostlist
-from .errors import UserError
+from cluster.spec import hostlist
+from cluster.errors import UserError
 
 CHUNK = 1 << 20
 
@@ -75,8 +75,8 @@ def push(inv, names: list[str], image: str, runtime: str, fanout: int = 4,
          say: Callable[[str], None] = print) -> dict[str, str]:
     """Copy ``image`` to the hosts ``names`` that lack its digest; host -> 'copied' or 'up to date'.
     Raises UserError naming every host where the copy failed (the others keep theirs)."""
-    from .attach import ssh_client_argv
-    from .fanout import run_argv
+    from cluster.backends.attach import ssh_client_argv
+    from cluster.backends.fanout import run_argv
     want = _local_digest(runtime, image)
     res = run_argv(inv, names, digest_argv(runtime, image), timeout_s=600)
     have = {h: digest_of(r.stdout) if r.ok else None for h, r in res.items()}

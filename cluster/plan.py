@@ -10,13 +10,13 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
-from .config import Host, Inventory, Job
-from .errors import UserError
-from .remote import quote_argv, shell_word
+from cluster.spec.config import Host, Inventory, Job
+from cluster.errors import UserError
+from cluster.backends.transport import quote_argv, shell_word
 
 RUNS = "runs"
 PYTHON = "{python}"     # in command: the interpreter the job runs (the inventory's, or the container's)
-CODE = "{code}"         # in command: the code's directory on the host (filled in there: cluster/agent.py)
+CODE = "{code}"         # in command: the code's directory on the host (filled in there: cluster/node/agent.py)
 
 
 @dataclass(frozen=True)
@@ -119,7 +119,7 @@ def make_plan(inv: Inventory, job: Job, run_id: str, gpus: Mapping[str, int], *,
 
     ``local_runs`` is where runs/ lives on this machine, relative to the repo if inside it.
     ``gang_port``: the agents of a multi-node run keep a gang on node 0's address and this port
-    (one failed node stops all; cluster/agent.py).
+    (one failed node stops all; cluster/node/agent.py).
     """
     hosts = select_hosts(inv, job)
     procs = [procs_for(gpus[h.name], job) for h in hosts]
@@ -157,15 +157,15 @@ def make_plan(inv: Inventory, job: Job, run_id: str, gpus: Mapping[str, int], *,
         ]
         payload_python = h.python
         if job.container is not None:
-            from .container import inner_python
+            from cluster.container import inner_python
             payload_python = inner_python(job.container, h)
         torchrun += _payload(job, payload_python)
         ref = None
         if job.container is not None:   # containers (cluster/container.py): torchrun in the image, agent outside
-            from .container import wrap_node
+            from cluster.container import wrap_node
             torchrun, ref = wrap_node(job.container, h, run_id=run_id, run_dir=run_dir, env=env,
                                       payload_argv=torchrun, gpus=gpus[h.name])
-        agent = [h.python, "-m", "cluster.agent", "--run-dir", run_dir, "--host", h.name,
+        agent = [h.python, "-m", "cluster.node.agent", "--run-dir", run_dir, "--host", h.name,
                  "--node-rank", str(rank)]
         for d in module_dirs(job):
             agent += ["--module-dir", d]
@@ -215,7 +215,7 @@ def _payload(job: Job, python: str = "python3") -> list[str]:
 
 def _preload(job: Job) -> list[str]:
     """What a warm start's fork server imports after torch, so that each worker need not
-    (cluster/warmworker.py): train/'s modules (and torchvision for its models), or the packages
+    (cluster/node/warmworker.py): train/'s modules (and torchvision for its models), or the packages
     that ``python -m pkg.mod`` imports before it runs the module anyway."""
     if job.train is not None:
         mods = ["train.loop"]

@@ -7,11 +7,12 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from . import backends, hostlist
-from .config import check_profile_overrides, check_run_id, inventory_from_plain, load_inventory, load_job
-from .errors import UserError
-from .runs import Run, State, git_commit, new_run_id
-from .schema import to_plain
+from cluster import backends
+from cluster.spec import hostlist
+from cluster.spec.config import check_profile_overrides, check_run_id, inventory_from_plain, load_inventory, load_job
+from cluster.errors import UserError
+from cluster.run.records import Run, State, git_commit, new_run_id
+from cluster.spec.schema import to_plain
 
 
 def resolve(job_name: str, overrides: list[str], inventory: Optional[str], backend: Optional[str],
@@ -48,21 +49,21 @@ def resolve(job_name: str, overrides: list[str], inventory: Optional[str], backe
 
 def _local_runs() -> str:
     import os
-    from .config import REPO
-    from .runs import RUNS_DIR
+    from cluster.spec.config import REPO
+    from cluster.run.records import RUNS_DIR
     rel = os.path.relpath(RUNS_DIR, REPO)
     return str(RUNS_DIR) if rel.startswith("..") else rel
 
 
 def submit(job_name: str, overrides: list[str], inventory: Optional[str] = None,
            backend: Optional[str] = None, resume: Optional[str] = None) -> Run:
-    from .backends.base import progress
+    from cluster.backends.base import progress
     inv, be, loaded, plan = resolve(job_name, overrides, inventory, backend)
     for n in plan.notes:
         progress(n)
     resume_run = None
     if resume:
-        from .runs import resolve as resolve_run
+        from cluster.run.records import resolve as resolve_run
         resume_run = resolve_run(resume)
     progress(f"preflight: {len(plan.nodes)} node(s) ...")
     be.preflight(plan)
@@ -123,14 +124,14 @@ def seed_checkpoint(src: Run, dst: Run) -> list[str]:
     train's latest ``ckpt_*.pt`` and ``latest``, or else all of its checkpoints/ (CLUSTER_CHECKPOINT_DIR),
     and the job's own ``checkpoint.path``. Returns what was copied, relative to the run directory
     (the ssh backend puts exactly that on the node(s) that need it)."""
-    from .sync import checkpoint_path
+    from cluster.backends.rsync import checkpoint_path
     own = checkpoint_path(src.data)
     stored = src.data.get("checkpoint_dir")           # ssh: the storage copy
     ckpts = Path(stored or src.dir / "checkpoints")
     if src.data.get("backend") == "ssh" and (src.data.get("plan") or {}).get("nodes"):
         # the run may have ended a moment ago, before its watcher's last sync: fetch node 0's newest now
-        from .backends.base import progress
-        from .sync import pull_checkpoints
+        from cluster.backends.base import progress
+        from cluster.backends.rsync import pull_checkpoints
         inv = inventory_from_plain(src.data["inventory"])
         node0 = inv.host(src.data["plan"]["nodes"][0]["host"])
         r = pull_checkpoints(node0, inv.ssh, src.id, ckpts, own)
@@ -174,5 +175,5 @@ def _copy(src: Path, dst: Path) -> None:
 
 
 def backend_for(run: Run):
-    from .config import inventory_from_plain
+    from cluster.spec.config import inventory_from_plain
     return backends.get(run.data["backend"], inventory_from_plain(run.data["inventory"]))

@@ -1,5 +1,5 @@
 """shell and jupyter without the testbed: the ssh command line, container shells, node choice,
-a local shell through a pty, and the node-side server watcher (cluster.hostside._serve)."""
+a local shell through a pty, and the node-side server watcher (cluster.node.probe._serve)."""
 import json
 import os
 import socket
@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from cluster import attach
+from cluster.backends import attach
 from cluster import container as ctr
-from cluster.config import Host, Inventory, SSHSettings
+from cluster.spec.config import Host, Inventory, SSHSettings
 from cluster.container import ContainerRef
 from cluster.errors import UserError
-from cluster.hostside import _host_source
-from cluster.runs import Run
-from cluster.schema import to_plain
+from cluster.node.probe import _host_source
+from cluster.run.records import Run
+from cluster.spec.schema import to_plain
 from tests.sshbed import pty_cli
 
 REPO = Path(__file__).resolve().parent.parent

@@ -4,11 +4,11 @@ from pathlib import Path
 
 import pytest
 
-from cluster import hostlist
+from cluster.spec import hostlist
 from cluster.cli import main
-from cluster.config import load_inventory, load_job
+from cluster.spec.config import load_inventory, load_job
 from cluster.errors import UserError
-from cluster.yamlsrc import parse_scalar
+from cluster.spec.yamlsrc import parse_scalar
 
 
 def write(tmp_path, name, text):
@@ -328,7 +328,7 @@ def test_inventory_examples_load_and_plan(title, text, tmp_path):
     text = plan.render()
     if inv.backend == "ssh":
         assert inv.hosts[0].python == "~/venv/bin/python"
-        assert "setsid ~/venv/bin/python -m cluster.agent" in text and "cd ~/ddp && " in text
+        assert "setsid ~/venv/bin/python -m cluster.node.agent" in text and "cd ~/ddp && " in text
 
 
 def test_readme_examples_load(tmp_path):
@@ -337,7 +337,7 @@ def test_readme_examples_load(tmp_path):
     import yaml
     blocks = _readme_yaml_blocks()
     assert blocks, "README.md shows no YAML example"
-    from cluster.config import Job
+    from cluster.spec.config import Job
     job_keys = set(Job.__dataclass_fields__) | {"profiles"}
     for i, text in enumerate(blocks):
         data = yaml.safe_load(text)

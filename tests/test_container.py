@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from cluster import container
-from cluster.config import REPO, ContainerSpec, load_inventory, load_job
+from cluster.spec.config import REPO, ContainerSpec, load_inventory, load_job
 from cluster.errors import UserError
 from cluster.plan import make_plan
 
@@ -340,7 +340,7 @@ def test_preflight_local_names_host_problem_and_fix(tmp_path):
 
 
 def test_remove_local_removes_by_name_and_reports_leftovers(tmp_path):
-    from cluster.schema import to_plain
+    from cluster.spec.schema import to_plain
     data = {"plan": to_plain(rack_plan(tmp_path, "docker"))}
     gone = FakeRun({("docker", "rm"): (0, ""), ("docker", "ps"): (0, "")})
     assert container.remove_local(data, run=gone) == []

@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from cluster import container
-from cluster.config import load_inventory, load_job
+from cluster.spec.config import load_inventory, load_job
 from cluster.plan import make_plan
 
 from tests.sshbed import pty_cli

@@ -1,4 +1,4 @@
-"""Diagnosis: known failures (cluster/failures.yaml) matched on real log excerpts (tests/logs),
+"""Diagnosis: known failures (cluster/run/failures.yaml) matched on real log excerpts (tests/logs),
 shown by `status` and `logs` for a failed run; hangs and stragglers from the heartbeats."""
 import json
 import os
@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from cluster import diagnose as dg
-from cluster import runs as runs_mod
+from cluster.run import diagnose as dg
+from cluster.run import records as runs_mod
 from cluster.cli import main
-from cluster.config import load_inventory
-from cluster.runs import Run
-from cluster.schema import to_plain
+from cluster.spec.config import load_inventory
+from cluster.run.records import Run
+from cluster.spec.schema import to_plain
 
 LOGS = Path(__file__).parent / "logs"
 REPO = Path(__file__).resolve().parent.parent
@@ -417,7 +417,7 @@ class _Logs:
 
 def _failed(host, t, code=1):
     from cluster.backends.base import NodeStatus
-    from cluster.runs import State
+    from cluster.run.records import State
     return NodeStatus(host, State.FAILED, exit_code=code, exit_time=t)
 
 
@@ -462,7 +462,7 @@ def test_a_node_the_gang_stopped_that_failed_by_itself_is_the_cause():
     # before its own failure was reported: its heartbeat still says what happened
     from cluster.backends.base import NodeStatus
     from cluster.backends.ssh import SSHBackend
-    from cluster.runs import State
+    from cluster.run.records import State
     logs = {"node1": _node_log("node1", 0, ["Traceback (most recent call last):",
                                             "OSError: [Errno 28] checkpoint: cannot write ckpt_20.pt "
                                             "(No space left on device; 40 kB free there)"], 1),
@@ -491,7 +491,7 @@ def test_a_killed_rank_on_a_node_the_gang_stopped_is_the_cause():
     # its torchrun ended: torchrun's summary still says its rank died by SIGKILL
     from cluster.backends.base import NodeStatus
     from cluster.backends.ssh import SSHBackend
-    from cluster.runs import State
+    from cluster.run.records import State
     logs = {"node1": _node_log("node1", 0, PEER_GONE, 1), "node2": _node_log("node2", 1, ["step 26/60 loss 1.91"], -9),
             "node3": _node_log("node3", 2, PEER_GONE, 1)}
     stopped = "stopped by the gang: node3 failed (exit code 1)"

@@ -31,7 +31,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cluster import remote
+from cluster.backends import transport as remote
 from cluster.backends import slurm as slurm_backend
 from cluster.cli import main
 from cluster.submit import resolve

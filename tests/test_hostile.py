@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster import runs as runs_mod
+from cluster.run import records as runs_mod
 from cluster.backends import local as local_backend
 from cluster.cli import main
 

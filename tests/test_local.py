@@ -76,7 +76,7 @@ def test_train_run_to_completion_with_logs_status_checkpoint(tmp_path):
     assert rid in table and "SUCCEEDED" in table
     assert not run_pids(rid)
     # the loss went down (rank 0's metrics, learnable synthetic data)
-    from cluster.report import read_metrics
+    from cluster.run.report import read_metrics
     losses = [r["loss_mean"] for r in read_metrics(runs / rid / "metrics")[0] if r.get("kind") == "train"]
     assert losses[-1] < losses[0], losses
     # one run's mean throughput, said twice and labelled: train's summary (all ranks, from the

@@ -1,6 +1,6 @@
 """The merger: whole lines only, resumes from byte offsets, filters by the line's [host rank]."""
 from cluster.backends.base import LogSource
-from cluster.logs import Merger
+from cluster.run.logs import Merger
 
 
 class Grow(LogSource):

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from cluster import diagnose as dg
-from cluster import heartbeat
-from cluster.agent import run_environment
-from cluster.config import load_inventory, load_job
+from cluster.run import diagnose as dg
+from cluster.node import heartbeat
+from cluster.node.agent import run_environment
+from cluster.spec.config import load_inventory, load_job
 from cluster.plan import make_plan
 from tests.test_local import cli, submit, wait_state
 from tests.test_plan import RACK

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.config import REPO, load_inventory, load_job
+from cluster.spec.config import REPO, load_inventory, load_job
 from cluster.plan import default_port, make_plan
 
 GOLDEN = Path(__file__).parent / "golden"

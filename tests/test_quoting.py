@@ -21,7 +21,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cluster.config import load_inventory, load_job
+from cluster.spec.config import load_inventory, load_job
 from cluster.plan import make_plan
 
 RUN_ID = "q-20260101-000000-abcd"

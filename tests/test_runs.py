@@ -1,10 +1,10 @@
-"""Run records (cluster/runs.py): how RUN names a run, damaged records, durable writes."""
+"""Run records (cluster/run/records.py): how RUN names a run, damaged records, durable writes."""
 import json
 
 import pytest
 
 from cluster.errors import UserError
-from cluster.runs import Run, all_runs, resolve
+from cluster.run.records import Run, all_runs, resolve
 
 
 def make(root, rid, job, created):

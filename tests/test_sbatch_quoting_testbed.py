@@ -14,7 +14,7 @@ import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from cluster.config import REPO
+from cluster.spec.config import REPO
 from cluster.submit import resolve
 from tests.test_fuzz import slurm_args
 

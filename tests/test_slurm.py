@@ -18,9 +18,9 @@ import pytest
 
 pytest.importorskip("submitit")
 
-from cluster.config import REPO, load_inventory, load_job  # noqa: E402
+from cluster.spec.config import REPO, load_inventory, load_job  # noqa: E402
 from cluster.errors import UserError  # noqa: E402
-from cluster.runs import Run, State  # noqa: E402
+from cluster.run.records import Run, State  # noqa: E402
 
 GOLDEN = Path(__file__).parent / "golden"
 CLUSTER_INV = """
@@ -144,13 +144,13 @@ def test_golden_sbatch_script_for_resnet50(tmp_path):
 
 def test_submitted_script_is_the_plan(tmp_path, fake_slurm, monkeypatch):
     """What sbatch receives is byte for byte what `plan` printed; nothing runs before --test-only."""
-    import cluster.runs
+    import cluster.run.records
     import cluster.submit
     runs = tmp_path / "runs"
     inv = write_inv(tmp_path)
     plan = cli("plan", "resnet50", "-i", inv, "--run-id", "resnet50-same", runs=runs)
     assert plan.returncode == 0, plan.stderr
-    monkeypatch.setattr(cluster.runs, "RUNS_DIR", runs)
+    monkeypatch.setattr(cluster.run.records, "RUNS_DIR", runs)
     monkeypatch.setattr(cluster.submit, "new_run_id", lambda job: "resnet50-same")
     run = cluster.submit.submit("resnet50", [], inventory=inv)
     calls = fake_slurm.calls()
@@ -212,7 +212,7 @@ def test_container_pyxis_and_apptainer(tmp_path):
     srun = text.splitlines()[-1]
     assert f" '--container-image=nvcr.io#nvidia/pytorch:24.05-py3' --container-mounts={REPO}:{REPO},/data:/data:ro " \
            f"--container-workdir={REPO} --container-env=CLUSTER_RUN_ID,MASTER_ADDR,MASTER_PORT,NCCL_DEBUG," \
-           "PYTHONUNBUFFERED python3 -u -m cluster.slurm_task python3 -u -m submitit.core._submit " in srun
+           "PYTHONUNBUFFERED python3 -u -m cluster.node.slurm_task python3 -u -m submitit.core._submit " in srun
     assert plan.task["argv"] == ["python3", "-m", "tests.fixtures.hello"]
     assert "\nexport NCCL_DEBUG=INFO\n" in text
 
@@ -310,7 +310,7 @@ MAPPING = [("PENDING", State.PENDING), ("REQUEUED", State.PENDING), ("RUNNING", 
 
 
 def _slurm_run(tmp_path, **handle) -> Run:
-    from cluster.schema import to_plain
+    from cluster.spec.schema import to_plain
     inv = load_inventory(write_inv(tmp_path))
     run = Run("r1", root=tmp_path / "runs")
     run.create({"id": "r1", "created": time.time(), "state": "STARTING", "backend": "slurm",
@@ -378,7 +378,7 @@ def test_first_failure_names_the_task_srun_reports(tmp_path, fake_slurm):
 
 def test_batch_log_lines_are_prefixed_and_resumable(tmp_path):
     from cluster.backends.slurm import PrefixedSource
-    from cluster.logs import Merger
+    from cluster.run.logs import Merger
     path = tmp_path / "b.log"
     path.write_bytes(b"srun: one\nsrun: tw")
     src = PrefixedSource("slurm", path, b"[slurm agent] ")
@@ -396,7 +396,7 @@ def test_batch_log_lines_are_prefixed_and_resumable(tmp_path):
 # ------------------------------------------------------------------------------------ the task
 def test_task_checkpoint_requeues_itself_unless_finished_or_off(tmp_path, monkeypatch):
     import cloudpickle
-    from cluster.slurm_task import SlurmTask
+    from cluster.node.slurm_task import SlurmTask
     monkeypatch.setenv("SLURM_JOB_ID", "5")
     (tmp_path / "r").mkdir()
     task = SlurmTask({"argv": ["true"], "workdir": str(tmp_path), "run_dir": "r", "requeue": True})
@@ -409,7 +409,7 @@ def test_task_checkpoint_requeues_itself_unless_finished_or_off(tmp_path, monkey
 
 
 def test_task_of_a_finished_run_does_not_run_again(tmp_path, monkeypatch):
-    from cluster.slurm_task import DONE, SlurmTask
+    from cluster.node.slurm_task import DONE, SlurmTask
     for k, v in {"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_JOB_ID": "5"}.items():
         monkeypatch.setenv(k, v)
     marker = tmp_path / "ran"
@@ -423,7 +423,7 @@ def test_task_of_a_finished_run_does_not_run_again(tmp_path, monkeypatch):
 
 
 def test_task_sets_ranks_from_slurm(tmp_path, monkeypatch):
-    from cluster.slurm_task import SlurmTask
+    from cluster.node.slurm_task import SlurmTask
     env = {"SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_NTASKS": "4", "SLURM_NODEID": "1",
            "SLURM_TASKS_PER_NODE": "2(x2)", "SLURM_JOB_ID": "5"}
     for k, v in env.items():
@@ -439,7 +439,7 @@ def test_task_sets_ranks_from_slurm(tmp_path, monkeypatch):
 def test_prefixer_prefixes_every_line_and_keeps_the_exit_code(tmp_path):
     env = {**os.environ, "SLURMD_NODENAME": "gpu07", "SLURM_PROCID": "5"}
     code = "import sys; print('out'); print('err', file=sys.stderr, flush=True); sys.stdout.write('tail'); sys.exit(3)"
-    p = subprocess.run([sys.executable, "-m", "cluster.slurm_task", sys.executable, "-c", code], cwd=REPO,
+    p = subprocess.run([sys.executable, "-m", "cluster.node.slurm_task", sys.executable, "-c", code], cwd=REPO,
                        env=env, capture_output=True, text=True, timeout=60)
     assert p.returncode == 3
     assert sorted(p.stdout.splitlines()) == ["[gpu07 5] err", "[gpu07 5] out", "[gpu07 5] tail"]

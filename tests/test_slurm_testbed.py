@@ -319,5 +319,5 @@ def _kill(pid, sig):
 
 
 def _expand(nodelist):
-    from cluster.hostlist import expand
+    from cluster.spec.hostlist import expand
     return expand(nodelist)

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from cluster.config import Host, SSHSettings, load_inventory, load_job
-from cluster.remote import GroupError, GroupResult, Pool, Result, fold, quote_argv, render_folded
-from cluster.sync import remote_path, shell_path, ssh_command, stale_files
+from cluster.spec.config import Host, SSHSettings, load_inventory, load_job
+from cluster.backends.transport import GroupError, GroupResult, Pool, Result, fold, quote_argv, render_folded
+from cluster.backends.rsync import remote_path, shell_path, ssh_command, stale_files
 
 REPO = Path(__file__).resolve().parent.parent
 HOSTILE = ["a 0", 'a"=0"', "a'; echo foo", "a\n0", "$(touch /tmp/x)", "`id`", "~user", "*", ""]
@@ -142,7 +142,7 @@ def test_ssh_plan_carries_the_gang_and_the_local_one_does_not(tmp_path):
 # ---------------------------------------------------------------- host-side code, run here
 def run_host_fn(fn, arg: dict, site=True) -> dict:
     """The exact command line the backend sends, through a real shell, JSON on stdin."""
-    from cluster.hostside import host_command
+    from cluster.node.probe import host_command
     p = subprocess.run(["sh", "-c", host_command(sys.executable, fn, site=site)], input=json.dumps(arg),
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
@@ -150,7 +150,7 @@ def run_host_fn(fn, arg: dict, site=True) -> dict:
 
 
 def test_probe_reports_versions_disk_ports_and_stale_files(tmp_path):
-    from cluster.hostside import _probe
+    from cluster.node.probe import _probe
     wd = tmp_path / "wd"
     (wd / "a").mkdir(parents=True)
     (wd / "a" / "f.txt").write_text("x")
@@ -169,7 +169,7 @@ def test_probe_reports_versions_disk_ports_and_stale_files(tmp_path):
 
 
 def test_leftovers_are_processes_of_ended_runs_in_the_workdir(tmp_path):
-    from cluster.hostside import _probe, _stop
+    from cluster.node.probe import _probe, _stop
     wd = tmp_path / "wd"
     (wd / "runs" / "old-1" / "state").mkdir(parents=True)
     (wd / "runs" / "old-1" / "state" / "h.exit").write_text('{"code": 1}')
@@ -186,7 +186,7 @@ def test_leftovers_are_processes_of_ended_runs_in_the_workdir(tmp_path):
 
 
 def test_stop_kills_what_ignores_term_and_verifies(tmp_path):
-    from cluster.hostside import _stop
+    from cluster.node.probe import _stop
     p = subprocess.Popen([sys.executable, "-c", "import signal,time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"],
                          cwd=tmp_path, env={**os.environ, "CLUSTER_RUN_ID": "r9"}, start_new_session=True)
     try:
@@ -199,7 +199,7 @@ def test_stop_kills_what_ignores_term_and_verifies(tmp_path):
 
 
 def test_status_reads_pid_exit_and_heartbeats(tmp_path):
-    from cluster.hostside import _status
+    from cluster.node.probe import _status
     run = tmp_path / "runs" / "r1"
     (run / "state").mkdir(parents=True)
     (run / "metrics").mkdir()
@@ -277,7 +277,7 @@ def start_agents(tmp_path, payloads, port):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     for i, payload in enumerate(payloads):
         procs.append(subprocess.Popen(
-            [sys.executable, "-m", "cluster.agent", "--run-dir", str(tmp_path / "run"), "--host", f"h{i}",
+            [sys.executable, "-m", "cluster.node.agent", "--run-dir", str(tmp_path / "run"), "--host", f"h{i}",
              "--node-rank", str(i), "--gang", f"127.0.0.1:{port}", "--gang-nodes", str(len(payloads)),
              "--kill-grace-s", "3", "--", *payload],
             env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -339,7 +339,7 @@ def test_gang_survives_a_clean_run_and_a_lost_agent_stops_the_rest(tmp_path):
 
 
 def _gang_run(tmp_path):
-    from cluster.runs import Run
+    from cluster.run.records import Run
     r = Run("cut-1", tmp_path)
     r.create({"plan": {"nodes": [{"host": "node1"}, {"host": "node2"}, {"host": "node3"}]}})
     return r
@@ -348,7 +348,7 @@ def _gang_run(tmp_path):
 def _cut_nodes(reasons: dict):
     """Node statuses as status reads them after a cut: a reason per aborted host, None = unreachable."""
     from cluster.backends.base import NodeStatus
-    from cluster.runs import State
+    from cluster.run.records import State
     nodes, aborts = [], {}
     for h, why in reasons.items():
         if why is None:
@@ -372,7 +372,7 @@ def _cut_nodes(reasons: dict):
 def test_the_host_cut_off_is_the_failed_node_node_0_included(tmp_path, reasons, lost):
     from cluster.backends.base import aggregate
     from cluster.backends.ssh import _blame_lost
-    from cluster.runs import State
+    from cluster.run.records import State
     run = _gang_run(tmp_path)
     nodes, aborts = _cut_nodes(reasons)
     nodes = _blame_lost(nodes, aborts, run)
@@ -395,7 +395,7 @@ class FlakySource:
 
 
 def test_merger_resumes_from_offsets_and_loses_no_line():
-    from cluster.logs import Merger
+    from cluster.run.logs import Merger
     a = FlakySource("n1", b"[n1 0] a1\n[n1 0] a2\n[n1 0] a")
     b = FlakySource("n2", b"[n2 1] b1\n")
     m = Merger([a, b])

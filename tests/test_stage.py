@@ -1,4 +1,4 @@
-"""The job's data: section and the node-side check of cluster/stage.py, without hosts (the
+"""The job's data: section and the node-side check of cluster/backends/stage.py, without hosts (the
 testbed tests in test_stage_testbed.py copy for real)."""
 
 import json
@@ -9,9 +9,9 @@ import sys
 import pytest
 
 from bench.imageset import make
-from cluster.config import load_job
+from cluster.spec.config import load_job
 from cluster.errors import UserError
-from cluster.stage import STAMP, describe, node_check
+from cluster.backends.stage import STAMP, describe, node_check
 from tests.conftest import REPO_ROOT
 from train.pack import pack
 

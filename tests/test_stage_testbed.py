@@ -1,4 +1,4 @@
-"""Dataset staging (cluster/stage.py) on the 3-host cluster in a box: a job's `data:` section is
+"""Dataset staging (cluster/backends/stage.py) on the 3-host cluster in a box: a job's `data:` section is
 copied to the hosts that lack it, current hosts are skipped, a corrupted shard is copied again,
 a host whose disk cannot hold the set fails the preflight by name and nothing starts."""
 
@@ -126,7 +126,7 @@ def test_slurm_stages_the_data_on_each_node_in_the_first_step(testbed, tmp_path,
     job = s.job("stagehello", HELLO.format(sleep=0) + f"nodes: 3\ndata:\n  source: {packed}\n"
                 f"  path: {base}/$SLURMD_NODENAME/set\n")
     plan = s.cli("plan", job, "-i", str(s.inventory))
-    assert "-m cluster.stage " in plan.stdout and "'" + str(base) + "/$SLURMD_NODENAME/set'" in plan.stdout
+    assert "-m cluster.backends.stage " in plan.stdout and "'" + str(base) + "/$SLURMD_NODENAME/set'" in plan.stdout
     for attempt in ("copies", "current"):
         rid, jid = s.submit(job)
         assert s.wait_state(rid, ("SUCCEEDED", "FAILED"), timeout=180)["state"] == "SUCCEEDED", s.logs(rid)

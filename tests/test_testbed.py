@@ -119,9 +119,9 @@ def test_inventory_shape(testbed):
 @pytest.mark.testbed
 def test_inventory_loads_with_project_loader(testbed):
     try:
-        from cluster.config import load_inventory
+        from cluster.spec.config import load_inventory
     except ImportError as e:  # the loader is another part of the project
-        pytest.skip(f"cluster.config.load_inventory not importable: {e}")
+        pytest.skip(f"cluster.spec.config.load_inventory not importable: {e}")
     inv = load_inventory(testbed.inventory)
     names = [h.name for h in inv.hosts]
     assert names == testbed.host_names

@@ -5,9 +5,9 @@ import os
 
 import pytest
 
-from cluster import top
-from cluster.hostside import _gpu_query
-from cluster.report import restarts, shares
+from cluster.run import top
+from cluster.node.probe import _gpu_query
+from cluster.run.report import restarts, shares
 from train.config import ConfigError
 from train.metrics import MetricsWriter
 

@@ -1,6 +1,6 @@
 """Warm start of the ssh backend, on this machine: the preflight probe parks the node's agent, which
-imports torchrun while the preflight runs and starts nothing until GO (cluster/hostside.py,
-cluster/agent.py). The probe runs as the ssh backend runs it (``python -c``, arguments on stdin),
+imports torchrun while the preflight runs and starts nothing until GO (cluster/node/probe.py,
+cluster/node/agent.py). The probe runs as the ssh backend runs it (``python -c``, arguments on stdin),
 in a local shell instead of an ssh session; the cluster in a box runs the same over real ssh."""
 import json
 import os
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from cluster.backends.local import pids_of_run
-from cluster.hostside import _probe_then_launch, host_command
+from cluster.node.probe import _probe_then_launch, host_command
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -37,7 +37,7 @@ def probe(tmp_path, **env):
     """Start the probe with a park spec for a 2-rank hello node; returns (proc, run id, run dir)."""
     rid = f"warmtest-{uuid.uuid4().hex[:8]}"
     run_dir = f"runs/{rid}"
-    argv = [sys.executable, "-m", "cluster.agent", "--run-dir", run_dir, "--host", "h1", "--node-rank", "0",
+    argv = [sys.executable, "-m", "cluster.node.agent", "--run-dir", run_dir, "--host", "h1", "--node-rank", "0",
             "--preload", "tests",
             "--", sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2",
             "--node-rank=0", "--master-addr=127.0.0.1", f"--master-port={free_port()}", f"--rdzv-id={rid}",
@@ -64,7 +64,7 @@ def test_a_parked_agent_that_gets_no_go_leaves_nothing(tmp_path):
             break
         time.sleep(0.1)
     # parked: the agent, its fork of torchrun and the fork server, all in the agent's group; no worker
-    agent = [pid for pid, c in parked.items() if "cluster.agent --park-fd" in c]
+    agent = [pid for pid, c in parked.items() if "cluster.node.agent --park-fd" in c]
     assert len(agent) == 1 and len(parked) >= 3, parked
     assert {os.getpgid(pid) for pid in parked} == set(agent), parked
     assert not any(" -u -m tests.fixtures.hello" in c for c in parked.values()), parked   # a worker
@@ -78,11 +78,11 @@ def test_a_parked_agent_that_gets_no_go_leaves_nothing(tmp_path):
 def test_a_second_submit_sees_a_parked_agent_as_a_run_starting_not_a_leftover(tmp_path):
     """Two submits of one job seconds apart: the first's agent is parked (no pid file yet) while the
     second's probe looks for leftovers on the same host."""
-    from cluster.hostside import _probe
+    from cluster.node.probe import _probe
     p, rid, _, _ = probe(tmp_path)
     try:
         deadline = time.time() + 20
-        while not any("cluster.agent --park-fd" in cmdline(pid) for pid in pids_of_run(rid)):
+        while not any("cluster.node.agent --park-fd" in cmdline(pid) for pid in pids_of_run(rid)):
             assert time.time() < deadline, pids_of_run(rid)
             time.sleep(0.1)
         second = subprocess.run(["/bin/sh", "-c", host_command(sys.executable, _probe)], capture_output=True,
@@ -136,7 +136,7 @@ def test_go_runs_torchrun_and_its_workers_warm(tmp_path, fail):
             # and its torchrun (the fork of the agent) as torchrun
             assert p["torch_before_us"] == "True", p
             assert p["self"].endswith(" -u -m tests.fixtures.hello") and "forkserver" not in p["self"], p
-            assert " -m torch.distributed.run " in p["torchrun"] and "cluster.agent" not in p["torchrun"], p
+            assert " -m torch.distributed.run " in p["torchrun"] and "cluster.node.agent" not in p["torchrun"], p
             # torch obeys the OMP_NUM_THREADS that torchrun gives its workers, as in a fresh interpreter
             assert p["OMP_NUM_THREADS"] == "1" and p["threads"] == "1", p
     assert (tmp_path / run_dir / "state" / "h1.agent.out").read_text() == ""   # nothing went wrong

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import importlib
 
-from ..errors import UserError
+from cluster.errors import UserError
 
 NAMES = ("local", "ssh", "slurm")
 

@@ -8,9 +8,9 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
-from ..config import Inventory
-from ..plan import Plan, make_plan, select_hosts
-from ..runs import Run, State
+from cluster.spec.config import Inventory
+from cluster.plan import Plan, make_plan, select_hosts
+from cluster.run.records import Run, State
 
 
 @dataclass
@@ -97,7 +97,7 @@ class Backend(ABC):
             return run.state, [NodeStatus(**{**n, "state": State(n["state"])})
                                for n in run.data.get("nodes_final", [])]
         if run.state == State.PENDING and not run.data.get("handle"):
-            from ..submit import submitter_gone
+            from cluster.submit import submitter_gone
             if submitter_gone(run):
                 return self._launch_interrupted(run)
         nodes = self.node_status(run)
@@ -151,7 +151,7 @@ class Backend(ABC):
         interpreter's teardown. A rank's own lines include the error its heartbeat recorded, so
         that a log that cannot be read names no wrong rank. Returns (node, log tail, rank, the
         rank's own lines)."""
-        from ..diagnose import diagnose
+        from cluster.run.diagnose import diagnose
         failed = sorted(failed, key=lambda n: n.exit_time or float("inf"))
         t0 = failed[0].exit_time or 0.0
         seen = []
@@ -172,11 +172,11 @@ class Backend(ABC):
                 return seen[-1]
         return seen[0]
 
-    # ---- diagnosis (cluster/diagnose.py): known failures in the logs; hangs from heartbeats
+    # ---- diagnosis (cluster/run/diagnose.py): known failures in the logs; hangs from heartbeats
     def _diagnose(self, nodes: list[NodeStatus], host: str, tails: "LogTails",
                   rank: Optional[int] = None) -> list[dict]:
         """Known failures in the failing host's log, then in up to 7 other hosts' logs."""
-        from ..diagnose import diagnose_hosts
+        from cluster.run.diagnose import diagnose_hosts
         logs = {host: tails[host]}
         for n in sorted(nodes, key=lambda n: n.exit_time or float("inf")):
             if len(logs) < 8 and n.host not in logs:
@@ -204,7 +204,7 @@ class Backend(ABC):
 
     def _stop_hung(self, run: Run) -> dict:
         """Stop a hung run; the failure names the ranks behind and what their host's log shows."""
-        from ..diagnose import saved_watch
+        from cluster.run.diagnose import saved_watch
         w = saved_watch(run) or {}
         behind = w.get("behind") or w.get("hung") or []
         run.event("hang-stop", ranks=behind, reason=w.get("reason", ""))
@@ -267,9 +267,9 @@ def aggregate(nodes: list[NodeStatus], run: Run) -> State:
         return State.FAILED
     if live:
         state = State.RUNNING if State.RUNNING in states else State.STARTING
-        # hang detection (cluster/diagnose.py): a rank without progress for the job's hang_timeout_s
+        # hang detection (cluster/run/diagnose.py): a rank without progress for the job's hang_timeout_s
         if state == State.RUNNING:
-            from ..diagnose import watch_run
+            from cluster.run.diagnose import watch_run
             if watch_run(run, nodes).hung:
                 return State.HUNG
         return state
@@ -296,7 +296,7 @@ def failed_by_itself(n: NodeStatus, tail: Iterable[str] = ()) -> bool:
     is a known failure, not only a symptom of a peer's death, or torchrun's summary in ``tail``
     names a rank that died by a signal other than a stop's (kill -9, a crash). True of a node the
     gang stopped whose own failure was overtaken by a peer's report (the peer failing because of it)."""
-    from ..diagnose import diagnose
+    from cluster.run.diagnose import diagnose
     lines = [f"[{n.host} {r}] {e}" for r, e in _heartbeat_errors(n).items()]
     if {f.pattern_id for f in diagnose(lines)} - _PEER_SYMPTOMS:
         return True

@@ -10,12 +10,12 @@ import subprocess
 import time
 from pathlib import Path
 
-from ..config import REPO
-from ..errors import UserError
-from ..plan import Plan
-from ..hostside import _rank_states
-from ..runs import Run, State
-from .base import Backend, LogSource, NodeStatus, progress
+from cluster.spec.config import REPO
+from cluster.errors import UserError
+from cluster.plan import Plan
+from cluster.node.probe import _rank_states
+from cluster.run.records import Run, State
+from cluster.backends.base import Backend, LogSource, NodeStatus, progress
 
 
 def detect_local_gpus() -> int:
@@ -97,11 +97,11 @@ class LocalBackend(Backend):
             except OSError:
                 raise UserError(f"rendezvous port {port} is already in use on this machine",
                                 key="rdzv_port", hint="pass rdzv_port=<free port> or stop the other run") from None
-        from ..container import preflight_local   # containers: runtime there, image present (or pulled)
+        from cluster.container import preflight_local   # containers: runtime there, image present (or pulled)
         preflight_local(plan.nodes)
         node, host = plan.nodes[0], self.inv.hosts[0]
         if node.job_python(host.python):       # a command: naming its own interpreter: check that one
-            from ..hostside import _job_python
+            from cluster.node.probe import _job_python
             jp = _job_python(node.job_python(host.python))
             if not jp.get("torch"):
                 raise UserError(f"the job's command runs {jp['argv0']!r}, which " +
@@ -144,14 +144,14 @@ class LocalBackend(Backend):
                 out.append(NodeStatus(host, st, pgid, code, exit_info.get("time"), hb))
             elif group_alive(pgid):
                 st = State.RUNNING if (self._state_dir(run) / f"{host}.pid").exists() else State.STARTING
-                from ..hostside import _activity
+                from cluster.node.probe import _activity
                 out.append(NodeStatus(host, st, pgid, heartbeats=hb, activity=_activity(
                     str(run.dir / "logs" / f"{host}.log"), pids_of_run(run.id), pgid)))
             else:
                 out.append(NodeStatus(host, State.FAILED, pgid, detail="agent gone without an exit record",
                                       heartbeats=hb))
         if self.with_gpus:
-            from ..hostside import _gpu_query
+            from cluster.node.probe import _gpu_query
             for n in out:
                 n.gpus = _gpu_query({})
         return out
@@ -166,7 +166,7 @@ class LocalBackend(Backend):
         for pgid in pgids:
             _killpg(pgid, signal.SIGKILL)
         # containers (cluster/container.py): docker/podman own theirs, not our group: remove by name
-        from ..container import remove_local
+        from cluster.container import remove_local
         left = remove_local(run.data)
         # anything that left the group but carries the run's id is the run's too
         for pid in pids_of_run(run.id):

@@ -4,8 +4,8 @@
 
 * The plan is an sbatch request (``SlurmPlan``); ``python -m cluster plan`` prints the exact script
   submitit submits (the same function renders both). Tasks per node = GPUs per node; every task
-  runs ``python -m cluster.slurm_task`` (a ``[host rank]`` line prefixer) around submitit's task
-  process, which calls ``cluster.slurm_task.SlurmTask``: RANK/LOCAL_RANK/WORLD_SIZE from
+  runs ``python -m cluster.node.slurm_task`` (a ``[host rank]`` line prefixer) around submitit's task
+  process, which calls ``cluster.node.slurm_task.SlurmTask``: RANK/LOCAL_RANK/WORLD_SIZE from
   SLURM_PROCID/SLURM_LOCALID/SLURM_NTASKS, then the same payload as on the other backends.
 * Rendezvous from the allocation, set in the script: MASTER_ADDR = first host of
   SLURM_JOB_NODELIST, MASTER_PORT = 20000 + job id % 10000 (or the job's rdzv_port).
@@ -32,13 +32,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from .. import hostlist
-from ..config import REPO, SBATCH_MANAGED, SBATCH_OPTIONS, Job
-from ..errors import UserError
-from ..plan import RUNS, NodeLaunch, Plan, _payload, module_dirs, procs_for
-from ..runs import Run, State
-from .base import Backend, LogSource, LogTails, NodeStatus, progress
-from .local import FileSource
+from cluster.spec import hostlist
+from cluster.spec.config import REPO, SBATCH_MANAGED, SBATCH_OPTIONS, Job
+from cluster.errors import UserError
+from cluster.plan import RUNS, NodeLaunch, Plan, _payload, module_dirs, procs_for
+from cluster.run.records import Run, State
+from cluster.backends.base import Backend, LogSource, LogTails, NodeStatus, progress
+from cluster.backends.local import FileSource
 
 # SLURM job states (scontrol / sacct) -> the project's states
 STATES = {
@@ -53,7 +53,7 @@ STATES = {
 }
 LIVE = {k for k, v in STATES.items() if not v.is_terminal()}
 
-# sbatch options: which the backend sets itself, which slurm.sbatch may add (cluster/config.py)
+# sbatch options: which the backend sets itself, which slurm.sbatch may add (cluster/spec/config.py)
 MANAGED, EXTRA = SBATCH_MANAGED, SBATCH_OPTIONS
 PORT_BASE, PORT_SPAN = 20000, 10000
 # a --requeue job that ended in one of these is requeued by SLURM (node failure, preemption with
@@ -72,7 +72,7 @@ class SlurmPlan(Plan):
     folder: str = ""                                       # absolute; scripts, pickles, task logs
     python: str = ""                                       # submitit's `python` (the prefixer + python)
     sbatch: Mapping[str, Any] = field(default_factory=dict)  # submitit SlurmExecutor parameters
-    task: Mapping[str, Any] = field(default_factory=dict)    # cluster.slurm_task.SlurmTask spec
+    task: Mapping[str, Any] = field(default_factory=dict)    # cluster.node.slurm_task.SlurmTask spec
 
     def command(self) -> str:
         """What srun starts in every task (as submitit's SlurmExecutor._submitit_command_str)."""
@@ -91,7 +91,7 @@ def _params(sbatch: Mapping) -> dict:
 
 def _output_activity(folder: Path, jid: str, tasks) -> Optional[dict]:
     """When a node's tasks last printed (their log files on the shared filesystem): what judges
-    ranks that write no heartbeat (cluster/diagnose.py)."""
+    ranks that write no heartbeat (cluster/run/diagnose.py)."""
     times = []
     for t in tasks:
         try:
@@ -153,7 +153,7 @@ class SlurmBackend(Backend):
         env.update(job.container.env if job.container else {})      # the image's own variables win
         payload_python = sys.executable
         if job.container is not None:
-            from ..container import inner_python
+            from cluster.container import inner_python
             payload_python = inner_python(job.container, hosts[0])
         payload = _payload(job, payload_python)
         argv = payload[1:] if payload[0] == "--no-python" else [sys.executable] + payload
@@ -161,7 +161,7 @@ class SlurmBackend(Backend):
         port_text = str(port or job.rdzv_port or _PORT_SHELL)
         setup = [f"# run {run_id}: job {job.name}, {len(hosts)} node(s) x {ntasks} task(s), "
                  f"world size {len(hosts) * ntasks}", *map(_comment, notes),
-                 "# every task runs, as rank SLURM_PROCID of SLURM_NTASKS (cluster.slurm_task):",
+                 "# every task runs, as rank SLURM_PROCID of SLURM_NTASKS (cluster.node.slurm_task):",
                  _comment("  " + shlex.join(argv)),
                  *[f"export {k}={shlex.quote(v)}" for k, v in sorted(env.items())],
                  'export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
@@ -169,11 +169,11 @@ class SlurmBackend(Backend):
                  f'echo "{START_MARK} $SLURM_JOB_ID restart ${{SLURM_RESTART_COUNT:-0}} on $SLURM_JOB_NODELIST, '
                  'rendezvous $MASTER_ADDR:$MASTER_PORT"']
         if job.data is not None:
-            # the job's first step: the dataset onto each node's local disk (cluster/stage.py); a node
+            # the job's first step: the dataset onto each node's local disk (cluster/backends/stage.py); a node
             # that cannot hold it ends the job before any task starts
             setup += ["# data: staged on every node before the tasks start",
                       f"srun --ntasks-per-node=1 --ntasks={len(hosts)} --kill-on-bad-exit=1 "
-                      f"{shlex.quote(sys.executable)} -m cluster.stage "
+                      f"{shlex.quote(sys.executable)} -m cluster.backends.stage "
                       f"{shlex.quote(os.path.abspath(os.path.expanduser(job.data.source)))} "
                       f"{shlex.quote(job.data.path)} || exit 1"]
         extra = _extra_sbatch(s.sbatch)
@@ -197,7 +197,7 @@ class SlurmBackend(Backend):
                                  nprocs=ntasks) for i, h in enumerate(hosts))
         endpoint = f"first node of the allocation:{port or job.rdzv_port or f'{PORT_BASE}+job_id%{PORT_SPAN}'}"
         return SlurmPlan(run_id, job.name, "slurm", endpoint, ntasks * len(hosts), nodes, tuple(notes),
-                         folder=folder, python=f"{python} -u -m cluster.slurm_task {python}", sbatch=sbatch,
+                         folder=folder, python=f"{python} -u -m cluster.node.slurm_task {python}", sbatch=sbatch,
                          task=task)
 
     # ---------------------------------------------------------------- submit
@@ -220,7 +220,7 @@ class SlurmBackend(Backend):
     def launch(self, plan: SlurmPlan, run: Run) -> dict:
         import submitit
         from submitit.core.utils import FailedJobError, FailedSubmissionError
-        from ..slurm_task import SlurmTask
+        from cluster.node.slurm_task import SlurmTask
         ex = submitit.SlurmExecutor(folder=plan.folder, python=plan.python,
                                     max_num_timeout=plan.task["max_requeues"])
         ex.update_parameters(**_params(plan.sbatch))
@@ -284,7 +284,7 @@ class SlurmBackend(Backend):
     def _gpus(self, jid: str, nodes: int) -> dict[int, list]:
         """Node index -> its GPUs' use: one ``srun --overlap`` step inside the job's allocation, one
         task per node (task i runs on node i of the allocation); {} when that fails."""
-        from ..hostside import _gpu_query, host_command
+        from cluster.node.probe import _gpu_query, host_command
         argv = ["srun", f"--jobid={jid}", "--overlap", f"--nodes={nodes}", f"--ntasks={nodes}",
                 "--ntasks-per-node=1", "--label", "--input=none", "--quiet",
                 "sh", "-c", host_command(self.inv.hosts[0].python, _gpu_query, site=False)]
@@ -472,7 +472,7 @@ def _in_container(job: Job, host, workdir: str, run_dir: Path, argv: list[str], 
     py = shlex.quote(sys.executable)
     if job.container is None:
         return py, argv, []
-    from .. import container
+    from cluster import container
     spec = job.container
     runtime = container.resolve_runtime(spec, host)
     inner = [container.inner_python(spec, host)] + argv[1:] if argv[:1] == [sys.executable] else argv

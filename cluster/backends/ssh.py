@@ -3,29 +3,29 @@
     make submit JOB=resnet50 INVENTORY=rack.yaml        # preflight, sync, launch; then follow
     python -m cluster doctor resnet50 -i rack.yaml       # the preflight alone (changes nothing)
 
-* preflight: one probe per host, all at once (cluster/remote.py): reachable, python, torch /
+* preflight: one probe per host, all at once (cluster/backends/transport.py): reachable, python, torch /
   CUDA / NCCL versions (read from torch's files: no import), GPU count against the inventory, free
   disk in the workdir, leftover processes of earlier runs, whether the code is already there, and
   the rendezvous and gang ports (node 0 binds them, every other node connects to them). Answers
   are folded (``clush -b``); any failure, and nothing starts anywhere.
 * prepare: rsync of the project's files to hosts whose copy differs (not with ``shared_fs``),
-  and on ``--resume`` the seeded checkpoint to node 0 (cluster/sync.py).
+  and on ``--resume`` the seeded checkpoint to node 0 (cluster/backends/rsync.py).
 * launch: each probe, having answered, waits on its session; launch sends every host 'GO' with
   its ``NodeLaunch.shell()`` line (a closed session starts nothing), and each answers with its
   agent's pid file (pid == process group). Warm start (``ssh.warm_start``, on by default): where
   the code is already in place, the probe starts the node's agent once it has answered, parked:
   it writes nothing, and torchrun and a fork server for its workers import torch while the
-  preflight goes on (cluster/agent.py, cluster/warmworker.py); on GO it starts, its workers forked
-  from that server; on EOF the probe kills its group. Same argv and environment as the line. A detached watcher (``python -m cluster.sync watch``) then syncs node 0's checkpoints
+  preflight goes on (cluster/node/agent.py, cluster/node/warmworker.py); on GO it starts, its workers forked
+  from that server; on EOF the probe kills its group. Same argv and environment as the line. A detached watcher (``python -m cluster.backends.rsync watch``) then syncs node 0's checkpoints
   to storage periodically and at the end. Gang semantics live in
-  the agents (cluster/agent.py): no controller is needed to stop a run when one node fails.
+  the agents (cluster/node/agent.py): no controller is needed to stop a run when one node fails.
 * status / stop: one fan-out each (pid, exit and heartbeat files; TERM the group, wait, KILL,
   then verify by the run's CLUSTER_RUN_ID that nothing is left). An unreachable host is UNKNOWN,
   never FAILED: a stopped sshd does not stop training.
 * logs: SFTP reads from byte offsets over the kept connection; a dropped host raises OSError and
   reconnects in the background, and the merger resumes where it was.
 
-The code that runs on the hosts (standard library only) is in cluster/hostside.py.
+The code that runs on the hosts (standard library only) is in cluster/node/probe.py.
 """
 from __future__ import annotations
 
@@ -40,16 +40,15 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from .. import hostlist
-from ..config import REPO, Host
-from ..errors import UserError
-from ..plan import Plan, default_port, make_plan
-from ..remote import GroupError, Pool, Staged, fold, hint_for, quote_argv
-from ..hostside import _gpu_count, _probe_then_launch, _status, _stop, host_command
-from ..runs import Run, State
-from ..sync import (manifest, project_files, pull_logs, pull_metrics, push_code, push_run_files, remote_path,
-                    shell_path)
-from .base import _PEER_SYMPTOMS, Backend, LogSource, LogTails, NodeStatus, failed_by_itself, progress
+from cluster.spec import hostlist
+from cluster.spec.config import REPO, Host
+from cluster.errors import UserError
+from cluster.plan import Plan, default_port, make_plan
+from cluster.backends.transport import GroupError, Pool, Staged, fold, hint_for, quote_argv
+from cluster.node.probe import _gpu_count, _probe_then_launch, _status, _stop, host_command
+from cluster.run.records import Run, State
+from cluster.backends.rsync import manifest, project_files, pull_logs, pull_metrics, push_code, push_run_files, remote_path, shell_path
+from cluster.backends.base import _PEER_SYMPTOMS, Backend, LogSource, LogTails, NodeStatus, failed_by_itself, progress
 
 MIN_FREE_GB = float(os.environ.get("CLUSTER_MIN_FREE_GB", "1"))
 PORT_WAIT_S = 10.0           # how long node 0 listens / the others retry in the port check
@@ -189,10 +188,10 @@ class SSHBackend(Backend):
 
     # ---- preflight
     def preflight(self, plan: Plan) -> None:
-        """The checks below and, at the same time, the job's data onto every node (cluster/stage.py)."""
+        """The checks below and, at the same time, the job's data onto every node (cluster/backends/stage.py)."""
         staging = None
         if plan.data is not None:
-            from ..stage import Background, Stager
+            from cluster.backends.stage import Background, Stager
             staging = Background(Stager(plan.data, [self.inv.host(n.host) for n in plan.nodes], self.pool,
                                         self.inv.ssh, self.inv.shared_fs, progress, copy=not self.check_only))
         try:
@@ -255,7 +254,7 @@ class SSHBackend(Backend):
 
     def _container_preflight(self, plan: Plan) -> None:
         """Jobs in a container: the runtime works and the image is there, on every host (cluster/container.py)."""
-        from ..container import check_digests, check_failed, preflight_checks
+        from cluster.container import check_digests, check_failed, preflight_checks
         checks = {n.host: preflight_checks(n.container) for n in plan.nodes if n.container is not None}
         images = {n.host: n.container.image for n in plan.nodes if n.container is not None}
         digests: dict[str, dict[str, str]] = {}     # image -> host -> digest check's output
@@ -321,7 +320,7 @@ class SSHBackend(Backend):
                 "shell": n.shell(), "pid": f"{n.state_dir}/{n.host}.pid", "out": n.agent_log_path,
                 "wait_s": START_WAIT_S}).encode() + b"\n" for n in plan.nodes}
             res = self._staged.finish(words, timeout_s=START_WAIT_S + self.inv.ssh.command_timeout_s,
-                                      label="start the agent (setsid python -m cluster.agent ...)")
+                                      label="start the agent (setsid python -m cluster.node.agent ...)")
             pgids = {h: info["agent"]["pgid"] for h, r in res.items()
                      if r.ok and (info := _json_of(r)) and info.get("launched")}
         else:
@@ -347,18 +346,18 @@ class SSHBackend(Backend):
                 f"w=0; while [ ! -s {pid} ] && [ ! -s {out} ] && [ $w -lt {steps} ]; do sleep 0.02; w=$((w+1)); done\n"
                 f"if [ -s {pid} ]; then cat {pid}; else echo 'the agent did not start:'; tail -n 20 {out}; exit 3; fi")
         res = self.pool.run(cmds, timeout_s=START_WAIT_S + self.inv.ssh.command_timeout_s,
-                            label="start the agent (setsid python -m cluster.agent ...)")
+                            label="start the agent (setsid python -m cluster.node.agent ...)")
         pgids = {h: info["pgid"] for h, r in res.items() if r.ok and (info := _json_of(r))}
         return res, pgids
 
     def _start_watcher(self, run: Run) -> Optional[int]:
-        """The detached checkpoint syncer (python -m cluster.sync watch RUN); it ends with the run."""
+        """The detached checkpoint syncer (python -m cluster.backends.rsync watch RUN); it ends with the run."""
         env = {**os.environ, "CLUSTER_RUNS_DIR": str(run.dir.parent)}
         env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         env.pop("CLUSTER_RUN_ID", None)
         (run.dir / "state").mkdir(parents=True, exist_ok=True)
         with open(run.dir / "state" / "watcher.log", "ab") as out:
-            p = subprocess.Popen([sys.executable, "-m", "cluster.sync", "watch", run.id], cwd=REPO, env=env,
+            p = subprocess.Popen([sys.executable, "-m", "cluster.backends.rsync", "watch", run.id], cwd=REPO, env=env,
                                  stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                  start_new_session=True)
         return p.pid
@@ -424,7 +423,7 @@ class SSHBackend(Backend):
         findings = failure.get("findings") or []
         if failure.get("host") and {f["pattern_id"] for f in findings} <= _PEER_SYMPTOMS:
             # only a peer's death shows; if that peer did not fail by itself, the ranks were out of step
-            from ..diagnose import diagnose, out_of_step_finding
+            from cluster.run.diagnose import diagnose, out_of_step_finding
             address = {n["host"]: self.inv.host(n["host"]).address for n in run.data["plan"]["nodes"]}
             step = out_of_step_finding(failure.get("log_tail") or tails[failure["host"]], failure["host"],
                                        failure.get("rank"), nodes, address,
@@ -461,7 +460,7 @@ class SSHBackend(Backend):
 
     def _remove_containers(self, run: Run) -> list[str]:
         """docker/podman containers belong to their daemon, not to the group: remove by name, verify by label."""
-        from ..container import list_argv, refs_of_run, remove_argv
+        from cluster.container import list_argv, refs_of_run, remove_argv
         cmds = {}
         for host, ref in refs_of_run(run.data):
             rm, ls = remove_argv(ref.runtime, ref.name), list_argv(ref.runtime, ref.run_id, host)

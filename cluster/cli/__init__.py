@@ -5,7 +5,7 @@ import argparse
 import importlib
 import sys
 
-from ..errors import UserError
+from cluster.errors import UserError
 
 VERBS = ("submit", "plan", "status", "logs", "stop", "doctor", "report", "exec", "gpus", "shell", "jupyter",
          "top", "tensorboard", "image")
@@ -15,7 +15,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse, with what it echoes of the command line escaped (no control characters reach the terminal)."""
 
     def error(self, message):
-        from ..yamlsrc import escape
+        from cluster.spec.yamlsrc import escape
         super().error(escape(message))
 
 
@@ -46,12 +46,12 @@ def main(argv: list[str] | None = None) -> int:
             ap.error("unrecognized arguments: " + " ".join(extra))
         args.overrides = list(args.overrides) + extra
     try:
-        from ..config import check_run_id
+        from cluster.spec.config import check_run_id
         for attr, where in (("run", "RUN"), ("resume", "--resume"), ("run_id", "--run-id")):
             if isinstance(getattr(args, attr, None), str) and getattr(args, attr) != "latest":
                 check_run_id(getattr(args, attr), where)
         if getattr(args, "job", "") is None:
-            from ..config import JOBS_DIR
+            from cluster.spec.config import JOBS_DIR
             known = sorted(p.stem for p in JOBS_DIR.glob("*.yaml"))
             raise UserError("a job is required", where=args.verb, key="JOB",
                             hint=f"python -m cluster {args.verb} JOB [KEY=VALUE ...]; jobs: " + ", ".join(known))

@@ -1,7 +1,7 @@
 import getpass
 
-from .. import hostlist
-from ..submit import resolve
+from cluster.spec import hostlist
+from cluster.submit import resolve
 
 HELP = "check that a job can start: hosts reachable, GPUs, versions, disk, ports (changes nothing)"
 
@@ -66,7 +66,7 @@ def root_login_warnings(inv, hosts) -> list[str]:
                    "give each person an account on the hosts and set user: <name> in the inventory; "
                    "containers run as that user, files on mounted volumes stay theirs")
     if ssh_hosts:
-        from ..remote import Pool, quote_argv
+        from cluster.backends.transport import Pool, quote_argv
         with Pool(ssh_hosts, inv.ssh) as pool:     # unreachable hosts: the preflight says so next
             res = pool.run({h.name: quote_argv([h.python, "-c", _SSHD_PROBE]) for h in ssh_hosts}, timeout_s=30)
         bad = {}

@@ -1,12 +1,12 @@
 import argparse
 import sys
 
-from .. import hostlist
-from ..config import load_inventory
-from ..errors import UserError
-from ..fanout import run_argv, select
-from ..remote import render_folded
-from . import seconds
+from cluster.spec import hostlist
+from cluster.spec.config import load_inventory
+from cluster.errors import UserError
+from cluster.backends.fanout import run_argv, select
+from cluster.backends.transport import render_folded
+from cluster.cli import seconds
 
 HELP = "run a command on every inventory host in parallel; identical output folded (clush -b)"
 
@@ -26,9 +26,9 @@ def run(args):
         raise UserError("no command given", where="exec", hint="python -m cluster exec -- nvidia-smi -L")
     cwd = None
     if args.run:        # the run's hosts, each in the run's directory there
-        from ..attach import target
-        from ..config import inventory_from_plain
-        from ..runs import resolve
+        from cluster.backends.attach import target
+        from cluster.spec.config import inventory_from_plain
+        from cluster.run.records import resolve
         run = resolve(args.run)
         if run.data.get("backend") == "slurm":
             raise UserError("exec --run does not reach SLURM nodes", where="--run",

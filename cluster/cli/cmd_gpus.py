@@ -1,7 +1,7 @@
 import json
 
-from ..config import load_inventory
-from ..fanout import run_argv, select
+from cluster.spec.config import load_inventory
+from cluster.backends.fanout import run_argv, select
 
 HELP = "one table of every host's GPUs: name, memory, utilisation, and the run and user holding each"
 

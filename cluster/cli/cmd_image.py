@@ -1,6 +1,6 @@
-from ..config import load_inventory
-from ..errors import UserError
-from ..fanout import select
+from cluster.spec.config import load_inventory
+from cluster.errors import UserError
+from cluster.backends.fanout import select
 
 HELP = "image push IMAGE: copy a container image to every host that lacks it (no registry needed)"
 
@@ -16,7 +16,7 @@ def add_arguments(p):
 
 
 def run(args):
-    from ..image import push
+    from cluster.image import push
     inv = load_inventory(args.inventory)
     if inv.backend == "local":
         raise UserError("image push copies to ssh hosts; this inventory's backend is local", where=inv.path,

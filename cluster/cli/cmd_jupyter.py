@@ -1,5 +1,5 @@
-from ..attach import jupyter, target
-from . import seconds
+from cluster.backends.attach import jupyter, target
+from cluster.cli import seconds
 
 HELP = ("Jupyter (or a server you name) on a node, bound to its loopback with a token, "
         "forwarded here through ssh; stops with the run or Ctrl-C")
@@ -21,7 +21,7 @@ def add_arguments(p):
 def run(args):
     command = args.command
     if args.host and args.run:
-        from ..errors import UserError
+        from cluster.errors import UserError
         raise UserError("give a run or --host, not both", where="jupyter", hint="--node picks a node of the run")
     need_run = args.run is not None
     t = target(args.run, args.node, args.inventory, args.host, need_run=need_run)

@@ -1,8 +1,8 @@
 import sys
 
-from ..diagnose import render_failure
-from ..logs import follow_run
-from ..runs import Run, resolve
+from cluster.run.diagnose import render_failure
+from cluster.run.logs import follow_run
+from cluster.run.records import Run, resolve
 
 HELP = "print a run's logs from every node as one stream (-f follows until the run ends)"
 
@@ -20,7 +20,7 @@ def add_arguments(p):
 def run(args):
     r = resolve(args.run)
     if args.collect:
-        from ..submit import backend_for
+        from cluster.submit import backend_for
         be = backend_for(r)
         if hasattr(be, "collect_logs"):
             be.collect_logs(r)
@@ -34,8 +34,8 @@ def run(args):
 def _diagnosis(r):
     """For a failed run: the first failing host and rank and the known failures in its logs."""
     if not r.data.get("final"):
-        from ..errors import UserError
-        from ..submit import backend_for
+        from cluster.errors import UserError
+        from cluster.submit import backend_for
         try:
             backend_for(r).status(r)
         except UserError:

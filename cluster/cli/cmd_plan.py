@@ -1,10 +1,10 @@
-from ..submit import resolve
+from cluster.submit import resolve
 
 HELP = "print the plan of a job without starting anything (per-node command lines, or the sbatch script)"
 
 
 def add_arguments(p):
-    from . import add_target
+    from cluster.cli import add_target
     add_target(p)
     p.add_argument("--run-id", help="use this run id (for reproducible output)")
 

@@ -1,4 +1,4 @@
-from ..runs import resolve
+from cluster.run.records import resolve
 
 HELP = "draw loss, throughput per rank and step time of a run as a PNG and print a summary table"
 
@@ -9,6 +9,6 @@ def add_arguments(p):
 
 
 def run(args):
-    from ..report import report
+    from cluster.run.report import report
     r = resolve(args.run)
     return report(r, args.output)

@@ -1,5 +1,5 @@
 
-from ..attach import shell, target
+from cluster.backends.attach import shell, target
 
 HELP = "an interactive shell on a node of a run, in the run's directory (inside its container, if any)"
 

@@ -2,11 +2,11 @@ import json
 import sys
 import time
 
-from ..diagnose import STOPPED_STATES, render_failure, saved_watch, scaling_for_run
-from ..errors import UserError
-from ..runs import all_runs, resolve
-from ..submit import backend_for
-from ..sync import checkpoint_sync, describe_checkpoint_sync
+from cluster.run.diagnose import STOPPED_STATES, render_failure, saved_watch, scaling_for_run
+from cluster.errors import UserError
+from cluster.run.records import all_runs, resolve
+from cluster.submit import backend_for
+from cluster.backends.rsync import checkpoint_sync, describe_checkpoint_sync
 
 HELP = "show runs and their state (one run: every node and rank, with the first failure)"
 
@@ -124,6 +124,6 @@ def _one(r, as_json):
     for line in render_failure(r.data.get("failure")):
         print(line)
     if scaling:
-        from ..diagnose import render_findings
+        from cluster.run.diagnose import render_findings
         print("\n".join(render_findings([scaling], indent="")))
     return 0

@@ -1,8 +1,8 @@
 import sys
 
-from ..runs import Run, resolve
-from ..submit import backend_for
-from . import seconds
+from cluster.run.records import Run, resolve
+from cluster.submit import backend_for
+from cluster.cli import seconds
 
 HELP = "stop a run: TERM its process groups, wait, KILL, then verify nothing of it is left"
 
@@ -40,7 +40,7 @@ def _stop_damaged(r, grace_s):
               f"(hosts and process groups from {r.prev_path.name}) ...", file=sys.stderr)
         left = be.stop_nodes(view, grace_s)
     else:
-        from ..backends.local import stop_by_run_id
+        from cluster.backends.local import stop_by_run_id
         print(f"stopping {r.id}: no readable copy of its record; stopping what carries its "
               f"CLUSTER_RUN_ID on this machine ...", file=sys.stderr)
         left = stop_by_run_id(r.id, grace_s)

@@ -1,10 +1,10 @@
-from ..submit import resolve, submit
+from cluster.submit import resolve, submit
 
 HELP = "start a job (preflight first; nothing starts anywhere if a check fails)"
 
 
 def add_arguments(p):
-    from . import add_target
+    from cluster.cli import add_target
     add_target(p)
     p.add_argument("--dry-run", action="store_true", help="print the plan (per-node commands) and exit")
     p.add_argument("--resume", metavar="RUN", help="continue from RUN's latest checkpoint")
@@ -23,6 +23,6 @@ def run(args):
     print(f"  status: python -m cluster status {r.id}")
     print(f"  stop:   python -m cluster stop {r.id}")
     if args.follow:
-        from ..logs import follow_run
+        from cluster.run.logs import follow_run
         return follow_run(r, follow=True)
     return 0

@@ -6,7 +6,7 @@ import subprocess
 import sys
 import time
 
-from ..errors import UserError
+from cluster.errors import UserError
 
 HELP = "serve the TensorBoard event files of one or more runs on this machine and print the URL"
 
@@ -17,8 +17,8 @@ def add_arguments(p):
 
 
 def run(args):
-    from ..runs import resolve
-    from ..submit import backend_for
+    from cluster.run.records import resolve
+    from cluster.submit import backend_for
     runs = [resolve(a) for a in (args.runs or [None])]
     spec = []
     for r in runs:

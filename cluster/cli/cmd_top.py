@@ -9,8 +9,8 @@ def add_arguments(p):
 
 
 def run(args):
-    from ..runs import resolve
-    from ..top import bench, top
+    from cluster.run.records import resolve
+    from cluster.run.top import bench, top
     r = resolve(args.run)
     if args.bench:
         return bench(r.id, args.bench)

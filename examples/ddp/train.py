@@ -9,7 +9,7 @@ from it when the file exists, and prints one line per epoch. Run by the cluster 
 
 Options: --epochs N, --epoch-s S (extra seconds per epoch, printing as it goes), --hang-at E (stop
 at epoch E and wait silently: what a stuck job looks like), --heartbeat (report the epoch through
-cluster.heartbeat).
+cluster.node.heartbeat).
 """
 import argparse
 import os
@@ -64,7 +64,7 @@ def main() -> None:
                        SNAPSHOT + ".tmp")
             os.replace(SNAPSHOT + ".tmp", SNAPSHOT)
         if args.heartbeat:
-            from cluster import heartbeat
+            from cluster.node import heartbeat
             heartbeat.beat(epoch + 1, total=args.epochs)
         dist.barrier()                         # the snapshot is complete before anyone goes on
     del ddp                                    # DDP's reducer goes before the process group it uses

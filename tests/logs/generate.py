@@ -7,7 +7,7 @@
 disk_full needs FULL_DIR set to a directory on a tiny filesystem
 (mount -t tmpfs -o size=1M tmpfs DIR).
 
-Each case runs the node agent (python -m cluster.agent) with torchrun under it, exactly as a
+Each case runs the node agent (python -m cluster.node.agent) with torchrun under it, exactly as a
 run does, so the file holds the node log as `cluster logs` shows it ("[host rank] ..." lines).
 Paths and the machine's name are normalized so the files do not depend on where they were made.
 """
@@ -92,7 +92,7 @@ def main(which: str, out: Path = HERE) -> None:
     for name, (host, argv) in cases.items():
         with tempfile.TemporaryDirectory() as tmp:
             env = {**os.environ, **ENV.get(name, {}), "PYTHONPATH": str(REPO)}
-            p = subprocess.run([PY, "-m", "cluster.agent", "--run-dir", tmp, "--host", host, "--", *argv],
+            p = subprocess.run([PY, "-m", "cluster.node.agent", "--run-dir", tmp, "--host", host, "--", *argv],
                                cwd=REPO, env=env, timeout=300)
             log = Path(tmp, "logs", f"{host}.log").read_text(errors="replace")
             (out / f"{name}.txt").write_text(normalize(log, tmp))

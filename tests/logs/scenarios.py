@@ -2,7 +2,7 @@
 
     python -m torch.distributed.run --nproc-per-node=2 tests/logs/scenarios.py <scenario>
 
-Each scenario reproduces one entry of cluster/failures.yaml for real (CPU/gloo where the
+Each scenario reproduces one entry of cluster/run/failures.yaml for real (CPU/gloo where the
 failure exists there, CUDA/NCCL for the GPU ones), so the log excerpts under tests/logs are
 the output of the real libraries rather than text typed from memory.
 """

@@ -12,8 +12,8 @@ import types
 import typing
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
-from .errors import UserError
-from .yamlsrc import Source, escape, show
+from cluster.errors import UserError
+from cluster.spec.yamlsrc import Source, escape, show
 
 MAX_INT = 2**53          # larger numbers in a config file are typos (and overflow C code down the line)
 

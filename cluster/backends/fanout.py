@@ -6,11 +6,11 @@ import subprocess
 import time
 from typing import Optional
 
-from . import hostlist
-from .config import Inventory
-from .errors import UserError
-from .plan import cd_line
-from .remote import GroupResult, Result, quote_argv
+from cluster.spec import hostlist
+from cluster.spec.config import Inventory
+from cluster.errors import UserError
+from cluster.plan import cd_line
+from cluster.backends.transport import GroupResult, Result, quote_argv
 
 
 def select(inv: Inventory, pattern: Optional[str]) -> list[str]:
@@ -51,7 +51,7 @@ def run_argv(inv: Inventory, names: list[str], argv: list[str], timeout_s: Optio
             r = Result(names[0], command, error=f"timed out after {timeout_s or inv.ssh.command_timeout_s:g} s")
         r.duration_s = time.monotonic() - t0
         return GroupResult({names[0]: r})
-    from .remote import Pool
+    from cluster.backends.transport import Pool
     with Pool([inv.host(n) for n in names], inv.ssh) as pool:
         if cwd:
             return pool.run({n: f"{cd_line(cwd[n])} && {command}" for n in names}, timeout_s=timeout_s)

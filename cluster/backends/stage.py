@@ -16,7 +16,7 @@ cannot hold what is missing, copy to the rest with rsync (resumable: --partial; 
 host; at most `fanout` at once), verify the checksums of what changed, write the stamp. Any host
 that ends without a current copy stops the submit: nothing starts, one message names the hosts.
 `shared_fs: true`: no copy; the set must be present (every file, right size) at `path`.
-`doctor` only checks and reports per host. SLURM: `python -m cluster.stage SOURCE PATH` runs the
+`doctor` only checks and reports per host. SLURM: `python -m cluster.backends.stage SOURCE PATH` runs the
 same check, copy and verify on each allocated node in the job's first step, before the tasks
 (cluster/backends/slurm.py); PATH may name $TMPDIR or $SLURMD_NODENAME, expanded on the node.
 """
@@ -35,10 +35,10 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
-from . import hostlist
-from .config import Host, SSHSettings
-from .errors import UserError
-from .sync import parallel, remote_path, ssh_command
+from cluster.spec import hostlist
+from cluster.spec.config import Host, SSHSettings
+from cluster.errors import UserError
+from cluster.backends.rsync import parallel, remote_path, ssh_command
 
 STAMP = ".ddp-data.json"
 MANIFEST = "MANIFEST.json"
@@ -325,7 +325,7 @@ class Background:
 
 # ---------------------------------------------------------------- SLURM: on each allocated node
 def stage_here(source: str, path: str) -> int:
-    """`python -m cluster.stage SOURCE PATH`, one task per node in the SLURM job's first step:
+    """`python -m cluster.backends.stage SOURCE PATH`, one task per node in the SLURM job's first step:
     the same check, copy (local rsync from the shared filesystem) and verify as over SSH.
     Environment variables in PATH ($TMPDIR, $SLURMD_NODENAME) are expanded here, on the node."""
     import socket
@@ -364,7 +364,7 @@ def stage_here(source: str, path: str) -> int:
 
 if __name__ == "__main__":
     if len(sys.argv) != 3:
-        print("usage: python -m cluster.stage SOURCE PATH", file=sys.stderr)
+        print("usage: python -m cluster.backends.stage SOURCE PATH", file=sys.stderr)
         sys.exit(2)
     try:
         sys.exit(stage_here(sys.argv[1], sys.argv[2]))

@@ -7,7 +7,7 @@ import sys
 import time
 from typing import Optional
 
-from .runs import Run
+from cluster.run.records import Run
 
 _LINE = re.compile(r"^\[(?P<host>[^\] ]+) (?P<rank>\d+|agent)\] ")
 _COLORS = ["36", "33", "35", "32", "34", "31", "96", "93", "95", "92", "94", "91"]
@@ -72,7 +72,7 @@ class Merger:
 def follow_run(run: Run, follow: bool = False, host: Optional[str] = None, rank: Optional[int] = None,
                pattern: Optional[str] = None, interval_s: float = 0.25, out=None) -> int:
     """Print the run's merged logs; with ``follow``, keep going until the run ends."""
-    from .submit import backend_for
+    from cluster.submit import backend_for
     out = out or sys.stdout
     be = backend_for(run)
     color = out.isatty() and os.environ.get("NO_COLOR") is None
@@ -93,8 +93,8 @@ def follow_run(run: Run, follow: bool = False, host: Optional[str] = None, rank:
                 if tail:
                     out.write("\n".join(tail) + "\n")
                 print(f"-- run {run.id} {state.value}", file=sys.stderr, flush=True)
-                from .backends.base import progress
-                from .sync import describe_checkpoint_sync, wait_checkpoint_sync
+                from cluster.backends.base import progress
+                from cluster.backends.rsync import describe_checkpoint_sync, wait_checkpoint_sync
                 cs = wait_checkpoint_sync(run, progress=progress)
                 if cs:
                     progress("-- " + describe_checkpoint_sync(cs))

@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from .config import REPO
-from .errors import UserError
+from cluster.spec.config import REPO
+from cluster.errors import UserError
 
 RUNS_DIR = Path(os.environ.get("CLUSTER_RUNS_DIR", REPO / "runs"))
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from .errors import UserError
+from cluster.errors import UserError
 
 MAX_BYTES = 1024 * 1024         # a config file; anything larger is a mistake (or /dev/zero)
 

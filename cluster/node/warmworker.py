@@ -1,7 +1,7 @@
 """Warm workers: torchrun's workers forked from a server that has imported torch already.
 
 A cold node spends most of its start in ``import torch``: once in torchrun, then once more in every
-worker (``python -u -m MODULE ...``, a fresh interpreter per rank). A parked agent (cluster/agent.py,
+worker (``python -u -m MODULE ...``, a fresh interpreter per rank). A parked agent (cluster/node/agent.py,
 ``--park-fd``) forks torchrun early; that fork starts a multiprocessing fork server, which imports
 torch (and the job's ``--preload`` modules) while the preflight still runs. At GO, torchrun runs as
 ``torchrun.config_from_args`` configures it, with two changes: the entrypoint is :func:`run_module`

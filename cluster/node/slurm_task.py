@@ -2,7 +2,7 @@
 
 Two layers, both in every task:
 
-* ``python -m cluster.slurm_task PY -u -m submitit.core._submit FOLDER`` (``main``): a line
+* ``python -m cluster.node.slurm_task PY -u -m submitit.core._submit FOLDER`` (``main``): a line
   prefixer around submitit's task process. Every line the task prints -- submitit's own, the
   payload's stdout and stderr, a traceback -- reaches srun's per-task file
   (``<job>_<task>_log.out``) as ``[<host> <rank>] text``. It ignores the signals SLURM sends to
@@ -83,8 +83,8 @@ class SlurmTask:
             RANK=str(rank), LOCAL_RANK=env.get("SLURM_LOCALID", "0"),
             WORLD_SIZE=env.get("SLURM_NTASKS", "1"), GROUP_RANK=env.get("SLURM_NODEID", "0"),
             LOCAL_WORLD_SIZE=str(_local_world(env)))
-        # as on the other backends (cluster/agent.py): the run directory as cwd, the code on the path
-        from cluster.agent import run_environment
+        # as on the other backends (cluster/node/agent.py): the run directory as cwd, the code on the path
+        from cluster.node.agent import run_environment
         (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         argv = run_environment(self.spec["workdir"], self.run_dir, self.spec.get("module_dirs", []),
                                list(self.spec["argv"]), child_env)
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run argv (submitit's task process), prefixing each of its lines with ``[host rank] ``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
-        print("usage: python -m cluster.slurm_task COMMAND ...", file=sys.stderr)
+        print("usage: python -m cluster.node.slurm_task COMMAND ...", file=sys.stderr)
         return 2
     prefix = f"[{_host()} {os.environ.get('SLURM_PROCID', '0')}] ".encode()
     # the step's signals are for the task below; this process ends when its output does

@@ -16,8 +16,8 @@ from pathlib import Path
 from statistics import mean
 from typing import Optional
 
-from .errors import UserError
-from .runs import Run
+from cluster.errors import UserError
+from cluster.run.records import Run
 
 
 def read_metrics(directory: Path) -> dict[int, list[dict]]:
@@ -92,7 +92,7 @@ def summarize(metrics: dict[int, list[dict]]) -> list[dict]:
 
 
 def report(run: Run, output: Optional[str] = None) -> int:
-    from .submit import backend_for
+    from cluster.submit import backend_for
     be = backend_for(run)
     if hasattr(be, "collect_metrics"):
         be.collect_metrics(run)

@@ -1,6 +1,6 @@
 """Failure diagnosis: known failures matched in the logs, and hangs/stragglers from the heartbeats.
 
-The known failures are data (cluster/failures.yaml): each has regular expressions, a cause and a
+The known failures are data (cluster/run/failures.yaml): each has regular expressions, a cause and a
 remedy in plain words. ``diagnose(lines)`` matches one log; ``diagnose_hosts`` matches every
 host's log, the failing host first, and compares versions across hosts.
 

@@ -16,8 +16,8 @@ import subprocess
 import sys
 import time
 
-from .remote import quote_argv
-from .sync import stale_files
+from cluster.backends.transport import quote_argv
+from cluster.backends.rsync import stale_files
 
 
 def _gpu_count(a: dict) -> int:
@@ -134,7 +134,7 @@ def _activity(log_path: str, pids, pgid) -> dict:
                 fields = f.read().rsplit(")", 1)[1].split()
         except (OSError, IndexError):
             continue
-        if b"torch.distributed.run" in cmd or b"cluster.agent" in cmd or b"forkserver" in cmd:
+        if b"torch.distributed.run" in cmd or b"cluster.node.agent" in cmd or b"forkserver" in cmd:
             continue
         ticks += int(fields[11]) + int(fields[12])      # utime + stime
     return {"output_t": output_t, "cpu_s": round(ticks / tck, 2)}
@@ -169,7 +169,7 @@ def _other_runs(wd: str, host: str) -> tuple:
                     argv = f.read().split(b"\0")
             except OSError:
                 continue
-            if b"cluster.agent" in argv and argv[argv.index(b"cluster.agent") - 1] == b"-m":
+            if b"cluster.node.agent" in argv and argv[argv.index(b"cluster.node.agent") - 1] == b"-m":
                 agent = True
                 break
         if agent and not os.path.exists(os.path.join(state, host + ".exit")):
@@ -268,15 +268,15 @@ def _probe(a: dict) -> dict:
 
 def _park(a: dict, stale: int):
     """Warm start: the node's agent, started now in its own session with the node's environment,
-    waiting on a pipe for GO (cluster/agent.py, ``--park-fd``) while torchrun and a fork server for
+    waiting on a pipe for GO (cluster/node/agent.py, ``--park-fd``) while torchrun and a fork server for
     its workers import torch.
     Only where the code is already in place (``stale`` files: what is synced later must not run now)."""
     spec = a.get("park")
-    if not spec or spec["argv"][1:3] != ["-m", "cluster.agent"] or stale:
+    if not spec or spec["argv"][1:3] != ["-m", "cluster.node.agent"] or stale:
         return None
     r, w = os.pipe()
     try:
-        proc = subprocess.Popen(list(spec["argv"][:1]) + ["-m", "cluster.agent", "--park-fd", str(r)] +
+        proc = subprocess.Popen(list(spec["argv"][:1]) + ["-m", "cluster.node.agent", "--park-fd", str(r)] +
                                 list(spec["argv"][3:]), cwd=os.path.expanduser(a["workdir"]),
                                 env={**os.environ, **spec["env"]}, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

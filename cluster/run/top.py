@@ -4,7 +4,7 @@ Each refresh is one ``Backend.status`` call with ``with_gpus`` set: the same hea
 ``status`` (ssh: the status probe over the kept connections, which also runs nvidia-smi on the
 host, so one round trip per host; SLURM: the shared run directory plus one ``srun --overlap``
 step in the job's allocation; local: files and nvidia-smi here). The hang and straggler watch is
-``cluster.diagnose``'s, as ``status`` shows it. A run that has ended shows its final state.
+``cluster.run.diagnose``'s, as ``status`` shows it. A run that has ended shows its final state.
 
 Keys: ``s`` sort by the next column, ``r`` reverse, up/down (``j``/``k``) select a rank, Enter
 (or ``l``) its log tail and back, ``q`` quits.
@@ -19,8 +19,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .diagnose import saved_watch
-from .runs import Run
+from cluster.run.diagnose import saved_watch
+from cluster.run.records import Run
 
 SORTS = ("rank", "img_s", "step_ms", "data_share", "gpu_util")
 SLOW_FACTOR = 1.5        # a rank whose own time per step is this many times the median is waited for
@@ -71,7 +71,7 @@ class Snapshot:
 
 def fetch(run_id: str, root=None, backend=None) -> tuple[Snapshot, object]:
     """One refresh: (snapshot, backend to reuse next time: its ssh connections are kept)."""
-    from .submit import backend_for
+    from cluster.submit import backend_for
     run = Run(run_id, root)          # read afresh: the watcher and other shells update run.json
     be = backend or backend_for(run)
     be.with_gpus = True

@@ -13,11 +13,11 @@ Started detached (``setsid``, stdin from /dev/null) by the local and ssh backend
 
 A TERM to the group reaches torchrun, which stops its workers; the agent then records the exit.
 
-Warm start (``--park-fd FD``, used by the ssh backend's preflight probe, cluster/hostside.py): the
+Warm start (``--park-fd FD``, used by the ssh backend's preflight probe, cluster/node/probe.py): the
 agent is started while the preflight still runs, writes nothing and binds nothing, and waits for a
 line on FD. When the payload is ``<this python> -m torch.distributed.run``, it forks torchrun at
 once; the fork imports torchrun, and starts a fork server that imports torch for the workers
-(cluster/warmworker.py), then waits. ``GO <json>`` starts the node exactly as the shell line would
+(cluster/node/warmworker.py), then waits. ``GO <json>`` starts the node exactly as the shell line would
 (output to the agent log), except that torchrun and its workers start with torch imported: the
 imports overlap the rest of the preflight instead of following it. Anything else on FD, or its end
 (the probe was told to start nothing, or is gone), and the agent's whole group is killed, having
@@ -224,7 +224,7 @@ def park(fd: int, payload: list[str], preload: list[str]) -> Optional["ForkedTor
 class ForkedTorchrun:
     """torchrun in a fork of the parked agent (see park): a Popen look-alike (pid, stdout, wait,
     send_signal). Forked before the agent has opened anything of the run, it imports torchrun and
-    starts the warm workers' fork server (cluster/warmworker.py), then waits for its argv on a
+    starts the warm workers' fork server (cluster/node/warmworker.py), then waits for its argv on a
     pipe; :meth:`start` sends the argv."""
 
     def __init__(self, payload: list[str], preload: list[str], close: int):
@@ -254,7 +254,7 @@ class ForkedTorchrun:
     def _child(gate: int, out: int, payload: list[str], preload: list[str]) -> None:
         code = 1
         try:
-            from . import warmworker
+            from cluster.node import warmworker
             warmworker.retitle(payload)     # ps: torchrun, from the start
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
                 signal.signal(sig, signal.SIG_DFL)
@@ -543,7 +543,7 @@ def _read_lines(s: socket.socket, state: dict) -> tuple[list[str], bool]:
 
 # ---------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m cluster.agent")
+    ap = argparse.ArgumentParser(prog="python -m cluster.node.agent")
     ap.add_argument("--run-dir", required=True)
     ap.add_argument("--host", required=True)
     ap.add_argument("--node-rank", type=int, default=0)

@@ -10,7 +10,7 @@ environment and container, all from run.json), or an inventory host when no run 
   slurm backend: ``srun --jobid J --overlap --pty --relative N``, inside the job's allocation.
   With a docker/podman container: ``RUNTIME exec -it`` into the run's container when it runs,
   else a new container of the same image with the same mounts.
-* jupyter: :func:`cluster.hostside._serve` runs on the node (inside the run's container when there
+* jupyter: :func:`cluster.node.probe._serve` runs on the node (inside the run's container when there
   is one), picks a loopback port, starts the server with a fresh token and stops it when the
   session ends (Ctrl-C here, this process killed, or the connection lost: its stdin closes) or the
   run ends. Fabric's ``forward_local`` carries the port here; the local URL is printed.
@@ -29,12 +29,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-from . import container as ctr
-from .config import Host, Inventory, inventory_from_plain, load_inventory
-from .errors import UserError
-from .plan import cd_line
-from .remote import quote_argv
-from .runs import Run, resolve
+from cluster import container as ctr
+from cluster.spec.config import Host, Inventory, inventory_from_plain, load_inventory
+from cluster.errors import UserError
+from cluster.plan import cd_line
+from cluster.backends.transport import quote_argv
+from cluster.run.records import Run, resolve
 
 SHELL_HINT = "python -m cluster shell RUN --node 1"
 
@@ -61,7 +61,7 @@ class Target:
     @property
     def cwd(self) -> str:
         """Where a shell or command next to a run starts: the run's directory (its job's working
-        directory, cluster/agent.py), else the host's workdir."""
+        directory, cluster/node/agent.py), else the host's workdir."""
         state_dir = (self.node or {}).get("state_dir")
         if not self.run or not state_dir:
             return self.workdir
@@ -151,7 +151,7 @@ def _container_running(t: Target) -> bool:
     if t.host.is_local or t.backend == "local":
         p = subprocess.run(argv, capture_output=True, text=True)
         return p.returncode == 0 and p.stdout.strip() == "true"
-    from .remote import Pool
+    from cluster.backends.transport import Pool
     with Pool([t.host], t.inventory.ssh) as pool:
         r = pool.exec(t.host.name, quote_argv(argv), timeout_s=30)
     return r.ok and r.stdout.strip() == "true"
@@ -296,7 +296,7 @@ class _Session:
 
     def __init__(self, t: Target, spec: dict):
         import json
-        from .hostside import _host_source
+        from cluster.node.probe import _host_source
         self.json = json
         src = _host_source("_serve")
         python = ctr.inner_python(_spec_of(t), t.host) if t.container else t.host.python
@@ -311,7 +311,7 @@ class _Session:
             self.out, self.err = self.proc.stdout, self.proc.stderr
             self.chan = None
         else:
-            from .remote import ConnectError, Pool
+            from cluster.backends.transport import ConnectError, Pool
             self.pool = Pool([t.host], t.inventory.ssh)
             try:
                 self.conn = self.pool.connection(t.host.name)

@@ -5,7 +5,7 @@
   matches (same size and mtime for every file, checked inside the preflight probe) is skipped.
 * Checkpoints: node 0's runs/<id>/checkpoints/ is pulled into the storage directory (default
   runs/<id>/checkpoints here) every ``checkpoint.sync_every_s`` by a detached watcher process
-  (``python -m cluster.sync watch RUN``), and once more when the run ends. The host side runs at
+  (``python -m cluster.backends.rsync watch RUN``), and once more when the run ends. The host side runs at
   ``nice 19``; files arrive by rsync's temp file + rename (never ``--inplace``), and ``latest``
   is replaced only once the checkpoint it names is here. A job's own ``checkpoint.path`` (a file or
   directory of its run directory, e.g. a script's ``snapshot.pt``) is pulled into the storage too;
@@ -33,8 +33,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
-from .config import REPO, Host, SSHSettings
-from .errors import UserError
+from cluster.spec.config import REPO, Host, SSHSettings
+from cluster.errors import UserError
 
 RSYNC_TIMEOUT_S = 600
 GIVE_UP_S = float(os.environ.get("CLUSTER_WATCH_GIVE_UP_S", "1800"))   # no host answering this long
@@ -147,7 +147,7 @@ def remote_path(workdir: str, *parts: str) -> str:
 
 def shell_path(path: str) -> str:
     """A path for a POSIX shell on the host, ~ expanded there and everything else quoted."""
-    from .remote import shell_word
+    from cluster.backends.transport import shell_word
     return shell_word(path, home=True)
 
 
@@ -287,8 +287,8 @@ def watch(run_id: str, poll_s: float = 5.0) -> int:
         pass
     # the first seconds belong to the run starting (every host imports torch): poll once it is up
     time.sleep(QUIET_START_S)
-    from .runs import Run, State
-    from .submit import backend_for
+    from cluster.run.records import Run, State
+    from cluster.submit import backend_for
     first = Run(run_id)
     be = backend_for(first)
     every_s = (first.data.get("job", {}).get("resolved", {}).get("checkpoint", {}) or {}).get("sync_every_s", 60)
@@ -365,7 +365,7 @@ def _alive(pid: Optional[int], run_id: str) -> bool:
         argv = Path(f"/proc/{int(pid)}/cmdline").read_bytes().split(b"\0")
     except (OSError, TypeError, ValueError):
         return False
-    return b"cluster.sync" in argv and run_id.encode() in argv
+    return b"cluster.backends.rsync" in argv and run_id.encode() in argv
 
 
 def pull_metrics(hosts: Sequence[Host], ssh: SSHSettings, run_id: str, dest: Path) -> list[SyncResult]:
@@ -430,7 +430,7 @@ def wait_checkpoint_sync(run, timeout_s: float = 300.0, progress=None) -> Option
 
 def main(argv: Optional[list[str]] = None) -> int:
     import argparse
-    ap = argparse.ArgumentParser(prog="python -m cluster.sync")
+    ap = argparse.ArgumentParser(prog="python -m cluster.backends.rsync")
     sub = ap.add_subparsers(dest="verb", required=True)
     w = sub.add_parser("watch", help="sync a run's checkpoints until it ends")
     w.add_argument("run_id")

@@ -32,9 +32,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
 
-from . import hostlist
-from .config import Host, SSHSettings
-from .errors import RemoteError
+from cluster.spec import hostlist
+from cluster.spec.config import Host, SSHSettings
+from cluster.errors import RemoteError
 
 DEFAULT_SSH_CONFIG = "~/.ssh/config"
 # paramiko logs every failed handshake with a traceback from its own thread; failures reach the

@@ -8,12 +8,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, Optional, Union
 
-from . import hostlist
-from .errors import UserError
-from .schema import build, did_you_mean, dotted
-from .yamlsrc import Source, load, parse_scalar, show
+from cluster.spec import hostlist
+from cluster.errors import UserError
+from cluster.spec.schema import build, did_you_mean, dotted
+from cluster.spec.yamlsrc import Source, load, parse_scalar, show
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DEFAULT_INVENTORY = REPO / "inventory.yaml"
 JOBS_DIR = REPO / "jobs"
 Runtime = Literal["docker", "podman", "apptainer", "enroot"]
@@ -443,7 +443,7 @@ class RestartSpec:
 
 @dataclass(frozen=True)
 class DataSpec:
-    """A dataset staged onto every node before the launch (cluster/stage.py)."""
+    """A dataset staged onto every node before the launch (cluster/backends/stage.py)."""
     source: str                # a packed set or a folder on the submitting machine
     path: str                  # where each node holds it; relative: under the host's workdir
     fanout: int = 4            # hosts copied at once
@@ -664,7 +664,7 @@ def _check_job(job: Job, src: Source) -> None:
     _check_range(job.restart.max_restarts, 0, 10**6, src, ("restart", "max_restarts"))
     _check_range(job.restart.max_requeues, 0, 10**6, src, ("restart", "max_requeues"))
     if job.container is not None:      # one validator of the section: the one that implements it
-        from .container import check_spec
+        from cluster.container import check_spec
         check_spec(job.container, src.where)
     if job.data is not None:
         for key in ("source", "path"):
