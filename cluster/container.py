@@ -42,14 +42,13 @@ import math
 import re
 import subprocess
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping, NamedTuple, Optional, Sequence
+from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 from cluster.errors import UserError
+from cluster.node.containers import remove_argv
 from cluster.image import compare as compare_digests, digest_argv, digest_of
-from cluster.spec.yamlsrc import show
+from cluster.spec.container import ROOTFS, RUNTIMES, URI, Mount, check_spec, limits, parse_mount
 
-RUNTIMES = ("docker", "podman", "apptainer", "enroot")
-ROOTFS = "rootfs:"                       # podman image "rootfs:/" -> --rootfs /:O
 LABEL = "cluster.run_id"                 # docker/podman labels: the run id (stop verifies by it) ...
 HOST_LABEL = "cluster.host"              # ... and the inventory's host name (hosts may share storage)
 PYTHON = "python3"                       # in the image: present in NGC, pytorch/pytorch and Debian images
@@ -61,11 +60,7 @@ ULIMITS = (("memlock", "-1:-1"), ("stack", "67108864:67108864"))
 # the run directory the agent starts in as the working directory.
 SELF_USER = '--user "$(id -u):$(id -g)"'
 TILDE_MOUNT = '-v "$CLUSTER_CODE_DIR:$CLUSTER_CODE_DIR" -w "$PWD"'
-USERS = ("self", "root")
-# quotas: key, unit, the most that makes sense (the range check also refuses nan and inf)
-QUOTAS = (("cpus", "cores", 4096), ("memory_gb", "GB", 1 << 20), ("pids", "processes", 1 << 22))
 APPTAINER_CGROUPS = '[ "$(id -u)" = 0 ] || [ -f /sys/fs/cgroup/cgroup.controllers ]'   # root, or cgroups v2
-DEFAULT_PIDS = 16384   # podman's own default (2048) is too few for 8 ranks x DataLoader workers x threads
 # Run inside the container around torchrun when memory is limited: forwards TERM/INT/HUP (sh would
 # not), then reads the container's own cgroup: a kill by the memory limit becomes one plain log line.
 OOM_LINE = "container: out of memory"
@@ -85,11 +80,6 @@ def host_script(user: str, tilde: bool) -> Optional[str]:
 
 # set by the agent on the host (cluster/node/agent.py: run_environment), passed through by name
 PASS_ENV = ("CLUSTER_RUN_DIR", "CLUSTER_CODE_DIR", "CLUSTER_CHECKPOINT_DIR", "PYTHONPATH")
-_ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_URI = re.compile(r"^[a-z][a-z0-9+.-]*://")
-# a registry reference (nvcr.io/nvidia/pytorch:24.05-py3, nvcr.io#nvidia/...), a URI (docker://...),
-# a path (/images/torch.sif, ./x.sif) or rootfs:/DIR; never an option (-...), spaces or shell syntax
-_IMAGE = re.compile(r"^(?!-)[A-Za-z0-9._/~][A-Za-z0-9._/:@+#=~-]*$")
 
 
 @dataclass(frozen=True)
@@ -115,86 +105,8 @@ class Check:
     compare_only: bool = False   # nothing but the digest (one host alone has nothing to compare it with)
 
 
-class Mount(NamedTuple):
-    src: str
-    dst: str
-    mode: str        # "", "ro" or "rw"
-
-    def text(self) -> str:
-        return f"{self.src}:{self.dst}" + (f":{self.mode}" if self.mode else "")
-
-
-# ---------------------------------------------------------------- spec
-def check_spec(spec, where: Callable[[tuple], str] = lambda path: "job") -> None:
-    """Raise UserError for a container section no runtime can take (``where`` maps a key path
-    such as ("container", "mounts", 0) to 'file:line', as config's Source.where does)."""
-    image = spec.image
-    if not _IMAGE.fullmatch(image):
-        raise UserError(f"{show(image)} is not a container image reference", where=where(("container", "image")),
-                        key="container.image",
-                        hint="e.g. nvcr.io/nvidia/pytorch:24.05-py3, docker://..., /images/torch.sif, rootfs:/")
-    if image.startswith(ROOTFS) and not image[len(ROOTFS):].startswith("/"):
-        raise UserError(f"{show(image)}: rootfs needs an absolute host directory", where=where(("container", "image")),
-                        key="container.image", hint="e.g. rootfs:/ (the host's root as an overlay, podman)")
-    if spec.runtime is not None and spec.runtime not in RUNTIMES:
-        raise UserError(f"unknown runtime {show(spec.runtime)}", where=where(("container", "runtime")),
-                        key="container.runtime", hint="use one of: " + ", ".join(RUNTIMES))
-    for i, text in enumerate(spec.mounts):
-        parse_mount(text, where(("container", "mounts", i)), f"container.mounts[{i}]")
-    for k in spec.env:
-        if not _ENV_KEY.fullmatch(k):
-            raise UserError(f"{show(k)} is not a valid environment variable name", where=where(("container", "env", k)),
-                            key=f"container.env.{k}", hint="use letters, digits and '_', not starting with a digit")
-    if "CLUSTER_RUN_ID" in spec.env:
-        raise UserError("'CLUSTER_RUN_ID' is set by the cluster (stop finds the run's processes by it)",
-                        where=where(("container", "env", "CLUSTER_RUN_ID")), key="container.env.CLUSTER_RUN_ID",
-                        hint="remove it from the container's env")
-    if not 0 <= spec.shm_gb <= 4096:
-        raise UserError(f"must be 0 or more, at most 4096 (0: the host's /dev/shm through --ipc host); got {spec.shm_gb}",
-                        where=where(("container", "shm_gb")), key="container.shm_gb")
-    for key, unit, most in QUOTAS:
-        v = getattr(spec, key, None)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= most):
-            raise UserError(f"must be a number of {unit} above 0, at most {most}; got {show(v)}",
-                            where=where(("container", key)), key=f"container.{key}",
-                            hint="leave it out for the default (see README, Containers)")
-    if getattr(spec, "pids", None) is not None and int(spec.pids) != spec.pids:
-        raise UserError("must be a whole number", where=where(("container", "pids")), key="container.pids")
-    if getattr(spec, "user", "self") not in USERS:
-        raise UserError(f"{show(spec.user)} is not a container user", where=where(("container", "user")),
-                        key="container.user",
-                        hint="self (default: your uid/gid on the host, files on mounts are yours) or root")
-
-
-def limits(spec) -> dict:
-    """The quotas asked for, defaults applied: cpus/memory_gb None mean the whole host."""
-    pids = getattr(spec, "pids", None)
-    return {"cpus": getattr(spec, "cpus", None), "memory_gb": getattr(spec, "memory_gb", None),
-            "pids": DEFAULT_PIDS if pids is None else int(pids)}
-
-
 def _num(v) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
-
-
-def parse_mount(text: str, where: str = "job", key: str = "container.mounts") -> Mount:
-    """``SRC:DST[:ro|rw]`` or ``PATH`` (same path inside), both absolute. ':' and ',' cannot be in a
-    path: every runtime splits on ':', and apptainer and pyxis join mounts with ','."""
-    if not text.isprintable():
-        raise UserError(f"mount {show(text)} contains a control or invisible character", where=where, key=key,
-                        hint="write it on one line, without control characters")
-    parts = text.split(":")
-    mode = ""
-    if len(parts) > 1 and parts[-1] in ("ro", "rw"):
-        mode = parts.pop()
-    if len(parts) == 1:
-        parts.append(parts[0])
-    bad = (len(parts) != 2 or "," in text or "\0" in text or
-           not all(p.startswith("/") for p in parts))
-    if bad:
-        raise UserError(f"mount {show(text)} is not SRC:DST[:ro|rw] or PATH, with absolute paths", where=where, key=key,
-                        hint="e.g. /data/imagenet:/data:ro; paths cannot contain ':' or ','")
-    return Mount(parts[0], parts[1], mode)
 
 
 def resolve_runtime(spec, host) -> str:
@@ -230,7 +142,7 @@ def docker_image(image: str) -> str:
 
 def apptainer_image(image: str) -> str:
     """Paths (.sif, sandbox directories) and URIs as given; a registry reference gets docker://."""
-    if _URI.match(image) or image.startswith(("/", "./", "../")) or image.endswith((".sif", ".simg", ".img")):
+    if URI.match(image) or image.startswith(("/", "./", "../")) or image.endswith((".sif", ".simg", ".img")):
         return image
     return "docker://" + image
 
@@ -486,7 +398,7 @@ def preflight_checks(ref: ContainerRef) -> list[Check]:
                                 "or cgroups v2 (this host has cgroups v1 and the run is not root)",
                                 "leave the quotas out for apptainer hosts, or boot the host with cgroups v2 "
                                 "(systemd.unified_cgroup_hierarchy=1)"))
-        if _URI.match(image):   # fetched into apptainer's cache on first use: fetch it now, everywhere
+        if URI.match(image):   # fetched into apptainer's cache on first use: fetch it now, everywhere
             checks.append(Check(("apptainer", "exec", image, "true"), f"cannot fetch or run image {image}",
                                 "check the name and the registry login (apptainer remote login)"))
         else:
@@ -517,27 +429,6 @@ def check_failed(host: str, check: Check, code: int, output: str) -> UserError:
 def check_digests(image: str, outputs: Mapping[str, str]) -> None:
     """The digest checks' outputs (host -> stdout) must agree: else one error naming the hosts."""
     compare_digests(image, {h: digest_of(out) or None for h, out in outputs.items()})
-
-
-def remove_argv(runtime: str, name: str) -> Optional[list[str]]:
-    """Remove the container now (kill if running); None where nothing outlives the process group.
-    Its exit status is no verdict (the container may be gone already, --rm): verify with list_argv."""
-    if runtime == "podman":
-        return ["podman", "rm", "--force", "--ignore", "--time", "0", name]
-    if runtime == "docker":
-        return ["docker", "rm", "--force", name]
-    return None
-
-
-def remove_argv_of_payload(payload: Sequence[str]) -> Optional[list[str]]:
-    """For the node agent (which knows only its payload): remove_argv of the docker/podman
-    container the payload runs, None when the payload is not one of ours."""
-    p = list(payload)
-    if p[:2] == ["sh", "-c"] and len(p) > 3 and p[2].startswith('r=$1; shift; exec "$0" "$r" '):
-        p = p[3:]
-    if len(p) < 4 or p[0] not in ("docker", "podman") or p[1] != "run" or "--name" not in p:
-        return None
-    return remove_argv(p[0], p[p.index("--name") + 1])
 
 
 def list_argv(runtime: str, run_id: str, host: Optional[str] = None) -> Optional[list[str]]:

@@ -12,7 +12,7 @@ from typing import Any, Mapping, Optional
 
 from cluster.spec.config import Host, Inventory, Job
 from cluster.errors import UserError
-from cluster.backends.transport import quote_argv, shell_word
+from cluster.quoting import quote_argv, shell_word
 
 RUNS = "runs"
 PYTHON = "{python}"     # in command: the interpreter the job runs (the inventory's, or the container's)

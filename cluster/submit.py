@@ -11,7 +11,7 @@ from cluster import backends
 from cluster.spec import hostlist
 from cluster.spec.config import check_profile_overrides, check_run_id, inventory_from_plain, load_inventory, load_job
 from cluster.errors import UserError
-from cluster.run.records import Run, State, git_commit, new_run_id
+from cluster.run.records import Run, State, git_commit, new_run_id, submitter
 from cluster.spec.schema import to_plain
 
 
@@ -94,37 +94,12 @@ def submit(job_name: str, overrides: list[str], inventory: Optional[str] = None,
     return run
 
 
-def submitter() -> dict:
-    """Who is launching (this process): a later `status` that finds it gone before the launch was
-    recorded knows the launch was interrupted (see Backend.status)."""
-    import os
-    import socket
-    return {"pid": os.getpid(), "host": socket.gethostname(), "start": _proc_start(os.getpid())}
-
-
-def _proc_start(pid: int) -> Optional[str]:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]    # starttime: tells a reused pid apart
-    except (OSError, IndexError):
-        return None
-
-
-def submitter_gone(run: Run) -> bool:
-    """The submit that created ``run`` is no longer running (on this machine; elsewhere: unknown)."""
-    import socket
-    sub = run.data.get("submitter") or {}
-    if not sub.get("pid") or sub.get("host") != socket.gethostname():
-        return False
-    return _proc_start(sub["pid"]) != sub.get("start")
-
-
 def seed_checkpoint(src: Run, dst: Run) -> list[str]:
     """Copy the newest checkpoint of ``src`` (kept on this machine) into ``dst``'s run directory:
     train's latest ``ckpt_*.pt`` and ``latest``, or else all of its checkpoints/ (CLUSTER_CHECKPOINT_DIR),
     and the job's own ``checkpoint.path``. Returns what was copied, relative to the run directory
     (the ssh backend puts exactly that on the node(s) that need it)."""
-    from cluster.backends.rsync import checkpoint_path
+    from cluster.run.checkpoints import checkpoint_path
     own = checkpoint_path(src.data)
     stored = src.data.get("checkpoint_dir")           # ssh: the storage copy
     ckpts = Path(stored or src.dir / "checkpoints")
@@ -172,8 +147,3 @@ def _copy(src: Path, dst: Path) -> None:
         shutil.copytree(src, dst, dirs_exist_ok=True)
     else:
         shutil.copy2(src, dst)
-
-
-def backend_for(run: Run):
-    from cluster.spec.config import inventory_from_plain
-    return backends.get(run.data["backend"], inventory_from_plain(run.data["inventory"]))

@@ -16,7 +16,7 @@ from cluster import container as ctr
 from cluster.spec.config import Host, Inventory, SSHSettings
 from cluster.container import ContainerRef
 from cluster.errors import UserError
-from cluster.node.probe import _host_source
+from cluster.backends.ship import _host_source
 from cluster.run.records import Run
 from cluster.spec.schema import to_plain
 from tests.sshbed import pty_cli

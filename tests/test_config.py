@@ -217,7 +217,7 @@ def test_unknown_job_lists_known_ones(capsys):
 
 
 def test_container_section_through_load_job_accepts_what_container_implements(tmp_path):
-    """One validator (cluster.container.check_spec): a .sif path, shm_gb 0 (--ipc host) and a bare
+    """One validator (cluster.spec.container.check_spec): a .sif path, shm_gb 0 (--ipc host) and a bare
     mount (the same path inside) load, and reach the plan's command line."""
     from cluster.plan import make_plan
     job = tmp_path / "c.yaml"

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from cluster import container
+from cluster.node import containers as node_containers
 from cluster.spec.config import REPO, ContainerSpec, load_inventory, load_job
 from cluster.errors import UserError
 from cluster.plan import make_plan
@@ -287,9 +288,9 @@ def test_preflight_commands():
     assert P("podman", "rootfs:/")[1] == ["test", "-d", "/"]
     assert P("apptainer", "/img/t.sif")[1:] == [["test", "-r", "/img/t.sif"], ["sha256sum", "/img/t.sif"]]
     assert P("apptainer", "docker://t:1")[1] == ["apptainer", "exec", "docker://t:1", "true"]
-    assert container.remove_argv("podman", "n") == ["podman", "rm", "--force", "--ignore", "--time", "0", "n"]
-    assert container.remove_argv("docker", "n") == ["docker", "rm", "--force", "n"]
-    assert container.remove_argv("apptainer", "") is None
+    assert node_containers.remove_argv("podman", "n") == ["podman", "rm", "--force", "--ignore", "--time", "0", "n"]
+    assert node_containers.remove_argv("docker", "n") == ["docker", "rm", "--force", "n"]
+    assert node_containers.remove_argv("apptainer", "") is None
     assert container.list_argv("docker", "r1") == ["docker", "ps", "--all", "--filter", "label=cluster.run_id=r1",
                                                     "--format", "{{.Names}}"]
     assert container.list_argv("podman", "r1", "gpu01")[3:7] == ["--filter", "label=cluster.run_id=r1",
@@ -299,9 +300,9 @@ def test_preflight_commands():
 def test_agent_can_find_its_container_from_the_payload(tmp_path):
     for runtime, workdir in (("docker", "/w"), ("podman", "~/ddp")):
         node = rack_plan(tmp_path, runtime, workdir).nodes[1]
-        assert container.remove_argv_of_payload(node.payload()) == container.remove_argv(runtime, node.container.name)
-    assert container.remove_argv_of_payload(rack_plan(tmp_path, "apptainer").nodes[0].payload()) is None
-    assert container.remove_argv_of_payload(["python", "-m", "torch.distributed.run", "--name", "x"]) is None
+        assert node_containers.remove_argv_of_payload(node.payload()) == node_containers.remove_argv(runtime, node.container.name)
+    assert node_containers.remove_argv_of_payload(rack_plan(tmp_path, "apptainer").nodes[0].payload()) is None
+    assert node_containers.remove_argv_of_payload(["python", "-m", "torch.distributed.run", "--name", "x"]) is None
 
 
 class FakeRun:

@@ -23,6 +23,7 @@ import pytest
 import yaml
 
 from cluster import container
+from cluster.node import containers as node_containers
 from cluster.spec.config import load_inventory, load_job
 from cluster.plan import make_plan
 
@@ -99,7 +100,7 @@ def cl(bed, tmp_path):
             pid_file = node_file(c, node, f"{node.state_dir}/{node.host}.pid")
             if pid_file.exists():
                 c.ssh(node.host, f"kill -KILL -- -{json.loads(pid_file.read_text())['pgid']} 2>/dev/null")
-            c.ssh(node.host, shlex.join(container.remove_argv(node.container.runtime, node.container.name)))
+            c.ssh(node.host, shlex.join(node_containers.remove_argv(node.container.runtime, node.container.name)))
 
 
 def wait_files(paths, timeout):
@@ -168,7 +169,7 @@ def test_stop_removes_every_hosts_container(cl):
     wait_files([node_file(cl, n, f"{n.state_dir}/{n.host}.exit") for n in plan.nodes[:2]], 30)
     for node in plan.nodes:
         ref = node.container
-        rm = container.remove_argv(ref.runtime, ref.name)
+        rm = node_containers.remove_argv(ref.runtime, ref.name)
         assert cl.ssh(node.host, shlex.join(rm)).returncode == 0
         assert cl.containers(node.host, rid) == []
     deadline = time.time() + 10

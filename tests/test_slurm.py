@@ -321,7 +321,7 @@ def _slurm_run(tmp_path, **handle) -> Run:
 
 @pytest.mark.parametrize("slurm_state,state", MAPPING, ids=[m[0] for m in MAPPING])
 def test_slurm_states_map_onto_the_projects(tmp_path, fake_slurm, slurm_state, state):
-    from cluster.submit import backend_for
+    from cluster.backends import backend_for
     fake_slurm.configure(state=slurm_state, exit="3:0" if state == State.FAILED else "0:0",
                          nodes="None assigned" if state == State.PENDING else "gpu[01-02]")
     run = _slurm_run(tmp_path)
@@ -335,7 +335,7 @@ def test_slurm_states_map_onto_the_projects(tmp_path, fake_slurm, slurm_state, s
 
 @pytest.mark.parametrize("slurm_state", ["NODE_FAIL", "PREEMPTED"])
 def test_node_fail_and_preemption_of_a_requeue_job_are_not_final_at_once(tmp_path, fake_slurm, slurm_state):
-    from cluster.submit import backend_for
+    from cluster.backends import backend_for
     run = _slurm_run(tmp_path)
     run.update(plan={**run.data["plan"], "task": {"requeue": True, "max_requeues": 3}})
     fake_slurm.configure(state=slurm_state, exit="0:9", restarts=1, ended_ago=5)
@@ -354,7 +354,7 @@ def test_node_fail_and_preemption_of_a_requeue_job_are_not_final_at_once(tmp_pat
 
 
 def test_stop_is_scancel_and_waits_for_slurm(tmp_path, fake_slurm):
-    from cluster.submit import backend_for
+    from cluster.backends import backend_for
     fake_slurm.configure(state="RUNNING")
     run = _slurm_run(tmp_path)
     assert backend_for(run).stop(run, grace_s=1) == []
@@ -363,7 +363,7 @@ def test_stop_is_scancel_and_waits_for_slurm(tmp_path, fake_slurm):
 
 
 def test_first_failure_names_the_task_srun_reports(tmp_path, fake_slurm):
-    from cluster.submit import backend_for
+    from cluster.backends import backend_for
     fake_slurm.configure(state="FAILED", exit="1:0")
     run = _slurm_run(tmp_path)
     (run.dir / "slurm").mkdir()
@@ -447,7 +447,7 @@ def test_prefixer_prefixes_every_line_and_keeps_the_exit_code(tmp_path):
 
 def test_heartbeats_of_an_earlier_start_are_not_a_hang(tmp_path, fake_slurm):
     """After a requeue the old heartbeats are minutes old: the run is starting again, not HUNG."""
-    from cluster.submit import backend_for
+    from cluster.backends import backend_for
     fake_slurm.configure(state="RUNNING", restarts=1)
     run = _slurm_run(tmp_path)
     run.update(created=time.time() - 3600)        # queued for an hour, then requeued

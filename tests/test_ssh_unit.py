@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 
 from cluster.spec.config import Host, SSHSettings, load_inventory, load_job
-from cluster.backends.transport import GroupError, GroupResult, Pool, Result, fold, quote_argv, render_folded
-from cluster.backends.rsync import remote_path, shell_path, ssh_command, stale_files
+from cluster.backends.transport import GroupError, GroupResult, Pool, Result, fold, render_folded
+from cluster.quoting import quote_argv
+from cluster.backends.rsync import remote_path, shell_path, ssh_command
+from cluster.node.probe import stale_files
 
 REPO = Path(__file__).resolve().parent.parent
 HOSTILE = ["a 0", 'a"=0"', "a'; echo foo", "a\n0", "$(touch /tmp/x)", "`id`", "~user", "*", ""]
@@ -142,7 +144,7 @@ def test_ssh_plan_carries_the_gang_and_the_local_one_does_not(tmp_path):
 # ---------------------------------------------------------------- host-side code, run here
 def run_host_fn(fn, arg: dict, site=True) -> dict:
     """The exact command line the backend sends, through a real shell, JSON on stdin."""
-    from cluster.node.probe import host_command
+    from cluster.backends.ship import host_command
     p = subprocess.run(["sh", "-c", host_command(sys.executable, fn, site=site)], input=json.dumps(arg),
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from cluster.backends.local import pids_of_run
-from cluster.node.probe import _probe_then_launch, host_command
+from cluster.node.probe import _probe_then_launch
+from cluster.backends.ship import host_command
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow

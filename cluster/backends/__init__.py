@@ -17,3 +17,9 @@ def get(name: str, inventory):
         raise UserError(f"the {name} backend needs a package that is not installed: {e.name}",
                         hint="run 'make setup' to install the project's dependencies") from None
     return mod.BACKEND(inventory)
+
+
+def backend_for(run):
+    """The backend a recorded run was launched with, with the inventory recorded in run.json."""
+    from cluster.spec.config import inventory_from_plain
+    return get(run.data["backend"], inventory_from_plain(run.data["inventory"]))

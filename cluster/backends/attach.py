@@ -33,7 +33,7 @@ from cluster import container as ctr
 from cluster.spec.config import Host, Inventory, inventory_from_plain, load_inventory
 from cluster.errors import UserError
 from cluster.plan import cd_line
-from cluster.backends.transport import quote_argv
+from cluster.quoting import quote_argv
 from cluster.run.records import Run, resolve
 
 SHELL_HINT = "python -m cluster shell RUN --node 1"
@@ -296,7 +296,7 @@ class _Session:
 
     def __init__(self, t: Target, spec: dict):
         import json
-        from cluster.node.probe import _host_source
+        from cluster.backends.ship import _host_source
         self.json = json
         src = _host_source("_serve")
         python = ctr.inner_python(_spec_of(t), t.host) if t.container else t.host.python

@@ -97,7 +97,7 @@ class Backend(ABC):
             return run.state, [NodeStatus(**{**n, "state": State(n["state"])})
                                for n in run.data.get("nodes_final", [])]
         if run.state == State.PENDING and not run.data.get("handle"):
-            from cluster.submit import submitter_gone
+            from cluster.run.records import submitter_gone
             if submitter_gone(run):
                 return self._launch_interrupted(run)
         nodes = self.node_status(run)

@@ -10,7 +10,8 @@ from cluster.spec import hostlist
 from cluster.spec.config import Inventory
 from cluster.errors import UserError
 from cluster.plan import cd_line
-from cluster.backends.transport import GroupResult, Result, quote_argv
+from cluster.backends.transport import GroupResult, Result
+from cluster.quoting import quote_argv
 
 
 def select(inv: Inventory, pattern: Optional[str]) -> list[str]:

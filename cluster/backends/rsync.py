@@ -5,7 +5,7 @@
   matches (same size and mtime for every file, checked inside the preflight probe) is skipped.
 * Checkpoints: node 0's runs/<id>/checkpoints/ is pulled into the storage directory (default
   runs/<id>/checkpoints here) every ``checkpoint.sync_every_s`` by a detached watcher process
-  (``python -m cluster.backends.rsync watch RUN``), and once more when the run ends. The host side runs at
+  (cluster/backends/watcher.py), and once more when the run ends. The host side runs at
   ``nice 19``; files arrive by rsync's temp file + rename (never ``--inplace``), and ``latest``
   is replaced only once the checkpoint it names is here. A job's own ``checkpoint.path`` (a file or
   directory of its run directory, e.g. a script's ``snapshot.pt``) is pulled into the storage too;
@@ -26,7 +26,6 @@ import os
 import re
 import shlex
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -37,7 +36,6 @@ from cluster.spec.config import REPO, Host, SSHSettings
 from cluster.errors import UserError
 
 RSYNC_TIMEOUT_S = 600
-GIVE_UP_S = float(os.environ.get("CLUSTER_WATCH_GIVE_UP_S", "1800"))   # no host answering this long
 
 
 @dataclass
@@ -91,21 +89,6 @@ def manifest(files: Sequence[str], repo: Path = REPO) -> dict[str, list[int]]:
     return out
 
 
-def stale_files(workdir: str, expected: dict) -> int:
-    """On a host (standard library only): how many files differ from ``expected``."""
-    base = os.path.expanduser(workdir)
-    stale = 0
-    for rel, (size, mtime) in expected.items():
-        try:
-            st = os.stat(os.path.join(base, rel))
-        except OSError:
-            stale += 1
-            continue
-        if st.st_size != size or int(st.st_mtime) != mtime:
-            stale += 1
-    return stale
-
-
 # ---------------------------------------------------------------- rsync over OpenSSH
 def ssh_command(host: Host, ssh: SSHSettings) -> list[str]:
     """The OpenSSH client argv (without destination) that matches the inventory's settings."""
@@ -147,7 +130,7 @@ def remote_path(workdir: str, *parts: str) -> str:
 
 def shell_path(path: str) -> str:
     """A path for a POSIX shell on the host, ~ expanded there and everything else quoted."""
-    from cluster.backends.transport import shell_word
+    from cluster.quoting import shell_word
     return shell_word(path, home=True)
 
 
@@ -272,102 +255,6 @@ def pull_logs(hosts: Sequence[Host], ssh: SSHSettings, run_id: str, dest: Path, 
 
 
 # ---------------------------------------------------------------- the watcher
-QUIET_START_S = 15.0
-
-
-def watch(run_id: str, poll_s: float = 5.0) -> int:
-    """Detached, one per ssh run: keep node 0's checkpoints synced until the run ends, then once more.
-
-    It also polls the run's status, which stops every node if one failed (the agents' gang does the
-    same without it), and collects the logs at the end.
-    """
-    try:
-        os.nice(10)         # a helper: the run's own processes (here too, on a one-box cluster) come first
-    except OSError:
-        pass
-    # the first seconds belong to the run starting (every host imports torch): poll once it is up
-    time.sleep(QUIET_START_S)
-    from cluster.run.records import Run, State
-    from cluster.submit import backend_for
-    first = Run(run_id)
-    be = backend_for(first)
-    every_s = (first.data.get("job", {}).get("resolved", {}).get("checkpoint", {}) or {}).get("sync_every_s", 60)
-    node0 = be.inv.host(first.data["plan"]["nodes"][0]["host"])
-    dest = Path(first.data.get("checkpoint_dir") or first.dir / "checkpoints")
-    own = checkpoint_path(first.data)
-    last_sync = last_seen = time.time()
-    while True:
-        time.sleep(poll_s)
-        run = Run(run_id, first.dir.parent)
-        try:
-            state, nodes = be.status(run)
-            if any(n.state != State.UNKNOWN for n in nodes) or state.is_terminal():
-                last_seen = time.time()
-        except Exception as e:   # noqa: BLE001 -- a flaky host must not end the watcher
-            print(f"status: {e}", flush=True)
-            if run.damaged:     # nothing to follow without a record; 'stop RUN' still stops the run
-                be.close()
-                return 1
-            state = run.state
-        if state.is_terminal():
-            break
-        if time.time() - last_seen > GIVE_UP_S:
-            print(f"no host of the run answered for {GIVE_UP_S:g} s; giving up "
-                  f"('python -m cluster logs {run_id} --collect' and 'status' still work later)", flush=True)
-            run.event("checkpoints-synced", ok=False, files=0, latest=_latest(dest, own),
-                      error=f"no host of the run answered for {GIVE_UP_S:g} s; the watcher gave up")
-            be.close()
-            return 1
-        if time.time() - last_sync >= every_s:
-            last_sync = time.time()
-            r = pull_checkpoints(node0, be.inv.ssh, run_id, dest, own)
-            print(f"checkpoints: {r.describe()}", flush=True)
-            _pull_metrics(be, first)
-    r = pull_checkpoints(node0, be.inv.ssh, run_id, dest, own)
-    print(f"checkpoints (final): {r.describe()}", flush=True)
-    run = Run(run_id, first.dir.parent)
-    run.event("checkpoints-synced", ok=r.ok, files=r.files, error=r.error or None, latest=_latest(dest, own))
-    _pull_metrics(be, run)
-    hosts = [be.inv.host(n["host"]) for n in run.data["plan"]["nodes"]]
-    for r in pull_logs(hosts, be.inv.ssh, run_id, run.dir / "logs"):
-        print(f"logs: {r.describe()}", flush=True)
-    be.close()
-    return 0
-
-
-def _pull_metrics(be, run) -> None:
-    """The metrics and TensorBoard files of every host, with the checkpoints (report, tensorboard)."""
-    hosts = [be.inv.host(n["host"]) for n in run.data["plan"]["nodes"]]
-    for r in pull_metrics(hosts, be.inv.ssh, run.id, run.dir / "metrics"):
-        if not r.ok:
-            print(f"metrics: {r.describe()}", flush=True)
-
-
-def checkpoint_path(run_data: dict) -> Optional[str]:
-    """The job's ``checkpoint.path`` (relative to the run directory), from run.json; None where it
-    lies in checkpoints/ (CLUSTER_CHECKPOINT_DIR), which is synced whole anyway."""
-    path = (((run_data.get("job") or {}).get("resolved") or {}).get("checkpoint") or {}).get("path")
-    path = path.strip("/") if path else None
-    return None if not path or path.split("/")[0] == "checkpoints" else path
-
-
-def _latest(dest: Path, own: Optional[str] = None) -> Optional[str]:
-    """The newest checkpoint kept in ``dest``: what ``latest`` names, else the job's own file."""
-    try:
-        return (dest / "latest").read_text().strip() or None
-    except OSError:
-        return own if own and (dest / own).exists() else None
-
-
-def _alive(pid: Optional[int], run_id: str) -> bool:
-    """Is ``pid`` still this run's watcher (not a reused pid)?"""
-    try:
-        argv = Path(f"/proc/{int(pid)}/cmdline").read_bytes().split(b"\0")
-    except (OSError, TypeError, ValueError):
-        return False
-    return b"cluster.backends.rsync" in argv and run_id.encode() in argv
-
-
 def pull_metrics(hosts: Sequence[Host], ssh: SSHSettings, run_id: str, dest: Path) -> list[SyncResult]:
     """Every host's runs/<id>/metrics/ (each rank's records and heartbeat, TensorBoard event files
     under tb/rank<R>/: the names differ per rank, so the hosts' files land side by side) into ``dest``."""
@@ -377,67 +264,3 @@ def pull_metrics(hosts: Sequence[Host], ssh: SSHSettings, run_id: str, dest: Pat
         return rsync(h, ssh, remote_path(h.workdir, "runs", run_id, "metrics") + "/", str(dest) + "/", push=False,
                      nice=True, extra=["--exclude", ".*", "--ignore-missing-args"])
     return parallel(one, list(hosts), ssh.fanout)
-
-
-def checkpoint_sync(run) -> Optional[dict]:
-    """Where the run's checkpoint copy stands, for runs that have a watcher (ssh): ``state`` is
-    ``syncing`` (the watcher is still at work; after the run ends it makes one last pass), ``synced``,
-    ``failed`` (with ``error``) or ``stopped`` (the watcher is gone without a last pass)."""
-    handle = run.data.get("handle") or {}
-    if "watcher_pid" not in handle:
-        return None
-    dest = Path(run.data.get("checkpoint_dir") or run.dir / "checkpoints")
-    done = [e for e in run.events() if e.get("event") == "checkpoints-synced"]
-    if done:
-        e = done[-1]
-        return {"state": "synced" if e.get("ok") else "failed", "dir": str(dest),
-                "latest": e["latest"] if "latest" in e else _latest(dest, checkpoint_path(run.data)),
-                "error": e.get("error")}
-    cs = {"state": "syncing", "dir": str(dest), "latest": _latest(dest, checkpoint_path(run.data))}
-    if not _alive(handle.get("watcher_pid"), run.id):
-        cs.update(state="stopped", error="the checkpoint watcher ended before its last pass "
-                                         f"(see {run.dir / 'state' / 'watcher.log'})")
-    return cs
-
-
-def describe_checkpoint_sync(cs: dict) -> str:
-    where = cs["dir"]
-    try:
-        where = str(Path(where).relative_to(Path.cwd()))
-    except ValueError:
-        pass
-    latest = f"latest {cs['latest']} in {where}" if cs.get("latest") else f"none yet in {where}"
-    if cs["state"] == "syncing":
-        return f"checkpoints: syncing from node 0 ({latest})"
-    if cs["state"] == "synced":
-        return f"checkpoints: synced ({latest})"
-    return f"checkpoints: {cs['state']}: {cs.get('error')} ({latest})"
-
-
-def wait_checkpoint_sync(run, timeout_s: float = 300.0, progress=None) -> Optional[dict]:
-    """After the run has ended: wait (bounded) for the watcher's last pass; the final state."""
-    cs = checkpoint_sync(run)
-    if cs is None or cs["state"] != "syncing":
-        return cs
-    if progress:
-        progress("-- waiting for the last checkpoint sync from node 0")
-    deadline = time.time() + timeout_s
-    while cs["state"] == "syncing" and time.time() < deadline:
-        time.sleep(0.5)
-        cs = checkpoint_sync(run)
-    return cs
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    import argparse
-    ap = argparse.ArgumentParser(prog="python -m cluster.backends.rsync")
-    sub = ap.add_subparsers(dest="verb", required=True)
-    w = sub.add_parser("watch", help="sync a run's checkpoints until it ends")
-    w.add_argument("run_id")
-    w.add_argument("--poll-s", type=float, default=5.0)
-    args = ap.parse_args(argv)
-    return watch(args.run_id, args.poll_s)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

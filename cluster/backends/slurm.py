@@ -284,7 +284,8 @@ class SlurmBackend(Backend):
     def _gpus(self, jid: str, nodes: int) -> dict[int, list]:
         """Node index -> its GPUs' use: one ``srun --overlap`` step inside the job's allocation, one
         task per node (task i runs on node i of the allocation); {} when that fails."""
-        from cluster.node.probe import _gpu_query, host_command
+        from cluster.node.probe import _gpu_query
+        from cluster.backends.ship import host_command
         argv = ["srun", f"--jobid={jid}", "--overlap", f"--nodes={nodes}", f"--ntasks={nodes}",
                 "--ntasks-per-node=1", "--label", "--input=none", "--quiet",
                 "sh", "-c", host_command(self.inv.hosts[0].python, _gpu_query, site=False)]
@@ -473,6 +474,7 @@ def _in_container(job: Job, host, workdir: str, run_dir: Path, argv: list[str], 
     if job.container is None:
         return py, argv, []
     from cluster import container
+    from cluster.spec.container import parse_mount
     spec = job.container
     runtime = container.resolve_runtime(spec, host)
     inner = [container.inner_python(spec, host)] + argv[1:] if argv[:1] == [sys.executable] else argv
@@ -483,7 +485,7 @@ def _in_container(job: Job, host, workdir: str, run_dir: Path, argv: list[str], 
                                    tasks_per_node=procs_for(gpus, job))
         return shlex.quote(inner[0]), inner, srun
     if runtime == "apptainer":
-        binds = [container.parse_mount(m) for m in runs]
+        binds = [parse_mount(m) for m in runs]
         return py, container.apptainer_exec(spec, inner, workdir=workdir, env=env, gpus=gpus, mounts=binds,
                                                pwd=str(run_dir)), []
     raise UserError(f"container runtime '{runtime}' does not run under SLURM", where="job",

@@ -16,7 +16,7 @@
   the code is already in place, the probe starts the node's agent once it has answered, parked:
   it writes nothing, and torchrun and a fork server for its workers import torch while the
   preflight goes on (cluster/node/agent.py, cluster/node/warmworker.py); on GO it starts, its workers forked
-  from that server; on EOF the probe kills its group. Same argv and environment as the line. A detached watcher (``python -m cluster.backends.rsync watch``) then syncs node 0's checkpoints
+  from that server; on EOF the probe kills its group. Same argv and environment as the line. A detached watcher (``python -m cluster.backends.watcher watch``) then syncs node 0's checkpoints
   to storage periodically and at the end. Gang semantics live in
   the agents (cluster/node/agent.py): no controller is needed to stop a run when one node fails.
 * status / stop: one fan-out each (pid, exit and heartbeat files; TERM the group, wait, KILL,
@@ -44,8 +44,10 @@ from cluster.spec import hostlist
 from cluster.spec.config import REPO, Host
 from cluster.errors import UserError
 from cluster.plan import Plan, default_port, make_plan
-from cluster.backends.transport import GroupError, Pool, Staged, fold, hint_for, quote_argv
-from cluster.node.probe import _gpu_count, _probe_then_launch, _status, _stop, host_command
+from cluster.backends.transport import GroupError, Pool, Staged, fold, hint_for
+from cluster.quoting import quote_argv
+from cluster.node.probe import _gpu_count, _probe_then_launch, _status, _stop
+from cluster.backends.ship import host_command
 from cluster.run.records import Run, State
 from cluster.backends.rsync import manifest, project_files, pull_logs, pull_metrics, push_code, push_run_files, remote_path, shell_path
 from cluster.backends.base import _PEER_SYMPTOMS, Backend, LogSource, LogTails, NodeStatus, failed_by_itself, progress
@@ -351,13 +353,13 @@ class SSHBackend(Backend):
         return res, pgids
 
     def _start_watcher(self, run: Run) -> Optional[int]:
-        """The detached checkpoint syncer (python -m cluster.backends.rsync watch RUN); it ends with the run."""
+        """The detached checkpoint syncer (python -m cluster.backends.watcher watch RUN); it ends with the run."""
         env = {**os.environ, "CLUSTER_RUNS_DIR": str(run.dir.parent)}
         env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         env.pop("CLUSTER_RUN_ID", None)
         (run.dir / "state").mkdir(parents=True, exist_ok=True)
         with open(run.dir / "state" / "watcher.log", "ab") as out:
-            p = subprocess.Popen([sys.executable, "-m", "cluster.backends.rsync", "watch", run.id], cwd=REPO, env=env,
+            p = subprocess.Popen([sys.executable, "-m", "cluster.backends.watcher", "watch", run.id], cwd=REPO, env=env,
                                  stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                  start_new_session=True)
         return p.pid
@@ -460,7 +462,8 @@ class SSHBackend(Backend):
 
     def _remove_containers(self, run: Run) -> list[str]:
         """docker/podman containers belong to their daemon, not to the group: remove by name, verify by label."""
-        from cluster.container import list_argv, refs_of_run, remove_argv
+        from cluster.container import list_argv, refs_of_run
+        from cluster.node.containers import remove_argv
         cmds = {}
         for host, ref in refs_of_run(run.data):
             rm, ls = remove_argv(ref.runtime, ref.name), list_argv(ref.runtime, ref.run_id, host)

@@ -24,13 +24,12 @@ import logging
 import math
 import os
 import select
-import shlex
 import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
+from typing import Callable, Iterable, Mapping, Optional, Union
 
 from cluster.spec import hostlist
 from cluster.spec.config import Host, SSHSettings
@@ -40,23 +39,6 @@ DEFAULT_SSH_CONFIG = "~/.ssh/config"
 # paramiko logs every failed handshake with a traceback from its own thread; failures reach the
 # user once, as a Result.error or GroupError, instead
 logging.getLogger("paramiko").setLevel(logging.CRITICAL + 1)
-
-
-def quote_argv(argv: Sequence[str], home: Iterable[str] = ()) -> str:
-    """One shell word per argument: the command line for exactly one shell hop. Words listed in
-    ``home`` (the inventory's python) keep a leading ``~/`` for the host's shell to expand."""
-    home = set(home)
-    return " ".join(shell_word(str(a), home=a in home) for a in argv)
-
-
-def shell_word(word: str, home: bool = False) -> str:
-    """``word`` quoted for a POSIX shell; with ``home``, ``~`` or a leading ``~/`` is left outside
-    the quotes, so it is the home of the user the command runs as on the host."""
-    if home and word == "~":
-        return "~"
-    if home and word.startswith("~/"):
-        return "~/" + shlex.quote(word[2:]) if word[2:] else "~/"
-    return shlex.quote(word)
 
 
 # ---------------------------------------------------------------- results

@@ -66,7 +66,8 @@ def root_login_warnings(inv, hosts) -> list[str]:
                    "give each person an account on the hosts and set user: <name> in the inventory; "
                    "containers run as that user, files on mounted volumes stay theirs")
     if ssh_hosts:
-        from cluster.backends.transport import Pool, quote_argv
+        from cluster.backends.transport import Pool
+        from cluster.quoting import quote_argv
         with Pool(ssh_hosts, inv.ssh) as pool:     # unreachable hosts: the preflight says so next
             res = pool.run({h.name: quote_argv([h.python, "-c", _SSHD_PROBE]) for h in ssh_hosts}, timeout_s=30)
         bad = {}

@@ -16,7 +16,7 @@ def add_arguments(p):
 
 
 def run(args):
-    from cluster.image import push
+    from cluster.backends.image_push import push
     inv = load_inventory(args.inventory)
     if inv.backend == "local":
         raise UserError("image push copies to ssh hosts; this inventory's backend is local", where=inv.path,

@@ -1,5 +1,6 @@
 import sys
 
+from cluster.backends import backend_for
 from cluster.run.diagnose import render_failure
 from cluster.run.logs import follow_run
 from cluster.run.records import Run, resolve
@@ -20,13 +21,12 @@ def add_arguments(p):
 def run(args):
     r = resolve(args.run)
     if args.collect:
-        from cluster.submit import backend_for
         be = backend_for(r)
         if hasattr(be, "collect_logs"):
             be.collect_logs(r)
         print(f"logs of {r.id} are in {r.dir / 'logs'}")
         return 0
-    code = follow_run(r, follow=args.follow, host=args.host, rank=args.rank, pattern=args.grep)
+    code = follow_run(r, backend_for(r), follow=args.follow, host=args.host, rank=args.rank, pattern=args.grep)
     _diagnosis(Run(r.id, r.dir.parent))   # a fresh read: following may have seen the run end
     return code
 
@@ -35,7 +35,6 @@ def _diagnosis(r):
     """For a failed run: the first failing host and rank and the known failures in its logs."""
     if not r.data.get("final"):
         from cluster.errors import UserError
-        from cluster.submit import backend_for
         try:
             backend_for(r).status(r)
         except UserError:

@@ -9,6 +9,7 @@ def add_arguments(p):
 
 
 def run(args):
+    from cluster.backends import backend_for
     from cluster.run.report import report
     r = resolve(args.run)
-    return report(r, args.output)
+    return report(r, backend_for(r), args.output)

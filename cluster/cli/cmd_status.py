@@ -5,8 +5,8 @@ import time
 from cluster.run.diagnose import STOPPED_STATES, render_failure, saved_watch, scaling_for_run
 from cluster.errors import UserError
 from cluster.run.records import all_runs, resolve
-from cluster.submit import backend_for
-from cluster.backends.rsync import checkpoint_sync, describe_checkpoint_sync
+from cluster.backends import backend_for
+from cluster.run.checkpoints import checkpoint_sync, describe_checkpoint_sync
 
 HELP = "show runs and their state (one run: every node and rank, with the first failure)"
 

@@ -1,7 +1,7 @@
 import sys
 
 from cluster.run.records import Run, resolve
-from cluster.submit import backend_for
+from cluster.backends import backend_for
 from cluster.cli import seconds
 
 HELP = "stop a run: TERM its process groups, wait, KILL, then verify nothing of it is left"

@@ -24,5 +24,6 @@ def run(args):
     print(f"  stop:   python -m cluster stop {r.id}")
     if args.follow:
         from cluster.run.logs import follow_run
-        return follow_run(r, follow=True)
+        from cluster.backends import backend_for
+        return follow_run(r, backend_for(r), follow=True)
     return 0

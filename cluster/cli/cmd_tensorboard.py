@@ -18,7 +18,7 @@ def add_arguments(p):
 
 def run(args):
     from cluster.run.records import resolve
-    from cluster.submit import backend_for
+    from cluster.backends import backend_for
     runs = [resolve(a) for a in (args.runs or [None])]
     spec = []
     for r in runs:

@@ -9,9 +9,12 @@ def add_arguments(p):
 
 
 def run(args):
+    from cluster.backends import backend_for
     from cluster.run.records import resolve
     from cluster.run.top import bench, top
     r = resolve(args.run)
+    be = backend_for(r)
+    be.with_gpus = True
     if args.bench:
-        return bench(r.id, args.bench)
-    return top(r.id, args.interval_s, args.once)
+        return bench(r.id, be, args.bench)
+    return top(r.id, be, args.interval_s, args.once)

@@ -137,10 +137,7 @@ def end_group(grace_s: float) -> list[int]:
 def remove_container(payload: list[str], note) -> None:
     """A docker/podman payload's container belongs to the daemon, not to our group: remove it
     (its client may have been killed before it could; cluster/container.py names it)."""
-    try:
-        from cluster.container import remove_argv_of_payload
-    except ImportError:
-        return
+    from cluster.node.containers import remove_argv_of_payload
     argv = remove_argv_of_payload(payload)
     if argv:
         try:

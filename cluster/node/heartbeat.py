@@ -4,7 +4,7 @@ A run is watched without it: a rank that writes no heartbeat is alive while its 
 uses CPU, and hangs only after ``hang_timeout_s`` without either. With it, ``status`` shows each
 rank's step and rate, and a rank that stops advancing is named as behind::
 
-    from cluster import heartbeat
+    from cluster.node import heartbeat
     for epoch in range(start, epochs):
         train_one_epoch()
         heartbeat.beat(epoch + 1, total=epochs)

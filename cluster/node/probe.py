@@ -1,6 +1,6 @@
 """Code that runs on the hosts: the ssh backend's probe, status and stop (standard library only).
 
-Each function takes one dict and returns one; :func:`host_command` renders ``python -c <source>``
+Each function takes one dict and returns one; cluster/backends/ship.py renders ``python -c <source>``
 for it (the function, the helpers it uses, and a line that reads its argument as JSON from the
 first line of stdin and prints the result as JSON). The same functions run here in the unit tests.
 One pid namespace may hold several hosts' processes (as in the cluster in a box), so process scans
@@ -8,16 +8,26 @@ keep to the host's own network namespace.
 """
 from __future__ import annotations
 
-import functools
-import inspect
 import json
 import os
 import subprocess
 import sys
 import time
 
-from cluster.backends.transport import quote_argv
-from cluster.backends.rsync import stale_files
+
+def stale_files(workdir: str, expected: dict) -> int:
+    """How many files differ from ``expected``."""
+    base = os.path.expanduser(workdir)
+    stale = 0
+    for rel, (size, mtime) in expected.items():
+        try:
+            st = os.stat(os.path.join(base, rel))
+        except OSError:
+            stale += 1
+            continue
+        if st.st_size != size or int(st.st_mtime) != mtime:
+            stale += 1
+    return stale
 
 
 def _gpu_count(a: dict) -> int:
@@ -546,23 +556,3 @@ def _serve(a: dict) -> dict:
             return stop("asked to stop")
         if run_over():
             return stop("the run ended")
-
-
-_HELPERS = {"_probe": (_gpu_count, _run_processes, _other_runs, stale_files, _job_python),
-            "_probe_then_launch": (_gpu_count, _run_processes, _other_runs, stale_files, _job_python, _probe, _park),
-            "_stop": (_run_processes, _group_alive),
-            "_status": (_group_alive, _run_processes, _activity, _gpu_query, _rank_states),
-            "_gpu_count": (), "_gpu_query": (), "_serve": (_group_alive,)}
-
-
-def host_command(python: str, func, site: bool = True) -> str:
-    """``python -c <func's source>``: the function reads its argument as JSON on stdin, prints JSON."""
-    return quote_argv([python] + ([] if site else ["-S"]) + ["-c", _host_source(func.__name__)], home=[python])
-
-
-@functools.lru_cache(maxsize=None)
-def _host_source(name: str) -> str:
-    func = globals()[name]
-    src = "import json, os, signal, socket, subprocess, sys, time\n"
-    src += "".join(inspect.getsource(f) + "\n" for f in _HELPERS[name] + (func,))
-    return src + f"print(json.dumps({name}(json.loads(sys.stdin.readline() or '{{}}'))))\n"

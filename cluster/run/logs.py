@@ -69,12 +69,11 @@ class Merger:
         return line
 
 
-def follow_run(run: Run, follow: bool = False, host: Optional[str] = None, rank: Optional[int] = None,
+def follow_run(run: Run, be, follow: bool = False, host: Optional[str] = None, rank: Optional[int] = None,
                pattern: Optional[str] = None, interval_s: float = 0.25, out=None) -> int:
-    """Print the run's merged logs; with ``follow``, keep going until the run ends."""
-    from cluster.submit import backend_for
+    """Print the run's merged logs (``be``: the run's backend, cluster.backends.backend_for); with
+    ``follow``, keep going until the run ends."""
     out = out or sys.stdout
-    be = backend_for(run)
     color = out.isatty() and os.environ.get("NO_COLOR") is None
     merger = Merger(be.log_sources(run), host, rank, pattern, color)
     last_status = 0.0
@@ -93,12 +92,15 @@ def follow_run(run: Run, follow: bool = False, host: Optional[str] = None, rank:
                 if tail:
                     out.write("\n".join(tail) + "\n")
                 print(f"-- run {run.id} {state.value}", file=sys.stderr, flush=True)
-                from cluster.backends.base import progress
-                from cluster.backends.rsync import describe_checkpoint_sync, wait_checkpoint_sync
-                cs = wait_checkpoint_sync(run, progress=progress)
+                from cluster.run.checkpoints import describe_checkpoint_sync, wait_checkpoint_sync
+                cs = wait_checkpoint_sync(run, progress=_say)
                 if cs:
-                    progress("-- " + describe_checkpoint_sync(cs))
+                    _say("-- " + describe_checkpoint_sync(cs))
                 return 0 if state.value == "SUCCEEDED" else 1
         if not lines:
             time.sleep(interval_s)
     return 0
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)

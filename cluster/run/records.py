@@ -216,3 +216,28 @@ def resolve(arg: Optional[str], root: Path = None) -> Run:
         raise UserError(f"'{arg}' matches {len(pref)} runs: " + ", ".join(r.id for r in pref[-5:]),
                         hint="give more of the run id")
     raise UserError(f"no run '{arg}'", hint="see 'python -m cluster status' for known runs")
+
+
+def submitter() -> dict:
+    """Who is launching (this process): a later `status` that finds it gone before the launch was
+    recorded knows the launch was interrupted (see Backend.status)."""
+    import os
+    import socket
+    return {"pid": os.getpid(), "host": socket.gethostname(), "start": _proc_start(os.getpid())}
+
+
+def _proc_start(pid: int) -> Optional[str]:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]    # starttime: tells a reused pid apart
+    except (OSError, IndexError):
+        return None
+
+
+def submitter_gone(run: "Run") -> bool:
+    """The submit that created ``run`` is no longer running (on this machine; elsewhere: unknown)."""
+    import socket
+    sub = run.data.get("submitter") or {}
+    if not sub.get("pid") or sub.get("host") != socket.gethostname():
+        return False
+    return _proc_start(sub["pid"]) != sub.get("start")

@@ -91,9 +91,8 @@ def summarize(metrics: dict[int, list[dict]]) -> list[dict]:
     return rows
 
 
-def report(run: Run, output: Optional[str] = None) -> int:
-    from cluster.submit import backend_for
-    be = backend_for(run)
+def report(run: Run, be, output: Optional[str] = None) -> int:
+    """``be``: the run's backend (cluster.backends.backend_for), which brings the hosts' metrics here."""
     if hasattr(be, "collect_metrics"):
         be.collect_metrics(run)
     metrics = read_metrics(run.dir / "metrics")

@@ -69,12 +69,9 @@ class Snapshot:
                 "eta_s": eta}
 
 
-def fetch(run_id: str, root=None, backend=None) -> tuple[Snapshot, object]:
-    """One refresh: (snapshot, backend to reuse next time: its ssh connections are kept)."""
-    from cluster.submit import backend_for
+def fetch(run_id: str, be, root=None) -> Snapshot:
+    """One refresh, through the run's backend ``be`` (kept between refreshes: its ssh connections stay open)."""
     run = Run(run_id, root)          # read afresh: the watcher and other shells update run.json
-    be = backend or backend_for(run)
-    be.with_gpus = True
     t0 = time.monotonic()
     state, nodes = be.status(run)
     snap = Snapshot(run.id, state.value, run.data.get("backend", "?"), len(nodes), fetch_s=time.monotonic() - t0)
@@ -105,7 +102,7 @@ def fetch(run_id: str, root=None, backend=None) -> tuple[Snapshot, object]:
         snap.reason = "hung: " + watch.get("reason", "")
     elif any(r.flag == "straggler" for r in snap.rows):
         snap.reason = "stragglers: the highlighted ranks hold the others back"
-    return snap, be
+    return snap
 
 
 def waited_for(rows: list[Row]) -> list[int]:
@@ -202,9 +199,9 @@ def _keys(fd: int, timeout_s: float) -> Optional[list[str]]:
     return out
 
 
-def top(run_id: str, interval_s: float = 3.0, once: bool = False) -> int:
+def top(run_id: str, be, interval_s: float = 3.0, once: bool = False) -> int:
     from rich.console import Console
-    snap, be = fetch(run_id)
+    snap = fetch(run_id, be)
     console = Console() if sys.stdout.isatty() else Console(width=150)
     if once or not sys.stdin.isatty():
         console.print(render(snap))
@@ -231,7 +228,7 @@ def top(run_id: str, interval_s: float = 3.0, once: bool = False) -> int:
                     live.update(render_log(row.host, row.rank, lines, console.size.height), refresh=True)
                 keys = _keys(fd, next_at - time.monotonic())
                 if keys is None:
-                    snap, be = fetch(run_id, backend=be)
+                    snap = fetch(run_id, be)
                     next_at = time.monotonic() + interval_s
                     continue
                 for key in keys:
@@ -262,12 +259,12 @@ def _on_key(key: str, snap: Snapshot, sort: str, reverse: bool, selected: Option
     return sort, reverse, selected, log_of
 
 
-def bench(run_id: str, refreshes: int) -> int:
+def bench(run_id: str, be, refreshes: int) -> int:
     """What one refresh costs: ``refreshes`` fetches over the same connections (the first connects)."""
-    snap, be = fetch(run_id)
+    snap = fetch(run_id, be)
     times = []
     for _ in range(refreshes):
-        snap, be = fetch(run_id, backend=be)
+        snap = fetch(run_id, be)
         times.append(snap.fetch_s)
     print(f"{refreshes} refreshes of run {run_id} ({snap.backend}, {snap.hosts} host(s), {len(snap.rows)} rank(s), "
           f"state {snap.state}): median {statistics.median(times):.3f} s, max {max(times):.3f} s per refresh")

@@ -664,7 +664,7 @@ def _check_job(job: Job, src: Source) -> None:
     _check_range(job.restart.max_restarts, 0, 10**6, src, ("restart", "max_restarts"))
     _check_range(job.restart.max_requeues, 0, 10**6, src, ("restart", "max_requeues"))
     if job.container is not None:      # one validator of the section: the one that implements it
-        from cluster.container import check_spec
+        from cluster.spec.container import check_spec
         check_spec(job.container, src.where)
     if job.data is not None:
         for key in ("source", "path"):
