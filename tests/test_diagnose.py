@@ -338,8 +338,8 @@ def test_stop_on_hang_stops_the_run_and_records_why(tmp_path, monkeypatch, capsy
     out = capsys.readouterr().out
     assert ": FAILED" in out and "hung: rank 0 (localhost) at step 50" in out
     assert "known failure [collective-timeout]" in out
-    from cluster.backends.local import group_alive
-    assert not group_alive(pgid)
+    from cluster.node.probe import _group_alive
+    assert not _group_alive(pgid)
     data = json.loads(r.path.read_text())
     assert data["final"] and data["failure"]["rank"] == 0 and data["failure"]["hang"]["behind"] == [0]
     assert any(e["event"] == "hang-stop" for e in r.events())

@@ -36,6 +36,29 @@ class LogSource(ABC):
         """Bytes from ``offset`` to the current end; raise OSError when the host is unreachable."""
 
 
+def node_status_of(host: str, pgid: Optional[int], info: dict) -> NodeStatus:
+    """A node's state from the answer of cluster/node/probe.py's ``_status`` (run on the host by
+    the ssh backend, called in-process by the local one)."""
+    hb = {int(k): v for k, v in info["heartbeats"].items()}
+    ex = info["exit"]
+    if ex is not None:
+        code, ab = ex.get("code"), ex.get("gang_abort")
+        if code == 0:
+            st, detail = State.SUCCEEDED, ""
+        elif ab:
+            st, detail = State.CANCELLED, f"stopped by the gang: {ab.get('reason')}"
+        elif ex.get("signal"):
+            st, detail = State.CANCELLED, f"stopped by signal {ex.get('signal')}"
+        else:
+            st, detail = State.FAILED, ex.get("error", "")
+        return NodeStatus(host, st, pgid, code, ex.get("time"), hb, detail, gpus=info.get("gpus"))
+    if info["alive"]:
+        return NodeStatus(host, State.RUNNING if info["pid"] is not None else State.STARTING, pgid, heartbeats=hb,
+                          activity=info.get("activity"), gpus=info.get("gpus"))
+    return NodeStatus(host, State.FAILED, pgid, detail="agent gone without an exit record", heartbeats=hb,
+                      gpus=info.get("gpus"))
+
+
 def progress(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 

@@ -1,71 +1,23 @@
 """Local backend: torchrun on this machine, detached, with the same files and verbs as remote ones."""
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import signal
 import socket
 import subprocess
-import time
 from pathlib import Path
 
 from cluster.spec.config import REPO
 from cluster.errors import UserError
 from cluster.plan import Plan
-from cluster.node.probe import _rank_states
-from cluster.run.records import Run, State
-from cluster.backends.base import Backend, LogSource, NodeStatus, progress
-
-
-def detect_local_gpus() -> int:
-    """GPUs visible here: CUDA_VISIBLE_DEVICES if set, else nvidia-smi's list, else none."""
-    vis = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if vis is not None:
-        return len([d for d in vis.split(",") if d.strip() and d.strip() != "-1"])
-    smi = shutil.which("nvidia-smi")
-    if not smi:
-        return 0
-    try:
-        out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.TimeoutExpired):
-        return 0
-    return sum(1 for l in out.stdout.splitlines() if l.startswith("GPU "))
+from cluster.node.probe import _gpu_count, _run_processes, _status, _stop
+from cluster.run.records import Run
+from cluster.backends.base import Backend, LogSource, NodeStatus, node_status_of, progress
 
 
 def pids_of_run(run_id: str) -> list[int]:
-    """Every process on this machine that belongs to the run (by the CLUSTER_RUN_ID it inherited)."""
-    needle = f"CLUSTER_RUN_ID={run_id}".encode()
-    found = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit() or int(d.name) == os.getpid():
-            continue
-        try:
-            env = (d / "environ").read_bytes()
-        except OSError:
-            continue
-        if needle in env.split(b"\0"):
-            try:   # a zombie still holds its environ until reaped; it is not running
-                if (d / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-                    continue
-            except (OSError, IndexError):
-                continue
-            found.append(int(d.name))
-    return found
-
-
-def group_alive(pgid: int) -> bool:
-    """Whether any non-zombie process is in process group ``pgid``."""
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if fields[0] != "Z" and int(fields[2]) == pgid:
-            return True
-    return False
+    """Every process on this machine that carries the run's CLUSTER_RUN_ID (any directory, any
+    network namespace)."""
+    return _run_processes("/", run_id, anywhere=True).get(run_id, [])
 
 
 class FileSource(LogSource):
@@ -86,7 +38,7 @@ class LocalBackend(Backend):
 
     def detect_gpus(self, hosts) -> dict[str, int]:
         h = hosts[0]
-        return {h.name: detect_local_gpus() if h.gpus == "auto" else int(h.gpus)}
+        return {h.name: _gpu_count({}) if h.gpus == "auto" else int(h.gpus)}
 
     def preflight(self, plan: Plan) -> None:
         port = int(plan.rdzv_endpoint.rsplit(":", 1)[1])
@@ -124,58 +76,20 @@ class LocalBackend(Backend):
         progress(f"[{node.host}] started agent pid {proc.pid}")
         return {"pgids": {node.host: proc.pid}}
 
-    def _state_dir(self, run: Run) -> Path:
-        return run.dir / "state"
-
     def node_status(self, run: Run) -> list[NodeStatus]:
-        out = []
-        for host, pgid in run.data.get("handle", {}).get("pgids", {}).items():
-            exit_info = _read_json(self._state_dir(run) / f"{host}.exit")
-            hb = {}
-            for f in (run.dir / "metrics").glob("heartbeat-rank*.json"):
-                d = _read_json(f)
-                if d:   # one host: every heartbeat here is this node's
-                    hb[int(d.get("rank", f.stem.rsplit("rank", 1)[1]))] = d
-            _rank_states(hb, run.id)
-            if exit_info is not None:
-                code = exit_info.get("code")
-                st = State.SUCCEEDED if code == 0 else (
-                    State.CANCELLED if exit_info.get("signal") else State.FAILED)
-                out.append(NodeStatus(host, st, pgid, code, exit_info.get("time"), hb))
-            elif group_alive(pgid):
-                st = State.RUNNING if (self._state_dir(run) / f"{host}.pid").exists() else State.STARTING
-                from cluster.node.probe import _activity
-                out.append(NodeStatus(host, st, pgid, heartbeats=hb, activity=_activity(
-                    str(run.dir / "logs" / f"{host}.log"), pids_of_run(run.id), pgid)))
-            else:
-                out.append(NodeStatus(host, State.FAILED, pgid, detail="agent gone without an exit record",
-                                      heartbeats=hb))
-        if self.with_gpus:
-            from cluster.node.probe import _gpu_query
-            for n in out:
-                n.gpus = _gpu_query({})
-        return out
+        # the same node function the ssh backend ships to its hosts, here in-process
+        return [node_status_of(host, pgid, _status({"workdir": "/", "run_dir": str(run.dir), "host": host,
+                                                    "pgid": pgid, "run_id": run.id, "gpus": self.with_gpus}))
+                for host, pgid in run.data.get("handle", {}).get("pgids", {}).items()]
 
     def stop_nodes(self, run: Run, grace_s: float) -> list[str]:
-        pgids = list(run.data.get("handle", {}).get("pgids", {}).values())
-        for pgid in pgids:
-            _killpg(pgid, signal.SIGTERM)
-        deadline = time.time() + grace_s
-        while time.time() < deadline and (any(group_alive(g) for g in pgids) or pids_of_run(run.id)):
-            time.sleep(0.2)
-        for pgid in pgids:
-            _killpg(pgid, signal.SIGKILL)
+        left = []
+        for pgid in run.data.get("handle", {}).get("pgids", {}).values():
+            # anywhere: a process that left the group but carries the run's id is the run's too
+            left += _stop({"workdir": "/", "run_id": run.id, "pgid": pgid, "grace_s": grace_s, "anywhere": True})["left"]
         # containers (cluster/container.py): docker/podman own theirs, not our group: remove by name
         from cluster.container import remove_local
-        left = remove_local(run.data)
-        # anything that left the group but carries the run's id is the run's too
-        for pid in pids_of_run(run.id):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.2)
-        return left + [f"localhost: pid {p} still alive" for p in pids_of_run(run.id)]
+        return remove_local(run.data) + [f"localhost: pid {pid} still alive: {cmd}" for pid, cmd in left]
 
     def log_sources(self, run: Run) -> list[LogSource]:
         return [FileSource(h, run.dir / "logs" / f"{h}.log")
@@ -185,30 +99,8 @@ class LocalBackend(Backend):
 def stop_by_run_id(run_id: str, grace_s: float) -> list[str]:
     """Stop a run on this machine knowing only its id (its record lost): TERM every process that
     carries its CLUSTER_RUN_ID (the agents forward it to torchrun), wait, KILL what is left."""
-    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 2.0)):
-        for pid in pids_of_run(run_id):
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.time() + wait_s
-        while pids_of_run(run_id) and time.time() < deadline:
-            time.sleep(0.2)
-    return [f"localhost: pid {p} still alive" for p in pids_of_run(run_id)]
-
-
-def _killpg(pgid: int, sig) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, ValueError):
-        return None
+    left = _stop({"workdir": "/", "run_id": run_id, "grace_s": grace_s, "anywhere": True})["left"]
+    return [f"localhost: pid {pid} still alive: {cmd}" for pid, cmd in left]
 
 
 BACKEND = LocalBackend

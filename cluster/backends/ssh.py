@@ -50,7 +50,8 @@ from cluster.node.probe import _gpu_count, _probe_then_launch, _status, _stop
 from cluster.backends.ship import host_command
 from cluster.run.records import Run, State
 from cluster.backends.rsync import manifest, project_files, pull_logs, pull_metrics, push_code, push_run_files, remote_path, shell_path
-from cluster.backends.base import _PEER_SYMPTOMS, Backend, LogSource, LogTails, NodeStatus, failed_by_itself, progress
+from cluster.backends.base import (_PEER_SYMPTOMS, Backend, LogSource, LogTails, NodeStatus, failed_by_itself,
+                                   node_status_of, progress)
 
 MIN_FREE_GB = float(os.environ.get("CLUSTER_MIN_FREE_GB", "1"))
 PORT_WAIT_S = 10.0           # how long node 0 listens / the others retry in the port check
@@ -381,28 +382,9 @@ class SSHBackend(Backend):
                 why = r.error or f"status probe failed: {r.describe()}"
                 out.append(NodeStatus(h.name, State.UNKNOWN, pgid, detail=f"unreachable: {why}"))
                 continue
-            hb = {int(k): v for k, v in info["heartbeats"].items()}
-            ex = info["exit"]
-            if ex is not None:
-                code, ab = ex.get("code"), ex.get("gang_abort")
-                if code == 0:
-                    st, detail = State.SUCCEEDED, ""
-                elif ab:
-                    st, detail = State.CANCELLED, f"stopped by the gang: {ab.get('reason')}"
-                    aborts[h.name] = ab
-                elif ex.get("signal"):
-                    st, detail = State.CANCELLED, f"stopped by signal {ex.get('signal')}"
-                else:
-                    st, detail = State.FAILED, ex.get("error", "")
-                out.append(NodeStatus(h.name, st, pgid, code, ex.get("time"), hb, detail))
-            elif info["alive"]:
-                out.append(NodeStatus(h.name, State.RUNNING if info["pid"] else State.STARTING, pgid, heartbeats=hb,
-                                      activity=info.get("activity")))
-            else:
-                out.append(NodeStatus(h.name, State.FAILED, pgid, detail="agent gone without an exit record",
-                                      heartbeats=hb))
-        for n in out:
-            n.gpus = (_json_of(res[n.host]) or {}).get("gpus") if res[n.host].ok else None
+            out.append(node_status_of(h.name, pgid, info))
+            if (info["exit"] or {}).get("gang_abort") and info["exit"].get("code") != 0:
+                aborts[h.name] = info["exit"]["gang_abort"]
         return _blame_lost(out, aborts, run)
 
     def first_failure(self, run: Run, nodes: list[NodeStatus]) -> dict:

@@ -73,9 +73,10 @@ def _gpu_query(a: dict):
             if line.count(",") == 4]
 
 
-def _run_processes(wd: str, run_id=None) -> dict:
+def _run_processes(wd: str, run_id=None, anywhere: bool = False) -> dict:
     """run id -> pids of processes in this host's network namespace that carry CLUSTER_RUN_ID and
-    run in ``wd`` (one pid namespace may hold several hosts' processes, as in the cluster in a box)."""
+    run in ``wd`` (one pid namespace may hold several hosts' processes, as in the cluster in a box);
+    ``anywhere``: in any namespace and directory (one machine's own runs, found by id alone)."""
     import os
 
     def netns(pid):
@@ -101,9 +102,9 @@ def _run_processes(wd: str, run_id=None) -> dict:
         rid = next((e[15:].decode(errors="replace") for e in env if e.startswith(b"CLUSTER_RUN_ID=")), None)
         if rid is None or (run_id is not None and rid != run_id):
             continue
-        if mine is not None and netns(name) != mine:
+        if not anywhere and mine is not None and netns(name) != mine:
             continue
-        if not (cwd == wd or cwd.startswith(wd + "/")):
+        if not anywhere and not (cwd == wd or cwd.startswith(wd.rstrip("/") + "/")):
             continue
         found.setdefault(rid, []).append(int(name))
     return found
@@ -424,7 +425,7 @@ def _stop(a: dict) -> dict:
     wd = os.path.realpath(os.path.expanduser(a["workdir"]))
 
     def live():
-        pids = set(_run_processes(wd, a["run_id"]).get(a["run_id"], []))
+        pids = set(_run_processes(wd, a["run_id"], a.get("anywhere", False)).get(a["run_id"], []))
         if a.get("pgid") and _group_alive(a["pgid"]):
             pids.add(-a["pgid"])
         return pids
