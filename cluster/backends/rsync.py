@@ -332,12 +332,13 @@ def _latest(dest: Path, own: Optional[str] = None) -> Optional[str]:
 
 
 def _alive(pid: Optional[int], run_id: str) -> bool:
-    """Is ``pid`` still this run's watcher (not a reused pid)?"""
+    """Is ``pid`` still this run's watcher (not a reused pid, not a zombie)?"""
+    import psutil
     try:
-        argv = Path(f"/proc/{int(pid)}/cmdline").read_bytes().split(b"\0")
-    except (OSError, TypeError, ValueError):
+        argv = psutil.Process(int(pid)).cmdline()     # a zombie's: ZombieProcess
+    except (psutil.Error, TypeError, ValueError):
         return False
-    return b"cluster.backends.rsync" in argv and run_id.encode() in argv
+    return "cluster.backends.rsync" in argv and run_id in argv
 
 
 def pull_metrics(hosts: Sequence[Host], ssh: SSHSettings, run_id: str, dest: Path) -> list[SyncResult]:
