@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
             from cluster.spec.config import JOBS_DIR
             known = sorted(p.stem for p in JOBS_DIR.glob("*.yaml"))
             raise UserError("a job is required", where=args.verb, key="JOB",
-                            hint=f"python -m cluster {args.verb} JOB [KEY=VALUE ...]; jobs: " + ", ".join(known))
+                            hint=f"{ap.prog} {args.verb} JOB [KEY=VALUE ...]; jobs: " + ", ".join(known))
         return mods[args.verb].run(args) or 0
     except UserError as e:
         print(e.render(), file=sys.stderr)
