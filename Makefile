@@ -28,13 +28,16 @@ TARGET_OPTS = $(if $(INVENTORY),--inventory $(INVENTORY)) $(if $(BACKEND),--back
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt
+# everything (requirements.txt: the orchestration and the train, report and test extras); the
+# checkout on the venv's path (`python -m cluster` from any directory, tests/ and examples/ too);
+# and the `ddp-cluster` command (an editable install of this checkout, no dependencies)
+$(VENV)/.installed: requirements.txt pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.10+"; exit 2; }
 	@echo ">> creating $(VENV) and installing requirements (torch is large: about 1-2 minutes) ..."
 	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	@$(VENV)/bin/python -m pip install --disable-pip-version-check --progress-bar on -r requirements.txt
-	@# the repo on the venv's path: `python -m cluster` works from any directory
 	@$(VENV)/bin/python -c 'import site,sys; open(site.getsitepackages()[0]+"/ddp-cluster.pth","w").write(sys.argv[1]+"\n")' "$(CURDIR)"
+	@$(VENV)/bin/python -m pip install --disable-pip-version-check -q --no-deps -e .
 	@touch $(VENV)/.installed
 	@echo ">> $(VENV) ready"
 

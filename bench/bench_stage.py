@@ -28,14 +28,15 @@ from bench.imageset import make  # noqa: E402
 from cluster.spec.config import DataSpec, load_inventory  # noqa: E402
 from cluster.backends.transport import Pool  # noqa: E402
 from cluster.backends.stage import Stager, describe, host_path  # noqa: E402
-from cluster.backends.rsync import parallel, ssh_command  # noqa: E402
+from cluster.backends.openssh import rsync_rsh  # noqa: E402
+from cluster.backends.rsync import parallel  # noqa: E402
 from train.pack import pack  # noqa: E402
 
 
 def plain_rsync(hosts, ssh, src: str, rel: str) -> None:
     def one(h):
         dst = host_path(h, rel)
-        subprocess.run(["rsync", "-a", "--protect-args", "-e", " ".join(shlex.quote(a) for a in ssh_command(h, ssh)),
+        subprocess.run(["rsync", "-a", "--protect-args", "-e", rsync_rsh(h, ssh),
                         "--rsync-path", f"mkdir -p {shlex.quote(dst)} && rsync", src + "/", f"{h.hostname}:{dst}/"],
                        check=True, capture_output=True)
     parallel(one, hosts, len(hosts))

@@ -42,8 +42,11 @@ def test_ssh_command_line_follows_the_inventory():
     assert argv[:2] == ["ssh", "-t"] and argv[-2:] == ["--", "gpu1.example"]
     text = " ".join(argv)
     for part in ("StrictHostKeyChecking=accept-new", "UserKnownHostsFile=/k/known", "-l ml", "-p 2222",
-                 "-J bastion,inner", "IdentitiesOnly=yes", "PasswordAuthentication=no"):
+                 "IdentitiesOnly=yes", "PasswordAuthentication=no"):
         assert part in text
+    # the jump hosts with the same key and known_hosts policy (ssh -J would use ssh's defaults there)
+    proxy = next(a for a in argv if a.startswith("ProxyCommand="))
+    assert proxy.endswith("-- bastion' -W '[%h]:%p' -- inner") and "accept-new" in proxy and "-J" not in argv
     assert os.path.expanduser("~/.ssh/id_x") in argv
     # unknown hosts refused unless the inventory says otherwise; no ssh config file when it has none
     argv = attach.ssh_client_argv(host(), inventory([host()], config_file=None), tty=False)

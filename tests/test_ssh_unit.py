@@ -14,7 +14,8 @@ import pytest
 from cluster.spec.config import Host, SSHSettings, load_inventory, load_job
 from cluster.backends.transport import GroupError, GroupResult, Pool, Result, fold, render_folded
 from cluster.quoting import quote_argv
-from cluster.backends.rsync import remote_path, shell_path, ssh_command
+from cluster.backends.openssh import ssh_options as ssh_command
+from cluster.backends.rsync import remote_path, shell_path
 from cluster.node.probe import stale_files
 
 REPO = Path(__file__).resolve().parent.parent
@@ -107,10 +108,11 @@ def test_rsync_uses_the_inventory_ssh_settings_and_never_prompts():
     assert ["-p", "2222"] == argv[argv.index("-p"):argv.index("-p") + 2]
     assert ["-l", "ml"] == argv[argv.index("-l"):argv.index("-l") + 2]
     proxy = next(a for a in argv if a.startswith("ProxyCommand="))
-    assert proxy.endswith(" -l ml -i " + os.path.expanduser("~/.ssh/id_rack") + " -o IdentitiesOnly=yes bastion -W %h:%p")
-    assert "-p 22 " in proxy and "UserKnownHostsFile=/etc/kh" in proxy
-    chain = ssh_command(host(jump_host="a,b"), SSHSettings())
-    assert ["-J", "a,b"] == chain[chain.index("-J"):chain.index("-J") + 2]
+    # the jump host with the same key and known_hosts; its user is its own (none given: ssh's), as in Fabric
+    assert proxy.endswith(" -i " + os.path.expanduser("~/.ssh/id_rack") + " -o IdentitiesOnly=yes -W '[%h]:%p' -- bastion")
+    assert "-p 22 " in proxy and "UserKnownHostsFile=/etc/kh" in proxy and " -l " not in proxy
+    chain = " ".join(ssh_command(host(jump_host="a,b"), SSHSettings()))
+    assert "-J" not in chain and chain.endswith("-- a' -W '[%h]:%p' -- b")   # a, then b through a
     assert os.path.expanduser("~/.ssh/id_rack") in argv and "IdentitiesOnly=yes" in line
     new = ssh_command(h, SSHSettings(accept_new_host_keys=True))
     assert "StrictHostKeyChecking=accept-new" in " ".join(new)

@@ -117,29 +117,12 @@ def _node_index(node: Optional[str], hosts: list[str], count: int, run: Run) -> 
 
 # ---------------------------------------------------------------- ssh client command line
 def ssh_client_argv(host: Host, inv: Inventory, *, tty: bool) -> list[str]:
-    """The system ssh with the inventory's settings; the same host-key policy as Fabric's pool."""
+    """The system ssh with the inventory's settings (cluster/backends/openssh.py), prompts allowed
+    for a key's passphrase; the remote command is appended."""
     if not shutil.which("ssh"):
         raise UserError("the ssh client is not installed on this machine", hint="install openssh-client")
-    s = inv.ssh
-    argv = ["ssh", "-t" if tty else "-T"]
-    if s.config_file is None:
-        argv += ["-F", "none"]
-    elif os.path.expanduser(s.config_file) != os.path.expanduser("~/.ssh/config"):
-        argv += ["-F", os.path.expanduser(s.config_file)]
-    argv += ["-o", f"StrictHostKeyChecking={'accept-new' if s.accept_new_host_keys else 'yes'}",
-             "-o", f"UserKnownHostsFile={os.path.expanduser(s.known_hosts)}",
-             "-o", f"ConnectTimeout={max(1, int(s.connect_timeout_s))}",
-             "-o", "PasswordAuthentication=no", "-o", "KbdInteractiveAuthentication=no",
-             "-o", "ServerAliveInterval=15"]
-    if host.user:
-        argv += ["-l", host.user]
-    if host.port:
-        argv += ["-p", str(host.port)]
-    if host.identity_file:
-        argv += ["-i", os.path.expanduser(host.identity_file), "-o", "IdentitiesOnly=yes"]
-    if host.jump_host:
-        argv += ["-J", host.jump_host]
-    return argv + ["--", host.hostname]
+    from cluster.backends.openssh import ssh_argv
+    return ssh_argv(host, inv.ssh, tty=tty, batch=False, keepalive_s=15)
 
 
 # ---------------------------------------------------------------- shell

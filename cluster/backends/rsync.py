@@ -18,21 +18,21 @@
   ``tensorboard``.
 
 rsync talks to the hosts through OpenSSH with the inventory's settings (user, port, key, jump
-host, known_hosts, accept-new, timeouts, BatchMode: never a prompt).
+host, known_hosts, accept-new, timeouts, BatchMode: never a prompt): cluster/backends/openssh.py.
 """
 from __future__ import annotations
 
 import os
 import re
-import shlex
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 from cluster.spec.config import REPO, Host, SSHSettings
+from cluster.backends.openssh import rsync_rsh
 from cluster.errors import UserError
 
 RSYNC_TIMEOUT_S = 600
@@ -90,34 +90,6 @@ def manifest(files: Sequence[str], repo: Path = REPO) -> dict[str, list[int]]:
 
 
 # ---------------------------------------------------------------- rsync over OpenSSH
-def ssh_command(host: Host, ssh: SSHSettings) -> list[str]:
-    """The OpenSSH client argv (without destination) that matches the inventory's settings."""
-    argv = ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={max(1, int(ssh.connect_timeout_s))}",
-            "-o", "StrictHostKeyChecking=" + ("accept-new" if ssh.accept_new_host_keys else "yes"),
-            "-o", f"UserKnownHostsFile={os.path.expanduser(ssh.known_hosts)}",
-            "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3", "-o", "LogLevel=ERROR"]
-    if ssh.config_file is None:
-        argv += ["-F", "/dev/null"]
-    elif os.path.expanduser(ssh.config_file) != os.path.expanduser("~/.ssh/config"):
-        argv += ["-F", os.path.expanduser(ssh.config_file)]
-    if host.port:
-        argv += ["-p", str(host.port)]
-    if host.user:
-        argv += ["-l", host.user]
-    if host.identity_file:
-        argv += ["-i", os.path.expanduser(host.identity_file), "-o", "IdentitiesOnly=yes"]
-    if host.jump_host and "," not in host.jump_host:
-        # through the jump host with the same key and known_hosts (ssh -J would use ssh's defaults there)
-        user, _, rest = host.jump_host.rpartition("@")
-        jhost, _, jport = rest.rpartition(":") if rest.count(":") == 1 else (rest, "", "")
-        jump = replace(host, hostname=jhost, port=int(jport) if jport else None, user=user or host.user, jump_host=None)
-        proxy = " ".join(shlex.quote(a) for a in ssh_command(jump, ssh) + [jhost]).replace("%", "%%")
-        argv += ["-o", f"ProxyCommand={proxy} -W %h:%p"]
-    elif host.jump_host:
-        argv += ["-J", host.jump_host]
-    return argv
-
-
 def remote_path(workdir: str, *parts: str) -> str:
     """A path on the host as rsync (with --protect-args) takes it: '~/x' becomes 'x' (home-relative)."""
     wd = workdir
@@ -140,7 +112,7 @@ def rsync(host: Host, ssh: SSHSettings, src: str, dst: str, *, push: bool, extra
     """One rsync between here and ``host``; ``src``/``dst`` are local or host paths per ``push``."""
     target = f"{host.hostname}:"
     argv = ["rsync", "--protect-args", "-rlt", "--stats", "--timeout", str(int(ssh.command_timeout_s)),
-            "-e", " ".join(shlex.quote(a) for a in ssh_command(host, ssh))]
+            "-e", rsync_rsh(host, ssh)]
     rpath = "rsync"
     if nice:
         rpath = "nice -n 19 rsync"     # checkpoint copies must not slow training down

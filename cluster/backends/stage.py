@@ -38,7 +38,8 @@ from typing import Callable, Optional, Sequence
 from cluster.spec import hostlist
 from cluster.spec.config import Host, SSHSettings
 from cluster.errors import UserError
-from cluster.backends.rsync import parallel, remote_path, ssh_command
+from cluster.backends.openssh import rsync_rsh
+from cluster.backends.rsync import parallel, remote_path
 
 STAMP = ".ddp-data.json"
 MANIFEST = "MANIFEST.json"
@@ -260,7 +261,7 @@ class Stager:
         dst = host_path(h, self.spec.path)
         argv = ["rsync", "--protect-args", "-rlt", "--partial", "--info=progress2", "--no-inc-recursive",
                 "--exclude", f"/{STAMP}", "--exclude", f"/{STAMP}.tmp", "--timeout", str(int(self.ssh.command_timeout_s)),
-                "-e", " ".join(shlex.quote(a) for a in ssh_command(h, self.ssh)),
+                "-e", rsync_rsh(h, self.ssh),
                 "--rsync-path", f"mkdir -p {shlex.quote(dst) if not dst.startswith('~') else dst} && rsync"]
         if s["bad"]:
             argv.append("--ignore-times")   # a file with the right size and a changed content: copy it again

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from cluster.errors import UserError
 
 VERBS = ("submit", "plan", "status", "logs", "stop", "doctor", "report", "exec", "gpus", "shell", "jupyter",
-         "top", "tensorboard", "image")
+         "top", "tensorboard", "image", "completion")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -19,9 +20,11 @@ class _Parser(argparse.ArgumentParser):
         super().error(escape(message))
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = _Parser(prog="python -m cluster",
-                                 description="Run PyTorch DDP jobs on this machine, SSH hosts or SLURM.")
+def parser() -> tuple[argparse.ArgumentParser, dict]:
+    """The command line of every verb, and verb -> its module."""
+    # the same parser as `python -m cluster` or as the `ddp-cluster` console script (pip install)
+    prog = "ddp-cluster" if os.path.basename(sys.argv[0]) == "ddp-cluster" else "python -m cluster"
+    ap = _Parser(prog=prog, description="Run PyTorch DDP jobs on this machine, SSH hosts or SLURM.")
     sub = ap.add_subparsers(dest="verb", metavar="VERB")
     sub.required = True
     mods = {}
@@ -30,6 +33,11 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(verb, help=mod.HELP, description=mod.HELP)
         mod.add_arguments(p)
         mods[verb] = mod
+    return ap, mods
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap, mods = parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     tail = None
     if "--" in argv:       # exec/jupyter: everything after '--' is the command, even after a RUN
@@ -54,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
             from cluster.spec.config import JOBS_DIR
             known = sorted(p.stem for p in JOBS_DIR.glob("*.yaml"))
             raise UserError("a job is required", where=args.verb, key="JOB",
-                            hint=f"python -m cluster {args.verb} JOB [KEY=VALUE ...]; jobs: " + ", ".join(known))
+                            hint=f"{ap.prog} {args.verb} JOB [KEY=VALUE ...]; jobs: " + ", ".join(known))
         return mods[args.verb].run(args) or 0
     except UserError as e:
         print(e.render(), file=sys.stderr)

@@ -25,12 +25,13 @@ def _latest(dest: Path, own: Optional[str] = None) -> Optional[str]:
 
 
 def _alive(pid: Optional[int], run_id: str) -> bool:
-    """Is ``pid`` still this run's watcher (not a reused pid)?"""
+    """Is ``pid`` still this run's watcher (not a reused pid, not a zombie)?"""
+    import psutil
     try:
-        argv = Path(f"/proc/{int(pid)}/cmdline").read_bytes().split(b"\0")
-    except (OSError, TypeError, ValueError):
+        argv = psutil.Process(int(pid)).cmdline()     # a zombie's: ZombieProcess
+    except (psutil.Error, TypeError, ValueError):
         return False
-    return b"cluster.backends.watcher" in argv and run_id.encode() in argv
+    return "cluster.backends.watcher" in argv and run_id in argv
 
 
 def checkpoint_sync(run) -> Optional[dict]:

@@ -226,11 +226,12 @@ def submitter() -> dict:
     return {"pid": os.getpid(), "host": socket.gethostname(), "start": _proc_start(os.getpid())}
 
 
-def _proc_start(pid: int) -> Optional[str]:
+def _proc_start(pid: int) -> Optional[float]:
+    """When ``pid`` started (seconds since the epoch): tells a reused pid apart."""
+    import psutil
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]    # starttime: tells a reused pid apart
-    except (OSError, IndexError):
+        return psutil.Process(pid).create_time()
+    except (psutil.Error, ValueError):     # gone, not ours to see, or not a pid
         return None
 
 

@@ -125,7 +125,11 @@ def report(run: Run, be, output: Optional[str] = None) -> int:
 
 
 def _plot(metrics: dict[int, list[dict]], path: Path, title: str, marks: list[dict]) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:      # not a dependency of the orchestration: the `report` extra
+        raise UserError("the report's plot needs matplotlib, which is not installed here",
+                        hint="pip install 'ddp-cluster[report]' (or: pip install matplotlib)") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(2, 3, figsize=(16, 8.5))
