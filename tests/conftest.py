@@ -167,17 +167,17 @@ def testbed():
 
 
 # =============================================================================================
-# SSH backend tests on the testbed: `bed` (tests/sshbed.py) -- the CLI with a runs/ dir of the
-# test's own, helpers to submit, wait and look at what is left on the hosts; runs a test left
-# running are stopped afterwards.
+# `client` (tests/testbed_client.py): a user at the submitting machine, aimed at the testbed --
+# `python -m cluster` with a runs/ dir of the test's own, helpers to submit, wait and look at
+# what is left on the hosts; runs a test left running are stopped afterwards.
 # =============================================================================================
 @pytest.fixture
-def bed(testbed, tmp_path):
-    from tests.sshbed import Bed, stop_leftover_runs
+def client(testbed, tmp_path):
+    from tests.testbed_client import Client, stop_leftover_runs
 
-    b = Bed(testbed, tmp_path)
-    yield b
-    stop_leftover_runs(b)
+    c = Client(testbed, tmp_path)
+    yield c
+    stop_leftover_runs(c)
 
 
 @pytest.fixture(scope="session")

@@ -35,7 +35,7 @@ class Stores:
 
     def __init__(self, testbed, root: Path, sshd_extra: dict = {}):
         """``sshd_extra``: host -> {keyword: value} that replace the testbed's sshd settings there."""
-        self.tb, self.root = testbed, root
+        self.testbed, self.root = testbed, root
         self.port = _free_port()
         self.pids, self.conf = [], {}
         known = []
