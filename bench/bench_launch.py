@@ -111,7 +111,7 @@ class Hosts:
 
     def up(self) -> None:
         sys.path.insert(0, str(REPO))
-        from tests.testbed.bed import SSHD_CONFIG     # the cluster in a box's sshd settings
+        from tests.testbed.sshd import SSHD_CONFIG    # the cluster in a box's sshd settings
         sd = self.sd
         sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", sd / "client_key")
         (sd / "authorized_keys").write_text((sd / "client_key.pub").read_text())

@@ -112,23 +112,23 @@ def testbed():
     import atexit
     import signal
 
-    from tests import testbed as tb
+    from tests.testbed import TestbedUnavailable, down, health, leftovers, load_state, unavailable_reason, up
 
-    reason = tb.unavailable_reason()
+    reason = unavailable_reason()
     if reason:
         if _in_ci():
             pytest.fail(f"cluster in a box unavailable in CI: {reason}", pytrace=False)
         pytest.skip(f"cluster in a box unavailable: {reason}")
 
-    healthy, _ = tb.health(REPO_ROOT)
-    st = tb.load_state(REPO_ROOT) if healthy else None
+    healthy, _ = health(REPO_ROOT)
+    st = load_state(REPO_ROOT) if healthy else None
     owned = not (st and st.get("nodes", 0) >= TESTBED_NODES)
     done = {"down": False}
 
     def teardown():
         if owned and not done["down"]:
             done["down"] = True
-            tb.down(REPO_ROOT, quiet=True)
+            down(REPO_ROOT, quiet=True)
 
     old_term = None
     if owned:
@@ -140,44 +140,44 @@ def testbed():
                 raise KeyboardInterrupt("SIGTERM")
             old_term = signal.signal(signal.SIGTERM, _on_term)
         try:
-            tb.up(TESTBED_NODES, root=REPO_ROOT, quiet=True)
+            up(TESTBED_NODES, root=REPO_ROOT, quiet=True)
         except KeyboardInterrupt:
             teardown()
             raise
         except BaseException as e:
             teardown()
-            if isinstance(e, tb.TestbedUnavailable) and not _in_ci():
+            if isinstance(e, TestbedUnavailable) and not _in_ci():
                 pytest.skip(f"cluster in a box unavailable: {e}")
             pytest.fail(f"cluster in a box did not come up: {e}", pytrace=False)
 
-    bed = Testbed(REPO_ROOT)
+    running = Testbed(REPO_ROOT)
     old_path = os.environ.get("PATH", "")
-    os.environ["PATH"] = bed.env()["PATH"]
+    os.environ["PATH"] = running.env()["PATH"]
     try:
-        yield bed
+        yield running
     finally:
         os.environ["PATH"] = old_path
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
         if owned:
             teardown()
-            left = tb.leftovers(REPO_ROOT)
+            left = leftovers(REPO_ROOT)
             if left:
                 pytest.fail("testbed down left things behind:\n  " + "\n  ".join(left), pytrace=False)
 
 
 # =============================================================================================
-# SSH backend tests on the testbed: `bed` (tests/sshbed.py) -- the CLI with a runs/ dir of the
-# test's own, helpers to submit, wait and look at what is left on the hosts; runs a test left
-# running are stopped afterwards.
+# `client` (tests/testbed_client.py): a user at the submitting machine, aimed at the testbed --
+# `python -m cluster` with a runs/ dir of the test's own, helpers to submit, wait and look at
+# what is left on the hosts; runs a test left running are stopped afterwards.
 # =============================================================================================
 @pytest.fixture
-def bed(testbed, tmp_path):
-    from tests.sshbed import Bed, stop_leftover_runs
+def client(testbed, tmp_path):
+    from tests.testbed_client import Client, stop_leftover_runs
 
-    b = Bed(testbed, tmp_path)
-    yield b
-    stop_leftover_runs(b)
+    c = Client(testbed, tmp_path)
+    yield c
+    stop_leftover_runs(c)
 
 
 @pytest.fixture(scope="session")

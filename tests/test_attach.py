@@ -19,7 +19,7 @@ from cluster.errors import UserError
 from cluster.backends.ship import _host_source
 from cluster.run.records import Run
 from cluster.spec.schema import to_plain
-from tests.sshbed import pty_cli
+from tests.testbed_client import pty_cli
 
 REPO = Path(__file__).resolve().parent.parent
 

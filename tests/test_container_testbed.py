@@ -27,7 +27,7 @@ from cluster.node import containers as node_containers
 from cluster.spec.config import load_inventory, load_job
 from cluster.plan import make_plan
 
-from tests.sshbed import pty_cli
+from tests.testbed_client import pty_cli
 
 from .test_container_podman import _podman_problem, podman_args
 
@@ -37,7 +37,8 @@ NPROC = 2
 
 
 @pytest.fixture(scope="module")
-def bed(testbed):
+def podman_testbed(testbed):
+    """The `testbed`, skipped where podman cannot run on its hosts."""
     problem = _podman_problem()
     if problem:
         pytest.skip(problem)
@@ -91,9 +92,9 @@ class Cluster:
 
 
 @pytest.fixture
-def cl(bed, tmp_path):
+def cl(podman_testbed, tmp_path):
     """The test's Cluster; at the end, whatever it started is gone, also after a failure."""
-    c = Cluster(bed, tmp_path)
+    c = Cluster(podman_testbed, tmp_path)
     yield c
     for plan in c.started:
         for node in plan.nodes:
@@ -192,13 +193,13 @@ def test_preflight_commands_on_each_host(cl):
 
 @pytest.mark.skipif(not (REPO / "cluster" / "backends" / "ssh.py").exists(),
                     reason="the ssh backend (cluster/backends/ssh.py) is not there yet")
-def test_cli_submit_and_stop_in_podman_with_the_ssh_backend(cl, bed, tmp_path):
+def test_cli_submit_and_stop_in_podman_with_the_ssh_backend(cl, podman_testbed, tmp_path):
     """Through the ssh backend: needs its container hooks (preflight_checks, remove_argv/list_argv)."""
     runs = tmp_path / "runs"
 
     def cli(*args, timeout=180):
         return subprocess.run([sys.executable, "-m", "cluster", *args], cwd=REPO, text=True, capture_output=True,
-                              timeout=timeout, env=bed.env(CLUSTER_RUNS_DIR=str(runs)))
+                              timeout=timeout, env=podman_testbed.env(CLUSTER_RUNS_DIR=str(runs)))
 
     def state(rid):
         return json.loads(cli("status", rid, "--json").stdout)
@@ -221,7 +222,7 @@ def test_cli_submit_and_stop_in_podman_with_the_ssh_backend(cl, bed, tmp_path):
         assert time.time() < deadline, cli("logs", rid).stdout[-3000:]
         time.sleep(1)
     # a shell on node 1 is inside that host's container of the run, in the run's directory
-    env = bed.env(CLUSTER_RUNS_DIR=str(runs))
+    env = podman_testbed.env(CLUSTER_RUNS_DIR=str(runs))
     code, out = pty_cli(["shell", rid, "--node", "1"],
                         b'echo "IN:$(hostname):$(pwd):$(test -e /run/.containerenv && echo container)"; exit\n', env)
     node2 = cl.inv.hosts[1]
@@ -236,7 +237,7 @@ def test_cli_submit_and_stop_in_podman_with_the_ssh_backend(cl, bed, tmp_path):
         assert r.read() == b"True"
     j.send_signal(signal.SIGINT)
     assert j.wait(timeout=30) == 0, j.stderr.read()
-    ps = bed.run(node2.name, ["podman", "exec", container.container_name(rid, node2.name), "sh", "-c",
+    ps = podman_testbed.run(node2.name, ["podman", "exec", container.container_name(rid, node2.name), "sh", "-c",
                               "for p in /proc/[0-9]*; do cat $p/cmdline; echo; done"])
     assert "http.server" not in ps.stdout and "h.test" not in ps.stdout, ps.stdout
     p = cli("stop", rid)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from cluster.run import diagnose as dg
-from cluster.run import records as runs_mod
+from cluster.run import records
 from cluster.cli import main
 from cluster.spec.config import load_inventory
 from cluster.run.records import Run
@@ -211,7 +211,7 @@ def test_stragglers_by_lag_and_by_rate():
 def _run(tmp_path, monkeypatch, run_id, *, nodes=("localhost",), job=None, world_size=2, age_s=60):
     """A run record as the local backend leaves it (no process launched)."""
     root = tmp_path / "runs"
-    monkeypatch.setattr(runs_mod, "RUNS_DIR", root)
+    monkeypatch.setattr(records, "RUNS_DIR", root)
     r = Run(run_id, root)
     resolved = {"name": "resnet50", "hang_timeout_s": 300, "startup_timeout_s": 900, "stop_on_hang": False,
                 "train": {"model": "resnet50", "batch_size": 8}, **(job or {})}

@@ -31,7 +31,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cluster.backends import transport as remote
+from cluster.backends import transport
 from cluster.backends import slurm as slurm_backend
 from cluster.cli import main
 from cluster.submit import resolve
@@ -161,8 +161,8 @@ def offline(monkeypatch):
     """No network and no real SLURM: `gpus: auto` over ssh answers 1, sinfo knows no GPUs."""
     def run(self, commands, hosts=None, **kw):
         names = list(commands) if isinstance(commands, dict) else list(hosts or self.hosts)
-        return remote.GroupResult({n: remote.Result(n, "probe", 0, "1\n") for n in names})
-    monkeypatch.setattr(remote.Pool, "run", run)
+        return transport.GroupResult({n: transport.Result(n, "probe", 0, "1\n") for n in names})
+    monkeypatch.setattr(transport.Pool, "run", run)
     monkeypatch.setattr(slurm_backend, "_run",
                         lambda argv, **kw: subprocess.CompletedProcess(argv, 0 if argv[0] == "sinfo" else 1, "", ""))
 

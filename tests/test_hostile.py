@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.run import records as runs_mod
+from cluster.run import records
 from cluster.backends import local as local_backend
 from cluster.cli import main
 
@@ -78,7 +78,7 @@ def _target(kind, source, args, tmp_path, canary):
 def no_launch(tmp_path, monkeypatch):
     """Runs go to a fresh directory; a launch that slips through fails the test, not the machine."""
     runs = tmp_path / "runs"
-    monkeypatch.setattr(runs_mod, "RUNS_DIR", runs)
+    monkeypatch.setattr(records, "RUNS_DIR", runs)
     launched = []
 
     def launch(self, plan, run):

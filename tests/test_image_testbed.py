@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.testbed.bed import _port_open, _spawn
+from tests.testbed.procs import port_open, spawn
 
 from .test_container_podman import _podman_problem
 
@@ -35,7 +35,7 @@ class Stores:
 
     def __init__(self, testbed, root: Path, sshd_extra: dict = {}):
         """``sshd_extra``: host -> {keyword: value} that replace the testbed's sshd settings there."""
-        self.tb, self.root = testbed, root
+        self.testbed, self.root = testbed, root
         self.port = _free_port()
         self.pids, self.conf = [], {}
         known = []
@@ -54,7 +54,7 @@ class Stores:
             cfg.write_text("\n".join([f"{k} {v}" for k, v in extra.items()] + kept +
                                      [f"SetEnv CONTAINERS_STORAGE_CONF={conf}", ""]))
             key = testbed.state_dir / "hosts" / name / "ssh_host_ed25519_key"
-            self.pids.append(_spawn(["/usr/sbin/sshd", "-D", "-f", cfg, "-h", key, "-o", f"Port={self.port}",
+            self.pids.append(spawn(["/usr/sbin/sshd", "-D", "-f", cfg, "-h", key, "-o", f"Port={self.port}",
                                      "-o", f"ListenAddress={h['address']}", "-o", f"PidFile={d}/sshd.pid",
                                      "-E", d / "sshd.log"], d / "sshd.out", netns=name, hostname=name))
             known.append(f"[{h['hostname']}]:{self.port} " + Path(str(key) + ".pub").read_text().strip())
@@ -68,7 +68,7 @@ class Stores:
         self.inventory = root / "inventory.yaml"
         self.inventory.write_text(yaml.safe_dump(inv))
         deadline = time.time() + 15
-        while not all(_port_open(h["address"], self.port) for h in testbed.hosts):
+        while not all(port_open(h["address"], self.port) for h in testbed.hosts):
             assert time.time() < deadline, [(d / "sshd.log").read_text() for d in root.glob("store-*")]
             time.sleep(0.1)
 

@@ -43,137 +43,137 @@ def untouched(path: Path, since: float) -> bool:
 
 
 # ---------------------------------------------------------------- ssh
-def test_script_via_command_runs_in_its_run_directory_and_resumes_every_rank(bed):
+def test_script_via_command_runs_in_its_run_directory_and_resumes_every_rank(client):
     t0 = time.time()
-    job = bed.job(shipped("ddp-script", args=["--epochs", "3"], cpu_procs_per_node=2,
+    job = client.job(shipped("ddp-script", args=["--epochs", "3"], cpu_procs_per_node=2,
                           checkpoint={"sync_every_s": 2}))
-    rid, p = bed.submit(job)
-    st = bed.wait(rid)
-    logs = bed.cli("logs", rid).stdout
+    rid, p = client.submit(job)
+    st = client.wait(rid)
+    logs = client.cli("logs", rid).stdout
     assert st["state"] == "SUCCEEDED", logs[-4000:]
     first = starts(logs)
     assert sorted(first) == list(range(6)), logs[-3000:]                  # 3 hosts x 2 ranks
     for rank, (host, epoch, cwd) in first.items():
-        assert host == bed.tb.host_names[rank // 2] and epoch == 0
-        assert cwd == str(bed.workdir[host] / "runs" / rid)               # its run directory
+        assert host == client.testbed.host_names[rank // 2] and epoch == 0
+        assert cwd == str(client.workdir[host] / "runs" / rid)               # its run directory
     assert "rank 0 epoch 2 loss" in logs
     # the snapshot is in node 0's run directory, not in the code (synced to every host as such)
-    assert bed.host_file("node1", rid, "snapshot.pt").exists()
-    for h in bed.tb.host_names:
-        assert untouched(bed.workdir[h] / "snapshot.pt", t0)
+    assert client.host_file("node1", rid, "snapshot.pt").exists()
+    for h in client.testbed.host_names:
+        assert untouched(client.workdir[h] / "snapshot.pt", t0)
     assert untouched(REPO / "snapshot.pt", t0)
     # ... and synced to storage here once the run is over
     deadline = time.time() + 90
-    while (cs := bed.state(rid)["checkpoints"])["state"] == "syncing":
+    while (cs := client.state(rid)["checkpoints"])["state"] == "syncing":
         assert time.time() < deadline, cs
         time.sleep(1)
     assert cs["state"] == "synced" and cs["latest"] == "snapshot.pt", cs
-    assert (bed.runs / rid / "checkpoints" / "snapshot.pt").is_file()
+    assert (client.runs / rid / "checkpoints" / "snapshot.pt").is_file()
     # exec --run (make exec RUN=...) works in the run's directory on each of its hosts
-    p = bed.cli("exec", "--run", rid, "--no-fold", "--", "sh", "-c", "pwd; ls")
+    p = client.cli("exec", "--run", rid, "--no-fold", "--", "sh", "-c", "pwd; ls")
     assert p.returncode == 0, p.stderr
-    for h in bed.tb.host_names:
-        assert f"[{h}] {bed.workdir[h] / 'runs' / rid}" in p.stdout.splitlines()
+    for h in client.testbed.host_names:
+        assert f"[{h}] {client.workdir[h] / 'runs' / rid}" in p.stdout.splitlines()
     assert "[node1] snapshot.pt" in p.stdout and "[node2] snapshot.pt" not in p.stdout
 
     # a second run of the same job starts fresh: nothing of the first leaked into it
-    rid2, _ = bed.submit(job)
-    st2 = bed.wait(rid2)
-    logs2 = bed.cli("logs", rid2).stdout
+    rid2, _ = client.submit(job)
+    st2 = client.wait(rid2)
+    logs2 = client.cli("logs", rid2).stdout
     assert st2["state"] == "SUCCEEDED", logs2[-4000:]
     assert {r: e for r, (_, e, _) in starts(logs2).items()} == {r: 0 for r in range(6)}
 
     # --resume: the synced snapshot goes to every host (every_node), every rank continues at epoch 3
-    job5 = bed.job(shipped("ddp-script", args=["--epochs", "5"], cpu_procs_per_node=2), "job5.yaml")
-    rid3, p = bed.submit(job5, "--resume", rid)
+    job5 = client.job(shipped("ddp-script", args=["--epochs", "5"], cpu_procs_per_node=2), "job5.yaml")
+    rid3, p = client.submit(job5, "--resume", rid)
     assert "resume: checkpoint copied to node[1-3] (snapshot.pt)" in p.stderr, p.stderr
-    st3 = bed.wait(rid3)
-    logs3 = bed.cli("logs", rid3).stdout
+    st3 = client.wait(rid3)
+    logs3 = client.cli("logs", rid3).stdout
     assert st3["state"] == "SUCCEEDED", logs3[-4000:]
     assert {r: e for r, (_, e, _) in starts(logs3).items()} == {r: 3 for r in range(6)}, logs3[-3000:]
     assert "rank 0 epoch 4 loss" in logs3 and "epoch 0 loss" not in logs3
-    assert not any(bed.left_anywhere(r) for r in (rid, rid2, rid3))
+    assert not any(client.left_anywhere(r) for r in (rid, rid2, rid3))
 
 
-def test_module_job_kill9_of_one_rank_then_resume_from_the_synced_snapshot(bed):
-    job = bed.job(shipped("ddp-module", args=["--epochs", "40", "--epoch-s", "1"],
+def test_module_job_kill9_of_one_rank_then_resume_from_the_synced_snapshot(client):
+    job = client.job(shipped("ddp-module", args=["--epochs", "40", "--epoch-s", "1"],
                           checkpoint={"sync_every_s": 2}))
-    rid, _ = bed.submit(job)
-    bed.wait_lines(rid, "rank 0 epoch 3 loss", 1)           # from toy import ...: the sibling was found
+    rid, _ = client.submit(job)
+    client.wait_lines(rid, "rank 0 epoch 3 loss", 1)           # from toy import ...: the sibling was found
     deadline = time.time() + 60                             # a snapshot past epoch 0 has come here
-    while (cs := bed.state(rid)["checkpoints"])["latest"] != "snapshot.pt":
+    while (cs := client.state(rid)["checkpoints"])["latest"] != "snapshot.pt":
         assert time.time() < deadline, cs
         time.sleep(1)
-    worker = [line.split()[0] for line in bed.run_pids("node2", rid)
+    worker = [line.split()[0] for line in client.run_pids("node2", rid)
               if "-m examples.ddp.train" in line and "torch.distributed.run" not in line]
-    assert len(worker) == 1, bed.run_pids("node2", rid)
-    assert bed.tb.run("node2", ["kill", "-9", worker[0]]).returncode == 0
-    st = bed.wait(rid, timeout=90)
+    assert len(worker) == 1, client.run_pids("node2", rid)
+    assert client.testbed.run("node2", ["kill", "-9", worker[0]]).returncode == 0
+    st = client.wait(rid, timeout=90)
     assert st["state"] == "FAILED"
     assert st["failure"]["host"] == "node2" and st["failure"]["rank"] == 1, st["failure"]
     ids = {f["pattern_id"] for f in st["failure"]["findings"]}
     assert "dataloader-slow" not in ids, ids
     deadline = time.time() + 60
-    while bed.state(rid)["checkpoints"]["state"] == "syncing":
+    while client.state(rid)["checkpoints"]["state"] == "syncing":
         assert time.time() < deadline
         time.sleep(1)
     import torch
-    saved = torch.load(bed.runs / rid / "checkpoints" / "snapshot.pt")["epoch"]
+    saved = torch.load(client.runs / rid / "checkpoints" / "snapshot.pt")["epoch"]
     assert saved >= 1
 
-    rid2, p = bed.submit(bed.job(shipped("ddp-module", args=["--epochs", str(saved + 2)]), "resume.yaml"),
+    rid2, p = client.submit(client.job(shipped("ddp-module", args=["--epochs", str(saved + 2)]), "resume.yaml"),
                          "--resume", rid)
-    st2 = bed.wait(rid2)
-    logs2 = bed.cli("logs", rid2).stdout
+    st2 = client.wait(rid2)
+    logs2 = client.cli("logs", rid2).stdout
     assert st2["state"] == "SUCCEEDED", logs2[-4000:]
     assert {r: e for r, (_, e, _) in starts(logs2).items()} == {0: saved, 1: saved, 2: saved}, logs2[-3000:]
-    assert not bed.left_anywhere(rid) and not bed.left_anywhere(rid2)
+    assert not client.left_anywhere(rid) and not client.left_anywhere(rid2)
 
 
-def test_a_snapshot_on_node_0_only_is_named_as_the_ranks_disagreeing(bed):
+def test_a_snapshot_on_node_0_only_is_named_as_the_ranks_disagreeing(client):
     """The failure this issue began with: resumed with the snapshot on node 0 only (every_node off),
     rank 0 has nothing left to do while the others start over; their errors are a peer's death."""
-    job = bed.job(shipped("ddp-script", args=["--epochs", "2"], checkpoint={"every_node": False}))
-    rid, _ = bed.submit(job)
-    assert bed.wait(rid)["state"] == "SUCCEEDED"
-    rid2, p = bed.submit(job, "--resume", rid)
+    job = client.job(shipped("ddp-script", args=["--epochs", "2"], checkpoint={"every_node": False}))
+    rid, _ = client.submit(job)
+    assert client.wait(rid)["state"] == "SUCCEEDED"
+    rid2, p = client.submit(job, "--resume", rid)
     assert "resume: checkpoint copied to node1 (snapshot.pt)" in p.stderr, p.stderr
-    st = bed.wait(rid2, timeout=120)
+    st = client.wait(rid2, timeout=120)
     assert st["state"] == "FAILED"
     ids = [f["pattern_id"] for f in st["failure"]["findings"]]
     assert ids[0] == "ranks-out-of-step" and "dataloader-slow" not in ids, (ids, st["failure"])
     assert re.match(r"ranks out of step: node[23] rank [12] lost its connection to node1 \(10\.213\.0\.11\)",
                     st["failure"]["error"]), st["failure"]
-    assert not bed.left_anywhere(rid2)
+    assert not client.left_anywhere(rid2)
 
 
-def test_no_heartbeats_judged_by_output_and_cpu_printing_is_not_hung_silent_is(bed):
+def test_no_heartbeats_judged_by_output_and_cpu_printing_is_not_hung_silent_is(client):
     limits = {"startup_timeout_s": 2, "hang_timeout_s": 12}
-    printing, _ = bed.submit(bed.job(shipped("ddp-script", args=["--epochs", "1", "--epoch-s", "30"], **limits),
+    printing, _ = client.submit(client.job(shipped("ddp-script", args=["--epochs", "1", "--epoch-s", "30"], **limits),
                                      "printing.yaml"))
-    silent, _ = bed.submit(bed.job(shipped("ddp-script", args=["--epochs", "3", "--hang-at", "1"], **limits),
+    silent, _ = client.submit(client.job(shipped("ddp-script", args=["--epochs", "3", "--hang-at", "1"], **limits),
                                    "silent.yaml"))
-    bed.wait_lines(printing, "rank 0 epoch 0 working", 1)
+    client.wait_lines(printing, "rank 0 epoch 0 working", 1)
     seen = set()
     deadline = time.time() + 120
     while True:           # the printing run stays RUNNING (well past both limits) until it ends
-        st = bed.state(printing)
+        st = client.state(printing)
         seen.add(st["state"])
         if st["state"] in ("SUCCEEDED", "FAILED", "CANCELLED", "HUNG"):
             break
         if st["state"] == "RUNNING":
-            text = bed.cli("status", printing).stdout
+            text = client.cli("status", printing).stdout
             if f"{printing}: RUNNING" in text:      # (it may have ended between the two looks)
                 assert "write no heartbeat: judged by their output and CPU" in text, text
         assert time.time() < deadline
         time.sleep(2)
     assert st["state"] == "SUCCEEDED" and "HUNG" not in seen, (seen, st)
-    st = bed.wait(silent, states=("HUNG", "FAILED", "SUCCEEDED"), timeout=120)
+    st = client.wait(silent, states=("HUNG", "FAILED", "SUCCEEDED"), timeout=120)
     assert st["state"] == "HUNG", st
     assert "no output and no CPU for" in st["watch"]["reason"]
     assert sorted(st["watch"]["behind"]) == [0, 1, 2]
-    assert bed.cli("stop", silent).returncode == 0
-    assert not bed.left_anywhere(silent)
+    assert client.cli("stop", silent).returncode == 0
+    assert not client.left_anywhere(silent)
 
 
 # ---------------------------------------------------------------- slurm

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from cluster.backends.slurm import job_info
-from tests.sshbed import pty_cli
+from tests.testbed_client import pty_cli
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.testbed, pytest.mark.slow]

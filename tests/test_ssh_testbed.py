@@ -15,55 +15,55 @@ from pathlib import Path
 
 import pytest
 
-from tests.sshbed import HELLO, STEPS_LONG, TRAIN, assert_merged, host_lines
+from tests.testbed_client import HELLO, STEPS_LONG, TRAIN, assert_merged, host_lines
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.testbed
 
 
 # ---------------------------------------------------------------- a real run, then resume
-def test_training_across_three_hosts_checkpoint_synced_then_resume(bed):
+def test_training_across_three_hosts_checkpoint_synced_then_resume(client):
     t0 = time.time()
-    rid, p = bed.submit(bed.job(TRAIN.format(steps=30, log_every=5)))
+    rid, p = client.submit(client.job(TRAIN.format(steps=30, log_every=5)))
     assert "preflight: 3 host(s) node[1-3]" in p.stderr and "reachable from node[2-3]" in p.stderr
-    st = bed.wait(rid)
-    logs = bed.cli("logs", rid).stdout
+    st = client.wait(rid)
+    logs = client.cli("logs", rid).stdout
     assert st["state"] == "SUCCEEDED", logs[-4000:]
-    for rank, h in enumerate(bed.tb.host_names):          # one rank on every host, rank 0 on node 0
+    for rank, h in enumerate(client.testbed.host_names):          # one rank on every host, rank 0 on node 0
         assert f"[{h} {rank}] " in logs
-    assert_merged(logs.splitlines(), host_lines(bed, rid))
+    assert_merged(logs.splitlines(), host_lines(client, rid))
     # loss goes down (rank 0's metrics, on node1)
-    recs = [json.loads(l) for l in bed.host_file("node1", rid, "metrics/metrics-rank0.jsonl").read_text().splitlines()]
+    recs = [json.loads(l) for l in client.host_file("node1", rid, "metrics/metrics-rank0.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in recs if "loss" in r]
     assert len(losses) >= 4 and losses[-1] < losses[0]
     # the checkpoint comes back to this machine (the watcher syncs it when the run ends); status says when
-    ck = bed.runs / rid / "checkpoints"
+    ck = client.runs / rid / "checkpoints"
     deadline = time.time() + 90
-    while (cs := bed.state(rid)["checkpoints"])["state"] == "syncing":
+    while (cs := client.state(rid)["checkpoints"])["state"] == "syncing":
         assert time.time() < deadline, f"checkpoint not synced: {list(ck.iterdir()) if ck.exists() else None}"
         time.sleep(1)
     assert cs["state"] == "synced" and cs["latest"] == "ckpt_30.pt", cs
     assert (ck / "latest").read_text().strip() == "ckpt_30.pt"
-    assert "checkpoints: synced (latest ckpt_30.pt in " in bed.cli("status", rid).stdout
-    rec = bed.record(rid)
+    assert "checkpoints: synced (latest ckpt_30.pt in " in client.cli("status", rid).stdout
+    rec = client.record(rid)
     assert rec["git_commit"] and rec["checkpoint_dir"] == str(ck)
-    assert not bed.left_anywhere(rid)
+    assert not client.left_anywhere(rid)
     # logs --collect brings every host's log here
-    p = bed.cli("logs", rid, "--collect")
+    p = client.cli("logs", rid, "--collect")
     assert p.returncode == 0, p.stderr
-    for h in bed.tb.host_names:
-        assert (bed.runs / rid / "logs" / f"{h}.log").read_text() == bed.host_file(h, rid, f"logs/{h}.log").read_text()
+    for h in client.testbed.host_names:
+        assert (client.runs / rid / "logs" / f"{h}.log").read_text() == client.host_file(h, rid, f"logs/{h}.log").read_text()
     print(f"train run: {time.time() - t0:.1f}s")
 
     # resume: the synced checkpoint goes back to node 0, training continues from step 30
     # (as make submit does: --follow streams the logs, then waits for the last checkpoint sync)
-    rid2, p = bed.submit(bed.job(TRAIN.format(steps=40, log_every=5), "job40.yaml"), "--resume", rid, "--follow")
+    rid2, p = client.submit(client.job(TRAIN.format(steps=40, log_every=5), "job40.yaml"), "--resume", rid, "--follow")
     assert "resume: checkpoint copied to node1" in p.stderr
     assert "warm start: the agents on node[1-3] import torch now" in p.stderr   # the code was in place
     assert f"-- run {rid2} SUCCEEDED" in p.stderr and "-- checkpoints: synced (latest ckpt_40.pt in " in p.stderr
-    assert (bed.runs / rid2 / "checkpoints" / "latest").read_text().strip() == "ckpt_40.pt"
-    logs2 = bed.cli("logs", rid2).stdout
-    assert bed.state(rid2)["state"] == "SUCCEEDED", logs2[-4000:]
+    assert (client.runs / rid2 / "checkpoints" / "latest").read_text().strip() == "ckpt_40.pt"
+    logs2 = client.cli("logs", rid2).stdout
+    assert client.state(rid2)["state"] == "SUCCEEDED", logs2[-4000:]
     assert "[node1 0] " in p.stdout and "step 40/40" in p.stdout                 # followed to the end
     assert re.search(r"\[node1 0\] resumed from .*ckpt_30\.pt: step 30", logs2), logs2[-3000:]
     assert "step 10/40" not in logs2 and "step 40/40" in logs2
@@ -72,21 +72,21 @@ def test_training_across_three_hosts_checkpoint_synced_then_resume(bed):
 
 
 # ---------------------------------------------------------------- gang: kill -9 one torchrun
-def test_kill9_of_one_torchrun_stops_the_whole_run_without_a_controller(bed):
-    rid, _ = bed.submit(bed.job(HELLO.format(sleep=300)))
-    bed.wait_lines(rid, "hello from rank", 3)
-    rec = bed.record(rid)
+def test_kill9_of_one_torchrun_stops_the_whole_run_without_a_controller(client):
+    rid, _ = client.submit(client.job(HELLO.format(sleep=300)))
+    client.wait_lines(rid, "hello from rank", 3)
+    rec = client.record(rid)
     os.kill(rec["handle"]["watcher_pid"], signal.SIGKILL)   # no controller: the agents alone
-    agent = json.loads(bed.host_file("node2", rid, "state/node2.pid").read_text())["pid"]
-    torchrun = bed.tb.run("node2", ["pgrep", "-P", agent]).stdout.split()
+    agent = json.loads(client.host_file("node2", rid, "state/node2.pid").read_text())["pid"]
+    torchrun = client.testbed.run("node2", ["pgrep", "-P", agent]).stdout.split()
     assert len(torchrun) == 1
     t0 = time.time()
-    assert bed.tb.run("node2", ["kill", "-9", torchrun[0]]).returncode == 0
-    while bed.left_anywhere(rid):
-        assert time.time() - t0 < 30, f"still running after 30 s: {bed.left_anywhere(rid)}"
+    assert client.testbed.run("node2", ["kill", "-9", torchrun[0]]).returncode == 0
+    while client.left_anywhere(rid):
+        assert time.time() - t0 < 30, f"still running after 30 s: {client.left_anywhere(rid)}"
         time.sleep(1)
     took = time.time() - t0
-    st = bed.wait(rid, timeout=60)
+    st = client.wait(rid, timeout=60)
     assert st["state"] == "FAILED"
     assert st["failure"]["host"] == "node2" and st["failure"]["rank"] == 1
     assert "exit code -9" in st["failure"]["error"] or st["failure"]["exit_code"] == -9
@@ -95,34 +95,34 @@ def test_kill9_of_one_torchrun_stops_the_whole_run_without_a_controller(bed):
     print(f"whole run stopped {took:.1f}s after kill -9")
 
 
-def test_stop_leaves_nothing_on_any_host(bed):
-    rid, _ = bed.submit(bed.job(HELLO.format(sleep=300)))
-    bed.wait_lines(rid, "hello from rank", 3)
-    assert all(bed.run_pids(h, rid) for h in bed.tb.host_names)
+def test_stop_leaves_nothing_on_any_host(client):
+    rid, _ = client.submit(client.job(HELLO.format(sleep=300)))
+    client.wait_lines(rid, "hello from rank", 3)
+    assert all(client.run_pids(h, rid) for h in client.testbed.host_names)
     t0 = time.time()
-    p = bed.cli("stop", rid, "--grace-s", "5")
+    p = client.cli("stop", rid, "--grace-s", "5")
     assert p.returncode == 0, p.stdout + p.stderr
     assert "nothing of the run is left running" in p.stdout and time.time() - t0 < 40
-    assert not bed.left_anywhere(rid)
-    assert bed.state(rid)["state"] == "CANCELLED"
+    assert not client.left_anywhere(rid)
+    assert client.state(rid)["state"] == "CANCELLED"
 
 
 # ---------------------------------------------------------------- preflight: all or nothing
-def test_unreachable_host_or_wrong_gpu_count_is_a_preflight_error_and_nothing_starts(bed):
-    before = {h: set(os.listdir(w / "runs")) if (w / "runs").exists() else set() for h, w in bed.workdir.items()}
-    job = bed.job(HELLO.format(sleep=0))
-    dead = bed.inventory(lambda t: t.replace("  - name: node3\n", "  - name: node3\n    port: 2299\n"), "dead.yaml")
-    p = bed.cli("submit", job, "-i", dead)
+def test_unreachable_host_or_wrong_gpu_count_is_a_preflight_error_and_nothing_starts(client):
+    before = {h: set(os.listdir(w / "runs")) if (w / "runs").exists() else set() for h, w in client.workdir.items()}
+    job = client.job(HELLO.format(sleep=0))
+    dead = client.inventory(lambda t: t.replace("  - name: node3\n", "  - name: node3\n    port: 2299\n"), "dead.yaml")
+    p = client.cli("submit", job, "-i", dead)
     assert p.returncode == 2, p.stdout + p.stderr
     assert "node3: cannot connect to root@node3:2299: Connection refused" in p.stderr
     assert "preflight failed, nothing was started" in p.stderr and "Traceback" not in p.stderr
-    gpus = bed.inventory(lambda t: t.replace("gpus: 0", "gpus: 2"), "gpus.yaml")
-    p = bed.cli("doctor", job, "-i", gpus)
+    gpus = client.inventory(lambda t: t.replace("gpus: 0", "gpus: 2"), "gpus.yaml")
+    p = client.cli("doctor", job, "-i", gpus)
     assert p.returncode == 2 and "node1: 0 GPU(s) found, the inventory says 2" in p.stderr, p.stderr
-    p = bed.cli("submit", job, "-i", gpus)
+    p = client.cli("submit", job, "-i", gpus)
     assert p.returncode == 2 and "0 GPU(s) found" in p.stderr
-    assert not bed.runs.exists() or not any(bed.runs.iterdir())
-    after = {h: set(os.listdir(w / "runs")) if (w / "runs").exists() else set() for h, w in bed.workdir.items()}
+    assert not client.runs.exists() or not any(client.runs.iterdir())
+    after = {h: set(os.listdir(w / "runs")) if (w / "runs").exists() else set() for h, w in client.workdir.items()}
     assert after == before
     # no agent that a probe parked (warm start) outlives the failed submit (the hosts share our pids)
     parked = []
@@ -135,19 +135,19 @@ def test_unreachable_host_or_wrong_gpu_count_is_a_preflight_error_and_nothing_st
     assert parked == []
 
 
-def test_two_submits_of_one_job_seconds_apart_both_run(bed):
+def test_two_submits_of_one_job_seconds_apart_both_run(client):
     """The second submit's preflight sees the first run starting on the same hosts (its agents
     parked, no pid file yet): not a leftover to stop. CPU hosts, distinct ports: both run."""
-    job = bed.job(HELLO.format(sleep=3))
-    first = subprocess.Popen([sys.executable, "-m", "cluster", "submit", str(job), "-i", str(bed.tb.inventory)],
+    job = client.job(HELLO.format(sleep=3))
+    first = subprocess.Popen([sys.executable, "-m", "cluster", "submit", str(job), "-i", str(client.testbed.inventory)],
                              cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             env=bed.tb.env(CLUSTER_RUNS_DIR=str(bed.runs)))
+                             env=client.testbed.env(CLUSTER_RUNS_DIR=str(client.runs)))
     err1 = ""
     for line in first.stderr:          # the first run's agents are parked: it is starting, right now
         err1 += line
         if line.startswith("warm start:") or "started" in line:
             break
-    second = bed.cli("submit", job, "-i", bed.tb.inventory)
+    second = client.cli("submit", job, "-i", client.testbed.inventory)
     out1, rest = first.communicate(timeout=240)
     err1 += rest
     assert first.returncode == 0 and second.returncode == 0, err1 + second.stdout + second.stderr
@@ -155,20 +155,20 @@ def test_two_submits_of_one_job_seconds_apart_both_run(bed):
     assert "!!  leftovers" not in second.stderr and "earlier run" not in second.stderr, second.stderr
     assert f"{rid1} (starting)" in second.stderr or f"{rid1} (running)" in second.stderr, second.stderr
     for rid in (rid1, rid2):
-        assert bed.wait(rid)["state"] == "SUCCEEDED", bed.cli("logs", rid).stdout[-3000:]
-        assert not bed.left_anywhere(rid)
+        assert client.wait(rid)["state"] == "SUCCEEDED", client.cli("logs", rid).stdout[-3000:]
+        assert not client.left_anywhere(rid)
 
 
-def test_unknown_host_keys_are_refused_unless_the_inventory_accepts_new_ones(bed):
-    kh = bed.tmp / "known_hosts"
+def test_unknown_host_keys_are_refused_unless_the_inventory_accepts_new_ones(client):
+    kh = client.tmp / "known_hosts"
     kh.write_text("")
-    strict = bed.inventory(lambda t: re.sub(r"known_hosts: .*", f"known_hosts: {kh}", t), "strict.yaml")
-    p = bed.cli("doctor", bed.job(HELLO.format(sleep=0)), "-i", strict)
+    strict = client.inventory(lambda t: re.sub(r"known_hosts: .*", f"known_hosts: {kh}", t), "strict.yaml")
+    p = client.cli("doctor", client.job(HELLO.format(sleep=0)), "-i", strict)
     assert p.returncode == 2 and "is not in known_hosts" in p.stderr and "accept_new_host_keys" in p.stderr
     assert kh.read_text() == ""
-    tofu = bed.inventory(lambda t: re.sub(r"known_hosts: .*", f"known_hosts: {kh}\n  accept_new_host_keys: true", t),
+    tofu = client.inventory(lambda t: re.sub(r"known_hosts: .*", f"known_hosts: {kh}\n  accept_new_host_keys: true", t),
                          "tofu.yaml")
-    p = bed.cli("doctor", bed.job(HELLO.format(sleep=0)), "-i", tofu)
+    p = client.cli("doctor", client.job(HELLO.format(sleep=0)), "-i", tofu)
     assert p.returncode == 0, p.stderr
     assert sorted(l.split()[0] for l in kh.read_text().splitlines()) == ["node1", "node2", "node3"]
 
@@ -178,16 +178,16 @@ class OwnSshd:
     """A second sshd on a host (port 2222) that this test may stop and start at will; the
     testbed's own sshd (which other tests use) is left alone."""
 
-    def __init__(self, bed, host):
-        sd = Path(bed.tb.state["state_dir"])
+    def __init__(self, client, host):
+        sd = Path(client.testbed.state["state_dir"])
         self.host = host
-        self.addr = next(h["address"] for h in bed.tb.hosts if h["name"] == host)
-        self.log = bed.tmp / "sshd.log"
+        self.addr = next(h["address"] for h in client.testbed.hosts if h["name"] == host)
+        self.log = client.tmp / "sshd.log"
         self.argv = ["nsenter", f"--net=/run/netns/{host}", "unshare", "--uts", "sh", "-c",
                      'hostname "$0" && exec "$@"', host,
                      "/usr/sbin/sshd", "-D", "-f", str(sd / "etc" / "sshd_config"),
                      "-h", str(sd / "hosts" / host / "ssh_host_ed25519_key"),
-                     "-o", f"ListenAddress={self.addr}:2222", "-o", f"PidFile={bed.tmp}/sshd.pid", "-E", str(self.log)]
+                     "-o", f"ListenAddress={self.addr}:2222", "-o", f"PidFile={client.tmp}/sshd.pid", "-E", str(self.log)]
         self.proc = None
 
     def start(self):
@@ -221,28 +221,28 @@ def _ppid(pid):
         return None
 
 
-def test_sshd_stopped_mid_run_does_not_stop_training_and_logs_catch_up(bed):
+def test_sshd_stopped_mid_run_does_not_stop_training_and_logs_catch_up(client):
     """node1 (node 0, where rank 0 prints its progress) loses its sshd for 10 s mid-run."""
-    sshd = OwnSshd(bed, "node1")
+    sshd = OwnSshd(client, "node1")
     sshd.start()
     try:
-        key = (Path(bed.tb.state["state_dir"]) / "hosts" / "node1" / "ssh_host_ed25519_key.pub").read_text().split()
-        kh = bed.tmp / "known_hosts"
-        kh.write_text(Path(re.search(r"known_hosts: (.*)", bed.tb.inventory.read_text()).group(1)).read_text()
+        key = (Path(client.testbed.state["state_dir"]) / "hosts" / "node1" / "ssh_host_ed25519_key.pub").read_text().split()
+        kh = client.tmp / "known_hosts"
+        kh.write_text(Path(re.search(r"known_hosts: (.*)", client.testbed.inventory.read_text()).group(1)).read_text()
                       + f"[node1]:2222 {key[0]} {key[1]}\n")
-        inv = bed.inventory(lambda t: re.sub(r"known_hosts: .*", f"known_hosts: {kh}", t)
+        inv = client.inventory(lambda t: re.sub(r"known_hosts: .*", f"known_hosts: {kh}", t)
                             .replace("  - name: node1\n", "  - name: node1\n    port: 2222\n"), "own.yaml")
-        rid, _ = bed.submit(bed.job(TRAIN.format(steps=STEPS_LONG, log_every=2)), inventory=inv)
-        out = open(bed.tmp / "follow.txt", "w")
+        rid, _ = client.submit(client.job(TRAIN.format(steps=STEPS_LONG, log_every=2)), inventory=inv)
+        out = open(client.tmp / "follow.txt", "w")
         follow = subprocess.Popen([sys.executable, "-m", "cluster", "logs", rid, "-f"], cwd=REPO, stdout=out,
-                                  stderr=subprocess.PIPE, text=True, env=bed.tb.env(CLUSTER_RUNS_DIR=str(bed.runs)))
-        log1 = bed.host_file("node1", rid, "logs/node1.log")
-        bed.wait_lines(rid, "[node1 0] step", 3)
+                                  stderr=subprocess.PIPE, text=True, env=client.testbed.env(CLUSTER_RUNS_DIR=str(client.runs)))
+        log1 = client.host_file("node1", rid, "logs/node1.log")
+        client.wait_lines(rid, "[node1 0] step", 3)
         sshd.stop()
         t_down = time.time()
         steps_before = log1.read_text().count("[node1 0] step")
         time.sleep(10)
-        st = bed.state(rid)
+        st = client.state(rid)
         node1 = next(n for n in st["nodes"] if n["host"] == "node1")
         assert st["state"] == "RUNNING", st
         assert node1["state"] == "UNKNOWN" and "unreachable" in node1["detail"]
@@ -253,19 +253,19 @@ def test_sshd_stopped_mid_run_does_not_stop_training_and_logs_catch_up(bed):
         out.close()
         err = follow.stderr.read()
         assert "[node1] log unreachable" in err and "[node1] log reachable again; catching up" in err, err
-        st = bed.wait(rid)
+        st = client.wait(rid)
         assert st["state"] == "SUCCEEDED"
-        assert_merged((bed.tmp / "follow.txt").read_text().splitlines(), host_lines(bed, rid))
+        assert_merged((client.tmp / "follow.txt").read_text().splitlines(), host_lines(client, rid))
     finally:
         sshd.stop()
 
 
 # ---------------------------------------------------------------- jump hosts and ~/.ssh/config aliases
-def test_jump_host_and_ssh_config_alias(bed):
+def test_jump_host_and_ssh_config_alias(client):
     """node2 and node3 only through node1 (the inventory's jump_host); node3 by an ssh config alias."""
-    st = bed.tb.state
+    st = client.testbed.state
     key = Path(st["state_dir"]) / "client_key"
-    cfg = bed.tmp / "ssh_config"
+    cfg = client.tmp / "ssh_config"
     cfg.write_text(f"Host far3\n  HostName node3\n  User root\n  IdentityFile {key}\n  IdentitiesOnly yes\n")
 
     def edit(t):
@@ -273,12 +273,12 @@ def test_jump_host_and_ssh_config_alias(bed):
         t = t.replace("  - name: node3\n    hostname: node3\n",
                       "  - name: node3\n    hostname: far3\n    jump_host: root@node1\n")
         return t.replace("ssh:\n", f"ssh:\n  config_file: {cfg}\n")
-    inv = bed.inventory(edit, "jump.yaml")
-    p = bed.cli("doctor", bed.job(HELLO.format(sleep=0)), "-i", inv)
+    inv = client.inventory(edit, "jump.yaml")
+    p = client.cli("doctor", client.job(HELLO.format(sleep=0)), "-i", inv)
     assert p.returncode == 0, p.stderr
-    rid, _ = bed.submit(bed.job(HELLO.format(sleep=0)), inventory=inv)
-    assert bed.wait(rid, timeout=180)["state"] == "SUCCEEDED"
-    assert bed.cli("logs", rid).stdout.count("hello from rank") == 3
+    rid, _ = client.submit(client.job(HELLO.format(sleep=0)), inventory=inv)
+    assert client.wait(rid, timeout=180)["state"] == "SUCCEEDED"
+    assert client.cli("logs", rid).stdout.count("hello from rank") == 3
     # the connections to node2 and node3 came from node1 (sshd logs the client address)
     logs = Path(st["state_dir"]) / "logs"
     assert "from 10.213.0.11 port" in (logs / "sshd-node3.log").read_text()

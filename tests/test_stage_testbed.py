@@ -10,7 +10,7 @@ import uuid
 import pytest
 
 from bench.imageset import make
-from tests.sshbed import HELLO
+from tests.testbed_client import HELLO
 from train.pack import pack
 
 pytestmark = pytest.mark.testbed
@@ -31,17 +31,17 @@ def packed(tmp_path_factory):
 
 
 @pytest.fixture
-def data_path(bed):
+def data_path(client):
     rel = f"data/set-{uuid.uuid4().hex[:8]}"
     yield rel
-    for h in bed.tb.host_names:
-        shutil.rmtree(bed.workdir[h] / rel, ignore_errors=True)
+    for h in client.testbed.host_names:
+        shutil.rmtree(client.workdir[h] / rel, ignore_errors=True)
 
 
-def submitted(bed, job, inventory=None):
+def submitted(client, job, inventory=None):
     """Submit, wait for the end; (run record, the submit's stderr)."""
-    rid, p = bed.submit(job, inventory=inventory)
-    assert bed.wait(rid)["state"] == "SUCCEEDED"
+    rid, p = client.submit(job, inventory=inventory)
+    assert client.wait(rid)["state"] == "SUCCEEDED"
     return rid, p.stderr
 
 
@@ -51,67 +51,67 @@ def same_tree(a, b) -> bool:
     return files(a) == files(b)
 
 
-def test_staging_copies_skips_current_hosts_and_recopies_a_corrupted_shard(bed, packed, data_path):
-    job = bed.job(JOB.format(source=packed, path=data_path))
-    hosts = bed.tb.host_names
+def test_staging_copies_skips_current_hosts_and_recopies_a_corrupted_shard(client, packed, data_path):
+    job = client.job(JOB.format(source=packed, path=data_path))
+    hosts = client.testbed.host_names
     # nothing there yet: copied to every host, verified, then the run starts
-    _, err = submitted(bed, job)
+    _, err = submitted(client, job)
     n = len(json.loads((packed / "MANIFEST.json").read_text())["files"]) + 1   # and the manifest itself
     assert f"data: node[1-3]: missing ({n} of {n} files missing): copying" in err, err
     for h in hosts:
         assert f"data: {h}: copied in" in err, err
-        assert same_tree(bed.workdir[h] / data_path, packed)
+        assert same_tree(client.workdir[h] / data_path, packed)
     assert "data: copied to node[1-3] and verified" in err
     # a second submit: every host current, nothing copied
-    _, err = submitted(bed, job)
+    _, err = submitted(client, job)
     assert f"data: node[1-3]: current (packed" in err and "copying" not in err, err
     # one shard on node2 damaged in place (same size), node3's copy removed
-    shard = bed.workdir["node2"] / data_path / "train" / "shard-00000.tar"
+    shard = client.workdir["node2"] / data_path / "train" / "shard-00000.tar"
     raw = bytearray(shard.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
     shard.write_bytes(bytes(raw))
-    shutil.rmtree(bed.workdir["node3"] / data_path)
-    _, err = submitted(bed, job)
+    shutil.rmtree(client.workdir["node3"] / data_path)
+    _, err = submitted(client, job)
     assert "data: node1: current" in err and "data: node1: copied" not in err, err
     assert "data: node2: stale (1 differ (train/shard-00000.tar))" in err, err
     assert "data: node3: missing" in err and "data: copied to node[2-3] and verified" in err, err
     for h in hosts:
-        assert same_tree(bed.workdir[h] / data_path, packed), h
+        assert same_tree(client.workdir[h] / data_path, packed), h
     # doctor says where the data stands, per host, and copies nothing
-    shutil.rmtree(bed.workdir["node1"] / data_path)
-    p = bed.cli("doctor", job, "-i", bed.tb.inventory)
+    shutil.rmtree(client.workdir["node1"] / data_path)
+    p = client.cli("doctor", job, "-i", client.testbed.inventory)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "data: node[2-3]: current" in p.stderr and f"data: node1: missing ({n} of {n} files missing); submit " \
         "copies it" in p.stderr, p.stderr
-    assert not (bed.workdir["node1"] / data_path).exists()
+    assert not (client.workdir["node1"] / data_path).exists()
 
 
-def test_a_host_whose_disk_cannot_hold_the_data_fails_the_preflight_and_nothing_starts(bed, packed, data_path):
-    small = bed.workdir["node3"] / data_path
+def test_a_host_whose_disk_cannot_hold_the_data_fails_the_preflight_and_nothing_starts(client, packed, data_path):
+    small = client.workdir["node3"] / data_path
     small.mkdir(parents=True)
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(small)], check=True)
     try:
-        p = bed.cli("submit", bed.job(JOB.format(source=packed, path=data_path)), "-i", bed.tb.inventory)
+        p = client.cli("submit", client.job(JOB.format(source=packed, path=data_path)), "-i", client.testbed.inventory)
         assert p.returncode == 2, p.stdout + p.stderr
         assert "error: data not ready on node3, nothing was started" in p.stderr, p.stderr
         assert f"node3: not enough disk at {small}" in p.stderr and "Traceback" not in p.stderr
-        assert not bed.runs.exists() or not any(bed.runs.iterdir())     # no run recorded, none started
+        assert not client.runs.exists() or not any(client.runs.iterdir())     # no run recorded, none started
         for h in ("node1", "node2"):   # checked before anything is copied: all or nothing
-            assert not (bed.workdir[h] / data_path).exists()
+            assert not (client.workdir[h] / data_path).exists()
     finally:
         subprocess.run(["umount", "-l", str(small)], check=False)
 
 
-def test_shared_fs_copies_nothing_and_names_the_hosts_without_the_data(bed, packed, data_path):
-    inv = bed.inventory(lambda t: t + "shared_fs: true\n", "shared.yaml")
+def test_shared_fs_copies_nothing_and_names_the_hosts_without_the_data(client, packed, data_path):
+    inv = client.inventory(lambda t: t + "shared_fs: true\n", "shared.yaml")
     for h in ("node1", "node2"):
-        shutil.copytree(packed, bed.workdir[h] / data_path)
+        shutil.copytree(packed, client.workdir[h] / data_path)
     # code is not synced with shared_fs: the hosts run it from this checkout's copy in their workdir
-    p = bed.cli("doctor", bed.job(JOB.format(source=packed, path=data_path)), "-i", inv)
+    p = client.cli("doctor", client.job(JOB.format(source=packed, path=data_path)), "-i", inv)
     assert p.returncode == 2, p.stdout + p.stderr
     assert "error: data not ready on node3" in p.stderr and "node3: missing at" in p.stderr, p.stderr
     assert "shared_fs: nothing is copied" in p.stderr and "node1:" not in p.stderr.split("error:")[1]
-    assert not (bed.workdir["node3"] / data_path).exists()
+    assert not (client.workdir["node3"] / data_path).exists()
 
 
 @pytest.mark.slow

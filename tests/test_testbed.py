@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.testbed import bed
+from tests.testbed import BRIDGE, down, health, leftovers, removed_containers, up
 from tests.testbed import sacct as standin
 
 # ------------------------------------------------------------------ sacct stand-in, no testbed
@@ -312,8 +312,8 @@ def test_torchrun_across_two_hosts(testbed):
 @pytest.mark.testbed
 def test_leftovers_sees_a_live_testbed(testbed):
     """The check that down() left nothing must be able to fail: while up it sees everything."""
-    left = "\n".join(bed.leftovers())
-    for what in ["network namespace node1", "network namespace node3", f"link {bed.BRIDGE}",
+    left = "\n".join(leftovers())
+    for what in ["network namespace node1", "network namespace node3", f"link {BRIDGE}",
                  "/etc/hosts line", "/etc/slurm file: slurm.conf", "/etc/slurm file: gres.conf",
                  f"state dir {testbed.state_dir}", ".testbed/state.json", "process "]:
         assert what in left, f"leftovers() misses {what!r}:\n{left}"
@@ -336,21 +336,21 @@ def test_down_leaves_nothing_and_up_again(testbed):
         container = p.stdout.strip()
     _wait_for(lambda: "RUNNING" in testbed.local(["squeue", "-h", "-o", "%T"]).stdout, what="job RUNNING")
 
-    took_down = bed.down(quiet=True)
+    took_down = down(quiet=True)
     if container:
-        assert container in bed.removed_containers
+        assert container in removed_containers
         ps = subprocess.run(["podman", "ps", "-a", "--no-trunc", "-q"], capture_output=True, text=True)
         assert container not in ps.stdout
-    left = bed.leftovers()
+    left = leftovers()
     assert left == [], "testbed down left things behind:\n" + "\n".join(left)
     assert subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.strip() == ""
-    assert bed.down(quiet=True) >= 0  # idempotent
+    assert down(quiet=True) >= 0  # idempotent
     t0 = time.monotonic()
-    bed.up(len(testbed.hosts), quiet=True)
+    up(len(testbed.hosts), quiet=True)
     took_up = time.monotonic() - t0
     testbed.refresh()
     os.environ["PATH"] = testbed.env()["PATH"]
-    ok, problems = bed.health()
+    ok, problems = health()
     assert ok, problems
     print(f"testbed: down {took_down:.2f}s, up {took_up:.2f}s", file=sys.stderr)
     assert took_up < 5.0, f"testbed up took {took_up:.1f}s (goal: under 5 s)"

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.sshbed import REPO, TRAIN
+from tests.testbed_client import REPO, TRAIN
 
 pytestmark = [pytest.mark.testbed, pytest.mark.slow]
 
@@ -62,9 +62,9 @@ def rank_line(screen: str, host: str, rank: int) -> str:
     return ""
 
 
-def test_top_shows_ranks_and_the_straggler_live_and_the_final_state_after(bed, tmp_path):
-    rid, _ = bed.submit(bed.job(JOB))
-    tmux = Tmux(tmp_path, bed.tb.env(CLUSTER_RUNS_DIR=str(bed.runs)))
+def test_top_shows_ranks_and_the_straggler_live_and_the_final_state_after(client, tmp_path):
+    rid, _ = client.submit(client.job(JOB))
+    tmux = Tmux(tmp_path, client.testbed.env(CLUSTER_RUNS_DIR=str(client.runs)))
     done = tmp_path / "top.exit"
     tmux.start(f"{shlex.quote(sys.executable)} -m cluster top {rid} --interval-s 2; echo $? > {done}")
     try:
@@ -94,19 +94,19 @@ def test_top_shows_ranks_and_the_straggler_live_and_the_final_state_after(bed, t
         assert not tmux.alive() and done.read_text().strip() == "0"
     finally:
         tmux.kill()
-    st = bed.wait(rid, timeout=300)
+    st = client.wait(rid, timeout=300)
     assert st["state"] == "SUCCEEDED", st
     # the watcher's last pass brought every host's metrics and TensorBoard files here
     deadline = time.time() + 120
-    while bed.state(rid)["checkpoints"]["state"] == "syncing":
+    while client.state(rid)["checkpoints"]["state"] == "syncing":
         assert time.time() < deadline, "the watcher's last pass did not come"
         time.sleep(2)
-    metrics = bed.runs / rid / "metrics"
+    metrics = client.runs / rid / "metrics"
     for r in range(3):
         assert (metrics / f"metrics-rank{r}.jsonl").stat().st_size > 0
         assert list((metrics / "tb" / f"rank{r}").glob("events.out.tfevents.*")), r
     # after the run, from a new process: the final state of every rank
-    p = bed.cli("top", rid, "--once")
+    p = client.cli("top", rid, "--once")
     assert p.returncode == 0, p.stderr
     assert "SUCCEEDED" in p.stdout and "120/120" in p.stdout
     for r in range(3):
@@ -132,20 +132,20 @@ def test_top_of_a_slurm_run_shows_its_nodes_ranks_and_straggler(testbed, tmp_pat
         s.cli("stop", rid, "--grace-s", "2")
 
 
-def test_top_marks_hung_ranks_red(bed):
+def test_top_marks_hung_ranks_red(client):
     # rank 2 is stopped (SIGSTOP); the others block in the all-reduce; 10 s later the run is HUNG
     # (startup_timeout_s too: a rank seen at one step only may still be starting up)
     job = TRAIN.format(steps=2000, log_every=5) + "hang_timeout_s: 10\nstartup_timeout_s: 10\n"
-    rid, _ = bed.submit(bed.job(job))
-    bed.wait_lines(rid, "step 10/2000", 1)
-    pid = next(l.split()[0] for l in bed.run_pids("node3", rid) if " -m train " in l)
-    assert bed.tb.run("node3", ["kill", "-STOP", pid]).returncode == 0
+    rid, _ = client.submit(client.job(job))
+    client.wait_lines(rid, "step 10/2000", 1)
+    pid = next(l.split()[0] for l in client.run_pids("node3", rid) if " -m train " in l)
+    assert client.testbed.run("node3", ["kill", "-STOP", pid]).returncode == 0
     try:
         deadline, out = time.time() + 120, ""
         while "HUNG" not in out.split("\n", 1)[0]:
             assert time.time() < deadline, out
             time.sleep(3)
-            p = bed.cli("top", rid, "--once", env={"FORCE_COLOR": "1"})
+            p = client.cli("top", rid, "--once", env={"FORCE_COLOR": "1"})
             assert p.returncode == 0, p.stderr
             out = p.stdout
         plain = re.sub(r"\x1b\[[0-9;]*m", "", out)
@@ -155,5 +155,5 @@ def test_top_marks_hung_ranks_red(bed):
             line = rank_line(out, host, rank)
             assert "HUNG" in line and re.search(r"\x1b\[[0-9;]*\b41[;m]", line), line     # white on red
     finally:
-        bed.tb.run("node3", ["kill", "-CONT", pid])
-        bed.cli("stop", rid, "--grace-s", "2")
+        client.testbed.run("node3", ["kill", "-CONT", pid])
+        client.cli("stop", rid, "--grace-s", "2")

@@ -10,7 +10,6 @@ import itertools
 import math
 import os
 import random
-import signal
 import socket
 import time
 from contextlib import nullcontext
@@ -23,13 +22,9 @@ from torch import nn
 from . import checkpoint
 from .config import ConfigError, TrainConfig
 from .data import build_data
-from .dist import DistEnv, all_gather_objects, all_reduce_sum, barrier, broadcast_object
+from .dist import DistEnv, all_gather_objects, all_reduce_sum, broadcast_object
 from .metrics import MetricsWriter
 from .model import build_model, build_optimizer, fast_stem, wrap
-
-# Test hook: every rank dies by SIGKILL right after this step (and its checkpoint), like a job
-# killed mid-run; tests/test_train_resume.py uses it to resume from a real crash.
-_KILL_AT_STEP = int(os.environ.get("TRAIN_TEST_KILL_AT_STEP", "0"))
 
 
 @dataclass(frozen=True)
@@ -116,9 +111,6 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
                 if cfg.ckpt_every and pos.step % cfg.ckpt_every == 0 and pos.step < total:
                     save_checkpoint(cfg, env, raw, optimizer, scheduler, pos)
                     saved_at = pos.step
-                if pos.step == _KILL_AT_STEP:
-                    barrier()  # rank 0's checkpoint is complete before anyone dies
-                    os.kill(os.getpid(), signal.SIGKILL)
                 if pos.step >= total:
                     break
             else:  # the epoch ran out

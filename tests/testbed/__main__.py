@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import bed
+from . import TestbedError, TestbedUnavailable, down, install_deps, leftovers, status, up
 
 
 def main(argv=None) -> int:
@@ -24,29 +24,29 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     try:
         if a.cmd == "up":
-            bed.up(nodes=a.nodes, timeout=a.timeout)
+            up(nodes=a.nodes, timeout=a.timeout)
             return 0
         if a.cmd == "down":
-            bed.down(keep_state=a.keep_state)
+            down(keep_state=a.keep_state)
             return 0
         if a.cmd == "status":
-            return bed.status()
+            return status()
         if a.cmd == "install-deps":
-            return bed.install_deps()
+            return install_deps()
         if a.cmd == "leftovers":
-            left = bed.leftovers()
+            left = leftovers()
             for x in left:
                 print(x)
             return 1 if left else 0
-    except bed.TestbedUnavailable as e:
+    except TestbedUnavailable as e:
         print(f"testbed: unavailable: {e}", file=sys.stderr)
         return 2
-    except bed.TestbedError as e:
+    except TestbedError as e:
         print(f"testbed: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("testbed: interrupted; tearing down", file=sys.stderr)
-        bed.down(quiet=True)
+        down(quiet=True)
         return 130
     return 0
 

@@ -47,10 +47,12 @@ def run(cmd: list[str], tmp_path: Path, env: dict | None = None, check: bool = T
     return out
 
 
-def torchrun(nproc: int, args: list[str], tmp_path: Path, **kw) -> subprocess.CompletedProcess:
+def torchrun(nproc: int, args: list[str], tmp_path: Path, kill_at: int = 0, **kw) -> subprocess.CompletedProcess:
+    """kill_at=N: every rank dies by SIGKILL after step N's checkpoint (tests/fixtures/train_killed.py)."""
+    entry = ["tests.fixtures.train_killed", str(kill_at)] if kill_at else ["train"]
     # --log-dir: torchrun's per-rank files stay in the test's directory (else /tmp/torchelastic_*)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-           f"--log-dir={tmp_path / 'torchrun'}", "-m", "train", *args]
+           f"--log-dir={tmp_path / 'torchrun'}", "-m", *entry, *args]
     return run(cmd, tmp_path, **kw)
 
 
@@ -117,8 +119,7 @@ def test_resume_after_a_kill_matches_a_straight_run(tmp_path):
               "keep_ckpts=2", "workers=1", "lr=0.1", "warmup_steps=2"]
     straight = torchrun(2, [*common, *dirs(tmp_path, "straight")], tmp_path)
 
-    killed = torchrun(2, [*common, *dirs(tmp_path, "resumed")], tmp_path,
-                      env=clean_env(TRAIN_TEST_KILL_AT_STEP="9"), check=False)
+    killed = torchrun(2, [*common, *dirs(tmp_path, "resumed")], tmp_path, kill_at=9, check=False)
     ckpt = tmp_path / "resumed" / "ckpt"
     assert killed.returncode != 0 and "summary:" not in killed.stdout
     assert (ckpt / "latest").read_text().strip() == "ckpt_9.pt"

@@ -1,6 +1,7 @@
-"""Helpers for tests that drive the ssh backend on the cluster in a box (the `bed` fixture in
-conftest.py): the CLI in a new process with its own runs/ dir, job files, waits, and what is left
-of a run on each host, checked over ssh (each host looking at its own network namespace)."""
+"""The `client` fixture's class (conftest.py) and helpers for tests that drive `python -m cluster`
+against the cluster in a box, mostly its ssh backend: the CLI in a new process with its own runs/
+dir, job files, waits, and what is left of a run on each host, checked over ssh (each host looking
+at its own network namespace)."""
 import json
 import os
 import select
@@ -53,16 +54,20 @@ for p in os.listdir('/proc'):
 """
 
 
-class Bed:
+class Client:
+    """A user at the submitting machine, aimed at the testbed: `python -m cluster` in a new
+    process with a runs/ dir of the test's own, job and inventory files, waits, and what a run
+    left on each host."""
+
     def __init__(self, testbed, tmp_path):
-        self.tb, self.tmp = testbed, tmp_path
+        self.testbed, self.tmp = testbed, tmp_path
         self.runs = tmp_path / "runs"
         self.workdir = {h["name"]: Path(h["workdir"]) for h in testbed.hosts}
 
     def cli(self, *args, timeout=240, env=None):
         return subprocess.run([sys.executable, "-m", "cluster", *map(str, args)], cwd=REPO, text=True,
                               capture_output=True, timeout=timeout,
-                              env=self.tb.env(CLUSTER_RUNS_DIR=str(self.runs), **(env or {})))
+                              env=self.testbed.env(CLUSTER_RUNS_DIR=str(self.runs), **(env or {})))
 
     def job(self, text, name="job.yaml"):
         p = self.tmp / name
@@ -71,11 +76,11 @@ class Bed:
 
     def inventory(self, edit=lambda t: t, name="inv.yaml"):
         p = self.tmp / name
-        p.write_text(edit(self.tb.inventory.read_text()))
+        p.write_text(edit(self.testbed.inventory.read_text()))
         return p
 
     def submit(self, job, *extra, inventory=None):
-        p = self.cli("submit", job, "-i", inventory or self.tb.inventory, *extra)
+        p = self.cli("submit", job, "-i", inventory or self.testbed.inventory, *extra)
         assert p.returncode == 0, p.stdout + p.stderr
         return p.stdout.split()[1], p
 
@@ -92,12 +97,12 @@ class Bed:
             time.sleep(2)
 
     def run_pids(self, host, rid):
-        p = self.tb.run(host, [self.tb.python, "-c", PS_RUN, rid], timeout=30)
+        p = self.testbed.run(host, [self.testbed.python, "-c", PS_RUN, rid], timeout=30)
         assert p.returncode == 0, p.stderr
         return p.stdout.splitlines()
 
     def left_anywhere(self, rid):
-        return {h: self.run_pids(h, rid) for h in self.tb.host_names if self.run_pids(h, rid)}
+        return {h: self.run_pids(h, rid) for h in self.testbed.host_names if self.run_pids(h, rid)}
 
     def host_file(self, host, rid, rel):
         return self.workdir[host] / "runs" / rid / rel
@@ -109,27 +114,27 @@ class Bed:
         deadline = time.time() + timeout
         while True:
             text = "".join(self.host_file(h, rid, f"logs/{h}.log").read_text(errors="replace")
-                           for h in self.tb.host_names if self.host_file(h, rid, f"logs/{h}.log").exists())
+                           for h in self.testbed.host_names if self.host_file(h, rid, f"logs/{h}.log").exists())
             if text.count(needle) >= count:
                 return
             assert time.time() < deadline, f"fewer than {count} '{needle}' lines after {timeout}s:\n{text[-3000:]}"
             time.sleep(0.5)
 
 
-def stop_leftover_runs(b: Bed) -> None:
+def stop_leftover_runs(client: Client) -> None:
     """Whatever a failed test left running: stop it; then remove what this test's runs left in
     the hosts' workdirs (logs, checkpoints: the hosts' files are this machine's)."""
     import shutil
-    for d in (b.runs.iterdir() if b.runs.exists() else []):
+    for d in (client.runs.iterdir() if client.runs.exists() else []):
         rec = d / "run.json"
         if rec.exists() and not json.loads(rec.read_text()).get("final"):
-            b.cli("stop", d.name, "--grace-s", "2")
-        for h in b.tb.host_names:
-            shutil.rmtree(b.host_file(h, d.name, ""), ignore_errors=True)
+            client.cli("stop", d.name, "--grace-s", "2")
+        for h in client.testbed.host_names:
+            shutil.rmtree(client.host_file(h, d.name, ""), ignore_errors=True)
 
 
-def host_lines(bed, rid):
-    return {h: bed.host_file(h, rid, f"logs/{h}.log").read_text().splitlines() for h in bed.tb.host_names}
+def host_lines(client, rid):
+    return {h: client.host_file(h, rid, f"logs/{h}.log").read_text().splitlines() for h in client.testbed.host_names}
 
 
 def assert_merged(merged: list[str], per_host: dict):

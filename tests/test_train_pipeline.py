@@ -17,7 +17,7 @@ import torch
 
 from bench.imageset import make
 from tests.conftest import REPO_ROOT
-from tests.test_train_runs import clean_env, summary, train_records
+from tests.test_train_loop import clean_env, summary, train_records
 from train.imagesets import MANIFEST, open_split
 from train.pack import sha256_file
 from train.pipeline import DeviceStage, Items, collate, gpu_kind
@@ -100,12 +100,12 @@ def test_gpu_path_sorting_and_arithmetic_match_the_cpu_path(imageset):
 
 
 def torchrun(nproc: int, args: list[str], cwd: Path, trace: Path, kill_at: int = 0, check=True):
+    """kill_at=N: every rank dies by SIGKILL after step N's checkpoint (tests/fixtures/train_killed.py)."""
     env = clean_env(TRAIN_TEST_SAMPLE_TRACE=str(trace))
-    if kill_at:
-        env["TRAIN_TEST_KILL_AT_STEP"] = str(kill_at)
+    entry = ["tests.fixtures.train_killed", str(kill_at)] if kill_at else ["train"]
     trace.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-           "-m", "train", *args] if nproc > 1 else [sys.executable, "-m", "train", *args]
+           "-m", *entry, *args] if nproc > 1 else [sys.executable, "-m", *entry, *args]
     p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     if check:
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
