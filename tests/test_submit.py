@@ -8,8 +8,8 @@ from types import SimpleNamespace
 
 import psutil
 
-from cluster.backends.rsync import _alive
-from cluster.submit import _proc_start, submitter, submitter_gone
+from cluster.run.checkpoints import _alive
+from cluster.run.records import _proc_start, submitter, submitter_gone
 
 SLEEP = "import time; time.sleep(60)"
 
@@ -35,7 +35,7 @@ def test_a_submit_is_gone_once_its_process_is_or_its_pid_was_reused():
 
 
 def test_a_watcher_is_alive_only_as_the_runs_watcher():
-    p = subprocess.Popen([sys.executable, "-c", SLEEP, "cluster.backends.rsync", "watch", "r1"])
+    p = subprocess.Popen([sys.executable, "-c", SLEEP, "cluster.backends.watcher", "watch", "r1"])
     try:
         assert _alive(p.pid, "r1")
         assert not _alive(p.pid, "r2")               # the pid is another run's watcher
