@@ -103,7 +103,7 @@ def main() -> int:
     ap.add_argument("--cores", type=int, default=8)
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--budget-s", type=float, default=560)
-    ap.add_argument("--only", default="gen,verify,stage,seed,synthetic,pil,gpu,gpu-hw")
+    ap.add_argument("--only", default="gen,verify,stage,seed,synthetic,pil,gpu,gpu-hw,gpu-hw-roi")
     a = ap.parse_args()
     deadline = time.time() + a.budget_s
     a.out.mkdir(parents=True, exist_ok=True)
@@ -176,7 +176,8 @@ def main() -> int:
     plan = [("synthetic", ["data=synthetic"], a.steps),
             ("pil", [f"data={packed}", "decode=cpu", f"workers={a.cores - 1}"], max(60, a.steps // 2)),
             ("gpu", [f"data={packed}", "decode=gpu", "jpeg_decoder=torchvision", "workers=4"], a.steps),
-            ("gpu-hw", [f"data={packed}", "decode=gpu", "jpeg_decoder=nvimgcodec", "workers=4"], a.steps)]
+            ("gpu-hw", [f"data={packed}", "decode=gpu", "jpeg_decoder=nvimgcodec", "workers=4"], a.steps),
+            ("gpu-hw-roi", [f"data={packed}", "decode=gpu", "jpeg_decoder=nvimgcodec-roi", "workers=4"], a.steps)]
     for name, args, steps in plan:
         if name in only:
             left = deadline - time.time()
@@ -190,8 +191,10 @@ def main() -> int:
 
 
 def stage_speed(stage, split) -> dict:
-    """The GPU input stage alone on 4 batches of 512 (after 2 to warm up), the decoder alone,
-    and one core reading and collating the same batches (what a worker does)."""
+    """The GPU input stage alone on 4 batches of 512 (after 2 to warm up), the decoder alone, the
+    stage with the decode already done (crop + resize + flip + normalise: the SMs' share when the
+    decode runs on the hardware decoders), one core reading and collating the same batches (what a
+    worker does), and for nvImageCodec how many images its hardware decoders take alone."""
     import torch
     from train.pipeline import Items, collate
 
@@ -207,22 +210,46 @@ def stage_speed(stage, split) -> dict:
     stage_s = time.time() - t
     datas = [list(torch.split(b["jpeg"][:sum(b["jpeg_sizes"])], b["jpeg_sizes"])) for b in batches]
     t = time.time()
-    for d in datas[2:]:
-        stage.decode(d)
+    for d, b in zip(datas[2:], batches[2:]):
+        stage.decode(d, b["boxes"].tolist())
     torch.cuda.synchronize()
     dec_s = time.time() - t
+    decoded = iter([stage.decode(d, b["boxes"].tolist()) for d, b in zip(datas[2:], batches[2:])])
+    torch.cuda.synchronize()
+    real = stage.decode
+    stage.decode = lambda datas, boxes=None: next(decoded)   # noqa: E731 - the decode already done
+    t = time.time()
+    for b in batches[2:]:
+        stage(b)
+    torch.cuda.synchronize()
+    crop_s = time.time() - t
+    stage.decode = real
     t = time.time()
     for k in range(2, 6):
         collate([items[(0, i)] for i in range(k * 512, k * 512 + 512)])
     cpu_s = time.time() - t
-    return {"gpu_stage_img_s": round(4 * 512 / stage_s), "decode_only_img_s": round(4 * 512 / dec_s),
-            "worker_read_img_s_per_core": round(4 * 512 / cpu_s)}
+    res = {"gpu_stage_img_s": round(4 * 512 / stage_s), "decode_only_img_s": round(4 * 512 / dec_s),
+           "after_decode_img_s": round(4 * 512 / crop_s), "worker_read_img_s_per_core": round(4 * 512 / cpu_s)}
+    if stage.decoder.startswith("nvimgcodec"):
+        from nvidia import nvimgcodec as nv
+
+        hw = nv.Decoder(device_id=0, backends=[nv.Backend(nv.BackendKind.HW_GPU_ONLY)])
+        roi = stage.decoder == "nvimgcodec-roi"
+        inputs = [stage.code_streams(d, b["boxes"].tolist() if roi else None)[0] for d, b in zip(datas, batches)]
+        hw.decode(inputs[1], params=stage._params)
+        torch.cuda.synchronize()
+        t = time.time()
+        got = [hw.decode(cs, params=stage._params) for cs in inputs[2:]]
+        torch.cuda.synchronize()
+        res["hw_only_img_s"] = round(4 * 512 / (time.time() - t))
+        res["hw_only_decoded"] = f"{sum(im is not None for g in got for im in g)}/{sum(len(g) for g in got)}"
+    return res
 
 
 def decoders() -> list[str]:
     try:
         from nvidia import nvimgcodec  # noqa: F401
-        return ["torchvision", "nvimgcodec"]
+        return ["torchvision", "nvimgcodec", "nvimgcodec-roi"]
     except ImportError:
         return ["torchvision"]
 
@@ -236,7 +263,8 @@ def table(R: dict) -> str:
     for name, label in (("seed", "seed article's loop (fp32, batch 20, randn().to(device), DDP 1)"),
                         ("synthetic", "train/, synthetic"), ("pil", "train/, real JPEGs, decode=cpu (PIL)"),
                         ("gpu", "train/, real JPEGs, decode=gpu, torchvision (nvJPEG on the SMs)"),
-                        ("gpu-hw", "train/, real JPEGs, decode=gpu, nvImageCodec (hardware JPEG decoders)")):
+                        ("gpu-hw", "train/, real JPEGs, decode=gpu, nvImageCodec (hardware JPEG decoders)"),
+                        ("gpu-hw-roi", "train/, real JPEGs, decode=gpu, nvImageCodec, crop box only (ROI decode)")):
         r = runs.get(name)
         if not r:
             continue
