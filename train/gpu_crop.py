@@ -17,9 +17,9 @@ import triton.language as tl
 
 # per image, int64: offset in the buffer, H, W, stride of channel, row and column, output index,
 # flip, samples per output pixel vertically and horizontally
-IMETA = 10
+IMETA = tl.constexpr(10)   # a jit function may read only constexpr globals
 # per image, float32: the box's top, left, height and width in the decoded image's pixels
-FMETA = 4
+FMETA = tl.constexpr(4)
 
 
 @triton.jit
