@@ -212,6 +212,8 @@ class DeviceStage:
         self.inv_std = 1 / (torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255)
         self.counts: Counter = Counter()
         self._held: list = []   # the last batch's compressed bytes, alive until its decode has surely read them
+        self._pool: list = []   # nvImageCodec's output images, reused batch after batch
+        self.reuse_images = True
 
     def decode(self, datas: list[torch.Tensor], boxes: Optional[list] = None) -> list[tuple]:
         """[(image uint8, 'chw' or 'hwc', (dy, dx): where its pixel 0,0 lies in the full image) or None]."""
@@ -246,7 +248,12 @@ class DeviceStage:
         streams, where, offsets = self.code_streams(datas, boxes)
         self._held = [datas, streams]
         stream = torch.cuda.current_stream(self.device)
-        imgs = self._nvimgcodec.decode(streams, params=self._params, cuda_stream=stream.cuda_stream) if streams else []
+        # the last batch's output images again (grown where needed), not new device buffers per image
+        # per batch; safe: what read them (the kernel's gather) comes earlier on this same stream
+        reuse = self._pool if self.reuse_images and len(self._pool) == len(streams) else None
+        imgs = self._nvimgcodec.decode(streams, images=reuse, params=self._params,
+                                       cuda_stream=stream.cuda_stream) if streams else []
+        self._pool = list(imgs) if all(im is not None for im in imgs) else self._pool
         out: list = [None] * len(datas)
         for k, im, o in zip(where, imgs, offsets):
             if im is not None:
