@@ -103,7 +103,7 @@ def main() -> int:
     ap.add_argument("--cores", type=int, default=8)
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--budget-s", type=float, default=560)
-    ap.add_argument("--only", default="gen,verify,stage,seed,synthetic,pil,gpu,gpu-hw,gpu-hw-roi")
+    ap.add_argument("--only", default="gen,verify,stage,seed,synthetic,pil,gpu,gpu-hw")
     a = ap.parse_args()
     deadline = time.time() + a.budget_s
     a.out.mkdir(parents=True, exist_ok=True)
@@ -178,8 +178,7 @@ def main() -> int:
     plan = [("synthetic", ["data=synthetic"], a.steps),
             ("pil", [f"data={packed}", "decode=cpu", f"workers={a.cores - 1}"], max(60, a.steps // 2)),
             ("gpu", [f"data={packed}", "decode=gpu", "jpeg_decoder=torchvision", "workers=4"], a.steps),
-            ("gpu-hw", [f"data={packed}", "decode=gpu", "jpeg_decoder=nvimgcodec", "workers=4"], a.steps),
-            ("gpu-hw-roi", [f"data={packed}", "decode=gpu", "jpeg_decoder=nvimgcodec-roi", "workers=4"], a.steps)]
+            ("gpu-hw", [f"data={packed}", "decode=gpu", "jpeg_decoder=nvimgcodec", "workers=4"], a.steps)]
     for name, args, steps in plan:
         if name in only:
             left = deadline - time.time()
@@ -212,25 +211,25 @@ def stage_speed(stage, split) -> dict:
     stage_s = time.time() - t
     datas = [list(torch.split(b["jpeg"][:sum(b["jpeg_sizes"])], b["jpeg_sizes"])) for b in batches]
     t = time.time()
-    for d, b in zip(datas[2:], batches[2:]):
-        stage.decode(d, b["boxes"].tolist())
+    for d in datas[2:]:
+        stage.decode(d)
     torch.cuda.synchronize()
     dec_s = time.time() - t
     fresh_s = 0.0
-    if stage.decoder.startswith("nvimgcodec"):   # the same without reusing the output buffers
+    if stage.decoder == "nvimgcodec":   # the same without reusing the output buffers
         stage.reuse_images = False
         t = time.time()
-        for d, b in zip(datas[2:], batches[2:]):
-            stage.decode(d, b["boxes"].tolist())
+        for d in datas[2:]:
+            stage.decode(d)
         torch.cuda.synchronize()
         fresh_s = time.time() - t
         stage.reuse_images = True
     stage.reuse_images = False   # 4 batches decoded at once: each needs its own buffers
-    decoded = iter([stage.decode(d, b["boxes"].tolist()) for d, b in zip(datas[2:], batches[2:])])
+    decoded = iter([stage.decode(d) for d in datas[2:]])
     torch.cuda.synchronize()
     stage.reuse_images = True
     real = stage.decode
-    stage.decode = lambda datas, boxes=None: next(decoded)   # noqa: E731 - the decode already done
+    stage.decode = lambda datas: next(decoded)   # noqa: E731 - the decode already done
     t = time.time()
     for b in batches[2:]:
         stage(b)
@@ -243,13 +242,12 @@ def stage_speed(stage, split) -> dict:
     cpu_s = time.time() - t
     res = {"gpu_stage_img_s": round(4 * 512 / stage_s), "decode_only_img_s": round(4 * 512 / dec_s),
            "after_decode_img_s": round(4 * 512 / crop_s), "worker_read_img_s_per_core": round(4 * 512 / cpu_s)}
-    if stage.decoder.startswith("nvimgcodec"):
+    if stage.decoder == "nvimgcodec":
         res["decode_only_new_buffers_img_s"] = round(4 * 512 / fresh_s)
         from nvidia import nvimgcodec as nv
 
         hw = nv.Decoder(device_id=0, backends=[nv.Backend(nv.BackendKind.HW_GPU_ONLY)])
-        roi = stage.decoder == "nvimgcodec-roi"
-        inputs = [stage.code_streams(d, b["boxes"].tolist() if roi else None)[0] for d, b in zip(datas, batches)]
+        inputs = [stage.code_streams(d)[0] for d in datas]
         hw.decode(inputs[1], params=stage._params)
         torch.cuda.synchronize()
         t = time.time()
@@ -263,7 +261,7 @@ def stage_speed(stage, split) -> dict:
 def decoders() -> list[str]:
     try:
         from nvidia import nvimgcodec  # noqa: F401
-        return ["torchvision", "nvimgcodec", "nvimgcodec-roi"]
+        return ["torchvision", "nvimgcodec"]
     except ImportError:
         return ["torchvision"]
 
@@ -277,8 +275,7 @@ def table(R: dict) -> str:
     for name, label in (("seed", "seed article's loop (fp32, batch 20, randn().to(device), DDP 1)"),
                         ("synthetic", "train/, synthetic"), ("pil", "train/, real JPEGs, decode=cpu (PIL)"),
                         ("gpu", "train/, real JPEGs, decode=gpu, torchvision (nvJPEG on the SMs)"),
-                        ("gpu-hw", "train/, real JPEGs, decode=gpu, nvImageCodec (hardware JPEG decoders)"),
-                        ("gpu-hw-roi", "train/, real JPEGs, decode=gpu, nvImageCodec, crop box only (ROI decode)")):
+                        ("gpu-hw", "train/, real JPEGs, decode=gpu, nvImageCodec (hardware JPEG decoders)")):
         r = runs.get(name)
         if not r:
             continue

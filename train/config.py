@@ -35,9 +35,8 @@ class TrainConfig:
                            "auto (gpu on a GPU)", ("gpu", "cpu", AUTO))
     jpeg_decoder: str = _f("torchvision", "decode=gpu: torchvision (nvJPEG, batched, on the SMs) | nvimgcodec "
                                           "(nvImageCodec, the GPU's hardware JPEG decoders first; packages "
-                                          "nvidia-nvimgcodec-cu13 and nvidia-nvjpeg) | nvimgcodec-roi (the same, "
-                                          "decoding only each crop box); see bench/README.md",
-                           ("torchvision", "nvimgcodec", "nvimgcodec-roi"))
+                                          "nvidia-nvimgcodec-cu13 and nvidia-nvjpeg); see bench/README.md",
+                           ("torchvision", "nvimgcodec"))
     synthetic_size: int = _f(1_281_167, "images in one epoch of synthetic data (ImageNet-1k's train split by default)")
     # how long
     steps: int = _f(100, "total optimizer steps; 0 = run `epochs` epochs")

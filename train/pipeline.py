@@ -197,9 +197,8 @@ def collate(items: list) -> dict:
 class DeviceStage:
     """Turns a collated batch into the normalised float batch on the device.
 
-    decoder: torchvision (nvJPEG on the SMs), nvimgcodec (nvImageCodec: the hardware JPEG
-    decoders, the SMs only for what they refuse) or nvimgcodec-roi (the same, decoding only each
-    crop box and a 1-pixel margin). On a GPU one Triton kernel (train/gpu_crop.py) then crops,
+    decoder: torchvision (nvJPEG on the SMs) or nvimgcodec (nvImageCodec: the hardware JPEG
+    decoders, the SMs only for what they refuse). On a GPU one Triton kernel (train/gpu_crop.py) then crops,
     resizes, flips and normalises the whole batch; elsewhere (tests), roi_align, the same arithmetic."""
 
     def __init__(self, device: torch.device, size: int, channels_last: bool, trace: Optional[str] = None,
@@ -215,10 +214,10 @@ class DeviceStage:
         self._pool: list = []   # nvImageCodec's output images, reused batch after batch
         self.reuse_images = True
 
-    def decode(self, datas: list[torch.Tensor], boxes: Optional[list] = None) -> list[tuple]:
-        """[(image uint8, 'chw' or 'hwc', (dy, dx): where its pixel 0,0 lies in the full image) or None]."""
-        if self.decoder.startswith("nvimgcodec"):
-            return self.decode_nvimgcodec(datas, boxes if self.decoder == "nvimgcodec-roi" else None)
+    def decode(self, datas: list[torch.Tensor]) -> list[Optional[tuple[torch.Tensor, str]]]:
+        """[(image uint8, 'chw' or 'hwc') or None where it could not be decoded]."""
+        if self.decoder == "nvimgcodec":
+            return self.decode_nvimgcodec(datas)
         from torchvision.io import ImageReadMode, decode_jpeg
 
         dev = "cuda" if self.device.type == "cuda" else "cpu"
@@ -231,12 +230,13 @@ class DeviceStage:
                     out.append(decode_jpeg(d, mode=ImageReadMode.RGB, device=dev))
                 except RuntimeError:
                     out.append(None)
-        return [None if im is None else (im, "chw", (0, 0)) for im in out]
+        return [None if im is None else (im, "chw") for im in out]
 
-    def decode_nvimgcodec(self, datas: list[torch.Tensor], boxes: Optional[list]) -> list[Optional[tuple]]:
+    def decode_nvimgcodec(self, datas: list[torch.Tensor]) -> list[Optional[tuple[torch.Tensor, str]]]:
         """nvImageCodec: the GPU's hardware JPEG decoders (A100, H100, H200) first, so the decode
         does not take the training's SMs; its CUDA decoder for what they refuse (never the hybrid
-        one, which would take the main process's CPU). With boxes, only box + 1 pixel is decoded."""
+        one, which would take the main process's CPU). Not a region of each image (ROI decode):
+        on an H100 with nvJPEG 13.2 both decoders refused every region (bench/README.md)."""
         from nvidia import nvimgcodec as nv
 
         if self._nvimgcodec is None:
@@ -245,7 +245,7 @@ class DeviceStage:
             # as PIL and the JPEG header see it: no EXIF rotation; always 3 interleaved channels
             self._params = nv.DecodeParams(apply_exif_orientation=False, color_spec=nv.ColorSpec.SRGB,
                                            sample_format=nv.SampleFormat.I_RGB)
-        streams, where, offsets = self.code_streams(datas, boxes)
+        streams, where = self.code_streams(datas)
         self._held = [datas, streams]
         stream = torch.cuda.current_stream(self.device)
         # the last batch's output images again (grown where needed), not new device buffers per image
@@ -255,33 +255,25 @@ class DeviceStage:
                                        cuda_stream=stream.cuda_stream) if streams else []
         self._pool = list(imgs) if all(im is not None for im in imgs) else self._pool
         out: list = [None] * len(datas)
-        for k, im, o in zip(where, imgs, offsets):
+        for k, im in zip(where, imgs):
             if im is not None:
                 t = torch.as_tensor(im, device=self.device)
                 if t.dim() == 3 and t.shape[2] == 3:
-                    out[k] = (t, "hwc", o)
+                    out[k] = (t, "hwc")
         return out
 
-    def code_streams(self, datas: list[torch.Tensor], boxes: Optional[list]) -> tuple[list, list[int], list]:
-        """nvImageCodec's inputs: (code streams, which of datas they are, (dy, dx) of each region)."""
+    def code_streams(self, datas: list[torch.Tensor]) -> tuple[list, list[int]]:
+        """nvImageCodec's inputs: (code streams, which of datas they are)."""
         from nvidia import nvimgcodec as nv
 
-        streams, where, offsets = [], [], []
+        streams, where = [], []
         for k, d in enumerate(datas):
             try:
-                cs = nv.CodeStream(d.numpy())
-                dy = dx = 0
-                if boxes is not None:
-                    top, left, bh, bw = (int(v) for v in boxes[k])
-                    dy, dx = max(0, top - 1), max(0, left - 1)
-                    cs = cs.get_sub_code_stream(region=nv.Region(
-                        dy, dx, min(cs.height, top + bh + 1), min(cs.width, left + bw + 1)))
+                streams.append(nv.CodeStream(d.numpy()))
+                where.append(k)
             except Exception:  # noqa: BLE001 - a header nvImageCodec cannot parse: the CPU path
-                continue
-            streams.append(cs)
-            where.append(k)
-            offsets.append((dy, dx))
-        return streams, where, offsets
+                pass
+        return streams, where
 
     def cpu_fallback(self, data: torch.Tensor, box: tuple, flip: bool) -> torch.Tensor:
         """The GPU decoder refused a JPEG after all: PIL for this one (a blank if PIL fails too)."""
@@ -304,8 +296,7 @@ class DeviceStage:
         if b["jpeg_sizes"]:
             datas = list(torch.split(b["jpeg"][:sum(b["jpeg_sizes"])], b["jpeg_sizes"]))
             bx, fl, pos = b["boxes"].tolist(), b["flips"].tolist(), b["jpeg_pos"].tolist()
-            for k, dec in enumerate(self.decode(datas, bx)):
-                top, left, bh, bw = bx[k]
+            for k, dec in enumerate(self.decode(datas)):
                 if dec is None:
                     pixels = self.cpu_fallback(datas[k], tuple(int(v) for v in bx[k]), fl[k])
                     srcs.append(pixels.to(dev))
@@ -313,10 +304,9 @@ class DeviceStage:
                     boxes.append((0.0, 0.0, float(S), float(S)))
                     flips.append(False)
                 else:
-                    im, lay, (dy, dx) = dec
-                    srcs.append(im)
-                    lays.append(lay)
-                    boxes.append((top - dy, left - dx, bh, bw))
+                    srcs.append(dec[0])
+                    lays.append(dec[1])
+                    boxes.append(tuple(bx[k]))
                     flips.append(fl[k])
                 where.append(pos[k])
         if b["pixels"] is not None:
