@@ -8,7 +8,7 @@ on which worker or which path decodes the image, and a resumed run sees the same
 
 - GPU path (decode=gpu, or auto on a GPU): baseline JPEGs travel as their compressed bytes;
   the main process decodes a whole batch (nvJPEG through torchvision.io.decode_jpeg(device="cuda")
-  on the SMs, or nvImageCodec on the GPU's hardware JPEG decoders, optionally only each crop box),
+  on the SMs, or nvImageCodec on the GPU's hardware JPEG decoders),
   then one Triton kernel (train/gpu_crop.py) crops, resizes (roi_align's arithmetic: several
   samples per output pixel, as an antialiased resize does), flips and normalises every image, on
   a side CUDA stream in a thread, one batch ahead of the step.
@@ -198,8 +198,9 @@ class DeviceStage:
     """Turns a collated batch into the normalised float batch on the device.
 
     decoder: torchvision (nvJPEG on the SMs) or nvimgcodec (nvImageCodec: the hardware JPEG
-    decoders, the SMs only for what they refuse). On a GPU one Triton kernel (train/gpu_crop.py) then crops,
-    resizes, flips and normalises the whole batch; elsewhere (tests), roi_align, the same arithmetic."""
+    decoders, the SMs only for what they refuse). On a GPU one Triton kernel (train/gpu_crop.py)
+    then crops, resizes, flips and normalises the whole batch; elsewhere (tests), roi_align image
+    by image, the same arithmetic."""
 
     def __init__(self, device: torch.device, size: int, channels_last: bool, trace: Optional[str] = None,
                  decoder: str = "torchvision", fused: Optional[bool] = None):
