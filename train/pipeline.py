@@ -237,7 +237,7 @@ class DeviceStage:
         """nvImageCodec: the GPU's hardware JPEG decoders (A100, H100, H200) first, so the decode
         does not take the training's SMs; its CUDA decoder for what they refuse (never the hybrid
         one, which would take the main process's CPU). Not a region of each image (ROI decode):
-        on an H100 with nvJPEG 13.2 both decoders refused every region (bench/README.md)."""
+        on one H100 both decoders refused every region (bench/README.md)."""
         from nvidia import nvimgcodec as nv
 
         if self._nvimgcodec is None:
