@@ -146,6 +146,8 @@ def main() -> int:
             stage = DeviceStage(dev, 224, True, decoder=dec)
             if "verify" in only:
                 try:
+                    # one batch first, so the checked one is decoded into reused output buffers
+                    stage(collate([Items(split, 1, 224, True)[(1, i)] for i in idx]))
                     g = stage(collate([Items(split, 0, 224, True)[(0, i)] for i in idx]))[0].float()
                     c = stage(collate([Items(split, 0, 224, False)[(0, i)] for i in idx]))[0].float()
                     std = torch.tensor([0.229, 0.224, 0.225], device=dev).view(1, 3, 1, 1) * 255
@@ -190,8 +192,10 @@ def main() -> int:
 
 
 def stage_speed(stage, split) -> dict:
-    """The GPU input stage alone on 4 batches of 512 (after 2 to warm up), the decoder alone,
-    and one core reading and collating the same batches (what a worker does)."""
+    """The GPU input stage alone on 4 batches of 512 (after 2 to warm up), the decoder alone, the
+    stage with the decode already done (crop + resize + flip + normalise: the SMs' share when the
+    decode runs on the hardware decoders), one core reading and collating the same batches (what a
+    worker does), and for nvImageCodec how many images its hardware decoders take alone."""
     import torch
     from train.pipeline import Items, collate
 
@@ -211,12 +215,47 @@ def stage_speed(stage, split) -> dict:
         stage.decode(d)
     torch.cuda.synchronize()
     dec_s = time.time() - t
+    fresh_s = 0.0
+    if stage.decoder == "nvimgcodec":   # the same without reusing the output buffers
+        stage.reuse_images = False
+        t = time.time()
+        for d in datas[2:]:
+            stage.decode(d)
+        torch.cuda.synchronize()
+        fresh_s = time.time() - t
+        stage.reuse_images = True
+    stage.reuse_images = False   # 4 batches decoded at once: each needs its own buffers
+    decoded = iter([stage.decode(d) for d in datas[2:]])
+    torch.cuda.synchronize()
+    stage.reuse_images = True
+    real = stage.decode
+    stage.decode = lambda datas: next(decoded)   # noqa: E731 - the decode already done
+    t = time.time()
+    for b in batches[2:]:
+        stage(b)
+    torch.cuda.synchronize()
+    crop_s = time.time() - t
+    stage.decode = real
     t = time.time()
     for k in range(2, 6):
         collate([items[(0, i)] for i in range(k * 512, k * 512 + 512)])
     cpu_s = time.time() - t
-    return {"gpu_stage_img_s": round(4 * 512 / stage_s), "decode_only_img_s": round(4 * 512 / dec_s),
-            "worker_read_img_s_per_core": round(4 * 512 / cpu_s)}
+    res = {"gpu_stage_img_s": round(4 * 512 / stage_s), "decode_only_img_s": round(4 * 512 / dec_s),
+           "after_decode_img_s": round(4 * 512 / crop_s), "worker_read_img_s_per_core": round(4 * 512 / cpu_s)}
+    if stage.decoder == "nvimgcodec":
+        res["decode_only_new_buffers_img_s"] = round(4 * 512 / fresh_s)
+        from nvidia import nvimgcodec as nv
+
+        hw = nv.Decoder(device_id=0, backends=[nv.Backend(nv.BackendKind.HW_GPU_ONLY)])
+        inputs = [stage.code_streams(d)[0] for d in datas]
+        hw.decode(inputs[1], params=stage._params)
+        torch.cuda.synchronize()
+        t = time.time()
+        got = [hw.decode(cs, params=stage._params) for cs in inputs[2:]]
+        torch.cuda.synchronize()
+        res["hw_only_img_s"] = round(4 * 512 / (time.time() - t))
+        res["hw_only_decoded"] = f"{sum(im is not None for g in got for im in g)}/{sum(len(g) for g in got)}"
+    return res
 
 
 def decoders() -> list[str]:

@@ -99,6 +99,32 @@ def test_gpu_path_sorting_and_arithmetic_match_the_cpu_path(imageset):
     assert ((x_other - x_gpu) * std).abs().mean() > 5
 
 
+FUSED_CHECK = """
+import sys, torch
+from train.imagesets import open_split
+from train.pipeline import DeviceStage, Items, collate
+split = open_split(sys.argv[1], "train")
+batch = collate([Items(split, 0, 32, gpu=True)[(3, i)] for i in range(len(split))])
+for channels_last in (False, True):
+    ref, _ = DeviceStage(torch.device("cpu"), 32, channels_last, fused=False)(batch)
+    out, _ = DeviceStage(torch.device("cpu"), 32, channels_last, fused=True)(batch)
+    assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
+    print(channels_last, float((out - ref).abs().max()))
+"""
+
+
+def test_fused_gpu_kernel_matches_roi_align(imageset):
+    """The GPU path's Triton kernel (crop, resize, flip, normalise in one pass; run here by
+    Triton's CPU interpreter) gives roi_align's numbers, for decoded JPEGs and the images the
+    workers decoded with PIL alike, in either memory format."""
+    pytest.importorskip("triton")
+    p = subprocess.run([sys.executable, "-c", FUSED_CHECK, str(imageset[1])], capture_output=True, text=True,
+                       env=clean_env(TRITON_INTERPRET="1"), cwd=REPO_ROOT, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    diffs = [float(line.split()[1]) for line in p.stdout.splitlines()]
+    assert len(diffs) == 2 and max(diffs) < 1e-3, p.stdout   # normalised units: 1e-3 is 0.06 levels of 255
+
+
 def torchrun(nproc: int, args: list[str], cwd: Path, trace: Path, kill_at: int = 0, check=True):
     """kill_at=N: every rank dies by SIGKILL after step N's checkpoint (tests/fixtures/train_killed.py)."""
     env = clean_env(TRAIN_TEST_SAMPLE_TRACE=str(trace))

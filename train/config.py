@@ -34,8 +34,8 @@ class TrainConfig:
     decode: str = _f(AUTO, "real images: gpu (nvJPEG, crop and normalise on the GPU) | cpu (PIL in the workers) | "
                            "auto (gpu on a GPU)", ("gpu", "cpu", AUTO))
     jpeg_decoder: str = _f("torchvision", "decode=gpu: torchvision (nvJPEG, batched, on the SMs) | nvimgcodec "
-                                          "(nvImageCodec, the GPU's hardware JPEG decoders first; package "
-                                          "nvidia-nvimgcodec-cu13; not yet measured, see bench/README.md)",
+                                          "(nvImageCodec, the GPU's hardware JPEG decoders first; packages "
+                                          "nvidia-nvimgcodec-cu13 and nvidia-nvjpeg); see bench/README.md",
                            ("torchvision", "nvimgcodec"))
     synthetic_size: int = _f(1_281_167, "images in one epoch of synthetic data (ImageNet-1k's train split by default)")
     # how long

@@ -7,10 +7,11 @@ training, the resize-256/center-224 box for validation, drawn from a generator s
 on which worker or which path decodes the image, and a resumed run sees the same crops.
 
 - GPU path (decode=gpu, or auto on a GPU): baseline JPEGs travel as their compressed bytes;
-  the main process decodes a whole batch with nvJPEG (torchvision.io.decode_jpeg(device="cuda")),
-  then one roi_align crops and resizes every image at once (it averages several samples per
-  output pixel, as an antialiased resize does), then flip and normalise, on a side CUDA stream
-  in a thread, one batch ahead of the step.
+  the main process decodes a whole batch (nvJPEG through torchvision.io.decode_jpeg(device="cuda")
+  on the SMs, or nvImageCodec on the GPU's hardware JPEG decoders),
+  then one Triton kernel (train/gpu_crop.py) crops, resizes (roi_align's arithmetic: several
+  samples per output pixel, as an antialiased resize does), flips and normalises every image, on
+  a side CUDA stream in a thread, one batch ahead of the step.
 - CPU path (the fallback, and every image on a machine without a GPU): the worker decodes with
   PIL, crops and resizes to the output size and hands back uint8 pixels. Images nvJPEG cannot
   decode (PNG and other formats, progressive or CMYK JPEGs) take this path on a GPU machine too;
@@ -194,25 +195,35 @@ def collate(items: list) -> dict:
 
 
 class DeviceStage:
-    """Turns a collated batch into the normalised float batch on the device."""
+    """Turns a collated batch into the normalised float batch on the device.
+
+    decoder: torchvision (nvJPEG on the SMs) or nvimgcodec (nvImageCodec: the hardware JPEG
+    decoders, the SMs only for what they refuse). On a GPU one Triton kernel (train/gpu_crop.py)
+    then crops, resizes, flips and normalises the whole batch; elsewhere (tests), roi_align image
+    by image, the same arithmetic."""
 
     def __init__(self, device: torch.device, size: int, channels_last: bool, trace: Optional[str] = None,
-                 decoder: str = "torchvision"):
+                 decoder: str = "torchvision", fused: Optional[bool] = None):
         self.device, self.size, self.channels_last = device, size, channels_last
         self.decoder, self._nvimgcodec = decoder, None
+        self.fused = device.type == "cuda" if fused is None else fused   # the Triton kernel
         self.trace = trace   # tests: a file that gets the (epoch, index) keys of every training batch staged
         self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
         self.inv_std = 1 / (torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255)
         self.counts: Counter = Counter()
+        self._held: list = []   # the last batch's compressed bytes, alive until its decode has surely read them
+        self._pool: list = []   # nvImageCodec's output images, reused batch after batch
+        self.reuse_images = True
 
-    def decode(self, datas: list[torch.Tensor]) -> list[torch.Tensor]:
+    def decode(self, datas: list[torch.Tensor]) -> list[Optional[tuple[torch.Tensor, str]]]:
+        """[(image uint8, 'chw' or 'hwc') or None where it could not be decoded]."""
         if self.decoder == "nvimgcodec":
             return self.decode_nvimgcodec(datas)
         from torchvision.io import ImageReadMode, decode_jpeg
 
         dev = "cuda" if self.device.type == "cuda" else "cpu"
         try:
-            return decode_jpeg(datas, mode=ImageReadMode.RGB, device=dev)
+            out = decode_jpeg(datas, mode=ImageReadMode.RGB, device=dev)
         except RuntimeError:
             out = []   # one bad image must not lose the batch: decode one by one, PIL for failures
             for d in datas:
@@ -220,61 +231,131 @@ class DeviceStage:
                     out.append(decode_jpeg(d, mode=ImageReadMode.RGB, device=dev))
                 except RuntimeError:
                     out.append(None)
-            return out
+        return [None if im is None else (im, "chw") for im in out]
 
-    def decode_nvimgcodec(self, datas: list[torch.Tensor]) -> list[Optional[torch.Tensor]]:
+    def decode_nvimgcodec(self, datas: list[torch.Tensor]) -> list[Optional[tuple[torch.Tensor, str]]]:
         """nvImageCodec: the GPU's hardware JPEG decoders (A100, H100, H200) first, so the decode
-        does not take the training's SMs; its CUDA decoder for what they refuse. None: not decoded."""
-        from nvidia import nvimgcodec
+        does not take the training's SMs; its CUDA decoder for what they refuse (never the hybrid
+        one, which would take the main process's CPU). Not a region of each image (ROI decode):
+        on one H100 both decoders refused every region (bench/README.md)."""
+        from nvidia import nvimgcodec as nv
 
         if self._nvimgcodec is None:
-            self._nvimgcodec = nvimgcodec.Decoder(device_id=self.device.index or 0, backends=[
-                nvimgcodec.Backend(nvimgcodec.BackendKind.HW_GPU_ONLY),
-                nvimgcodec.Backend(nvimgcodec.BackendKind.HYBRID_CPU_GPU)])
+            self._nvimgcodec = nv.Decoder(device_id=self.device.index or 0, max_num_cpu_threads=2, backends=[
+                nv.Backend(nv.BackendKind.HW_GPU_ONLY), nv.Backend(nv.BackendKind.GPU_ONLY)])
+            # as PIL and the JPEG header see it: no EXIF rotation; always 3 interleaved channels
+            self._params = nv.DecodeParams(apply_exif_orientation=False, color_spec=nv.ColorSpec.SRGB,
+                                           sample_format=nv.SampleFormat.I_RGB)
+        streams, where = self.code_streams(datas)
+        self._held = [datas, streams]
         stream = torch.cuda.current_stream(self.device)
-        imgs = self._nvimgcodec.decode([d.numpy() for d in datas], cuda_stream=stream.cuda_stream)
-        return [None if im is None else torch.as_tensor(im, device=self.device).permute(2, 0, 1) for im in imgs]
+        # the last batch's output images again (grown where needed), not new device buffers per image
+        # per batch; safe: what read them (the kernel's gather) comes earlier on this same stream
+        reuse = self._pool if self.reuse_images and len(self._pool) == len(streams) else None
+        imgs = self._nvimgcodec.decode(streams, images=reuse, params=self._params,
+                                       cuda_stream=stream.cuda_stream) if streams else []
+        self._pool = list(imgs) if all(im is not None for im in imgs) else self._pool
+        out: list = [None] * len(datas)
+        for k, im in zip(where, imgs):
+            if im is not None:
+                t = torch.as_tensor(im, device=self.device)
+                if t.dim() == 3 and t.shape[2] == 3:
+                    out[k] = (t, "hwc")
+        return out
+
+    def code_streams(self, datas: list[torch.Tensor]) -> tuple[list, list[int]]:
+        """nvImageCodec's inputs: (code streams, which of datas they are)."""
+        from nvidia import nvimgcodec as nv
+
+        streams, where = [], []
+        for k, d in enumerate(datas):
+            try:
+                streams.append(nv.CodeStream(d.numpy()))
+                where.append(k)
+            except Exception:  # noqa: BLE001 - a header nvImageCodec cannot parse: the CPU path
+                pass
+        return streams, where
+
+    def cpu_fallback(self, data: torch.Tensor, box: tuple, flip: bool) -> torch.Tensor:
+        """The GPU decoder refused a JPEG after all: PIL for this one (a blank if PIL fails too)."""
+        try:
+            pixels = cpu_crop(data.numpy().tobytes(), self.size, lambda h, w: (*box, flip))
+            self.counts["gpu-refused"] += 1
+        except Exception:  # noqa: BLE001 - PIL raises many kinds
+            mean = torch.tensor([round(255 * m) for m in IMAGENET_MEAN], dtype=torch.uint8)
+            pixels = mean.expand(self.size, self.size, 3).contiguous()
+            self.counts["corrupt"] += 1
+        return pixels
+
+    def fused_batch(self, b: dict) -> torch.Tensor:
+        """Decode, then one kernel for crop + resize + flip + normalise of every image of the batch
+        (the ones decoded by PIL in the workers too, as identity crops)."""
+        from .gpu_crop import crop_resize
+
+        S, dev = self.size, self.device
+        srcs, lays, boxes, flips, where = [], [], [], [], []
+        if b["jpeg_sizes"]:
+            datas = list(torch.split(b["jpeg"][:sum(b["jpeg_sizes"])], b["jpeg_sizes"]))
+            bx, fl, pos = b["boxes"].tolist(), b["flips"].tolist(), b["jpeg_pos"].tolist()
+            for k, dec in enumerate(self.decode(datas)):
+                if dec is None:
+                    pixels = self.cpu_fallback(datas[k], tuple(int(v) for v in bx[k]), fl[k])
+                    srcs.append(pixels.to(dev))
+                    lays.append("hwc")
+                    boxes.append((0.0, 0.0, float(S), float(S)))
+                    flips.append(False)
+                else:
+                    srcs.append(dec[0])
+                    lays.append(dec[1])
+                    boxes.append(tuple(bx[k]))
+                    flips.append(fl[k])
+                where.append(pos[k])
+        if b["pixels"] is not None:
+            pixels = b["pixels"].to(dev, non_blocking=True)
+            for j, o in enumerate(b["pixels_pos"].tolist()):
+                srcs.append(pixels[j])
+                lays.append("hwc")
+                boxes.append((0.0, 0.0, float(S), float(S)))
+                flips.append(False)
+                where.append(o)
+        return crop_resize(srcs, lays, boxes, flips, where, len(b["labels"]), S,
+                           [255 * m for m in IMAGENET_MEAN], [1 / (255 * v) for v in IMAGENET_STD], self.channels_last)
 
     def crops(self, b: dict) -> torch.Tensor:
-        """roi_align over the padded batch of decoded images: crop, resize, flip; (n, 3, S, S) float."""
+        """Without the Triton kernel (no GPU: the tests): roi_align image by image (a padded batch
+        would blend the padding into boxes that touch an image's bottom or right edge); (n, 3, S, S)."""
         from torchvision.ops import roi_align
 
         datas = list(torch.split(b["jpeg"][:sum(b["jpeg_sizes"])], b["jpeg_sizes"]))
-        imgs = self.decode(datas)
         S, dev = self.size, self.device
-        bad = [i for i, im in enumerate(imgs) if im is None]
-        hmax = max(im.shape[1] for im in imgs if im is not None) if len(bad) < len(imgs) else 1
-        wmax = max(im.shape[2] for im in imgs if im is not None) if len(bad) < len(imgs) else 1
-        dtype = torch.float16 if dev.type == "cuda" else torch.float32
-        padded = torch.zeros((len(imgs), 3, hmax, wmax), dtype=dtype, device=dev)
-        for i, im in enumerate(imgs):
-            if im is not None:
-                padded[i, :, :im.shape[1], :im.shape[2]] = im
-        boxes = b["boxes"].to(dev, non_blocking=True)      # top, left, h, w
-        rois = torch.stack([torch.arange(len(imgs), device=dev, dtype=boxes.dtype),
-                            boxes[:, 1], boxes[:, 0], boxes[:, 1] + boxes[:, 3], boxes[:, 0] + boxes[:, 2]], 1)
-        out = roi_align(padded, rois.to(dtype), (S, S), spatial_scale=1.0, sampling_ratio=0, aligned=True).float()
-        flips = b["flips"].to(dev, non_blocking=True).view(-1, 1, 1, 1)
-        out = torch.where(flips, out.flip(-1), out)
-        for i in bad:   # nvJPEG refused it after all: the CPU path for this one
-            self.counts["gpu-refused"] += 1
-            box = tuple(int(v) for v in b["boxes"][i].tolist())
+        out = torch.empty((len(datas), 3, S, S), device=dev)
+        for i, dec in enumerate(self.decode(datas)):
+            top, left, bh, bw = b["boxes"][i].tolist()
             flip = bool(b["flips"][i])
-            out[i] = cpu_crop(datas[i].numpy().tobytes(), S,
-                              lambda h, w: (*box, flip)).to(dev).permute(2, 0, 1).float()
+            if dec is None:
+                box = (int(top), int(left), int(bh), int(bw))
+                out[i] = self.cpu_fallback(datas[i], box, flip).to(dev).permute(2, 0, 1).float()
+                continue
+            im = dec[0] if dec[1] == "chw" else dec[0].permute(2, 0, 1)
+            roi = torch.tensor([[0, left, top, left + bw, top + bh]], dtype=torch.float32, device=dev)
+            o = roi_align(im[None].float(), roi, (S, S), spatial_scale=1.0, sampling_ratio=0, aligned=True)[0]
+            out[i] = o.flip(-1) if flip else o
         return out
 
     def __call__(self, b: dict) -> tuple[torch.Tensor, torch.Tensor]:
         S, dev = self.size, self.device
         n = len(b["labels"])
-        x = torch.empty((n, 3, S, S), device=dev)
-        if b["pixels"] is not None:
-            x[b["pixels_pos"].to(dev)] = b["pixels"].to(dev, non_blocking=True).permute(0, 3, 1, 2).float()
-        if b["jpeg_sizes"]:
-            x[b["jpeg_pos"].to(dev)] = self.crops(b)
-        x = (x - self.mean) * self.inv_std
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        if self.fused:
+            x = self.fused_batch(b)
+        else:
+            x = torch.empty((n, 3, S, S), device=dev)
+            if b["pixels"] is not None:
+                x[b["pixels_pos"].to(dev)] = b["pixels"].to(dev, non_blocking=True).permute(0, 3, 1, 2).float()
+            if b["jpeg_sizes"]:
+                x[b["jpeg_pos"].to(dev)] = self.crops(b)
+            x = (x - self.mean) * self.inv_std
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
         self.counts.update(b["reasons"])
         if self.trace and b["keys"][0][0] >= 0:
             with open(self.trace, "a") as f:
