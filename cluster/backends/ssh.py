@@ -188,6 +188,10 @@ class SSHBackend(Backend):
                 out[h.name] = int(res[h.name].stdout.strip().splitlines()[-1])
         return out
 
+    def render(self, plan: Plan) -> str:
+        """The plan, with the argv each node's agent runs as where the warm start parks it."""
+        return plan.render(warm_start=self.inv.ssh.warm_start)
+
     # ---- preflight
     def preflight(self, plan: Plan) -> None:
         """The checks below and, at the same time, the job's data onto every node (cluster/backends/stage.py)."""
