@@ -80,14 +80,17 @@ def test_plan_prints_the_argv_of_the_parked_agent_and_of_its_torchrun(bed):
         procs = host_procs(bed, host, rid)
         agents = [i for i in procs.values() if i["argv"][1:3] == ["-m", "cluster.node.agent"]]
         assert [i["argv"] for i in agents] == [parked], (host, procs)          # byte for byte
-        workdir = Path(line[1])                                                  # cd WORKDIR && ...
-        assert agents[0]["cwd"] == str(workdir.resolve())
+        # started in the line's directory (cd WORKDIR && ...): the run directory it names from there
+        # is where the agent and torchrun work
+        workdir = Path(line[1])
+        assert agents[0]["cwd"] == str(workdir.resolve() / "runs" / rid)
         env = line[line.index("env") + 1:line.index("setsid")]                  # env K=V ... setsid
         assert set(env) <= set(agents[0]["env"]), (env, agents[0]["env"])
         payload = parked[parked.index("--") + 1:]
         log_dir = f"--log-dir={workdir.resolve()}/runs/{rid}/state/{host}.torchrun"
-        torchruns = [i["argv"] for i in procs.values() if i["argv"][1:3] == ["-m", "torch.distributed.run"]]
-        assert torchruns == [payload[:3] + [log_dir] + payload[3:]], (host, torchruns)
+        torchruns = [i for i in procs.values() if i["argv"][1:3] == ["-m", "torch.distributed.run"]]
+        assert [i["argv"] for i in torchruns] == [payload[:3] + [log_dir] + payload[3:]], (host, torchruns)
+        assert torchruns[0]["cwd"] == agents[0]["cwd"] and set(env) <= set(torchruns[0]["env"])
     assert bed.wait(rid)["state"] == "SUCCEEDED"
     assert "torchrun from a warm interpreter" in bed.cli("logs", rid).stdout
     assert not bed.left_anywhere(rid)
