@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.run.records import Run, State
+from cluster.run.records import DamagedRecord, Run, State
 from cluster.spec.config import load_inventory
 from cluster.spec.schema import to_plain
 
@@ -37,14 +37,20 @@ def env_for(root: Path) -> dict:
     return env
 
 
-# each writer sets fields of its own, many times, and logs an event each time
+# each writer sets fields of its own, many times (n, or until the run has ended and then n more),
+# and logs an event each time
 WRITER = """
 import sys
 from cluster.run.records import Run
 rid, name, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
-for k in range(n):
+until_end = sys.argv[4:] == ["until-end"]
+k = after = 0
+while after < n:
     Run(rid).update(**{f"{name}_{k % 7}": k, f"{name}_last": k})
     Run(rid).event("tick", writer=name, k=k)
+    k += 1
+    after += not until_end or bool(Run(rid).data.get("final"))
+print(k)
 """
 
 # as the watcher does (cluster/backends/watcher.py): poll the run's status, record what it did
@@ -166,6 +172,45 @@ def test_a_writer_that_read_the_record_before_the_end_does_not_undo_it(tmp_path)
 def test_a_damaged_record_is_not_written_over(tmp_path):
     r = local_run(tmp_path, "r-bad", 2**22 - 7)
     r.path.write_text('{"id": "r-b')
-    with pytest.raises(Exception, match="is damaged"):
+    with pytest.raises(DamagedRecord, match="is damaged"):
         Run(r.id, tmp_path).update(state="RUNNING")
     assert r.path.read_text() == '{"id": "r-b'                 # left for the user (and 'stop')
+
+
+@pytest.mark.slow
+def test_a_real_local_run_ending_under_logs_f_status_and_a_writer(tmp_path):
+    """The same on the real local backend: a 2-rank torchrun run ends while `logs -f`, `status` and a
+    writer of its own fields record at once."""
+    root = tmp_path / "runs"
+    env = {**env_for(root), "CUDA_VISIBLE_DEVICES": ""}
+    job = tmp_path / "hello.yaml"
+    job.write_text("name: hello\nmodule: tests.fixtures.hello\ncpu_procs_per_node: 2\nenv:\n  HELLO_SLEEP_S: '4'\n")
+    sub = subprocess.run([sys.executable, "-m", "cluster", "submit", str(job)], env=env, cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert sub.returncode == 0, sub.stderr
+    rid = sub.stdout.split()[1]
+    py = [sys.executable, "-c"]
+    procs = {"writer": subprocess.Popen(py + [WRITER, rid, "w", "20", "until-end"], env=env, cwd=REPO,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
+             "status": subprocess.Popen(py + [STATUS, rid], env=env, cwd=REPO,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
+             "logs -f": subprocess.Popen([sys.executable, "-m", "cluster", "logs", "-f", rid], env=env, cwd=REPO,
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)}
+    try:
+        outs = {name: p.communicate(timeout=120) for name, p in procs.items()}
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        subprocess.run([sys.executable, "-m", "cluster", "stop", rid, "--grace-s", "2"], env=env, cwd=REPO,
+                       capture_output=True, timeout=60)
+    for name, p in procs.items():
+        assert p.returncode == 0, (name, outs[name][1][-2000:])
+    assert "hello from rank 1/2" in outs["logs -f"][0] and f"-- run {rid} SUCCEEDED" in outs["logs -f"][1]
+    rec = json.loads((root / rid / "run.json").read_text())
+    n = int(outs["writer"][0])          # its updates, the last 20 of them after the run's end was recorded
+    assert rec["w_last"] == n - 1 and all(rec[f"w_{j}"] == max(k for k in range(n) if k % 7 == j) for j in range(7))
+    assert rec["state"] == "SUCCEEDED" and rec["final"] and rec["handle"]["pgids"]       # submit's fields too
+    states = [e["state"] for e in Run(rid, root).events() if e["event"] == "state"]
+    assert states[-1] == "SUCCEEDED" and states.count("SUCCEEDED") == 1, states

@@ -130,6 +130,10 @@ class LocalBackend(Backend):
     def node_status(self, run: Run) -> list[NodeStatus]:
         out = []
         for host, pgid in run.data.get("handle", {}).get("pgids", {}).items():
+            # alive first, then the exit record: the agent writes that record before it ends, so a
+            # group found gone has its record read below (the other order read a run that was
+            # ending as FAILED, 'gone without an exit record'; cluster/node/probe.py _status does the same)
+            alive = group_alive(pgid)
             exit_info = _read_json(self._state_dir(run) / f"{host}.exit")
             hb = {}
             for f in (run.dir / "metrics").glob("heartbeat-rank*.json"):
@@ -142,7 +146,7 @@ class LocalBackend(Backend):
                 st = State.SUCCEEDED if code == 0 else (
                     State.CANCELLED if exit_info.get("signal") else State.FAILED)
                 out.append(NodeStatus(host, st, pgid, code, exit_info.get("time"), hb))
-            elif group_alive(pgid):
+            elif alive:
                 st = State.RUNNING if (self._state_dir(run) / f"{host}.pid").exists() else State.STARTING
                 from cluster.node.probe import _activity
                 out.append(NodeStatus(host, st, pgid, heartbeats=hb, activity=_activity(
