@@ -174,7 +174,7 @@ class Run:
 
         def apply(d: dict) -> list:
             if d.get("final"):
-                refused.append(d["state"])
+                refused.append(True)
                 return []
             events = [("state", {"state": state.value, **extra})] if d.get("state") != state.value else []
             d.update(state=state.value, **extra)
