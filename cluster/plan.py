@@ -73,13 +73,22 @@ class Plan:
     notes: tuple[str, ...] = field(default_factory=tuple)
     data: Optional[Any] = None      # the job's data: section (DataSpec), staged before the launch
 
-    def render(self) -> str:
+    def render(self, warm_start: bool = False) -> str:
+        """Every node's shell line; with ``warm_start`` (the ssh backend's ssh.warm_start), also the
+        argv its agent runs as when the preflight probe starts it parked (cluster/node/probe.py)."""
         lines = [f"# run {self.run_id}: job {self.job}, backend {self.backend}, "
                  f"{len(self.nodes)} node(s), world size {self.world_size}, rendezvous {self.rdzv_endpoint}"]
         lines += [f"# {n}" for n in self.notes]
+        if warm_start:
+            from cluster.node.probe import parked_argv
+            lines.append("# warm start: where a host's code is current, its preflight probe runs the '# parked:' "
+                         "argv instead of the line, in the same directory and environment; 'go' then reaches "
+                         "that agent on the descriptor it names")
         for node in self.nodes:
             lines.append(f"[{node.host}] (node {node.node_rank}, {node.nprocs} proc)")
             lines.append("  " + node.shell())
+            if warm_start:
+                lines.append("  # parked: " + quote_argv(parked_argv(node.argv), home=node.argv[:1]))
         return "\n".join(lines) + "\n"
 
 

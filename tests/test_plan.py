@@ -45,7 +45,26 @@ def test_ssh_rack_plan_golden(tmp_path):
     plan = make_plan(inv, job, "resnet50-golden", {h.name: 8 for h in inv.hosts})
     assert plan.world_size == 24
     assert plan.rdzv_endpoint == f"gpu01:{default_port('resnet50-golden')}"
-    check_golden("plan_resnet50_ssh_rack.txt", plan.render())
+    from cluster.backends import get
+    check_golden("plan_resnet50_ssh_rack.txt", get("ssh", inv).render(plan))     # as `plan` prints it
+
+
+def test_the_parked_line_is_the_agent_argv_a_warm_start_runs_and_only_with_warm_start(tmp_path):
+    from cluster.backends import get
+    from cluster.node.probe import parked_argv
+    for warm in (True, False):
+        inv_path = tmp_path / "rack.yaml"
+        inv_path.write_text(RACK + f"ssh:\n  warm_start: {str(warm).lower()}\n")
+        inv = load_inventory(inv_path)
+        plan = make_plan(inv, load_job("resnet50").job, "r1", {h.name: 8 for h in inv.hosts})
+        parked = [l[len("  # parked: "):] for l in get("ssh", inv).render(plan).splitlines()
+                  if l.startswith("  # parked: ")]
+        if not warm:        # the shell line is what runs: nothing else is printed
+            assert parked == [] and get("ssh", inv).render(plan) == plan.render()
+            continue
+        # splits back into exactly the argv the probe starts (one quoting hop, as the line)
+        assert [shlex.split(l) for l in parked] == [parked_argv(n.argv) for n in plan.nodes]
+        assert all(a[3:5] == ["--park-fd", "200"] for a in map(shlex.split, parked))
 
 
 def test_every_node_gets_the_same_endpoint_and_its_own_rank(tmp_path):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from cluster.backends.local import pids_of_run
-from cluster.node.probe import _probe_then_launch
+from cluster.node.probe import _probe_then_launch, parked_argv
 from cluster.backends.ship import host_command
 
 REPO = Path(__file__).resolve().parent.parent
@@ -35,7 +35,8 @@ def cmdline(pid: int) -> str:
 
 
 def probe(tmp_path, **env):
-    """Start the probe with a park spec for a 2-rank hello node; returns (proc, run id, run dir)."""
+    """Start the probe with a park spec for a 2-rank hello node; returns (proc, run id, run dir,
+    its answer, the node's agent argv)."""
     rid = f"warmtest-{uuid.uuid4().hex[:8]}"
     run_dir = f"runs/{rid}"
     argv = [sys.executable, "-m", "cluster.node.agent", "--run-dir", run_dir, "--host", "h1", "--node-rank", "0",
@@ -52,11 +53,11 @@ def probe(tmp_path, **env):
     p.stdin.write(json.dumps(a).encode() + b"\n")
     p.stdin.flush()
     answer = json.loads(p.stdout.readline())
-    return p, rid, run_dir, answer
+    return p, rid, run_dir, answer, argv
 
 
 def test_a_parked_agent_that_gets_no_go_leaves_nothing(tmp_path):
-    p, rid, _, answer = probe(tmp_path)
+    p, rid, _, answer, argv = probe(tmp_path)
     assert answer["parked"] and answer["leftovers"] == {}          # the parked agent is not a leftover
     deadline = time.time() + 20
     while True:         # the agent forks torchrun, which starts the fork server (and its resource tracker)
@@ -67,6 +68,8 @@ def test_a_parked_agent_that_gets_no_go_leaves_nothing(tmp_path):
     # parked: the agent, its fork of torchrun and the fork server, all in the agent's group; no worker
     agent = [pid for pid, c in parked.items() if "cluster.node.agent --park-fd" in c]
     assert len(agent) == 1 and len(parked) >= 3, parked
+    # exactly the argv the plan prints for it ('# parked:', cluster/plan.py)
+    assert Path(f"/proc/{agent[0]}/cmdline").read_bytes() == b"\0".join(a.encode() for a in parked_argv(argv)) + b"\0"
     assert {os.getpgid(pid) for pid in parked} == set(agent), parked
     assert not any(" -u -m tests.fixtures.hello" in c for c in parked.values()), parked   # a worker
     p.stdin.close()                                                 # what a failed preflight sends: EOF
@@ -80,7 +83,7 @@ def test_a_second_submit_sees_a_parked_agent_as_a_run_starting_not_a_leftover(tm
     """Two submits of one job seconds apart: the first's agent is parked (no pid file yet) while the
     second's probe looks for leftovers on the same host."""
     from cluster.node.probe import _probe
-    p, rid, _, _ = probe(tmp_path)
+    p, rid, _, _, _ = probe(tmp_path)
     try:
         deadline = time.time() + 20
         while not any("cluster.node.agent --park-fd" in cmdline(pid) for pid in pids_of_run(rid)):
@@ -101,7 +104,7 @@ def test_go_runs_torchrun_and_its_workers_warm(tmp_path, fail):
     env = {"HELLO_SHOW_PROCS": "1"}
     if fail:
         env.update(HELLO_FAIL_RANK="1", HELLO_FAIL_HOW=fail, HELLO_SLEEP_S="30")
-    p, rid, run_dir, answer = probe(tmp_path, **env)
+    p, rid, run_dir, answer, argv = probe(tmp_path, **env)
     assert answer["parked"]
     go = {"shell": "exit 7", "pid": f"{run_dir}/state/h1.pid", "out": f"{run_dir}/state/h1.agent.out", "wait_s": 60}
     p.stdin.write(b"GO " + json.dumps(go).encode() + b"\n")
@@ -138,6 +141,10 @@ def test_go_runs_torchrun_and_its_workers_warm(tmp_path, fail):
             assert p["torch_before_us"] == "True", p
             assert p["self"].endswith(" -u -m tests.fixtures.hello") and "forkserver" not in p["self"], p
             assert " -m torch.distributed.run " in p["torchrun"] and "cluster.node.agent" not in p["torchrun"], p
+            # as the agent runs it cold: the payload after '--', with the log directory it gives torchrun
+            payload = argv[argv.index("--") + 1:]
+            log_dir = f"--log-dir={(tmp_path / run_dir).resolve()}/state/h1.torchrun"
+            assert p["torchrun"] == " ".join(payload[:3] + [log_dir] + payload[3:]), p
             # torch obeys the OMP_NUM_THREADS that torchrun gives its workers, as in a fresh interpreter
             assert p["OMP_NUM_THREADS"] == "1" and p["threads"] == "1", p
     assert (tmp_path / run_dir / "state" / "h1.agent.out").read_text() == ""   # nothing went wrong

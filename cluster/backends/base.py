@@ -116,9 +116,12 @@ class Backend(ABC):
 
     # ---- verbs built on the hooks
     def status(self, run: Run) -> tuple[State, list[NodeStatus]]:
+        """The run's state from its nodes. What it finds out is recorded through the run's one
+        writer (cluster/run/records.py), which merges: a state change, the run's end (the first
+        recorded end stands), events. Nothing else of the record is written."""
+        run.reload()        # what other processes recorded since this one last looked
         if run.state.is_terminal() and run.data.get("final"):
-            return run.state, [NodeStatus(**{**n, "state": State(n["state"])})
-                               for n in run.data.get("nodes_final", [])]
+            return self._recorded(run)
         if run.state == State.PENDING and not run.data.get("handle"):
             from cluster.run.records import submitter_gone
             if submitter_gone(run):
@@ -136,22 +139,27 @@ class Backend(ABC):
             self.stop_nodes(run, grace_s=10.0)
             nodes = self.node_status(run)
         if state.is_terminal():
-            self.finish(run, state, nodes, failure=hang)
-        elif state != run.state:
-            run.set_state(state)
+            if not self.finish(run, state, nodes, failure=hang):
+                return self._recorded(run)
+        elif state != run.state and not run.set_state(state):
+            return self._recorded(run)      # the run ended while this one looked: its end stands
         return state, nodes
 
-    def finish(self, run: Run, state: State, nodes: list[NodeStatus], failure: Optional[dict] = None) -> None:
-        fresh = Run(run.id, run.dir.parent)
-        if fresh.data.get("final"):
-            # another verb (or the watcher) recorded the end while this one looked: its record stands
-            run._data = fresh.data
-            return
+    @staticmethod
+    def _recorded(run: Run) -> tuple[State, list[NodeStatus]]:
+        """The end of a run as recorded (final)."""
+        return run.state, [NodeStatus(**{**n, "state": State(n["state"])}) for n in run.data.get("nodes_final", [])]
+
+    def finish(self, run: Run, state: State, nodes: list[NodeStatus], failure: Optional[dict] = None) -> bool:
+        """Record the run's end; False where another process (the watcher, another verb) recorded
+        it first: that record stands, and ``run.data`` is it."""
+        if run.reload().data.get("final"):
+            return False    # looked up first: the failure below reads logs, a round trip per host
         extra = {}
         if state == State.FAILED:
             extra["failure"] = failure or self.first_failure(run, nodes)
-        run.set_state(state, final=True, ended=time.time(),
-                      nodes_final=[_plain(n) for n in nodes], **extra)
+        return run.set_state(state, final=True, ended=time.time(),
+                             nodes_final=[_plain(n) for n in nodes], **extra)
 
     def first_failure(self, run: Run, nodes: list[NodeStatus], tails: Optional["LogTails"] = None,
                       everyone: Optional[list[NodeStatus]] = None) -> dict:

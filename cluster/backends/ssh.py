@@ -16,7 +16,9 @@
   the code is already in place, the probe starts the node's agent once it has answered, parked:
   it writes nothing, and torchrun and a fork server for its workers import torch while the
   preflight goes on (cluster/node/agent.py, cluster/node/warmworker.py); on GO it starts, its workers forked
-  from that server; on EOF the probe kills its group. Same argv and environment as the line. A detached watcher (``python -m cluster.backends.watcher watch``) then syncs node 0's checkpoints
+  from that server; on EOF the probe kills its group. Same directory and environment as the line, and
+  its argv with ``--park-fd 200`` (cluster/node/probe.py parked_argv), which ``plan`` prints as the
+  node's ``# parked:`` line (render). A detached watcher (``python -m cluster.backends.watcher watch``) then syncs node 0's checkpoints
   to storage periodically and at the end. Gang semantics live in
   the agents (cluster/node/agent.py): no controller is needed to stop a run when one node fails.
 * status / stop: one fan-out each (pid, exit and heartbeat files; TERM the group, wait, KILL,
@@ -188,6 +190,10 @@ class SSHBackend(Backend):
             for h in auto:
                 out[h.name] = int(res[h.name].stdout.strip().splitlines()[-1])
         return out
+
+    def render(self, plan: Plan) -> str:
+        """The plan, with the argv each node's agent runs as where the warm start parks it."""
+        return plan.render(warm_start=self.inv.ssh.warm_start)
 
     # ---- preflight
     def preflight(self, plan: Plan) -> None:

@@ -3,7 +3,9 @@
 Until the run ends it keeps node 0's checkpoints synced (every ``checkpoint.sync_every_s``) and
 polls the run's status, which stops every node if one failed (the agents' gang does the same
 without it); at the end it makes one last checkpoint pass and collects metrics and logs. It lives
-in its own session, so closing the submitting terminal does not end it.
+in its own session, so closing the submitting terminal does not end it. What it records (the
+run's end, as its status poll finds it; events) goes through the run's one writer
+(cluster/run/records.py), so `status` and `logs -f` recording at the same time lose nothing.
 """
 from __future__ import annotations
 

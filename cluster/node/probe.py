@@ -277,18 +277,38 @@ def _probe(a: dict) -> dict:
     return r
 
 
+def parked_argv(argv: list) -> list:
+    """What a parked agent runs as (warm start): the node's agent argv with ``--park-fd 200``, the
+    descriptor on which GO reaches it. A fixed number, so that the plan prints this argv exactly
+    (cluster/plan.py, Plan.render); cluster/node/agent.py reads the flag."""
+    return list(argv[:3]) + ["--park-fd", "200"] + list(argv[3:])
+
+
 def _park(a: dict, stale: int):
     """Warm start: the node's agent, started now in its own session with the node's environment,
-    waiting on a pipe for GO (cluster/node/agent.py, ``--park-fd``) while torchrun and a fork server for
-    its workers import torch.
-    Only where the code is already in place (``stale`` files: what is synced later must not run now)."""
+    as :func:`parked_argv` (argv), waiting on a pipe for GO (cluster/node/agent.py, ``--park-fd``)
+    while torchrun and a fork server for its workers import torch.
+    Only where the code is already in place (``stale`` files: what is synced later must not run now),
+    and where the descriptor is free here (else the node starts cold, by its shell line)."""
     spec = a.get("park")
     if not spec or spec["argv"][1:3] != ["-m", "cluster.node.agent"] or stale:
         return None
+    argv = parked_argv(spec["argv"])
+    fd = int(argv[argv.index("--park-fd") + 1])
+    if argv[0].startswith("~/"):
+        argv[0] = os.path.expanduser(argv[0])       # as the shell line's ~/ is
     r, w = os.pipe()
     try:
-        proc = subprocess.Popen(list(spec["argv"][:1]) + ["-m", "cluster.node.agent", "--park-fd", str(r)] +
-                                list(spec["argv"][3:]), cwd=os.path.expanduser(a["workdir"]),
+        if r != fd:
+            try:
+                os.fstat(fd)
+            except OSError:         # free, as it should be
+                os.dup2(r, fd, inheritable=False)       # pass_fds makes it the child's
+                os.close(r)
+                r = fd
+            else:
+                raise OSError(f"descriptor {fd} is in use")     # the probe's own: the node starts cold
+        proc = subprocess.Popen(argv, cwd=os.path.expanduser(a["workdir"]),
                                 env={**os.environ, **spec["env"]}, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True, pass_fds=(r,))

@@ -123,7 +123,7 @@ class ForkedTorchrun:
             if torchrun is None:
                 os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run"] + argv)
             sys.argv = [torchrun.__file__] + argv
-            warmworker.retitle([sys.executable, "-m", "torch.distributed.run"] + argv)
+            warmworker.retitle(payload[:3] + argv)     # as the cold start shows it: the plan's python
             try:
                 if not (server and warmworker.launch(torchrun, argv)):
                     torchrun.main(argv)

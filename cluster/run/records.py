@@ -1,7 +1,9 @@
 """Run records under runs/<run-id>/: the one place a run's state lives (every verb reads it)."""
 from __future__ import annotations
 
+import contextlib
 import enum
+import fcntl
 import json
 import os
 import secrets
@@ -9,7 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from cluster.spec.config import REPO
 from cluster.errors import UserError
@@ -51,7 +53,16 @@ def git_commit(repo: Path = REPO) -> Optional[str]:
 
 
 class Run:
-    """runs/<id>/run.json plus events.jsonl; writes are atomic so readers never see half a file."""
+    """runs/<id>/run.json plus events.jsonl.
+
+    One writer: every change of the record goes through :meth:`change` (``create``, ``update``,
+    ``set_state``, ``event`` are built on it), which holds an exclusive fcntl lock on
+    runs/<id>/run.lock while it re-reads run.json, applies the change and writes the result
+    atomically; events.jsonl is appended under the same lock. So processes that record at the same
+    time (the watcher, ``logs -f``, ``status``, ``stop``, submit) never lose each other's fields.
+    Once the record is final (a terminal state recorded by whoever saw the end first), that end
+    stands: a later writer's state is not recorded over it (see :data:`FINAL_KEYS`).
+    Readers read without the lock: run.json is only ever replaced whole."""
 
     def __init__(self, run_id: str, root: Path = None):
         self.id = run_id
@@ -62,17 +73,25 @@ class Run:
     @property
     def data(self) -> dict:
         if self._data is None:
-            try:
-                data = json.loads(self.path.read_text())
-            except FileNotFoundError:
-                raise UserError(f"run '{self.id}' has no record ({self.path} is missing)",
-                                hint="see 'python -m cluster status' for known runs") from None
-            except (ValueError, UnicodeDecodeError) as e:       # JSONDecodeError is a ValueError
-                raise DamagedRecord(self, e) from None
-            if not isinstance(data, dict):
-                raise DamagedRecord(self, ValueError(f"a JSON {type(data).__name__}, not an object"))
-            self._data = data
+            self._data = self._read()
         return self._data
+
+    def _read(self) -> dict:
+        try:
+            data = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            raise UserError(f"run '{self.id}' has no record ({self.path} is missing)",
+                            hint="see 'python -m cluster status' for known runs") from None
+        except (ValueError, UnicodeDecodeError) as e:       # JSONDecodeError is a ValueError
+            raise DamagedRecord(self, e) from None
+        if not isinstance(data, dict):
+            raise DamagedRecord(self, ValueError(f"a JSON {type(data).__name__}, not an object"))
+        return data
+
+    def reload(self) -> "Run":
+        """Forget what was read: the next ``data`` is the record as it is on disk now."""
+        self._data = None
+        return self
 
     @property
     def damaged(self) -> Optional["DamagedRecord"]:
@@ -97,20 +116,98 @@ class Run:
     def prev_path(self) -> Path:
         return self.dir / "run.json.prev"
 
+    @property
+    def lock_path(self) -> Path:
+        return self.dir / "run.lock"
+
+    @contextlib.contextmanager
+    def _locked(self):
+        """The run's lock (exclusive, across processes; released if the holder dies)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)        # closing the descriptor releases the lock
+
+    # ---- the one writer
+    def change(self, apply: Callable[[dict], Optional[list]], create: bool = False) -> None:
+        """Change the record: under the run's lock, re-read run.json, call ``apply(data)`` on that
+        fresh copy (it changes it in place and may return events, ``[(name, fields), ...]``, to
+        append to events.jsonl), and write the result atomically. Keys of :data:`FINAL_KEYS` that a
+        final record already has are kept as they are. ``data`` is then the record as written.
+        A damaged record is never written over (DamagedRecord: 'stop' and the user deal with it)."""
+        with self._locked():
+            data = {} if create else self._read()
+            before = json.dumps(data, sort_keys=True)
+            kept = {k: data[k] for k in FINAL_KEYS if k in data} if data.get("final") else None
+            events = apply(data) or []
+            if kept is not None:
+                for k in FINAL_KEYS:
+                    data.pop(k, None)
+                data.update(kept)
+            if create or json.dumps(data, sort_keys=True) != before:
+                self._write(data)
+            for name, fields in events:
+                self._append_event(name, fields)
+            self._data = data
+
     def create(self, data: dict) -> None:
         for sub in ("logs", "checkpoints", "metrics", "state"):
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
-        self._data = data
-        self.save()
+        self.change(lambda d: d.update(data), create=True)
 
-    def save(self) -> None:
-        """Atomic and durable: a crash or a full disk leaves the old record whole (the new one is
-        written and synced beside it, then renamed over it), and the record before it is kept as
-        run.json.prev, from which 'stop' still finds a run whose record was damaged all the same."""
+    def update(self, **fields: Any) -> None:
+        """Set ``fields`` in the record, keeping every other writer's."""
+        self.change(lambda d: d.update(fields))
+
+    @property
+    def state(self) -> State:
+        return State(self.data.get("state", "UNKNOWN"))
+
+    def set_state(self, state: State, **extra: Any) -> bool:
+        """Record ``state`` (and ``extra``), with a 'state' event where it changes. Once the record
+        is final, its end stands: nothing is recorded and False is returned (``data`` is then the
+        final record)."""
+        refused = []
+
+        def apply(d: dict) -> list:
+            if d.get("final"):
+                refused.append(True)
+                return []
+            events = [("state", {"state": state.value, **extra})] if d.get("state") != state.value else []
+            d.update(state=state.value, **extra)
+            return events
+        self.change(apply)
+        return not refused
+
+    def event(self, event: str, **fields: Any) -> None:
+        """Append one line to events.jsonl (under the run's lock: lines never interleave)."""
+        with self._locked():
+            self._append_event(event, fields)
+
+    def _append_event(self, event: str, fields: dict) -> None:
+        with open(self.dir / "events.jsonl", "a") as f:
+            f.write(json.dumps({"t": round(time.time(), 3), "event": event, **fields}) + "\n")
+
+    def events(self) -> list[dict]:
+        try:
+            lines = (self.dir / "events.jsonl").read_text().splitlines(keepends=True)
+        except FileNotFoundError:
+            return []
+        # a line being appended right now is not whole yet: it is read next time
+        return [json.loads(l) for l in lines if l.strip() and l.endswith("\n")]
+
+    def _write(self, data: dict) -> None:
+        """Atomic and durable (under the lock): a crash or a full disk leaves the old record whole
+        (the new one is written and synced beside it, then renamed over it), and the record before
+        it is kept as run.json.prev, from which 'stop' still finds a run whose record was damaged
+        all the same."""
         tmp = self.path.with_name(f".run.json.tmp{os.getpid()}")
         try:
             with open(tmp, "w") as f:
-                f.write(json.dumps(self._data, indent=2, sort_keys=True) + "\n")
+                f.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
             if self.path.exists() and not self.damaged_on_disk():
@@ -132,29 +229,9 @@ class Run:
         except (OSError, ValueError, UnicodeDecodeError):
             return True
 
-    def update(self, **fields: Any) -> None:
-        self.data.update(fields)
-        self.save()
 
-    @property
-    def state(self) -> State:
-        return State(self.data.get("state", "UNKNOWN"))
-
-    def set_state(self, state: State, **extra: Any) -> None:
-        if self.data.get("state") != state.value:
-            self.event("state", state=state.value, **extra)
-        self.update(state=state.value, **extra)
-
-    def event(self, event: str, **fields: Any) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        with open(self.dir / "events.jsonl", "a") as f:
-            f.write(json.dumps({"t": round(time.time(), 3), "event": event, **fields}) + "\n")
-
-    def events(self) -> list[dict]:
-        try:
-            return [json.loads(l) for l in (self.dir / "events.jsonl").read_text().splitlines() if l.strip()]
-        except FileNotFoundError:
-            return []
+# what the first writer to record a run's end wrote; no later writer changes it
+FINAL_KEYS = ("state", "final", "ended", "nodes_final", "failure")
 
 
 class DamagedRecord(UserError):
