@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.sshbed import HELLO
+from tests.testbed_client import HELLO
 
 pytestmark = pytest.mark.testbed
 
@@ -35,8 +35,8 @@ print(json.dumps(out))
 """
 
 
-def host_procs(bed, host, rid):
-    p = bed.tb.run(host, [bed.tb.python, "-c", PROCS, rid], timeout=30)
+def host_procs(client, host, rid):
+    p = client.testbed.run(host, [client.testbed.python, "-c", PROCS, rid], timeout=30)
     assert p.returncode == 0, p.stderr
     procs = json.loads(p.stdout)
     for info in procs.values():
@@ -59,25 +59,25 @@ def planned(text: str) -> dict:
     return out
 
 
-def test_plan_prints_the_argv_of_the_parked_agent_and_of_its_torchrun(bed):
-    job = bed.job(HELLO.format(sleep=15))
+def test_plan_prints_the_argv_of_the_parked_agent_and_of_its_torchrun(client):
+    job = client.job(HELLO.format(sleep=15))
     for _ in range(2):      # warm start needs the code in place: a first submit syncs it where it differs
-        rid, p = bed.submit(job)
+        rid, p = client.submit(job)
         if "warm start: the agents on node[1-3]" in p.stderr:
             break
-        bed.wait(rid)
+        client.wait(rid)
     else:
         pytest.fail("no warm start on the second submit either:\n" + p.stderr)
-    shown = bed.cli("plan", job, "-i", bed.tb.inventory, "--run-id", rid)
+    shown = client.cli("plan", job, "-i", client.testbed.inventory, "--run-id", rid)
     assert shown.returncode == 0, shown.stderr
     plan = planned(shown.stdout)
-    assert set(plan) == set(bed.tb.host_names) and all(parked for _, parked in plan.values()), shown.stdout
+    assert set(plan) == set(client.testbed.host_names) and all(parked for _, parked in plan.values()), shown.stdout
     # the plan printed now is the one the run recorded (a pure function of job, inventory and run id)
-    assert [n["argv"] for n in bed.record(rid)["plan"]["nodes"]] == \
+    assert [n["argv"] for n in client.record(rid)["plan"]["nodes"]] == \
         [parked[:3] + parked[5:] for _, parked in plan.values()]
-    bed.wait_lines(rid, "hello from rank", 3)         # torchrun runs on every host (after 'go')
+    client.wait_lines(rid, "hello from rank", 3)         # torchrun runs on every host (after 'go')
     for host, (line, parked) in plan.items():
-        procs = host_procs(bed, host, rid)
+        procs = host_procs(client, host, rid)
         agents = [i for i in procs.values() if i["argv"][1:3] == ["-m", "cluster.node.agent"]]
         assert [i["argv"] for i in agents] == [parked], (host, procs)          # byte for byte
         # started in the line's directory (cd WORKDIR && ...): the run directory it names from there
@@ -91,6 +91,6 @@ def test_plan_prints_the_argv_of_the_parked_agent_and_of_its_torchrun(bed):
         torchruns = [i for i in procs.values() if i["argv"][1:3] == ["-m", "torch.distributed.run"]]
         assert [i["argv"] for i in torchruns] == [payload[:3] + [log_dir] + payload[3:]], (host, torchruns)
         assert torchruns[0]["cwd"] == agents[0]["cwd"] and set(env) <= set(torchruns[0]["env"])
-    assert bed.wait(rid)["state"] == "SUCCEEDED"
-    assert "torchrun from a warm interpreter" in bed.cli("logs", rid).stdout
-    assert not bed.left_anywhere(rid)
+    assert client.wait(rid)["state"] == "SUCCEEDED"
+    assert "torchrun from a warm interpreter" in client.cli("logs", rid).stdout
+    assert not client.left_anywhere(rid)
