@@ -41,7 +41,7 @@ def probe(tmp_path, **env):
             "--preload", "tests",
             "--", sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2",
             "--node-rank=0", "--master-addr=127.0.0.1", f"--master-port={free_port()}", f"--rdzv-id={rid}",
-            "--max-restarts=0", "--tee=3", "-m", "tests.fixtures.hello"]       # as cluster/plan.py writes it
+            "--max-restarts=0", "--tee=3", "--log-dir=state/h1.torchrun", "-m", "tests.fixtures.hello"]  # as cluster/plan.py writes it
     # no OMP_NUM_THREADS: torchrun sets it to 1 for the workers, after the fork server loaded torch
     node_env = {"CLUSTER_RUN_ID": rid, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", **env}
     a = {"workdir": str(tmp_path), "host": "h1", "manifest": None, "ports": [], "address": "127.0.0.1",

@@ -611,10 +611,6 @@ def main(argv: list[str] | None = None) -> int:
                 forked.abandon()
             return 1
 
-    # torchrun keeps its own per-rank files in the run's state dir rather than in /tmp
-    if payload and "torch.distributed.run" in payload[:3]:
-        i = payload.index("torch.distributed.run") + 1
-        payload = payload[:i] + [f"--log-dir={state}/{host}.torchrun"] + payload[i:]
     note(f"starting on {socket.gethostname()} (pid {os.getpid()}): " + " ".join(payload))
     try:
         if forked is not None:
