@@ -14,6 +14,7 @@ from cluster.spec.config import REPO
 from cluster.errors import UserError
 from cluster.plan import Plan
 from cluster.node.probe import _rank_states
+from cluster.node.shm import remove_left_semaphores
 from cluster.run.records import Run, State
 from cluster.backends.base import Backend, LogSource, NodeStatus, progress
 
@@ -175,6 +176,7 @@ class LocalBackend(Backend):
             except ProcessLookupError:
                 pass
         time.sleep(0.2)
+        remove_left_semaphores(str(self._state_dir(run)))     # what the KILL left in /dev/shm
         return left + [f"localhost: pid {p} still alive" for p in pids_of_run(run.id)]
 
     def log_sources(self, run: Run) -> list[LogSource]:

@@ -52,6 +52,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from cluster.node.shm import remove_left_semaphores
+
 _PREFIX = re.compile(rb"^\[(?P<host>[^\] ]+) (?P<rank>\d+)\] ")
 # torchrun --tee's own prefix, "[default3]:" (role + local rank); every torch 2.x prints it, while
 # --log-line-prefix-template is newer than some hosts' torch
@@ -700,6 +702,7 @@ def main(argv: list[str] | None = None) -> int:
     elif forked is not None:
         import shutil
         shutil.rmtree(forked.tmp, ignore_errors=True)
+    remove_left_semaphores(str(state))      # what killed processes of the run left in /dev/shm
     reader.join(5.0)
     extra: dict = {"signal": stopping["signal"]}
     if aborted:

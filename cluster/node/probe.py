@@ -18,6 +18,7 @@ import time
 
 from cluster.backends.transport import quote_argv
 from cluster.backends.rsync import stale_files
+from cluster.node.shm import remove_left_semaphores
 
 
 def _gpu_count(a: dict) -> int:
@@ -440,6 +441,7 @@ def _stop(a: dict) -> dict:
         deadline = time.time() + 5
         while live() and time.time() < deadline:
             time.sleep(0.1)
+    remove_left_semaphores(os.path.join(wd, "runs", a["run_id"], "state"))   # what the KILL left in /dev/shm
     left = []
     for pid in sorted(p for p in live() if p > 0):
         try:
@@ -550,7 +552,7 @@ def _serve(a: dict) -> dict:
 
 _HELPERS = {"_probe": (_gpu_count, _run_processes, _other_runs, stale_files, _job_python),
             "_probe_then_launch": (_gpu_count, _run_processes, _other_runs, stale_files, _job_python, _probe, _park),
-            "_stop": (_run_processes, _group_alive),
+            "_stop": (_run_processes, _group_alive, remove_left_semaphores),
             "_status": (_group_alive, _run_processes, _activity, _gpu_query, _rank_states),
             "_gpu_count": (), "_gpu_query": (), "_serve": (_group_alive,)}
 
