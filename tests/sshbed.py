@@ -118,13 +118,16 @@ class Bed:
 
 def stop_leftover_runs(b: Bed) -> None:
     """Whatever a failed test left running: stop it; then remove what this test's runs left in
-    the hosts' workdirs (logs, checkpoints: the hosts' files are this machine's)."""
+    the hosts' workdirs (logs, checkpoints: the hosts' files are this machine's), and the named
+    semaphores in /dev/shm of a host whose processes a test killed all at once, its agent too."""
     import shutil
+    from cluster.node.shm import remove_left_semaphores
     for d in (b.runs.iterdir() if b.runs.exists() else []):
         rec = d / "run.json"
         if rec.exists() and not json.loads(rec.read_text()).get("final"):
             b.cli("stop", d.name, "--grace-s", "2")
         for h in b.tb.host_names:
+            remove_left_semaphores(str(b.host_file(h, d.name, "state")))
             shutil.rmtree(b.host_file(h, d.name, ""), ignore_errors=True)
 
 
