@@ -162,7 +162,10 @@ def make_plan(inv: Inventory, job: Job, run_id: str, gpus: Mapping[str, int], *,
             # rank 0 (the checkpoint writer) is always on node 0, where resume puts the checkpoint
             f"--master-addr={master}", f"--master-port={port}", f"--rdzv-id={run_id}",
             f"--max-restarts={job.restart.max_restarts}",
-            "--tee=3",
+            # per-rank stdout/stderr files and error records in the run's state dir, not
+            # /tmp/torchelastic_*; relative to the run directory, torchrun's cwd on the host and
+            # inside a container alike (cluster/container.py mounts it at the same path)
+            "--tee=3", f"--log-dir=state/{h.name}.torchrun",
         ]
         payload_python = h.python
         if job.container is not None:

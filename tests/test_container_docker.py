@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from .test_container_podman import podman_args
-from .test_local import cli, wait_state
+from .test_local import cli, rank_logs, wait_state
 
 pytestmark = pytest.mark.slow
 
@@ -112,6 +112,9 @@ def test_docker_quotas_and_the_submitting_users_identity_inside(docker, tmp_path
     assert st["state"] == "SUCCEEDED", logs[-3000:]
     assert "docker run --rm --init --name ddp-" in logs
     seen = json.loads(next(l for l in logs.splitlines() if "] LIMITS " in l).split("LIMITS ", 1)[1])
+    # torchrun in the image keeps its per-rank files in the run directory, as outside
+    ranks = rank_logs(tmp_path / "runs" / rid, "localhost")
+    assert list(ranks) == [0] and "LIMITS " in ranks[0], ranks
     quota, period = map(int, seen["cpu_max"].split())
     assert quota == period and int(seen["memory_max"]) == 1 << 30 and seen["pids_max"] == "16384"
     assert (seen["uid"], seen["gid"]) == (os.getuid(), os.getgid())

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .test_local import cli, run_pids, submit, wait_state
+from .test_local import cli, rank_logs, run_pids, submit, wait_state
 
 pytestmark = pytest.mark.slow
 
@@ -120,6 +120,9 @@ def test_env_and_hostile_mounts_arrive_byte_exact(podman, tmp_path):
         assert p["env"] == {**env, "JOBVAR": "j v", "CLUSTER_RUN_ID": rid, "PYTHONUNBUFFERED": "1"}
         assert p["files"] == ["f `id`.txt"]
         assert p["cwd"] == str(runs / rid)      # the job runs in its run directory, in the container too
+    # torchrun inside the container keeps its per-rank files in the run directory, as outside
+    ranks = rank_logs(runs / rid, "localhost")
+    assert sorted(ranks) == [0, 1] and all("PROBE " in text for text in ranks.values()), ranks
     assert not Path("/tmp/pwned-podman").exists() and not (tmp_path / "pwned").exists()
     assert containers(rid) == []
 

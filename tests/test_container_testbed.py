@@ -30,6 +30,7 @@ from cluster.plan import make_plan
 from tests.testbed_client import pty_cli
 
 from .test_container_podman import _podman_problem, podman_args
+from .test_local import rank_logs
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.testbed, pytest.mark.slow]
@@ -143,6 +144,11 @@ def test_multihost_hello_in_podman_over_ssh(cl):
         for local in range(NPROC):
             rank = node.node_rank * NPROC + local
             assert f"[{node.host} {rank}] hello from rank {rank}/{world} sum={world * (world + 1) // 2}" in log
+        # torchrun in podman keeps its per-rank files in the run directory on that host, as outside
+        ranks = rank_logs(node_file(cl, node, str(Path(node.state_dir).parent)), node.host)
+        assert sorted(ranks) == list(range(NPROC)), ranks
+        for local, text in ranks.items():
+            assert f"hello from rank {node.node_rank * NPROC + local}/{world} " in text
         assert cl.containers(node.host, rid) == []         # --rm: nothing left after a clean end
 
 

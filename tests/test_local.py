@@ -45,6 +45,15 @@ def wait_state(runs, run_id, states, timeout=120):
     raise AssertionError(f"{run_id} not in {states} after {timeout}s: {st}")
 
 
+def rank_logs(run_dir, host) -> dict[int, str]:
+    """torchrun's own per-rank stdout files (its --log-dir, which the plan puts in the run's state
+    dir): local rank -> text, from every attempt."""
+    out: dict[int, str] = {}
+    for f in sorted(Path(run_dir, "state", f"{host}.torchrun").glob("*/attempt_*/*/stdout.log")):
+        out[int(f.parent.name)] = out.get(int(f.parent.name), "") + f.read_text()
+    return out
+
+
 def hello_job(tmp_path, **env):
     job = tmp_path / "hello.yaml"
     lines = ["name: hello", "module: tests.fixtures.hello", "cpu_procs_per_node: 2", "env:"]
@@ -114,6 +123,9 @@ def test_detached_run_survives_its_shell_and_is_inspected_from_another(tmp_path)
     out = cli(runs, "logs", rid).stdout
     assert "[localhost 0] hello from rank 0/2 sum=3" in out
     assert "[localhost 1] hello from rank 1/2 sum=3" in out
+    # each rank's output also in torchrun's own files in the run directory (its --log-dir)
+    ranks = rank_logs(runs / rid, "localhost")
+    assert sorted(ranks) == [0, 1] and all(f"hello from rank {r}/2 sum=3" in ranks[r] for r in ranks), ranks
 
 
 def test_stop_mid_run_leaves_no_process(tmp_path):

@@ -43,7 +43,7 @@ def probe(tmp_path, **env):
             "--preload", "tests",
             "--", sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2",
             "--node-rank=0", "--master-addr=127.0.0.1", f"--master-port={free_port()}", f"--rdzv-id={rid}",
-            "--max-restarts=0", "--tee=3", "-m", "tests.fixtures.hello"]       # as cluster/plan.py writes it
+            "--max-restarts=0", "--tee=3", "--log-dir=state/h1.torchrun", "-m", "tests.fixtures.hello"]  # as cluster/plan.py writes it
     # no OMP_NUM_THREADS: torchrun sets it to 1 for the workers, after the fork server loaded torch
     node_env = {"CLUSTER_RUN_ID": rid, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", **env}
     a = {"workdir": str(tmp_path), "host": "h1", "manifest": None, "ports": [], "address": "127.0.0.1",
@@ -141,10 +141,9 @@ def test_go_runs_torchrun_and_its_workers_warm(tmp_path, fail):
             assert p["torch_before_us"] == "True", p
             assert p["self"].endswith(" -u -m tests.fixtures.hello") and "forkserver" not in p["self"], p
             assert " -m torch.distributed.run " in p["torchrun"] and "cluster.node.agent" not in p["torchrun"], p
-            # as the agent runs it cold: the payload after '--', with the log directory it gives torchrun
+            # as the agent runs it cold: the payload after '--', as the plan wrote it
             payload = argv[argv.index("--") + 1:]
-            log_dir = f"--log-dir={(tmp_path / run_dir).resolve()}/state/h1.torchrun"
-            assert p["torchrun"] == " ".join(payload[:3] + [log_dir] + payload[3:]), p
+            assert p["torchrun"] == " ".join(payload), p
             # torch obeys the OMP_NUM_THREADS that torchrun gives its workers, as in a fresh interpreter
             assert p["OMP_NUM_THREADS"] == "1" and p["threads"] == "1", p
     assert (tmp_path / run_dir / "state" / "h1.agent.out").read_text() == ""   # nothing went wrong
@@ -152,3 +151,59 @@ def test_go_runs_torchrun_and_its_workers_warm(tmp_path, fail):
     while pids_of_run(rid):
         assert time.time() < deadline, f"left running: {pids_of_run(rid)} (agent {agent})"
         time.sleep(0.2)
+
+
+def sem_files() -> set[str]:
+    return {n for n in os.listdir("/dev/shm") if n.startswith("sem.mp-")}
+
+
+def test_a_stop_that_kills_the_whole_group_leaves_no_named_semaphore(tmp_path):
+    """The warm workers' torchrun keeps an Event and a queue per rank as named semaphores in
+    /dev/shm; a KILL of the whole group kills the resource tracker that would unlink them. The stop
+    (as the ssh backend runs it, grace 0: straight to KILL) removes what the run left; another
+    process's semaphore, in use, and an older file, stay."""
+    from cluster.node.probe import _stop
+    from cluster.node.shm import remove_left_semaphores
+    older = Path(f"/dev/shm/sem.mp-ddptest-{uuid.uuid4().hex[:8]}")     # no process maps it, not the run's
+    older.write_bytes(b"\0" * 32)
+    other = run_dir = None
+    try:
+        before = sem_files()
+        time.sleep(1.1)                                                  # the run starts after the older file
+        p, rid, run_dir, answer = probe(tmp_path, HELLO_SLEEP_S="120")
+        assert answer["parked"]
+        go = {"shell": "exit 7", "pid": f"{run_dir}/state/h1.pid", "out": f"{run_dir}/state/h1.agent.out",
+              "wait_s": 60}
+        p.stdin.write(b"GO " + json.dumps(go).encode() + b"\n")
+        p.stdin.close()
+        p.stdout.read()
+        assert p.wait(timeout=90) == 0, p.stderr.read()
+        log = tmp_path / run_dir / "logs" / "h1.log"
+        deadline = time.time() + 90
+        while "hello from rank 1/2" not in (log.read_text() if log.exists() else ""):
+            assert time.time() < deadline, log.read_text() if log.exists() else "no log"
+            time.sleep(0.2)
+        # another process, started while the run runs, holds a semaphore of its own (it ends on EOF)
+        other = subprocess.Popen([sys.executable, "-c", "import multiprocessing as mp, sys; "
+                                  "l = mp.get_context('spawn').Lock(); print(l._semlock.name, flush=True); "
+                                  "sys.stdin.read()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        others = "sem." + other.stdout.readline().strip().lstrip("/")
+        made = sem_files() - before - {others}
+        assert len(made) >= 5, made            # torchrun's Event alone is five
+        pgid = json.loads((tmp_path / run_dir / "state" / "h1.pid").read_text())["pgid"]
+        stop = subprocess.run(["/bin/sh", "-c", host_command(sys.executable, _stop, site=False)], text=True,
+                              capture_output=True, timeout=60,
+                              input=json.dumps({"workdir": str(tmp_path), "run_id": rid, "pgid": pgid, "grace_s": 0}))
+        assert stop.returncode == 0 and json.loads(stop.stdout) == {"left": []}, stop.stderr
+        assert pids_of_run(rid) == []
+        assert sem_files() - before == {others}         # the run's are gone, the other process's stays
+        assert older.exists()
+        other.stdin.close()                               # it unlinks its own on a normal exit
+        assert other.wait(timeout=30) == 0 and others not in sem_files()
+    finally:
+        older.unlink(missing_ok=True)
+        if other is not None and other.poll() is None:
+            other.kill()
+            other.wait()
+        if run_dir is not None:         # what a failed check left, the other's too once killed
+            remove_left_semaphores(str(tmp_path / run_dir / "state"))

@@ -123,13 +123,16 @@ class Client:
 
 def stop_leftover_runs(client: Client) -> None:
     """Whatever a failed test left running: stop it; then remove what this test's runs left in
-    the hosts' workdirs (logs, checkpoints: the hosts' files are this machine's)."""
+    the hosts' workdirs (logs, checkpoints: the hosts' files are this machine's), and the named
+    semaphores in /dev/shm of a host whose processes a test killed all at once, its agent too."""
     import shutil
+    from cluster.node.shm import remove_left_semaphores
     for d in (client.runs.iterdir() if client.runs.exists() else []):
         rec = d / "run.json"
         if rec.exists() and not json.loads(rec.read_text()).get("final"):
             client.cli("stop", d.name, "--grace-s", "2")
         for h in client.testbed.host_names:
+            remove_left_semaphores(str(client.host_file(h, d.name, "state")))
             shutil.rmtree(client.host_file(h, d.name, ""), ignore_errors=True)
 
 

@@ -86,7 +86,8 @@ class LocalBackend(Backend):
         left = []
         for pgid in run.data.get("handle", {}).get("pgids", {}).values():
             # anywhere: a process that left the group but carries the run's id is the run's too
-            left += _stop({"workdir": "/", "run_id": run.id, "pgid": pgid, "grace_s": grace_s, "anywhere": True})["left"]
+            left += _stop({"workdir": "/", "run_id": run.id, "pgid": pgid, "grace_s": grace_s, "anywhere": True,
+                           "state_dir": str(run.dir / "state")})["left"]
         # containers (cluster/container.py): docker/podman own theirs, not our group: remove by name
         from cluster.container import remove_local
         return remove_local(run.data) + [f"localhost: pid {pid} still alive: {cmd}" for pid, cmd in left]

@@ -10,6 +10,7 @@ import functools
 import inspect
 
 from cluster.node import probe
+from cluster.node.shm import remove_left_semaphores
 from cluster.node.probe import (_activity, _gpu_count, _gpu_query, _group_alive, _job_python, _other_runs, _park,
                                 _probe, parked_argv, _rank_states, _run_processes, stale_files)
 from cluster.quoting import quote_argv
@@ -17,7 +18,7 @@ from cluster.quoting import quote_argv
 _HELPERS = {"_probe": (_gpu_count, _run_processes, _other_runs, stale_files, _job_python),
             "_probe_then_launch": (_gpu_count, _run_processes, _other_runs, stale_files, _job_python, _probe,
                                    parked_argv, _park),
-            "_stop": (_run_processes, _group_alive),
+            "_stop": (_run_processes, _group_alive, remove_left_semaphores),
             "_status": (_group_alive, _run_processes, _activity, _gpu_query, _rank_states),
             "_gpu_count": (), "_gpu_query": (), "_serve": (_group_alive,)}
 

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from cluster.node.gang import Gang
 from cluster.node.group import become_subreaper, end_group
+from cluster.node.shm import remove_left_semaphores
 from cluster.node.warm import park
 
 _PREFIX = re.compile(rb"^\[(?P<host>[^\] ]+) (?P<rank>\d+)\] ")
@@ -169,14 +170,6 @@ def _enter(run_dir: Path, host: str) -> Path:
     return state
 
 
-def _with_log_dir(payload: list[str], state: Path, host: str) -> list[str]:
-    """torchrun keeps its own per-rank files in the run's state dir rather than in /tmp."""
-    if payload and "torch.distributed.run" in payload[:3]:
-        i = payload.index("torch.distributed.run") + 1
-        return payload[:i] + [f"--log-dir={state}/{host}.torchrun"] + payload[i:]
-    return payload
-
-
 def _start(payload: list[str], forked, run_dir: Path, log: NodeLog):
     log.note(f"starting on {socket.gethostname()} (pid {os.getpid()}): " + " ".join(payload))
     if forked is not None:
@@ -273,7 +266,6 @@ def main(argv: list[str] | None = None) -> int:
             if forked is not None:
                 forked.abandon()
             return 1
-    payload = _with_log_dir(payload, state, host)
     try:
         proc = _start(payload, forked, run_dir, log)
     except OSError as e:
@@ -294,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     code = _supervise(proc, abort, args.kill_grace_s, log)
     record = _finish(code, payload, stopping, abort, gang, forked, log, reader)
     write_json_atomic(exit_file, record)
+    remove_left_semaphores(str(state))      # what killed processes of the run left in /dev/shm
     if gang is not None and gang.node_rank == 0:
         gang.wait(None)   # node 0 keeps serving until every peer has reported or is gone
     log.close()

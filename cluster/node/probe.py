@@ -14,6 +14,8 @@ import subprocess
 import sys
 import time
 
+from cluster.node.shm import remove_left_semaphores
+
 
 def stale_files(workdir: str, expected: dict) -> int:
     """How many files differ from ``expected``."""
@@ -471,6 +473,8 @@ def _stop(a: dict) -> dict:
         deadline = time.time() + 5
         while live() and time.time() < deadline:
             time.sleep(0.1)
+    # what the KILL left in /dev/shm
+    remove_left_semaphores(a.get("state_dir") or os.path.join(wd, "runs", a["run_id"], "state"))
     left = []
     for pid in sorted(p for p in live() if p > 0):
         try:
