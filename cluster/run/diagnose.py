@@ -453,6 +453,16 @@ def watch_run(run, nodes, now: Optional[float] = None) -> Watch:
             host = planned[r // nproc].get("host", n.host) if nproc and r // nproc < len(planned) else n.host
             heartbeats[r] = {**hb, "host": host}
     path = run.dir / "progress.json"
+    # status, top and the watcher may refresh at once: progress.json is read, updated and written
+    # under its own lock (the memo of the ranks' progress is not lost), the event under run.json's
+    with run.locked("progress.lock"):
+        w, hung_now = _watch_saved(run, path, heartbeats, job, nodes, nproc, now)
+    if hung_now:
+        run.event("hang", ranks=w.behind, reason=w.reason)
+    return w
+
+
+def _watch_saved(run, path: Path, heartbeats: dict, job: dict, nodes, nproc: int, now: Optional[float]):
     try:
         saved = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -468,10 +478,8 @@ def watch_run(run, nodes, now: Optional[float] = None) -> Watch:
     w = watch(heartbeats, saved.get("memo"), now=now, started=run.data.get("started") or run.data.get("created"),
               world_size=world or None, hang_timeout_s=job.get("hang_timeout_s", 300),
               startup_timeout_s=job.get("startup_timeout_s", 900), activity=activity)
-    if w.hung and not (saved.get("watch") or {}).get("hung"):
-        run.event("hang", ranks=w.behind, reason=w.reason)
     _write_json(path, {"memo": w.memo, "watch": w.to_dict(), "cpu": cpu, "time": t})
-    return w
+    return w, bool(w.hung and not (saved.get("watch") or {}).get("hung"))
 
 
 CPU_ACTIVE_S = 0.5          # CPU seconds (and at least 2% of a core since the last count) = alive

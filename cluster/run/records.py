@@ -116,15 +116,13 @@ class Run:
     def prev_path(self) -> Path:
         return self.dir / "run.json.prev"
 
-    @property
-    def lock_path(self) -> Path:
-        return self.dir / "run.lock"
-
     @contextlib.contextmanager
-    def _locked(self):
-        """The run's lock (exclusive, across processes; released if the holder dies)."""
+    def locked(self, name: str = "run.lock"):
+        """One of the run's locks (exclusive, across processes; released if the holder dies):
+        run.lock for run.json and events.jsonl; another name for another file of the run (not
+        re-entrant: never take the same one twice in one process)."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.dir / name, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -138,7 +136,7 @@ class Run:
         append to events.jsonl), and write the result atomically. Keys of :data:`FINAL_KEYS` that a
         final record already has are kept as they are. ``data`` is then the record as written.
         A damaged record is never written over (DamagedRecord: 'stop' and the user deal with it)."""
-        with self._locked():
+        with self.locked():
             data = {} if create else self._read()
             before = json.dumps(data, sort_keys=True)
             kept = {k: data[k] for k in FINAL_KEYS if k in data} if data.get("final") else None
@@ -184,7 +182,7 @@ class Run:
 
     def event(self, event: str, **fields: Any) -> None:
         """Append one line to events.jsonl (under the run's lock: lines never interleave)."""
-        with self._locked():
+        with self.locked():
             self._append_event(event, fields)
 
     def _append_event(self, event: str, fields: dict) -> None:
