@@ -170,7 +170,7 @@ def test_a_stop_that_kills_the_whole_group_leaves_no_named_semaphore(tmp_path):
     try:
         before = sem_files()
         time.sleep(1.1)                                                  # the run starts after the older file
-        p, rid, run_dir, answer = probe(tmp_path, HELLO_SLEEP_S="120")
+        p, rid, run_dir, answer, _ = probe(tmp_path, HELLO_SLEEP_S="120")
         assert answer["parked"]
         go = {"shell": "exit 7", "pid": f"{run_dir}/state/h1.pid", "out": f"{run_dir}/state/h1.agent.out",
               "wait_s": 60}
