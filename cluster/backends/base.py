@@ -116,6 +116,9 @@ class Backend(ABC):
 
     # ---- verbs built on the hooks
     def status(self, run: Run) -> tuple[State, list[NodeStatus]]:
+        from cluster.run.recovery import refresh
+        if refresh(run) == State.RESTARTING:      # between two attempts: the watcher relaunches
+            return State.RESTARTING, []
         if run.state.is_terminal() and run.data.get("final"):
             return run.state, [NodeStatus(**{**n, "state": State(n["state"])})
                                for n in run.data.get("nodes_final", [])]
@@ -137,6 +140,8 @@ class Backend(ABC):
             nodes = self.node_status(run)
         if state.is_terminal():
             self.finish(run, state, nodes, failure=hang)
+            if run.state == State.RESTARTING:
+                return State.RESTARTING, nodes
         elif state != run.state:
             run.set_state(state)
         return state, nodes
@@ -150,8 +155,28 @@ class Backend(ABC):
         extra = {}
         if state == State.FAILED:
             extra["failure"] = failure or self.first_failure(run, nodes)
+            if self._recover(run, extra["failure"], nodes):
+                return
         run.set_state(state, final=True, ended=time.time(),
                       nodes_final=[_plain(n) for n in nodes], **extra)
+
+    def _recover(self, run: Run, failure: dict, nodes: list[NodeStatus]) -> bool:
+        """Automatic recovery (cluster/run/recovery.py): True if the run relaunches instead of ending."""
+        from cluster.run.recovery import restart_instead, restart_policy
+        limit = restart_policy(run, self.name)
+        if limit is None:
+            return False
+        tail = failure.get("log_tail") or []
+        if failure.get("host"):     # torchrun's summary (how the rank ended) is in the host's log, not the rank's lines
+            try:
+                tail = self.log_tail(run, failure["host"], LogTails.LINES) or tail
+            except Exception:   # noqa: BLE001 -- unreachable host: judged by what the failure kept
+                pass
+        _, code = root_cause(tail)
+        signal = -code if code is not None and code < 0 and -code not in _STOP_SIGNALS else None
+        progressed = any(isinstance(hb, dict) and (hb.get("step") or 0) > 0
+                         for n in nodes for hb in (n.heartbeats or {}).values())
+        return restart_instead(run, failure, limit, signal, progressed)
 
     def first_failure(self, run: Run, nodes: list[NodeStatus], tails: Optional["LogTails"] = None,
                       everyone: Optional[list[NodeStatus]] = None) -> dict:
