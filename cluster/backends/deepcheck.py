@@ -35,6 +35,27 @@ def gpu_type(name: str) -> str:
     return "gpu"
 
 
+def deep_preflight(be, plan, min_busbw_gbps, what: str = "deep preflight") -> None:
+    """The deep checks (cluster/backends/deepcheck.py) on the plan's hosts; UserError naming the
+    culprits if any fails. The ssh backend's: elsewhere it says so and checks nothing more."""
+    import time
+    from cluster.errors import UserError
+    if be.name != "ssh":
+        print(f"{what}: the deep checks run on the ssh backend only (this one is {be.name})")
+        return
+    from cluster.backends.ssh import gang_port
+    t0 = time.monotonic()
+    port = int(plan.rdzv_endpoint.rsplit(":", 1)[1])
+    hosts = [be.inv.host(n.host) for n in plan.nodes]
+    # ports of their own: above the rendezvous one, away from the gang's (cluster/backends/ssh.py)
+    base = port + 10 if gang_port(port) > port else port - 20
+    _, problems = deep_check(be, hosts, base, min_busbw_gbps)
+    print(f"{what}: {len(hosts)} host(s) {hostlist.fold([h.name for h in hosts])} in {time.monotonic() - t0:.1f} s")
+    if problems:
+        raise UserError(f"{what} failed, nothing was started:\n  " + "\n  ".join(problems), where=be.inv.path,
+                        hint="fix or leave out the host(s) named; 'python -m cluster doctor JOB --deep' checks again")
+
+
 def deep_check(be, hosts, base_port: int, min_busbw_gbps: Optional[float] = None,
                say=print) -> tuple[list[str], list[str]]:
     """(folded report lines, problems) for ``hosts`` (inventory Hosts) through ``be``'s ssh pool."""
@@ -166,9 +187,14 @@ def _pairwise(be, hosts, port: int, backend: str, size: int, iters: int, thresho
         for i, j in rnd:
             a, b = hosts[i].name, hosts[j].name
             bw[(a, b)] = min(res.get(a, {}).get("busbw_gbps", 0.0), res.get(b, {}).get("busbw_gbps", 0.0))
+    return (*blame([h.name for h in hosts], bw, threshold), bw)
+
+
+def blame(names: list[str], bw: dict, threshold: float) -> tuple[list[str], list[tuple[str, str]]]:
+    """(slow hosts, slow links) from every pair's bandwidth: a host is slow when every pair it is
+    in is slow and some pair without it is fast; a slow pair of two fast hosts is a slow link."""
     slow = {k for k, v in bw.items() if v < threshold}
-    names = [h.name for h in hosts]
     slow_hosts = [n for n in names if len(names) > 2 and all(k in slow for k in bw if n in k)
                   and any(k not in slow for k in bw if n not in k)]
     slow_links = [k for k in sorted(slow) if not (set(k) & set(slow_hosts))]
-    return slow_hosts, slow_links, bw
+    return slow_hosts, slow_links

@@ -87,28 +87,6 @@ def root_login_warnings(inv, hosts) -> list[str]:
     return out
 
 
-def deep_preflight(be, plan, min_busbw_gbps, what: str = "deep preflight") -> None:
-    """The deep checks (cluster/backends/deepcheck.py) on the plan's hosts; UserError naming the
-    culprits if any fails. The ssh backend's: elsewhere it says so and checks nothing more."""
-    import time
-    from cluster.errors import UserError
-    if be.name != "ssh":
-        print(f"{what}: the deep checks run on the ssh backend only (this one is {be.name})")
-        return
-    from cluster.backends.deepcheck import deep_check
-    from cluster.backends.ssh import gang_port
-    t0 = time.monotonic()
-    port = int(plan.rdzv_endpoint.rsplit(":", 1)[1])
-    hosts = [be.inv.host(n.host) for n in plan.nodes]
-    # ports of their own: above the rendezvous one, away from the gang's (cluster/backends/ssh.py)
-    base = port + 10 if gang_port(port) > port else port - 20
-    _, problems = deep_check(be, hosts, base, min_busbw_gbps)
-    print(f"{what}: {len(hosts)} host(s) {hostlist.fold([h.name for h in hosts])} in {time.monotonic() - t0:.1f} s")
-    if problems:
-        raise UserError(f"{what} failed, nothing was started:\n  " + "\n  ".join(problems), where=be.inv.path,
-                        hint="fix or leave out the host(s) named; 'python -m cluster doctor JOB --deep' checks again")
-
-
 def run(args):
     inv, be, loaded, plan = resolve(args.job, args.overrides, args.inventory, args.backend)
     for n in plan.notes:
@@ -118,6 +96,7 @@ def run(args):
     be.check_only = True
     be.preflight(plan)
     if args.deep or loaded.job.preflight == "deep":
+        from cluster.backends.deepcheck import deep_preflight
         deep_preflight(be, plan, args.min_busbw_gbps or loaded.job.min_busbw_gbps, what="doctor --deep")
     hosts = ", ".join(n.host for n in plan.nodes)
     print(f"ok: {len(plan.nodes)} node(s) ({hosts}), {plan.nodes[0].nprocs} process(es) per node, "

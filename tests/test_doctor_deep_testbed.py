@@ -1,0 +1,44 @@
+"""`doctor --deep` on the cluster in a box: a real gloo all-reduce across the 3 hosts (CPU: no GPU
+to check); one host's link slowed with netem on its veth in the root namespace is named within
+60 s, and a healthy testbed passes."""
+import subprocess
+import time
+
+import pytest
+
+from tests.testbed.common import VETH_PREFIX
+
+pytestmark = [pytest.mark.testbed]
+
+JOB = "jobs/ddp-module.yaml"
+
+
+def doctor(client):
+    t0 = time.time()
+    p = client.cli("doctor", JOB, "-i", client.testbed.inventory, "--deep", timeout=120)
+    return p, time.time() - t0
+
+
+def test_healthy_testbed_passes(client):
+    p, _ = doctor(client)
+    assert p.returncode == 0, p.stdout + p.stderr
+    out = p.stdout + p.stderr
+    assert "ok  all-reduce  gloo, node[1-3]:" in out and "Gbit/s bus bandwidth" in out, out
+    assert "ok  gpu health  no GPU (node[1-3])" in out, out
+
+
+def test_slowed_link_names_its_host(client):
+    veth = f"{VETH_PREFIX}3"        # node3's veth, root namespace side (tests/testbed/network.py)
+    add = ["tc", "qdisc", "add", "dev", veth, "root", "netem", "delay", "50ms", "rate", "10mbit"]
+    subprocess.run(add, check=True, capture_output=True)
+    try:
+        p, took = doctor(client)
+    finally:
+        subprocess.run(["tc", "qdisc", "del", "dev", veth, "root"], capture_output=True)
+    out = p.stdout + p.stderr
+    assert p.returncode == 2, out
+    assert "!!  all-reduce" in out and "!!  pairs" in out, out
+    assert "node3: all-reduce bus bandwidth under" in out and "(the slow host)" in out, out
+    assert "nothing was started" in out and "Traceback" not in out, out
+    assert took < 60, f"took {took:.0f} s"
+    assert "node[1-2]" in out          # the fast ones, folded
