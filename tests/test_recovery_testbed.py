@@ -179,3 +179,26 @@ def test_submitter_killed_during_recovery(client):
     assert st["state"] == "SUCCEEDED", json.dumps(client.record(rid).get("attempts"), indent=1)
     assert client.record(rid)["attempt"] == 2
     assert not client.left_anywhere(rid)
+
+
+def test_every_process_of_a_host_killed_recovers(client):
+    """The agent, torchrun and the rank of node2 killed -9: the gang loses the host, the run relaunches."""
+    job = client.job(TRAIN.format(steps=40, log_every=2))
+    rid, _ = client.submit(job, *RESTART)
+    wait_for("step", lambda: heartbeat_step(client, rid) >= 12)
+    pids = [l.split()[0] for l in client.run_pids("node2", rid)]
+    assert len(pids) >= 3, pids
+    t_fault = time.time()
+    assert client.testbed.run("node2", ["kill", "-9", *pids]).returncode == 0
+    st = client.wait(rid, timeout=240)
+    rec = client.record(rid)
+    assert st["state"] == "SUCCEEDED", json.dumps(rec.get("attempts"), indent=1)
+    assert rec["attempt"] == 2 and rec["attempts"][0]["host"] == "node2", rec["attempts"]
+    att = attempts_of(metrics(client, rid))
+    steps2 = [r["step"] for r in att[-1] if r.get("kind") == "train"]
+    assert steps2 == sorted(set(steps2)) and steps2[0] > att[-1][0]["step"] and steps2[-1] == 40, steps2
+    assert not client.left_anywhere(rid)
+    from tests.test_faults_testbed import report
+    first2 = next(r for r in att[-1] if r.get("kind") == "train")
+    report("kill -9 of every process of one host (automatic recovery)", state=st["state"],
+           resumed_at=att[-1][0]["step"], auto_recovery_s=round(first2["time"] - t_fault, 1))
