@@ -39,6 +39,7 @@ def test_slowed_link_names_its_host(client):
     finally:
         subprocess.run(["tc", "qdisc", "del", "dev", veth, "root"], capture_output=True)
     out = p.stdout + p.stderr
+    print(out)      # README's example (pytest -s)
     assert p.returncode == 2, out
     assert "!!  all-reduce" in out and "!!  pairs" in out, out
     assert "node3: all-reduce bus bandwidth under" in out and "(the slow host)" in out, out

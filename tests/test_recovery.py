@@ -112,3 +112,10 @@ def test_final_failure_names_every_attempt(tmp_path):
     text = "\n".join(render_failure(f))
     assert "attempt 1: host node2 rank 1" in text and "attempt 2: host node3 rank 2" in text
     assert "not restarted: " in text and "max_failures (1) reached" in text
+
+
+def test_agent_gone_without_an_exit_record_restarts():
+    f = failure(error="torchrun on node2 ended with exit code None (ranks 1-1)")
+    assert not decide({}, f, 3).restart
+    d = decide({}, f, 3, node_detail="agent gone without an exit record")
+    assert d.restart and "vanished" in d.reason

@@ -176,7 +176,8 @@ class Backend(ABC):
         signal = -code if code is not None and code < 0 and -code not in _STOP_SIGNALS else None
         progressed = any(isinstance(hb, dict) and (hb.get("step") or 0) > 0
                          for n in nodes for hb in (n.heartbeats or {}).values())
-        return restart_instead(run, failure, limit, signal, progressed)
+        detail = next((n.detail for n in nodes if n.host == failure.get("host")), "")
+        return restart_instead(run, failure, limit, signal, progressed, detail)
 
     def first_failure(self, run: Run, nodes: list[NodeStatus], tails: Optional["LogTails"] = None,
                       everyone: Optional[list[NodeStatus]] = None) -> dict:

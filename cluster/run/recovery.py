@@ -43,11 +43,12 @@ def attempt_of(data: dict) -> int:
 
 
 def decide(data: dict, failure: dict, max_failures: int, signal: Optional[int] = None,
-           progressed: bool = False) -> Decision:
+           progressed: bool = False, node_detail: str = "") -> Decision:
     """Whether the attempt that ended with ``failure`` is followed by another.
 
     ``signal``: the signal that ended the failing rank (torchrun's summary; None if none did);
-    ``progressed``: a rank had trained at least one step in this attempt."""
+    ``progressed``: a rank had trained at least one step in this attempt; ``node_detail``: what the
+    status of the failing host said (its agent gone without an exit record: killed, or a reboot)."""
     from cluster.run.diagnose import diagnose, pattern
     host, rank = failure.get("host"), failure.get("rank")
     cause = _cause(failure, signal)
@@ -76,7 +77,7 @@ def decide(data: dict, failure: dict, max_failures: int, signal: Optional[int] =
         verdict = f"host {host} was lost: the next attempt starts once it answers again"
     elif signal is not None:
         verdict = f"killed by signal {signal}, not by the job's code: a restart can fix it"
-    elif "without an exit record" in (failure.get("error") or "") + " ".join(failure.get("details") or []):
+    elif "without an exit record" in (failure.get("error") or "") + node_detail:
         verdict = f"the agent on {host} vanished (host rebooted or killed): a restart can fix it"
     elif user_error and not (own_ids & {f["pattern_id"] for f in known}):
         return Decision(False, cause, f"a Python error in the job's code ({user_error[:200]}): a restart "
@@ -106,7 +107,7 @@ def _cause(failure: dict, signal: Optional[int]) -> str:
 
 
 def restart_instead(run: Run, failure: dict, max_failures: int, signal: Optional[int] = None,
-                    progressed: bool = False) -> bool:
+                    progressed: bool = False, node_detail: str = "") -> bool:
     """Called as an attempt of ``run`` is found FAILED: records the decision (in ``failure`` too,
     for the record FAILED gets otherwise) and, if the run relaunches, marks it RESTARTING.
     True: the caller must not record the run as ended."""
@@ -115,7 +116,7 @@ def restart_instead(run: Run, failure: dict, max_failures: int, signal: Optional
         run._data = fresh.data      # another process decided already
         return fresh.data.get("state") == State.RESTARTING.value
     run._data = fresh.data
-    return record(run, attempt_of(fresh.data), decide(fresh.data, failure, max_failures, signal, progressed),
+    return record(run, attempt_of(fresh.data), decide(fresh.data, failure, max_failures, signal, progressed, node_detail),
                   failure)
 
 
@@ -143,7 +144,7 @@ def describe(data: dict) -> list[str]:
         return []
     n = attempt_of(data)
     out = [f"attempt {n}" + (" (restarting)" if data.get("state") == State.RESTARTING.value else "")
-           + f"; {len(attempts)} failure(s) so far:"]
+           + f"; {len(attempts)} failure(s):"]
     for a in attempts:
         out.append(f"  attempt {a['attempt']}: {a['cause']} -> "
                    f"{'restarted' if a['restart'] else 'not restarted'}: {a['reason']}")
