@@ -49,8 +49,9 @@ def deep_preflight(be, plan, min_busbw_gbps, what: str = "deep preflight") -> No
     hosts = [be.inv.host(n.host) for n in plan.nodes]
     # ports of their own: above the rendezvous one, away from the gang's (cluster/backends/ssh.py)
     base = port + 10 if gang_port(port) > port else port - 20
-    _, problems = deep_check(be, hosts, base, min_busbw_gbps)
-    print(f"{what}: {len(hosts)} host(s) {hostlist.fold([h.name for h in hosts])} in {time.monotonic() - t0:.1f} s")
+    from cluster.backends.base import progress
+    _, problems = deep_check(be, hosts, base, min_busbw_gbps, say=progress)
+    progress(f"{what}: {len(hosts)} host(s) {hostlist.fold([h.name for h in hosts])} in {time.monotonic() - t0:.1f} s")
     if problems:
         raise UserError(f"{what} failed, nothing was started:\n  " + "\n  ".join(problems), where=be.inv.path,
                         hint="fix or leave out the host(s) named; 'python -m cluster doctor JOB --deep' checks again")
