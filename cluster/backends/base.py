@@ -164,7 +164,7 @@ class Backend(ABC):
         """Automatic recovery (cluster/run/recovery.py): True if the run relaunches instead of ending."""
         from cluster.run.recovery import restart_instead, restart_policy
         limit = restart_policy(run, self.name)
-        if limit is None:
+        if not limit:       # off (or not this backend's): the failure is recorded as it always was
             return False
         tail = failure.get("log_tail") or []
         if failure.get("host"):     # torchrun's summary (how the rank ended) is in the host's log, not the rank's lines
