@@ -118,13 +118,16 @@ def deep_check(be, hosts, base_port: int, min_busbw_gbps: Optional[float] = None
     if ok:
         return lines, problems
     slow_hosts, slow_links, pair_bw = _pairwise(be, hosts, base_port + 1, backend, size, iters, threshold)
-    per_host = {}
+    per_host = {}      # one word per host, so that healthy hosts fold together (clush -b)
     for n in names:
         mine = [v for k, v in pair_bw.items() if n in k]
-        per_host[n] = ("slow: " if n in slow_hosts else "") + \
-            (f"{min(mine):g}-{max(mine):g} Gbit/s with its peers" if mine else "no pair answered")
+        links = sorted(b if a == n else a for a, b in slow_links if n in (a, b))
+        per_host[n] = (f"slow: {max(mine):.2g} Gbit/s at best, with every peer" if n in slow_hosts else
+                       f"slow link to {hostlist.fold(links)}" if links else
+                       "no pair answered" if not mine else "ok")
     line(not slow_hosts and not slow_links, "pairs", " | ".join(
-        f"{v} ({hostlist.fold(hs)})" for hs, v in fold(per_host)))
+        f"{v} ({hostlist.fold(hs)})" for hs, v in fold(per_host)) + "; Gbit/s per pair: " +
+        ", ".join(f"{a}-{b} {v:.2g}" for (a, b), v in sorted(pair_bw.items())))
     if slow_hosts:
         problems.append(f"{hostlist.fold(slow_hosts)}: all-reduce bus bandwidth under {threshold:g} Gbit/s "
                         f"with every other host (the slow host{'s' if len(slow_hosts) > 1 else ''}); check its "
