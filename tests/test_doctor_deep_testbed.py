@@ -46,3 +46,11 @@ def test_slowed_link_names_its_host(client):
     assert "nothing was started" in out and "Traceback" not in out, out
     assert took < 60, f"took {took:.0f} s"
     assert "ok (node[1-2])" in out and "slow: " in out and "(node3)" in out, out   # folded, as clush -b
+
+
+def test_job_with_deep_preflight_checks_before_it_starts(client):
+    from tests.testbed_client import HELLO
+    job = client.job(HELLO.format(sleep=0) + "preflight: deep\n")
+    rid, p = client.submit(job)
+    assert "ok  all-reduce  gloo, node[1-3]:" in p.stderr and "deep preflight: 3 host(s)" in p.stderr, p.stderr
+    assert client.wait(rid, timeout=120)["state"] == "SUCCEEDED"
