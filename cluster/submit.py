@@ -67,6 +67,9 @@ def submit(job_name: str, overrides: list[str], inventory: Optional[str] = None,
         resume_run = resolve_run(resume)
     progress(f"preflight: {len(plan.nodes)} node(s) ...")
     be.preflight(plan)
+    if loaded.job.preflight == "deep":      # opt-in: GPU health and the network's bandwidth (doctor --deep)
+        from cluster.backends.deepcheck import deep_preflight
+        deep_preflight(be, plan, loaded.job.min_busbw_gbps)
     run = Run(plan.run_id)
     run.create({
         "id": plan.run_id, "created": time.time(), "state": State.PENDING.value,

@@ -28,6 +28,8 @@ train:
   ckpt_every: 10
 checkpoint:
   sync_every_s: 5
+restart:
+  max_failures: 0   # the fault tests resume by hand; tests/test_recovery_testbed.py turns it on
 """
 STEPS_LONG = 300     # long enough to outlast a 10 s outage on a busy 2-core machine
 HELLO = """name: tbhello

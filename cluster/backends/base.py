@@ -120,6 +120,9 @@ class Backend(ABC):
         writer (cluster/run/records.py), which merges: a state change, the run's end (the first
         recorded end stands), events. Nothing else of the record is written."""
         run.reload()        # what other processes recorded since this one last looked
+        from cluster.run.recovery import refresh
+        if refresh(run) == State.RESTARTING:      # between two attempts: the watcher relaunches
+            return State.RESTARTING, []
         if run.state.is_terminal() and run.data.get("final"):
             return self._recorded(run)
         if run.state == State.PENDING and not run.data.get("handle"):
@@ -141,6 +144,8 @@ class Backend(ABC):
         if state.is_terminal():
             if not self.finish(run, state, nodes, failure=hang):
                 return self._recorded(run)
+            if run.state == State.RESTARTING:
+                return State.RESTARTING, nodes
         elif state != run.state and not run.set_state(state):
             return self._recorded(run)      # the run ended while this one looked: its end stands
         return state, nodes
@@ -158,8 +163,29 @@ class Backend(ABC):
         extra = {}
         if state == State.FAILED:
             extra["failure"] = failure or self.first_failure(run, nodes)
+            if self._recover(run, extra["failure"], nodes):
+                return True     # not an end: the watcher relaunches (State.RESTARTING)
         return run.set_state(state, final=True, ended=time.time(),
                              nodes_final=[_plain(n) for n in nodes], **extra)
+
+    def _recover(self, run: Run, failure: dict, nodes: list[NodeStatus]) -> bool:
+        """Automatic recovery (cluster/run/recovery.py): True if the run relaunches instead of ending."""
+        from cluster.run.recovery import restart_instead, restart_policy
+        limit = restart_policy(run, self.name)
+        if not limit:       # off (or not this backend's): the failure is recorded as it always was
+            return False
+        tail = failure.get("log_tail") or []
+        if failure.get("host"):     # torchrun's summary (how the rank ended) is in the host's log, not the rank's lines
+            try:
+                tail = self.log_tail(run, failure["host"], LogTails.LINES) or tail
+            except Exception:   # noqa: BLE001 -- unreachable host: judged by what the failure kept
+                pass
+        _, code = root_cause(tail)
+        signal = -code if code is not None and code < 0 and -code not in _STOP_SIGNALS else None
+        progressed = any(isinstance(hb, dict) and (hb.get("step") or 0) > 0
+                         for n in nodes for hb in (n.heartbeats or {}).values())
+        detail = next((n.detail for n in nodes if n.host == failure.get("host")), "")
+        return restart_instead(run, failure, limit, signal, progressed, detail)
 
     def first_failure(self, run: Run, nodes: list[NodeStatus], tails: Optional["LogTails"] = None,
                       everyone: Optional[list[NodeStatus]] = None) -> dict:

@@ -34,3 +34,12 @@ def _host_source(name: str) -> str:
     src = "import json, os, signal, socket, subprocess, sys, time\n"
     src += "".join(inspect.getsource(f) + "\n" for f in _HELPERS[name] + (func,))
     return src + f"print(json.dumps({name}(json.loads(sys.stdin.readline() or '{{}}'))))\n"
+
+
+def module_command(python: str, func) -> str:
+    """``python -c``: a node module whole (standard library at import, as cluster/node/deep.py),
+    then ``func`` called as host_command's functions are (JSON in on stdin, JSON out)."""
+    import sys
+    src = inspect.getsource(sys.modules[func.__module__])
+    src += f"\nimport json, sys\nprint(json.dumps({func.__name__}(json.loads(sys.stdin.readline() or '{{}}'))))\n"
+    return quote_argv([python, "-c", src], home=[python])

@@ -361,6 +361,8 @@ class SSHBackend(Backend):
 
     def _start_watcher(self, run: Run) -> Optional[int]:
         """The detached checkpoint syncer (python -m cluster.backends.watcher watch RUN); it ends with the run."""
+        if getattr(self, "watcher_pid", None):      # a relaunch by the watcher itself (backends/relaunch.py)
+            return self.watcher_pid
         env = {**os.environ, "CLUSTER_RUNS_DIR": str(run.dir.parent)}
         env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         env.pop("CLUSTER_RUN_ID", None)

@@ -59,6 +59,16 @@ def watch(run_id: str, poll_s: float = 5.0) -> int:
             state = run.state
         if state.is_terminal():
             break
+        if state == State.RESTARTING:       # automatic recovery: this watcher owns the relaunch
+            from cluster.backends.relaunch import relaunch
+            try:
+                relaunch(be, run_id, first.dir.parent)
+            except Exception as e:   # noqa: BLE001 -- recorded: the run ends FAILED, saying why
+                from cluster.backends.relaunch import give_up
+                print(f"recovery: {type(e).__name__}: {e}", flush=True)
+                give_up(Run(run_id, first.dir.parent), f"the relaunch failed: {type(e).__name__}: {e}")
+            last_seen = time.time()
+            continue
         if time.time() - last_seen > GIVE_UP_S:
             print(f"no host of the run answered for {GIVE_UP_S:g} s; giving up "
                   f"('python -m cluster logs {run_id} --collect' and 'status' still work later)", flush=True)

@@ -3,7 +3,7 @@ import getpass
 from cluster.spec import hostlist
 from cluster.submit import resolve
 
-HELP = "check that a job can start: hosts reachable, GPUs, versions, disk, ports (changes nothing)"
+HELP = "check that a job can start: hosts reachable, GPUs, versions, disk, ports (changes nothing); --deep: GPU health and network bandwidth too"
 
 # Runs on each host (its python, standard library only): the sshd serving this very session and
 # whether its config lets root log in with a password. The listener is an ancestor of this process;
@@ -54,6 +54,11 @@ def add_arguments(p):
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     p.add_argument("-i", "--inventory", help="inventory file (default: inventory.yaml)")
     p.add_argument("-b", "--backend", help="local, ssh or slurm (default: from the inventory)")
+    p.add_argument("--deep", action="store_true",
+                   help="also GPU health (ECC, XID, a matmul) and an all-reduce bandwidth test across the hosts; "
+                        "pairwise tests name a slow host or link (ssh backend; the job's preflight: deep does it too)")
+    p.add_argument("--min-busbw-gbps", type=float, metavar="GBIT_S",
+                   help="the all-reduce threshold (default: the job's min_busbw_gbps, else one per GPU type)")
 
 
 def root_login_warnings(inv, hosts) -> list[str]:
@@ -90,6 +95,9 @@ def run(args):
         print(w)
     be.check_only = True
     be.preflight(plan)
+    if args.deep or loaded.job.preflight == "deep":
+        from cluster.backends.deepcheck import deep_preflight
+        deep_preflight(be, plan, args.min_busbw_gbps or loaded.job.min_busbw_gbps, what="doctor --deep")
     hosts = ", ".join(n.host for n in plan.nodes)
     print(f"ok: {len(plan.nodes)} node(s) ({hosts}), {plan.nodes[0].nprocs} process(es) per node, "
           f"rendezvous {plan.rdzv_endpoint}; backend {inv.backend}")

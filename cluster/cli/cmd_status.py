@@ -84,12 +84,16 @@ def _one(r, as_json):
     if as_json:
         print(json.dumps({"id": r.id, "state": state.value, "failure": r.data.get("failure"),
                           "watch": watch, "scaling": scaling and scaling.to_dict(), "checkpoints": ckpts,
+                          "attempt": r.data.get("attempt", 1), "attempts": r.data.get("attempts", []),
                           "nodes": [n.__dict__ | {"state": n.state.value} for n in nodes]}, indent=1, default=str))
         return 0
     progress = {p["rank"]: p for p in (watch or {}).get("ranks", [])}
     plan = r.data["plan"]
     print(f"run {r.id}: {state.value}  (job {r.data['job']['name']}, backend {r.data['backend']}, "
           f"world size {plan['world_size']}, rendezvous {plan['rdzv_endpoint']}, age {_age(r.data.get('created'))})")
+    from cluster.run.recovery import describe
+    for line in describe(r.data):       # automatic recovery: each attempt's cause and the decision
+        print("  " + line)
     for n in nodes:
         extra = f" exit {n.exit_code}" if n.exit_code is not None else ""
         print(f"  {n.host:<16} {n.state.value:<10} pid {n.pid}{extra} {n.detail}".rstrip())

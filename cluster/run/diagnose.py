@@ -27,7 +27,7 @@ FAILURES = Path(__file__).with_name("failures.yaml")
 _PREFIX = re.compile(r"^\[(?P<host>[^\] ]+) (?P<rank>\d+|agent)\] ")
 _RANK_TAG = re.compile(r"\[rank(\d+)\]")
 _MAX_LINE = 400                       # characters of a matched line kept in run.json
-_KEYS = {"id", "title", "match", "compare", "check", "cause", "remedy"}
+_KEYS = {"id", "title", "match", "compare", "check", "cause", "remedy", "restart"}
 
 # stragglers: a rank this many steps behind the leader (after allowing for heartbeats written at
 # different moments), or progressing at less than this fraction of the median rate
@@ -45,6 +45,7 @@ class Pattern:
     match: Optional[re.Pattern] = None
     compare: Optional[re.Pattern] = None
     check: Optional[str] = None
+    restart: Optional[str] = None   # yes | no | after-progress (cluster/run/recovery.py)
 
 
 @dataclass(frozen=True)
@@ -93,8 +94,10 @@ def patterns(path: Path = FAILURES) -> tuple[Pattern, ...]:
             raise ValueError(f"{where}: bad regular expression: {err}") from None
         if cmp is not None and cmp.groups != 1:
             raise ValueError(f"{where}: compare needs exactly one group")
+        if e.get("restart") not in (None, "yes", "no", "after-progress"):
+            raise ValueError(f"{where}: restart must be yes, no or after-progress")
         out.append(Pattern(e["id"], e["title"], " ".join(e["cause"].split()),
-                           " ".join(e["remedy"].split()), rx, cmp, e.get("check")))
+                           " ".join(e["remedy"].split()), rx, cmp, e.get("check"), e.get("restart")))
     return tuple(out)
 
 
@@ -285,6 +288,10 @@ def render_failure(failure: Optional[Mapping], tail: int = 15) -> list[str]:
     if failure.get("error"):
         head += f" ({failure['error']})"
     out = [head]
+    for a in failure.get("attempts") or []:     # automatic recovery (cluster/run/recovery.py)
+        out.append(f"  attempt {a['attempt']}: {a['cause']}")
+    if failure.get("recovery") and not failure["recovery"].get("restart"):
+        out.append(f"  not restarted: {failure['recovery']['reason']}")
     out += ["  | " + line for line in (failure.get("log_tail") or [])[-tail:]] if tail else []
     findings = findings_of(failure)
     if failure.get("hint"):

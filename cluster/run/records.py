@@ -26,6 +26,7 @@ class State(str, enum.Enum):
     STARTING = "STARTING"
     RUNNING = "RUNNING"
     HUNG = "HUNG"
+    RESTARTING = "RESTARTING"   # an attempt failed; the next one starts (cluster/run/recovery.py)
     SUCCEEDED = "SUCCEEDED"
     FAILED = "FAILED"
     CANCELLED = "CANCELLED"

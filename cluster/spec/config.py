@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import re
 from dataclasses import dataclass, field
@@ -439,6 +440,23 @@ class RestartSpec:
     max_restarts: int = 0      # torchrun restarts of a failed worker group
     requeue: bool = True       # SLURM: requeue on time limit / preemption
     max_requeues: int = 3
+    # ssh: the run relaunches itself (same run id, next attempt) from its latest checkpoint after a
+    # failure a restart can fix (cluster/run/recovery.py); the failure after the first max_failures
+    # ends it. None: 3 for a train: job that writes checkpoints, 0 (off) otherwise
+    max_failures: Optional[int] = None
+    backoff_s: float = 10.0    # wait between the stopped gang and the next attempt
+
+
+def max_failures(job: "Job") -> int:
+    """The failures a run of ``job`` recovers from by itself (restart.max_failures or its default)."""
+    if job.restart.max_failures is not None:
+        return job.restart.max_failures
+    return 3 if job.train is not None and _ckpt_every(job) > 0 else 0
+
+
+def _ckpt_every(job: "Job") -> int:
+    every = job.checkpoint.every_steps or (job.train or {}).get("ckpt_every", 0)
+    return every if isinstance(every, int) else 0
 
 
 @dataclass(frozen=True)
@@ -470,6 +488,10 @@ class Job:
     hang_timeout_s: int = 300             # a rank without progress this long marks the run HUNG
     startup_timeout_s: int = 900          # ... before its first progress (start-up, compile, data)
     stop_on_hang: bool = False            # stop a HUNG run (recorded as FAILED, naming the ranks)
+    # deep: before the launch, GPU health and an all-reduce bandwidth test across the run's hosts
+    # (cluster/backends/deepcheck.py); a host under the threshold is named and nothing starts
+    preflight: Literal["basic", "deep"] = "basic"
+    min_busbw_gbps: Optional[float] = None   # deep preflight's all-reduce threshold (default per GPU type)
     profiles: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
@@ -663,6 +685,11 @@ def _check_job(job: Job, src: Source) -> None:
                        "give it relative to the run directory (the job's working directory), e.g. snapshot.pt")
     _check_range(job.restart.max_restarts, 0, 10**6, src, ("restart", "max_restarts"))
     _check_range(job.restart.max_requeues, 0, 10**6, src, ("restart", "max_requeues"))
+    _check_range(job.restart.max_failures, 0, 1000, src, ("restart", "max_failures"))
+    _check_range(job.restart.backoff_s, 0, 3600, src, ("restart", "backoff_s"), " (seconds)")
+    if job.min_busbw_gbps is not None and not job.min_busbw_gbps > 0:
+        raise _bad(f"must be more than 0; got {job.min_busbw_gbps}", src, ("min_busbw_gbps",),
+                   "a bus bandwidth in Gbit/s, e.g. 100")
     if job.container is not None:      # one validator of the section: the one that implements it
         from cluster.spec.container import check_spec
         check_spec(job.container, src.where)
@@ -757,3 +784,10 @@ def inventory_from_plain(d: dict) -> Inventory:
         ssh=SSHSettings(**d["ssh"]),
         slurm=SlurmSettings(**slurm) if slurm else None,
         shared_fs=d["shared_fs"], storage=d.get("storage"))
+
+
+def job_from_plain(d: dict) -> Job:
+    """Rebuild a Job from the snapshot kept in run.json (the next attempt of a run: the job as it
+    was submitted, whatever its file says now)."""
+    job = build(Job, d, Source("run.json (job.resolved)", d))
+    return dataclasses.replace(job, args=list(job.args))

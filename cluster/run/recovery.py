@@ -1,0 +1,177 @@
+"""Automatic recovery: whether a failed run relaunches itself, and the record of its attempts.
+
+A run fails; Backend.finish asks ``restart_instead`` before it records FAILED. The decision comes
+from the diagnosis (cluster/run/diagnose.py, the ``restart:`` of each entry of failures.yaml) and
+from how the failing rank ended:
+
+* restarted: a host lost by the gang (down, cut off), a rank or torchrun killed by a signal that no
+  stop sent (kill -9, the kernel), an agent gone without an exit record, a hang the job stops
+  (stop_on_hang), a known failure whose entry says ``restart: 'yes'`` (a collective or NCCL timeout,
+  a rendezvous that timed out) or ``after-progress`` once a step was trained (an OOM later on);
+* not restarted: a known failure whose entry says ``restart: 'no'`` (a missing module, a version
+  mismatch, a full disk), a Python error in the job's own code (an exception on the failing rank
+  that is not a peer's death), an OOM at step 0, an unknown cause, a stop, and the failure after the
+  first ``restart.max_failures``.
+
+The run then stays one run: run.json keeps ``attempt`` (1, 2, ...) and ``attempts`` (each one's
+cause and the decision with its reason); the state is RESTARTING until the relaunch (owned by the
+detached watcher: cluster/backends/relaunch.py) starts the next attempt.
+"""
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+from cluster.run.records import Run, State
+
+# a Python exception's last line, after the log's "[host rank] " prefix
+_EXCEPTION = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?[A-Za-z_]\w*(?:Error|Exception|Interrupt|Exit)\b(?::|$)")
+_TORCHRUN_OWN = ("ChildFailedError", "SignalException")       # torchrun's own report of a rank's end
+
+
+@dataclass(frozen=True)
+class Decision:
+    restart: bool
+    cause: str      # what failed, one line
+    reason: str     # why the run is (not) relaunched
+
+
+def attempt_of(data: dict) -> int:
+    return int(data.get("attempt") or 1)
+
+
+def decide(data: dict, failure: dict, max_failures: int, signal: Optional[int] = None,
+           progressed: bool = False, node_detail: str = "") -> Decision:
+    """Whether the attempt that ended with ``failure`` is followed by another.
+
+    ``signal``: the signal that ended the failing rank (torchrun's summary; None if none did);
+    ``progressed``: a rank had trained at least one step in this attempt; ``node_detail``: what the
+    status of the failing host said (its agent gone without an exit record: killed, or a reboot)."""
+    from cluster.run.diagnose import diagnose, pattern
+    host, rank = failure.get("host"), failure.get("rank")
+    cause = _cause(failure, signal)
+    if data.get("stop_requested"):
+        return Decision(False, cause, "the run was stopped")
+    if max_failures <= 0:
+        return Decision(False, cause, "automatic recovery is off (restart.max_failures: 0)")
+    done = len(data.get("attempts") or []) + 1       # failures so far, this one included
+    own = [l for l in failure.get("log_tail") or [] if rank is not None and l.startswith(f"[{host} {rank}] ")]
+    own_ids = {f.pattern_id for f in diagnose(own)}
+    known = [f for f in failure.get("findings") or []
+             if f.get("host") in (None, host) and _restart_of(pattern, f["pattern_id"]) is not None]
+    verdict = None
+    for f in known:     # those on the failing rank first (the diagnosis orders them so)
+        how = _restart_of(pattern, f["pattern_id"])
+        if how == "no":
+            return Decision(False, cause, f"{f['title']}: a restart would fail the same way ({f['remedy']})")
+        if how == "after-progress" and not progressed:
+            return Decision(False, cause, f"{f['title']} before the first step: a restart would fail the same way")
+        verdict = verdict or f"{f['title']}: a restart can fix it"
+    user_error = next((l.split("] ", 1)[1] for l in reversed(own)
+                       if _EXCEPTION.match(l.split("] ", 1)[1]) and not any(t in l for t in _TORCHRUN_OWN)), None)
+    if failure.get("hang"):
+        verdict = "hung ranks were stopped: a restart can fix it"
+    elif "lost by the gang" in (failure.get("error") or ""):
+        verdict = f"host {host} was lost: the next attempt starts once it answers again"
+    elif signal is not None:
+        verdict = f"killed by signal {signal}, not by the job's code: a restart can fix it"
+    elif "without an exit record" in (failure.get("error") or "") + node_detail:
+        verdict = f"the agent on {host} vanished (host rebooted or killed): a restart can fix it"
+    elif user_error and not (own_ids & {f["pattern_id"] for f in known}):
+        return Decision(False, cause, f"a Python error in the job's code ({user_error[:200]}): a restart "
+                                      "would fail the same way; fix it, then 'submit --resume RUN'")
+    if verdict is None:
+        return Decision(False, cause, "the cause is not one a restart is known to fix; see the log, then "
+                                      "'submit --resume RUN'")
+    if done > max_failures:
+        return Decision(False, cause, f"restart.max_failures ({max_failures}) reached: {verdict}")
+    return Decision(True, cause, verdict)
+
+
+def _restart_of(pattern, pattern_id: str) -> Optional[str]:
+    try:
+        return pattern(pattern_id).restart
+    except KeyError:
+        return None
+
+
+def _cause(failure: dict, signal: Optional[int]) -> str:
+    where = " ".join(x for x in (f"host {failure['host']}" if failure.get("host") else "",
+                                 f"rank {failure['rank']}" if failure.get("rank") is not None else "") if x)
+    what = failure.get("error") or (f"killed by signal {signal}" if signal else None) or \
+        next((f["title"] for f in failure.get("findings") or []), None) or \
+        (f"exit code {failure['exit_code']}" if failure.get("exit_code") is not None else "failed")
+    return f"{where}: {what}" if where else what
+
+
+def restart_instead(run: Run, failure: dict, max_failures: int, signal: Optional[int] = None,
+                    progressed: bool = False, node_detail: str = "") -> bool:
+    """Called as an attempt of ``run`` is found FAILED: records the decision (in ``failure`` too,
+    for the record FAILED gets otherwise) and, if the run relaunches, marks it RESTARTING.
+    True: the caller must not record the run as ended."""
+    fresh = Run(run.id, run.dir.parent)
+    if fresh.data.get("final") or fresh.data.get("state") == State.RESTARTING.value:
+        run._data = fresh.data      # another process decided already
+        return fresh.data.get("state") == State.RESTARTING.value
+    run._data = fresh.data
+    return record(run, attempt_of(fresh.data), decide(fresh.data, failure, max_failures, signal, progressed, node_detail),
+                  failure)
+
+
+def record(run: Run, n: int, d: Decision, failure: dict) -> bool:
+    """Attempt ``n`` ended with ``failure``: the decision into run.json (``attempts``), the event
+    and ``failure``; RESTARTING if the run goes on. Returns ``d.restart``."""
+    entry = {"attempt": n, "ended": round(time.time(), 3), "cause": d.cause, "restart": d.restart,
+             "reason": d.reason, "host": failure.get("host"), "rank": failure.get("rank")}
+    attempts = [a for a in run.data.get("attempts") or [] if a.get("attempt") != n] + [entry]
+    run.event("recovery", attempt=n, restart=d.restart, cause=d.cause, reason=d.reason)
+    failure["recovery"] = {"restart": d.restart, "reason": d.reason}
+    if len(attempts) > 1:
+        failure["attempts"] = attempts
+    if not d.restart:
+        run.update(attempts=attempts, attempt=n)
+        return False
+    run.set_state(State.RESTARTING, attempts=attempts, attempt=n, last_failure=failure)
+    return True
+
+
+def describe(data: dict) -> list[str]:
+    """status: the attempts so far and what each ended with."""
+    attempts = data.get("attempts") or []
+    if not attempts:
+        return []
+    n = attempt_of(data)
+    out = [f"attempt {n}" + (" (restarting)" if data.get("state") == State.RESTARTING.value else "")
+           + f"; {len(attempts)} failure(s):"]
+    for a in attempts:
+        out.append(f"  attempt {a['attempt']}: {a['cause']} -> "
+                   f"{'restarted' if a['restart'] else 'not restarted'}: {a['reason']}")
+    return out
+
+
+def restart_policy(run: Run, backend: str) -> Optional[int]:
+    """The run's restart.max_failures (or its default), where automatic recovery applies (ssh);
+    None where it does not."""
+    if backend != "ssh" or not (run.data.get("job") or {}).get("resolved"):
+        return None
+    from cluster.spec.config import job_from_plain, max_failures
+    try:
+        return max_failures(job_from_plain(run.data["job"]["resolved"]))
+    except Exception:   # noqa: BLE001 -- a record from an older version: no recovery, the run fails as before
+        return None
+
+
+def refresh(run: Run) -> State:
+    """The state on disk; ``run``'s cached record is replaced when another process moved the run to
+    another attempt or between two (a follower's record must not judge the old attempt's nodes)."""
+    fresh = Run(run.id, run.dir.parent)
+    try:
+        data = fresh.data
+    except Exception:   # noqa: BLE001 -- damaged or missing: the caller's record decides, as before
+        return run.state
+    if data.get("state") == State.RESTARTING.value or attempt_of(data) != attempt_of(run.data) \
+            or data.get("final") != run.data.get("final"):
+        run._data = data
+    return run.state

@@ -1,0 +1,209 @@
+"""Automatic recovery on the cluster in a box (3 hosts, ssh backend, a real training run over gloo):
+a run that fails for a cause a restart can fix relaunches itself, as the same run id, from its
+latest checkpoint; one that fails in the job's own code does not, and says why.
+
+What a user checks: `status` (the state, the attempts), the run's metrics (which steps each attempt
+trained), its merged log, and that nothing of the run is left on any host.
+"""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.testbed_client import HELLO, REPO, TRAIN
+
+pytestmark = [pytest.mark.testbed, pytest.mark.slow]
+
+STEPS = 60
+FAULT_AT = 24         # checkpoints at 10, 20: the fault hits after step 24
+RESTART = ["restart.max_failures=2", "restart.backoff_s=1"]
+
+
+def heartbeat_step(client, rid, host="node1", rank=0):
+    try:
+        return json.loads(client.host_file(host, rid, f"metrics/heartbeat-rank{rank}.json").read_text())["step"]
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def wait_for(what, pred, timeout=180, every=0.3):
+    deadline = time.time() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        assert time.time() < deadline, f"no {what} after {timeout}s"
+        time.sleep(every)
+
+
+def events(client, rid, name=None):
+    p = client.runs / rid / "events.jsonl"
+    evs = [json.loads(l) for l in p.read_text().splitlines() if l.strip()] if p.exists() else []
+    return [e for e in evs if name is None or e["event"] == name]
+
+
+def kill_rank(client, rid, host="node2"):
+    pids = [l.split()[0] for l in client.run_pids(host, rid) if " -m train " in l and "torch.distributed.run" not in l]
+    assert len(pids) == 1, client.run_pids(host, rid)
+    assert client.testbed.run(host, ["kill", "-9", pids[0]]).returncode == 0
+    return time.time()
+
+
+def metrics(client, rid, host="node1", rank=0):
+    p = client.host_file(host, rid, f"metrics/metrics-rank{rank}.jsonl")
+    return [json.loads(l) for l in p.read_text().splitlines() if l.strip()]
+
+
+def attempts_of(records):
+    """The metric records split at each 'start' record (one list per attempt)."""
+    out = []
+    for r in records:
+        if r.get("kind") == "start":
+            out.append([r])
+        elif out:
+            out[-1].append(r)
+    return out
+
+
+def submit_following(client, job, *extra):
+    """`submit -f` as a user types it, in its own session (so that the test can kill it)."""
+    return subprocess.Popen([sys.executable, "-m", "cluster", "submit", str(job), "-i", str(client.testbed.inventory),
+                             "-f", *extra], cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env=client.testbed.env(CLUSTER_RUNS_DIR=str(client.runs)), start_new_session=True)
+
+
+def run_id_of(client, before):
+    return wait_for("run", lambda: sorted(set(p.name for p in client.runs.iterdir()) - before)
+                    if client.runs.exists() else None, timeout=120)[0]
+
+
+def test_kill9_of_a_rank_recovers_to_the_exact_steps(client):
+    client.runs.mkdir(parents=True, exist_ok=True)
+    job = client.job(TRAIN.format(steps=STEPS, log_every=2))
+    before = set(p.name for p in client.runs.iterdir())
+    follower = submit_following(client, job, *RESTART)
+    try:
+        rid = run_id_of(client, before)
+        wait_for("step", lambda: heartbeat_step(client, rid) >= FAULT_AT)
+        latest = client.host_file("node1", rid, "checkpoints/latest").read_text().strip()
+        t_fault = kill_rank(client, rid)
+        out, _ = follower.communicate(timeout=300)
+    finally:
+        if follower.poll() is None:
+            os.killpg(follower.pid, signal.SIGKILL)
+    st = client.wait(rid, timeout=120)
+    rec = client.record(rid)
+    assert st["state"] == "SUCCEEDED", json.dumps(rec.get("attempts"), indent=1) + out[-3000:]
+    assert follower.returncode == 0, out[-3000:]
+    # the record and `status`: attempt 2, and why attempt 1 was restarted
+    assert rec["attempt"] == 2 and len(rec["attempts"]) == 1, rec.get("attempts")
+    a1 = rec["attempts"][0]
+    assert a1["restart"] is True and a1["host"] == "node2" and "signal 9" in a1["reason"], a1
+    text = client.cli("status", rid).stdout
+    assert "attempt 2" in text and "attempt 1: " in text and "restarted" in text, text
+    names = [e["event"] for e in events(client, rid)]
+    assert names.index("recovery") < names.index("gang-clean") < names.index("attempt"), names
+    # exactly the configured steps; attempt 2 starts at the checkpoint, trains each later step once
+    att = attempts_of(metrics(client, rid))
+    assert len(att) == 2, [a[0] for a in att]
+    resumed = att[1][0]["step"]
+    assert f"ckpt_{resumed}.pt" == latest or resumed >= 20, (resumed, latest)
+    steps2 = [r["step"] for r in att[1] if r.get("kind") == "train"]
+    assert steps2 == sorted(set(steps2)) and steps2[0] > resumed and steps2[-1] == STEPS, steps2
+    assert f"step {STEPS}/{STEPS}" in out
+    # `submit -f` followed both attempts: attempt 1's steps and attempt 2's resume, in one stream
+    assert re.search(rf"\[node1 0\] resumed from \S*ckpt_{resumed}\.pt: step {resumed}", out), out[-3000:]
+    assert "step 24/60" in out or "step 22/60" in out, out[:3000]
+    assert not client.left_anywhere(rid)
+    first2 = next(r for r in att[1] if r.get("kind") == "train")
+    from tests.test_faults_testbed import report
+    report("kill -9 of one rank (automatic recovery)", state=st["state"], resumed_at=resumed,
+           auto_recovery_s=round(first2["time"] - t_fault, 1))
+
+
+def test_user_code_error_is_not_restarted(client):
+    job = client.job(HELLO.format(sleep=5) + "  HELLO_FAIL_RANK: '1'\n  HELLO_FAIL_HOW: raise\n")
+    rid, _ = client.submit(job, "restart.max_failures=2", "restart.backoff_s=1")
+    st = client.wait(rid, timeout=120)
+    rec = client.record(rid)
+    assert st["state"] == "FAILED", st
+    assert rec.get("attempt", 1) == 1 and not events(client, rid, "attempt"), events(client, rid)
+    why = rec["failure"]["recovery"]
+    assert why["restart"] is False and "Python error in the job's code" in why["reason"] \
+        and "rank 1 raising on purpose" in why["reason"], why
+    text = client.cli("status", rid).stdout
+    assert "not restarted: a Python error in the job's code" in text, text
+    assert not client.left_anywhere(rid)
+
+
+def test_max_failures_reached_names_every_attempt(client):
+    job = client.job(TRAIN.format(steps=300, log_every=2))
+    rid, _ = client.submit(job, "restart.max_failures=1", "restart.backoff_s=1")
+    wait_for("step", lambda: heartbeat_step(client, rid) >= 12)
+    kill_rank(client, rid)
+    wait_for("attempt 2", lambda: events(client, rid, "attempt"), timeout=180)
+    wait_for("attempt 2's first step", lambda: heartbeat_step(client, rid) > 12, timeout=180)
+    kill_rank(client, rid, host="node3")
+    st = client.wait(rid, timeout=180)
+    rec = client.record(rid)
+    assert st["state"] == "FAILED", st
+    causes = [(a["attempt"], a["restart"]) for a in rec["attempts"]]
+    assert causes == [(1, True), (2, False)], rec["attempts"]
+    assert rec["attempts"][0]["host"] == "node2", rec["attempts"]
+    # attempt 2's culprit is the diagnosis's (run/diagnose.py): node3, or on a loaded box at times a
+    # peer whose connection closed first; the recovery only needs the cause recorded and shown
+    second = rec["attempts"][1]
+    assert second["host"] in ("node1", "node2", "node3") and second["cause"].startswith(f"host {second['host']}")
+    assert "max_failures (1) reached" in rec["failure"]["recovery"]["reason"]
+    text = client.cli("status", rid).stdout
+    assert "attempt 1: host node2 rank 1" in text and f"attempt 2: {second['cause']}" in text, text
+    assert not client.left_anywhere(rid)
+
+
+def test_submitter_killed_during_recovery(client):
+    client.runs.mkdir(parents=True, exist_ok=True)
+    job = client.job(TRAIN.format(steps=40, log_every=2))
+    before = set(p.name for p in client.runs.iterdir())
+    follower = submit_following(client, job, *RESTART)
+    try:
+        rid = run_id_of(client, before)
+        wait_for("step", lambda: heartbeat_step(client, rid) >= 12)
+        kill_rank(client, rid)
+        wait_for("the recovery decision", lambda: events(client, rid, "recovery"), timeout=120, every=0.1)
+        os.killpg(follower.pid, signal.SIGKILL)     # the terminal closes in the middle of the recovery
+        follower.wait(timeout=10)
+    finally:
+        if follower.poll() is None:
+            os.killpg(follower.pid, signal.SIGKILL)
+    st = client.wait(rid, timeout=240)
+    assert st["state"] == "SUCCEEDED", json.dumps(client.record(rid).get("attempts"), indent=1)
+    assert client.record(rid)["attempt"] == 2
+    assert not client.left_anywhere(rid)
+
+
+def test_every_process_of_a_host_killed_recovers(client):
+    """The agent, torchrun and the rank of node2 killed -9: the gang loses the host, the run relaunches."""
+    job = client.job(TRAIN.format(steps=40, log_every=2))
+    rid, _ = client.submit(job, *RESTART)
+    wait_for("step", lambda: heartbeat_step(client, rid) >= 12)
+    pids = [l.split()[0] for l in client.run_pids("node2", rid)]
+    assert len(pids) >= 3, pids
+    t_fault = time.time()
+    assert client.testbed.run("node2", ["kill", "-9", *pids]).returncode == 0
+    st = client.wait(rid, timeout=240)
+    rec = client.record(rid)
+    assert st["state"] == "SUCCEEDED", json.dumps(rec.get("attempts"), indent=1)
+    assert rec["attempt"] == 2 and rec["attempts"][0]["host"] == "node2", rec["attempts"]
+    att = attempts_of(metrics(client, rid))
+    steps2 = [r["step"] for r in att[-1] if r.get("kind") == "train"]
+    assert steps2 == sorted(set(steps2)) and steps2[0] > att[-1][0]["step"] and steps2[-1] == 40, steps2
+    assert not client.left_anywhere(rid)
+    from tests.test_faults_testbed import report
+    first2 = next(r for r in att[-1] if r.get("kind") == "train")
+    report("kill -9 of every process of one host (automatic recovery)", state=st["state"],
+           resumed_at=att[-1][0]["step"], auto_recovery_s=round(first2["time"] - t_fault, 1))
