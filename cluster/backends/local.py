@@ -2,14 +2,17 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 from cluster.spec.config import REPO
 from cluster.errors import UserError
 from cluster.plan import Plan
-from cluster.node.probe import _gpu_count, _run_processes, _status, _stop
+from cluster.node.probe import _gpu_count, _group_alive, _run_processes, _status, _stop
+from cluster.node.shm import remove_left_semaphores
 from cluster.run.records import Run
 from cluster.backends.base import Backend, LogSource, NodeStatus, node_status_of, progress
 
@@ -83,11 +86,20 @@ class LocalBackend(Backend):
                 for host, pgid in run.data.get("handle", {}).get("pgids", {}).items()]
 
     def stop_nodes(self, run: Run, grace_s: float) -> list[str]:
-        left = []
-        for pgid in run.data.get("handle", {}).get("pgids", {}).values():
-            # anywhere: a process that left the group but carries the run's id is the run's too
-            left += _stop({"workdir": "/", "run_id": run.id, "pgid": pgid, "grace_s": grace_s, "anywhere": True,
-                           "state_dir": str(run.dir / "state")})["left"]
+        # TERM to the agents' groups only: in a container the TERM reaches torchrun through the
+        # podman/docker client's sig-proxy, and torchrun stops its workers (TERM to each process,
+        # as probe._stop sends on a host, measured slower here under load: the container's own
+        # processes each handle it). Then KILL whatever carries the run's id, anywhere.
+        pgids = list(run.data.get("handle", {}).get("pgids", {}).values())
+        for pgid in pgids:
+            _killpg(pgid, signal.SIGTERM)
+        deadline = time.time() + grace_s
+        while time.time() < deadline and (any(_group_alive(g) for g in pgids) or pids_of_run(run.id)):
+            time.sleep(0.2)
+        left = _stop({"workdir": "/", "run_id": run.id, "grace_s": 0, "anywhere": True,
+                      "state_dir": str(run.dir / "state")})["left"] if pids_of_run(run.id) else []
+        if not left:
+            remove_left_semaphores(str(run.dir / "state"))     # what KILLed processes left in /dev/shm
         # containers (cluster/container.py): docker/podman own theirs, not our group: remove by name
         from cluster.container import remove_local
         return remove_local(run.data) + [f"localhost: pid {pid} still alive: {cmd}" for pid, cmd in left]
@@ -105,3 +117,10 @@ def stop_by_run_id(run_id: str, grace_s: float) -> list[str]:
 
 
 BACKEND = LocalBackend
+
+
+def _killpg(pgid: int, sig) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
