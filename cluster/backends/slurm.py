@@ -353,10 +353,11 @@ class SlurmBackend(Backend):
 class PrefixedSource(LogSource):
     """A file whose lines have no ``[host rank]`` prefix (the batch script's own): whole lines, prefixed.
 
+    ``path``: a file here, or a LogSource (the file on the login node, cluster/backends/login.py).
     Offsets count the prefixed bytes this source has returned; a reader that starts over gets
     the same bytes again."""
 
-    def __init__(self, name: str, path: Path, prefix: bytes):
+    def __init__(self, name: str, path, prefix: bytes):
         self.name, self.path, self.prefix = name, path, prefix
         self._raw = self._out = 0
 
@@ -364,12 +365,15 @@ class PrefixedSource(LogSource):
         if offset != self._out:
             self._raw = self._out = 0
             return self.read(0)[offset:]
-        try:
-            with open(self.path, "rb") as f:
-                f.seek(self._raw)
-                data = f.read()
-        except FileNotFoundError:
-            return b""
+        if isinstance(self.path, LogSource):
+            data = self.path.read(self._raw)        # OSError while unreachable: the caller retries
+        else:
+            try:
+                with open(self.path, "rb") as f:
+                    f.seek(self._raw)
+                    data = f.read()
+            except FileNotFoundError:
+                return b""
         whole = data[: data.rfind(b"\n") + 1]
         self._raw += len(whole)
         out = b"".join(self.prefix + l + b"\n" for l in whole.split(b"\n")[:-1])
