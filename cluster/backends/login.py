@@ -196,18 +196,18 @@ class Login:
         reqs = (REPO / "requirements.txt").read_bytes()
         py = self.host.python
         r = self.exec(f"{q(py)} -c {q(_HAS_REQUIREMENTS)}", stdin=reqs)
-        if r.code == 0 and r.stdout.strip() == "ok":
+        if r.exit_code == 0 and r.stdout.strip() == "ok":
             self.record["python"] = py
             return py
-        lacks = r.stdout.strip() if r.code == 0 else f"{py} does not run"
+        lacks = r.stdout.strip() if r.exit_code == 0 else f"{py} does not run"
         venv = f"{self.record['root']}/venv/{hashlib.sha256(reqs).hexdigest()[:12]}"
         r = self.exec(f"test -e {q(venv)}/.complete")
-        if r.code != 0:
+        if r.exit_code != 0:
             progress(f"python: {py} on {self.host.name}: {lacks}; making {venv} "
                      "(once for these requirements)")
             r = self.exec(f"rm -rf {q(venv)} && {q(py)} -m venv {q(venv)} && {q(venv)}/bin/pip install -q "
                           f"-r /dev/stdin && touch {q(venv)}/.complete", timeout_s=VENV_TIMEOUT_S, stdin=reqs)
-            if r.code != 0:
+            if r.exit_code != 0:
                 raise UserError(f"cannot make the venv {venv} on {self.host.name}: " +
                                 " | ".join((r.stderr or r.stdout).strip().splitlines()[-3:]), where=self.inv.path,
                                 key="slurm.login", hint="set the login host's python: to an interpreter with "
@@ -229,7 +229,7 @@ class Login:
         from cluster.backends.rsync import rsync
         from cluster.spec.schema import to_plain
         r = self.exec(f"cat {q(self.run_dir(run_id))}/run.json")
-        if r.code != 0:
+        if r.exit_code != 0:
             raise UserError(f"run {run_id} has no record on the login node ({self.run_dir(run_id)}/run.json)",
                             where=self.inv.path, key="slurm.remote_dir")
         data = json.loads(r.stdout)
@@ -365,13 +365,9 @@ class LoginBackend(SlurmBackend):
         jid = h.get("job_id")
         if not jid:
             return []
-        out = []
-        for t in range(h["tasks"]):
-            src = SSHLogSource(self.login.pool, self.login.host, f"{h['folder']}/{jid}_{t}_log.out")
-            src.name = f"rank{t}"
-            out.append(src)
-        batch = SSHLogSource(self.login.pool, self.login.host, f"{h['folder']}/{jid}_batch.log")
-        return out + [PrefixedSource("slurm", batch, b"[slurm agent] ")]
+        at = lambda name: SSHLogSource(self.login.pool, self.login.host, f"{h['folder']}/{jid}_{name}")
+        return ([_Named(f"rank{t}", at(f"{t}_log.out")) for t in range(h["tasks"])] +
+                [PrefixedSource("slurm", at("batch.log"), b"[slurm agent] ")])
 
     def collect_logs(self, run: Run) -> None:
         from cluster.backends.rsync import rsync
@@ -380,6 +376,16 @@ class LoginBackend(SlurmBackend):
         if not s.ok:
             raise UserError(f"cannot copy the logs from the login node: {s.describe()}", where=self.inv.path,
                             key="slurm.login")
+
+
+class _Named(LogSource):
+    """A task's log on the login node, named as the SLURM backend names it (rank<t>)."""
+
+    def __init__(self, name: str, inner: LogSource):
+        self.name, self.inner = name, inner
+
+    def read(self, offset: int) -> bytes:
+        return self.inner.read(offset)
 
 
 BACKEND = LoginBackend
