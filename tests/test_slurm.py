@@ -458,3 +458,46 @@ def test_heartbeats_of_an_earlier_start_are_not_a_hang(tmp_path, fake_slurm):
     state, nodes = backend_for(run).status(run)
     assert state == State.RUNNING and all(not n.heartbeats for n in nodes)
     assert abs(run.data["started"] - time.time()) < 5
+
+
+# ------------------------------------------------------------------- through the login node
+LOGIN_BAD = [
+    ("  login: login02\n  remote_dir: /shared/ddp\n", "slurm.login: 'login02' is not one of hosts:",
+     "did you mean 'login01'?"),
+    ("  login: login01\n", "slurm.login: needs slurm.remote_dir", "remote_dir"),
+    ("  remote_dir: /shared/ddp\n", "slurm.remote_dir: is set but slurm.login is not", "login"),
+    ("  login: login01\n  remote_dir: -rf\n", "'-rf' is not a usable directory", "absolute path"),
+    ("  login: login01\n  remote_dir: ~bob/ddp\n", "is not a usable directory", None),
+    ("  login: {hostname: -oProxyCommand=touch}\n  remote_dir: /d\n", "is not a valid hostname", None),
+    ("  login: {hostname: login.x, port: 70000}\n  remote_dir: /d\n", "slurm.login.port: port 70000 is out of range", None),
+    ("  login: {hostname: login.x, jump_host: '-J x'}\n  remote_dir: /d\n", "is not a valid jump_host", None),
+    ("  login: {hostname: login.x, colour: red}\n  remote_dir: /d\n", "colour", None),
+]
+
+
+@pytest.mark.parametrize("extra,message,hint", LOGIN_BAD, ids=[b[1][:30] for b in LOGIN_BAD])
+def test_login_settings_are_checked_before_anything_runs(tmp_path, fake_slurm, extra, message, hint):
+    inv = write_inv(tmp_path, CLUSTER_INV.split("  sbatch:")[0] + extra)
+    p = cli("submit", "resnet50", "-i", inv, runs=tmp_path / "runs", env=fake_slurm.env())
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert message in p.stderr and "Traceback" not in p.stderr and p.stderr.startswith(f"error: {inv}:")
+    assert hint is None or hint in p.stderr
+    assert fake_slurm.calls() == [] and not (tmp_path / "runs").exists()
+
+
+def test_login_is_a_host_of_the_inventory_or_an_entry_with_the_defaults(tmp_path):
+    from cluster.backends import get
+    from cluster.backends.login import LoginBackend, _remote_inventory
+    base = CLUSTER_INV.split("  sbatch:")[0].replace("hosts:\n", "defaults:\n  user: me\n  port: 2200\nhosts:\n")
+    inv = load_inventory(write_inv(tmp_path, base + "  login: login01\n  remote_dir: ~/ddp\n"))
+    assert inv.login == inv.hosts[0] and inv.login.user == "me"
+    inv = load_inventory(write_inv(tmp_path, base + "  login: {hostname: login.x, identity_file: ~/.ssh/k, "
+                                               "jump_host: me@bastion}\n  remote_dir: /shared/ddp\n"))
+    assert (inv.login.name, inv.login.hostname, inv.login.user, inv.login.port, inv.login.jump_host) == \
+        ("login.x", "login.x", "me", 2200, "me@bastion")
+    assert isinstance(get("slurm", inv), LoginBackend)
+    # the login node's own inventory: this one, SLURM there (no login, no remote_dir)
+    import yaml
+    there = yaml.safe_load(_remote_inventory(inv))
+    assert there["backend"] == "slurm" and "login" not in there["slurm"] and "remote_dir" not in there["slurm"]
+    assert there["slurm"]["partition"] == "gpu" and there["hosts"] == [{"name": "login01"}]
