@@ -212,7 +212,7 @@ def test_container_pyxis_and_apptainer(tmp_path):
     srun = text.splitlines()[-1]
     assert f" '--container-image=nvcr.io#nvidia/pytorch:24.05-py3' --container-mounts={REPO}:{REPO},/data:/data:ro " \
            f"--container-workdir={REPO} --container-env=CLUSTER_RUN_ID,MASTER_ADDR,MASTER_PORT,NCCL_DEBUG," \
-           "PYTHONUNBUFFERED python3 -u -m cluster.node.slurm_task python3 -u -m submitit.core._submit " in srun
+           "PYTHONUNBUFFERED python3 -u -m cluster.node.slurm_task " in srun
     assert plan.task["argv"] == ["python3", "-m", "tests.fixtures.hello"]
     assert "\nexport NCCL_DEBUG=INFO\n" in text
 
@@ -437,12 +437,18 @@ def test_task_sets_ranks_from_slurm(tmp_path, monkeypatch):
 
 
 def test_prefixer_prefixes_every_line_and_keeps_the_exit_code(tmp_path):
+    """In the task's own process (no interpreter of its own): its lines and its children's, stdout
+    and stderr, a last line without a newline; the task's exit code. (The payload's own pipe:
+    test_task_output_is_prefixed_and_a_last_partial_line_stays_its_own.)"""
     env = {**os.environ, "SLURMD_NODENAME": "gpu07", "SLURM_PROCID": "5"}
-    code = "import sys; print('out'); print('err', file=sys.stderr, flush=True); sys.stdout.write('tail'); sys.exit(3)"
-    p = subprocess.run([sys.executable, "-m", "cluster.node.slurm_task", sys.executable, "-c", code], cwd=REPO,
-                       env=env, capture_output=True, text=True, timeout=60)
-    assert p.returncode == 3
-    assert sorted(p.stdout.splitlines()) == ["[gpu07 5] err", "[gpu07 5] out", "[gpu07 5] tail"]
+    child = "import sys; print('child'); print('child-err', file=sys.stderr)"
+    code = ("import subprocess, sys; from cluster.node import slurm_task as t; t.prefix_output(b'[gpu07 5] '); "
+            "print('out'); print('err', file=sys.stderr, flush=True); "
+            f"subprocess.run([sys.executable, '-c', {child!r}]); sys.stdout.write('tail'); t._exit(3)")
+    p = subprocess.run([sys.executable, "-u", "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 3 and p.stderr == ""
+    assert sorted(p.stdout.splitlines()) == ["[gpu07 5] child", "[gpu07 5] child-err", "[gpu07 5] err",
+                                             "[gpu07 5] out", "[gpu07 5] tail"]
 
 
 def test_heartbeats_of_an_earlier_start_are_not_a_hang(tmp_path, fake_slurm):
@@ -501,3 +507,17 @@ def test_login_is_a_host_of_the_inventory_or_an_entry_with_the_defaults(tmp_path
     there = yaml.safe_load(_remote_inventory(inv))
     assert there["backend"] == "slurm" and "login" not in there["slurm"] and "remote_dir" not in there["slurm"]
     assert there["slurm"]["partition"] == "gpu" and there["hosts"] == [{"name": "login01"}]
+
+
+def test_task_output_is_prefixed_and_a_last_partial_line_stays_its_own(tmp_path):
+    """The whole task as srun starts it, minus submitit: SlurmTask with the prefixer on."""
+    env = {**os.environ, "SLURMD_NODENAME": "gpu07", "SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_JOB_ID": "5"}
+    payload = [sys.executable, "-c", "import sys; print('hello'); sys.stderr.write('partial'); sys.exit(4)"]
+    code = ("from cluster.node import slurm_task as t; t.prefix_output(b'[gpu07 0] '); "
+            f"t.SlurmTask({{'argv': {payload!r}, 'workdir': {str(tmp_path)!r}, 'run_dir': 'r'}})()")
+    p = subprocess.run([sys.executable, "-u", "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    lines = p.stdout.splitlines()
+    assert p.returncode == 4 and p.stderr == "", p.stderr
+    assert all(l.startswith("[gpu07 0] ") for l in lines), lines
+    assert "[gpu07 0] hello" in lines and "[gpu07 0] partial" in lines
+    assert lines[-1] == "[gpu07 0] payload exited with code 4"

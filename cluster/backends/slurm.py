@@ -4,9 +4,10 @@
 
 * The plan is an sbatch request (``SlurmPlan``); ``python -m cluster plan`` prints the exact script
   submitit submits (the same function renders both). Tasks per node = GPUs per node; every task
-  runs ``python -m cluster.node.slurm_task`` (a ``[host rank]`` line prefixer) around submitit's task
-  process, which calls ``cluster.node.slurm_task.SlurmTask``: RANK/LOCAL_RANK/WORLD_SIZE from
+  runs ``python -m cluster.node.slurm_task FOLDER``: submitit's task process with a ``[host rank]``
+  line prefixer in the same interpreter, which calls ``cluster.node.slurm_task.SlurmTask``: RANK/LOCAL_RANK/WORLD_SIZE from
   SLURM_PROCID/SLURM_LOCALID/SLURM_NTASKS, then the same payload as on the other backends.
+  One interpreter per task besides the payload (submitit's task and the prefixer share it).
 * Rendezvous from the allocation, set in the script: MASTER_ADDR = first host of
   SLURM_JOB_NODELIST, MASTER_PORT = 20000 + job id % 10000 (or the job's rdzv_port).
 * Requeue: ``--signal=USR2@signal_delay_s``; task 0 checkpoints through submitit and runs
@@ -70,13 +71,14 @@ class SlurmPlan(Plan):
     """The sbatch request: submitit parameters, its folder, and what every task runs."""
 
     folder: str = ""                                       # absolute; scripts, pickles, task logs
-    python: str = ""                                       # submitit's `python` (the prefixer + python)
+    python: str = ""                                       # the python that starts each task
     sbatch: Mapping[str, Any] = field(default_factory=dict)  # submitit SlurmExecutor parameters
     task: Mapping[str, Any] = field(default_factory=dict)    # cluster.node.slurm_task.SlurmTask spec
 
     def command(self) -> str:
-        """What srun starts in every task (as submitit's SlurmExecutor._submitit_command_str)."""
-        return " ".join([self.python, "-u -m submitit.core._submit", shlex.quote(self.folder)])
+        """What srun starts in every task: submitit's task process and the line prefixer in one
+        interpreter (cluster/node/slurm_task.py main), in place of submitit's own command."""
+        return " ".join([self.python, "-u -m cluster.node.slurm_task", shlex.quote(self.folder)])
 
     def render(self) -> str:
         from submitit.slurm.slurm import _make_sbatch_string
@@ -197,7 +199,7 @@ class SlurmBackend(Backend):
                                  nprocs=ntasks) for i, h in enumerate(hosts))
         endpoint = f"first node of the allocation:{port or job.rdzv_port or f'{PORT_BASE}+job_id%{PORT_SPAN}'}"
         return SlurmPlan(run_id, job.name, "slurm", endpoint, ntasks * len(hosts), nodes, tuple(notes),
-                         folder=folder, python=f"{python} -u -m cluster.node.slurm_task {python}", sbatch=sbatch,
+                         folder=folder, python=python, sbatch=sbatch,
                          task=task)
 
     # ---------------------------------------------------------------- submit
@@ -221,8 +223,12 @@ class SlurmBackend(Backend):
         import submitit
         from submitit.core.utils import FailedJobError, FailedSubmissionError
         from cluster.node.slurm_task import SlurmTask
-        ex = submitit.SlurmExecutor(folder=plan.folder, python=plan.python,
-                                    max_num_timeout=plan.task["max_requeues"])
+        class Executor(submitit.SlurmExecutor):
+            @property
+            def _submitit_command_str(self) -> str:
+                return plan.command()
+
+        ex = Executor(folder=plan.folder, python=plan.python, max_num_timeout=plan.task["max_requeues"])
         ex.update_parameters(**_params(plan.sbatch))
         if ex._make_submission_file_text(ex._submitit_command_str, "") != plan.render():
             raise RuntimeError("submitit would submit another script than the plan shows")
