@@ -521,3 +521,16 @@ def test_task_output_is_prefixed_and_a_last_partial_line_stays_its_own(tmp_path)
     assert all(l.startswith("[gpu07 0] ") for l in lines), lines
     assert "[gpu07 0] hello" in lines and "[gpu07 0] partial" in lines
     assert lines[-1] == "[gpu07 0] payload exited with code 4"
+
+
+def test_status_names_each_nodes_first_task_pid_of_this_start(tmp_path, fake_slurm):
+    from cluster.backends import backend_for
+    fake_slurm.configure(state="RUNNING")
+    run = _slurm_run(tmp_path)
+    now = time.time()
+    for rank, host, pid, t in [(1, "gpu01", 102, now), (0, "gpu01", 101, now), (3, "gpu02", 204, now),
+                               (2, "gpu02", 999, now - 3600)]:       # rank 2's record: of an earlier start
+        (run.dir / "state" / f"task{rank}.json").write_text(json.dumps(
+            {"rank": rank, "host": host, "pid": pid, "started": t}))
+    _, nodes = backend_for(run).status(run)
+    assert {n.host: n.pid for n in nodes} == {"gpu01": 101, "gpu02": 204}

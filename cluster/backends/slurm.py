@@ -281,7 +281,8 @@ class SlurmBackend(Backend):
         gpus = self._gpus(jid, len(hosts)) if self.with_gpus and state == State.RUNNING else {}
         folder = Path((run.data.get("handle") or {}).get("folder") or run.dir / "slurm")
         nproc = ((run.data.get("plan") or {}).get("nodes") or [{}])[0].get("nprocs") or 1
-        return [NodeStatus(h, state, exit_code=exit_code, detail=detail,
+        pids = _task_pids(run.dir, started) if state == State.RUNNING else {}
+        return [NodeStatus(h, state, pid=pids.get(short(h)), exit_code=exit_code, detail=detail,
                            heartbeats={r: b for r, b in beats.items() if short(b.get("host")) == short(h)},
                            activity=_output_activity(folder, jid, range(i * nproc, (i + 1) * nproc))
                            if state == State.RUNNING else None, gpus=gpus.get(i))
@@ -445,6 +446,23 @@ def _heartbeats(run_dir: Path) -> dict:
         except (OSError, ValueError):
             continue
     return out
+
+
+def _task_pids(run_dir: Path, started: Optional[float]) -> dict[str, int]:
+    """host -> the pid of its lowest-ranked task of this start (state/task<rank>.json, written by
+    each task as it starts; their node-local pids, for `status`)."""
+    out: dict[str, tuple[int, int]] = {}
+    for f in (run_dir / "state").glob("task*.json"):
+        try:
+            d = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        if started and d.get("started", 0) < started - 5:
+            continue            # a task of an earlier start (before a requeue)
+        host, rank = str(d.get("host", "")).split(".")[0], int(d.get("rank", 0))
+        if host and (host not in out or rank < out[host][0]):
+            out[host] = (rank, int(d["pid"]))
+    return {h: pid for h, (_, pid) in out.items()}
 
 
 def _read_lines(path: Path) -> list[str]:
