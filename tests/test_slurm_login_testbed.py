@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from tests.test_slurm_testbed import HELLO, job_pids, slurm_state, wait
+from tests.testbed_client import pty_cli
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.testbed, pytest.mark.slow]
@@ -132,6 +133,10 @@ def test_stop_from_a_new_shell_leaves_nothing(testbed, tmp_path):
     run_id, jid = lap.submit(lap.job("hello", HELLO.format(sleep=300)))
     wait(lambda: lap.logs(run_id).count("hello from rank") == 4, "all 4 ranks running", timeout=120)
     assert lap.status(run_id)["state"] == "RUNNING" and job_pids(jid)
+    # a shell on node 1 inside the job's allocation (srun --overlap --pty on the login node)
+    code, out = pty_cli(["shell", run_id, "--node", "1"],
+                        b'echo "AT:$(hostname):$(pwd):$SLURM_JOB_ID:$CLUSTER_RUN_ID"; exit 4\n', lap.env())
+    assert f"AT:node2:{tmp_path / 'remote' / 'runs' / run_id}:{jid}:{run_id}" in out and code == 4, out
     p = lap.cli("stop", run_id)
     assert p.returncode == 0, p.stderr
     assert "nothing of the run is left running" in p.stdout
