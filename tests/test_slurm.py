@@ -534,3 +534,26 @@ def test_status_names_each_nodes_first_task_pid_of_this_start(tmp_path, fake_slu
             {"rank": rank, "host": host, "pid": pid, "started": t}))
     _, nodes = backend_for(run).status(run)
     assert {n.host: n.pid for n in nodes} == {"gpu01": 101, "gpu02": 204}
+
+
+def test_payload_starts_before_submitit_and_the_pickled_task_takes_it_over(tmp_path):
+    """main() starts the payload from task.json before importing submitit; the task submitit
+    unpickles then waits for that payload instead of starting a second one."""
+    env = {**os.environ, "SLURMD_NODENAME": "gpu07", "SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_JOB_ID": "5"}
+    marker = tmp_path / "starts"
+    spec = {"argv": [sys.executable, "-c", f"open({str(marker)!r}, 'a').write('x'); print('ran')"],
+            "workdir": str(tmp_path), "run_dir": "r", "requeue": True}
+    (tmp_path / "task.json").write_text(json.dumps(spec))
+    code = ("import json, sys; from pathlib import Path; from cluster.node import slurm_task as t; "
+            "t.prefix_output(b'[gpu07 0] '); t._start_early(Path(sys.argv[1]) / t.SPEC); "
+            "assert 'submitit' not in sys.modules; "
+            "spec = json.loads((Path(sys.argv[1]) / t.SPEC).read_text()); t._exit(t.SlurmTask(spec)())")
+    p = subprocess.run([sys.executable, "-u", "-c", code, str(tmp_path)], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert marker.read_text() == "x" and p.stdout.count("[gpu07 0] ran") == 1
+    assert p.stdout.count("] task 0/1 on gpu07") == 1 and "payload finished (exit code 0)" in p.stdout
+    # once finished, a requeued job's task says so once and starts nothing
+    p = subprocess.run([sys.executable, "-u", "-c", code, str(tmp_path)], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 0 and marker.read_text() == "x" and p.stdout.count("not running it again") == 1, p.stdout

@@ -232,6 +232,10 @@ class SlurmBackend(Backend):
         ex.update_parameters(**_params(plan.sbatch))
         if ex._make_submission_file_text(ex._submitit_command_str, "") != plan.render():
             raise RuntimeError("submitit would submit another script than the plan shows")
+        from cluster.node.slurm_task import SPEC
+        Path(plan.folder).mkdir(parents=True, exist_ok=True)
+        # the spec as plain data too: each task starts the payload from it before importing submitit
+        Path(plan.folder, SPEC).write_text(json.dumps(dict(plan.task)) + "\n")
         try:
             job = ex.submit(SlurmTask(dict(plan.task)))
         except (FailedJobError, FailedSubmissionError) as e:

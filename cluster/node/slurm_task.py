@@ -15,7 +15,10 @@ One process per task besides the payload: ``python -u -m cluster.node.slurm_task
   requeue``); the payload resumes from its latest checkpoint when it starts again. A run whose
   payload finished is marked done and never runs again, whatever requeues it.
 
-The payload is the only process that imports torch; it is started once per task.
+The payload starts first, from the task's spec as plain data (``task.json`` beside submitit's
+pickles), before submitit is even imported: it imports torch while this process imports submitit
+and loads the pickled task, which takes the running payload over. The payload is the only process
+that imports torch, once per task.
 Standard library only at import time (submitit is imported where it is needed).
 """
 from __future__ import annotations
@@ -57,6 +60,7 @@ class SlurmTask:
         self.spec = dict(spec)
         self.attempt = attempt
         self._proc: subprocess.Popen | None = None
+        self._copier: threading.Thread | None = None
 
     def __getstate__(self):
         return {"spec": self.spec, "attempt": self.attempt}
@@ -68,18 +72,19 @@ class SlurmTask:
     def run_dir(self) -> Path:
         return Path(self.spec["workdir"]) / self.spec["run_dir"]
 
-    def __call__(self) -> int:
+    def start(self) -> bool:
+        """Start the payload (False: the run already finished, nothing started)."""
         env = os.environ
         rank, host = int(env.get("SLURM_PROCID", 0)), _host()
         done = self.run_dir / "state" / DONE
         if done.exists():
             print(f"run already finished ({done}); not running it again", flush=True)
-            return 0
+            return False
         restarts = int(env.get("SLURM_RESTART_COUNT", 0) or 0)
         (self.run_dir / "state").mkdir(parents=True, exist_ok=True)
         _write_json(self.run_dir / "state" / f"task{rank}.json", {
             "rank": rank, "host": host, "pid": os.getpid(), "job_id": env.get("SLURM_JOB_ID"),
-            "restarts": restarts, "attempt": self.attempt, "started": time.time()})
+            "restarts": restarts, "started": time.time()})
         child_env = dict(env)
         child_env.update(
             RANK=str(rank), LOCAL_RANK=env.get("SLURM_LOCALID", "0"),
@@ -94,16 +99,30 @@ class SlurmTask:
         print(f"task {rank}/{child_env['WORLD_SIZE']} on {host} (job {env.get('SLURM_JOB_ID')}, "
               f"restart {restarts}{gpus}), rendezvous {env.get('MASTER_ADDR')}:{env.get('MASTER_PORT')}: "
               + " ".join(argv), flush=True)
-        _one_submitit_log_stream()
         # the payload's output through a pipe of its own (prefixed as it comes): a last line
         # without a newline stays its own line
         self._proc = subprocess.Popen(argv, cwd=self.run_dir, env=child_env, stdin=subprocess.DEVNULL,
                                       stdout=subprocess.PIPE if _out is not None else None,
                                       stderr=subprocess.STDOUT, preexec_fn=_ignore_usr2)
-        copier = None
         if _out is not None:
-            copier = copy_lines(os.dup(self._proc.stdout.fileno()))
+            self._copier = copy_lines(os.dup(self._proc.stdout.fileno()))
             self._proc.stdout.close()
+        return True
+
+    def __call__(self) -> int:
+        env = os.environ
+        rank = int(env.get("SLURM_PROCID", 0))
+        done = self.run_dir / "state" / DONE
+        if _early is not None:
+            # main() started the payload (of this job's spec) before submitit was imported: this
+            # task, one per process, takes it over
+            if _early._proc is None:
+                return 0                    # the run had finished (main said so)
+            self._proc, self._copier = _early._proc, _early._copier
+        elif not self.start():
+            return 0
+        _one_submitit_log_stream()
+        copier = self._copier
         # submitit logs every TERM/CONT it ignores. SLURM sends CONT with the warning signal, and
         # when USR2's handler runs inside that logging call, logging swallows its "not requeued"
         # exception: ignore them without a word (a Python handler, not SIG_IGN: not inherited)
@@ -201,6 +220,8 @@ def _event(run_dir: Path, event: str, **fields) -> None:
         f.write(json.dumps({"t": round(time.time(), 3), "event": event, **fields}) + "\n")
 
 
+SPEC = "task.json"      # in submitit's folder: the task's spec as plain data (main starts the payload from it)
+_early: "SlurmTask | None" = None       # the task main() started before submitit was imported
 _out: int | None = None                 # srun's file (fd 1 before prefix_output)
 _prefix = b""
 _pumps: list[threading.Thread] = []
@@ -265,6 +286,20 @@ def _exit(code: int) -> None:
     os._exit(code & 0xFF if code >= 0 else 128 - code)
 
 
+def _start_early(spec_file: Path) -> None:
+    """The payload starts at once, from the spec the backend wrote beside submitit's pickles: it
+    imports torch while this process imports submitit (half a second, numpy included) and loads
+    the pickled task, which then takes the payload over (``SlurmTask.__call__``)."""
+    global _early
+    try:
+        spec = json.loads(spec_file.read_text())
+    except (OSError, ValueError):
+        return                      # no spec: the pickled task starts the payload itself
+    task = SlurmTask(spec)
+    task.start()
+    _early = task
+
+
 def main(argv: list[str] | None = None) -> int:
     """srun's task: submitit's task process (FOLDER: its pickles), every line prefixed ``[host rank] ``."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -274,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     prefix_output(f"[{_host()} {os.environ.get('SLURM_PROCID', '0')}] ".encode())
     code = 0
     try:
+        _start_early(Path(argv[0]) / SPEC)
         from submitit.core.submission import process_job
         if "SUBMITIT_LOG_LEVEL" not in os.environ:
             import logging      # submitit's INFO lines (pickles loaded, ...) are not the job's log
