@@ -537,23 +537,32 @@ def test_status_names_each_nodes_first_task_pid_of_this_start(tmp_path, fake_slu
 
 
 def test_payload_starts_before_submitit_and_the_pickled_task_takes_it_over(tmp_path):
-    """main() starts the payload from task.json before importing submitit; the task submitit
-    unpickles then waits for that payload instead of starting a second one."""
-    env = {**os.environ, "SLURMD_NODENAME": "gpu07", "SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_JOB_ID": "5"}
-    marker = tmp_path / "starts"
-    spec = {"argv": [sys.executable, "-c", f"open({str(marker)!r}, 'a').write('x'); print('ran')"],
-            "workdir": str(tmp_path), "run_dir": "r", "requeue": True}
-    (tmp_path / "task.json").write_text(json.dumps(spec))
-    code = ("import json, sys; from pathlib import Path; from cluster.node import slurm_task as t; "
-            "t.prefix_output(b'[gpu07 0] '); t._start_early(Path(sys.argv[1]) / t.SPEC); "
-            "assert 'submitit' not in sys.modules; "
-            "spec = json.loads((Path(sys.argv[1]) / t.SPEC).read_text()); t._exit(t.SlurmTask(spec)())")
-    p = subprocess.run([sys.executable, "-u", "-c", code, str(tmp_path)], cwd=REPO, env=env, capture_output=True,
-                       text=True, timeout=60)
+    """The task as srun starts it (python -m cluster.node.slurm_task FOLDER, submitit's real pickle):
+    the payload starts from task.json before submitit is imported; the task submitit unpickles then
+    waits for that payload instead of starting a second one."""
+    from submitit.core.job_environment import JobPaths
+    from submitit.core.utils import DelayedSubmission
+    from cluster.node.slurm_task import SPEC, SlurmTask
+    env = {**os.environ, "SLURMD_NODENAME": "gpu07", "SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_JOB_ID": "5",
+           "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_JOB_NUM_NODES": "1", "SUBMITIT_EXECUTOR": "slurm"}
+    marker, folder = tmp_path / "starts", tmp_path / "slurm"
+    probe = (f"import sys, os; open({str(marker)!r}, 'a').write('x'); "
+             "print('ran', 'submitit' in open(f'/proc/{os.getppid()}/cmdline').read())")
+    spec = {"argv": [sys.executable, "-c", probe], "workdir": str(tmp_path), "run_dir": "r", "requeue": True}
+    folder.mkdir()
+    (folder / SPEC).write_text(json.dumps(spec))
+
+    def task():
+        DelayedSubmission(SlurmTask(spec)).dump(JobPaths(folder, job_id="5", task_id=0).submitted_pickle)
+        return subprocess.run([sys.executable, "-u", "-m", "cluster.node.slurm_task", str(folder)], cwd=REPO,
+                              env=env, capture_output=True, text=True, timeout=60)
+    p = task()
     assert p.returncode == 0, p.stdout + p.stderr
+    lines = p.stdout.splitlines()
+    assert lines and all(l.startswith("[gpu07 0] ") for l in lines), lines
     assert marker.read_text() == "x" and p.stdout.count("[gpu07 0] ran") == 1
-    assert p.stdout.count("] task 0/1 on gpu07") == 1 and "payload finished (exit code 0)" in p.stdout
+    assert p.stdout.count("] task 0/1 on gpu07") == 1 and lines[-1] == "[gpu07 0] payload finished (exit code 0)"
+    assert "submitit INFO" not in p.stdout           # submitit's own chatter is not the job's log
     # once finished, a requeued job's task says so once and starts nothing
-    p = subprocess.run([sys.executable, "-u", "-c", code, str(tmp_path)], cwd=REPO, env=env, capture_output=True,
-                       text=True, timeout=60)
+    p = task()
     assert p.returncode == 0 and marker.read_text() == "x" and p.stdout.count("not running it again") == 1, p.stdout

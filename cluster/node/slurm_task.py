@@ -326,4 +326,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run as cluster.node.slurm_task, not as __main__: the task submitit unpickles is that module's
+    # SlurmTask, and it must see this process's state (the early payload, srun's file)
+    from cluster.node import slurm_task
+    sys.exit(slurm_task.main())
