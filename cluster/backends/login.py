@@ -143,11 +143,16 @@ class Login:
                 select.select([chan], [], [], 0.5)
             if err:
                 on_err(err.decode(errors="replace"))
-            code = chan.recv_exit_status() if chan.exit_status_ready() else -1
-        except OSError as e:
+            if not chan.exit_status_ready():
+                # the channel closed without an exit status: the connection went down under it
+                raise EOFError("the connection closed before the command ended")
+            code = chan.recv_exit_status()
+        except LoginUnreachable:
+            raise
+        except Exception as e:   # noqa: BLE001 -- socket, paramiko and EOF errors: the link is down
             self.pool.reset(self.host.name)
-            raise LoginUnreachable(f"login node {self.host.name}: connection lost: {e}", where=self.inv.path,
-                                   key="slurm.login") from None
+            raise LoginUnreachable(f"login node {self.host.name}: connection lost: {type(e).__name__}: {e}",
+                                   where=self.inv.path, key="slurm.login") from None
         finally:
             chan.close()
         return code, b"".join(out).decode(errors="replace")
