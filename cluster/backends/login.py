@@ -143,10 +143,10 @@ class Login:
                 select.select([chan], [], [], 0.5)
             if err:
                 on_err(err.decode(errors="replace"))
-            if not chan.exit_status_ready():
-                # the channel closed without an exit status: the connection went down under it
+            # -1 (paramiko): the channel closed without an exit status, the connection went down under it
+            code = chan.recv_exit_status() if chan.exit_status_ready() else -1
+            if code == -1:
                 raise EOFError("the connection closed before the command ended")
-            code = chan.recv_exit_status()
         except LoginUnreachable:
             raise
         except Exception as e:   # noqa: BLE001 -- socket, paramiko and EOF errors: the link is down
