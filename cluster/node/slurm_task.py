@@ -298,12 +298,6 @@ def _start_early(spec_file: Path) -> None:
     task = SlurmTask(spec)
     task.start()
     _early = task
-    # what follows (importing submitit, unpickling) is bookkeeping: on a node with fewer cores
-    # than tasks it must not take CPU from the jobs' own start (the job keeps its priority)
-    try:
-        os.nice(5)
-    except OSError:
-        pass
 
 
 def main(argv: list[str] | None = None) -> int:
