@@ -101,6 +101,10 @@ class Login:
     # ---- commands
     def exec(self, command: str, timeout_s: Optional[float] = None, stdin: Optional[bytes] = None):
         r = self.pool.exec(self.host.name, command, timeout_s, stdin)
+        if r.error is None and r.exit_code in (None, -1):
+            # no exit status: the connection went down under the command
+            self.pool.reset(self.host.name)
+            r.error = "connection lost"
         if r.error:
             raise LoginUnreachable(f"login node {self.host.name}: {r.error}", where=self.inv.path,
                                    key="slurm.login", hint="check the login node's address, user and key "
