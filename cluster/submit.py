@@ -58,6 +58,11 @@ def _local_runs() -> str:
 def submit(job_name: str, overrides: list[str], inventory: Optional[str] = None,
            backend: Optional[str] = None, resume: Optional[str] = None) -> Run:
     from cluster.backends.base import progress
+    inv = load_inventory(inventory)
+    if inv.login is not None and (backend or inv.backend) == "slurm":
+        # SLURM through the login node: the SLURM backend runs there (cluster/backends/login.py)
+        from cluster.backends.login import submit as submit_through_login
+        return submit_through_login(inv, job_name, overrides, resume=resume)
     inv, be, loaded, plan = resolve(job_name, overrides, inventory, backend)
     for n in plan.notes:
         progress(n)

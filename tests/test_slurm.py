@@ -212,7 +212,7 @@ def test_container_pyxis_and_apptainer(tmp_path):
     srun = text.splitlines()[-1]
     assert f" '--container-image=nvcr.io#nvidia/pytorch:24.05-py3' --container-mounts={REPO}:{REPO},/data:/data:ro " \
            f"--container-workdir={REPO} --container-env=CLUSTER_RUN_ID,MASTER_ADDR,MASTER_PORT,NCCL_DEBUG," \
-           "PYTHONUNBUFFERED python3 -u -m cluster.node.slurm_task python3 -u -m submitit.core._submit " in srun
+           "PYTHONUNBUFFERED python3 -u -m cluster.node.slurm_task " in srun
     assert plan.task["argv"] == ["python3", "-m", "tests.fixtures.hello"]
     assert "\nexport NCCL_DEBUG=INFO\n" in text
 
@@ -437,12 +437,18 @@ def test_task_sets_ranks_from_slurm(tmp_path, monkeypatch):
 
 
 def test_prefixer_prefixes_every_line_and_keeps_the_exit_code(tmp_path):
+    """In the task's own process (no interpreter of its own): its lines and its children's, stdout
+    and stderr, a last line without a newline; the task's exit code. (The payload's own pipe:
+    test_task_output_is_prefixed_and_a_last_partial_line_stays_its_own.)"""
     env = {**os.environ, "SLURMD_NODENAME": "gpu07", "SLURM_PROCID": "5"}
-    code = "import sys; print('out'); print('err', file=sys.stderr, flush=True); sys.stdout.write('tail'); sys.exit(3)"
-    p = subprocess.run([sys.executable, "-m", "cluster.node.slurm_task", sys.executable, "-c", code], cwd=REPO,
-                       env=env, capture_output=True, text=True, timeout=60)
-    assert p.returncode == 3
-    assert sorted(p.stdout.splitlines()) == ["[gpu07 5] err", "[gpu07 5] out", "[gpu07 5] tail"]
+    child = "import sys; print('child'); print('child-err', file=sys.stderr)"
+    code = ("import subprocess, sys; from cluster.node import slurm_task as t; t.prefix_output(b'[gpu07 5] '); "
+            "print('out'); print('err', file=sys.stderr, flush=True); "
+            f"subprocess.run([sys.executable, '-c', {child!r}]); sys.stdout.write('tail'); t._exit(3)")
+    p = subprocess.run([sys.executable, "-u", "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 3 and p.stderr == ""
+    assert sorted(p.stdout.splitlines()) == ["[gpu07 5] child", "[gpu07 5] child-err", "[gpu07 5] err",
+                                             "[gpu07 5] out", "[gpu07 5] tail"]
 
 
 def test_heartbeats_of_an_earlier_start_are_not_a_hang(tmp_path, fake_slurm):
@@ -458,3 +464,105 @@ def test_heartbeats_of_an_earlier_start_are_not_a_hang(tmp_path, fake_slurm):
     state, nodes = backend_for(run).status(run)
     assert state == State.RUNNING and all(not n.heartbeats for n in nodes)
     assert abs(run.data["started"] - time.time()) < 5
+
+
+# ------------------------------------------------------------------- through the login node
+LOGIN_BAD = [
+    ("  login: login02\n  remote_dir: /shared/ddp\n", "slurm.login: 'login02' is not one of hosts:",
+     "did you mean 'login01'?"),
+    ("  login: login01\n", "slurm.login: needs slurm.remote_dir", "remote_dir"),
+    ("  remote_dir: /shared/ddp\n", "slurm.remote_dir: is set but slurm.login is not", "login"),
+    ("  login: login01\n  remote_dir: -rf\n", "'-rf' is not a usable directory", "absolute path"),
+    ("  login: login01\n  remote_dir: ~bob/ddp\n", "is not a usable directory", None),
+    ("  login: {hostname: -oProxyCommand=touch}\n  remote_dir: /d\n", "is not a valid hostname", None),
+    ("  login: {hostname: login.x, port: 70000}\n  remote_dir: /d\n", "slurm.login.port: port 70000 is out of range", None),
+    ("  login: {hostname: login.x, jump_host: '-J x'}\n  remote_dir: /d\n", "is not a valid jump_host", None),
+    ("  login: {hostname: login.x, colour: red}\n  remote_dir: /d\n", "colour", None),
+]
+
+
+@pytest.mark.parametrize("extra,message,hint", LOGIN_BAD, ids=[b[1][:30] for b in LOGIN_BAD])
+def test_login_settings_are_checked_before_anything_runs(tmp_path, fake_slurm, extra, message, hint):
+    inv = write_inv(tmp_path, CLUSTER_INV.split("  sbatch:")[0] + extra)
+    p = cli("submit", "resnet50", "-i", inv, runs=tmp_path / "runs", env=fake_slurm.env())
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert message in p.stderr and "Traceback" not in p.stderr and p.stderr.startswith(f"error: {inv}:")
+    assert hint is None or hint in p.stderr
+    assert fake_slurm.calls() == [] and not (tmp_path / "runs").exists()
+
+
+def test_login_is_a_host_of_the_inventory_or_an_entry_with_the_defaults(tmp_path):
+    from cluster.backends import get
+    from cluster.backends.login import LoginBackend, _remote_inventory
+    base = CLUSTER_INV.split("  sbatch:")[0].replace("hosts:\n", "defaults:\n  user: me\n  port: 2200\nhosts:\n")
+    inv = load_inventory(write_inv(tmp_path, base + "  login: login01\n  remote_dir: ~/ddp\n"))
+    assert inv.login == inv.hosts[0] and inv.login.user == "me"
+    inv = load_inventory(write_inv(tmp_path, base + "  login: {hostname: login.x, identity_file: ~/.ssh/k, "
+                                               "jump_host: me@bastion}\n  remote_dir: /shared/ddp\n"))
+    assert (inv.login.name, inv.login.hostname, inv.login.user, inv.login.port, inv.login.jump_host) == \
+        ("login.x", "login.x", "me", 2200, "me@bastion")
+    assert isinstance(get("slurm", inv), LoginBackend)
+    # the login node's own inventory: this one, SLURM there (no login, no remote_dir)
+    import yaml
+    there = yaml.safe_load(_remote_inventory(inv))
+    assert there["backend"] == "slurm" and "login" not in there["slurm"] and "remote_dir" not in there["slurm"]
+    assert there["slurm"]["partition"] == "gpu" and there["hosts"] == [{"name": "login01"}]
+
+
+def test_task_output_is_prefixed_and_a_last_partial_line_stays_its_own(tmp_path):
+    """The whole task as srun starts it, minus submitit: SlurmTask with the prefixer on."""
+    env = {**os.environ, "SLURMD_NODENAME": "gpu07", "SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_JOB_ID": "5"}
+    payload = [sys.executable, "-c", "import sys; print('hello'); sys.stderr.write('partial'); sys.exit(4)"]
+    code = ("from cluster.node import slurm_task as t; t.prefix_output(b'[gpu07 0] '); "
+            f"t.SlurmTask({{'argv': {payload!r}, 'workdir': {str(tmp_path)!r}, 'run_dir': 'r'}})()")
+    p = subprocess.run([sys.executable, "-u", "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    lines = p.stdout.splitlines()
+    assert p.returncode == 4 and p.stderr == "", p.stderr
+    assert all(l.startswith("[gpu07 0] ") for l in lines), lines
+    assert "[gpu07 0] hello" in lines and "[gpu07 0] partial" in lines
+    assert lines[-1] == "[gpu07 0] payload exited with code 4"
+
+
+def test_status_names_each_nodes_first_task_pid_of_this_start(tmp_path, fake_slurm):
+    from cluster.backends import backend_for
+    fake_slurm.configure(state="RUNNING")
+    run = _slurm_run(tmp_path)
+    now = time.time()
+    for rank, host, pid, t in [(1, "gpu01", 102, now), (0, "gpu01", 101, now), (3, "gpu02", 204, now),
+                               (2, "gpu02", 999, now - 3600)]:       # rank 2's record: of an earlier start
+        (run.dir / "state" / f"task{rank}.json").write_text(json.dumps(
+            {"rank": rank, "host": host, "pid": pid, "started": t}))
+    _, nodes = backend_for(run).status(run)
+    assert {n.host: n.pid for n in nodes} == {"gpu01": 101, "gpu02": 204}
+
+
+def test_payload_starts_before_submitit_and_the_pickled_task_takes_it_over(tmp_path):
+    """The task as srun starts it (python -m cluster.node.slurm_task FOLDER, submitit's real pickle):
+    the payload starts from task.json before submitit is imported; the task submitit unpickles then
+    waits for that payload instead of starting a second one."""
+    from submitit.core.job_environment import JobPaths
+    from submitit.core.utils import DelayedSubmission
+    from cluster.node.slurm_task import SPEC, SlurmTask
+    env = {**os.environ, "SLURMD_NODENAME": "gpu07", "SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_JOB_ID": "5",
+           "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_JOB_NUM_NODES": "1", "SUBMITIT_EXECUTOR": "slurm"}
+    marker, folder = tmp_path / "starts", tmp_path / "slurm"
+    probe = (f"import sys, os; open({str(marker)!r}, 'a').write('x'); "
+             "print('ran', 'submitit' in open(f'/proc/{os.getppid()}/cmdline').read())")
+    spec = {"argv": [sys.executable, "-c", probe], "workdir": str(tmp_path), "run_dir": "r", "requeue": True}
+    folder.mkdir()
+    (folder / SPEC).write_text(json.dumps(spec))
+
+    def task():
+        DelayedSubmission(SlurmTask(spec)).dump(JobPaths(folder, job_id="5", task_id=0).submitted_pickle)
+        return subprocess.run([sys.executable, "-u", "-m", "cluster.node.slurm_task", str(folder)], cwd=REPO,
+                              env=env, capture_output=True, text=True, timeout=60)
+    p = task()
+    assert p.returncode == 0, p.stdout + p.stderr
+    lines = p.stdout.splitlines()
+    assert lines and all(l.startswith("[gpu07 0] ") for l in lines), lines
+    assert marker.read_text() == "x" and p.stdout.count("[gpu07 0] ran") == 1
+    assert p.stdout.count("] task 0/1 on gpu07") == 1 and lines[-1] == "[gpu07 0] payload finished (exit code 0)"
+    assert "submitit INFO" not in p.stdout           # submitit's own chatter is not the job's log
+    # once finished, a requeued job's task says so once and starts nothing
+    p = task()
+    assert p.returncode == 0 and marker.read_text() == "x" and p.stdout.count("not running it again") == 1, p.stdout

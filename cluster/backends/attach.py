@@ -198,6 +198,8 @@ def shell(t: Target) -> int:
         argv = ["srun", f"--jobid={jid}", "--overlap", "--pty", "--nodes=1", "--ntasks=1",
                 f"--relative={t.node_rank}", f"--chdir={wd}"] + (["env"] + env if env else []) + ["sh", "-c", INTERACTIVE]
         print(f"shell on node {t.node_rank} of SLURM job {jid} (run {t.run.id}), in {wd}", file=sys.stderr)
+        if t.inventory.login is not None:     # SLURM through the login node (cluster/backends/login.py)
+            return _exec(ssh_client_argv(t.inventory.login, t.inventory, tty=True) + [quote_argv(argv)], None)
         return _exec(argv, None)
     argv, assigns = shell_argv(t)
     print(f"shell on {t.label}, in {t.cwd}" + (f" (inside {t.container.runtime} container)" if t.container else ""),

@@ -4,9 +4,10 @@
 
 * The plan is an sbatch request (``SlurmPlan``); ``python -m cluster plan`` prints the exact script
   submitit submits (the same function renders both). Tasks per node = GPUs per node; every task
-  runs ``python -m cluster.node.slurm_task`` (a ``[host rank]`` line prefixer) around submitit's task
-  process, which calls ``cluster.node.slurm_task.SlurmTask``: RANK/LOCAL_RANK/WORLD_SIZE from
+  runs ``python -m cluster.node.slurm_task FOLDER``: submitit's task process with a ``[host rank]``
+  line prefixer in the same interpreter, which calls ``cluster.node.slurm_task.SlurmTask``: RANK/LOCAL_RANK/WORLD_SIZE from
   SLURM_PROCID/SLURM_LOCALID/SLURM_NTASKS, then the same payload as on the other backends.
+  One interpreter per task besides the payload (submitit's task and the prefixer share it).
 * Rendezvous from the allocation, set in the script: MASTER_ADDR = first host of
   SLURM_JOB_NODELIST, MASTER_PORT = 20000 + job id % 10000 (or the job's rdzv_port).
 * Requeue: ``--signal=USR2@signal_delay_s``; task 0 checkpoints through submitit and runs
@@ -70,13 +71,14 @@ class SlurmPlan(Plan):
     """The sbatch request: submitit parameters, its folder, and what every task runs."""
 
     folder: str = ""                                       # absolute; scripts, pickles, task logs
-    python: str = ""                                       # submitit's `python` (the prefixer + python)
+    python: str = ""                                       # the python that starts each task
     sbatch: Mapping[str, Any] = field(default_factory=dict)  # submitit SlurmExecutor parameters
     task: Mapping[str, Any] = field(default_factory=dict)    # cluster.node.slurm_task.SlurmTask spec
 
     def command(self) -> str:
-        """What srun starts in every task (as submitit's SlurmExecutor._submitit_command_str)."""
-        return " ".join([self.python, "-u -m submitit.core._submit", shlex.quote(self.folder)])
+        """What srun starts in every task: submitit's task process and the line prefixer in one
+        interpreter (cluster/node/slurm_task.py main), in place of submitit's own command."""
+        return " ".join([self.python, "-u -m cluster.node.slurm_task", shlex.quote(self.folder)])
 
     def render(self) -> str:
         from submitit.slurm.slurm import _make_sbatch_string
@@ -197,7 +199,7 @@ class SlurmBackend(Backend):
                                  nprocs=ntasks) for i, h in enumerate(hosts))
         endpoint = f"first node of the allocation:{port or job.rdzv_port or f'{PORT_BASE}+job_id%{PORT_SPAN}'}"
         return SlurmPlan(run_id, job.name, "slurm", endpoint, ntasks * len(hosts), nodes, tuple(notes),
-                         folder=folder, python=f"{python} -u -m cluster.node.slurm_task {python}", sbatch=sbatch,
+                         folder=folder, python=python, sbatch=sbatch,
                          task=task)
 
     # ---------------------------------------------------------------- submit
@@ -221,11 +223,19 @@ class SlurmBackend(Backend):
         import submitit
         from submitit.core.utils import FailedJobError, FailedSubmissionError
         from cluster.node.slurm_task import SlurmTask
-        ex = submitit.SlurmExecutor(folder=plan.folder, python=plan.python,
-                                    max_num_timeout=plan.task["max_requeues"])
+        class Executor(submitit.SlurmExecutor):
+            @property
+            def _submitit_command_str(self) -> str:
+                return plan.command()
+
+        ex = Executor(folder=plan.folder, python=plan.python, max_num_timeout=plan.task["max_requeues"])
         ex.update_parameters(**_params(plan.sbatch))
         if ex._make_submission_file_text(ex._submitit_command_str, "") != plan.render():
             raise RuntimeError("submitit would submit another script than the plan shows")
+        from cluster.node.slurm_task import SPEC
+        Path(plan.folder).mkdir(parents=True, exist_ok=True)
+        # the spec as plain data too: each task starts the payload from it before importing submitit
+        Path(plan.folder, SPEC).write_text(json.dumps(dict(plan.task)) + "\n")
         try:
             job = ex.submit(SlurmTask(dict(plan.task)))
         except (FailedJobError, FailedSubmissionError) as e:
@@ -275,7 +285,8 @@ class SlurmBackend(Backend):
         gpus = self._gpus(jid, len(hosts)) if self.with_gpus and state == State.RUNNING else {}
         folder = Path((run.data.get("handle") or {}).get("folder") or run.dir / "slurm")
         nproc = ((run.data.get("plan") or {}).get("nodes") or [{}])[0].get("nprocs") or 1
-        return [NodeStatus(h, state, exit_code=exit_code, detail=detail,
+        pids = _task_pids(run.dir, started) if state == State.RUNNING else {}
+        return [NodeStatus(h, state, pid=pids.get(short(h)), exit_code=exit_code, detail=detail,
                            heartbeats={r: b for r, b in beats.items() if short(b.get("host")) == short(h)},
                            activity=_output_activity(folder, jid, range(i * nproc, (i + 1) * nproc))
                            if state == State.RUNNING else None, gpus=gpus.get(i))
@@ -353,10 +364,11 @@ class SlurmBackend(Backend):
 class PrefixedSource(LogSource):
     """A file whose lines have no ``[host rank]`` prefix (the batch script's own): whole lines, prefixed.
 
+    ``path``: a file here, or a LogSource (the file on the login node, cluster/backends/login.py).
     Offsets count the prefixed bytes this source has returned; a reader that starts over gets
     the same bytes again."""
 
-    def __init__(self, name: str, path: Path, prefix: bytes):
+    def __init__(self, name: str, path, prefix: bytes):
         self.name, self.path, self.prefix = name, path, prefix
         self._raw = self._out = 0
 
@@ -364,12 +376,15 @@ class PrefixedSource(LogSource):
         if offset != self._out:
             self._raw = self._out = 0
             return self.read(0)[offset:]
-        try:
-            with open(self.path, "rb") as f:
-                f.seek(self._raw)
-                data = f.read()
-        except FileNotFoundError:
-            return b""
+        if isinstance(self.path, LogSource):
+            data = self.path.read(self._raw)        # OSError while unreachable: the caller retries
+        else:
+            try:
+                with open(self.path, "rb") as f:
+                    f.seek(self._raw)
+                    data = f.read()
+            except FileNotFoundError:
+                return b""
         whole = data[: data.rfind(b"\n") + 1]
         self._raw += len(whole)
         out = b"".join(self.prefix + l + b"\n" for l in whole.split(b"\n")[:-1])
@@ -435,6 +450,23 @@ def _heartbeats(run_dir: Path) -> dict:
         except (OSError, ValueError):
             continue
     return out
+
+
+def _task_pids(run_dir: Path, started: Optional[float]) -> dict[str, int]:
+    """host -> the pid of its lowest-ranked task of this start (state/task<rank>.json, written by
+    each task as it starts; their node-local pids, for `status`)."""
+    out: dict[str, tuple[int, int]] = {}
+    for f in (run_dir / "state").glob("task*.json"):
+        try:
+            d = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        if started and d.get("started", 0) < started - 5:
+            continue            # a task of an earlier start (before a requeue)
+        host, rank = str(d.get("host", "")).split(".")[0], int(d.get("rank", 0))
+        if host and (host not in out or rank < out[host][0]):
+            out[host] = (rank, int(d["pid"]))
+    return {h: pid for h, (_, pid) in out.items()}
 
 
 def _read_lines(path: Path) -> list[str]:

@@ -1,19 +1,24 @@
 """What runs in each SLURM task (one per GPU, started by srun from the sbatch script).
 
-Two layers, both in every task:
+One process per task besides the payload: ``python -u -m cluster.node.slurm_task FOLDER``
+(``main``), which
 
-* ``python -m cluster.node.slurm_task PY -u -m submitit.core._submit FOLDER`` (``main``): a line
-  prefixer around submitit's task process. Every line the task prints -- submitit's own, the
-  payload's stdout and stderr, a traceback -- reaches srun's per-task file
-  (``<job>_<task>_log.out``) as ``[<host> <rank>] text``. It ignores the signals SLURM sends to
-  the whole step (USR2 warning, TERM) and exits with its child's code.
-* ``SlurmTask`` (the callable submitit unpickles and calls): sets RANK/LOCAL_RANK/WORLD_SIZE from
-  SLURM's variables (MASTER_ADDR/MASTER_PORT come from the sbatch script), runs the plan's
-  payload and waits. On the time-limit warning or a preemption, submitit calls ``checkpoint()``
-  in task 0, which returns the same task for the requeued job (submitit pickles it and runs
-  ``scontrol requeue``); the payload resumes from its latest checkpoint when it starts again.
-  A run whose payload finished is marked done and never runs again, whatever requeues it.
+* prefixes every line of the task -- its own, submitit's warnings, the payload's stdout and
+  stderr, a traceback -- with ``[<host> <rank>] `` in this same process: fds 1 and 2 are a pipe
+  that a thread copies, line by line and prefixed, to srun's per-task file
+  (``<job>_<task>_log.out``); the payload inherits them. No interpreter of its own for that.
+* runs submitit's task (``submitit.core.submission.process_job``, in process): it unpickles
+  ``SlurmTask`` and calls it. ``SlurmTask`` sets RANK/LOCAL_RANK/WORLD_SIZE from SLURM's
+  variables (MASTER_ADDR/MASTER_PORT come from the sbatch script), starts the plan's payload and
+  waits. On the time-limit warning or a preemption, submitit calls ``checkpoint()`` in task 0,
+  which returns the same task for the requeued job (submitit pickles it and runs ``scontrol
+  requeue``); the payload resumes from its latest checkpoint when it starts again. A run whose
+  payload finished is marked done and never runs again, whatever requeues it.
 
+The payload starts first, from the task's spec as plain data (``task.json`` beside submitit's
+pickles), before submitit is even imported: it imports torch while this process imports submitit
+and loads the pickled task, which takes the running payload over. The payload is the only process
+that imports torch, once per task.
 Standard library only at import time (submitit is imported where it is needed).
 """
 from __future__ import annotations
@@ -55,6 +60,7 @@ class SlurmTask:
         self.spec = dict(spec)
         self.attempt = attempt
         self._proc: subprocess.Popen | None = None
+        self._copier: threading.Thread | None = None
 
     def __getstate__(self):
         return {"spec": self.spec, "attempt": self.attempt}
@@ -66,18 +72,19 @@ class SlurmTask:
     def run_dir(self) -> Path:
         return Path(self.spec["workdir"]) / self.spec["run_dir"]
 
-    def __call__(self) -> int:
+    def start(self) -> bool:
+        """Start the payload (False: the run already finished, nothing started)."""
         env = os.environ
         rank, host = int(env.get("SLURM_PROCID", 0)), _host()
         done = self.run_dir / "state" / DONE
         if done.exists():
             print(f"run already finished ({done}); not running it again", flush=True)
-            return 0
+            return False
         restarts = int(env.get("SLURM_RESTART_COUNT", 0) or 0)
         (self.run_dir / "state").mkdir(parents=True, exist_ok=True)
         _write_json(self.run_dir / "state" / f"task{rank}.json", {
             "rank": rank, "host": host, "pid": os.getpid(), "job_id": env.get("SLURM_JOB_ID"),
-            "restarts": restarts, "attempt": self.attempt, "started": time.time()})
+            "restarts": restarts, "started": time.time()})
         child_env = dict(env)
         child_env.update(
             RANK=str(rank), LOCAL_RANK=env.get("SLURM_LOCALID", "0"),
@@ -92,9 +99,30 @@ class SlurmTask:
         print(f"task {rank}/{child_env['WORLD_SIZE']} on {host} (job {env.get('SLURM_JOB_ID')}, "
               f"restart {restarts}{gpus}), rendezvous {env.get('MASTER_ADDR')}:{env.get('MASTER_PORT')}: "
               + " ".join(argv), flush=True)
-        _one_submitit_log_stream()
+        # the payload's output through a pipe of its own (prefixed as it comes): a last line
+        # without a newline stays its own line
         self._proc = subprocess.Popen(argv, cwd=self.run_dir, env=child_env, stdin=subprocess.DEVNULL,
+                                      stdout=subprocess.PIPE if _out is not None else None,
                                       stderr=subprocess.STDOUT, preexec_fn=_ignore_usr2)
+        if _out is not None:
+            self._copier = copy_lines(os.dup(self._proc.stdout.fileno()))
+            self._proc.stdout.close()
+        return True
+
+    def __call__(self) -> int:
+        env = os.environ
+        rank = int(env.get("SLURM_PROCID", 0))
+        done = self.run_dir / "state" / DONE
+        if _early is not None:
+            # main() started the payload (of this job's spec) before submitit was imported: this
+            # task, one per process, takes it over
+            if _early._proc is None:
+                return 0                    # the run had finished (main said so)
+            self._proc, self._copier = _early._proc, _early._copier
+        elif not self.start():
+            return 0
+        _one_submitit_log_stream()
+        copier = self._copier
         # submitit logs every TERM/CONT it ignores. SLURM sends CONT with the warning signal, and
         # when USR2's handler runs inside that logging call, logging swallows its "not requeued"
         # exception: ignore them without a word (a Python handler, not SIG_IGN: not inherited)
@@ -103,6 +131,8 @@ class SlurmTask:
         from submitit.core.utils import UncompletedJobError
         try:
             code = self._proc.wait()
+            if copier is not None:
+                copier.join(timeout=5)      # its lines before ours (a stray grandchild may hold the pipe)
             if code in (-signal.SIGTERM, 128 + signal.SIGTERM):
                 # scancel, or a preemption: SLURM's TERM, then USR2, on which task 0 requeues
                 # (submitit's handler, during this wait; no task may end the step before it).
@@ -120,7 +150,7 @@ class SlurmTask:
                 return 0
             print(f"{e} Stopping.", flush=True)
             self._stop_payload()
-            os._exit(1)
+            _exit(1)
         except BaseException:
             # requeued (submitit exits) or any other end: no payload outlives its task (an
             # orphan would also escape SLURM's process tracking)
@@ -130,8 +160,7 @@ class SlurmTask:
         # nobody reads submitit's result pickle, and its traceback would only hide the payload's
         code = code if code > 0 else 128 - code
         print(f"payload exited with code {code}", flush=True)
-        sys.stderr.flush()
-        os._exit(code)
+        _exit(code)
 
     def _stop_payload(self, grace_s: float = 10.0) -> None:
         if self._proc is None or self._proc.poll() is not None:
@@ -191,41 +220,113 @@ def _event(run_dir: Path, event: str, **fields) -> None:
         f.write(json.dumps({"t": round(time.time(), 3), "event": event, **fields}) + "\n")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run argv (submitit's task process), prefixing each of its lines with ``[host rank] ``."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv:
-        print("usage: python -m cluster.node.slurm_task COMMAND ...", file=sys.stderr)
-        return 2
-    prefix = f"[{_host()} {os.environ.get('SLURM_PROCID', '0')}] ".encode()
-    # the step's signals are for the task below; this process ends when its output does
-    for sig in (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_IGN)
-    out = sys.stdout.buffer
-    try:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT,
-                                preexec_fn=lambda: [signal.signal(s, signal.SIG_DFL)
-                                                    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)])
-    except OSError as e:
-        out.write(prefix + f"cannot start {argv[0]}: {e}\n".encode())
-        out.flush()
-        return 127
+SPEC = "task.json"      # in submitit's folder: the task's spec as plain data (main starts the payload from it)
+_early: "SlurmTask | None" = None       # the task main() started before submitit was imported
+_out: int | None = None                 # srun's file (fd 1 before prefix_output)
+_prefix = b""
+_pumps: list[threading.Thread] = []
 
+
+def prefix_output(prefix: bytes) -> None:
+    """From now on, every line written to fds 1 and 2 (by this process or a child that inherits
+    them) reaches the original fd 1 as ``prefix + line``: a pipe on 1 and 2, copied by a thread.
+    ``_exit`` drains it."""
+    global _out, _prefix
+    _out, _prefix = os.dup(1), prefix
+    r, w = os.pipe()
+    os.dup2(w, 1)
+    os.dup2(w, 2)
+    os.close(w)
+    copy_lines(r)
+
+
+def copy_lines(fd: int) -> threading.Thread:
+    """A thread that copies whole lines from ``fd`` to srun's file, prefixed (a last line without
+    a newline gets one): each line is one write, so two sources never mix inside a line."""
     def copy() -> None:
-        for line in iter(proc.stdout.readline, b""):
-            out.write(prefix + (line if line.endswith(b"\n") else line + b"\n"))
-            out.flush()
+        with os.fdopen(fd, "rb", buffering=0) as pipe:
+            pending = b""
+            while True:
+                chunk = pipe.read(1 << 16)
+                if not chunk:
+                    break
+                *lines, pending = (pending + chunk).split(b"\n")
+                if lines:
+                    _write_all(_out, b"".join(_prefix + l + b"\n" for l in lines))
+            if pending:
+                _write_all(_out, _prefix + pending + b"\n")
 
-    reader = threading.Thread(target=copy, daemon=True)
-    reader.start()
-    code = proc.wait()
-    # the task is over when its process is: a stray grandchild holding the pipe must not keep
-    # it (and so the whole job step) alive
-    reader.join(timeout=5)
-    out.flush()
-    os._exit(code if code >= 0 else 128 - code)
+    t = threading.Thread(target=copy, daemon=True, name="prefix")
+    t.start()
+    _pumps.append(t)
+    return t
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    while data:
+        data = data[os.write(fd, data):]
+
+
+def _exit(code: int) -> None:
+    """End the task with ``code`` once every line is out: the pipe's write ends closed here, the
+    copying thread given a moment (a stray grandchild holding the pipe must not keep the task,
+    and so the whole job step, alive)."""
+    for f in (sys.stdout, sys.stderr):
+        try:
+            f.flush()
+        except (OSError, ValueError):
+            pass
+    if _out is not None:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        deadline = time.monotonic() + 5
+        for t in _pumps:
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
+    os._exit(code & 0xFF if code >= 0 else 128 - code)
+
+
+def _start_early(spec_file: Path) -> None:
+    """The payload starts at once, from the spec the backend wrote beside submitit's pickles: it
+    imports torch while this process imports submitit (half a second, numpy included) and loads
+    the pickled task, which then takes the payload over (``SlurmTask.__call__``)."""
+    global _early
+    try:
+        spec = json.loads(spec_file.read_text())
+    except (OSError, ValueError):
+        return                      # no spec: the pickled task starts the payload itself
+    task = SlurmTask(spec)
+    task.start()
+    _early = task
+
+
+def main(argv: list[str] | None = None) -> int:
+    """srun's task: submitit's task process (FOLDER: its pickles), every line prefixed ``[host rank] ``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) != 1:
+        print("usage: python -m cluster.node.slurm_task SUBMITIT_FOLDER", file=sys.stderr)
+        return 2
+    prefix_output(f"[{_host()} {os.environ.get('SLURM_PROCID', '0')}] ".encode())
+    code = 0
+    try:
+        _start_early(Path(argv[0]) / SPEC)
+        from submitit.core.submission import process_job
+        if "SUBMITIT_LOG_LEVEL" not in os.environ:
+            import logging      # submitit's INFO lines (pickles loaded, ...) are not the job's log
+            logging.getLogger("submitit").setLevel(logging.WARNING)
+        process_job(argv[0])
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:   # noqa: BLE001 -- its traceback, prefixed, is the task's last word
+        import traceback
+        traceback.print_exc()
+        code = 1
+    _exit(code)
+    return code
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run as cluster.node.slurm_task, not as __main__: the task submitit unpickles is that module's
+    # SlurmTask, and it must see this process's state (the early payload, srun's file)
+    from cluster.node import slurm_task
+    sys.exit(slurm_task.main())

@@ -90,6 +90,10 @@ class SlurmSettings:
     nodes: Optional[int] = None
     signal_delay_s: int = 120
     sbatch: dict[str, Union[str, int, bool]] = field(default_factory=dict)
+    # SLURM from a machine without it (cluster/backends/login.py): every verb runs on this host,
+    # named as one of hosts: or given as a host entry (user, port, identity_file, jump_host, python)
+    login: Union[str, HostEntry, None] = None
+    remote_dir: Optional[str] = None    # on the login node's shared filesystem: code, venv, runs
 
 
 @dataclass(frozen=True)
@@ -112,6 +116,7 @@ class Inventory:
     slurm: Optional[SlurmSettings]
     shared_fs: bool
     storage: Optional[str]
+    login: Optional[Host] = None        # slurm.login, resolved as any host is
 
     def host(self, name: str) -> Host:
         for h in self.hosts:
@@ -170,7 +175,41 @@ def load_inventory(path: Path | str | None = None) -> Inventory:
     if backend == "slurm" and raw.slurm is None:
         raise UserError("backend 'slurm' needs a 'slurm:' section", where=src.where(("backend",)),
                         key="slurm", hint="add 'slurm:' with at least 'partition:'")
-    return Inventory(str(path), backend, tuple(hosts), raw.ssh, raw.slurm, raw.shared_fs, raw.storage)
+    login = _resolve_login(raw, hosts, src)
+    return Inventory(str(path), backend, tuple(hosts), raw.ssh, raw.slurm, raw.shared_fs, raw.storage, login)
+
+
+def _resolve_login(raw: InventoryFile, hosts: list, src: Source) -> Optional[Host]:
+    """slurm.login: one of hosts: by name, or an entry of its own (with defaults: applied, and
+    checked as every host is); it needs slurm.remote_dir."""
+    sl = raw.slurm
+    if sl is None or sl.login is None:
+        if sl is not None and sl.remote_dir is not None:
+            raise _bad("is set but slurm.login is not", src, ("slurm", "remote_dir"),
+                       "add 'login: <host>' (the cluster's login node), or remove remote_dir")
+        return None
+    if sl.remote_dir is None:
+        raise _bad("needs slurm.remote_dir", src, ("slurm", "login"),
+                   "add 'remote_dir: <dir>' on the cluster's shared filesystem (code, venv and runs go there)")
+    _check_text(sl.remote_dir, src, ("slurm", "remote_dir"))
+    rd = sl.remote_dir
+    if rd == "" or rd.startswith("-") or (rd.startswith("~") and rd != "~" and not rd.startswith("~/")):
+        raise _bad(f"{show(rd)} is not a usable directory", src, ("slurm", "remote_dir"),
+                   "give an absolute path, or ~/PATH (the login user's home), on the shared filesystem")
+    if isinstance(sl.login, str):
+        for h in hosts:
+            if h.name == sl.login:
+                return h
+        raise _bad(f"'{sl.login}' is not one of hosts:", src, ("slurm", "login"),
+                   did_you_mean(sl.login, [h.name for h in hosts]) +
+                   "name a host listed under hosts:, or give an entry (hostname:, user:, port:, ...)")
+    _check_host_fields(sl.login, src, ("slurm", "login"))
+    if sl.login.port is not None and not 0 < sl.login.port < 65536:
+        raise _bad(f"port {sl.login.port} is out of range 1-65535", src, ("slurm", "login", "port"))
+    name = sl.login.name or sl.login.hostname
+    if not name or not _HOSTNAME.fullmatch(name):
+        raise _bad("needs a hostname", src, ("slurm", "login"), "e.g. 'login: {hostname: login.cluster.org, user: me}'")
+    return _resolve_host(name, sl.login, raw.defaults, False, src, 0)
 
 
 # ---------------------------------------------------------------- hostile input
@@ -783,7 +822,8 @@ def inventory_from_plain(d: dict) -> Inventory:
         path=d["path"], backend=d["backend"], hosts=tuple(Host(**h) for h in d["hosts"]),
         ssh=SSHSettings(**d["ssh"]),
         slurm=SlurmSettings(**slurm) if slurm else None,
-        shared_fs=d["shared_fs"], storage=d.get("storage"))
+        shared_fs=d["shared_fs"], storage=d.get("storage"),
+        login=Host(**d["login"]) if d.get("login") else None)
 
 
 def job_from_plain(d: dict) -> Job:

@@ -1,0 +1,190 @@
+"""SLURM launch: submit -> every rank at step 1, ours against a hand-written sbatch script and plain submitit.
+
+    flock /tmp/ddp-testbed.lock .venv/bin/python bench/bench_slurm_launch.py [--reps 5] [--out DIR]
+
+On the cluster in a box's real SLURM (.testbed/, `python -m tests.testbed up`), as root, from this
+machine (the login node's view: the shared filesystem, SLURM's clients). The same job each time:
+2 nodes x 2 tasks, ``python -m train`` with a two-conv model at 32x32 on CPU, 5 steps, a metrics
+record every step. Interleaved (ours, sbatch, submitit, ours, ...), each job waited for to its
+end before the next, so every one meets the same idle cluster:
+
+  * ours: ``python -m cluster submit`` in a fresh process (the sbatch --test-only preflight,
+    submitit's submit, the sbatch script; per task one interpreter besides the payload);
+  * sbatch: a hand-written script, ``sbatch`` of ``srun python -m train ...`` (train reads
+    SLURM_PROCID/SLURM_NTASKS itself), MASTER_ADDR/MASTER_PORT set as ours sets them;
+  * submitit: a fresh python that submits, with plain ``submitit.SlurmExecutor``, a function
+    that runs train in its task's own interpreter (runpy, what a submitit user writes).
+
+Reported: the median and min over the repetitions of the time from the start of the submit
+command to the last rank's step-1 metrics record (its own timestamp), and of the submit
+command's own time. One cluster in a box on 2 shared cores: absolute numbers are this box's.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+STEPS = 5
+TRAIN = {"model": "train.model:tiny_cnn", "num_classes": 10, "image_size": 32, "batch_size": 8,
+         "steps": STEPS, "log_every": 1, "ckpt_every": 0, "val_every": -1, "lr": 0.01}
+JOB = "name: benchslurm\nnodes: 2\ncpu_procs_per_node: 2\ntrain:\n" + "".join(f"  {k}: {v}\n" for k, v in TRAIN.items())
+
+
+def train_args(out_dir: Path) -> list[str]:
+    return ["-m", "train", f"out_dir={out_dir}", f"ckpt_dir={out_dir}/ckpt"] + [f"{k}={v}" for k, v in TRAIN.items()]
+
+
+def step1_time(out_dir: Path, ranks: int = 4) -> float | None:
+    """When the last rank wrote its step-1 record (None until every rank has)."""
+    times = []
+    for r in range(ranks):
+        f = out_dir / f"metrics-rank{r}.jsonl"
+        try:
+            recs = [json.loads(l) for l in f.read_text().splitlines() if l.strip()]
+        except (OSError, ValueError):
+            return None
+        t = next((rec["time"] for rec in recs if rec.get("step") == 1 and "time" in rec), None)
+        if t is None:
+            return None
+        times.append(t)
+    return max(times)
+
+
+def wait_job_gone(jid: str, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        p = subprocess.run(["squeue", "-h", "-j", jid, "-o", "%T"], capture_output=True, text=True)
+        if p.returncode != 0 or not p.stdout.strip():
+            return
+        time.sleep(0.3)
+    subprocess.run(["scancel", jid])
+    raise RuntimeError(f"job {jid} still queued after {timeout}s")
+
+
+# ---------------------------------------------------------------- the three ways
+def ours(work: Path, inventory: Path) -> tuple[float, float, Path, str]:
+    job = work / "job.yaml"
+    job.write_text(JOB)
+    runs = work / "runs"
+    env = {**os.environ, "CLUSTER_RUNS_DIR": str(runs), "PYTHONPATH": str(REPO)}
+    t0 = time.time()
+    p = subprocess.run([sys.executable, "-m", "cluster", "submit", str(job), "-i", str(inventory)],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    t1 = time.time()
+    if p.returncode != 0:
+        raise RuntimeError(p.stderr)
+    run_id = p.stdout.split()[1]
+    jid = json.loads((runs / run_id / "run.json").read_text())["handle"]["job_id"]
+    return t0, t1, runs / run_id / "metrics", jid
+
+
+def by_hand(work: Path, partition: str) -> tuple[float, float, Path, str]:
+    out = work / "metrics"
+    script = work / "job.sbatch"
+    script.write_text("\n".join([
+        "#!/bin/bash",
+        f"#SBATCH --nodes=2 --ntasks-per-node=2 --partition={partition} --time=10",
+        f"#SBATCH --output={work}/%j.out --chdir={work}",
+        'export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
+        "export MASTER_PORT=$((20000 + SLURM_JOB_ID % 10000)) OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1",
+        f"export PYTHONPATH={shlex.quote(str(REPO))}",
+        "srun --kill-on-bad-exit=1 " + shlex.join([sys.executable] + train_args(out)), ""]))
+    t0 = time.time()
+    p = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, timeout=60)
+    t1 = time.time()
+    if p.returncode != 0:
+        raise RuntimeError(p.stderr)
+    return t0, t1, out, p.stdout.strip().split(";")[0]
+
+
+def plain_submitit(work: Path, partition: str) -> tuple[float, float, Path, str]:
+    out = work / "metrics"
+    t0 = time.time()
+    p = subprocess.run([sys.executable, __file__, "submitit-submit", str(work), partition], cwd=REPO,
+                       env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=120)
+    t1 = time.time()
+    if p.returncode != 0:
+        raise RuntimeError(p.stderr)
+    return t0, t1, out, p.stdout.strip().splitlines()[-1]
+
+
+def _train_in_process(argv: list[str], env: dict) -> None:
+    import runpy
+    os.environ.update(env)
+    sys.argv = ["train"] + argv[2:]
+    runpy.run_module("train", run_name="__main__", alter_sys=True)
+
+
+def _submitit_submit(work: str, partition: str) -> None:
+    import submitit
+    ex = submitit.SlurmExecutor(folder=f"{work}/submitit")
+    ex.update_parameters(nodes=2, ntasks_per_node=2, partition=partition, time=10,
+                         setup=['export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
+                                "export MASTER_PORT=$((20000 + SLURM_JOB_ID % 10000)) OMP_NUM_THREADS=1"])
+    job = ex.submit(_train_in_process, train_args(Path(work) / "metrics"), {"PYTHONUNBUFFERED": "1"})
+    print(job.job_id)
+
+
+WAYS = {"ours": None, "sbatch": by_hand, "submitit": plain_submitit}
+
+
+def main() -> int:
+    if sys.argv[1:2] == ["submitit-submit"]:
+        _submitit_submit(sys.argv[2], sys.argv[3])
+        return 0
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--out", type=Path, help="write the figures (results.json) here")
+    args = ap.parse_args()
+    sys.path.insert(0, str(REPO))
+    from tests.testbed import load_state
+    st = load_state(REPO)
+    if not st:
+        print("the cluster in a box is not up: python -m tests.testbed up --nodes 3", file=sys.stderr)
+        return 2
+    os.environ["PATH"] = f"{st['bin_dir']}{os.pathsep}{os.environ['PATH']}"    # its sacct stand-in
+    import yaml
+    inv = yaml.safe_load(Path(st["inventory"]).read_text())
+    inv["backend"] = "slurm"
+    results: dict[str, list[dict]] = {w: [] for w in WAYS}
+    with tempfile.TemporaryDirectory(prefix="bench-slurm-", dir="/tmp") as tmp:   # /tmp: every node sees it
+        inventory = Path(tmp, "inventory.yaml")
+        inventory.write_text(yaml.safe_dump(inv))
+        for rep in range(args.reps):
+            for way, fn in WAYS.items():
+                work = Path(tmp, f"{way}-{rep}")
+                work.mkdir()
+                t0, t1, out, jid = ours(work, inventory) if way == "ours" else fn(work, st["partition"])
+                deadline = time.time() + 120
+                while (t := step1_time(out)) is None:
+                    if time.time() > deadline:
+                        raise RuntimeError(f"{way}: no step 1 from every rank after 120 s ({out})")
+                    time.sleep(0.1)
+                wait_job_gone(jid)
+                results[way].append({"submit_s": round(t1 - t0, 3), "step1_s": round(t - t0, 3), "job": jid})
+                print(f"rep {rep} {way:<9} submit {t1 - t0:5.2f} s  every rank at step 1 {t - t0:5.2f} s", flush=True)
+    print(f"\n2 nodes x 2 tasks, {STEPS}-step CPU job, {args.reps} interleaved repetitions (median / min, seconds)")
+    print(f"{'':<10} {'submit':>14} {'every rank at step 1':>22}")
+    summary = {}
+    for way, rs in results.items():
+        sub, s1 = [r["submit_s"] for r in rs], [r["step1_s"] for r in rs]
+        summary[way] = {"submit_median_s": statistics.median(sub), "step1_median_s": statistics.median(s1),
+                        "step1_min_s": min(s1), "runs": rs}
+        print(f"{way:<10} {statistics.median(sub):6.2f} / {min(sub):5.2f} {statistics.median(s1):12.2f} / {min(s1):5.2f}")
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""SLURM from a machine without SLURM: every verb through the login node (cluster/backends/login.py).
+
+node1 plays the login node (SLURM's clients, and /tmp is the filesystem every node shares); the
+submitting side is this machine with a shim first on PATH whose sbatch/squeue/scancel/srun/sacct/
+scontrol/sinfo fail loudly and record that they were called: no test may find a call in it.
+Every verb runs as `python -m cluster ...` in a fresh process, as from a new shell.
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.test_slurm_testbed import HELLO, job_pids, slurm_state, wait
+from tests.testbed_client import pty_cli
+
+REPO = Path(__file__).resolve().parent.parent
+pytestmark = [pytest.mark.testbed, pytest.mark.slow]
+SLURM_CLIENTS = ("sbatch", "squeue", "scancel", "srun", "sacct", "scontrol", "sinfo", "salloc")
+TICKS = 150       # lines per rank, one every 0.2 s
+TICKER = f"""name: ticker
+nodes: 2
+cpu_procs_per_node: 2
+command: [sh, -c, 'for i in $(seq 1 {TICKS}); do echo "tick $RANK $i"; sleep 0.2; done']
+"""
+
+
+class Laptop:
+    """The submitting side: no SLURM client usable, an inventory with slurm.login, runs/ of its own."""
+
+    def __init__(self, testbed, tmp_path, login="node1", edit=None, **slurm):
+        inv = yaml.safe_load(Path(testbed.inventory).read_text())
+        inv["backend"] = "slurm"
+        inv["slurm"].update({"login": login, "remote_dir": str(tmp_path / "remote")}, **slurm)
+        if edit:
+            edit(inv)
+        self.inventory = tmp_path / "inventory.yaml"
+        self.inventory.write_text(yaml.safe_dump(inv))
+        self.runs, self.tmp, self.testbed = tmp_path / "runs", tmp_path, testbed
+        self.shim, self.calls = tmp_path / "shim", tmp_path / "shim-calls"
+        self.shim.mkdir()
+        for name in SLURM_CLIENTS:
+            p = self.shim / name
+            p.write_text(f'#!/bin/sh\necho "{name} $*" >> {self.calls}\n'
+                         f'echo "{name} must not run on the submitting side" >&2\nexit 97\n')
+            p.chmod(0o755)
+
+    def env(self):
+        env = self.testbed.env(CLUSTER_RUNS_DIR=str(self.runs), PYTHONUNBUFFERED="1")
+        env["PATH"] = f"{self.shim}{os.pathsep}{env['PATH']}"
+        return env
+
+    def cli(self, *args, timeout=180):
+        return subprocess.run([sys.executable, "-m", "cluster", *args], cwd=REPO, env=self.env(), text=True,
+                              capture_output=True, timeout=timeout)
+
+    def job(self, name, text):
+        p = self.tmp / f"{name}.yaml"
+        p.write_text(text)
+        return str(p)
+
+    def submit(self, job):
+        p = self.cli("submit", job, "-i", str(self.inventory))
+        assert p.returncode == 0, p.stdout + p.stderr
+        run_id = p.stdout.split()[1]
+        return run_id, self.record(run_id)["handle"]["job_id"]
+
+    def record(self, run_id):
+        return json.loads((self.runs / run_id / "run.json").read_text())
+
+    def status(self, run_id):
+        p = self.cli("status", run_id, "--json")
+        assert p.returncode == 0, p.stderr
+        return json.loads(p.stdout)
+
+    def wait_state(self, run_id, states, timeout=150):
+        deadline, st = time.time() + timeout, None
+        while time.time() < deadline:
+            st = self.status(run_id)
+            if st["state"] in states:
+                return st
+            time.sleep(1)
+        raise AssertionError(f"{run_id} not in {states} after {timeout}s: {st}")
+
+    def logs(self, run_id):
+        p = self.cli("logs", run_id)
+        assert p.returncode == 0, p.stderr
+        return p.stdout
+
+    def no_slurm_client_ran_here(self):
+        assert not self.calls.exists(), self.calls.read_text()
+
+
+def _no_shim_calls_possible(lap):
+    """The shim is what this machine's PATH finds first."""
+    p = subprocess.run(["sbatch", "--version"], env=lap.env(), capture_output=True, text=True)
+    assert p.returncode == 97 and "must not run on the submitting side" in p.stderr
+    lap.calls.unlink()
+
+
+def test_submit_status_logs_through_the_login_node(testbed, tmp_path):
+    lap = Laptop(testbed, tmp_path, gpus_per_node=2)
+    _no_shim_calls_possible(lap)
+    run_id, jid = lap.submit(lap.job("hello", HELLO.format(sleep=0)))
+    st = lap.wait_state(run_id, {"SUCCEEDED", "FAILED", "CANCELLED"})
+    assert st["state"] == "SUCCEEDED", lap.logs(run_id)
+    logs = lap.logs(run_id)
+    assert sorted(int(r) for r in re.findall(r"^\[node\d (\d)\] hello from rank \1/4 sum=10", logs, re.M)) == [0, 1, 2, 3]
+    assert len({h for h in re.findall(r"^\[(node\d) \d\] ", logs, re.M)}) == 2
+    # the run lives on the login node and is mirrored here; this side's record leads back there
+    remote = tmp_path / "remote" / "runs" / run_id
+    rec = lap.record(run_id)
+    assert rec["state"] == "SUCCEEDED" and rec["login"]["run_dir"] == str(remote)
+    assert rec["login"]["code"].startswith(str(tmp_path / "remote" / "code") + "/")
+    assert (Path(rec["login"]["code"]) / "cluster" / "backends" / "slurm.py").is_file()
+    assert (remote / "run.json").is_file() and (lap.runs / run_id / "events.jsonl").is_file()
+    assert rec["inventory"]["login"]["name"] == "node1"
+    assert json.loads((remote / "run.json").read_text())["inventory"].get("login") is None
+    # logs on request
+    p = lap.cli("logs", run_id, "--collect")
+    assert p.returncode == 0, p.stderr
+    assert len(list((lap.runs / run_id / "logs").glob(f"{jid}_*_log.out"))) == 4
+    lap.no_slurm_client_ran_here()
+
+
+def test_stop_from_a_new_shell_leaves_nothing(testbed, tmp_path):
+    lap = Laptop(testbed, tmp_path)
+    run_id, jid = lap.submit(lap.job("hello", HELLO.format(sleep=300)))
+    wait(lambda: lap.logs(run_id).count("hello from rank") == 4, "all 4 ranks running", timeout=120)
+    assert lap.status(run_id)["state"] == "RUNNING" and job_pids(jid)
+    # a shell on node 1 inside the job's allocation (srun --overlap --pty on the login node)
+    code, out = pty_cli(["shell", run_id, "--node", "1"],
+                        b'echo "AT:$(hostname):$(pwd):$SLURM_JOB_ID:$CLUSTER_RUN_ID"; exit 4\n', lap.env())
+    assert f"AT:node2:{tmp_path / 'remote' / 'runs' / run_id}:{jid}:{run_id}" in out and code == 4, out
+    p = lap.cli("stop", run_id)
+    assert p.returncode == 0, p.stderr
+    assert "nothing of the run is left running" in p.stdout
+    assert lap.status(run_id)["state"] == "CANCELLED" and lap.record(run_id)["state"] == "CANCELLED"
+    assert slurm_state(jid) == "CANCELLED"
+    assert job_pids(jid) == []
+    lap.no_slurm_client_ran_here()
+
+
+def test_bad_partition_refused_before_anything_is_submitted(testbed, tmp_path):
+    lap = Laptop(testbed, tmp_path, partition="nosuch")
+    before = subprocess.run(["squeue", "-h", "-o", "%j"], capture_output=True, text=True).stdout.split()
+    p = lap.cli("submit", lap.job("hello", HELLO.format(sleep=0)), "-i", str(lap.inventory))
+    assert p.returncode == 2, p.stderr
+    assert "SLURM rejects the job" in p.stderr and "Invalid partition name" in p.stderr
+    assert str(lap.inventory) in p.stderr and "Traceback" not in p.stderr
+    assert [l.startswith("error: ") for l in p.stderr.splitlines()].count(True) == 1, p.stderr
+    assert not lap.runs.exists() and not list((tmp_path / "remote" / "runs").glob("*"))
+    after = subprocess.run(["squeue", "-h", "-o", "%j"], capture_output=True, text=True).stdout.split()
+    assert not [n for n in after if n.startswith("hello-") and n not in before]
+    # an unreachable login node: one message, nothing started
+    (tmp_path / "far").mkdir()
+    lap = Laptop(testbed, tmp_path / "far", login={"hostname": "10.213.0.99"})
+    p = lap.cli("submit", lap.job("hello", HELLO.format(sleep=0)), "-i", str(lap.inventory))
+    assert p.returncode == 2 and "login node 10.213.0.99" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    lap.no_slurm_client_ran_here()
+
+
+def test_logs_follow_loses_no_line_when_the_login_node_drops(testbed, client, tmp_path):
+    """The login node's sshd (a second one, port 2222) is stopped for 20 s while `logs -f` follows."""
+    from tests.test_ssh_testbed import OwnSshd
+    sshd = OwnSshd(client, "node1")
+    sshd.start()
+    try:
+        key = (Path(testbed.state["state_dir"]) / "hosts" / "node1" / "ssh_host_ed25519_key.pub").read_text().split()
+        kh = tmp_path / "known_hosts"
+
+        def edit(inv):
+            kh.write_text(Path(inv["ssh"]["known_hosts"]).read_text() + f"[node1]:2222 {key[0]} {key[1]}\n")
+            inv["ssh"]["known_hosts"] = str(kh)
+        lap = Laptop(testbed, tmp_path, login={"hostname": "node1", "port": 2222}, edit=edit)
+        run_id, jid = lap.submit(lap.job("ticker", TICKER))
+        out = open(tmp_path / "follow.txt", "w")
+        follow = subprocess.Popen([sys.executable, "-m", "cluster", "logs", run_id, "-f"], cwd=REPO, env=lap.env(),
+                                  stdout=out, stderr=subprocess.PIPE, text=True)
+        wait(lambda: (tmp_path / "follow.txt").read_text().count("tick ") >= 20, "ticks followed", timeout=120)
+        sshd.stop()
+        time.sleep(20)
+        assert slurm_state(jid) == "RUNNING"          # the job goes on without the login node's sshd
+        sshd.start()
+        follow.wait(timeout=180)
+        out.close()
+        err = follow.stderr.read()
+        assert follow.returncode == 0 and f"-- run {run_id} SUCCEEDED" in err, err
+        assert "log unreachable" in err and "reachable again" in err, err     # the drop was seen
+        lines = (tmp_path / "follow.txt").read_text().splitlines()
+        ticks = sorted(re.findall(r"^\[node\d (\d)\] tick \1 (\d+)$", "\n".join(lines), re.M))
+        assert ticks == sorted((str(r), str(i)) for r in range(4) for i in range(1, TICKS + 1))   # none lost, none twice
+        assert sorted(lines) == sorted(lap.logs(run_id).splitlines())
+        lap.no_slurm_client_ran_here()
+    finally:
+        sshd.stop()
