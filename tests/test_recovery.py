@@ -37,6 +37,20 @@ def test_python_error_in_the_jobs_code_does_not_restart():
     assert not d.restart and "Python error in the job's code (ValueError: bad label 12)" in d.reason
 
 
+def test_python_error_on_a_host_that_ended_later_does_not_restart():
+    """The failure names a peer whose collective broke first (it ended before the rank that
+    raised, as on a loaded machine): the error in the other failed host's lines still decides."""
+    peer = failure(host="node1", rank=0, own=["RuntimeError: [../gloo/transport/tcp/pair.cc:598] Connection "
+                                               "closed by peer [10.0.0.12]:1234"])
+    raised = ["[node2 2] Traceback (most recent call last):", "[node2 2] ValueError: bad label 12",
+              "[node2 agent] torch.distributed.elastic.multiprocessing.errors.ChildFailedError: "]
+    d = decide({}, peer, 3, progressed=True, elsewhere=raised)
+    assert not d.restart and "Python error in the job's code (ValueError: bad label 12)" in d.reason, d
+    # a peer's own symptom elsewhere is no such error: the collective's failure restarts
+    symptom = ["[node2 2] RuntimeError: [../gloo/transport/tcp/pair.cc:598] Connection closed by peer [10.0.0.11]:99"]
+    assert decide({}, peer, 3, progressed=True, elsewhere=symptom).restart
+
+
 def test_cuda_oom_at_step_0_does_not_restart_later_one_does():
     own = ["torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"]
     assert not decide({}, failure(own=own), 3, progressed=False).restart

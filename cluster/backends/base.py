@@ -10,6 +10,7 @@ from typing import Iterable, Optional
 
 from cluster.spec.config import Inventory
 from cluster.plan import Plan, make_plan, select_hosts
+from cluster.run.diagnose import PEER_SYMPTOMS
 from cluster.run.records import Run, State
 
 
@@ -185,7 +186,13 @@ class Backend(ABC):
         progressed = any(isinstance(hb, dict) and (hb.get("step") or 0) > 0
                          for n in nodes for hb in (n.heartbeats or {}).values())
         detail = next((n.detail for n in nodes if n.host == failure.get("host")), "")
-        return restart_instead(run, failure, limit, signal, progressed, detail)
+        elsewhere = []      # the other failed hosts' lines: a Python error there is the job's too
+        for n in [n for n in nodes if n.host != failure.get("host") and n.exit_code not in (None, 0)][:7]:
+            try:
+                elsewhere += self.log_tail(run, n.host, LogTails.LINES)
+            except Exception:   # noqa: BLE001 -- an unreachable host has nothing to add
+                pass
+        return restart_instead(run, failure, limit, signal, progressed, detail, elsewhere)
 
     def first_failure(self, run: Run, nodes: list[NodeStatus], tails: Optional["LogTails"] = None,
                       everyone: Optional[list[NodeStatus]] = None) -> dict:
@@ -225,7 +232,7 @@ class Backend(ABC):
                 own.append(f"[{n.host} {rank}] {errors[rank]}")
             seen.append((n, tail, rank, own))
             ids = {f.pattern_id for f in diagnose(own)}
-            if not (ids and ids <= _PEER_SYMPTOMS):
+            if not (ids and ids <= PEER_SYMPTOMS):
                 return seen[-1]
         return seen[0]
 
@@ -342,7 +349,6 @@ def aggregate(nodes: list[NodeStatus], run: Run) -> State:
 _RANK = re.compile(r"rank\s*:\s*(\d+)\s*\(local_rank")
 # findings that a rank's death causes in its peers (failures.yaml ids), and how much later than
 # the first node's end a node that failed of its own may still end
-_PEER_SYMPTOMS = frozenset({"nccl-network", "collective-timeout"})
 _SYMPTOM_WINDOW_S = 10.0
 _EXITCODE = re.compile(r"exitcode\s*:\s*(-?\d+)")
 _STOP_SIGNALS = (1, 2, 15)   # SIGHUP, SIGINT, SIGTERM: what a stop sends
@@ -355,7 +361,7 @@ def failed_by_itself(n: NodeStatus, tail: Iterable[str] = ()) -> bool:
     gang stopped whose own failure was overtaken by a peer's report (the peer failing because of it)."""
     from cluster.run.diagnose import diagnose
     lines = [f"[{n.host} {r}] {e}" for r, e in _heartbeat_errors(n).items()]
-    if {f.pattern_id for f in diagnose(lines)} - _PEER_SYMPTOMS:
+    if {f.pattern_id for f in diagnose(lines)} - PEER_SYMPTOMS:
         return True
     _, code = root_cause(tail)
     return code is not None and code < 0 and -code not in _STOP_SIGNALS

@@ -50,9 +50,10 @@ from cluster.backends.transport import GroupError, Pool, Staged, fold, hint_for
 from cluster.quoting import quote_argv
 from cluster.node.probe import _gpu_count, _probe_then_launch, _status, _stop
 from cluster.backends.ship import host_command
+from cluster.run.diagnose import PEER_SYMPTOMS
 from cluster.run.records import Run, State
 from cluster.backends.rsync import manifest, project_files, pull_logs, pull_metrics, push_code, push_run_files, remote_path, shell_path
-from cluster.backends.base import (_PEER_SYMPTOMS, Backend, LogSource, LogTails, NodeStatus, failed_by_itself,
+from cluster.backends.base import (Backend, LogSource, LogTails, NodeStatus, failed_by_itself,
                                    node_status_of, progress)
 
 MIN_FREE_GB = float(os.environ.get("CLUSTER_MIN_FREE_GB", "1"))
@@ -413,7 +414,7 @@ class SSHBackend(Backend):
                 failure["error"] = (f"torchrun on {failure['host']} ended with exit code {failure.get('exit_code')} "
                                     f"(ranks {idx * nproc}-{idx * nproc + nproc - 1})")
         findings = failure.get("findings") or []
-        if failure.get("host") and {f["pattern_id"] for f in findings} <= _PEER_SYMPTOMS:
+        if failure.get("host") and {f["pattern_id"] for f in findings} <= PEER_SYMPTOMS:
             # only a peer's death shows; if that peer did not fail by itself, the ranks were out of step
             from cluster.run.diagnose import diagnose, out_of_step_finding
             address = {n["host"]: self.inv.host(n["host"]).address for n in run.data["plan"]["nodes"]}

@@ -31,6 +31,8 @@ _KEYS = {"id", "title", "match", "compare", "check", "cause", "remedy", "restart
 
 # stragglers: a rank this many steps behind the leader (after allowing for heartbeats written at
 # different moments), or progressing at less than this fraction of the median rate
+# findings that a rank's death causes in its peers (failures.yaml ids): symptoms, never the cause
+PEER_SYMPTOMS = frozenset({"nccl-network", "collective-timeout"})
 STRAGGLER_STEPS = 50
 STRAGGLER_FRACTION = 0.5
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 from cluster.run.records import Run, State
 
@@ -43,13 +43,17 @@ def attempt_of(data: dict) -> int:
 
 
 def decide(data: dict, failure: dict, max_failures: int, signal: Optional[int] = None,
-           progressed: bool = False, node_detail: str = "") -> Decision:
+           progressed: bool = False, node_detail: str = "", elsewhere: Sequence[str] = ()) -> Decision:
     """Whether the attempt that ended with ``failure`` is followed by another.
 
     ``signal``: the signal that ended the failing rank (torchrun's summary; None if none did);
     ``progressed``: a rank had trained at least one step in this attempt; ``node_detail``: what the
-    status of the failing host said (its agent gone without an exit record: killed, or a reboot)."""
-    from cluster.run.diagnose import diagnose, pattern
+    status of the failing host said (its agent gone without an exit record: killed, or a reboot);
+    ``elsewhere``: the log lines of the other failed hosts. Which node failed first is judged by
+    when each ended, and on a loaded machine a peer whose collective broke can end before the rank
+    that raised: a Python error there that no known failure explains (not a peer's symptom such as
+    a connection closed) is the job's own error too."""
+    from cluster.run.diagnose import PEER_SYMPTOMS, diagnose, pattern
     host, rank = failure.get("host"), failure.get("rank")
     cause = _cause(failure, signal)
     if data.get("stop_requested"):
@@ -69,8 +73,11 @@ def decide(data: dict, failure: dict, max_failures: int, signal: Optional[int] =
         if how == "after-progress" and not progressed:
             return Decision(False, cause, f"{f['title']} before the first step: a restart would fail the same way")
         verdict = verdict or f"{f['title']}: a restart can fix it"
-    user_error = next((l.split("] ", 1)[1] for l in reversed(own)
-                       if _EXCEPTION.match(l.split("] ", 1)[1]) and not any(t in l for t in _TORCHRUN_OWN)), None)
+    user_error = _user_error(own)
+    # the failing rank showed only a peer's symptom: a Python error that no known failure explains,
+    # on another failed host, is the cause
+    other_error = None if not own_ids <= PEER_SYMPTOMS or user_error and not own_ids else \
+        _user_error([l for l in elsewhere if not diagnose([l])])
     if failure.get("hang"):
         verdict = "hung ranks were stopped: a restart can fix it"
     elif "lost by the gang" in (failure.get("error") or ""):
@@ -79,15 +86,21 @@ def decide(data: dict, failure: dict, max_failures: int, signal: Optional[int] =
         verdict = f"killed by signal {signal}, not by the job's code: a restart can fix it"
     elif "without an exit record" in (failure.get("error") or "") + node_detail:
         verdict = f"the agent on {host} vanished (host rebooted or killed): a restart can fix it"
-    elif user_error and not (own_ids & {f["pattern_id"] for f in known}):
-        return Decision(False, cause, f"a Python error in the job's code ({user_error[:200]}): a restart "
-                                      "would fail the same way; fix it, then 'submit --resume RUN'")
+    elif user_error and not (own_ids & {f["pattern_id"] for f in known}) or other_error:
+        return Decision(False, cause, f"a Python error in the job's code ({(other_error or user_error)[:200]}): "
+                                      "a restart would fail the same way; fix it, then 'submit --resume RUN'")
     if verdict is None:
         return Decision(False, cause, "the cause is not one a restart is known to fix; see the log, then "
                                       "'submit --resume RUN'")
     if done > max_failures:
         return Decision(False, cause, f"restart.max_failures ({max_failures}) reached: {verdict}")
     return Decision(True, cause, verdict)
+
+
+def _user_error(lines: Sequence[str]) -> Optional[str]:
+    """The last Python exception among ``[host rank] ...`` lines (torchrun's own reports aside)."""
+    return next((l.split("] ", 1)[1] for l in reversed(lines) if "] " in l and l.startswith("[")
+                 and _EXCEPTION.match(l.split("] ", 1)[1]) and not any(t in l for t in _TORCHRUN_OWN)), None)
 
 
 def _restart_of(pattern, pattern_id: str) -> Optional[str]:
@@ -107,7 +120,7 @@ def _cause(failure: dict, signal: Optional[int]) -> str:
 
 
 def restart_instead(run: Run, failure: dict, max_failures: int, signal: Optional[int] = None,
-                    progressed: bool = False, node_detail: str = "") -> bool:
+                    progressed: bool = False, node_detail: str = "", elsewhere: Sequence[str] = ()) -> bool:
     """Called as an attempt of ``run`` is found FAILED: records the decision (in ``failure`` too,
     for the record FAILED gets otherwise) and, if the run relaunches, marks it RESTARTING.
     True: the caller must not record the run as ended."""
@@ -116,7 +129,8 @@ def restart_instead(run: Run, failure: dict, max_failures: int, signal: Optional
         run._data = fresh.data      # another process decided already
         return fresh.data.get("state") == State.RESTARTING.value
     run._data = fresh.data
-    return record(run, attempt_of(fresh.data), decide(fresh.data, failure, max_failures, signal, progressed, node_detail),
+    return record(run, attempt_of(fresh.data), decide(fresh.data, failure, max_failures, signal, progressed, node_detail,
+                                                          elsewhere),
                   failure)
 
 
