@@ -37,6 +37,10 @@ def test_a_submit_is_gone_once_its_process_is_or_its_pid_was_reused():
 def test_a_watcher_is_alive_only_as_the_runs_watcher():
     p = subprocess.Popen([sys.executable, "-c", SLEEP, "cluster.backends.watcher", "watch", "r1"])
     try:
+        deadline = time.time() + 10         # until the child has exec'd: before, its argv is ours
+        while "r1" not in psutil.Process(p.pid).cmdline():
+            assert time.time() < deadline
+            time.sleep(0.01)
         assert _alive(p.pid, "r1")
         assert not _alive(p.pid, "r2")               # the pid is another run's watcher
         p.kill()                                     # killed, not yet reaped: a zombie is not alive
