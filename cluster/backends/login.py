@@ -36,7 +36,6 @@ import hashlib
 import json
 import select
 import shlex
-import sys
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -244,7 +243,7 @@ class Login:
         data = json.loads(r.stdout)
         local = Run(run_id)
         local.dir.mkdir(parents=True, exist_ok=True)
-        extra = ["--exclude=/run.json*", "--exclude=/checkpoints/"]
+        extra = ["--exclude=/run.json*", "--exclude=/*.lock", "--exclude=/checkpoints/"]
         if not logs:
             extra.append("--exclude=/slurm/")
         s = rsync(self.host, self.inv.ssh, self.run_dir(run_id) + "/", str(local.dir) + "/", push=False, extra=extra)
@@ -252,8 +251,9 @@ class Login:
             progress(f"mirror of {run_id}: {s.describe()}")
         data["inventory"] = to_plain(self.inv)
         data["login"] = dict(self.record, host=self.host.name, run_dir=self.run_dir(run_id))
-        local._data = data
-        local.save()
+        # the login node's record is the run's (its SLURM backend writes it): this side's copy is
+        # replaced whole, through the one writer, as it is at every mirror
+        local.change(lambda d: d.update(data), create=True)
         return local
 
 
