@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from tests.test_slurm_testbed import HELLO, job_pids, slurm_state, wait
+from tests.test_slurm_testbed import Slurm
 from tests.testbed_client import pty_cli
 
 REPO = Path(__file__).resolve().parent.parent
@@ -30,18 +31,15 @@ command: [sh, -c, 'for i in $(seq 1 {TICKS}); do echo "tick $RANK $i"; sleep 0.2
 """
 
 
-class Laptop:
+class Laptop(Slurm):
     """The submitting side: no SLURM client usable, an inventory with slurm.login, runs/ of its own."""
 
     def __init__(self, testbed, tmp_path, login="node1", edit=None, **slurm):
-        inv = yaml.safe_load(Path(testbed.inventory).read_text())
-        inv["backend"] = "slurm"
-        inv["slurm"].update({"login": login, "remote_dir": str(tmp_path / "remote")}, **slurm)
+        super().__init__(testbed, tmp_path, login=login, remote_dir=str(tmp_path / "remote"), **slurm)
         if edit:
+            inv = yaml.safe_load(self.inventory.read_text())
             edit(inv)
-        self.inventory = tmp_path / "inventory.yaml"
-        self.inventory.write_text(yaml.safe_dump(inv))
-        self.runs, self.tmp, self.testbed = tmp_path / "runs", tmp_path, testbed
+            self.inventory.write_text(yaml.safe_dump(inv))
         self.shim, self.calls = tmp_path / "shim", tmp_path / "shim-calls"
         self.shim.mkdir()
         for name in SLURM_CLIENTS:
@@ -51,46 +49,18 @@ class Laptop:
             p.chmod(0o755)
 
     def env(self):
-        env = self.testbed.env(CLUSTER_RUNS_DIR=str(self.runs), PYTHONUNBUFFERED="1")
+        env = super().env()
         env["PATH"] = f"{self.shim}{os.pathsep}{env['PATH']}"
         return env
 
     def cli(self, *args, timeout=180):
-        return subprocess.run([sys.executable, "-m", "cluster", *args], cwd=REPO, env=self.env(), text=True,
-                              capture_output=True, timeout=timeout)
-
-    def job(self, name, text):
-        p = self.tmp / f"{name}.yaml"
-        p.write_text(text)
-        return str(p)
-
-    def submit(self, job):
-        p = self.cli("submit", job, "-i", str(self.inventory))
-        assert p.returncode == 0, p.stdout + p.stderr
-        run_id = p.stdout.split()[1]
-        return run_id, self.record(run_id)["handle"]["job_id"]
+        return super().cli(*args, timeout=timeout)
 
     def record(self, run_id):
         return json.loads((self.runs / run_id / "run.json").read_text())
 
-    def status(self, run_id):
-        p = self.cli("status", run_id, "--json")
-        assert p.returncode == 0, p.stderr
-        return json.loads(p.stdout)
-
     def wait_state(self, run_id, states, timeout=150):
-        deadline, st = time.time() + timeout, None
-        while time.time() < deadline:
-            st = self.status(run_id)
-            if st["state"] in states:
-                return st
-            time.sleep(1)
-        raise AssertionError(f"{run_id} not in {states} after {timeout}s: {st}")
-
-    def logs(self, run_id):
-        p = self.cli("logs", run_id)
-        assert p.returncode == 0, p.stderr
-        return p.stdout
+        return super().wait_state(run_id, states, timeout)
 
     def no_slurm_client_ran_here(self):
         assert not self.calls.exists(), self.calls.read_text()

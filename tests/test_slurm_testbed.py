@@ -37,9 +37,11 @@ class Slurm:
         self.runs = tmp_path / "runs"    # /tmp: shared by every node of the testbed
         self.tmp, self.testbed = tmp_path, testbed
 
+    def env(self):
+        return self.testbed.env(CLUSTER_RUNS_DIR=str(self.runs), PYTHONUNBUFFERED="1")
+
     def cli(self, *args, timeout=120):
-        env = self.testbed.env(CLUSTER_RUNS_DIR=str(self.runs), PYTHONUNBUFFERED="1")
-        return subprocess.run([sys.executable, "-m", "cluster", *args], cwd=REPO, env=env, text=True,
+        return subprocess.run([sys.executable, "-m", "cluster", *args], cwd=REPO, env=self.env(), text=True,
                               capture_output=True, timeout=timeout)
 
     def job(self, name, text):
@@ -55,8 +57,7 @@ class Slurm:
         return run_id, jid
 
     def follow(self, run_id):
-        env = self.testbed.env(CLUSTER_RUNS_DIR=str(self.runs), PYTHONUNBUFFERED="1")
-        return subprocess.Popen([sys.executable, "-m", "cluster", "logs", run_id, "-f"], cwd=REPO, env=env,
+        return subprocess.Popen([sys.executable, "-m", "cluster", "logs", run_id, "-f"], cwd=REPO, env=self.env(),
                                 text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
     def status(self, run_id):
