@@ -121,8 +121,7 @@ class Backend(ABC):
         writer (cluster/run/records.py), which merges: a state change, the run's end (the first
         recorded end stands), events. Nothing else of the record is written."""
         run.reload()        # what other processes recorded since this one last looked
-        from cluster.run.recovery import refresh
-        if refresh(run) == State.RESTARTING:      # between two attempts: the watcher relaunches
+        if run.state == State.RESTARTING:      # between two attempts: the watcher relaunches
             return State.RESTARTING, []
         if run.state.is_terminal() and run.data.get("final"):
             return self._recorded(run)
@@ -163,13 +162,14 @@ class Backend(ABC):
             return False    # looked up first: the failure below reads logs, a round trip per host
         extra = {}
         if state == State.FAILED:
-            extra["failure"] = failure or self.first_failure(run, nodes)
-            if self._recover(run, extra["failure"], nodes):
+            tails = LogTails(self, run)     # each host's log read once, for the report and the recovery
+            extra["failure"] = failure or self.first_failure(run, nodes, tails)
+            if self._recover(run, extra["failure"], nodes, tails):
                 return True     # not an end: the watcher relaunches (State.RESTARTING)
         return run.set_state(state, final=True, ended=time.time(),
                              nodes_final=[_plain(n) for n in nodes], **extra)
 
-    def _recover(self, run: Run, failure: dict, nodes: list[NodeStatus]) -> bool:
+    def _recover(self, run: Run, failure: dict, nodes: list[NodeStatus], tails: "LogTails") -> bool:
         """Automatic recovery (cluster/run/recovery.py): True if the run relaunches instead of ending."""
         from cluster.run.recovery import restart_instead, restart_policy
         limit = restart_policy(run, self.name)
@@ -178,7 +178,7 @@ class Backend(ABC):
         tail = failure.get("log_tail") or []
         if failure.get("host"):     # torchrun's summary (how the rank ended) is in the host's log, not the rank's lines
             try:
-                tail = self.log_tail(run, failure["host"], LogTails.LINES) or tail
+                tail = tails[failure["host"]] or tail
             except Exception:   # noqa: BLE001 -- unreachable host: judged by what the failure kept
                 pass
         _, code = root_cause(tail)
@@ -189,7 +189,7 @@ class Backend(ABC):
         elsewhere = []      # the other failed hosts' lines: a Python error there is the job's too
         for n in [n for n in nodes if n.host != failure.get("host") and n.exit_code not in (None, 0)][:7]:
             try:
-                elsewhere += self.log_tail(run, n.host, LogTails.LINES)
+                elsewhere += tails[n.host]
             except Exception:   # noqa: BLE001 -- an unreachable host has nothing to add
                 pass
         return restart_instead(run, failure, limit, signal, progressed, detail, elsewhere)

@@ -313,7 +313,7 @@ class SlurmBackend(Backend):
                 continue
         return out
 
-    def first_failure(self, run: Run, nodes: list[NodeStatus]) -> dict:
+    def first_failure(self, run: Run, nodes: list[NodeStatus], tails=None) -> dict:
         """srun names the first task that failed; its own log tail tells why."""
         h = run.data.get("handle", {})
         folder, jid = Path(h.get("folder", run.dir / "slurm")), h.get("job_id")

@@ -396,12 +396,12 @@ class SSHBackend(Backend):
                 aborts[h.name] = info["exit"]["gang_abort"]
         return _blame_lost(out, aborts, run)
 
-    def first_failure(self, run: Run, nodes: list[NodeStatus]) -> dict:
+    def first_failure(self, run: Run, nodes: list[NodeStatus], tails: Optional[LogTails] = None) -> dict:
         """The node that failed by itself, not one the gang stopped because of it."""
         own = [n for n in nodes if n.state == State.FAILED]
         stopped = [n for n in nodes if n.state == State.CANCELLED and n.exit_code not in (None, 0)
                    and "gang" in n.detail]
-        tails = LogTails(self, run)
+        tails = LogTails(self, run) if tails is None else tails
         own += [n for n in stopped[:8] if failed_by_itself(n, tails[n.host])]
         failure = super().first_failure(run, own or nodes, tails, everyone=nodes)
         if failure.get("host") and failure.get("rank") is None:

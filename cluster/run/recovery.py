@@ -175,17 +175,3 @@ def restart_policy(run: Run, backend: str) -> Optional[int]:
         return max_failures(job_from_plain(run.data["job"]["resolved"]))
     except Exception:   # noqa: BLE001 -- a record from an older version: no recovery, the run fails as before
         return None
-
-
-def refresh(run: Run) -> State:
-    """The state on disk; ``run``'s cached record is replaced when another process moved the run to
-    another attempt or between two (a follower's record must not judge the old attempt's nodes)."""
-    fresh = Run(run.id, run.dir.parent)
-    try:
-        data = fresh.data
-    except Exception:   # noqa: BLE001 -- damaged or missing: the caller's record decides, as before
-        return run.state
-    if data.get("state") == State.RESTARTING.value or attempt_of(data) != attempt_of(run.data) \
-            or data.get("final") != run.data.get("final"):
-        run._data = data
-    return run.state
