@@ -31,21 +31,28 @@ def home_links(client):
         client.testbed.run(h, ["sh", "-c", 'rm -f "$HOME/$1"', "sh", link], timeout=30)
 
 
-def test_tilde_python_and_workdir_are_the_remote_home(client, home_links):
+# warm: the agent is started by the probe, without a shell, and forks torchrun; cold: by the node's
+# shell line
+@pytest.mark.parametrize("warm", ["true", "false"])
+def test_tilde_python_and_workdir_are_the_remote_home(client, home_links, warm):
     def edit(text):
         text = text.replace(f"python: {client.testbed.python}", f"python: ~/{home_links}-venv/bin/{Path(client.testbed.python).name}")
         for h in client.testbed.host_names:
             text = text.replace(f"workdir: {client.workdir[h]}", f"workdir: ~/{home_links}-{h}")
-        return text
+        return text.replace("\nssh:\n", f"\nssh:\n  warm_start: {warm}\n")
     inv = client.inventory(edit)
+    assert f"warm_start: {warm}" in inv.read_text()
     assert f"~/{home_links}-venv/bin/" in inv.read_text() and f"~/{home_links}-node2" in inv.read_text()
     job = client.job(HELLO.format(sleep=0))
     p = client.cli("doctor", job, "-i", inv)
     assert p.returncode == 0, p.stdout + p.stderr
-    rid, _ = client.submit(job, inventory=inv)
-    st = client.wait(rid)
-    logs = client.cli("logs", rid).stdout
-    assert st["state"] == "SUCCEEDED", logs[-3000:]
-    for h in client.testbed.host_names:       # each host ran in its ~/ workdir (the link to its own)
-        assert client.host_file(h, rid, f"logs/{h}.log").exists()
-    assert not client.left_anywhere(rid)
+    # a warm start needs the code in place already: the first run syncs it, the second starts warm
+    for attempt in range(2 if warm == "true" else 1):
+        rid, _ = client.submit(job, inventory=inv)
+        st = client.wait(rid)
+        logs = client.cli("logs", rid).stdout
+        assert st["state"] == "SUCCEEDED", logs[-3000:]
+        for h in client.testbed.host_names:       # each host ran in its ~/ workdir (the link to its own)
+            assert client.host_file(h, rid, f"logs/{h}.log").exists()
+        assert not client.left_anywhere(rid)
+    assert logs.count("torchrun from a warm interpreter") == (3 if warm == "true" else 0), logs[-3000:]

@@ -64,6 +64,10 @@ def test_module_job_has_its_own_directory_on_the_path(tmp_path):
     env = {"PYTHONPATH": "/elsewhere"}
     out = run_environment("/code", Path("/code/runs/r1"), ["examples/ddp"], ["x", "{code}/a.py", "{code}x"], env)
     assert out == ["x", "/code/a.py", "{code}x"]
+    home = os.path.expanduser("~")
+    out = run_environment("/code", Path("/code/runs/r1"), [], ["~/v/bin/python", "-m", "torch.distributed.run",
+                          "--no-python", "~/v/bin/python", "~/data"], {})
+    assert out == [f"{home}/v/bin/python", "-m", "torch.distributed.run", "--no-python", f"{home}/v/bin/python", "~/data"]
     assert env == {"PYTHONPATH": "/code/examples/ddp:/code:/elsewhere", "CLUSTER_RUN_DIR": "/code/runs/r1",
                    "CLUSTER_CODE_DIR": "/code", "CLUSTER_CHECKPOINT_DIR": "/code/runs/r1/checkpoints"}
 

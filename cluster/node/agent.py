@@ -77,7 +77,8 @@ def run_environment(code_dir: str, run_dir: Path, module_dirs: list[str], payloa
 
     The job runs in its run directory (runs/<id>/, never synced as code, new for every run), with
     the code on its path: the code's directory, after a module job's own directory (as
-    ``python pkg/script.py`` would have it). CLUSTER_RUN_DIR, CLUSTER_CODE_DIR and
+    ``python pkg/script.py`` would have it), and the inventory's python with its ``~/`` expanded
+    (the payload is started without a shell). CLUSTER_RUN_DIR, CLUSTER_CODE_DIR and
     CLUSTER_CHECKPOINT_DIR (synced from node 0 to storage, put back by ``submit --resume``) name them."""
     paths = [os.path.join(code_dir, d) for d in module_dirs] + [code_dir]
     if environ.get("PYTHONPATH"):
@@ -86,7 +87,11 @@ def run_environment(code_dir: str, run_dir: Path, module_dirs: list[str], payloa
     environ["CLUSTER_RUN_DIR"] = str(run_dir)
     environ["CLUSTER_CODE_DIR"] = code_dir
     environ["CLUSTER_CHECKPOINT_DIR"] = str(run_dir / "checkpoints")
-    return [code_dir + a[len("{code}"):] if a == "{code}" or a.startswith("{code}/") else a for a in payload]
+    python = payload[0] if payload else ""
+    return [code_dir + a[len("{code}"):] if a == "{code}" or a.startswith("{code}/")
+            # the inventory's python (``~/venv/bin/python``): no shell expands it on this side
+            else os.path.expanduser(a) if a == python and a.startswith("~/") else a
+            for a in payload]
 
 
 class NodeLog:
