@@ -50,7 +50,7 @@ def test_script_via_command_runs_in_its_run_directory_and_resumes_every_rank(cli
     rid, p = client.submit(job)
     st = client.wait(rid)
     logs = client.cli("logs", rid).stdout
-    assert st["state"] == "SUCCEEDED", logs[-4000:]
+    assert st["state"] == "SUCCEEDED", client.cli("status", rid).stdout + logs[-4000:]
     first = starts(logs)
     assert sorted(first) == list(range(6)), logs[-3000:]                  # 3 hosts x 2 ranks
     for rank, (host, epoch, cwd) in first.items():

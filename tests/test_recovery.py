@@ -49,6 +49,10 @@ def test_python_error_on_a_host_that_ended_later_does_not_restart():
     # a peer's own symptom elsewhere is no such error: the collective's failure restarts
     symptom = ["[node2 2] RuntimeError: [../gloo/transport/tcp/pair.cc:598] Connection closed by peer [10.0.0.11]:99"]
     assert decide({}, peer, 3, progressed=True, elsewhere=symptom).restart
+    # nor is torchrun's report of a worker that ended (a warm node's torchrun logs it as a traceback)
+    reported = ["[node2 agent] Traceback (most recent call last):",
+                "[node2 agent] torch.multiprocessing.spawn.ProcessExitedException: process 0 terminated with exit code 1"]
+    assert decide({}, peer, 3, progressed=True, elsewhere=symptom + reported).restart
 
 
 def test_cuda_oom_at_step_0_does_not_restart_later_one_does():

@@ -28,6 +28,7 @@ from cluster.run.records import Run, State
 
 # a Python exception's last line, after the log's "[host rank] " prefix
 _EXCEPTION = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?[A-Za-z_]\w*(?:Error|Exception|Interrupt|Exit)\b(?::|$)")
+_RANK_LINE = re.compile(r"^\[\S+ \d+\] ")      # a rank's own line; "[host agent] " is torchrun's and ours
 _TORCHRUN_OWN = ("ChildFailedError", "SignalException")       # torchrun's own report of a rank's end
 
 
@@ -98,8 +99,9 @@ def decide(data: dict, failure: dict, max_failures: int, signal: Optional[int] =
 
 
 def _user_error(lines: Sequence[str]) -> Optional[str]:
-    """The last Python exception among ``[host rank] ...`` lines (torchrun's own reports aside)."""
-    return next((l.split("] ", 1)[1] for l in reversed(lines) if "] " in l and l.startswith("[")
+    """The last Python exception among ``[host rank] ...`` lines: not torchrun's own reports of how a
+    rank ended (with warm workers it logs a worker's exit as a ProcessExitedException traceback)."""
+    return next((l.split("] ", 1)[1] for l in reversed(lines) if _RANK_LINE.match(l)
                  and _EXCEPTION.match(l.split("] ", 1)[1]) and not any(t in l for t in _TORCHRUN_OWN)), None)
 
 
