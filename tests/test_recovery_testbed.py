@@ -207,3 +207,35 @@ def test_every_process_of_a_host_killed_recovers(client):
     first2 = next(r for r in att[-1] if r.get("kind") == "train")
     report("kill -9 of every process of one host (automatic recovery)", state=st["state"],
            resumed_at=att[-1][0]["step"], auto_recovery_s=round(first2["time"] - t_fault, 1))
+
+
+def test_a_spare_takes_the_place_of_the_host_whose_rank_was_killed(client):
+    """nodes: 2 on node1, node2, with node3 the inventory's spare: node2's rank killed -9, attempt 2
+    runs on node1 and node3 (node3 as node 1, the rendezvous still on node1) and ends the run."""
+    inv = client.inventory(lambda t: t + "spares: [node3]\n")
+    job = client.job(TRAIN.format(steps=STEPS, log_every=2))
+    rid, _ = client.submit(job, *RESTART, "nodes=2", inventory=inv)
+    assert [n["host"] for n in client.record(rid)["plan"]["nodes"]] == ["node1", "node2"]
+    wait_for("step", lambda: heartbeat_step(client, rid) >= FAULT_AT)
+    kill_rank(client, rid, host="node2")
+    st = client.wait(rid, timeout=300)
+    rec = client.record(rid)
+    assert st["state"] == "SUCCEEDED", json.dumps(rec.get("attempts"), indent=1)
+    assert rec["attempt"] == 2 and len(rec["attempts"]) == 1, rec["attempts"]
+    a1 = rec["attempts"][0]
+    assert a1["blame"] == "node2" and a1["hosts"] == ["node1", "node2"] and a1["replaced"] == {"node2": "node3"}, a1
+    assert [(n["host"], n["node_rank"]) for n in rec["plan"]["nodes"]] == [("node1", 0), ("node3", 1)]
+    from cluster.spec.config import load_inventory
+    assert rec["plan"]["rdzv_endpoint"].rsplit(":", 1)[0] == load_inventory(inv).host("node1").address
+    assert [e["hosts"] for e in events(client, rid, "attempt")] == [["node1", "node3"]]
+    # exactly the configured steps: attempt 2 resumes from the checkpoint, trains each later step once
+    att = attempts_of(metrics(client, rid))
+    assert len(att) == 2, [a[0] for a in att]
+    steps2 = [r["step"] for r in att[1] if r.get("kind") == "train"]
+    assert steps2 == sorted(set(steps2)) and steps2[0] > att[1][0]["step"] and steps2[-1] == STEPS, steps2
+    # the spare trained as rank 1 up to the last step
+    assert json.loads(client.host_file("node3", rid, "metrics/heartbeat-rank1.json").read_text())["step"] == STEPS
+    text = client.cli("status", rid).stdout
+    assert "attempt 1: host node2 rank 1" in text and "node2 replaced by node3" in text, text
+    assert client.state(rid)["attempts"][0]["replaced"] == {"node2": "node3"}
+    assert not client.left_anywhere(rid)
