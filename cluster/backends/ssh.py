@@ -488,7 +488,11 @@ class SSHBackend(Backend):
 
     # ---- logs
     def log_sources(self, run: Run) -> list[LogSource]:
+        # and the hosts that earlier attempts ran on (replaced by a spare since): their lines are the run's too
         hosts = self._hosts(run)
+        hosts += [self.inv.host(n) for n in dict.fromkeys(h for a in run.data.get("attempts") or []
+                                                          for h in a.get("hosts") or [])
+                  if n not in {h.name for h in hosts}]
         # connect to every host at once, so that the merger's first poll does not wait host by host
         threads = [threading.Thread(target=self._try_connect, args=(h.name,), daemon=True) for h in hosts]
         for t in threads:

@@ -82,7 +82,7 @@ def watch(run_id: str, poll_s: float = 5.0) -> int:
             last_sync = time.time()
             r = pull_checkpoints(node0, be.inv.ssh, run_id, dest, own)
             print(f"checkpoints: {r.describe()}", flush=True)
-            _pull_metrics(be, first)
+            _pull_metrics(be, run)
     r = pull_checkpoints(node0, be.inv.ssh, run_id, dest, own)
     print(f"checkpoints (final): {r.describe()}", flush=True)
     run = Run(run_id, first.dir.parent)
