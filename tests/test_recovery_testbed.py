@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from tests.testbed_client import HELLO, REPO, TRAIN
+from tests.testbed_client import HELLO, REPO, STEPS_LONG, TRAIN
 
 pytestmark = [pytest.mark.testbed, pytest.mark.slow]
 
@@ -275,4 +275,32 @@ def test_a_spare_becomes_node_0_with_the_latest_checkpoint(client):
     steps = [r["step"] for r in att[0] if r.get("kind") == "train"]
     assert steps == sorted(set(steps)) and steps[0] > att[0][0]["step"] and steps[-1] == 40, steps
     assert "node1 replaced by node3" in client.cli("status", rid).stdout
+    assert not client.left_anywhere(rid)
+
+
+def test_a_host_that_fails_twice_is_quarantined(client):
+    """node2 fails: the spare node3 takes its place; node3 fails, no spare is left: the same hosts
+    again; node3 fails a second time: quarantined, and with no spare for it the run ends FAILED
+    naming it."""
+    inv = client.inventory(lambda t: t + "spares: [node3]\n")
+    job = client.job(TRAIN.format(steps=STEPS_LONG, log_every=2))
+    rid, _ = client.submit(job, "restart.max_failures=3", "restart.backoff_s=1", "nodes=2", inventory=inv)
+    wait_for("step", lambda: heartbeat_step(client, rid) >= 12)
+    at = heartbeat_step(client, rid)
+    for k, host in enumerate(["node2", "node3", "node3"]):
+        if k:       # the next attempt has trained past where the last one was killed
+            wait_for(f"attempt {k + 1}", lambda: len(events(client, rid, "attempt")) == k, timeout=180)
+            wait_for(f"attempt {k + 1}'s progress", lambda: heartbeat_step(client, rid) > at, timeout=180)
+            at = heartbeat_step(client, rid)
+        kill_rank(client, rid, host=host)
+    st = client.wait(rid, timeout=180)
+    rec = client.record(rid)
+    assert st["state"] == "FAILED", st
+    assert [(a["attempt"], a["blame"], a["hosts"]) for a in rec["attempts"]] == [
+        (1, "node2", ["node1", "node2"]), (2, "node3", ["node1", "node3"]), (3, "node3", ["node1", "node3"])]
+    assert [a["replaced"] for a in rec["attempts"]] == [{"node2": "node3"}, {}, {}], rec["attempts"]
+    assert rec["quarantined"] == ["node3"] and client.state(rid)["quarantined"] == ["node3"]
+    assert "host node3 caused 2 failures of this run (attempts 2, 3) and is quarantined" in rec["failure"]["error"]
+    text = client.cli("status", rid).stdout
+    assert "quarantined (caused two failures, not used again by this run): node3" in text, text
     assert not client.left_anywhere(rid)

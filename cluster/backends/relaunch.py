@@ -78,10 +78,10 @@ def relaunch(be, run_id: str, root: Path) -> State:
     for spare, why in choice.rejected.items():
         run.event("spare-rejected", host=spare, reason=why)
         progress(f"recovery: spare {spare} failed the preflight: {why}")
+    _record_hosts(run, n, choice)
     if choice.error or (unverified and blame in choice.hosts):
         return give_up(run, choice.error or f"host {blame}, the cause of attempt {n}'s failure, does not answer "
                                             "and no spare passed the preflight to replace it")
-    _record_hosts(run, n, choice)
     new = [be.inv.host(h) for h in choice.hosts]
     plan = be.make_plan(job, run.id, be.detect_gpus(new), hosts=tuple(new))
     run.update(plan=to_plain(plan))     # a failed start stops what it started on these hosts
