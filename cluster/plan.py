@@ -113,24 +113,30 @@ def procs_for(host_gpus: int, job: Job, hint: str = "") -> int:
 
 
 def select_hosts(inv: Inventory, job: Job) -> tuple[Host, ...]:
+    """The job's hosts: the inventory's first ``nodes`` (spares are left to recovery)."""
+    hosts = inv.job_hosts
     if job.nodes == "all":
-        return inv.hosts
-    if job.nodes > len(inv.hosts):
-        raise UserError(f"job asks for {job.nodes} nodes but the inventory lists {len(inv.hosts)}",
-                        where=inv.path, key="nodes", hint=f"use nodes={len(inv.hosts)} or add hosts")
-    return inv.hosts[: job.nodes]
+        return hosts
+    if job.nodes > len(hosts):
+        spares = f" (and {len(inv.spares)} spare(s), kept for recovery)" if inv.spares else ""
+        raise UserError(f"job asks for {job.nodes} nodes but the inventory lists {len(hosts)}{spares}",
+                        where=inv.path, key="nodes", hint=f"use nodes={len(hosts)} or add hosts")
+    return hosts[: job.nodes]
 
 
 def make_plan(inv: Inventory, job: Job, run_id: str, gpus: Mapping[str, int], *,
               port: Optional[int] = None, notes: tuple[str, ...] = (),
-              local_runs: str = RUNS, gang_port: Optional[int] = None) -> Plan:
+              local_runs: str = RUNS, gang_port: Optional[int] = None,
+              hosts: Optional[tuple[Host, ...]] = None) -> Plan:
     """Build the launch of every node. ``gpus`` maps host name -> detected/declared GPU count.
 
     ``local_runs`` is where runs/ lives on this machine, relative to the repo if inside it.
     ``gang_port``: the agents of a multi-node run keep a gang on node 0's address and this port
     (one failed node stops all; cluster/node/agent.py).
+    ``hosts``: the nodes in order, where not the job's choice (the next attempt of a recovered run,
+    a spare in place of a failed host: cluster/backends/relaunch.py).
     """
-    hosts = select_hosts(inv, job)
+    hosts = tuple(hosts) if hosts else select_hosts(inv, job)
     procs = [procs_for(gpus[h.name], job) for h in hosts]
     for h, p in zip(hosts, procs):
         if gpus[h.name] > 0 and p > gpus[h.name]:

@@ -137,3 +137,137 @@ def test_agent_gone_without_an_exit_record_restarts():
     assert not decide({}, f, 3).restart
     d = decide({}, f, 3, node_detail="agent gone without an exit record")
     assert d.restart and "vanished" in d.reason
+
+
+# ---------------------------------------------------------------- spares (inventory) and the next attempt's hosts
+from cluster.errors import UserError  # noqa: E402
+from cluster.run.recovery import next_hosts  # noqa: E402
+from cluster.spec.config import load_inventory  # noqa: E402
+
+RACK = "backend: ssh\nhosts:\n  - name: node[1-4]\n  - name: spare1\nspares: [node4, spare1]\n"
+
+
+def _inv(tmp_path, text):
+    p = tmp_path / "inv.yaml"
+    p.write_text(text)
+    return load_inventory(p)
+
+
+def test_spares_are_left_out_of_jobs_and_kept_in_the_snapshot(tmp_path):
+    from cluster.plan import make_plan, select_hosts
+    from cluster.spec.config import inventory_from_plain
+    inv = _inv(tmp_path, RACK)
+    assert inv.spares == ("node4", "spare1") and [h.name for h in inv.job_hosts] == ["node1", "node2", "node3"]
+    assert [h.name for h in select_hosts(inv, load_job("resnet50").job)] == ["node1", "node2", "node3"]
+    assert [h.name for h in select_hosts(inv, load_job("resnet50", ["nodes=2"]).job)] == ["node1", "node2"]
+    with pytest.raises(UserError) as e:
+        select_hosts(inv, load_job("resnet50", ["nodes=4"]).job)
+    assert "lists 3 (and 2 spare(s), kept for recovery)" in e.value.message
+    assert inventory_from_plain(to_plain(inv)) == inv
+    # the next attempt's plan: a spare in the failed host's place, rank order and node 0's rendezvous kept
+    job = load_job("resnet50", ["nodes=2"]).job
+    gpus = {h.name: 1 for h in inv.hosts}
+    plan = make_plan(inv, job, "r1", gpus, hosts=(inv.host("node1"), inv.host("node4")))
+    assert [(n.host, n.node_rank) for n in plan.nodes] == [("node1", 0), ("node4", 1)]
+    assert plan.rdzv_endpoint.startswith("node1:") and plan.world_size == 2
+    plan = make_plan(inv, job, "r1", gpus, hosts=(inv.host("node4"), inv.host("node2")))
+    assert plan.rdzv_endpoint.startswith("node4:") and "--node-rank=1" in plan.nodes[1].argv
+
+
+BAD_SPARES = [
+    ("not a host", RACK.replace("[node4, spare1]", "[node4, spare2]"), ["spares[1]", "'spare2' is not one of hosts:",
+                                                                         "did you mean 'spare1'", "under hosts:"]),
+    ("twice", RACK.replace("[node4, spare1]", "[node4, 'node[3-4]']"), ["spares[1]", "duplicate spare 'node4'"]),
+    ("every host", RACK.replace("[node4, spare1]", "['node[1-4]', spare1]"), ["every host is a spare"]),
+    ("bad range", RACK.replace("[node4, spare1]", "['node[4-']"), ["spares[0]", "bad host range"]),
+    ("not a list", RACK.replace("[node4, spare1]", "{a: 1}"), ["spares", "expected a list"]),
+    ("slurm", "backend: slurm\nhosts:\n  - name: a\n  - name: b\nslurm:\n  partition: p\nspares: [b]\n",
+     ["spares", "for the ssh backend, not 'slurm'"]),
+]
+
+
+@pytest.mark.parametrize("case", BAD_SPARES, ids=[c[0] for c in BAD_SPARES])
+def test_bad_spares_one_message_exit_2(tmp_path, case, capsys):
+    from cluster.cli import main
+    _, text, words = case
+    p = tmp_path / "inv.yaml"
+    p.write_text(text)
+    with pytest.raises(UserError) as e:
+        load_inventory(p)
+    msg = e.value.render()
+    assert msg.startswith(f"error: {p}:"), msg
+    for w in words:
+        assert w in msg, (w, msg)
+    assert main(["plan", "resnet50", "-i", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+
+
+def test_a_host_is_blamed_for_what_it_did_not_for_a_collective_timeout():
+    assert decide({}, failure(extra=TORCHRUN_KILLED), 3, signal=9, progressed=True).blame == "node2"
+    lost = failure(error="node3: lost by the gang (no heartbeat for 10 s)", host="node3", rank=2)
+    assert decide({}, lost, 3).blame == "node3"
+    gone = failure(error="torchrun on node2 ended with exit code None (ranks 1-1)")
+    assert decide({}, gone, 3, node_detail="agent gone without an exit record").blame == "node2"
+    timeout = failure(own=["RuntimeError: [../gloo/transport/tcp/pair.cc:598] Connection closed by peer"
+                           " [10.0.0.3]:1234"])
+    assert decide({}, timeout, 3, progressed=True).blame is None
+
+
+def _restarting(hosts, *blames):
+    """run.json of a RESTARTING run whose attempts were blamed on ``blames`` in turn."""
+    return {"plan": {"nodes": [{"host": h} for h in hosts]},
+            "attempts": [{"attempt": i + 1, "blame": b, "hosts": list(hosts)} for i, b in enumerate(blames)]}
+
+
+def healthy(*bad):
+    seen = []
+
+    def check(names):
+        seen.append(list(names))
+        return {n: ("python '/x' not found" if n in bad else None) for n in names}
+    check.seen = seen
+    return check
+
+
+def test_next_hosts_replace_the_culprit_by_a_healthy_spare_in_its_rank():
+    check = healthy("s1")
+    nh = next_hosts(_restarting(["n1", "n2", "n3"], "n2"), ["s1", "s2"], check)
+    assert nh.hosts == ("n1", "s2", "n3") and nh.replaced == {"n2": "s2"} and not nh.error
+    assert nh.rejected == {"s1": "python '/x' not found"} and check.seen == [["s1", "s2"]]
+    # node 0 at fault: the spare becomes node 0 (the rendezvous moves with it)
+    assert next_hosts(_restarting(["n1", "n2"], "n1"), ["s1"], healthy()).hosts == ("s1", "n2")
+    # a cause that is no host's (a collective timeout): the same hosts, no spare probed
+    check = healthy()
+    assert next_hosts(_restarting(["n1", "n2"], None), ["s1"], check).hosts == ("n1", "n2") and not check.seen
+
+
+def test_no_spare_left_restarts_on_the_same_hosts():
+    assert next_hosts(_restarting(["n1", "n2"], "n2"), [], healthy()) .hosts == ("n1", "n2")
+    nh = next_hosts(_restarting(["n1", "n2"], "n2"), ["s1"], healthy("s1"))
+    assert nh.hosts == ("n1", "n2") and not nh.error and "s1" in nh.rejected
+    # a spare that an earlier attempt ran on (and was replaced) is no spare any more
+    data = _restarting(["n1", "s1"], "n2", "s1")
+    data["attempts"][0]["hosts"] = ["n1", "n2"]
+    assert next_hosts(data, ["s1"], healthy()).hosts == ("n1", "s1")
+
+
+def test_a_host_blamed_twice_is_quarantined():
+    # replaced by the spare, and named
+    nh = next_hosts(_restarting(["n1", "n2"], "n2", "n2"), ["s1"], healthy())
+    assert nh.hosts == ("n1", "s1") and nh.quarantined == ("n2",)
+    # no spare for it: no next attempt, and the reason names the host and its failures
+    nh = next_hosts(_restarting(["n1", "n2"], "n2", "n1", "n2"), [], healthy())
+    assert nh.error and "host n2 caused 2 failures of this run (attempts 1, 3)" in nh.error
+    assert "quarantined" in nh.error and "no spare left" in nh.error and nh.quarantined == ("n2",)
+
+
+def test_status_names_the_hosts_of_each_attempt_and_the_quarantined():
+    data = {"attempt": 3, "state": "RUNNING", "quarantined": ["n2"], "attempts": [
+        {"attempt": 1, "cause": "host n2 rank 1: killed by signal 9", "restart": True, "reason": "r",
+         "hosts": ["n1", "n2"], "replaced": {}},
+        {"attempt": 2, "cause": "host n2 rank 1: killed by signal 9", "restart": True, "reason": "r",
+         "hosts": ["n1", "n2"], "replaced": {"n2": "s1"}}]}
+    text = "\n".join(describe(data))
+    assert "ran on n[1-2]; n2 replaced by s1" in text, text
+    assert "quarantined (caused two failures, not used again by this run): n2" in text, text

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from tests.testbed_client import HELLO, REPO, TRAIN
+from tests.testbed_client import HELLO, REPO, STEPS_LONG, TRAIN
 
 pytestmark = [pytest.mark.testbed, pytest.mark.slow]
 
@@ -70,9 +70,10 @@ def attempts_of(records):
     return out
 
 
-def submit_following(client, job, *extra):
+def submit_following(client, job, *extra, inventory=None):
     """`submit -f` as a user types it, in its own session (so that the test can kill it)."""
-    return subprocess.Popen([sys.executable, "-m", "cluster", "submit", str(job), "-i", str(client.testbed.inventory),
+    return subprocess.Popen([sys.executable, "-m", "cluster", "submit", str(job), "-i",
+                             str(inventory or client.testbed.inventory),
                              "-f", *extra], cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             env=client.testbed.env(CLUSTER_RUNS_DIR=str(client.runs)), start_new_session=True)
 
@@ -207,3 +208,99 @@ def test_every_process_of_a_host_killed_recovers(client):
     first2 = next(r for r in att[-1] if r.get("kind") == "train")
     report("kill -9 of every process of one host (automatic recovery)", state=st["state"],
            resumed_at=att[-1][0]["step"], auto_recovery_s=round(first2["time"] - t_fault, 1))
+
+
+def test_a_spare_takes_the_place_of_the_host_whose_rank_was_killed(client):
+    """nodes: 2 on node1, node2, with node3 the inventory's spare: node2's rank killed -9, attempt 2
+    runs on node1 and node3 (node3 as node 1, the rendezvous still on node1) and ends the run."""
+    inv = client.inventory(lambda t: t + "spares: [node3]\n")
+    client.runs.mkdir(parents=True, exist_ok=True)
+    job = client.job(TRAIN.format(steps=STEPS, log_every=2))
+    before = set(p.name for p in client.runs.iterdir())
+    follower = submit_following(client, job, *RESTART, "nodes=2", inventory=inv)
+    try:
+        rid = run_id_of(client, before)
+        wait_for("step", lambda: heartbeat_step(client, rid) >= FAULT_AT)
+        assert [n["host"] for n in client.record(rid)["plan"]["nodes"]] == ["node1", "node2"]
+        kill_rank(client, rid, host="node2")
+        out, _ = follower.communicate(timeout=300)
+    finally:
+        if follower.poll() is None:
+            os.killpg(follower.pid, signal.SIGKILL)
+    st = client.wait(rid, timeout=120)
+    rec = client.record(rid)
+    assert st["state"] == "SUCCEEDED", json.dumps(rec.get("attempts"), indent=1) + out[-3000:]
+    assert follower.returncode == 0, out[-3000:]
+    # `submit -f` followed the spare too: attempt 1's node2, attempt 2's node3, to the last step
+    assert "[node2 agent]" in out and "[node3 agent]" in out and f"step {STEPS}/{STEPS}" in out, out[-3000:]
+    assert rec["attempt"] == 2 and len(rec["attempts"]) == 1, rec["attempts"]
+    a1 = rec["attempts"][0]
+    assert a1["blame"] == "node2" and a1["hosts"] == ["node1", "node2"] and a1["replaced"] == {"node2": "node3"}, a1
+    assert [(n["host"], n["node_rank"]) for n in rec["plan"]["nodes"]] == [("node1", 0), ("node3", 1)]
+    from cluster.spec.config import load_inventory
+    assert rec["plan"]["rdzv_endpoint"].rsplit(":", 1)[0] == load_inventory(inv).host("node1").address
+    assert [e["hosts"] for e in events(client, rid, "attempt")] == [["node1", "node3"]]
+    # exactly the configured steps: attempt 2 resumes from the checkpoint, trains each later step once
+    att = attempts_of(metrics(client, rid))
+    assert len(att) == 2, [a[0] for a in att]
+    steps2 = [r["step"] for r in att[1] if r.get("kind") == "train"]
+    assert steps2 == sorted(set(steps2)) and steps2[0] > att[1][0]["step"] and steps2[-1] == STEPS, steps2
+    # the spare trained as rank 1 up to the last step
+    assert json.loads(client.host_file("node3", rid, "metrics/heartbeat-rank1.json").read_text())["step"] == STEPS
+    text = client.cli("status", rid).stdout
+    assert "attempt 1: host node2 rank 1" in text and "node2 replaced by node3" in text, text
+    assert client.state(rid)["attempts"][0]["replaced"] == {"node2": "node3"}
+    assert not client.left_anywhere(rid)
+
+
+def test_a_spare_becomes_node_0_with_the_latest_checkpoint(client):
+    """node1 (node 0: the rendezvous, rank 0, the checkpoints) loses its rank: the spare node3 is
+    node 0 of attempt 2, gets the latest checkpoint first, and training goes on from it."""
+    inv = client.inventory(lambda t: t + "spares: [node3]\n")
+    job = client.job(TRAIN.format(steps=40, log_every=2))
+    rid, _ = client.submit(job, *RESTART, "nodes=2", inventory=inv)
+    wait_for("step", lambda: heartbeat_step(client, rid) >= FAULT_AT)
+    latest = client.host_file("node1", rid, "checkpoints/latest").read_text().strip()
+    kill_rank(client, rid, host="node1")
+    st = client.wait(rid, timeout=300)
+    rec = client.record(rid)
+    assert st["state"] == "SUCCEEDED", json.dumps(rec.get("attempts"), indent=1)
+    assert rec["attempts"][0]["blame"] == "node1" and rec["attempts"][0]["replaced"] == {"node1": "node3"}
+    assert [n["host"] for n in rec["plan"]["nodes"]] == ["node3", "node2"]
+    from cluster.spec.config import load_inventory
+    assert rec["plan"]["rdzv_endpoint"].rsplit(":", 1)[0] == load_inventory(inv).host("node3").address
+    # rank 0 now on node3: it resumed from node1's latest checkpoint and trained each later step once
+    att = attempts_of(metrics(client, rid, host="node3"))
+    assert len(att) == 1 and f"ckpt_{att[0][0]['step']}.pt" == latest, (att[0][:1], latest)
+    steps = [r["step"] for r in att[0] if r.get("kind") == "train"]
+    assert steps == sorted(set(steps)) and steps[0] > att[0][0]["step"] and steps[-1] == 40, steps
+    assert "node1 replaced by node3" in client.cli("status", rid).stdout
+    assert not client.left_anywhere(rid)
+
+
+def test_a_host_that_fails_twice_is_quarantined(client):
+    """node2 fails: the spare node3 takes its place; node3 fails, no spare is left: the same hosts
+    again; node3 fails a second time: quarantined, and with no spare for it the run ends FAILED
+    naming it."""
+    inv = client.inventory(lambda t: t + "spares: [node3]\n")
+    job = client.job(TRAIN.format(steps=STEPS_LONG, log_every=2))
+    rid, _ = client.submit(job, "restart.max_failures=3", "restart.backoff_s=1", "nodes=2", inventory=inv)
+    wait_for("step", lambda: heartbeat_step(client, rid) >= 12)
+    at = heartbeat_step(client, rid)
+    for k, host in enumerate(["node2", "node3", "node3"]):
+        if k:       # the next attempt has trained past where the last one was killed
+            wait_for(f"attempt {k + 1}", lambda: len(events(client, rid, "attempt")) == k, timeout=180)
+            wait_for(f"attempt {k + 1}'s progress", lambda: heartbeat_step(client, rid) > at, timeout=180)
+            at = heartbeat_step(client, rid)
+        kill_rank(client, rid, host=host)
+    st = client.wait(rid, timeout=180)
+    rec = client.record(rid)
+    assert st["state"] == "FAILED", st
+    assert [(a["attempt"], a["blame"], a["hosts"]) for a in rec["attempts"]] == [
+        (1, "node2", ["node1", "node2"]), (2, "node3", ["node1", "node3"]), (3, "node3", ["node1", "node3"])]
+    assert [a["replaced"] for a in rec["attempts"]] == [{"node2": "node3"}, {}, {}], rec["attempts"]
+    assert rec["quarantined"] == ["node3"] and client.state(rid)["quarantined"] == ["node3"]
+    assert "host node3 caused 2 failures of this run (attempts 2, 3) and is quarantined" in rec["failure"]["error"]
+    text = client.cli("status", rid).stdout
+    assert "quarantined (caused two failures, not used again by this run): node3" in text, text
+    assert not client.left_anywhere(rid)

@@ -9,6 +9,12 @@ launch of the plan rebuilt from the job recorded in run.json. Training resumes f
 checkpoint in the run's own checkpoints/ on node 0 (train: resume is on by default); logs are
 appended to the same files, so 'logs -f' goes on across attempts. A preflight or launch that
 fails counts as a failure of the next attempt.
+
+Where the failure blamed a host and the inventory has spares, the next attempt runs on a spare in
+its place (cluster/run/recovery.py next_hosts; the spare passes the preflight probe first), in the
+same node rank; a new node 0 (or, with checkpoint.every_node, any new node) gets the latest
+checkpoint from storage. A blamed host that does not answer is not waited for when a spare takes
+its place; with none, the run ends FAILED naming it.
 """
 from __future__ import annotations
 
@@ -16,8 +22,9 @@ import time
 from pathlib import Path
 
 from cluster.backends.base import progress
-from cluster.backends.rsync import pull_checkpoints, shell_path
+from cluster.backends.rsync import pull_checkpoints, push_run_files, shell_path
 from cluster.run.checkpoints import checkpoint_path
+from cluster.run.recovery import next_hosts
 from cluster.run.records import Run, State
 from cluster.spec import hostlist
 
@@ -34,6 +41,8 @@ def relaunch(be, run_id: str, root: Path) -> State:
     n = int(run.data.get("attempt") or 1)
     job = job_from_plain(run.data["job"]["resolved"])
     hosts = [be.inv.host(h["host"]) for h in run.data["plan"]["nodes"]]
+    blame = ((run.data.get("attempts") or [{}])[-1]).get("blame")
+    spare_for_it = bool(blame and [s for s in be.inv.spares if s not in {h.name for h in hosts}])
     t0 = time.time()
     left = []
     for _ in range(CLEAN_TRIES):
@@ -41,12 +50,17 @@ def relaunch(be, run_id: str, root: Path) -> State:
             left = be.stop_nodes(run, grace_s=10.0)
         except Exception as e:      # noqa: BLE001 -- a host still down: tried again, then named
             left = [f"stop: {e}"]
-        if not left:
+        if not left or (spare_for_it and _only_unreachable(left, blame)):
             break
         time.sleep(job.restart.backoff_s or 1)
-    if left:
+    unverified = bool(left) and _only_unreachable(left, blame)
+    if left and not (unverified and spare_for_it):
+        if unverified:
+            return give_up(run, f"host {blame}, the cause of attempt {n}'s failure, does not answer and no spare "
+                                f"is left to replace it: {left[0]}")
         return give_up(run, f"the gang of attempt {n} could not be verified stopped: " + "; ".join(left[:5]))
-    run.event("gang-clean", attempt=n, hosts=[h.name for h in hosts], after_s=round(time.time() - t0, 1))
+    run.event("gang-clean", attempt=n, hosts=[h.name for h in hosts], after_s=round(time.time() - t0, 1),
+              **({"unverified": blame} if unverified else {}))
     dest = Path(run.data.get("checkpoint_dir") or run.dir / "checkpoints")
     r = pull_checkpoints(hosts[0], be.inv.ssh, run.id, dest, checkpoint_path(run.data))
     progress(f"recovery: checkpoints of attempt {n}: {r.describe()}")
@@ -55,12 +69,24 @@ def relaunch(be, run_id: str, root: Path) -> State:
         if _stopped(run):
             return Run(run_id, root).state
         time.sleep(min(1.0, max(0.0, deadline - time.time())))
-    _set_aside(be, run, hosts, n)
+    _set_aside(be, run, [h for h in hosts if not (unverified and h.name == blame)], n)
     run = Run(run_id, root)
     if _stopped(run):
         return run.state
-    plan = be.make_plan(job, run.id, be.detect_gpus(be.select_hosts(job)))
+    peer = next((h.name for h in hosts if h.name != blame), None)     # a spare must answer as it does
+    choice = next_hosts(run.data, be.inv.spares, lambda names: be.check_spares(names, peer))
+    for spare, why in choice.rejected.items():
+        run.event("spare-rejected", host=spare, reason=why)
+        progress(f"recovery: spare {spare} failed the preflight: {why}")
+    _record_hosts(run, n, choice)
+    if choice.error or (unverified and blame in choice.hosts):
+        return give_up(run, choice.error or f"host {blame}, the cause of attempt {n}'s failure, does not answer "
+                                            "and no spare passed the preflight to replace it")
+    new = [be.inv.host(h) for h in choice.hosts]
+    plan = be.make_plan(job, run.id, be.detect_gpus(new), hosts=tuple(new))
+    run.update(plan=to_plain(plan))     # a failed start stops what it started on these hosts
     try:
+        _seed_spares(be, run, plan, choice, dest, job.checkpoint.every_node)
         be.preflight(plan)
         be.prepare(plan, run)
         be.watcher_pid = _own_pid()        # this watcher goes on following the run: no second one
@@ -73,13 +99,54 @@ def relaunch(be, run_id: str, root: Path) -> State:
         return _failed_start(be, run, n + 1, e)
     run = Run(run_id, root)
     run.update(handle=handle, plan=to_plain(plan), attempt=n + 1)
-    run.event("attempt", attempt=n + 1, hosts=[x.host for x in plan.nodes],
+    run.event("attempt", attempt=n + 1, hosts=[x.host for x in plan.nodes], replaced=choice.replaced,
               checkpoint=(dest / "latest").read_text().strip() if (dest / "latest").exists() else None)
     run.set_state(State.STARTING)
     progress(f"recovery: attempt {n + 1} started on {hostlist.fold([x.host for x in plan.nodes])}")
     if _stopped(Run(run_id, root)):     # a stop that came during the launch: it ends this attempt too
         be.stop_nodes(run, grace_s=10.0)
     return State.STARTING
+
+
+def _only_unreachable(left: list[str], host) -> bool:
+    """All that the stop could not verify is ``host``, because it did not answer."""
+    return bool(host) and all(line.startswith(f"{host}: could not check") for line in left)
+
+
+def _record_hosts(run: Run, n: int, choice) -> None:
+    """Attempt ``n``'s entry: the spare that replaces its culprit, the hosts quarantined so far;
+    the run's ``quarantined`` (shown by status)."""
+    attempts = [dict(a, replaced=choice.replaced, quarantined=list(choice.quarantined))
+                if a.get("attempt") == n else a for a in run.data.get("attempts") or []]
+    run.update(attempts=attempts, quarantined=list(choice.quarantined))
+    for old, new in choice.replaced.items():
+        run.event("replaced", attempt=n + 1, host=old, spare=new)
+        progress(f"recovery: {old} caused attempt {n}'s failure; attempt {n + 1} runs on spare {new} in its place")
+    culprit = (run.data.get("attempts") or [{}])[-1].get("blame")
+    if culprit in choice.quarantined:
+        run.event("quarantined", host=culprit, attempt=n)
+
+
+def _seed_spares(be, run: Run, plan, choice, dest: Path, every_node: bool) -> None:
+    """The latest checkpoint from storage (``dest``) onto each spare that loads it: a new node 0
+    (rank 0 loads and broadcasts), or any spare where every rank loads it itself."""
+    spares = set(choice.replaced.values())
+    to = [be.inv.host(x.host) for x in plan.nodes if x.host in spares and (every_node or x.node_rank == 0)]
+    latest = dest / "latest"
+    if not to or not latest.exists():
+        return
+    import shutil
+    name = latest.read_text().strip()
+    here = run.dir / "checkpoints"
+    if here.resolve() != dest.resolve():        # storage elsewhere: the run directory is what is pushed
+        here.mkdir(parents=True, exist_ok=True)
+        for f in (name, "latest"):
+            shutil.copy2(dest / f, here / f)
+    bad = [r for r in push_run_files(to, be.inv.ssh, run.id, run.dir, [f"checkpoints/{name}", "checkpoints/latest"])
+           if not r.ok]
+    if bad:
+        raise RuntimeError("cannot copy the checkpoint to the spare: " + "; ".join(r.describe() for r in bad))
+    progress(f"recovery: checkpoint {name} copied to {hostlist.fold([h.name for h in to])}")
 
 
 def _stopped(run: Run) -> bool:

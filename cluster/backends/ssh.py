@@ -48,7 +48,7 @@ from cluster.errors import UserError
 from cluster.plan import Plan, default_port, make_plan
 from cluster.backends.transport import GroupError, Pool, Staged, fold, hint_for
 from cluster.quoting import quote_argv
-from cluster.node.probe import _gpu_count, _probe_then_launch, _status, _stop
+from cluster.node.probe import _gpu_count, _probe, _probe_then_launch, _status, _stop
 from cluster.backends.ship import host_command
 from cluster.run.diagnose import PEER_SYMPTOMS
 from cluster.run.records import Run, State
@@ -262,6 +262,24 @@ class SSHBackend(Backend):
             self._staged.close()
             raise
 
+    def check_spares(self, names: list[str], peer: Optional[str] = None) -> dict[str, Optional[str]]:
+        """Recovery (cluster/backends/relaunch.py): the preflight probe on each spare in ``names``
+        and on ``peer`` (a host of the run), all at once; per spare, what the preflight report
+        finds wrong with it (unreachable, no torch, versions unlike the peer's, GPUs, disk,
+        leftovers), or None."""
+        hosts = [self.inv.host(n) for n in dict.fromkeys([*names, *([peer] if peer else [])])]
+        stdin = {h.name: json.dumps({"workdir": h.workdir, "host": h.name}).encode() + b"\n" for h in hosts}
+        res = self.pool.run({h.name: host_command(h.python, _probe) for h in hosts}, stdin=stdin,
+                            timeout_s=self.inv.ssh.command_timeout_s, label="spare preflight probe (python -c ...)")
+        ref = [self.inv.host(peer)] if peer else []
+        _, own = preflight_report(None, ref, res, [])
+        out = {}
+        for n in names:
+            _, problems = preflight_report(None, ref + [self.inv.host(n)], res, [])
+            problems = [p for p in problems if p not in own]
+            out[n] = "; ".join(problems) or None
+        return out
+
     def _container_preflight(self, plan: Plan) -> None:
         """Jobs in a container: the runtime works and the image is there, on every host (cluster/container.py)."""
         from cluster.container import check_digests, check_failed, preflight_checks
@@ -470,7 +488,11 @@ class SSHBackend(Backend):
 
     # ---- logs
     def log_sources(self, run: Run) -> list[LogSource]:
+        # and the hosts that earlier attempts ran on (replaced by a spare since): their lines are the run's too
         hosts = self._hosts(run)
+        hosts += [self.inv.host(n) for n in dict.fromkeys(h for a in run.data.get("attempts") or []
+                                                          for h in a.get("hosts") or [])
+                  if n not in {h.name for h in hosts}]
         # connect to every host at once, so that the merger's first poll does not wait host by host
         threads = [threading.Thread(target=self._try_connect, args=(h.name,), daemon=True) for h in hosts]
         for t in threads:

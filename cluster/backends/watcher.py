@@ -67,6 +67,8 @@ def watch(run_id: str, poll_s: float = 5.0) -> int:
                 from cluster.backends.relaunch import give_up
                 print(f"recovery: {type(e).__name__}: {e}", flush=True)
                 give_up(Run(run_id, first.dir.parent), f"the relaunch failed: {type(e).__name__}: {e}")
+            # the next attempt's node 0 (a spare may have taken its place) holds the checkpoints
+            node0 = be.inv.host(Run(run_id, first.dir.parent).data["plan"]["nodes"][0]["host"])
             last_seen = time.time()
             continue
         if time.time() - last_seen > GIVE_UP_S:
@@ -80,7 +82,7 @@ def watch(run_id: str, poll_s: float = 5.0) -> int:
             last_sync = time.time()
             r = pull_checkpoints(node0, be.inv.ssh, run_id, dest, own)
             print(f"checkpoints: {r.describe()}", flush=True)
-            _pull_metrics(be, first)
+            _pull_metrics(be, run)
     r = pull_checkpoints(node0, be.inv.ssh, run_id, dest, own)
     print(f"checkpoints (final): {r.describe()}", flush=True)
     run = Run(run_id, first.dir.parent)

@@ -85,6 +85,7 @@ def _one(r, as_json):
         print(json.dumps({"id": r.id, "state": state.value, "failure": r.data.get("failure"),
                           "watch": watch, "scaling": scaling and scaling.to_dict(), "checkpoints": ckpts,
                           "attempt": r.data.get("attempt", 1), "attempts": r.data.get("attempts", []),
+                          "quarantined": r.data.get("quarantined", []),
                           "nodes": [n.__dict__ | {"state": n.state.value} for n in nodes]}, indent=1, default=str))
         return 0
     progress = {p["rank"]: p for p in (watch or {}).get("ranks", [])}

@@ -27,6 +27,13 @@ class Merger:
         self.color = color
         self._hosts_seen: dict[str, str] = {}
 
+    def add(self, sources) -> None:
+        """Sources of hosts not merged yet (a spare that a recovered run's next attempt runs on)."""
+        for src in sources:
+            if src.name not in self.offsets:
+                self.sources.append(src)
+                self.offsets[src.name], self.partial[src.name] = 0, b""
+
     def poll(self, final: bool = False) -> list[str]:
         out: list[str] = []
         for src in self.sources:
@@ -75,8 +82,9 @@ def follow_run(run: Run, be, follow: bool = False, host: Optional[str] = None, r
     ``follow``, keep going until the run ends."""
     out = out or sys.stdout
     color = out.isatty() and os.environ.get("NO_COLOR") is None
-    merger = Merger(be.log_sources(run), host, rank, pattern, color)
+    merger = Merger(list(be.log_sources(run)), host, rank, pattern, color)
     last_status = 0.0
+    hosts = _plan_hosts(run)
     while True:
         lines = merger.poll()
         if lines:
@@ -87,6 +95,9 @@ def follow_run(run: Run, be, follow: bool = False, host: Optional[str] = None, r
         if time.time() - last_status > 2.0:
             last_status = time.time()
             state, _ = be.status(run)
+            if _plan_hosts(run) != hosts:       # a recovered run's next attempt runs on a spare
+                hosts = _plan_hosts(run)
+                merger.add(be.log_sources(run))
             if state.is_terminal():
                 tail = merger.poll(final=True)
                 if tail:
@@ -100,6 +111,10 @@ def follow_run(run: Run, be, follow: bool = False, host: Optional[str] = None, r
         if not lines:
             time.sleep(interval_s)
     return 0
+
+
+def _plan_hosts(run: Run) -> list:
+    return [n.get("host") for n in (run.data.get("plan") or {}).get("nodes") or []]
 
 
 def _say(msg: str) -> None:

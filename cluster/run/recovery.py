@@ -16,15 +16,22 @@ from how the failing rank ended:
 The run then stays one run: run.json keeps ``attempt`` (1, 2, ...) and ``attempts`` (each one's
 cause and the decision with its reason); the state is RESTARTING until the relaunch (owned by the
 detached watcher: cluster/backends/relaunch.py) starts the next attempt.
+
+Where a host is the cause (lost by the gang, its rank or torchrun killed by a signal, its agent
+gone), the decision blames it, and the next attempt runs on a spare in its place (the inventory's
+``spares:``, preflighted first: ``next_hosts``); a host blamed for two failures is quarantined for
+the run. Each failed attempt's entry keeps the hosts that ran it and what was replaced after it.
 """
 from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass
-from typing import Optional, Sequence
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Optional, Sequence
 
 from cluster.run.records import Run, State
+from cluster.spec import hostlist
 
 # a Python exception's last line, after the log's "[host rank] " prefix
 _EXCEPTION = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?[A-Za-z_]\w*(?:Error|Exception|Interrupt|Exit)\b(?::|$)")
@@ -37,6 +44,7 @@ class Decision:
     restart: bool
     cause: str      # what failed, one line
     reason: str     # why the run is (not) relaunched
+    blame: Optional[str] = None     # the host at fault (the next attempt replaces it by a spare)
 
 
 def attempt_of(data: dict) -> int:
@@ -66,7 +74,7 @@ def decide(data: dict, failure: dict, max_failures: int, signal: Optional[int] =
     own_ids = {f.pattern_id for f in diagnose(own)}
     known = [f for f in failure.get("findings") or []
              if f.get("host") in (None, host) and _restart_of(pattern, f["pattern_id"]) is not None]
-    verdict = None
+    verdict = blame = None
     for f in known:     # those on the failing rank first (the diagnosis orders them so)
         how = _restart_of(pattern, f["pattern_id"])
         if how == "no":
@@ -82,11 +90,11 @@ def decide(data: dict, failure: dict, max_failures: int, signal: Optional[int] =
     if failure.get("hang"):
         verdict = "hung ranks were stopped: a restart can fix it"
     elif "lost by the gang" in (failure.get("error") or ""):
-        verdict = f"host {host} was lost: the next attempt starts once it answers again"
+        verdict, blame = f"host {host} was lost: the next attempt starts once it answers again (or on a spare)", host
     elif signal is not None:
-        verdict = f"killed by signal {signal}, not by the job's code: a restart can fix it"
+        verdict, blame = f"killed by signal {signal}, not by the job's code: a restart can fix it", host
     elif "without an exit record" in (failure.get("error") or "") + node_detail:
-        verdict = f"the agent on {host} vanished (host rebooted or killed): a restart can fix it"
+        verdict, blame = f"the agent on {host} vanished (host rebooted or killed): a restart can fix it", host
     elif user_error and not (own_ids & {f["pattern_id"] for f in known}) or other_error:
         return Decision(False, cause, f"a Python error in the job's code ({(other_error or user_error)[:200]}): "
                                       "a restart would fail the same way; fix it, then 'submit --resume RUN'")
@@ -94,8 +102,8 @@ def decide(data: dict, failure: dict, max_failures: int, signal: Optional[int] =
         return Decision(False, cause, "the cause is not one a restart is known to fix; see the log, then "
                                       "'submit --resume RUN'")
     if done > max_failures:
-        return Decision(False, cause, f"restart.max_failures ({max_failures}) reached: {verdict}")
-    return Decision(True, cause, verdict)
+        return Decision(False, cause, f"restart.max_failures ({max_failures}) reached: {verdict}", blame)
+    return Decision(True, cause, verdict, blame)
 
 
 def _user_error(lines: Sequence[str]) -> Optional[str]:
@@ -140,7 +148,8 @@ def record(run: Run, n: int, d: Decision, failure: dict) -> bool:
     """Attempt ``n`` ended with ``failure``: the decision into run.json (``attempts``), the event
     and ``failure``; RESTARTING if the run goes on. Returns ``d.restart``."""
     entry = {"attempt": n, "ended": round(time.time(), 3), "cause": d.cause, "restart": d.restart,
-             "reason": d.reason, "host": failure.get("host"), "rank": failure.get("rank")}
+             "reason": d.reason, "host": failure.get("host"), "rank": failure.get("rank"), "blame": d.blame,
+             "hosts": [x.get("host") for x in (run.data.get("plan") or {}).get("nodes") or []]}
     attempts = [a for a in run.data.get("attempts") or [] if a.get("attempt") != n] + [entry]
     run.event("recovery", attempt=n, restart=d.restart, cause=d.cause, reason=d.reason)
     failure["recovery"] = {"restart": d.restart, "reason": d.reason}
@@ -164,7 +173,56 @@ def describe(data: dict) -> list[str]:
     for a in attempts:
         out.append(f"  attempt {a['attempt']}: {a['cause']} -> "
                    f"{'restarted' if a['restart'] else 'not restarted'}: {a['reason']}")
+        if a.get("hosts"):
+            out.append(f"    ran on {hostlist.fold(a['hosts'])}" + "".join(
+                f"; {old} replaced by {new}" for old, new in (a.get("replaced") or {}).items()))
+    if data.get("quarantined"):
+        out.append("  quarantined (caused two failures, not used again by this run): " +
+                   ", ".join(data["quarantined"]))
     return out
+
+
+@dataclass(frozen=True)
+class NextHosts:
+    """The hosts of a run's next attempt (``next_hosts``)."""
+    hosts: tuple[str, ...]                              # node rank order
+    replaced: dict = field(default_factory=dict)        # failed host -> the spare in its place
+    quarantined: tuple[str, ...] = ()                   # blamed for two failures: never used again
+    rejected: dict = field(default_factory=dict)        # spare -> why its preflight failed
+    error: Optional[str] = None                         # no next attempt can start: why
+
+
+def next_hosts(data: dict, spares: Sequence[str],
+               check: Callable[[list[str]], Mapping[str, Optional[str]]]) -> NextHosts:
+    """Where the next attempt of the RESTARTING run ``data`` runs: its last attempt's hosts, with
+    the host blamed for that failure replaced by the first spare that passes ``check`` (names ->
+    a problem, or None for a healthy host; the preflight probe). A spare is one of the inventory's
+    ``spares`` that no attempt of this run ran on. Node rank order is kept, so the rendezvous stays
+    on node 0 unless node 0 is the one replaced. A host blamed for two failures is quarantined:
+    with no spare for it, there is no next attempt; with no spare for a host blamed once, the run
+    restarts on the same hosts."""
+    current = [n["host"] for n in (data.get("plan") or {}).get("nodes") or []]
+    attempts = data.get("attempts") or []
+    blamed = Counter(a["blame"] for a in attempts if a.get("blame"))
+    quarantined = tuple(dict.fromkeys(a["blame"] for a in attempts if a.get("blame") and blamed[a["blame"]] >= 2))
+    culprit = attempts[-1].get("blame") if attempts else None
+    if culprit not in current:
+        return NextHosts(tuple(current), quarantined=quarantined)
+    ran = {h for a in attempts for h in a.get("hosts") or []} | set(current)
+    candidates = [s for s in spares if s not in ran and s not in quarantined]
+    found = dict(check(candidates)) if candidates else {}
+    rejected = {s: found.get(s, "no answer") for s in candidates if found.get(s, "no answer")}
+    spare = next((s for s in candidates if s not in rejected), None)
+    if spare is not None:
+        return NextHosts(tuple(spare if h == culprit else h for h in current), {culprit: spare}, quarantined,
+                         rejected)
+    why = "no spare left" + (" (" + "; ".join(f"{s}: {p}" for s, p in rejected.items()) + ")" if rejected else "")
+    if culprit in quarantined:
+        runs = ", ".join(str(a["attempt"]) for a in attempts if a.get("blame") == culprit)
+        return NextHosts(tuple(current), quarantined=quarantined, rejected=rejected,
+                         error=f"host {culprit} caused {blamed[culprit]} failures of this run (attempts {runs}) "
+                               f"and is quarantined; {why} to take its place")
+    return NextHosts(tuple(current), quarantined=quarantined, rejected=rejected)
 
 
 def restart_policy(run: Run, backend: str) -> Optional[int]:

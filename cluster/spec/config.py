@@ -105,6 +105,9 @@ class InventoryFile:
     slurm: Optional[SlurmSettings] = None
     shared_fs: bool = False
     storage: Optional[str] = None
+    # ssh: hosts (named under hosts:, ranges allowed) that no job is placed on; automatic recovery
+    # puts one in place of a host that failed a run (cluster/run/recovery.py next_hosts)
+    spares: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -117,12 +120,18 @@ class Inventory:
     shared_fs: bool
     storage: Optional[str]
     login: Optional[Host] = None        # slurm.login, resolved as any host is
+    spares: tuple[str, ...] = ()        # names of hosts kept for recovery (ssh), in the file's order
 
     def host(self, name: str) -> Host:
         for h in self.hosts:
             if h.name == name:
                 return h
         raise KeyError(name)
+
+    @property
+    def job_hosts(self) -> tuple[Host, ...]:
+        """The hosts a job's nodes are chosen from: every host but the spares."""
+        return tuple(h for h in self.hosts if h.name not in self.spares)
 
 
 def load_inventory(path: Path | str | None = None) -> Inventory:
@@ -176,7 +185,41 @@ def load_inventory(path: Path | str | None = None) -> Inventory:
         raise UserError("backend 'slurm' needs a 'slurm:' section", where=src.where(("backend",)),
                         key="slurm", hint="add 'slurm:' with at least 'partition:'")
     login = _resolve_login(raw, hosts, src)
-    return Inventory(str(path), backend, tuple(hosts), raw.ssh, raw.slurm, raw.shared_fs, raw.storage, login)
+    spares = _resolve_spares(raw, hosts, backend, src)
+    return Inventory(str(path), backend, tuple(hosts), raw.ssh, raw.slurm, raw.shared_fs, raw.storage, login,
+                     spares)
+
+
+def _resolve_spares(raw: InventoryFile, hosts: list, backend: str, src: Source) -> tuple[str, ...]:
+    """spares: names of hosts listed under hosts: (where their settings are), each once, with at
+    least one host left for jobs; the ssh backend's (SLURM picks its own nodes)."""
+    if not raw.spares:
+        return ()
+    if backend != "ssh":
+        raise _bad(f"spares are for the ssh backend, not {backend!r}", src, ("spares",),
+                   "remove 'spares:' (SLURM chooses the nodes itself; the local backend has one host)")
+    names = {h.name for h in hosts}
+    out: dict[str, int] = {}
+    for i, item in enumerate(raw.spares):
+        _check_text(item, src, ("spares", i))
+        try:
+            expanded = hostlist.expand(item)
+        except ValueError as e:
+            raise _bad(f"bad host range: {e}", src, ("spares", i),
+                       "write ranges as SLURM does: gpu[01-16] or node[1-3,7]") from None
+        for name in expanded:
+            if name not in names:
+                raise _bad(f"'{name}' is not one of hosts:", src, ("spares", i),
+                           did_you_mean(name, sorted(names)) +
+                           "list the spare under hosts: too (its user, python, gpus, ...), then name it here")
+            if name in out:
+                raise _bad(f"duplicate spare '{name}' (also in spares[{out[name]}])", src, ("spares", i),
+                           "name every spare once")
+            out[name] = i
+    if len(out) == len(hosts):
+        raise _bad("every host is a spare: no host is left for jobs", src, ("spares",),
+                   "name as spares only the hosts kept for recovery; jobs run on the others")
+    return tuple(h.name for h in hosts if h.name in out)
 
 
 def _resolve_login(raw: InventoryFile, hosts: list, src: Source) -> Optional[Host]:
@@ -823,7 +866,7 @@ def inventory_from_plain(d: dict) -> Inventory:
         ssh=SSHSettings(**d["ssh"]),
         slurm=SlurmSettings(**slurm) if slurm else None,
         shared_fs=d["shared_fs"], storage=d.get("storage"),
-        login=Host(**d["login"]) if d.get("login") else None)
+        login=Host(**d["login"]) if d.get("login") else None, spares=tuple(d.get("spares") or ()))
 
 
 def job_from_plain(d: dict) -> Job:
