@@ -210,6 +210,29 @@ def test_every_process_of_a_host_killed_recovers(client):
            resumed_at=att[-1][0]["step"], auto_recovery_s=round(first2["time"] - t_fault, 1))
 
 
+def test_a_resumed_run_recovers_from_its_own_latest_checkpoint(client, tmp_path):
+    """`submit --resume` seeds node 0 with the old run's checkpoint (step 20); the resumed run
+    checkpoints at 30, 40, ..., then a rank is killed: attempt 2 resumes from the resumed run's own
+    latest checkpoint, not from the seed (storage elsewhere, so the copy here is still the seed)."""
+    inv = client.inventory(lambda t: t + f"storage: {tmp_path / 'storage'}\n")
+    first, _ = client.submit(client.job(TRAIN.format(steps=20, log_every=2)), inventory=inv)
+    assert client.wait(first)["state"] == "SUCCEEDED"
+    rid, _ = client.submit(client.job(TRAIN.format(steps=STEPS, log_every=2)), "--resume", first, *RESTART,
+                           inventory=inv)
+    wait_for("step", lambda: heartbeat_step(client, rid) >= 33)
+    latest = client.host_file("node1", rid, "checkpoints/latest").read_text().strip()
+    kill_rank(client, rid)
+    st = client.wait(rid, timeout=240)
+    assert st["state"] == "SUCCEEDED", json.dumps(client.record(rid).get("attempts"), indent=1)
+    att = attempts_of(metrics(client, rid))
+    assert len(att) == 2 and att[0][0]["step"] == 20, [a[0] for a in att]
+    resumed = att[1][0]["step"]
+    assert resumed >= int(re.sub(r"\D", "", latest)) >= 30, (resumed, latest)    # not the seed's 20
+    steps2 = [r["step"] for r in att[1] if r.get("kind") == "train"]
+    assert steps2[0] > resumed and steps2[-1] == STEPS and steps2 == sorted(set(steps2)), steps2
+    assert not client.left_anywhere(rid)
+
+
 def test_a_spare_takes_the_place_of_the_host_whose_rank_was_killed(client):
     """nodes: 2 on node1, node2, with node3 the inventory's spare: node2's rank killed -9, attempt 2
     runs on node1 and node3 (node3 as node 1, the rendezvous still on node1) and ends the run."""

@@ -329,8 +329,10 @@ class SSHBackend(Backend):
             else:
                 progress(f"sync: code up to date on {hostlist.fold([h.name for h in hosts])}")
             run.event("code-synced", hosts=[h.name for h in todo])
-        if run.data.get("resume_files"):
-            # node 0 (rank 0 loads and broadcasts), or every node where each rank loads it itself
+        if run.data.get("resume_files") and not run.data.get("attempts"):
+            # node 0 (rank 0 loads and broadcasts), or every node where each rank loads it itself;
+            # only before the first attempt: a later one resumes from what the run itself saved
+            # since (cluster/backends/relaunch.py), which these older files would overwrite
             every = ((run.data["job"].get("resolved") or {}).get("checkpoint") or {}).get("every_node")
             to = hosts if every else hosts[:1]
             results = push_run_files(to, self.inv.ssh, run.id, run.dir, run.data["resume_files"])
