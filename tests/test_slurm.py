@@ -559,7 +559,7 @@ def test_no_exclusion_that_leaves_too_few_nodes_nor_after_the_next_start(tmp_pat
     (tmp_path / "b").mkdir()
     _requeued(tmp_path / "b", fake_slurm, state="RUNNING", nodes="gpu[01-02]")    # nobody looked while it waited
     p = cli("status", "r1", runs=tmp_path / "b" / "runs", env=fake_slurm.env())
-    assert "did not exclude gpu02 after its node failure (restart 1): the job had started again" in p.stdout
+    assert "did not exclude gpu02 after its node failure (restart 1): the job was RUNNING already" in p.stdout
 
     (tmp_path / "c").mkdir()
     _requeued(tmp_path / "c", fake_slurm, update_rc=1)     # SLURM refuses: said, not claimed
@@ -583,6 +583,15 @@ def test_a_failed_batch_host_is_found_by_its_state_and_names_are_slurms_own(tmp_
     assert "exclude" not in p.stdout
     assert not [c for c in fake_slurm.calls()[before:] if c[:2] == ["scontrol", "update"]]
     assert json.loads((tmp_path / "b" / "runs" / "r1" / "run.json").read_text())["slurm_requeues_seen"] == 1
+    # what the job excludes already is read back from SLURM; a name scontrol would read otherwise in
+    # a comma-separated list is not written back: nothing is excluded, and status says why
+    (tmp_path / "c").mkdir()
+    _requeued(tmp_path / "c", fake_slurm, exclude="gpu04=x")
+    before = len(fake_slurm.calls())
+    p = cli("status", "r1", runs=tmp_path / "c" / "runs", env=fake_slurm.env())
+    assert "did not exclude gpu02 after its node failure (restart 1): the job's ExcNodeList 'gpu04=x' could not" \
+           in p.stdout
+    assert not [c for c in fake_slurm.calls()[before:] if c[:2] == ["scontrol", "update"]]
 
 
 def test_the_follower_polls_status_until_the_run_ends(tmp_path, fake_slurm, monkeypatch):
@@ -592,9 +601,11 @@ def test_the_follower_polls_status_until_the_run_ends(tmp_path, fake_slurm, monk
     _requeued(tmp_path, fake_slurm)
     monkeypatch.setattr(cluster.run.records, "RUNS_DIR", tmp_path / "runs")
     config = json.loads((fake_slurm.dir / "config.json").read_text())
-    polls = []
+    polls, real_sleep = [], time.sleep
 
     def sleep(s):       # each poll: the job moves on (requeued and waiting, then done)
+        if s != 7:
+            return real_sleep(s)        # another wait (the run's lock)
         polls.append(s)
         if len(polls) == 2:
             fake_slurm.configure(**{**json.loads((fake_slurm.dir / "config.json").read_text()), "state": "COMPLETED",

@@ -22,7 +22,7 @@
   of the next start would come too late (already placed, maybe on that node), and the job
   itself has no process left between two starts. A slurmctld-side script (EpilogSlurmctld) could
   do it at once but is the site's, not a user's. So the process that observes the requeue does
-  it: ``status``, ``logs -f``, ``wait``, and the detached follower that ``submit`` leaves on the
+  it: ``status``, ``logs -f``, ``top``, and the detached follower that ``submit`` leaves on the
   login node (``python -m cluster.backends.slurm follow RUN``: one ``scontrol show job`` every
   FOLLOW_S until the job ends), so it happens with no terminal open. The trade-off: one small
   process per live run on the login node; where none runs (CLUSTER_SLURM_FOLLOW=0, the login
@@ -429,6 +429,8 @@ def exclude_failed(run: Run, jid: str, info: dict, raw: str, restarts: int) -> N
     if alloc and not failed:
         failed = _not_responding(alloc)     # the batch host itself failed: no srun was left to say so
     entries: list[dict] = []
+    if failed and not re.fullmatch(r"\d+(_\d+)?", str(jid)):
+        failed = []         # a job id run.json was edited to hold: nothing goes to scontrol
     if failed:
         partition = _partition_nodes(info.get("Partition"))
         failed = [n for n in failed if n in partition]      # only node names SLURM lists reach scontrol
@@ -439,8 +441,8 @@ def exclude_failed(run: Run, jid: str, info: dict, raw: str, restarts: int) -> N
             current = None
         needed = len((run.data.get("plan") or {}).get("nodes") or ()) or 1
         if raw not in EXCLUDABLE:
-            entries = [_entry(n, restarts, False, "the job had started again before anything saw it requeued "
-                                                  "(no status, logs -f or follower was running)")
+            entries = [_entry(n, restarts, False, f"the job was {raw} already when its requeue was first seen "
+                                                  "(no status, logs -f or follower ran while it waited)")
                        for n in failed if n not in done]
         elif current is None:
             entries = [_entry(n, restarts, False, f"the job's ExcNodeList {info.get('ExcNodeList')!r} could "
@@ -504,8 +506,13 @@ def _entry(node: str, restart: int, excluded: bool, why: str = "") -> dict:
 
 
 def _nodelist(text: Optional[str]) -> list[str]:
-    """scontrol's node list field (``node[1-2],gpu07``; ``(null)`` or empty: none)."""
-    return [] if not text or text in ("(null)", "None") else hostlist.expand(text)
+    """scontrol's node list field (``node[1-2],gpu07``; ``(null)`` or empty: none); ValueError
+    where a name is not one scontrol reads back the same in a comma-separated list."""
+    names = [] if not text or text in ("(null)", "None") else hostlist.expand(text)
+    bad = [n for n in names if not NODE_NAME.fullmatch(n)]
+    if bad:
+        raise ValueError(f"{bad[0]!r} is not a plain node name")
+    return names
 
 
 def _partition_nodes(partition: Optional[str]) -> list[str]:
@@ -545,7 +552,7 @@ def follow(run_id: str, poll_s: float = FOLLOW_S) -> int:
     """Detached, one per SLURM run, in its own session (closing the terminal does not end it): polls
     the run's status every ``poll_s`` until it ends, so what status does on its own (excluding a
     failed node while the requeued job waits, recording the end) happens with no one looking."""
-    from cluster.backends import backend_for
+    from cluster.spec.config import inventory_from_plain
     unknown = 0
     while True:
         time.sleep(poll_s)
@@ -553,7 +560,8 @@ def follow(run_id: str, poll_s: float = FOLLOW_S) -> int:
         if not (run.dir / "run.json").exists() or run.damaged:
             return 1            # the run was removed: nothing to follow
         try:
-            state, _ = backend_for(run).status(run)
+            # this backend whatever the inventory says of a login node: the follower runs where SLURM is
+            state, _ = SlurmBackend(inventory_from_plain(run.data["inventory"])).status(run)
         except Exception as e:   # noqa: BLE001 -- a slurmctld hiccup must not end the follower
             print(f"status: {type(e).__name__}: {e}", flush=True)
             state = State.UNKNOWN
