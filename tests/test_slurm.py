@@ -66,7 +66,20 @@ if name == "scontrol" and args[:3] == ["show", "job", "-o"]:
           f"Restarts={{cfg.get('restarts', 0)}} ExitCode={{cfg.get('exit', '0:0')}} NodeList={{cfg.get('nodes', 'gpu[01-02]')}} "
           f"StartTime={{time.strftime('%Y-%m-%dT%H:%M:%S')}} "
           f"EndTime={{time.strftime('%Y-%m-%dT%H:%M:%S', time.localtime(time.time() - cfg.get('ended_ago', 0)))}} "
-          f"Command=/x/y a b WorkDir=/x")
+          f"Partition=gpu ExcNodeList={{cfg.get('exclude', '(null)')}} Command=/x/y a b WorkDir=/x")
+    sys.exit(0)
+if name == "scontrol" and args[:1] == ["update"]:
+    if cfg.get("update_rc"):
+        sys.stderr.write("scontrol: error: Job is no longer pending execution\n")
+        sys.exit(cfg["update_rc"])
+    cfg["exclude"] = next(a.split("=", 1)[1] for a in args if a.startswith("ExcNodeList="))
+    json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
+    sys.exit(0)
+if name == "sinfo" and "%N %T" in args:
+    print("\n".join(f"{{n}} {{s}}" for n, s in cfg.get("node_states", {{}}).items()))
+    sys.exit(0)
+if name == "sinfo" and "%N" in args:
+    print("\n".join(cfg.get("partition_nodes", [])))
     sys.exit(0)
 if name == "sacct":
     sys.exit(1)
@@ -91,6 +104,7 @@ def fake_slurm(tmp_path, monkeypatch):
         p.chmod(0o755)
     (d / "config.json").write_text("{}")
     monkeypatch.setenv("FAKE_SLURM", str(d))
+    monkeypatch.setenv("CLUSTER_SLURM_FOLLOW", "0")     # no detached follower polling the fakes
     monkeypatch.setenv("PATH", f"{d / 'bin'}{os.pathsep}{os.environ['PATH']}")
 
     class Fake:
@@ -464,6 +478,143 @@ def test_heartbeats_of_an_earlier_start_are_not_a_hang(tmp_path, fake_slurm):
     state, nodes = backend_for(run).status(run)
     assert state == State.RUNNING and all(not n.heartbeats for n in nodes)
     assert abs(run.data["started"] - time.time()) < 5
+
+
+# ------------------------------------------------------------------- a requeue after a node failure
+BATCH = """start of job 77 restart 0 on gpu[01-02], rendezvous gpu01:20077
+srun: error: Node failure on gpu02
+srun: error: Node failure on gpu01,gpu03
+srun: Job step aborted: Waiting up to 32 seconds for job step to finish.
+"""
+
+
+def test_the_failed_node_is_read_from_the_start_before_the_requeue():
+    from cluster.backends.slurm import failed_before
+    lines = BATCH.splitlines()
+    # only a name of that start's allocation counts (srun's 'gpu01,gpu03' is no node of it)
+    assert failed_before(lines, 1) == (["gpu01", "gpu02"], ["gpu02"])
+    again = lines + ["start of job 77 restart 1 on gpu[03-04], rendezvous gpu03:20077",
+                     "srun: error: Node failure on gpu04", "srun: error: Node failure on gpu04"]
+    assert failed_before(again, 1) == (["gpu01", "gpu02"], ["gpu02"])     # requeue 1: the first start's
+    assert failed_before(again, 2) == (["gpu03", "gpu04"], ["gpu04"])
+    assert failed_before(lines, 0) == ([], [])                               # never requeued
+    assert failed_before(["start of job 77 restart 0 on gpu[01-, rendezvous x:1"], 1) == ([], [])
+
+
+def test_exclusion_never_twice_and_never_below_the_nodes_the_job_needs():
+    from cluster.backends.slurm import decide_exclusion
+    part = ["gpu01", "gpu02", "gpu03", "gpu04"]
+    [e] = decide_exclusion(["gpu02"], 1, set(), ["gpu04"], part, 2)
+    assert e["excluded"] and e["text"] == "excluded gpu02 after its node failure (restart 1)"
+    assert decide_exclusion(["gpu02"], 2, {"gpu02"}, ["gpu02"], part, 2) == []
+    [e] = decide_exclusion(["gpu03"], 2, {"gpu02"}, ["gpu02", "gpu04"], part, 2)   # gpu01 alone would be left
+    assert not e["excluded"] and e["text"] == ("did not exclude gpu03 after its node failure (restart 2): excluding "
+                                               "it would leave 1 node(s) of the partition for a job of 2; it may "
+                                               "land there again")
+
+
+def _requeued(tmp_path, fake_slurm, batch=BATCH, **cfg):
+    run = _slurm_run(tmp_path)
+    run.update(job={"name": "tiny"}, plan={**run.data["plan"], "rdzv_endpoint": "first node of the allocation:20077"})
+    (run.dir / "slurm").mkdir()
+    (run.dir / "slurm" / "77_batch.log").write_text(batch)
+    fake_slurm.configure(**{"state": "PENDING", "reason": "BeginTime", "restarts": 1, "nodes": "(null)",
+                            "partition_nodes": ["gpu01", "gpu02", "gpu03", "gpu04"], **cfg})
+    return run
+
+
+def test_a_requeue_after_a_node_failure_excludes_the_node_once_and_status_says_so(tmp_path, fake_slurm):
+    run = _requeued(tmp_path, fake_slurm, exclude="gpu04")     # the user's slurm.sbatch exclude: kept
+    p = cli("status", "r1", runs=tmp_path / "runs", env=fake_slurm.env())
+    assert p.returncode == 0, p.stderr
+    assert "  excluded gpu02 after its node failure (restart 1)\n" in p.stdout
+    updates = [c for c in fake_slurm.calls() if c[:2] == ["scontrol", "update"]]
+    assert updates == [["scontrol", "update", "JobId=77", "ExcNodeList=gpu02,gpu04"]]
+    st = json.loads(cli("status", "r1", "--json", runs=tmp_path / "runs", env=fake_slurm.env()).stdout)
+    assert [(e["node"], e["restart"], e["excluded"]) for e in st["excluded_nodes"]] == [("gpu02", 1, True)]
+    assert len([c for c in fake_slurm.calls() if c[:2] == ["scontrol", "update"]]) == 1   # looked at once
+    events = [json.loads(l) for l in (run.dir / "events.jsonl").read_text().splitlines()]
+    assert [e["node"] for e in events if e["event"] == "exclude-node"] == ["gpu02"]
+
+    # it fails again on gpu02 (the job excludes it already: a stand-in for a node SLURM put back)
+    # and on gpu03: gpu03 is excluded, gpu02 is not excluded a second time
+    (run.dir / "slurm" / "77_batch.log").write_text(BATCH + "start of job 77 restart 1 on gpu[02-03], rendezvous x:1\n"
+                                                   "srun: error: Node failure on gpu02\n"
+                                                   "srun: error: Node failure on gpu03\n")
+    fake_slurm.configure(state="PENDING", restarts=2, nodes="(null)", exclude="gpu[02,04]",
+                         partition_nodes=["gpu01", "gpu02", "gpu03", "gpu04", "gpu05"])
+    p = cli("status", "r1", runs=tmp_path / "runs", env=fake_slurm.env())
+    assert "excluded gpu03 after its node failure (restart 2)" in p.stdout
+    assert "gpu02 after its node failure (restart 2)" not in p.stdout
+    assert [c for c in fake_slurm.calls() if c[:2] == ["scontrol", "update"]][-1][-1] == "ExcNodeList=gpu02,gpu03,gpu04"
+
+
+def test_no_exclusion_that_leaves_too_few_nodes_nor_after_the_next_start(tmp_path, fake_slurm):
+    _requeued(tmp_path, fake_slurm, partition_nodes=["gpu01", "gpu02"])
+    p = cli("status", "r1", runs=tmp_path / "runs", env=fake_slurm.env())
+    assert ("did not exclude gpu02 after its node failure (restart 1): excluding it would leave 1 node(s) of the "
+            "partition for a job of 2") in p.stdout
+    assert not [c for c in fake_slurm.calls() if c[:2] == ["scontrol", "update"]]
+
+    (tmp_path / "b").mkdir()
+    _requeued(tmp_path / "b", fake_slurm, state="RUNNING", nodes="gpu[01-02]")    # nobody looked while it waited
+    p = cli("status", "r1", runs=tmp_path / "b" / "runs", env=fake_slurm.env())
+    assert "did not exclude gpu02 after its node failure (restart 1): the job was RUNNING already" in p.stdout
+
+    (tmp_path / "c").mkdir()
+    _requeued(tmp_path / "c", fake_slurm, update_rc=1)     # SLURM refuses: said, not claimed
+    p = cli("status", "r1", runs=tmp_path / "c" / "runs", env=fake_slurm.env())
+    assert ("did not exclude gpu02 after its node failure (restart 1): scontrol update: scontrol: error: Job is no "
+            "longer pending execution") in p.stdout
+
+
+def test_a_failed_batch_host_is_found_by_its_state_and_names_are_slurms_own(tmp_path, fake_slurm):
+    """No srun line (the batch host itself died): the allocation's node that SLURM reports not
+    responding; a name from the log that the partition does not list never reaches scontrol."""
+    run = _requeued(tmp_path, fake_slurm, batch="start of job 77 restart 0 on gpu[01-02], rendezvous gpu01:1\n",
+                    node_states={"gpu01": "down*", "gpu02": "idle"})
+    p = cli("status", "r1", runs=tmp_path / "runs", env=fake_slurm.env())
+    assert "excluded gpu01 after its node failure (restart 1)" in p.stdout, p.stdout + p.stderr
+    (tmp_path / "b").mkdir()
+    _requeued(tmp_path / "b", fake_slurm, batch="start of job 77 restart 0 on x[1-2], rendezvous x1:1\n"
+                                              "srun: error: Node failure on x2\n")
+    before = len(fake_slurm.calls())
+    p = cli("status", "r1", runs=tmp_path / "b" / "runs", env=fake_slurm.env())
+    assert "exclude" not in p.stdout
+    assert not [c for c in fake_slurm.calls()[before:] if c[:2] == ["scontrol", "update"]]
+    assert json.loads((tmp_path / "b" / "runs" / "r1" / "run.json").read_text())["slurm_requeues_seen"] == 1
+    # what the job excludes already is read back from SLURM; a name scontrol would read otherwise in
+    # a comma-separated list is not written back: nothing is excluded, and status says why
+    (tmp_path / "c").mkdir()
+    _requeued(tmp_path / "c", fake_slurm, exclude="gpu04=x")
+    before = len(fake_slurm.calls())
+    p = cli("status", "r1", runs=tmp_path / "c" / "runs", env=fake_slurm.env())
+    assert "did not exclude gpu02 after its node failure (restart 1): the job's ExcNodeList 'gpu04=x' could not" \
+           in p.stdout
+    assert not [c for c in fake_slurm.calls()[before:] if c[:2] == ["scontrol", "update"]]
+
+
+def test_the_follower_polls_status_until_the_run_ends(tmp_path, fake_slurm, monkeypatch):
+    """What runs with no terminal open: the exclusion happens in its first poll; it ends with the job."""
+    import cluster.run.records
+    from cluster.backends.slurm import follow
+    _requeued(tmp_path, fake_slurm)
+    monkeypatch.setattr(cluster.run.records, "RUNS_DIR", tmp_path / "runs")
+    config = json.loads((fake_slurm.dir / "config.json").read_text())
+    polls, real_sleep = [], time.sleep
+
+    def sleep(s):       # each poll: the job moves on (requeued and waiting, then done)
+        if s != 7:
+            return real_sleep(s)        # another wait (the run's lock)
+        polls.append(s)
+        if len(polls) == 2:
+            fake_slurm.configure(**{**json.loads((fake_slurm.dir / "config.json").read_text()), "state": "COMPLETED",
+                                    "nodes": "gpu[01,03]"})
+    monkeypatch.setattr("cluster.backends.slurm.time.sleep", sleep)
+    assert follow("r1", poll_s=7) == 0 and polls == [7, 7]
+    assert ["scontrol", "update", "JobId=77", "ExcNodeList=gpu02"] in fake_slurm.calls()
+    assert config["state"] == "PENDING"
+    assert json.loads((tmp_path / "runs" / "r1" / "run.json").read_text())["state"] == "SUCCEEDED"
 
 
 # ------------------------------------------------------------------- through the login node

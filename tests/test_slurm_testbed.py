@@ -258,9 +258,12 @@ def test_preemption_and_scontrol_requeue_resume_from_latest_checkpoint(testbed, 
 
 def test_node_killed_mid_run_is_requeued_and_finishes(testbed, tmp_path):
     """The second node stops answering (slurmd and the job's processes frozen, as a dead machine:
-    no connection reset): SLURM marks it down (~34 s), requeues the job, which resumes elsewhere."""
+    no connection reset): SLURM marks it down (~34 s), requeues the job, which resumes elsewhere.
+    Nobody runs status or logs meanwhile: the run's detached follower excludes the failed node
+    while the job waits, so the requeued job does not land on it although it is back in service."""
     s = Slurm(testbed, tmp_path)
     run_id, jid = s.submit(s.job("tiny", TINY))
+    follower = json.loads((s.runs / run_id / "run.json").read_text())["handle"]["follower_pid"]
     wait(lambda: s.latest_step(run_id) >= 100, "a first checkpoint", timeout=90)
     victim = _expand(job_info(jid)["NodeList"])[1]             # not the batch host: its log tells
     slurmd = testbed.state["pids"][f"slurmd-{victim}"]
@@ -276,13 +279,21 @@ def test_node_killed_mid_run_is_requeued_and_finishes(testbed, tmp_path):
                 _kill(pid, signal.SIGKILL)                             # the dead node's leftovers
         finally:
             _kill(slurmd, signal.SIGCONT)                              # the shared testbed's node comes back
+    wait(lambda: victim in _expand_or_none((job_info(jid) or {}).get("ExcNodeList")),
+         f"the follower to exclude {victim} from the requeued job", timeout=90)
+    wait(lambda: subprocess.run(["sinfo", "-h", "-n", victim, "-o", "%T"], capture_output=True, text=True)
+         .stdout.strip() in ("idle", "mixed", "allocated"), f"{victim} back in service", timeout=60)
     start_now(jid, 1)
     st = s.wait_state(run_id, {"SUCCEEDED", "FAILED", "CANCELLED"}, timeout=120)
     assert st["state"] == "SUCCEEDED"
     _, logs = check_train_finished(s, run_id, resumes=1)
     assert f"Node failure on {victim}" in logs
-    wait(lambda: subprocess.run(["sinfo", "-h", "-n", victim, "-o", "%T"], capture_output=True, text=True)
-         .stdout.strip() in ("idle", "mixed", "allocated"), f"{victim} back in service", timeout=30)
+    info = job_info(jid)
+    assert info["Restarts"] == "1" and victim not in _expand(info["NodeList"])    # the requeued start's nodes
+    assert len(_expand(info["NodeList"])) == 2
+    assert f"  excluded {victim} after its node failure (restart 1)\n" in s.cli("status", run_id).stdout
+    assert [(e["node"], e["restart"], e["excluded"]) for e in st["excluded_nodes"]] == [(victim, 1, True)]
+    wait(lambda: not _alive(follower), "the follower to end with the run", timeout=60)
 
 
 def test_time_limit_warning_reaches_the_job_and_requeues_are_limited(testbed, tmp_path):
@@ -317,6 +328,17 @@ def _kill(pid, sig):
         os.kill(pid, sig)
     except ProcessLookupError:
         pass      # ended meanwhile
+
+
+def _alive(pid):
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _expand_or_none(nodelist):
+    return [] if not nodelist or nodelist == "(null)" else _expand(nodelist)
 
 
 def _expand(nodelist):

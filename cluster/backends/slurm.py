@@ -15,6 +15,19 @@
   ``--requeue``. The job id stays the same, so do the per-task log files (opened in append mode).
 * status maps SLURM's job state (``scontrol show job``, else ``sacct``); stop is ``scancel`` and
   waits until SLURM reports every process of the job gone.
+* A requeue after a node failure excludes the failed node from the next start, as a user would by
+  hand (``exclude_failed``, called by ``node_status``; run.json ``excluded_nodes``). SLURM lets a
+  job's ExcNodeList change only while it is pending, i.e. between the requeue and the next start
+  (SLURM holds a requeued job back ~120 s, its credentials' lifetime): the batch script or task 0
+  of the next start would come too late (already placed, maybe on that node), and the job
+  itself has no process left between two starts. A slurmctld-side script (EpilogSlurmctld) could
+  do it at once but is the site's, not a user's. So the process that observes the requeue does
+  it: ``status``, ``logs -f``, ``top``, and the detached follower that ``submit`` leaves on the
+  login node (``python -m cluster.backends.slurm follow RUN``: one ``scontrol show job`` every
+  FOLLOW_S until the job ends), so it happens with no terminal open. The trade-off: one small
+  process per live run on the login node; where none runs (CLUSTER_SLURM_FOLLOW=0, the login
+  node rebooted) and nobody looks before the next start, the node is not excluded and status
+  says so.
 * Containers: pyxis/enroot as srun options around each task, or ``apptainer exec`` around the payload.
 """
 from __future__ import annotations
@@ -64,6 +77,13 @@ REQUEUE_GRACE_S = 180
 _PORT_SHELL = f"$(({PORT_BASE} + SLURM_JOB_ID % {PORT_SPAN}))"
 START_MARK = "start of job"   # the batch script's first line, once per start (requeues included)
 _SRUN_ERROR = re.compile(r"srun: error: (?P<host>\S+): tasks? (?P<rank>\d+)[^:]*: (?P<what>.*)")
+# a requeue after a node failure (exclude_failed): srun's report of it in the batch log, and each
+# start's first line (which restart, on which nodes)
+_NODE_FAILURE = re.compile(r"srun: error: Node failure on (\S+)\s*$")
+_START_LINE = re.compile(rf"^{START_MARK} \d+ restart (\d+) on (\S+), rendezvous ")
+NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")     # what may reach scontrol as a node name
+EXCLUDABLE = ("PENDING", "REQUEUE_HOLD")      # SLURM changes a job's ExcNodeList only while it waits
+FOLLOW_S = 20.0     # the follower's poll: well inside the ~120 s a requeued job is held back
 
 
 @dataclass(frozen=True)
@@ -242,7 +262,9 @@ class SlurmBackend(Backend):
             raise UserError(f"sbatch failed: {str(e).strip()[-600:]}", where=self.inv.path, key="slurm") from None
         n = len(plan.nodes)
         progress(f"submitted SLURM job {job.job_id}: {n} node(s) x {plan.nodes[0].nprocs} task(s)")
-        return {"job_id": str(job.job_id), "folder": plan.folder, "tasks": plan.world_size}
+        handle = {"job_id": str(job.job_id), "folder": plan.folder, "tasks": plan.world_size}
+        pid = _start_follower(run)
+        return handle | ({"follower_pid": pid} if pid else {})
 
     # ---------------------------------------------------------------- observe
     def node_status(self, run: Run) -> list[NodeStatus]:
@@ -258,6 +280,9 @@ class SlurmBackend(Backend):
         state = STATES.get(raw, State.UNKNOWN)
         code, _, sig = info.get("ExitCode", "0:0").partition(":")      # "1:0" exit code, "0:9" signal
         restarts = int(info.get("Restarts", "0") or 0)
+        if restarts > int(run.data.get("slurm_requeues_seen") or 0) and raw not in \
+                ("REQUEUED", "COMPLETING", *REQUEUED_AFTER):      # those: the requeue is not done yet
+            exclude_failed(run, jid, info, raw, restarts)
         detail = f"job {jid} {raw}" + (f" ({info['Reason']})" if info.get("Reason") not in (None, "None") else "")
         detail += f", requeued {restarts}x" if restarts else ""
         task = (run.data.get("plan") or {}).get("task") or {}
@@ -390,6 +415,162 @@ class PrefixedSource(LogSource):
         out = b"".join(self.prefix + l + b"\n" for l in whole.split(b"\n")[:-1])
         self._out += len(out)
         return out
+
+
+# -------------------------------------------------------------------- node failures
+def exclude_failed(run: Run, jid: str, info: dict, raw: str, restarts: int) -> None:
+    """The job was requeued (``restarts`` times; run.json ``slurm_requeues_seen`` had fewer): if the
+    start before the requeue ended in a node failure, that node is excluded from the job while it
+    is pending (``scontrol update JobId=N ExcNodeList=...``, added to what the job excludes
+    already, the user's slurm.sbatch exclude included). Recorded in run.json ``excluded_nodes``:
+    one entry per node and requeue, with the line ``status`` shows."""
+    folder = Path((run.data.get("handle") or {}).get("folder") or run.dir / "slurm")
+    alloc, failed = failed_before(_read_lines(folder / f"{jid}_batch.log"), restarts)
+    if alloc and not failed:
+        failed = _not_responding(alloc)     # the batch host itself failed: no srun was left to say so
+    entries: list[dict] = []
+    if failed and not re.fullmatch(r"\d+(_\d+)?", str(jid)):
+        failed = []         # a job id run.json was edited to hold: nothing goes to scontrol
+    if failed:
+        partition = _partition_nodes(info.get("Partition"))
+        failed = [n for n in failed if n in partition]      # only node names SLURM lists reach scontrol
+        done = {e["node"] for e in run.data.get("excluded_nodes") or [] if e.get("excluded")}
+        try:
+            current = _nodelist(info.get("ExcNodeList"))
+        except ValueError:
+            current = None
+        needed = len((run.data.get("plan") or {}).get("nodes") or ()) or 1
+        if raw not in EXCLUDABLE:
+            entries = [_entry(n, restarts, False, f"the job was {raw} already when its requeue was first seen "
+                                                  "(no status, logs -f or follower ran while it waited)")
+                       for n in failed if n not in done]
+        elif current is None:
+            entries = [_entry(n, restarts, False, f"the job's ExcNodeList {info.get('ExcNodeList')!r} could "
+                                                  "not be read") for n in failed if n not in done]
+        else:
+            entries = decide_exclusion(failed, restarts, done, current, partition, needed)
+        add = [e["node"] for e in entries if e["excluded"]]
+        if add:
+            value = ",".join(sorted(set(current) | set(add)))
+            p = _run(["scontrol", "update", f"JobId={jid}", f"ExcNodeList={value}"])
+            if p.returncode != 0:
+                why = "scontrol update: " + ((p.stderr or p.stdout).strip().splitlines() or [f"exit {p.returncode}"])[-1]
+                entries = [_entry(e["node"], restarts, False, why) if e["excluded"] else e for e in entries]
+
+    def apply(d: dict) -> list:
+        have = {(e.get("node"), e.get("restart")) for e in d.get("excluded_nodes") or []}
+        new = [e for e in entries if (e["node"], e["restart"]) not in have]     # another poller's stands
+        d["excluded_nodes"] = (d.get("excluded_nodes") or []) + new
+        d["slurm_requeues_seen"] = max(restarts, int(d.get("slurm_requeues_seen") or 0))
+        return [("exclude-node", e) for e in new]
+    run.change(apply)
+
+
+def failed_before(batch: list[str], restarts: int) -> tuple[list[str], list[str]]:
+    """From the batch log: the allocation of the latest start before requeue ``restarts`` (its
+    START_MARK line) and the nodes of it that srun reported a node failure on during that start."""
+    starts = [(i, m) for i, l in enumerate(batch) if (m := _START_LINE.match(l)) and int(m[1]) < restarts]
+    if not starts:
+        return [], []
+    i, m = starts[-1]
+    end = next((j for j in range(i + 1, len(batch)) if batch[j].startswith(START_MARK)), len(batch))
+    try:
+        alloc = [n for n in hostlist.expand(m[2]) if NODE_NAME.fullmatch(n)]
+    except ValueError:
+        return [], []
+    failed = [f[1] for l in batch[i + 1:end] if (f := _NODE_FAILURE.search(l))]
+    return alloc, [n for n in dict.fromkeys(failed) if n in alloc]
+
+
+def decide_exclusion(failed: list[str], restart: int, done: set, excluded: list[str], partition: list[str],
+                     needed: int) -> list[dict]:
+    """What to do with the nodes that failed before requeue ``restart``: exclude each one not
+    excluded before (``done``), unless that leaves fewer of the partition's nodes than the job
+    needs (then none, saying why). ``excluded``: what the job excludes already."""
+    fresh = [n for n in dict.fromkeys(failed) if n not in done]
+    if not fresh:
+        return []
+    gone = set(excluded) | set(fresh)
+    left = [n for n in dict.fromkeys(partition) if n not in gone]
+    if len(left) < needed:
+        why = (f"excluding it would leave {len(left)} node(s) of the partition for a job of {needed}; "
+               "it may land there again")
+        return [_entry(n, restart, False, why) for n in fresh]
+    return [_entry(n, restart, True) for n in fresh]
+
+
+def _entry(node: str, restart: int, excluded: bool, why: str = "") -> dict:
+    text = (f"excluded {node} after its node failure (restart {restart})" if excluded else
+            f"did not exclude {node} after its node failure (restart {restart}): {why}")
+    return {"node": node, "restart": restart, "excluded": excluded, "reason": why, "text": text}
+
+
+def _nodelist(text: Optional[str]) -> list[str]:
+    """scontrol's node list field (``node[1-2],gpu07``; ``(null)`` or empty: none); ValueError
+    where a name is not one scontrol reads back the same in a comma-separated list."""
+    names = [] if not text or text in ("(null)", "None") else hostlist.expand(text)
+    bad = [n for n in names if not NODE_NAME.fullmatch(n)]
+    if bad:
+        raise ValueError(f"{bad[0]!r} is not a plain node name")
+    return names
+
+
+def _partition_nodes(partition: Optional[str]) -> list[str]:
+    """The nodes of the job's partition(s), as sinfo names them."""
+    p = _run(["sinfo", "-h", "-N", "-o", "%N"] + (["-p", partition] if partition else []))
+    names = [l.strip() for l in p.stdout.splitlines()] if p.returncode == 0 else []
+    return list(dict.fromkeys(n for n in names if NODE_NAME.fullmatch(n)))
+
+
+def _not_responding(nodes: list[str]) -> list[str]:
+    """Those of ``nodes`` SLURM reports down or not responding now (a '*' after the state)."""
+    p = _run(["sinfo", "-h", "-N", "-n", ",".join(nodes), "-o", "%N %T"])
+    out = []
+    for line in p.stdout.splitlines() if p.returncode == 0 else []:
+        name, _, state = line.strip().partition(" ")
+        if name in nodes and (state.endswith("*") or state.startswith(("down", "fail"))):
+            out.append(name)
+    return list(dict.fromkeys(out))
+
+
+# -------------------------------------------------------------------- the follower
+def _start_follower(run: Run) -> Optional[int]:
+    """The detached follower of the job (``follow``); none with CLUSTER_SLURM_FOLLOW=0."""
+    if os.environ.get("CLUSTER_SLURM_FOLLOW", "1") == "0":
+        return None
+    env = {**os.environ, "CLUSTER_RUNS_DIR": str(run.dir.parent)}
+    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.pop("CLUSTER_RUN_ID", None)
+    (run.dir / "state").mkdir(parents=True, exist_ok=True)
+    with open(run.dir / "state" / "follower.log", "ab") as out:
+        p = subprocess.Popen([sys.executable, "-m", "cluster.backends.slurm", "follow", run.id], cwd=REPO, env=env,
+                             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    return p.pid
+
+
+def follow(run_id: str, poll_s: float = FOLLOW_S) -> int:
+    """Detached, one per SLURM run, in its own session (closing the terminal does not end it): polls
+    the run's status every ``poll_s`` until it ends, so what status does on its own (excluding a
+    failed node while the requeued job waits, recording the end) happens with no one looking."""
+    from cluster.spec.config import inventory_from_plain
+    unknown = 0
+    while True:
+        time.sleep(poll_s)
+        run = Run(run_id)
+        if not (run.dir / "run.json").exists() or run.damaged:
+            return 1            # the run was removed: nothing to follow
+        try:
+            # this backend whatever the inventory says of a login node: the follower runs where SLURM is
+            state, _ = SlurmBackend(inventory_from_plain(run.data["inventory"])).status(run)
+        except Exception as e:   # noqa: BLE001 -- a slurmctld hiccup must not end the follower
+            print(f"status: {type(e).__name__}: {e}", flush=True)
+            state = State.UNKNOWN
+        if state.is_terminal():
+            return 0
+        unknown = unknown + 1 if state == State.UNKNOWN else 0
+        if unknown >= 6:
+            print(f"SLURM has not known the run's job for {unknown} polls; the follower ends", flush=True)
+            return 1
 
 
 # -------------------------------------------------------------------- helpers
@@ -525,3 +706,11 @@ def _in_container(job: Job, host, workdir: str, run_dir: Path, argv: list[str], 
 
 
 BACKEND = SlurmBackend
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "follow":
+        from cluster.backends.slurm import follow as _follow      # the module's one copy, not __main__'s
+        sys.exit(_follow(sys.argv[2]))
+    print("usage: python -m cluster.backends.slurm follow RUN_ID", file=sys.stderr)
+    sys.exit(2)

@@ -86,6 +86,7 @@ def _one(r, as_json):
                           "watch": watch, "scaling": scaling and scaling.to_dict(), "checkpoints": ckpts,
                           "attempt": r.data.get("attempt", 1), "attempts": r.data.get("attempts", []),
                           "quarantined": r.data.get("quarantined", []),
+                          "excluded_nodes": r.data.get("excluded_nodes", []),
                           "nodes": [n.__dict__ | {"state": n.state.value} for n in nodes]}, indent=1, default=str))
         return 0
     progress = {p["rank"]: p for p in (watch or {}).get("ranks", [])}
@@ -95,6 +96,8 @@ def _one(r, as_json):
     from cluster.run.recovery import describe
     for line in describe(r.data):       # automatic recovery: each attempt's cause and the decision
         print("  " + line)
+    for e in r.data.get("excluded_nodes") or []:    # SLURM: a node kept out of the job after its node failure
+        print("  " + e["text"])
     for n in nodes:
         extra = f" exit {n.exit_code}" if n.exit_code is not None else ""
         print(f"  {n.host:<16} {n.state.value:<10} pid {n.pid}{extra} {n.detail}".rstrip())
