@@ -169,3 +169,30 @@ def test_logs_follow_loses_no_line_when_the_login_node_drops(testbed, client, tm
         lap.no_slurm_client_ran_here()
     finally:
         sshd.stop()
+
+
+@pytest.mark.parametrize("where", ["sbatch here", "through the login node"])
+def test_a_detached_run_is_recorded_running_without_a_status_call(testbed, tmp_path, where):
+    """`make submit DETACH=1`: the record says PENDING once sbatch answered (never STARTING), then
+    RUNNING once the job runs, written by task 0 on the shared filesystem: nobody ran `status`."""
+    side = Laptop(testbed, tmp_path) if where == "through the login node" else Slurm(testbed, tmp_path)
+    run_id, jid = side.submit(side.job("hello", HELLO.format(sleep=300)))
+    here = json.loads((side.runs / run_id / "run.json").read_text())
+    # the job may have started before the laptop mirrored the login node's record: never STARTING
+    assert here["state"] in ("PENDING", "RUNNING"), here["state"]
+    shared = tmp_path / "remote" / "runs" / run_id if isinstance(side, Laptop) else side.runs / run_id
+    try:
+        wait(lambda: json.loads((shared / "run.json").read_text())["state"] == "RUNNING", "RUNNING recorded",
+             timeout=120)
+        events = [json.loads(l) for l in (shared / "events.jsonl").read_text().splitlines()]
+        assert [(e["by"], e["job_id"]) for e in events if e["event"] == "state" and e["state"] == "RUNNING"] == \
+            [("task 0", jid)]
+        assert slurm_state(jid) == "RUNNING"
+        if isinstance(side, Laptop):
+            # the laptop's record follows at the next look through the login node
+            assert side.status(run_id)["state"] == "RUNNING" and side.record(run_id)["state"] == "RUNNING"
+            side.no_slurm_client_ran_here()
+    finally:
+        p = side.cli("stop", run_id)
+        assert p.returncode == 0, p.stderr
+    assert slurm_state(jid) == "CANCELLED" and job_pids(jid) == []
