@@ -135,6 +135,46 @@ def test_bad_partition_refused_before_anything_is_submitted(testbed, tmp_path):
     lap.no_slurm_client_ran_here()
 
 
+def login_pythons(run_id, netns="node1"):
+    """pid -> argv of the processes on the login node that look at ``run_id`` (a status there)."""
+    ino = os.stat(f"/run/netns/{netns}").st_ino
+    out = {}
+    for d in Path("/proc").iterdir():
+        try:
+            if not d.name.isdigit() or os.stat(d / "ns" / "net").st_ino != ino:
+                continue
+            argv = (d / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if run_id in argv and any(a.startswith("cluster") for a in argv):
+            out[int(d.name)] = " ".join(argv)
+    return out
+
+
+def test_logs_follow_looks_at_the_state_through_one_kept_process(testbed, tmp_path):
+    """`logs -f` through the login node: one process there answers the run's state for the whole
+    follow (it used to be a new `python -m cluster status` there every 2 s), and it ends with it."""
+    lap = Laptop(testbed, tmp_path)
+    run_id, jid = lap.submit(lap.job("ticker", TICKER.replace(f"seq 1 {TICKS}", "seq 1 60")))
+    follow = subprocess.Popen([sys.executable, "-m", "cluster", "logs", run_id, "-f"], cwd=REPO, env=lap.env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen, samples = {}, 0
+    while follow.poll() is None:
+        seen.update(login_pythons(run_id))
+        samples += 1
+        time.sleep(0.25)
+    out, err = follow.communicate()
+    assert follow.returncode == 0 and f"-- run {run_id} SUCCEEDED" in err, err
+    assert sorted(re.findall(r"^\[node\d (\d)\] tick \1 60$", out, re.M)) == ["0", "1", "2", "3"]
+    assert samples > 40                 # more than 10 s of following: 5 looks at the state or more
+    assert len(seen) == 1 and "status-stream" in next(iter(seen.values())), seen
+    wait(lambda: not login_pythons(run_id), "the status process there gone with the follow", timeout=15)
+    assert lap.record(run_id)["state"] == "SUCCEEDED"
+    events = [json.loads(l) for l in (lap.runs / run_id / "events.jsonl").read_text().splitlines()]
+    assert [e["state"] for e in events if e["event"] == "state"][-1] == "SUCCEEDED"   # the end mirrored too
+    lap.no_slurm_client_ran_here()
+
+
 def test_logs_follow_loses_no_line_when_the_login_node_drops(testbed, client, tmp_path):
     """The login node's sshd (a second one, port 2222) is stopped for 20 s while `logs -f` follows."""
     from tests.test_ssh_testbed import OwnSshd
