@@ -236,3 +236,24 @@ def test_a_detached_run_is_recorded_running_without_a_status_call(testbed, tmp_p
         p = side.cli("stop", run_id)
         assert p.returncode == 0, p.stderr
     assert slurm_state(jid) == "CANCELLED" and job_pids(jid) == []
+
+
+def test_plan_prints_the_script_as_the_login_node_submits_it(testbed, tmp_path):
+    """`plan` with slurm.login: the login node's remote_dir, code directory and python, not this
+    machine's; nothing made there; after a submit, the script submitted there is the one plan printed."""
+    lap = Laptop(testbed, tmp_path)
+    job = lap.job("hello", HELLO.format(sleep=0))
+    remote = tmp_path / "remote"
+    p = lap.cli("plan", job, "-i", str(lap.inventory), "--run-id", "hello-planned")
+    assert p.returncode == 0, p.stderr
+    assert f"#SBATCH --output={remote}/runs/hello-planned/slurm/%j_batch.log\n" in p.stdout
+    assert f"#SBATCH --chdir={remote}/code/" in p.stdout and str(REPO) not in p.stdout, p.stdout
+    assert f"remote_dir {remote}, code {remote}/code/" in p.stderr and "python " in p.stderr, p.stderr
+    assert not remote.exists()          # a plan makes nothing there
+    run_id, jid = lap.submit(job)
+    assert lap.wait_state(run_id, {"SUCCEEDED", "FAILED", "CANCELLED"})["state"] == "SUCCEEDED"
+    submitted = (remote / "runs" / run_id / "slurm" / f"{jid}_submission.sh").read_text()
+    p = lap.cli("plan", job, "-i", str(lap.inventory), "--run-id", run_id)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == submitted
+    lap.no_slurm_client_ran_here()

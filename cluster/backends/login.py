@@ -30,6 +30,10 @@ machine only
   run.json), so ``logs -f`` starts one interpreter there for the whole follow, and mirrors the
   run's files (rsync) at the first look and at the end only.
 
+``plan`` (and ``submit --dry-run``) prints the script as the login node's SLURM backend will
+write it (``LoginBackend.make_plan``: remote_dir, code directory and python there, looked up,
+nothing made).
+
 ``sbatch --test-only`` (the SLURM backend's preflight, run there before anything is submitted)
 uses up a job id on each submit: SLURM offers no check of a request that does not.
 """
@@ -189,24 +193,43 @@ class Login:
         self.record["root"] = root
         return root
 
-    def sync_code(self) -> str:
-        from cluster.backends.rsync import manifest, project_files, push_code
-        files = project_files()
+    def look(self) -> str:
+        """remote_dir as an absolute path there, as preflight makes it, without making anything (plan)."""
+        from cluster.backends.rsync import shell_path
+        r = self.exec(f"cd && p={shell_path(self.inv.slurm.remote_dir)} && case $p in /*) ;; *) p=$PWD/$p ;; esac "
+                      '&& if cd "$p" 2>/dev/null; then p=$(pwd); fi && echo "root $p"')
+        root = next((l[5:] for l in r.stdout.splitlines() if l.startswith("root /")), None)
+        if root is None:
+            raise UserError(f"login node {self.host.name}: cannot read remote_dir there ({r.stderr.strip()})",
+                            where=self.inv.path, key="slurm.remote_dir")
+        self.record["root"] = root
+        return root
+
+    def code_dir(self, files: Optional[list] = None) -> str:
+        """remote_dir/code/<commit>: the commit, and a hash of the files' sizes and mtimes if uncommitted."""
+        from cluster.backends.rsync import manifest, project_files
         commit = git_commit() or "nogit"
         pin = commit[:12]
         if commit.endswith("+dirty") or commit == "nogit":
+            files = project_files() if files is None else files
             pin += "-" + hashlib.sha256(json.dumps(manifest(files), sort_keys=True).encode()).hexdigest()[:10]
-        code = f"{self.record['root']}/code/{pin}"
+        self.record["code"] = f"{self.record['root']}/code/{pin}"
+        return self.record["code"]
+
+    def sync_code(self) -> str:
+        from cluster.backends.rsync import project_files, push_code
+        files = project_files()
+        code = self.code_dir(files)
         progress(f"sync: {len(files)} project file(s) to {self.host.name}:{code}")
         r, = push_code([dataclasses.replace(self.host, workdir=code)], self.inv.ssh, files, progress)
         if not r.ok:
             raise UserError(f"code sync to the login node failed, nothing was started: {r.describe()}",
                             where=self.inv.path, key="slurm.remote_dir", hint="check free disk and permissions there")
-        self.record["code"] = code
         return code
 
-    def python(self) -> str:
-        """The login host's python if it has the requirements, else the venv of this requirements.txt."""
+    def python(self, make: bool = True) -> str:
+        """The login host's python if it has the requirements, else the venv of this requirements.txt
+        (made there unless ``make`` is False: what a submit would use, for plan)."""
         reqs = (REPO / "requirements.txt").read_bytes()
         py = self.host.python
         r = self.exec(f"{q(py)} -c {q(_HAS_REQUIREMENTS)}", stdin=reqs)
@@ -216,7 +239,9 @@ class Login:
         lacks = r.stdout.strip() if r.exit_code == 0 else f"{py} does not run"
         venv = f"{self.record['root']}/venv/{hashlib.sha256(reqs).hexdigest()[:12]}"
         r = self.exec(f"test -e {q(venv)}/.complete")
-        if r.exit_code != 0:
+        if r.exit_code != 0 and not make:
+            progress(f"python: {py} on {self.host.name}: {lacks}; a submit makes {venv} first")
+        elif r.exit_code != 0:
             progress(f"python: {py} on {self.host.name}: {lacks}; making {venv} "
                      "(once for these requirements)")
             r = self.exec(f"rm -rf {q(venv)} && {q(py)} -m venv {q(venv)} && {q(venv)}/bin/pip install -q "
@@ -441,6 +466,15 @@ class LoginBackend(SlurmBackend):
         s, first = self.inv.slurm, self.inv.hosts[0]
         gpus = s.gpus_per_node if s.gpus_per_node is not None else first.gpus if isinstance(first.gpus, int) else 0
         return {h.name: gpus for h in hosts}
+
+    def make_plan(self, job, run_id, gpus, **kw):
+        """The sbatch script as the SLURM backend on the login node will write it: its remote_dir,
+        the code directory of this commit and the python there (looked up, nothing made)."""
+        root = self.login.look()
+        code, python = self.login.code_dir(), self.login.python(make=False)
+        progress(f"as on the login node {self.login.host.name}: remote_dir {root}, code {code}, python {python}")
+        return super().make_plan(job, run_id, gpus, **{**kw, "local_runs": f"{root}/runs", "workdir": code,
+                                                       "python": python})
 
     def preflight(self, plan) -> None:
         raise UserError("a run through the login node is submitted by cluster.backends.login.submit")
