@@ -257,3 +257,48 @@ def test_plan_prints_the_script_as_the_login_node_submits_it(testbed, tmp_path):
     assert p.returncode == 0, p.stderr
     assert p.stdout == submitted
     lap.no_slurm_client_ran_here()
+
+
+def test_jupyter_on_a_slurm_node_through_the_login_node(testbed, tmp_path):
+    """`jupyter RUN --node 1` from the laptop: the server runs on the run's node 1 (inside the job's
+    allocation), on its loopback, and this machine reaches it through the login node; Ctrl-C stops
+    it, and so does the end of the run."""
+    import signal
+    import urllib.request
+    lap = Laptop(testbed, tmp_path)
+    run_id, jid = lap.submit(lap.job("hello", HELLO.format(sleep=300)))
+    try:
+        wait(lambda: lap.logs(run_id).count("hello from rank") == 4, "all 4 ranks running", timeout=120)
+        server = ["python3", "-m", "http.server", "{port}", "--bind", "127.0.0.1"]
+        jup = subprocess.Popen([sys.executable, "-m", "cluster", "jupyter", run_id, "--node", "1", "--", *server],
+                               cwd=REPO, env=lap.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            line = jup.stdout.readline()
+            m = re.search(r"on node2 \(node 1 of run \S+\): (http://127\.0\.0\.1:\d+/)", line)
+            assert m, line + jup.stderr.read() if jup.poll() is not None else line
+            page = urllib.request.urlopen(m[1], timeout=10).read().decode()
+            assert "run.json" in page and "events.jsonl" in page          # the run's directory, served there
+            served = [pid for pid in job_pids(jid, "node2")
+                      if b"http.server" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+            assert len(served) == 1          # on node 2, inside the job (its SLURM_JOB_ID)
+            jup.send_signal(signal.SIGINT)
+            out, err = jup.communicate(timeout=60)
+            assert jup.returncode == 0 and "stopped" in err and "left running" not in err, err
+            wait(lambda: not Path(f"/proc/{served[0]}").exists(), "the server gone", timeout=15)
+            # a server on node 0 ends with the run
+            jup = subprocess.Popen([sys.executable, "-m", "cluster", "jupyter", run_id, "--", *server],
+                                   cwd=REPO, env=lap.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            assert "on node1 (node 0 of run" in jup.stdout.readline()
+        finally:
+            p = lap.cli("stop", run_id)
+            assert p.returncode == 0, p.stderr
+            try:
+                jup.wait(timeout=60)
+            finally:
+                jup.kill()          # (a no-op once it ended)
+        err = jup.stderr.read()
+        assert jup.returncode == 0 and "stopped: the run's SLURM job ended" in err, err
+        lap.no_slurm_client_ran_here()
+    finally:
+        lap.cli("stop", run_id)
+    assert job_pids(jid) == []
