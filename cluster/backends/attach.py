@@ -419,8 +419,8 @@ class _SlurmSession(_Session):
 
 def _slurm_session(t: Target, spec: dict) -> _SlurmSession:
     """Checks, then the session, for a node of a SLURM run through the login node."""
-    if t.inventory.login is None:
-        raise UserError("jupyter reaches SLURM nodes through slurm.login (from a machine without SLURM)",
+    if t.run is None or t.inventory.login is None:
+        raise UserError("jupyter reaches the nodes of a SLURM run submitted through slurm.login only",
                         where="jupyter", hint="set slurm.login and remote_dir in the inventory, name an ssh "
                         "inventory host with --host, or run the server with srun --overlap yourself")
     jid = (t.run.data.get("handle") or {}).get("job_id")
@@ -449,7 +449,7 @@ def jupyter(t: Target, command: Sequence[str], local_port: Optional[int] = None,
             "end_file": t.end_file(), "pgid": None if t.container else pgid, "ready_timeout_s": ready_timeout_s}
     what = "Jupyter" if not command else command[0]
     print(f"starting {what} on {t.label} ...", file=sys.stderr)
-    sess = _slurm_session(t, spec) if t.backend == "slurm" and t.run is not None else _Session(t, spec)
+    sess = _slurm_session(t, spec) if t.backend == "slurm" else _Session(t, spec)
     stopped_by_user = False
     old = signal.signal(signal.SIGTERM, lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:

@@ -425,11 +425,11 @@ def status_stream(run_id: str, every_s: float = STATUS_EVERY_S) -> int:
     (state, nodes, run.json), until the run ended or the other side closed stdin."""
     import os
     import sys
-    from cluster.backends import backend_for
     from cluster.run.records import resolve
+    from cluster.spec.config import inventory_from_plain
     try:
         run = resolve(run_id)
-        be = backend_for(run)
+        be = SlurmBackend(inventory_from_plain(run.data["inventory"]))    # there, the run's backend
         while True:
             state, nodes = be.status(run)
             sys.stdout.write(json.dumps({"state": state.value, "record": run.data,
