@@ -390,13 +390,14 @@ class StatusStream:
                 while chan.recv_ready():
                     self.out += chan.recv(1 << 16)
                 while chan.recv_stderr_ready():
-                    self.err += chan.recv_stderr(1 << 16)
+                    self.err = (self.err + chan.recv_stderr(1 << 16))[-8000:]   # its last words, if it fails
                 ended = chan.closed or (chan.exit_status_ready() and chan.eof_received)
             except Exception as e:   # noqa: BLE001 -- socket and paramiko errors: the link is down
                 raise self._unreachable(f"connection lost: {type(e).__name__}: {e}") from None
             *lines, self.out = self.out.split(b"\n")
-            if lines:
-                self.last, self.last_t = json.loads(lines[-1]), time.monotonic()
+            answers = [a for a in map(_json_or_none, reversed(lines)) if isinstance(a, dict) and "state" in a]
+            if answers:
+                self.last, self.last_t = answers[0], time.monotonic()
                 return self.last
             if ended:
                 code = chan.recv_exit_status() if chan.exit_status_ready() else -1
@@ -418,6 +419,13 @@ class StatusStream:
                 chan.close()
                 raise self._unreachable(f"no status after {wait_s:g} s")
             select.select([chan], [], [], 0.5)
+
+
+def _json_or_none(line: bytes):
+    try:
+        return json.loads(line)
+    except ValueError:
+        return None         # not an answer (a stray line on stdout)
 
 
 def status_stream(run_id: str, every_s: float = STATUS_EVERY_S) -> int:
