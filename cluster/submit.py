@@ -98,7 +98,10 @@ def submit(job_name: str, overrides: list[str], inventory: Optional[str] = None,
         run.set_state(State.FAILED, final=True, failure={"error": str(e)})
         raise
     run.update(handle=handle)
-    run.set_state(State.STARTING)
+    if inv.backend != "slurm":
+        # a SLURM job stays PENDING (queued) once sbatch answered with its id: its task 0 records
+        # RUNNING as it starts (cluster/node/slurm_task.py), maybe before this line, so no STARTING here
+        run.set_state(State.STARTING)
     return run
 
 

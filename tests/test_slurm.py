@@ -173,7 +173,7 @@ def test_submitted_script_is_the_plan(tmp_path, fake_slurm, monkeypatch):
     assert submitted == plan.stdout
     data = json.loads((run.dir / "run.json").read_text())
     assert data["handle"]["job_id"] == "4242" and data["handle"]["tasks"] == 16
-    assert data["state"] == "STARTING"
+    assert data["state"] == "PENDING"      # queued: task 0 records RUNNING (cluster/node/slurm_task.py)
 
 
 def test_tasks_per_node_follow_gpus_and_cpu_profile(tmp_path):
@@ -448,6 +448,26 @@ def test_task_sets_ranks_from_slurm(tmp_path, monkeypatch):
     SlurmTask({"argv": [sys.executable, "-c", code], "workdir": str(tmp_path), "run_dir": "r"})()
     assert json.loads(out.read_text()) == {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4",
                                            "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "1"}
+
+
+def test_task_0_records_running_so_a_detached_run_advances_without_status(tmp_path, monkeypatch):
+    """The record says RUNNING once task 0's payload started (no `status` call); task 1 leaves it;
+    a run whose end is recorded keeps it."""
+    from cluster.node.slurm_task import SlurmTask
+    run = _slurm_run(tmp_path)
+    run.update(state="PENDING")
+    spec = {"argv": [sys.executable, "-c", "pass"], "workdir": str(tmp_path), "run_dir": "runs/r1"}
+    for rank, want in (("1", "PENDING"), ("0", "RUNNING")):
+        monkeypatch.setenv("SLURM_PROCID", rank)
+        monkeypatch.setenv("SLURM_JOB_ID", "77")
+        SlurmTask(spec)()
+        assert run.reload().state.value == want
+    assert [(e["state"], e["by"], e["job_id"]) for e in run.events() if e["event"] == "state"][-1:] == \
+        [("RUNNING", "task 0", "77")]
+    run.set_state(State.SUCCEEDED, final=True)
+    (run.dir / "state" / "slurm.done").unlink()
+    SlurmTask(spec)()
+    assert run.reload().state == State.SUCCEEDED
 
 
 def test_prefixer_prefixes_every_line_and_keeps_the_exit_code(tmp_path):

@@ -135,6 +135,46 @@ def test_bad_partition_refused_before_anything_is_submitted(testbed, tmp_path):
     lap.no_slurm_client_ran_here()
 
 
+def login_pythons(run_id, netns="node1"):
+    """pid -> argv of the processes on the login node that look at ``run_id`` (a status there)."""
+    ino = os.stat(f"/run/netns/{netns}").st_ino
+    out = {}
+    for d in Path("/proc").iterdir():
+        try:
+            if not d.name.isdigit() or os.stat(d / "ns" / "net").st_ino != ino:
+                continue
+            argv = (d / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if run_id in argv and any(a.startswith("cluster") for a in argv):
+            out[int(d.name)] = " ".join(argv)
+    return out
+
+
+def test_logs_follow_looks_at_the_state_through_one_kept_process(testbed, tmp_path):
+    """`logs -f` through the login node: one process there answers the run's state for the whole
+    follow (it used to be a new `python -m cluster status` there every 2 s), and it ends with it."""
+    lap = Laptop(testbed, tmp_path)
+    run_id, jid = lap.submit(lap.job("ticker", TICKER.replace(f"seq 1 {TICKS}", "seq 1 60")))
+    follow = subprocess.Popen([sys.executable, "-m", "cluster", "logs", run_id, "-f"], cwd=REPO, env=lap.env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen, samples = {}, 0
+    while follow.poll() is None:
+        seen.update(login_pythons(run_id))
+        samples += 1
+        time.sleep(0.25)
+    out, err = follow.communicate()
+    assert follow.returncode == 0 and f"-- run {run_id} SUCCEEDED" in err, err
+    assert sorted(re.findall(r"^\[node\d (\d)\] tick \1 60$", out, re.M)) == ["0", "1", "2", "3"]
+    assert samples > 40                 # more than 10 s of following: 5 looks at the state or more
+    assert len(seen) == 1 and "status-stream" in next(iter(seen.values())), seen
+    wait(lambda: not login_pythons(run_id), "the status process there gone with the follow", timeout=15)
+    assert lap.record(run_id)["state"] == "SUCCEEDED"
+    events = [json.loads(l) for l in (lap.runs / run_id / "events.jsonl").read_text().splitlines()]
+    assert [e["state"] for e in events if e["event"] == "state"][-1] == "SUCCEEDED"   # the end mirrored too
+    lap.no_slurm_client_ran_here()
+
+
 def test_logs_follow_loses_no_line_when_the_login_node_drops(testbed, client, tmp_path):
     """The login node's sshd (a second one, port 2222) is stopped for 20 s while `logs -f` follows."""
     from tests.test_ssh_testbed import OwnSshd
@@ -169,3 +209,96 @@ def test_logs_follow_loses_no_line_when_the_login_node_drops(testbed, client, tm
         lap.no_slurm_client_ran_here()
     finally:
         sshd.stop()
+
+
+@pytest.mark.parametrize("where", ["sbatch here", "through the login node"])
+def test_a_detached_run_is_recorded_running_without_a_status_call(testbed, tmp_path, where):
+    """`make submit DETACH=1`: the record says PENDING once sbatch answered (never STARTING), then
+    RUNNING once the job runs, written by task 0 on the shared filesystem: nobody ran `status`."""
+    side = Laptop(testbed, tmp_path) if where == "through the login node" else Slurm(testbed, tmp_path)
+    run_id, jid = side.submit(side.job("hello", HELLO.format(sleep=300)))
+    here = json.loads((side.runs / run_id / "run.json").read_text())
+    # the job may have started before the laptop mirrored the login node's record: never STARTING
+    assert here["state"] in ("PENDING", "RUNNING"), here["state"]
+    shared = tmp_path / "remote" / "runs" / run_id if isinstance(side, Laptop) else side.runs / run_id
+    try:
+        wait(lambda: json.loads((shared / "run.json").read_text())["state"] == "RUNNING", "RUNNING recorded",
+             timeout=120)
+        events = [json.loads(l) for l in (shared / "events.jsonl").read_text().splitlines()]
+        assert [(e["by"], e["job_id"]) for e in events if e["event"] == "state" and e["state"] == "RUNNING"] == \
+            [("task 0", jid)]
+        assert slurm_state(jid) == "RUNNING"
+        if isinstance(side, Laptop):
+            # the laptop's record follows at the next look through the login node
+            assert side.status(run_id)["state"] == "RUNNING" and side.record(run_id)["state"] == "RUNNING"
+            side.no_slurm_client_ran_here()
+    finally:
+        p = side.cli("stop", run_id)
+        assert p.returncode == 0, p.stderr
+    assert slurm_state(jid) == "CANCELLED" and job_pids(jid) == []
+
+
+def test_plan_prints_the_script_as_the_login_node_submits_it(testbed, tmp_path):
+    """`plan` with slurm.login: the login node's remote_dir, code directory and python, not this
+    machine's; nothing made there; after a submit, the script submitted there is the one plan printed."""
+    lap = Laptop(testbed, tmp_path)
+    job = lap.job("hello", HELLO.format(sleep=0))
+    remote = tmp_path / "remote"
+    p = lap.cli("plan", job, "-i", str(lap.inventory), "--run-id", "hello-planned")
+    assert p.returncode == 0, p.stderr
+    assert f"#SBATCH --output={remote}/runs/hello-planned/slurm/%j_batch.log\n" in p.stdout
+    assert f"#SBATCH --chdir={remote}/code/" in p.stdout and str(REPO) not in p.stdout, p.stdout
+    assert f"remote_dir {remote}, code {remote}/code/" in p.stderr and "python " in p.stderr, p.stderr
+    assert not remote.exists()          # a plan makes nothing there
+    run_id, jid = lap.submit(job)
+    assert lap.wait_state(run_id, {"SUCCEEDED", "FAILED", "CANCELLED"})["state"] == "SUCCEEDED"
+    submitted = (remote / "runs" / run_id / "slurm" / f"{jid}_submission.sh").read_text()
+    p = lap.cli("plan", job, "-i", str(lap.inventory), "--run-id", run_id)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == submitted
+    lap.no_slurm_client_ran_here()
+
+
+def test_jupyter_on_a_slurm_node_through_the_login_node(testbed, tmp_path):
+    """`jupyter RUN --node 1` from the laptop: the server runs on the run's node 1 (inside the job's
+    allocation), on its loopback, and this machine reaches it through the login node; Ctrl-C stops
+    it, and so does the end of the run."""
+    import signal
+    import urllib.request
+    lap = Laptop(testbed, tmp_path)
+    run_id, jid = lap.submit(lap.job("hello", HELLO.format(sleep=300)))
+    try:
+        wait(lambda: lap.logs(run_id).count("hello from rank") == 4, "all 4 ranks running", timeout=120)
+        server = ["python3", "-m", "http.server", "{port}", "--bind", "127.0.0.1"]
+        jup = subprocess.Popen([sys.executable, "-m", "cluster", "jupyter", run_id, "--node", "1", "--", *server],
+                               cwd=REPO, env=lap.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            line = jup.stdout.readline()
+            m = re.search(r"on node2 \(node 1 of run \S+\): (http://127\.0\.0\.1:\d+/)", line)
+            assert m, line + jup.stderr.read() if jup.poll() is not None else line
+            page = urllib.request.urlopen(m[1], timeout=10).read().decode()
+            assert "run.json" in page and "events.jsonl" in page          # the run's directory, served there
+            served = [pid for pid in job_pids(jid, "node2")
+                      if b"http.server" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+            assert len(served) == 1          # on node 2, inside the job (its SLURM_JOB_ID)
+            jup.send_signal(signal.SIGINT)
+            out, err = jup.communicate(timeout=60)
+            assert jup.returncode == 0 and "stopped" in err and "left running" not in err, err
+            wait(lambda: not Path(f"/proc/{served[0]}").exists(), "the server gone", timeout=15)
+            # a server on node 0 ends with the run
+            jup = subprocess.Popen([sys.executable, "-m", "cluster", "jupyter", run_id, "--", *server],
+                                   cwd=REPO, env=lap.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            assert "on node1 (node 0 of run" in jup.stdout.readline()
+        finally:
+            p = lap.cli("stop", run_id)
+            assert p.returncode == 0, p.stderr
+            try:
+                jup.wait(timeout=60)
+            finally:
+                jup.kill()          # (a no-op once it ended)
+        err = jup.stderr.read()
+        assert jup.returncode == 0 and "stopped: the run's SLURM job ended" in err, err
+        lap.no_slurm_client_ran_here()
+    finally:
+        lap.cli("stop", run_id)
+    assert job_pids(jid) == []

@@ -14,6 +14,9 @@ environment and container, all from run.json), or an inventory host when no run 
   is one), picks a loopback port, starts the server with a fresh token and stops it when the
   session ends (Ctrl-C here, this process killed, or the connection lost: its stdin closes) or the
   run ends. Fabric's ``forward_local`` carries the port here; the local URL is printed.
+  slurm backend through the login node (``slurm.login``): the watcher runs inside the job's
+  allocation (``srun --overlap`` on the login node) and the tunnel goes through the login node
+  to the node's loopback (``_SlurmSession``).
 """
 from __future__ import annotations
 
@@ -52,9 +55,12 @@ class Target:
     run: Optional[Run] = None
     node: Optional[dict] = None          # the plan's node record
     container: Optional[ctr.ContainerRef] = None
+    node_host: Optional[str] = None       # a SLURM run's node, once a job step runs there
 
     @property
     def label(self) -> str:
+        if self.run and self.backend == "slurm":
+            return (f"{self.node_host} " if self.node_host else "") + f"(node {self.node_rank} of run {self.run.id})"
         where = f"{self.host.name} (node {self.node_rank} of run {self.run.id})" if self.run else self.host.name
         return where
 
@@ -236,6 +242,8 @@ DEFAULT_SERVER = ["{python}", "-m", "jupyter", "lab", "--no-browser", "--ip=127.
 
 def server_argv(t: Target, command: Sequence[str]) -> list[str]:
     py = ctr.inner_python(_spec_of(t), t.host) if t.container else t.host.python
+    if t.run and t.backend == "slurm":      # the python the run's tasks run (the login node's venv there)
+        py = (t.run.data.get("login") or {}).get("python") or py
     return [a.replace("{python}", py) for a in (command or DEFAULT_SERVER)]
 
 
@@ -341,11 +349,91 @@ class _Session:
         return b"".join(self.errors).decode(errors="replace").strip()[-2000:]
 
 
+class _SlurmSession(_Session):
+    """jupyter on a node of a SLURM run from a machine without SLURM, through the login node
+    (cluster/backends/login.py): the watcher runs inside the job's allocation (``srun --overlap``
+    on the login node, over one SSH connection; its stdin and stdout pass through srun, so SLURM
+    ends it with the job), and the tunnel goes through the login node to the compute node's
+    loopback (SSH to the node with the login node as jump host, as ``ssh -J login node``: the
+    inventory's hosts give the compute nodes' user, port and key). The server stays on loopback."""
+
+    def __init__(self, t: Target, spec: dict, jid: str, python: str):
+        import json
+        from cluster.backends.ship import _host_source
+        from cluster.backends.transport import ConnectError, Pool
+        self.json, self.t, self.proc, self.node_pool = json, t, None, None
+        login = t.inventory.login
+        # the node's name first (its hostname: what the login node resolves), then the watcher
+        argv = ["srun", f"--jobid={jid}", "--overlap", "--nodes=1", "--ntasks=1", f"--relative={t.node_rank}",
+                f"--chdir={t.cwd}", "--quiet", "sh", "-c", 'printf \'{"node": "%s"}\\n\' "$(hostname)"; exec "$@"',
+                "sh", python, "-c", _host_source("_serve")]
+        self.pool = Pool([login], t.inventory.ssh)
+        try:
+            conn = self.pool.connection(login.name)
+        except ConnectError as e:
+            self.pool.close()
+            raise UserError(f"login node {login.name}: {e}", where=t.inventory.path, key="slurm.login") from None
+        self.chan = conn.transport.open_session(timeout=t.inventory.ssh.connect_timeout_s)
+        self.chan.exec_command(quote_argv(argv))
+        self.chan.sendall((json.dumps(spec) + "\n").encode())
+        self.out, self.err = self.chan.makefile("rb"), self.chan.makefile_stderr("rb")
+        self.errors: list[bytes] = []
+        threading.Thread(target=lambda: self.errors.extend(self.err), daemon=True).start()
+
+    def lines(self):
+        last = None
+        for msg in super().lines():
+            if set(msg) == {"node"}:
+                self._connect_node(msg["node"])
+                continue
+            last = msg
+            yield msg
+        if last is not None and not {"stopped", "exited", "error"} & set(last) and self.chan.recv_exit_status() > 0:
+            # srun ended without the watcher's last word (not the connection: that is -1): SLURM
+            # ended the job step with the job
+            yield {"stopped": "the run's SLURM job ended (its allocation is gone)", "left": False}
+
+    def _connect_node(self, node: str) -> None:
+        """The SSH connection the tunnel rides: to ``node`` through the login node."""
+        import dataclasses
+        from cluster.backends.transport import ConnectError, Pool
+        login, base = self.t.inventory.login, self.t.inventory.hosts[0]
+        hop = (f"{login.user}@" if login.user else "") + login.hostname + (f":{login.port}" if login.port else "")
+        host = dataclasses.replace(base, name=node, hostname=node, address=node,
+                                   jump_host=",".join(filter(None, [login.jump_host, hop])))
+        self.node_pool = Pool([host], self.t.inventory.ssh)
+        self.t.host, self.t.node_host = host, node          # messages from here on name the node
+        try:
+            self.conn = self.node_pool.connection(node)
+        except ConnectError as e:
+            raise UserError(f"no SSH to the run's node {node} through the login node {login.name}: {e}",
+                            where=self.t.inventory.path, key="hosts",
+                            hint="the tunnel needs SSH from the login node to the compute nodes (with the "
+                                 "inventory's user, port and key for hosts), as `ssh -J LOGIN NODE` would") from None
+
+    def close(self) -> None:
+        super().close()
+        if self.node_pool is not None:
+            self.node_pool.close()
+
+
+def _slurm_session(t: Target, spec: dict) -> _SlurmSession:
+    """Checks, then the session, for a node of a SLURM run through the login node."""
+    if t.run is None or t.inventory.login is None:
+        raise UserError("jupyter reaches the nodes of a SLURM run submitted through slurm.login only",
+                        where="jupyter", hint="set slurm.login and remote_dir in the inventory, name an ssh "
+                        "inventory host with --host, or run the server with srun --overlap yourself")
+    jid = (t.run.data.get("handle") or {}).get("job_id")
+    if not jid:
+        raise UserError(f"run {t.run.id} has no SLURM job id", hint="is it still being submitted? see status")
+    login = t.run.data.get("login") or {}
+    spec = dict(spec, workdir=t.cwd, cwd=t.cwd, end_file=None, pgid=None,
+                log=f"{t.cwd}/logs/jupyter-node{t.node_rank}-{os.getpid()}.log")
+    return _SlurmSession(t, spec, jid, login.get("python") or t.host.python)
+
+
 def jupyter(t: Target, command: Sequence[str], local_port: Optional[int] = None, token: Optional[str] = None,
             ready_timeout_s: float = 120.0) -> int:
-    if t.backend == "slurm":
-        raise UserError("jupyter does not reach SLURM nodes yet", where="jupyter",
-                        hint="name an ssh inventory host with --host, or run the server with srun --overlap yourself")
     token = token or secrets.token_hex(24)
     pgid = None
     if t.run and t.node:
@@ -361,7 +449,7 @@ def jupyter(t: Target, command: Sequence[str], local_port: Optional[int] = None,
             "end_file": t.end_file(), "pgid": None if t.container else pgid, "ready_timeout_s": ready_timeout_s}
     what = "Jupyter" if not command else command[0]
     print(f"starting {what} on {t.label} ...", file=sys.stderr)
-    sess = _Session(t, spec)
+    sess = _slurm_session(t, spec) if t.backend == "slurm" else _Session(t, spec)
     stopped_by_user = False
     old = signal.signal(signal.SIGTERM, lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:

@@ -25,6 +25,14 @@ machine only
   side's inventory, so ``status``, ``logs -f`` and ``stop`` from any shell go through the login
   node again. ``logs -f`` reads the task logs there over SFTP from byte offsets
   (ssh.SSHLogSource): a dropped connection is made again and nothing is lost or doubled.
+* asks for a run's state through one kept process there (``StatusStream``: ``python -m
+  cluster.backends.login status-stream RUN`` answers every 2 s with the state, the nodes and
+  run.json), so ``logs -f`` starts one interpreter there for the whole follow, and mirrors the
+  run's files (rsync) at the first look and at the end only.
+
+``plan`` (and ``submit --dry-run``) prints the script as the login node's SLURM backend will
+write it (``LoginBackend.make_plan``: remote_dir, code directory and python there, looked up,
+nothing made).
 
 ``sbatch --test-only`` (the SLURM backend's preflight, run there before anything is submitted)
 uses up a job id on each submit: SLURM offers no check of a request that does not.
@@ -49,6 +57,8 @@ from cluster.backends.transport import ConnectError, Pool
 
 VENV_TIMEOUT_S = 1800       # pip install of torch on a slow filesystem
 VERB_TIMEOUT_S = 600        # one verb there (a submit waits for sbatch, a stop for SLURM's KILL)
+STATUS_EVERY_S = 2.0        # the kept status process's answers (logs -f looks as often)
+STATUS_STALE_S = 30.0       # no answer for this long on a live-looking link: it is made again
 
 # run with the login host's python: which distributions of requirements.txt (on stdin) it lacks
 _HAS_REQUIREMENTS = r"""
@@ -183,24 +193,43 @@ class Login:
         self.record["root"] = root
         return root
 
-    def sync_code(self) -> str:
-        from cluster.backends.rsync import manifest, project_files, push_code
-        files = project_files()
+    def look(self) -> str:
+        """remote_dir as an absolute path there, as preflight makes it, without making anything (plan)."""
+        from cluster.backends.rsync import shell_path
+        r = self.exec(f"cd && p={shell_path(self.inv.slurm.remote_dir)} && case $p in /*) ;; *) p=$PWD/$p ;; esac "
+                      '&& if cd "$p" 2>/dev/null; then p=$(pwd); fi && echo "root $p"')
+        root = next((l[5:] for l in r.stdout.splitlines() if l.startswith("root /")), None)
+        if root is None:
+            raise UserError(f"login node {self.host.name}: cannot read remote_dir there ({r.stderr.strip()})",
+                            where=self.inv.path, key="slurm.remote_dir")
+        self.record["root"] = root
+        return root
+
+    def code_dir(self, files: Optional[list] = None) -> str:
+        """remote_dir/code/<commit>: the commit, and a hash of the files' sizes and mtimes if uncommitted."""
+        from cluster.backends.rsync import manifest, project_files
         commit = git_commit() or "nogit"
         pin = commit[:12]
         if commit.endswith("+dirty") or commit == "nogit":
+            files = project_files() if files is None else files
             pin += "-" + hashlib.sha256(json.dumps(manifest(files), sort_keys=True).encode()).hexdigest()[:10]
-        code = f"{self.record['root']}/code/{pin}"
+        self.record["code"] = f"{self.record['root']}/code/{pin}"
+        return self.record["code"]
+
+    def sync_code(self) -> str:
+        from cluster.backends.rsync import project_files, push_code
+        files = project_files()
+        code = self.code_dir(files)
         progress(f"sync: {len(files)} project file(s) to {self.host.name}:{code}")
         r, = push_code([dataclasses.replace(self.host, workdir=code)], self.inv.ssh, files, progress)
         if not r.ok:
             raise UserError(f"code sync to the login node failed, nothing was started: {r.describe()}",
                             where=self.inv.path, key="slurm.remote_dir", hint="check free disk and permissions there")
-        self.record["code"] = code
         return code
 
-    def python(self) -> str:
-        """The login host's python if it has the requirements, else the venv of this requirements.txt."""
+    def python(self, make: bool = True) -> str:
+        """The login host's python if it has the requirements, else the venv of this requirements.txt
+        (made there unless ``make`` is False: what a submit would use, for plan)."""
         reqs = (REPO / "requirements.txt").read_bytes()
         py = self.host.python
         r = self.exec(f"{q(py)} -c {q(_HAS_REQUIREMENTS)}", stdin=reqs)
@@ -210,7 +239,9 @@ class Login:
         lacks = r.stdout.strip() if r.exit_code == 0 else f"{py} does not run"
         venv = f"{self.record['root']}/venv/{hashlib.sha256(reqs).hexdigest()[:12]}"
         r = self.exec(f"test -e {q(venv)}/.complete")
-        if r.exit_code != 0:
+        if r.exit_code != 0 and not make:
+            progress(f"python: {py} on {self.host.name}: {lacks}; a submit makes {venv} first")
+        elif r.exit_code != 0:
             progress(f"python: {py} on {self.host.name}: {lacks}; making {venv} "
                      "(once for these requirements)")
             r = self.exec(f"rm -rf {q(venv)} && {q(py)} -m venv {q(venv)} && {q(venv)}/bin/pip install -q "
@@ -232,23 +263,29 @@ class Login:
     def run_dir(self, run_id: str) -> str:
         return f"{self.record['root']}/runs/{run_id}"
 
-    def mirror(self, run_id: str, logs: bool = False) -> Run:
-        """runs/<id>/ here from the login node's; run.json here keeps this side's inventory."""
+    def mirror(self, run_id: str, logs: bool = False, record: Optional[dict] = None, files: bool = True) -> Run:
+        """runs/<id>/ here from the login node's; run.json here keeps this side's inventory.
+        ``record``: the login node's run.json as the caller already has it; ``files``: False for
+        run.json alone (no rsync: the kept status process's answers between the first and the end)."""
         from cluster.backends.rsync import rsync
         from cluster.spec.schema import to_plain
-        r = self.exec(f"cat {q(self.run_dir(run_id))}/run.json")
-        if r.exit_code != 0:
-            raise UserError(f"run {run_id} has no record on the login node ({self.run_dir(run_id)}/run.json)",
-                            where=self.inv.path, key="slurm.remote_dir")
-        data = json.loads(r.stdout)
+        if record is None:
+            r = self.exec(f"cat {q(self.run_dir(run_id))}/run.json")
+            if r.exit_code != 0:
+                raise UserError(f"run {run_id} has no record on the login node ({self.run_dir(run_id)}/run.json)",
+                                where=self.inv.path, key="slurm.remote_dir")
+            record = json.loads(r.stdout)
+        data = dict(record)
         local = Run(run_id)
         local.dir.mkdir(parents=True, exist_ok=True)
-        extra = ["--exclude=/run.json*", "--exclude=/*.lock", "--exclude=/checkpoints/"]
-        if not logs:
-            extra.append("--exclude=/slurm/")
-        s = rsync(self.host, self.inv.ssh, self.run_dir(run_id) + "/", str(local.dir) + "/", push=False, extra=extra)
-        if not s.ok:
-            progress(f"mirror of {run_id}: {s.describe()}")
+        if files:
+            extra = ["--exclude=/run.json*", "--exclude=/*.lock", "--exclude=/checkpoints/"]
+            if not logs:
+                extra.append("--exclude=/slurm/")
+            s = rsync(self.host, self.inv.ssh, self.run_dir(run_id) + "/", str(local.dir) + "/", push=False,
+                      extra=extra)
+            if not s.ok:
+                progress(f"mirror of {run_id}: {s.describe()}")
         data["inventory"] = to_plain(self.inv)
         data["login"] = dict(self.record, host=self.host.name, run_dir=self.run_dir(run_id))
         # the login node's record is the run's (its SLURM backend writes it): this side's copy is
@@ -307,6 +344,117 @@ def submit(inv: Inventory, job: str, overrides: list[str], resume: Optional[str]
     return run
 
 
+class StatusStream:
+    """A run's status through one kept process on the login node, ``python -m
+    cluster.backends.login status-stream RUN`` (``status_stream``), on the kept connection: it
+    answers every STATUS_EVERY_S with one JSON line (state, nodes, the run's record), so that
+    `logs -f`, which looks every 2 s, starts one interpreter there for the whole follow, not one a
+    look. A dropped connection ends that process (its stdin closes); the next look starts
+    another on the connection made again."""
+
+    def __init__(self, login: Login, run_id: str):
+        self.login, self.run_id = login, run_id
+        self.chan = None
+        self.out = self.err = b""
+        self.last: Optional[dict] = None      # the newest answer of this process
+        self.last_t = 0.0
+
+    def _unreachable(self, why: str) -> LoginUnreachable:
+        self.chan = None
+        return LoginUnreachable(f"login node {self.login.host.name}: {why}", where=self.login.inv.path,
+                                key="slurm.login")
+
+    def _start(self) -> None:
+        rec = self.login.record
+        command = (f"cd {q(rec['code'])} && CLUSTER_RUNS_DIR={q(rec['root'] + '/runs')} PYTHONUNBUFFERED=1 "
+                   f"exec {q(rec['python'])} -m cluster.backends.login status-stream {q(self.run_id)}")
+        try:
+            conn = self.login.pool.connection(self.login.host.name)
+            self.chan = conn.transport.open_session(timeout=self.login.inv.ssh.connect_timeout_s)
+            self.chan.exec_command(command)     # stdin stays open: its EOF tells the process to end
+        except ConnectError as e:
+            raise self._unreachable(str(e)) from None
+        except Exception as e:   # noqa: BLE001 -- paramiko: the connection broke
+            self.login.pool.reset(self.login.host.name)
+            raise self._unreachable(f"connection lost: {e}") from None
+        self.out = self.err = b""
+        self.last, self.last_t = None, time.monotonic()
+
+    def latest(self, wait_s: float = VERB_TIMEOUT_S) -> dict:
+        """The newest answer; waits only for a new process's first one."""
+        if self.chan is None:
+            self._start()
+        chan, deadline = self.chan, time.monotonic() + wait_s
+        while True:
+            try:
+                while chan.recv_ready():
+                    self.out += chan.recv(1 << 16)
+                while chan.recv_stderr_ready():
+                    self.err = (self.err + chan.recv_stderr(1 << 16))[-8000:]   # its last words, if it fails
+                ended = chan.closed or (chan.exit_status_ready() and chan.eof_received)
+            except Exception as e:   # noqa: BLE001 -- socket and paramiko errors: the link is down
+                raise self._unreachable(f"connection lost: {type(e).__name__}: {e}") from None
+            *lines, self.out = self.out.split(b"\n")
+            answers = [a for a in map(_json_or_none, reversed(lines)) if isinstance(a, dict) and "state" in a]
+            if answers:
+                self.last, self.last_t = answers[0], time.monotonic()
+                return self.last
+            if ended:
+                code = chan.recv_exit_status() if chan.exit_status_ready() else -1
+                chan.close()
+                self.chan = None
+                if code == 0 and self.last is not None:
+                    return self.last            # it ended after the run's end, its last answer
+                if code == -1:
+                    raise self._unreachable("connection lost")
+                raise LoginError(self.err.decode(errors="replace"), code)
+            if self.last is not None:
+                if time.monotonic() - self.last_t > STATUS_STALE_S:
+                    # a link that looks alive and carries nothing (a laptop that slept): make it again
+                    chan.close()
+                    self.login.pool.reset(self.login.host.name)
+                    raise self._unreachable(f"no status for {STATUS_STALE_S:g} s")
+                return self.last                # no newer one yet (they come every STATUS_EVERY_S)
+            if time.monotonic() > deadline:
+                chan.close()
+                raise self._unreachable(f"no status after {wait_s:g} s")
+            select.select([chan], [], [], 0.5)
+
+
+def _json_or_none(line: bytes):
+    try:
+        return json.loads(line)
+    except ValueError:
+        return None         # not an answer (a stray line on stdout)
+
+
+def status_stream(run_id: str, every_s: float = STATUS_EVERY_S) -> int:
+    """On the login node: the run's status (the SLURM backend's), one JSON line every ``every_s``
+    (state, nodes, run.json), until the run ended or the other side closed stdin."""
+    import os
+    import sys
+    from cluster.run.records import resolve
+    from cluster.spec.config import inventory_from_plain
+    try:
+        run = resolve(run_id)
+        be = SlurmBackend(inventory_from_plain(run.data["inventory"]))    # there, the run's backend
+        while True:
+            state, nodes = be.status(run)
+            sys.stdout.write(json.dumps({"state": state.value, "record": run.data,
+                                         "nodes": [n.__dict__ | {"state": n.state.value} for n in nodes]},
+                                        default=str) + "\n")
+            sys.stdout.flush()
+            if state.is_terminal():
+                return 0
+            if select.select([0], [], [], every_s)[0] and not os.read(0, 1 << 12):
+                return 0                        # the channel closed: nobody looks any more
+    except UserError as e:
+        print(e.render(), file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        return 0
+
+
 class LoginBackend(SlurmBackend):
     """A run of the SLURM backend on the login node, seen from here: its verbs run there."""
     name = "slurm"
@@ -314,6 +462,8 @@ class LoginBackend(SlurmBackend):
     def __init__(self, inventory: Inventory, record: Optional[dict] = None):
         super().__init__(inventory)
         self.login = Login(inventory, record)
+        self._streams: dict[str, StatusStream] = {}
+        self._mirrored: set[str] = set()
 
     @classmethod
     def for_run(cls, run: Run, inventory: Inventory) -> "LoginBackend":
@@ -324,6 +474,15 @@ class LoginBackend(SlurmBackend):
         s, first = self.inv.slurm, self.inv.hosts[0]
         gpus = s.gpus_per_node if s.gpus_per_node is not None else first.gpus if isinstance(first.gpus, int) else 0
         return {h.name: gpus for h in hosts}
+
+    def make_plan(self, job, run_id, gpus, **kw):
+        """The sbatch script as the SLURM backend on the login node will write it: its remote_dir,
+        the code directory of this commit and the python there (looked up, nothing made)."""
+        root = self.login.look()
+        code, python = self.login.code_dir(), self.login.python(make=False)
+        progress(f"as on the login node {self.login.host.name}: remote_dir {root}, code {code}, python {python}")
+        return super().make_plan(job, run_id, gpus, **{**kw, "local_runs": f"{root}/runs", "workdir": code,
+                                                       "python": python})
 
     def preflight(self, plan) -> None:
         raise UserError("a run through the login node is submitted by cluster.backends.login.submit")
@@ -337,13 +496,15 @@ class LoginBackend(SlurmBackend):
     def status(self, run: Run):
         if run.state.is_terminal() and run.data.get("final"):
             return super().status(run)          # the record stands (as on every backend)
+        stream = self._streams.setdefault(run.id, StatusStream(self.login, run.id))
         try:
-            errors: list[str] = []
-            code, out = self._verb(run, ["status", run.id, "--json"], errors.append)
-            if code != 0:
-                raise LoginError("\n".join(errors), code)
-            answer = json.loads(out)
-            fresh = self.login.mirror(run.id)
+            answer = stream.latest()
+            state = State(answer["state"])
+            # the first look and the end bring events, heartbeats and metrics along; the looks
+            # between (logs -f, every 2 s) only run.json, which the answer holds
+            first = run.id not in self._mirrored
+            fresh = self.login.mirror(run.id, record=answer["record"], files=first or state.is_terminal())
+            self._mirrored.add(run.id)
         except LoginUnreachable as e:
             # the recorded state stands until the login node answers again (logs -f keeps going)
             return run.state, [NodeStatus(self.login.host.name, State.UNKNOWN, detail=f"unreachable: {e.message}")]
@@ -351,7 +512,7 @@ class LoginBackend(SlurmBackend):
         nodes = [NodeStatus(**{**n, "state": State(n["state"]),
                                "heartbeats": {int(k): v for k, v in (n.get("heartbeats") or {}).items()}})
                  for n in answer.get("nodes", [])]
-        return State(answer["state"]), nodes
+        return state, nodes
 
     def node_status(self, run: Run) -> list[NodeStatus]:
         return self.status(run)[1]
@@ -398,3 +559,11 @@ class _Named(LogSource):
 
 
 BACKEND = LoginBackend
+
+
+if __name__ == "__main__":
+    import sys
+    if sys.argv[1:2] != ["status-stream"] or len(sys.argv) != 3:
+        print("usage: python -m cluster.backends.login status-stream RUN", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(status_stream(sys.argv[2]))

@@ -145,7 +145,10 @@ class SlurmBackend(Backend):
         return {h.name: gpus for h in hosts}
 
     def make_plan(self, job: Job, run_id: str, gpus, *, notes=(), local_runs: str = RUNS,
-                  port: Optional[int] = None) -> SlurmPlan:
+                  port: Optional[int] = None, workdir: Optional[str] = None,
+                  python: Optional[str] = None) -> SlurmPlan:
+        """``workdir``/``python``: the code and the python that run the job (default: this checkout and
+        this python; the login node's for a plan made elsewhere, cluster/backends/login.py)."""
         s, where = self.inv.slurm, self.inv.path
         hosts = self.select_hosts(job)
         cap = gpus[hosts[0].name]
@@ -164,7 +167,7 @@ class SlurmBackend(Backend):
             raise UserError(f"signal_delay_s {s.signal_delay_s} is not shorter than the time limit "
                             f"({time_min} min)", where=where, key="slurm.signal_delay_s",
                             hint="the requeue warning must come before the end: lower it or raise time_min")
-        workdir, run_dir = str(REPO), f"{local_runs}/{run_id}"
+        workdir, run_dir, here = workdir or str(REPO), f"{local_runs}/{run_id}", python or sys.executable
         folder = str(Path(workdir, run_dir, "slurm"))
         env = {"PYTHONUNBUFFERED": "1", "CLUSTER_RUN_ID": run_id}
         if cap == 0:
@@ -173,13 +176,13 @@ class SlurmBackend(Backend):
             env["NCCL_SOCKET_IFNAME"] = env["GLOO_SOCKET_IFNAME"] = hosts[0].interface
         env.update(job.env)
         env.update(job.container.env if job.container else {})      # the image's own variables win
-        payload_python = sys.executable
+        payload_python = here
         if job.container is not None:
             from cluster.container import inner_python
             payload_python = inner_python(job.container, hosts[0])
         payload = _payload(job, payload_python)
-        argv = payload[1:] if payload[0] == "--no-python" else [sys.executable] + payload
-        python, argv, srun_extra = _in_container(job, hosts[0], workdir, Path(workdir, run_dir), argv, env, cap)
+        argv = payload[1:] if payload[0] == "--no-python" else [here] + payload
+        python, argv, srun_extra = _in_container(job, hosts[0], workdir, Path(workdir, run_dir), argv, env, cap, here)
         port_text = str(port or job.rdzv_port or _PORT_SHELL)
         setup = [f"# run {run_id}: job {job.name}, {len(hosts)} node(s) x {ntasks} task(s), "
                  f"world size {len(hosts) * ntasks}", *map(_comment, notes),
@@ -195,7 +198,7 @@ class SlurmBackend(Backend):
             # that cannot hold it ends the job before any task starts
             setup += ["# data: staged on every node before the tasks start",
                       f"srun --ntasks-per-node=1 --ntasks={len(hosts)} --kill-on-bad-exit=1 "
-                      f"{shlex.quote(sys.executable)} -m cluster.backends.stage "
+                      f"{shlex.quote(here)} -m cluster.backends.stage "
                       f"{shlex.quote(os.path.abspath(os.path.expanduser(job.data.source)))} "
                       f"{shlex.quote(job.data.path)} || exit 1"]
         extra = _extra_sbatch(s.sbatch)
@@ -677,20 +680,21 @@ def sbatch_value(value):
     return value.replace("\\", "\\\\") if isinstance(value, str) else value
 
 
-def _in_container(job: Job, host, workdir: str, run_dir: Path, argv: list[str], env: dict, gpus: int):
+def _in_container(job: Job, host, workdir: str, run_dir: Path, argv: list[str], env: dict, gpus: int,
+                  python: str = sys.executable):
     """(python that starts each task, the task's argv, srun options) for the job's container section.
 
     enroot (pyxis): srun starts every task inside the image, so the task's own python is the
     image's (it needs submitit); apptainer: the task stays outside and runs ``apptainer exec``
     around the payload. The repository and the run dir are mounted at the same path."""
-    py = shlex.quote(sys.executable)
+    py = shlex.quote(python)
     if job.container is None:
         return py, argv, []
     from cluster import container
     from cluster.spec.container import parse_mount
     spec = job.container
     runtime = container.resolve_runtime(spec, host)
-    inner = [container.inner_python(spec, host)] + argv[1:] if argv[:1] == [sys.executable] else argv
+    inner = [container.inner_python(spec, host)] + argv[1:] if argv[:1] == [python] else argv
     runs = [] if str(run_dir).startswith(workdir + "/") else [f"{run_dir}:{run_dir}"]
     if runtime == "enroot":
         names = sorted(env) + ["MASTER_ADDR", "MASTER_PORT"]

@@ -33,6 +33,8 @@ import threading
 import time
 from pathlib import Path
 
+from cluster.node import record
+
 DONE = "slurm.done"     # in runs/<id>/state/: the payload finished; a requeued job does nothing
 LINGER_S = 10.0         # a task waits this long for a requeue signal after its payload got TERM
 
@@ -107,6 +109,8 @@ class SlurmTask:
         if _out is not None:
             self._copier = copy_lines(os.dup(self._proc.stdout.fileno()))
             self._proc.stdout.close()
+        if rank == 0:
+            record_running(self.run_dir, job_id=env.get("SLURM_JOB_ID"), host=host, restarts=restarts)
         return True
 
     def __call__(self) -> int:
@@ -189,6 +193,26 @@ class SlurmTask:
         print(f"checkpoint: a requeued job runs this task again (attempt {self.attempt + 1}) and the "
               "payload resumes from its latest checkpoint", flush=True)
         return DelayedSubmission(SlurmTask(self.spec, self.attempt + 1))
+
+
+def record_running(run_dir: Path, **fields) -> bool:
+    """RUNNING in the run's record (run.json on the shared filesystem, under its lock), by task 0
+    once its payload started: a queued (or requeued) run's record advances without anyone running
+    `status` -- a detached submit, the login node's mirror (cluster/backends/login.py). Only
+    over PENDING or STARTING, never over an end. Whatever goes wrong here, the task goes on
+    (`status` still finds the state from SLURM)."""
+    try:
+        with record.locked(run_dir):
+            data = json.loads((run_dir / "run.json").read_text())
+            if data.get("final") or data.get("state") not in ("PENDING", "STARTING"):
+                return False
+            data["state"] = "RUNNING"
+            record.write(run_dir, data)
+            record.append_event(run_dir, "state", {"state": "RUNNING", "by": "task 0", **fields})
+            return True
+    except (OSError, ValueError) as e:
+        print(f"note: run.json not updated ({e}); `status` reads the state from SLURM", flush=True)
+        return False
 
 
 def _quiet(signum, frame) -> None:

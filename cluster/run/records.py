@@ -1,9 +1,7 @@
 """Run records under runs/<run-id>/: the one place a run's state lives (every verb reads it)."""
 from __future__ import annotations
 
-import contextlib
 import enum
-import fcntl
 import json
 import os
 import secrets
@@ -13,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from cluster.node import record
 from cluster.spec.config import REPO
 from cluster.errors import UserError
 
@@ -117,18 +116,11 @@ class Run:
     def prev_path(self) -> Path:
         return self.dir / "run.json.prev"
 
-    @contextlib.contextmanager
     def locked(self, name: str = "run.lock"):
         """One of the run's locks (exclusive, across processes; released if the holder dies):
         run.lock for run.json and events.jsonl; another name for another file of the run (not
-        re-entrant: never take the same one twice in one process)."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.dir / name, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)        # closing the descriptor releases the lock
+        re-entrant: never take the same one twice in one process). cluster/node/record.py."""
+        return record.locked(self.dir, name)
 
     # ---- the one writer
     def change(self, apply: Callable[[dict], Optional[list]], create: bool = False) -> None:
@@ -187,8 +179,7 @@ class Run:
             self._append_event(event, fields)
 
     def _append_event(self, event: str, fields: dict) -> None:
-        with open(self.dir / "events.jsonl", "a") as f:
-            f.write(json.dumps({"t": round(time.time(), 3), "event": event, **fields}) + "\n")
+        record.append_event(self.dir, event, fields)
 
     def events(self) -> list[dict]:
         try:
@@ -199,34 +190,11 @@ class Run:
         return [json.loads(l) for l in lines if l.strip() and l.endswith("\n")]
 
     def _write(self, data: dict) -> None:
-        """Atomic and durable (under the lock): a crash or a full disk leaves the old record whole
-        (the new one is written and synced beside it, then renamed over it), and the record before
-        it is kept as run.json.prev, from which 'stop' still finds a run whose record was damaged
-        all the same."""
-        tmp = self.path.with_name(f".run.json.tmp{os.getpid()}")
-        try:
-            with open(tmp, "w") as f:
-                f.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            if self.path.exists() and not self.damaged_on_disk():
-                prev_tmp = self.prev_path.with_name(f".run.json.prev.tmp{os.getpid()}")
-                prev_tmp.unlink(missing_ok=True)
-                try:
-                    os.link(self.path, prev_tmp)
-                except OSError:         # a filesystem without hard links
-                    import shutil
-                    shutil.copyfile(self.path, prev_tmp)
-                os.replace(prev_tmp, self.prev_path)
-            os.replace(tmp, self.path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        """Atomic and durable, run.json.prev kept (cluster/node/record.py)."""
+        record.write(self.dir, data)
 
     def damaged_on_disk(self) -> bool:
-        try:
-            return not isinstance(json.loads(self.path.read_text()), dict)
-        except (OSError, ValueError, UnicodeDecodeError):
-            return True
+        return record.damaged_on_disk(self.path)
 
 
 # what the first writer to record a run's end wrote; no later writer changes it
