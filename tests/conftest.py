@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
 import pytest
+
+# a suite started in the background (`make test &` in a script) has SIGINT ignored, and so would
+# every process it starts: the tests that press Ctrl-C (jupyter, shell, logs -f) would wait forever.
+# A handler of our own is reset to the default in the processes we start.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:

@@ -280,7 +280,7 @@ def test_a_spare_becomes_node_0_with_the_latest_checkpoint(client):
     """node1 (node 0: the rendezvous, rank 0, the checkpoints) loses its rank: the spare node3 is
     node 0 of attempt 2, gets the latest checkpoint first, and training goes on from it."""
     inv = client.inventory(lambda t: t + "spares: [node3]\n")
-    job = client.job(TRAIN.format(steps=40, log_every=2))
+    job = client.job(TRAIN.format(steps=STEPS, log_every=2))     # room after the fault at 24
     rid, _ = client.submit(job, *RESTART, "nodes=2", inventory=inv)
     wait_for("step", lambda: heartbeat_step(client, rid) >= FAULT_AT)
     latest = client.host_file("node1", rid, "checkpoints/latest").read_text().strip()
@@ -294,9 +294,10 @@ def test_a_spare_becomes_node_0_with_the_latest_checkpoint(client):
     assert rec["plan"]["rdzv_endpoint"].rsplit(":", 1)[0] == load_inventory(inv).host("node3").address
     # rank 0 now on node3: it resumed from node1's latest checkpoint and trained each later step once
     att = attempts_of(metrics(client, rid, host="node3"))
-    assert len(att) == 1 and f"ckpt_{att[0][0]['step']}.pt" == latest, (att[0][:1], latest)
+    # (the checkpoint read before the kill, or one written while it came)
+    assert len(att) == 1 and att[0][0]["step"] >= int(re.sub(r"\D", "", latest)) >= 20, (att[0][:1], latest)
     steps = [r["step"] for r in att[0] if r.get("kind") == "train"]
-    assert steps == sorted(set(steps)) and steps[0] > att[0][0]["step"] and steps[-1] == 40, steps
+    assert steps == sorted(set(steps)) and steps[0] > att[0][0]["step"] and steps[-1] == STEPS, steps
     assert "node1 replaced by node3" in client.cli("status", rid).stdout
     assert not client.left_anywhere(rid)
 

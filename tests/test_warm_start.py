@@ -99,10 +99,13 @@ def test_a_second_submit_sees_a_parked_agent_as_a_run_starting_not_a_leftover(tm
     assert pids_of_run(rid) == []
 
 
-@pytest.mark.parametrize("fail", [None, "exit", "raise"])
+# os_exit: the job ends with os._exit(0) (skipping the interpreter's teardown, as scripts do)
+@pytest.mark.parametrize("fail", [None, "os_exit", "exit", "raise"])
 def test_go_runs_torchrun_and_its_workers_warm(tmp_path, fail):
     env = {"HELLO_SHOW_PROCS": "1"}
-    if fail:
+    if fail == "os_exit":
+        env["HELLO_OS_EXIT"], fail = "1", None
+    elif fail:
         env.update(HELLO_FAIL_RANK="1", HELLO_FAIL_HOW=fail, HELLO_SLEEP_S="30")
     p, rid, run_dir, answer, argv = probe(tmp_path, **env)
     assert answer["parked"]

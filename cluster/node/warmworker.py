@@ -7,7 +7,7 @@ torch (and the job's ``--preload`` modules) while the preflight still runs. At G
 ``torchrun.config_from_args`` configures it, with two changes: the entrypoint is :func:`run_module`
 instead of the interpreter, and the start method is "forkserver" (as ``torchrun --run-path`` does for
 scripts). Each worker then starts in milliseconds and runs the module as ``python -m`` would:
-``__main__``, ``sys.argv``, exit codes, tracebacks on stderr, atexit handlers; ps shows it as
+``__main__``, ``sys.argv``, exit codes (``os._exit`` too), tracebacks on stderr, atexit handlers; ps shows it as
 ``python -u -m MODULE ...``.
 
 Used only where the payload is ``-m MODULE`` under this python with a fixed rendezvous
@@ -85,6 +85,16 @@ def run_module(module: str, *args: str) -> None:
         # a fresh interpreter's OpenMP reads it when torch loads; the server loaded torch without it
         sys.modules["torch"].set_num_threads(int(threads))
     sys.argv = [module, *args]
+    real_exit, me = os._exit, os.getpid()
+
+    def leave(code=0):
+        # a job's os._exit (to skip the interpreter's teardown) ends the worker through torchrun's
+        # wrapper, which must still hand back the worker's result: without it torchrun waits for
+        # it forever. A child of the worker (a DataLoader's forked worker) exits for real
+        if os.getpid() != me:
+            real_exit(code)
+        raise SystemExit(code)
+    os._exit = leave
     try:
         runpy.run_module(module, run_name="__main__", alter_sys=True)
     except SystemExit:
@@ -94,4 +104,5 @@ def run_module(module: str, *args: str) -> None:
         traceback.print_exception(type(e), e, e.__traceback__.tb_next)   # runpy on), and exit 1
         raise SystemExit(1) from None
     finally:
+        os._exit = real_exit
         atexit._run_exitfuncs()    # multiprocessing's children end with os._exit, which skips them
