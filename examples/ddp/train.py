@@ -69,12 +69,11 @@ def main() -> None:
         dist.barrier()                         # the snapshot is complete before anyone goes on
     del ddp                                    # DDP's reducer goes before the process group it uses
     dist.destroy_process_group()
-    # gloo's threads can abort the interpreter's own teardown ("terminate called without an active
-    # exception", exit 134; seen under srun and, rarely, on a loaded host): everything is saved, so
-    # leave without it
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    if "SLURM_JOB_ID" in os.environ:
+        # under srun, gloo's threads can abort the interpreter's own teardown ("terminate called
+        # without an active exception", exit 134): everything is saved, so leave without it
+        sys.stdout.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":
