@@ -27,6 +27,23 @@ class NodeStatus:
     gpus: Optional[list] = None     # with Backend.with_gpus: hostside._gpu_query's answer (None: no GPU)
 
 
+
+def start_detached(run: Run, module: str, verb: str, log_name: str) -> int:
+    """``python -m MODULE VERB RUN`` in its own session, outliving this process (the ssh watcher,
+    the SLURM follower): this checkout on its path, the run's root as CLUSTER_RUNS_DIR, its output
+    in runs/<id>/state/LOG_NAME. Returns its pid."""
+    import os
+    import subprocess
+    from cluster.spec.config import REPO
+    env = {**os.environ, "CLUSTER_RUNS_DIR": str(run.dir.parent)}
+    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.pop("CLUSTER_RUN_ID", None)
+    (run.dir / "state").mkdir(parents=True, exist_ok=True)
+    with open(run.dir / "state" / log_name, "ab") as out:
+        p = subprocess.Popen([sys.executable, "-m", module, verb, run.id], cwd=REPO, env=env,
+                             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    return p.pid
+
 class LogSource(ABC):
     """One node's log file, read from a byte offset (so a dropped connection loses no line)."""
 

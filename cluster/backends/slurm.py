@@ -51,7 +51,7 @@ from cluster.spec.config import REPO, SBATCH_MANAGED, SBATCH_OPTIONS, Job
 from cluster.errors import UserError
 from cluster.plan import RUNS, NodeLaunch, Plan, _payload, module_dirs, procs_for
 from cluster.run.records import Run, State
-from cluster.backends.base import Backend, LogSource, LogTails, NodeStatus, progress
+from cluster.backends.base import Backend, LogSource, LogTails, NodeStatus, progress, start_detached
 from cluster.backends.local import FileSource
 
 # SLURM job states (scontrol / sacct) -> the project's states
@@ -541,14 +541,7 @@ def _start_follower(run: Run) -> Optional[int]:
     """The detached follower of the job (``follow``); none with CLUSTER_SLURM_FOLLOW=0."""
     if os.environ.get("CLUSTER_SLURM_FOLLOW", "1") == "0":
         return None
-    env = {**os.environ, "CLUSTER_RUNS_DIR": str(run.dir.parent)}
-    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env.pop("CLUSTER_RUN_ID", None)
-    (run.dir / "state").mkdir(parents=True, exist_ok=True)
-    with open(run.dir / "state" / "follower.log", "ab") as out:
-        p = subprocess.Popen([sys.executable, "-m", "cluster.backends.slurm", "follow", run.id], cwd=REPO, env=env,
-                             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    return p.pid
+    return start_detached(run, "cluster.backends.slurm", "follow", "follower.log")
 
 
 def follow(run_id: str, poll_s: float = FOLLOW_S) -> int:

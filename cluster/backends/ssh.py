@@ -35,15 +35,13 @@ import atexit
 import json
 import os
 import re
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 from typing import Optional
 
 from cluster.spec import hostlist
-from cluster.spec.config import REPO, Host
+from cluster.spec.config import Host
 from cluster.errors import UserError
 from cluster.plan import Plan, default_port, make_plan
 from cluster.backends.transport import GroupError, Pool, Staged, fold, hint_for
@@ -54,7 +52,7 @@ from cluster.run.diagnose import PEER_SYMPTOMS
 from cluster.run.records import Run, State
 from cluster.backends.rsync import manifest, project_files, pull_logs, pull_metrics, push_code, push_run_files, remote_path, shell_path
 from cluster.backends.base import (Backend, LogSource, LogTails, NodeStatus, failed_by_itself,
-                                   node_status_of, progress)
+                                   node_status_of, progress, start_detached)
 
 MIN_FREE_GB = float(os.environ.get("CLUSTER_MIN_FREE_GB", "1"))
 PORT_WAIT_S = 10.0           # how long node 0 listens / the others retry in the port check
@@ -384,15 +382,7 @@ class SSHBackend(Backend):
         """The detached checkpoint syncer (python -m cluster.backends.watcher watch RUN); it ends with the run."""
         if getattr(self, "watcher_pid", None):      # a relaunch by the watcher itself (backends/relaunch.py)
             return self.watcher_pid
-        env = {**os.environ, "CLUSTER_RUNS_DIR": str(run.dir.parent)}
-        env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        env.pop("CLUSTER_RUN_ID", None)
-        (run.dir / "state").mkdir(parents=True, exist_ok=True)
-        with open(run.dir / "state" / "watcher.log", "ab") as out:
-            p = subprocess.Popen([sys.executable, "-m", "cluster.backends.watcher", "watch", run.id], cwd=REPO, env=env,
-                                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                 start_new_session=True)
-        return p.pid
+        return start_detached(run, "cluster.backends.watcher", "watch", "watcher.log")
 
     # ---- status
     def node_status(self, run: Run) -> list[NodeStatus]:
