@@ -245,8 +245,10 @@ def test_submitit_two_node_job_and_cancel(testbed, tmp_path):
     job = ex.submit(socket.gethostname)
     results = job.results()
     assert len(set(results)) == 2 and set(results) <= set(testbed.host_names), results
-    # submitit returns the results (pickles on the shared disk) before its next sacct poll is due
-    assert job.watcher.get_state(job.job_id, mode="force") == "COMPLETED"
+    # submitit returns the results (pickles on the shared disk) before its next sacct poll is due,
+    # and SLURM may still be COMPLETING (epilogs) when they are there
+    _wait_for(lambda: job.watcher.get_state(job.job_id, mode="force") == "COMPLETED", timeout=30,
+              every=0.5, what="submitit job COMPLETED")
 
     ex.update_parameters(nodes=1, gpus_per_node=0)
     job = ex.submit(time.sleep, 120)
