@@ -80,3 +80,76 @@ def test_node_check_stamps_a_verified_copy_and_finds_a_changed_shard(tmp_path):
     (copy / "val" / "index.json").unlink()
     s = node_check({**args, "mode": "presence"})
     assert s["state"] == "stale" and s["missing"] == 1
+
+
+def rounds(n_hosts, fanout, peers, holders=()):
+    """Run the Schedule with every copy taking one round: [[(host, giver), ...] per round]."""
+    from cluster.backends.stage import Schedule
+    s = Schedule([f"n{i}" for i in range(1, n_hosts + 1)], list(holders), fanout, peers)
+    out, flight = [], []
+    while True:
+        for host, giver in flight:
+            s.done(host, giver, True)
+        flight = s.assign()
+        if not flight:
+            return out
+        out.append(flight)
+
+
+def test_schedule_fanout_1_with_peers_is_a_doubling_tree():
+    r = rounds(7, 1, True)
+    assert r == [[("n1", "")],
+                 [("n2", ""), ("n3", "n1")],
+                 [("n4", ""), ("n5", "n1"), ("n6", "n2"), ("n7", "n3")]]
+
+
+def test_schedule_uses_no_peer_while_the_source_can_take_every_waiting_host():
+    # 3 hosts, fanout 4: all from the source at once, as without peers
+    assert rounds(3, 4, True) == [[("n1", ""), ("n2", ""), ("n3", "")]]
+    # without peers: fanout at a time, every copy from the source
+    assert rounds(5, 2, False) == [[("n1", ""), ("n2", "")], [("n3", ""), ("n4", "")], [("n5", "")]]
+    # with peers, each holder serves at most fanout at once, the least busy first
+    r = rounds(8, 2, True)
+    assert r[0] == [("n1", ""), ("n2", "")]
+    assert r[1] == [("n3", ""), ("n4", ""), ("n5", "n1"), ("n6", "n2"), ("n7", "n1"), ("n8", "n2")]
+
+
+def test_schedule_a_host_current_from_the_start_serves_while_the_source_is_busy():
+    assert rounds(2, 1, True, holders=["old"]) == [[("n1", ""), ("n2", "old")]]
+    assert rounds(2, 1, False, holders=["old"]) == [[("n1", "")], [("n2", "")]]
+
+
+def test_schedule_a_failed_copy_between_hosts_goes_back_to_the_source_and_peers_stop():
+    from cluster.backends.stage import Schedule
+    s = Schedule(["n1", "n2", "n3", "n4"], [], 1, True)
+    assert s.assign() == [("n1", "")]
+    s.done("n1", "", True)
+    assert s.assign() == [("n2", ""), ("n3", "n1")]
+    s.retry_from_source("n3", "n1")          # n3 cannot reach n1
+    assert s.assign() == []                  # the source is busy with n2; n1 serves no more
+    s.done("n2", "", True)
+    assert s.assign() == [("n3", "")]
+    s.done("n3", "", True)
+    assert s.assign() == [("n4", "")]        # from the source, not from n1, n2 or n3
+
+
+def test_peer_command_pulls_from_the_givers_address_with_the_inventorys_settings():
+    import shlex
+    from dataclasses import replace
+    from cluster.backends.stage import peer_command
+    from cluster.spec.config import Host, SSHSettings
+    giver = Host("node1", "gw-node1", "10.0.0.1", "alice", 2222, "/keys/id x", "bastion", None, "~/work",
+                 "python3", 0, None)
+    cmd = peer_command(giver, "~/work/data/set 1", "data/set 1", SSHSettings(known_hosts="/k/known"), ["-rlt"])
+    words = shlex.split(cmd)
+    # ~ left for the receiving host's shell; the giver's path home-relative (rsync --protect-args)
+    assert cmd.startswith("mkdir -p ~/'work/data/set 1' && rsync ") and cmd.endswith(" ~/'work/data/set 1'/")
+    assert words[:4] == ["mkdir", "-p", "~/work/data/set 1", "&&"]
+    rsync = words[words.index("rsync"):]
+    assert rsync[-2:] == ["10.0.0.1:work/data/set 1/", "~/work/data/set 1/"]
+    e = shlex.split(rsync[rsync.index("-e") + 1])
+    assert e[0] == "ssh" and ["-p", "2222"] == e[e.index("-p"):e.index("-p") + 2] and "-l" in e and "alice" in e
+    assert "/keys/id x" in e and "UserKnownHostsFile=/k/known" in e and not any("ProxyCommand" in w for w in e)
+    # an absolute path stays absolute; an IPv6 address is bracketed for rsync
+    cmd = peer_command(replace(giver, address="fd00::1"), "/scratch/set", "/scratch/set", SSHSettings(), [])
+    assert "[fd00::1]:/scratch/set/" in shlex.split(cmd)

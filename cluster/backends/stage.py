@@ -3,7 +3,8 @@
     data:
       source: /datasets/imagenet-packed   # on the submitting machine (a packed set or a folder)
       path: data/imagenet                 # where each node holds it (relative: under its workdir)
-      fanout: 4                           # hosts copied at once (the source's disk and NIC)
+      fanout: 4                           # copies at once from one source (its disk and NIC)
+      peers: true                         # hosts with a verified copy serve the others too
 
 Each node's copy carries a stamp (`.ddp-data.json`: the source's digest and the size and mtime of
 every file as verified). A node is current when its stamp names the source's digest and no file
@@ -13,8 +14,14 @@ trip and copies nothing, and a corrupted shard is found and replaced.
 
 On submit, in parallel with the preflight: check every node, refuse at once when a node's disk
 cannot hold what is missing, copy to the rest with rsync (resumable: --partial; progress per
-host; at most `fanout` at once), verify the checksums of what changed, write the stamp. Any host
-that ends without a current copy stops the submit: nothing starts, one message names the hosts.
+host; at most `fanout` at once from the source), verify the checksums of what changed, write the
+stamp. With `peers` (the default), a host whose copy is verified (current from the start, or
+copied in this submit) is a source too: while the source is busy, a waiting host pulls from it
+(rsync over ssh, run on the receiving host; at most `fanout` at once from each), so the source's
+disk and NIC are not the bottleneck (Schedule: who copies from whom). A copy between hosts that
+fails (the hosts cannot reach each other by ssh) is taken again from the source, and no further
+copy between hosts is tried in that submit. Any host that ends without a current copy stops the
+submit: nothing starts, one message names the hosts.
 `shared_fs: true`: no copy; the set must be present (every file, right size) at `path`.
 `doctor` only checks and reports per host. SLURM: `python -m cluster.backends.stage SOURCE PATH` runs the
 same check, copy and verify on each allocated node in the job's first step, before the tasks
@@ -32,14 +39,16 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass, replace
 from typing import Callable, Optional, Sequence
 
 from cluster.spec import hostlist
 from cluster.spec.config import Host, SSHSettings
 from cluster.errors import UserError
-from cluster.backends.openssh import rsync_rsh
-from cluster.backends.rsync import parallel, remote_path
+from cluster.backends.openssh import rsync_rsh, ssh_argv
+from cluster.backends.rsync import remote_path, shell_path
+from cluster.quoting import quote_argv
 
 STAMP = ".ddp-data.json"
 MANIFEST = "MANIFEST.json"
@@ -166,6 +175,62 @@ def node_command(python: str) -> str:
     return " ".join(shlex.quote(a) for a in (python, "-c", src))
 
 
+# ---------------------------------------------------------------- who copies from whom
+SOURCE = ""          # the giver that is the source itself
+
+
+class Schedule:
+    """Who copies from whom. A waiting host takes the source when it has a free slot; else, with
+    ``peers``, the least busy host that holds a verified copy (current from the start, or copied and
+    verified in this submit) and has a free slot; every giver serves at most ``fanout`` at once.
+    So the source is never busier than without peers, and no peer is used when the source alone can
+    take every waiting host; with fanout 1 it is a doubling tree (the source -> 1 host; the source
+    and that host -> 2 more; ...)."""
+
+    def __init__(self, waiting: Sequence[str], holders: Sequence[str], fanout: int, peers: bool):
+        self.waiting, self.holders = list(waiting), list(holders)
+        self.fanout, self.peers = fanout, peers
+        self.busy: dict[str, int] = {SOURCE: 0}
+
+    def assign(self) -> list[tuple[str, str]]:
+        """(host, giver) pairs to start now; a giver is SOURCE or a host's name."""
+        out = []
+        while self.waiting:
+            givers = [SOURCE] if self.busy[SOURCE] < self.fanout else \
+                sorted((g for g in self.holders if self.busy.get(g, 0) < self.fanout),
+                       key=lambda g: self.busy.get(g, 0)) if self.peers else []
+            if not givers:
+                break
+            self.busy[givers[0]] = self.busy.get(givers[0], 0) + 1
+            out.append((self.waiting.pop(0), givers[0]))
+        return out
+
+    def done(self, host: str, giver: str, ok: bool) -> None:
+        self.busy[giver] -= 1
+        if ok:
+            self.holders.append(host)        # verified: it serves the next waiting hosts
+
+    def retry_from_source(self, host: str, giver: str) -> None:
+        """A copy between hosts failed: this host waits for the source, first; no more peer copies."""
+        self.busy[giver] -= 1
+        self.peers = False
+        self.waiting.insert(0, host)
+
+
+def peer_command(giver: Host, dst: str, path: str, ssh: SSHSettings, opts: Sequence[str]) -> str:
+    """The shell command a receiving host runs to pull the copy from host ``giver``: rsync over ssh
+    to the giver's ``address`` (the network the hosts share), with the inventory's ssh settings
+    (user, port, identity_file, known_hosts: their paths as the receiving host reads them), no
+    jump host (hosts on one network reach each other directly)."""
+    hop = replace(giver, hostname=giver.address, jump_host=None)
+    there = host_path(giver, path)
+    there = "." if there == "~" else there[2:] if there.startswith("~/") else there   # --protect-args: home-relative
+    addr = f"[{hop.hostname}]" if ":" in hop.hostname else hop.hostname
+    here = shell_path(dst)
+    return (f"mkdir -p {here} && " + quote_argv(["rsync", "--protect-args", *opts, "-e", rsync_rsh(hop, ssh),
+                                                  f"{addr}:{there}/"]) + f" {here}/")
+
+
 # ---------------------------------------------------------------- from here
 def _size(n: float) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
@@ -179,6 +244,7 @@ class Stager:
         self.spec, self.hosts, self.pool, self.ssh = spec, list(hosts), pool, ssh
         self.shared_fs, self.progress, self.copy = shared_fs, progress, copy
         self.procs: dict[str, subprocess.Popen] = {}
+        self.hosts_by_name = {h.name: h for h in self.hosts}
         self.cancelled = threading.Event()
 
     def check(self, src: Source, hosts: Sequence[Host], mode: str) -> dict:
@@ -230,21 +296,52 @@ class Stager:
             self.progress(line)
         if problems or not todo or not self.copy:
             return self._done(problems, lines)
-        copied = parallel(lambda t: self._copy(src, t[0], t[1]), todo, max(1, self.spec.fanout))
-        problems += [p for p in copied if p]
-        ok = [t[0] for t, p in zip(todo, copied) if not p]
-        if ok:
-            after = self.check(src, ok, "verify")
-            for h in ok:
-                s = after[h.name]
-                if s.get("state") != "current":
-                    problems.append(f"{h.name}: copy does not verify: " +
-                                    (s.get("error") or f"{s['missing']} missing, differ: {', '.join(s['bad'][:3])}"))
+        problems += self._copy_all(src, todo, [h.name for h in self.hosts if state[h.name].get("state") == "current"])
         if not problems:
             done = [t[0].name for t in todo]
             lines.append(f"data: copied to {hostlist.fold(done)} and verified in {time.monotonic() - t0:.1f} s")
             self.progress(lines[-1])
         return self._done(problems, lines)
+
+    def _copy_all(self, src: Source, todo: list, current: list[str]) -> list[str]:
+        """Copy and verify every host of ``todo``, each from the giver the Schedule names; problems."""
+        byname = {h.name: (h, s) for h, s, _, _ in todo}
+        sched = Schedule([h.name for h, *_ in todo], current, max(1, self.spec.fanout), self.spec.peers)
+        problems: list[str] = []
+        with ThreadPoolExecutor(max_workers=len(todo), thread_name_prefix="data") as ex:
+            flight = {}
+            while True:
+                for name, giver in sched.assign():
+                    h, s = byname[name]
+                    flight[ex.submit(self._fetch, src, h, s, giver)] = (name, giver)
+                if not flight:
+                    return problems
+                finished, _ = wait(flight, return_when=FIRST_COMPLETED)
+                for f in finished:
+                    name, giver = flight.pop(f)
+                    err = f.result()
+                    if err and giver != SOURCE and not self.cancelled.is_set():
+                        # hosts may not reach each other by ssh (keys, known_hosts, firewalls): the
+                        # source takes this host and every later one; said once
+                        self.progress(f"data: {name}: cannot copy from {giver} ({err.split(': ', 1)[-1]}); "
+                                      f"copying from the source, no more copies between hosts in this submit")
+                        sched.retry_from_source(name, giver)
+                    else:
+                        sched.done(name, giver, err is None)
+                        if err:
+                            problems.append(err)
+
+    def _fetch(self, src: Source, h: Host, s: dict, giver: str) -> Optional[str]:
+        """One host's copy (from the source or from ``giver``, a host with a verified copy), then
+        its verification, so that it can serve the next hosts; None when both worked."""
+        err = self._copy(src, h, s, giver)
+        if err:
+            return err
+        after = self.check(src, [h], "verify")[h.name]
+        if after.get("state") != "current":
+            return f"{h.name}: copy does not verify: " + \
+                (after.get("error") or f"{after['missing']} missing, differ: {', '.join(after['bad'][:3])}")
+        return None
 
     def _done(self, problems: list[str], lines: list[str]) -> list[str]:
         if problems:
@@ -254,18 +351,23 @@ class Stager:
                                              "correctly; a rerun copies only what is missing")
         return lines
 
-    def _copy(self, src: Source, h: Host, s: dict) -> Optional[str]:
-        """rsync the source to one host; progress every few seconds; None when it worked."""
+    def _copy(self, src: Source, h: Host, s: dict, giver: str = "") -> Optional[str]:
+        """rsync the source (or the copy on host ``giver``) to one host; progress every few seconds;
+        None when it worked."""
         if self.cancelled.is_set():
             return f"{h.name}: cancelled"
         dst = host_path(h, self.spec.path)
-        argv = ["rsync", "--protect-args", "-rlt", "--partial", "--info=progress2", "--no-inc-recursive",
-                "--exclude", f"/{STAMP}", "--exclude", f"/{STAMP}.tmp", "--timeout", str(int(self.ssh.command_timeout_s)),
-                "-e", rsync_rsh(h, self.ssh),
-                "--rsync-path", f"mkdir -p {shlex.quote(dst) if not dst.startswith('~') else dst} && rsync"]
+        opts = ["-rlt", "--partial", "--info=progress2", "--no-inc-recursive", "--exclude", f"/{STAMP}",
+                "--exclude", f"/{STAMP}.tmp", "--timeout", str(int(self.ssh.command_timeout_s))]
         if s["bad"]:
-            argv.append("--ignore-times")   # a file with the right size and a changed content: copy it again
-        argv += [src.path + "/", f"{h.hostname}:{dst}/"]
+            opts.append("--ignore-times")   # a file with the right size and a changed content: copy it again
+        if giver:
+            argv = ssh_argv(h, self.ssh, tty=False) + [peer_command(self.hosts_by_name[giver], dst, self.spec.path,
+                                                                    self.ssh, opts)]
+        else:
+            argv = ["rsync", "--protect-args", *opts, "-e", rsync_rsh(h, self.ssh),
+                    "--rsync-path", f"mkdir -p {shlex.quote(dst) if not dst.startswith('~') else dst} && rsync",
+                    src.path + "/", f"{h.hostname}:{dst}/"]
         t0 = last = time.monotonic()
         p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
         self.procs[h.name] = p
@@ -288,7 +390,7 @@ class Stager:
             if any("No space left" in ln for ln in lines):
                 return f"{h.name}: no space left at {dst} while copying"
             return f"{h.name}: rsync exit code {rc}: " + " | ".join(lines[-2:])
-        self.progress(f"data: {h.name}: copied in {time.monotonic() - t0:.1f} s")
+        self.progress(f"data: {h.name}: copied in {time.monotonic() - t0:.1f} s from {giver or 'the source'}")
         return None
 
     def cancel(self) -> None:

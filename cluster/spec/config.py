@@ -546,7 +546,8 @@ class DataSpec:
     """A dataset staged onto every node before the launch (cluster/backends/stage.py)."""
     source: str                # a packed set or a folder on the submitting machine
     path: str                  # where each node holds it; relative: under the host's workdir
-    fanout: int = 4            # hosts copied at once
+    fanout: int = 4            # copies at once from one source (the source, and each host with a copy)
+    peers: bool = True         # a host with a verified copy serves waiting hosts while the source is busy
 
 
 @dataclass(frozen=True)
