@@ -153,3 +153,27 @@ def test_peer_command_pulls_from_the_givers_address_with_the_inventorys_settings
     # an absolute path stays absolute; an IPv6 address is bracketed for rsync
     cmd = peer_command(replace(giver, address="fd00::1"), "/scratch/set", "/scratch/set", SSHSettings(), [])
     assert "[fd00::1]:/scratch/set/" in shlex.split(cmd)
+
+
+def test_a_source_on_a_host_is_host_colon_path_as_rsync_reads_it():
+    from cluster.backends.stage import Stager, split_source
+    from cluster.spec.config import DataSpec, Host, SSHSettings
+    assert split_source("node1:/datasets/x") == ("node1", "/datasets/x")
+    assert split_source("node1:sets/x") == ("node1", "sets/x")
+    for here in ("/datasets/a:b", "~/sets:x", "sets/x:y", "plain", "node1:"):
+        assert split_source(here) == (None, here)
+    with pytest.raises(UserError, match="'node9' is not a host of the inventory") as e:
+        Stager(DataSpec("node9:/x", "data/x"), [], None, SSHSettings(), False, print)
+    assert e.value.key == "data.source"
+    h = Host("node1", "node1", "10.0.0.1", None, None, None, None, None, "/w", "python3", 0, None)
+    st = Stager(DataSpec("node1:/x", "data/x"), [], None, SSHSettings(), False, print, inventory_hosts=[h])
+    assert st.source_host is h and st.source_path == "/x"
+
+
+def test_the_source_on_the_receiving_host_itself_is_a_local_rsync():
+    import shlex
+    from cluster.backends.stage import peer_command
+    from cluster.spec.config import Host, SSHSettings
+    h = Host("node1", "node1", "10.0.0.1", None, None, None, None, None, "/w", "python3", 0, None)
+    words = shlex.split(peer_command(h, "/w/data/x", "sets/x", SSHSettings(), ["-rlt"], local=True))
+    assert words == ["mkdir", "-p", "/w/data/x", "&&", "rsync", "-rlt", "/w/sets/x/", "/w/data/x/"]

@@ -3,6 +3,7 @@ copied to the hosts that lack it, current hosts are skipped, a corrupted shard i
 a host whose disk cannot hold the set fails the preflight by name and nothing starts."""
 
 import json
+import re
 import shutil
 import subprocess
 import uuid
@@ -10,6 +11,7 @@ import uuid
 import pytest
 
 from bench.imageset import make
+from cluster.backends.stage import STAMP, describe, node_check
 from tests.testbed_client import HELLO
 from train.pack import pack
 
@@ -84,6 +86,77 @@ def test_staging_copies_skips_current_hosts_and_recopies_a_corrupted_shard(clien
     assert "data: node[2-3]: current" in p.stderr and f"data: node1: missing ({n} of {n} files missing); submit " \
         "copies it" in p.stderr, p.stderr
     assert not (client.workdir["node1"] / data_path).exists()
+
+
+def test_a_host_copies_from_a_peer_with_a_verified_copy_while_the_source_is_busy(client, packed, data_path):
+    """fanout 1: node1 from the source; then the source serves node2 while node1 serves node3."""
+    job = client.job(JOB.replace("fanout: 2", "fanout: 1").format(source=packed, path=data_path))
+    _, err = submitted(client, job)
+    assert re.search(r"data: node1: copied in [\d.]+ s from the source", err), err
+    assert re.search(r"data: node2: copied in [\d.]+ s from the source", err), err
+    assert re.search(r"data: node3: copied in [\d.]+ s from node1", err), err
+    assert "data: copied to node[1-3] and verified" in err, err
+    for h in client.testbed.host_names:
+        assert same_tree(client.workdir[h] / data_path, packed), h
+    # the peer-fed copy carries its own stamp, verified against the source: current on the next submit
+    _, err = submitted(client, job)
+    assert "data: node[1-3]: current (packed" in err and "copying" not in err, err
+    # a shard damaged in place on node3 (fed by node1) and on node2: node1, current, serves node3
+    for h in ("node2", "node3"):
+        shard = client.workdir[h] / data_path / "train" / "shard-00000.tar"
+        raw = bytearray(shard.read_bytes())
+        raw[len(raw) // 2] ^= 0xFF
+        shard.write_bytes(bytes(raw))
+    _, err = submitted(client, job)
+    assert "data: node[2-3]: stale (1 differ (train/shard-00000.tar))" in err, err
+    assert re.search(r"data: node2: copied in [\d.]+ s from the source", err), err
+    assert re.search(r"data: node3: copied in [\d.]+ s from node1", err), err
+    assert "data: copied to node[2-3] and verified" in err, err
+    for h in client.testbed.host_names:
+        assert same_tree(client.workdir[h] / data_path, packed), h
+
+
+def test_a_host_that_cannot_reach_its_peer_copies_from_the_source(client, packed, data_path):
+    """node2 (current) is the peer, but its address cannot be resolved from the hosts: node3's copy
+    from it fails, is taken from the source, and this is said once."""
+    inv = client.inventory(lambda t: t.replace("address: 10.213.0.12", "address: node2-peer.invalid"), "peer.yaml")
+    shutil.copytree(packed, client.workdir["node2"] / data_path)
+    src = describe(str(packed))         # node2's copy verified and stamped, as a submit leaves it
+    assert node_check({"path": str(client.workdir["node2"] / data_path), "mode": "verify", "digest": src.digest,
+                       "files": src.files, "stamp": STAMP})["state"] == "current"
+    job = client.job(JOB.replace("fanout: 2", "fanout: 1").format(source=packed, path=data_path))
+    _, err = submitted(client, job, inventory=inv)
+    assert err.count("cannot copy from") == 1, err
+    assert "data: node3: cannot copy from node2 (" in err and "copying from the source" in err, err
+    assert re.search(r"data: node1: copied in [\d.]+ s from the source", err), err
+    assert re.search(r"data: node3: copied in [\d.]+ s from the source", err), err
+    assert "data: copied to node[1,3] and verified" in err, err
+    for h in client.testbed.host_names:
+        assert same_tree(client.workdir[h] / data_path, packed), h
+
+
+def test_a_source_on_one_of_the_hosts_is_copied_from_there_and_between_hosts(client, packed, data_path):
+    """data.source: node1:REL (relative: under node1's workdir). node1 copies it locally, node2 pulls
+    it from node1's source, node3 from node1's verified copy (fanout 1)."""
+    rel = f"srcset-{uuid.uuid4().hex[:8]}"
+    shutil.copytree(packed, client.workdir["node1"] / rel)
+    try:
+        job = client.job(JOB.replace("fanout: 2", "fanout: 1").format(source=f"node1:{rel}", path=data_path))
+        _, err = submitted(client, job)
+        assert re.search(r"data: node1: copied in [\d.]+ s from the source on node1", err), err
+        assert re.search(r"data: node2: copied in [\d.]+ s from the source on node1", err), err
+        assert re.search(r"data: node3: copied in [\d.]+ s from node1\n", err), err
+        for h in client.testbed.host_names:
+            assert same_tree(client.workdir[h] / data_path, packed), h
+        _, err = submitted(client, job)
+        assert "data: node[1-3]: current (packed" in err and "copying" not in err, err
+        # a source that is not there: one message, nothing started
+        p = client.cli("submit", client.job(JOB.format(source="node2:no/such/set", path=data_path)),
+                       "-i", client.testbed.inventory)
+        assert p.returncode == 2 and "Traceback" not in p.stderr, p.stdout + p.stderr
+        assert "data.source 'node2:no/such/set': cannot read the set on node2" in p.stderr, p.stderr
+    finally:
+        shutil.rmtree(client.workdir["node1"] / rel, ignore_errors=True)
 
 
 def test_a_host_whose_disk_cannot_hold_the_data_fails_the_preflight_and_nothing_starts(client, packed, data_path):

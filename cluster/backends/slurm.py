@@ -194,6 +194,11 @@ class SlurmBackend(Backend):
                  f'echo "{START_MARK} $SLURM_JOB_ID restart ${{SLURM_RESTART_COUNT:-0}} on $SLURM_JOB_NODELIST, '
                  'rendezvous $MASTER_ADDR:$MASTER_PORT"']
         if job.data is not None:
+            from cluster.backends.stage import split_source
+            if split_source(job.data.source)[0] is not None:
+                raise UserError(f"data.source {job.data.source!r} is on a host: SLURM stages from a path every "
+                                "node reads (a shared filesystem)", key="data.source",
+                                hint="give the source's path on the shared filesystem, or use the ssh backend")
             # the job's first step: the dataset onto each node's local disk (cluster/backends/stage.py); a node
             # that cannot hold it ends the job before any task starts
             setup += ["# data: staged on every node before the tasks start",

@@ -201,7 +201,8 @@ class SSHBackend(Backend):
         if plan.data is not None:
             from cluster.backends.stage import Background, Stager
             staging = Background(Stager(plan.data, [self.inv.host(n.host) for n in plan.nodes], self.pool,
-                                        self.inv.ssh, self.inv.shared_fs, progress, copy=not self.check_only))
+                                        self.inv.ssh, self.inv.shared_fs, progress, copy=not self.check_only,
+                                        inventory_hosts=self.inv.hosts))
         try:
             self._preflight(plan)
         except BaseException:

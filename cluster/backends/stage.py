@@ -68,29 +68,52 @@ class Source:
 
 
 def describe(path: str) -> Source:
-    """The source set: a packed set (its manifest lists every file with a checksum) or a folder."""
-    root = os.path.abspath(os.path.expanduser(path))
-    if not os.path.isdir(root):
+    """The source set on this machine: a packed set (its manifest lists every file with a checksum) or a folder."""
+    d = node_describe({"path": path, "stamp": STAMP, "manifest": MANIFEST})
+    if "error" in d:
         raise UserError(f"data.source {path!r} is not a folder on this machine", key="data.source",
                         hint="a packed set (python -m train.pack SRC DST) or an ImageFolder root")
-    man = os.path.join(root, MANIFEST)
+    return Source(d["path"], d["packed"], d["digest"], d["files"])
+
+
+def split_source(text: str) -> tuple[Optional[str], str]:
+    """`HOST:PATH` (a colon before any '/', as rsync reads it) -> (HOST, PATH); a path here -> (None, PATH)."""
+    head, colon, rest = text.partition(":")
+    if colon and head and "/" not in head and not head.startswith("~") and rest:
+        return head, rest
+    return None, text
+
+
+def node_describe(a: dict) -> dict:
+    """The set at a["path"] (here, or on the host that holds the source: python -c, JSON in and out;
+    standard library only): packed (MANIFEST.json lists every file with its sha256) or a folder
+    (every file's size; the digest covers names, sizes and mtimes)."""
+    import hashlib
+    import json
+    import os
+
+    root = os.path.abspath(os.path.expanduser(a["path"]))
+    if not os.path.isdir(root):
+        return {"error": f"{root} is not a folder", "path": root}
+    man = os.path.join(root, a["manifest"])
     if os.path.isfile(man):
-        raw = open(man, "rb").read()
+        with open(man, "rb") as f:
+            raw = f.read()
         files = [[f["path"], f["bytes"], f["sha256"]] for f in json.loads(raw)["files"]]
-        files.append([MANIFEST, len(raw), hashlib.sha256(raw).hexdigest()])
-        return Source(root, True, hashlib.sha256(raw).hexdigest()[:16], files)
+        files.append([a["manifest"], len(raw), hashlib.sha256(raw).hexdigest()])
+        return {"path": root, "packed": True, "digest": hashlib.sha256(raw).hexdigest()[:16], "files": files}
     files, h = [], hashlib.sha256()
     for dirpath, dirnames, names in os.walk(root):
         dirnames.sort()
         for n in sorted(names):
-            if n == STAMP:
+            if n in (a["stamp"], a["stamp"] + ".tmp"):
                 continue
             full = os.path.join(dirpath, n)
             st = os.stat(full)
             rel = os.path.relpath(full, root)
             files.append([rel, st.st_size, None])
             h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode(errors="surrogateescape"))
-    return Source(root, False, h.hexdigest()[:16], files)
+    return {"path": root, "packed": False, "digest": h.hexdigest()[:16], "files": files}
 
 
 def host_path(host: Host, path: str) -> str:
@@ -169,9 +192,9 @@ def node_check(a: dict) -> dict:
     return out
 
 
-def node_command(python: str) -> str:
-    src = "import json, sys\n" + inspect.getsource(node_check) + \
-        "print(json.dumps(node_check(json.loads(sys.stdin.readline()))))\n"
+def node_command(python: str, fn: Callable = node_check) -> str:
+    src = "import json, sys\n" + inspect.getsource(fn) + \
+        f"print(json.dumps({fn.__name__}(json.loads(sys.stdin.readline()))))\n"
     return " ".join(shlex.quote(a) for a in (python, "-c", src))
 
 
@@ -217,16 +240,18 @@ class Schedule:
         self.waiting.insert(0, host)
 
 
-def peer_command(giver: Host, dst: str, path: str, ssh: SSHSettings, opts: Sequence[str]) -> str:
+def peer_command(giver: Host, dst: str, path: str, ssh: SSHSettings, opts: Sequence[str], local: bool = False) -> str:
     """The shell command a receiving host runs to pull the copy from host ``giver``: rsync over ssh
     to the giver's ``address`` (the network the hosts share), with the inventory's ssh settings
     (user, port, identity_file, known_hosts: their paths as the receiving host reads them), no
     jump host (hosts on one network reach each other directly)."""
+    here = shell_path(dst)
+    if local:                # the source is on the receiving host itself
+        return f"mkdir -p {here} && " + quote_argv(["rsync", *opts]) + f" {shell_path(host_path(giver, path))}/ {here}/"
     hop = replace(giver, hostname=giver.address, jump_host=None)
     there = host_path(giver, path)
     there = "." if there == "~" else there[2:] if there.startswith("~/") else there   # --protect-args: home-relative
     addr = f"[{hop.hostname}]" if ":" in hop.hostname else hop.hostname
-    here = shell_path(dst)
     return (f"mkdir -p {here} && " + quote_argv(["rsync", "--protect-args", *opts, "-e", rsync_rsh(hop, ssh),
                                                   f"{addr}:{there}/"]) + f" {here}/")
 
@@ -240,12 +265,42 @@ class Stager:
     """Check, copy, verify: `run()` returns per-host lines, or raises UserError naming the hosts."""
 
     def __init__(self, spec, hosts: Sequence[Host], pool, ssh: SSHSettings, shared_fs: bool,
-                 progress: Callable[[str], None], copy: bool = True):
+                 progress: Callable[[str], None], copy: bool = True, inventory_hosts: Sequence[Host] = ()):
+        """``inventory_hosts``: where a source on a host (`data.source: HOST:PATH`) is looked up;
+        ``pool`` must reach that host too."""
         self.spec, self.hosts, self.pool, self.ssh = spec, list(hosts), pool, ssh
         self.shared_fs, self.progress, self.copy = shared_fs, progress, copy
         self.procs: dict[str, subprocess.Popen] = {}
-        self.hosts_by_name = {h.name: h for h in self.hosts}
+        self.hosts_by_name = {h.name: h for h in [*inventory_hosts, *self.hosts]}
         self.cancelled = threading.Event()
+        name, self.source_path = split_source(spec.source)
+        self.source_host = None
+        if name is not None:
+            if name not in self.hosts_by_name:
+                raise UserError(f"data.source {spec.source!r}: {name!r} is not a host of the inventory",
+                                key="data.source", hint="HOST:PATH with an inventory host's name, or a path "
+                                                        "on this machine")
+            self.source_host = self.hosts_by_name[name]
+
+    def describe(self) -> Source:
+        """The source set, here or on its host (one round trip)."""
+        if self.source_host is None:
+            return describe(self.source_path)
+        h = self.source_host
+        path = host_path(h, self.source_path)
+        res = self.pool.run({h.name: node_command(h.python, node_describe)},
+                            stdin={h.name: json.dumps({"path": path, "stamp": STAMP, "manifest": MANIFEST}).encode()
+                                   + b"\n"}, timeout_s=max(600.0, self.ssh.command_timeout_s),
+                            label="data source (python -c ...)")[h.name]
+        try:
+            d = json.loads(res.stdout.strip().splitlines()[-1]) if res.ok else {"error": res.describe()}
+        except (ValueError, IndexError):
+            d = {"error": res.describe()}
+        if "error" in d:
+            raise UserError(f"data.source {self.spec.source!r}: cannot read the set on {h.name}: {d['error']}",
+                            key="data.source", hint="a packed set (python -m train.pack SRC DST) or an "
+                                                    f"ImageFolder root on {h.name} (relative paths: under its workdir)")
+        return Source(d["path"], d["packed"], d["digest"], d["files"])
 
     def check(self, src: Source, hosts: Sequence[Host], mode: str) -> dict:
         stdin = {h.name: json.dumps({"path": host_path(h, self.spec.path), "mode": mode, "digest": src.digest,
@@ -261,7 +316,7 @@ class Stager:
         return out
 
     def run(self) -> list[str]:
-        src = describe(self.spec.source)
+        src = self.describe()
         mode = "presence" if self.shared_fs else "check"
         t0 = time.monotonic()
         state = self.check(src, self.hosts, mode)
@@ -361,9 +416,11 @@ class Stager:
                 "--exclude", f"/{STAMP}.tmp", "--timeout", str(int(self.ssh.command_timeout_s))]
         if s["bad"]:
             opts.append("--ignore-times")   # a file with the right size and a changed content: copy it again
-        if giver:
-            argv = ssh_argv(h, self.ssh, tty=False) + [peer_command(self.hosts_by_name[giver], dst, self.spec.path,
-                                                                    self.ssh, opts)]
+        if giver or self.source_host is not None:
+            # run on the receiving host: it pulls from the giver (or the host that holds the source)
+            there, path = (self.hosts_by_name[giver], self.spec.path) if giver else (self.source_host, self.source_path)
+            argv = ssh_argv(h, self.ssh, tty=False) + [peer_command(there, dst, path, self.ssh, opts,
+                                                                    local=there.name == h.name)]
         else:
             argv = ["rsync", "--protect-args", *opts, "-e", rsync_rsh(h, self.ssh),
                     "--rsync-path", f"mkdir -p {shlex.quote(dst) if not dst.startswith('~') else dst} && rsync",
@@ -390,8 +447,11 @@ class Stager:
             if any("No space left" in ln for ln in lines):
                 return f"{h.name}: no space left at {dst} while copying"
             return f"{h.name}: rsync exit code {rc}: " + " | ".join(lines[-2:])
-        self.progress(f"data: {h.name}: copied in {time.monotonic() - t0:.1f} s from {giver or 'the source'}")
+        self.progress(f"data: {h.name}: copied in {time.monotonic() - t0:.1f} s from {giver or self._source_name()}")
         return None
+
+    def _source_name(self) -> str:
+        return "the source" if self.source_host is None else f"the source on {self.source_host.name}"
 
     def cancel(self) -> None:
         """Stop the copies in flight (rsync keeps the partial files: the next submit resumes)."""

@@ -544,7 +544,7 @@ def _ckpt_every(job: "Job") -> int:
 @dataclass(frozen=True)
 class DataSpec:
     """A dataset staged onto every node before the launch (cluster/backends/stage.py)."""
-    source: str                # a packed set or a folder on the submitting machine
+    source: str                # a packed set or a folder on the submitting machine, or HOST:PATH on a host
     path: str                  # where each node holds it; relative: under the host's workdir
     fanout: int = 4            # copies at once from one source (the source, and each host with a copy)
     peers: bool = True         # a host with a verified copy serves waiting hosts while the source is busy
