@@ -737,3 +737,13 @@ def test_payload_starts_before_submitit_and_the_pickled_task_takes_it_over(tmp_p
     # once finished, a requeued job's task says so once and starts nothing
     p = task()
     assert p.returncode == 0 and marker.read_text() == "x" and p.stdout.count("not running it again") == 1, p.stdout
+
+
+def test_a_data_source_on_a_host_is_refused_on_slurm(tmp_path):
+    """SLURM's first step stages from a path every node reads; HOST:PATH is the ssh backend's."""
+    from cluster.submit import resolve
+    job = tmp_path / "d.yaml"
+    job.write_text("name: d\nmodule: tests.fixtures.hello\ndata:\n  source: login01:/datasets/x\n  path: /tmp/x\n")
+    with pytest.raises(UserError, match="is on a host: SLURM stages from a path every node reads") as e:
+        resolve(str(job), [], write_inv(tmp_path), None, run_id="r")[3].render()
+    assert e.value.key == "data.source"
