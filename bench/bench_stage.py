@@ -6,13 +6,17 @@ ours (cluster/backends/stage.py: check, rsync, verify, stamp) against plain `rsy
 Generates an ImageNet-like set (bench/imageset.py) and its packed form in /tmp, then for 1 host
 and for all hosts: ours packed, ours loose, plain rsync packed, plain rsync loose (each to fresh
 paths under the hosts' workdirs, removed afterwards), and ours again on current hosts (the
-check a second submit does). Prints and writes a table: seconds, files/s and MB/s per host.
+check a second submit does). Then, packed to all hosts with fanout 1: copies between hosts off
+(every host from the source, one at a time) and on (data.peers: a host with a verified copy serves
+the next one while the source is busy), with where each host's copy came from.
+Prints and writes a table: seconds, files/s and MB/s per host.
 On the cluster in a box hold the testbed lock: `flock /tmp/ddp-testbed.lock python bench/...`.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 import shutil
 import subprocess
@@ -60,25 +64,30 @@ def main() -> int:
     pool = Pool(hosts, inv.ssh)
     rows, made = [], []
     try:
-        for n in sorted({1, len(hosts)}):
+        plan = [(n, form, how) for n in sorted({1, len(hosts)}) for form in ("packed", "loose")
+                for how in ("ours", "plain rsync", "ours, current")]
+        if len(hosts) > 1:
+            plan += [(len(hosts), "packed", "ours, fanout 1, peers off"), (len(hosts), "packed", "ours, fanout 1, peers on")]
+        for n, form, how in plan:
             sel = hosts[:n]
-            for form in ("packed", "loose"):
-                src = describe(str(work / form))
-                for how in ("ours", "plain rsync", "ours, current"):
-                    if how != "ours, current":
-                        rel = f"bench-stage-{uuid.uuid4().hex[:8]}"
-                        made.append(rel)
-                    t = time.monotonic()
-                    if how == "plain rsync":
-                        plain_rsync(sel, inv.ssh, src.path, rel)
-                    else:
-                        Stager(DataSpec(src.path, rel, a.fanout), sel, pool, inv.ssh, False, lambda _: None).run()
-                    dt = time.monotonic() - t
-                    rows.append({"hosts": n, "form": form, "how": how, "files": len(src.files),
-                                 "mb": round(src.total / 1e6, 1), "s": round(dt, 2),
-                                 "files_s_per_host": round(len(src.files) / dt), "mb_s_per_host": round(src.total / 1e6 / dt, 1),
-                                 "mb_s_total": round(n * src.total / 1e6 / dt, 1)})
-                    print(json.dumps(rows[-1]), flush=True)
+            src = describe(str(work / form))
+            if how != "ours, current":
+                rel = f"bench-stage-{uuid.uuid4().hex[:8]}"
+                made.append(rel)
+            said = []
+            t = time.monotonic()
+            if how == "plain rsync":
+                plain_rsync(sel, inv.ssh, src.path, rel)
+            else:
+                spec = DataSpec(src.path, rel, 1 if "fanout 1" in how else a.fanout, peers="peers off" not in how)
+                Stager(spec, sel, pool, inv.ssh, False, said.append).run()
+            dt = time.monotonic() - t
+            came = dict(re.findall(r"data: (\S+): copied in [\d.]+ s from (.+)$", "\n".join(said), re.M))
+            rows.append({"hosts": n, "form": form, "how": how, "files": len(src.files),
+                         "mb": round(src.total / 1e6, 1), "s": round(dt, 2),
+                         "files_s_per_host": round(len(src.files) / dt), "mb_s_per_host": round(src.total / 1e6 / dt, 1),
+                         "mb_s_total": round(n * src.total / 1e6 / dt, 1), "from": came})
+            print(json.dumps(rows[-1]), flush=True)
     finally:
         for rel in made:
             pool.run({h.name: f"rm -rf {shlex.quote(host_path(h, rel))}" for h in hosts}, timeout_s=120)
@@ -88,11 +97,16 @@ def main() -> int:
              "|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['hosts']} | {r['form']} | {r['how']} | {r['files']} | {r['mb']} | {r['s']} | "
               f"{r['files_s_per_host']:,} | {r['mb_s_per_host']} | {r['mb_s_total']} |" for r in rows]
+    lines += [""] + [f"{r['how']}: " + ", ".join(f"{h} from {g}" for h, g in r["from"].items())
+                     for r in rows if "fanout 1" in r["how"]]
     one = {(r["form"], r["how"]): r["s"] for r in rows if r["hosts"] == 1}
     many = {(r["form"], r["how"]): r["s"] for r in rows if r["hosts"] == len(hosts)}
     lines.append("")
     lines += [f"{form}, {how}: {len(hosts)} hosts / 1 host = {many[(form, how)] / one[(form, how)]:.2f}x"
               for form, how in one if (form, how) in many and len(hosts) > 1]
+    on, off = many.get(("packed", "ours, fanout 1, peers on")), many.get(("packed", "ours, fanout 1, peers off"))
+    if on and off:
+        lines.append(f"packed, {len(hosts)} hosts, fanout 1: peers on / peers off = {on / off:.2f}x")
     text = "\n".join(lines) + "\n"
     print(text)
     if a.out:
