@@ -177,3 +177,13 @@ def test_the_source_on_the_receiving_host_itself_is_a_local_rsync():
     h = Host("node1", "node1", "10.0.0.1", None, None, None, None, None, "/w", "python3", 0, None)
     words = shlex.split(peer_command(h, "/w/data/x", "sets/x", SSHSettings(), ["-rlt"], local=True))
     assert words == ["mkdir", "-p", "/w/data/x", "&&", "rsync", "-rlt", "/w/sets/x/", "/w/data/x/"]
+
+
+def test_peers_is_on_by_default_and_a_boolean(tmp_path):
+    f = tmp_path / "j.yaml"
+    f.write_text(JOB)
+    assert load_job(str(f)).job.data.peers is True
+    assert load_job(str(f), ["data.peers=false"]).job.data.peers is False
+    f.write_text(JOB + "  peers: maybe\n")
+    with pytest.raises(UserError, match="data.peers: expected true/false"):
+        load_job(str(f))

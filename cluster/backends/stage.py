@@ -1,7 +1,8 @@
 """Dataset staging: a job's `data:` on every node before the launch.
 
     data:
-      source: /datasets/imagenet-packed   # on the submitting machine (a packed set or a folder)
+      source: /datasets/imagenet-packed   # on the submitting machine (a packed set or a folder),
+                                          # or HOST:PATH on an inventory host
       path: data/imagenet                 # where each node holds it (relative: under its workdir)
       fanout: 4                           # copies at once from one source (its disk and NIC)
       peers: true                         # hosts with a verified copy serve the others too
@@ -20,7 +21,8 @@ copied in this submit) is a source too: while the source is busy, a waiting host
 (rsync over ssh, run on the receiving host; at most `fanout` at once from each), so the source's
 disk and NIC are not the bottleneck (Schedule: who copies from whom). A copy between hosts that
 fails (the hosts cannot reach each other by ssh) is taken again from the source, and no further
-copy between hosts is tried in that submit. Any host that ends without a current copy stops the
+copy between hosts is tried in that submit. A source on a host (`data.source: node1:/datasets/x`)
+is described there, and the hosts pull their copies from there the same way. Any host that ends without a current copy stops the
 submit: nothing starts, one message names the hosts.
 `shared_fs: true`: no copy; the set must be present (every file, right size) at `path`.
 `doctor` only checks and reports per host. SLURM: `python -m cluster.backends.stage SOURCE PATH` runs the
@@ -454,7 +456,9 @@ class Stager:
         return "the source" if self.source_host is None else f"the source on {self.source_host.name}"
 
     def cancel(self) -> None:
-        """Stop the copies in flight (rsync keeps the partial files: the next submit resumes)."""
+        """Stop the copies in flight (rsync keeps the partial files: the next submit resumes). A
+        copy between hosts is an ssh to the receiving host: its rsync ends at its next progress
+        write once that session is gone."""
         self.cancelled.set()
         for p in list(self.procs.values()):
             if p.poll() is None:
