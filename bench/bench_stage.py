@@ -67,7 +67,7 @@ def main() -> int:
         plan = [(n, form, how) for n in sorted({1, len(hosts)}) for form in ("packed", "loose")
                 for how in ("ours", "plain rsync", "ours, current")]
         if len(hosts) > 1:
-            plan += [(len(hosts), "packed", "ours, fanout 1, peers off"), (len(hosts), "packed", "ours, fanout 1, peers on")]
+            plan += [(len(hosts), "packed", f"ours, fanout 1, peers {on}") for on in ("off", "on")]
         for n, form, how in plan:
             sel = hosts[:n]
             src = describe(str(work / form))

@@ -22,8 +22,9 @@ copied in this submit) is a source too: while the source is busy, a waiting host
 disk and NIC are not the bottleneck (Schedule: who copies from whom). A copy between hosts that
 fails (the hosts cannot reach each other by ssh) is taken again from the source, and no further
 copy between hosts is tried in that submit. A source on a host (`data.source: node1:/datasets/x`)
-is described there, and the hosts pull their copies from there the same way. Any host that ends without a current copy stops the
-submit: nothing starts, one message names the hosts.
+is described there, and the hosts pull their copies from there the same way (SLURM refuses it).
+Any host that ends without a current copy stops the submit: nothing starts, one message names
+the hosts.
 `shared_fs: true`: no copy; the set must be present (every file, right size) at `path`.
 `doctor` only checks and reports per host. SLURM: `python -m cluster.backends.stage SOURCE PATH` runs the
 same check, copy and verify on each allocated node in the job's first step, before the tasks
