@@ -380,9 +380,10 @@ class Stager:
                     err = f.result()
                     if err and giver != SOURCE and not self.cancelled.is_set():
                         # hosts may not reach each other by ssh (keys, known_hosts, firewalls): the
-                        # source takes this host and every later one; said once
-                        self.progress(f"data: {name}: cannot copy from {giver} ({err.split(': ', 1)[-1]}); "
-                                      f"copying from the source, no more copies between hosts in this submit")
+                        # source takes this host and every later one; said once (others may be in flight)
+                        if sched.peers:
+                            self.progress(f"data: {name}: cannot copy from {giver} ({err.split(': ', 1)[-1]}); "
+                                          f"copying from the source, no more copies between hosts in this submit")
                         sched.retry_from_source(name, giver)
                     else:
                         sched.done(name, giver, err is None)
