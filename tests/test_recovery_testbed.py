@@ -328,3 +328,73 @@ def test_a_host_that_fails_twice_is_quarantined(client):
     text = client.cli("status", rid).stdout
     assert "quarantined (caused two failures, not used again by this run): node3" in text, text
     assert not client.left_anywhere(rid)
+
+
+def test_a_range_of_nodes_shrinks_without_the_host_whose_rank_was_killed(client):
+    """nodes: 2-3 on the 3 hosts, no spare: node2's rank killed -9, attempt 2 goes on without node2
+    on node1 and node3 (world size 3 -> 2, node3 now rank 1), from the latest checkpoint, with the
+    LR scaled to the smaller global batch, to exactly the configured steps."""
+    client.runs.mkdir(parents=True, exist_ok=True)
+    job = client.job(TRAIN.format(steps=STEPS, log_every=2))
+    before = set(p.name for p in client.runs.iterdir())
+    follower = submit_following(client, job, *RESTART, "nodes=2-3")
+    try:
+        rid = run_id_of(client, before)
+        wait_for("step", lambda: heartbeat_step(client, rid) >= FAULT_AT)
+        rec = client.record(rid)
+        assert [n["host"] for n in rec["plan"]["nodes"]] == ["node1", "node2", "node3"] and \
+            rec["plan"]["world_size"] == 3, rec["plan"]
+        kill_rank(client, rid, host="node2")
+        out, _ = follower.communicate(timeout=300)
+    finally:
+        if follower.poll() is None:
+            os.killpg(follower.pid, signal.SIGKILL)
+    st = client.wait(rid, timeout=120)
+    rec = client.record(rid)
+    assert st["state"] == "SUCCEEDED", json.dumps(rec.get("attempts"), indent=1) + out[-3000:]
+    assert follower.returncode == 0, out[-3000:]
+    assert rec["attempt"] == 2 and len(rec["attempts"]) == 1, rec["attempts"]
+    a1 = rec["attempts"][0]
+    assert a1["blame"] == "node2" and a1["hosts"] == ["node1", "node2", "node3"] and a1["dropped"] == ["node2"] \
+        and a1["replaced"] == {}, a1
+    assert [(n["host"], n["node_rank"]) for n in rec["plan"]["nodes"]] == [("node1", 0), ("node3", 1)]
+    assert rec["plan"]["world_size"] == 2
+    assert [(e["hosts"], e["dropped"], e["world_size"]) for e in events(client, rid, "attempt")] == \
+        [(["node1", "node3"], ["node2"], 2)]
+    assert [e["message"] for e in events(client, rid, "shrunk")] == ["shrunk from 3 to 2 nodes: node2 dropped"]
+    # exactly the configured steps: attempt 2 resumes from the checkpoint at world size 2, each later step once
+    att = attempts_of(metrics(client, rid))
+    assert len(att) == 2 and att[0][0]["world_size"] == 3 and att[1][0]["world_size"] == 2, [a[0] for a in att]
+    steps2 = [r["step"] for r in att[1] if r.get("kind") == "train"]
+    assert steps2 == sorted(set(steps2)) and steps2[0] > att[1][0]["step"] >= 20 and steps2[-1] == STEPS, steps2
+    assert json.loads(client.host_file("node3", rid, "metrics/heartbeat-rank1.json").read_text())["step"] == STEPS
+    # the global batch went from 3x16 to 2x16: the LR with it
+    assert re.search(r"\[node1 0\] lr scaled by 2/3 with the global batch \(world size 3 -> 2\)", out), out[-3000:]
+    assert f"step {STEPS}/{STEPS}" in out
+    text = client.cli("status", rid).stdout
+    assert "world size 2" in text and "ran on node[1-3]; shrunk from 3 to 2 nodes: node2 dropped" in text, text
+    assert not client.left_anywhere(rid)
+
+
+def test_a_range_of_nodes_shrinks_without_node_0(client):
+    """node1 (node 0: the rendezvous, rank 0, the checkpoints) loses its rank and no spare is left:
+    node2 becomes node 0 of attempt 2, is given the latest checkpoint first, and training goes on."""
+    job = client.job(TRAIN.format(steps=STEPS, log_every=2))
+    rid, _ = client.submit(job, *RESTART, "nodes=2-3")
+    wait_for("step", lambda: heartbeat_step(client, rid) >= FAULT_AT)
+    latest = client.host_file("node1", rid, "checkpoints/latest").read_text().strip()
+    kill_rank(client, rid, host="node1")
+    st = client.wait(rid, timeout=300)
+    rec = client.record(rid)
+    assert st["state"] == "SUCCEEDED", json.dumps(rec.get("attempts"), indent=1)
+    assert rec["attempts"][0]["blame"] == "node1" and rec["attempts"][0]["dropped"] == ["node1"]
+    assert [n["host"] for n in rec["plan"]["nodes"]] == ["node2", "node3"]
+    from cluster.spec.config import load_inventory
+    assert rec["plan"]["rdzv_endpoint"].rsplit(":", 1)[0] == load_inventory(client.testbed.inventory).host("node2").address
+    # rank 0 now on node2: it resumed from node1's latest checkpoint and trained each later step once
+    att = attempts_of(metrics(client, rid, host="node2"))
+    assert att[-1][0]["world_size"] == 2 and att[-1][0]["step"] >= int(re.sub(r"\D", "", latest)) >= 20, att[-1][:1]
+    steps = [r["step"] for r in att[-1] if r.get("kind") == "train"]
+    assert steps == sorted(set(steps)) and steps[0] > att[-1][0]["step"] and steps[-1] == STEPS, steps
+    assert "shrunk from 3 to 2 nodes: node1 dropped" in client.cli("status", rid).stdout
+    assert not client.left_anywhere(rid)
