@@ -344,7 +344,7 @@ def test_a_range_of_nodes_shrinks_without_the_host_whose_rank_was_killed(client)
         rec = client.record(rid)
         assert [n["host"] for n in rec["plan"]["nodes"]] == ["node1", "node2", "node3"] and \
             rec["plan"]["world_size"] == 3, rec["plan"]
-        kill_rank(client, rid, host="node2")
+        t_fault = kill_rank(client, rid, host="node2")
         out, _ = follower.communicate(timeout=300)
     finally:
         if follower.poll() is None:
@@ -374,6 +374,11 @@ def test_a_range_of_nodes_shrinks_without_the_host_whose_rank_was_killed(client)
     text = client.cli("status", rid).stdout
     assert "world size 2" in text and "ran on node[1-3]; shrunk from 3 to 2 nodes: node2 dropped" in text, text
     assert not client.left_anywhere(rid)
+    from tests.test_faults_testbed import report
+    first2 = next(r for r in att[1] if r.get("kind") == "train")
+    report("kill -9 of one rank, nodes: 2-3, no spare (shrinks to 2 nodes)", state=st["state"],
+           resumed_at=att[1][0]["step"], auto_recovery_s=round(first2["time"] - t_fault, 1),
+           **phases(client, rid, t_fault))
 
 
 def test_a_range_of_nodes_shrinks_without_node_0(client):
@@ -398,3 +403,60 @@ def test_a_range_of_nodes_shrinks_without_node_0(client):
     assert steps == sorted(set(steps)) and steps[0] > att[-1][0]["step"] and steps[-1] == STEPS, steps
     assert "shrunk from 3 to 2 nodes: node1 dropped" in client.cli("status", rid).stdout
     assert not client.left_anywhere(rid)
+
+
+def _netns_pids(host, rid):
+    """The run's processes on ``host``, looked up from here by its network namespace (a host cut
+    off the network cannot be asked over ssh)."""
+    from tests.test_faults_testbed import _env_has
+    out = subprocess.run(["ip", "netns", "pids", host], capture_output=True, text=True).stdout.split()
+    return [p for p in out if _env_has(p, f"CLUSTER_RUN_ID={rid}")]
+
+
+@pytest.mark.parametrize("nodes", ["2-3", "3"])
+def test_a_host_cut_off_the_network_recovers(client, nodes):
+    """node3's link down at step >= 24. nodes: 2-3 (no spare): the gang loses node3, attempt 2 goes
+    on without it on node1 and node2 while it is still cut off. nodes: 3: the run waits for node3,
+    whose link comes back once its processes have stopped themselves (its peers silent), and attempt
+    2 runs on the 3 hosts again. Both end SUCCEEDED with exactly the configured steps, nothing left."""
+    job = client.job(TRAIN.format(steps=STEPS if nodes != "3" else 80, log_every=2))
+    rid, _ = client.submit(job, "restart.max_failures=2", "restart.backoff_s=1", f"nodes={nodes}")
+    wait_for("step", lambda: heartbeat_step(client, rid) >= FAULT_AT)
+    t_fault = time.time()
+    subprocess.run(["ip", "link", "set", "tbveth3", "down"], check=True)
+    try:
+        if nodes == "3":    # back once node3 has stopped its own processes (as in the fault suite)
+            wait_for("node3's processes to stop", lambda: not _netns_pids("node3", rid), timeout=90, every=0.5)
+            subprocess.run(["ip", "link", "set", "tbveth3", "up"], check=True)
+        st = client.wait(rid, timeout=300)
+        left_cut = _netns_pids("node3", rid)
+    finally:
+        subprocess.run(["ip", "link", "set", "tbveth3", "up"], check=True)
+    rec = client.record(rid)
+    assert st["state"] == "SUCCEEDED", json.dumps(rec.get("attempts"), indent=1)
+    assert rec["attempt"] == 2 and len(rec["attempts"]) == 1, rec["attempts"]
+    a1 = rec["attempts"][0]
+    assert a1["blame"] == "node3" and "cut off the network" in a1["cause"] and a1["restart"], a1
+    hosts2 = ["node1", "node2"] if nodes == "2-3" else ["node1", "node2", "node3"]
+    assert [n["host"] for n in rec["plan"]["nodes"]] == hosts2
+    assert a1.get("dropped", []) == (["node3"] if nodes == "2-3" else []), a1
+    att = attempts_of(metrics(client, rid))
+    assert len(att) == 2 and att[1][0]["world_size"] == len(hosts2), [a[0] for a in att]
+    steps2 = [r["step"] for r in att[1] if r.get("kind") == "train"]
+    total = att[0][0]["steps_total"]
+    assert steps2 == sorted(set(steps2)) and steps2[0] > att[1][0]["step"] >= 20 and steps2[-1] == total, steps2
+    if nodes == "2-3":
+        assert "shrunk from 3 to 2 nodes: node3 dropped" in client.cli("status", rid).stdout
+    assert not left_cut and not client.left_anywhere(rid)
+    from tests.test_faults_testbed import report
+    first2 = next(r for r in att[1] if r.get("kind") == "train")
+    report(f"a host cut off the network (node3), nodes: {nodes} (automatic recovery)", state=st["state"],
+           resumed_at=att[1][0]["step"], auto_recovery_s=round(first2["time"] - t_fault, 1),
+           **phases(client, rid, t_fault))
+
+
+def phases(client, rid, t_fault):
+    """Seconds from the fault to the recovery's steps: the decision (the failure found), the gang
+    verified stopped, the next attempt launched."""
+    return {f"{name}_s": round(next(e["t"] for e in events(client, rid, name)) - t_fault, 1)
+            for name in ("recovery", "gang-clean", "attempt")}
