@@ -372,6 +372,7 @@ def test_a_range_of_nodes_shrinks_without_the_host_whose_rank_was_killed(client)
     assert re.search(r"\[node1 0\] lr scaled by 2/3 with the global batch \(world size 3 -> 2\)", out), out[-3000:]
     assert f"step {STEPS}/{STEPS}" in out
     text = client.cli("status", rid).stdout
+    print(text)     # README's example
     assert "world size 2" in text and "ran on node[1-3]; shrunk from 3 to 2 nodes: node2 dropped" in text, text
     assert not client.left_anywhere(rid)
     from tests.test_faults_testbed import report
