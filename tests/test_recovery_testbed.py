@@ -396,7 +396,8 @@ def test_a_range_of_nodes_shrinks_without_node_0(client):
     assert rec["attempts"][0]["blame"] == "node1" and rec["attempts"][0]["dropped"] == ["node1"]
     assert [n["host"] for n in rec["plan"]["nodes"]] == ["node2", "node3"]
     from cluster.spec.config import load_inventory
-    assert rec["plan"]["rdzv_endpoint"].rsplit(":", 1)[0] == load_inventory(client.testbed.inventory).host("node2").address
+    node2 = load_inventory(client.testbed.inventory).host("node2")
+    assert rec["plan"]["rdzv_endpoint"].rsplit(":", 1)[0] == node2.address     # the rendezvous moved with node 0
     # rank 0 now on node2: it resumed from node1's latest checkpoint and trained each later step once
     att = attempts_of(metrics(client, rid, host="node2"))
     assert att[-1][0]["world_size"] == 2 and att[-1][0]["step"] >= int(re.sub(r"\D", "", latest)) >= 20, att[-1][:1]
@@ -461,3 +462,24 @@ def phases(client, rid, t_fault):
     verified stopped, the next attempt launched."""
     return {f"{name}_s": round(next(e["t"] for e in events(client, rid, name)) - t_fault, 1)
             for name in ("recovery", "gang-clean", "attempt")}
+
+
+def test_a_range_of_nodes_starts_on_the_healthy_hosts(client):
+    """nodes: 2-3 with node3's python missing: the run starts on node1 and node2, saying why node3
+    was left out; nodes: 3-3 on the same inventory is refused (exit 2), naming node3, nothing started."""
+    inv = client.inventory(lambda t: t.replace("    hostname: node3\n",
+                                               "    hostname: node3\n    python: /nonexistent/python\n"))
+    job = client.job(HELLO.format(sleep=1))
+    rid, p = client.submit(job, "nodes=2-3", inventory=inv)
+    assert "node3 left out (nodes 2-3): " in p.stdout + p.stderr and "/nonexistent/python" in p.stdout + p.stderr, \
+        p.stdout + p.stderr
+    assert client.wait(rid)["state"] == "SUCCEEDED"
+    rec = client.record(rid)
+    assert [n["host"] for n in rec["plan"]["nodes"]] == ["node1", "node2"] and rec["plan"]["world_size"] == 2
+    assert not client.left_anywhere(rid)
+    before = set(p.name for p in client.runs.iterdir())
+    bad = client.cli("submit", job, "-i", inv, "nodes=3-3")
+    assert bad.returncode == 2, bad.stdout + bad.stderr
+    assert "nodes: 3-3 needs at least 3 healthy host(s); 2 of 3 passed the preflight probe" in bad.stderr \
+        and "node3: " in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+    assert set(p.name for p in client.runs.iterdir()) == before       # no run recorded, nothing started

@@ -92,7 +92,8 @@ def decide(data: dict, failure: dict, max_failures: int, signal: Optional[int] =
     if failure.get("hang"):
         verdict = "hung ranks were stopped: a restart can fix it"
     elif "lost by the gang" in (failure.get("error") or ""):
-        verdict, blame = f"host {host} was lost: the next attempt starts once it answers again (or on a spare)", host
+        verdict, blame = (f"host {host} was lost: the next attempt starts once it answers again (or on a spare, "
+                          "or without it for nodes: MIN-MAX)"), host
     elif signal is not None:
         verdict, blame = f"killed by signal {signal}, not by the job's code: a restart can fix it", host
     elif "without an exit record" in (failure.get("error") or "") + node_detail:
