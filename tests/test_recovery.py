@@ -35,6 +35,9 @@ def test_python_error_in_the_jobs_code_does_not_restart():
     d = decide({}, failure(own=own, extra=["[node2 agent] torch.distributed.elastic.multiprocessing.errors."
                                            "ChildFailedError: "]), 3, signal=None, progressed=True)
     assert not d.restart and "Python error in the job's code (ValueError: bad label 12)" in d.reason
+    # torch prefixes an uncaught exception's lines with the rank (the testbed's torch does)
+    d = decide({}, failure(own=[f"[rank1]: {l}" for l in own]), 3, signal=None, progressed=True)
+    assert not d.restart and "Python error in the job's code (ValueError: bad label 12)" in d.reason, d
 
 
 def test_python_error_on_a_host_that_ended_later_does_not_restart():

@@ -38,6 +38,7 @@ from cluster.spec import hostlist
 # a Python exception's last line, after the log's "[host rank] " prefix
 _EXCEPTION = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?[A-Za-z_]\w*(?:Error|Exception|Interrupt|Exit)\b(?::|$)")
 _RANK_LINE = re.compile(r"^\[\S+ \d+\] ")      # a rank's own line; "[host agent] " is torchrun's and ours
+_TORCH_RANK = re.compile(r"^\[rank\d+\]: ")     # torch's own prefix of an uncaught exception's lines
 _TORCHRUN_OWN = ("ChildFailedError", "SignalException")       # torchrun's own report of a rank's end
 
 
@@ -110,10 +111,11 @@ def decide(data: dict, failure: dict, max_failures: int, signal: Optional[int] =
 
 
 def _user_error(lines: Sequence[str]) -> Optional[str]:
-    """The last Python exception among ``[host rank] ...`` lines: not torchrun's own reports of how a
-    rank ended (with warm workers it logs a worker's exit as a ProcessExitedException traceback)."""
-    return next((l.split("] ", 1)[1] for l in reversed(lines) if _RANK_LINE.match(l)
-                 and _EXCEPTION.match(l.split("] ", 1)[1]) and not any(t in l for t in _TORCHRUN_OWN)), None)
+    """The last Python exception among ``[host rank] ...`` lines, after torch's own ``[rankN]: ``
+    prefix where it adds one: not torchrun's own reports of how a rank ended (with warm workers it
+    logs a worker's exit as a ProcessExitedException traceback)."""
+    texts = (_TORCH_RANK.sub("", l.split("] ", 1)[1]) for l in reversed(lines) if _RANK_LINE.match(l))
+    return next((t for t in texts if _EXCEPTION.match(t) and not any(o in t for o in _TORCHRUN_OWN)), None)
 
 
 def _restart_of(pattern, pattern_id: str) -> Optional[str]:
