@@ -10,7 +10,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
-from cluster.spec.config import Host, Inventory, Job
+from cluster.spec.config import Host, Inventory, Job, node_range
 from cluster.errors import UserError
 from cluster.quoting import quote_argv, shell_word
 
@@ -113,10 +113,20 @@ def procs_for(host_gpus: int, job: Job, hint: str = "") -> int:
 
 
 def select_hosts(inv: Inventory, job: Job) -> tuple[Host, ...]:
-    """The job's hosts: the inventory's first ``nodes`` (spares are left to recovery)."""
+    """The job's hosts: the inventory's first ``nodes`` (spares are left to recovery); for a range
+    ``MIN-MAX``, the first MAX of them, and at least MIN (submit leaves out the unhealthy ones first:
+    cluster/submit.py)."""
     hosts = inv.job_hosts
     if job.nodes == "all":
         return hosts
+    if node_range(job.nodes):
+        lo, hi = node_range(job.nodes)
+        if len(hosts) < lo:
+            spares = f" (and {len(inv.spares)} spare(s), kept for recovery)" if inv.spares else ""
+            raise UserError(f"job asks for at least {lo} nodes (nodes: {job.nodes}) but the inventory lists "
+                            f"{len(hosts)}{spares}", where=inv.path, key="nodes",
+                            hint=f"use nodes={len(hosts)} or a range from at most {len(hosts)}, or add hosts")
+        return hosts[:hi]
     if job.nodes > len(hosts):
         spares = f" (and {len(inv.spares)} spare(s), kept for recovery)" if inv.spares else ""
         raise UserError(f"job asks for {job.nodes} nodes but the inventory lists {len(hosts)}{spares}",

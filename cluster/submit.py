@@ -9,15 +9,17 @@ from typing import Optional
 
 from cluster import backends
 from cluster.spec import hostlist
-from cluster.spec.config import check_profile_overrides, check_run_id, inventory_from_plain, load_inventory, load_job
+from cluster.spec.config import (check_profile_overrides, check_run_id, inventory_from_plain, load_inventory,
+                                 load_job, node_range)
 from cluster.errors import UserError
 from cluster.run.records import Run, State, git_commit, new_run_id, submitter
 from cluster.spec.schema import to_plain
 
 
 def resolve(job_name: str, overrides: list[str], inventory: Optional[str], backend: Optional[str],
-            run_id: Optional[str] = None):
-    """Everything up to the plan; pure apart from GPU detection on the hosts."""
+            run_id: Optional[str] = None, healthy: bool = False):
+    """Everything up to the plan; pure apart from GPU detection on the hosts. ``healthy`` (submit):
+    a job with a range of nodes runs on the hosts that pass the preflight probe."""
     inv = load_inventory(inventory)
     if backend:
         if backend not in backends.NAMES:
@@ -29,22 +31,57 @@ def resolve(job_name: str, overrides: list[str], inventory: Optional[str], backe
         inv = dataclasses.replace(inv, backend=backend)
     loaded = load_job(job_name, overrides)
     be = backends.get(inv.backend, inv)
-    hosts = be.select_hosts(loaded.job)
-    gpus = be.detect_gpus(hosts)
     notes: list[str] = []
+    hosts = _in_job(loaded, be.select_hosts, loaded.job)
+    span = node_range(loaded.job.nodes)
+    if span and healthy and hasattr(be, "check_spares"):
+        hosts = _healthy_hosts(be, loaded, span, notes)
+    gpus = be.detect_gpus(hosts)
+    if span:
+        notes.append(f"nodes {loaded.job.nodes}: {len(hosts)} node(s) now" + (
+            f"; when a host fails the run and no spare is left, the next attempt goes on without it, down to "
+            f"{span[0]} node(s)" + (" (train: the per-process batch is kept; the learning rate follows the "
+                                    "global batch)" if loaded.job.train is not None else "")
+            if len(hosts) > span[0] else ""))
     if all(g == 0 for g in gpus.values()) and "cpu" in loaded.job.profiles:
         loaded = load_job(job_name, overrides, profile="cpu")
         notes += [f"no GPU on {hostlist.fold([h.name for h in hosts])}: {n}" for n in loaded.notes]
     check_profile_overrides(overrides, loaded.profile)
     run_id = check_run_id(run_id, "--run-id") if run_id else new_run_id(loaded.job.name)
+    plan = _in_job(loaded, be.make_plan, loaded.job, run_id, gpus, notes=tuple(notes), local_runs=_local_runs(),
+                   **({"hosts": hosts} if span else {}))
+    return inv, be, loaded, plan
+
+
+def _in_job(loaded, fn, *args, **kw):
+    """``fn(*args, **kw)``; an error that names the job (where="job") names the job file's line of
+    its key instead (or the override): the plan knows the key, not the file."""
     try:
-        plan = be.make_plan(loaded.job, run_id, gpus, notes=tuple(notes), local_runs=_local_runs())
+        return fn(*args, **kw)
     except UserError as e:
         if e.where != "job":
             raise
-        # the plan knows the key, not the file: name the job file's line (or the override) of it
         raise UserError(e.message, where=loaded.where(e.key or ""), key=e.key, hint=e.hint) from None
-    return inv, be, loaded, plan
+
+
+def _healthy_hosts(be, loaded, span: tuple[int, int], notes: list[str]):
+    """``nodes: MIN-MAX``: the inventory's job hosts that pass the preflight probe (the one a spare
+    passes: reachable, python, torch, GPUs, disk, leftovers), the first MAX of them in inventory order;
+    fewer than MIN: refused, naming what is wrong with the others."""
+    lo, hi = span
+    candidates = list(be.inv.job_hosts)
+    found = be.check_spares([h.name for h in candidates])
+    bad = {n: p for n, p in found.items() if p}
+    good = [h for h in candidates if h.name not in bad][:hi]
+    if len(good) < lo:
+        raise UserError(f"nodes: {loaded.job.nodes} needs at least {lo} healthy host(s); {len(good)} of "
+                        f"{len(candidates)} passed the preflight probe:\n  " +
+                        "\n  ".join(f"{n}: {p}" for n, p in bad.items()),
+                        where=loaded.where("nodes"), key="nodes",
+                        hint="fix those hosts, or lower the range's minimum")
+    for n, p in bad.items():
+        notes.append(f"{n} left out (nodes {loaded.job.nodes}): {p}")
+    return tuple(good)
 
 
 def _local_runs() -> str:
@@ -63,7 +100,7 @@ def submit(job_name: str, overrides: list[str], inventory: Optional[str] = None,
         # SLURM through the login node: the SLURM backend runs there (cluster/backends/login.py)
         from cluster.backends.login import submit as submit_through_login
         return submit_through_login(inv, job_name, overrides, resume=resume)
-    inv, be, loaded, plan = resolve(job_name, overrides, inventory, backend)
+    inv, be, loaded, plan = resolve(job_name, overrides, inventory, backend, healthy=True)
     for n in plan.notes:
         progress(n)
     resume_run = None

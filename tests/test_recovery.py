@@ -35,6 +35,9 @@ def test_python_error_in_the_jobs_code_does_not_restart():
     d = decide({}, failure(own=own, extra=["[node2 agent] torch.distributed.elastic.multiprocessing.errors."
                                            "ChildFailedError: "]), 3, signal=None, progressed=True)
     assert not d.restart and "Python error in the job's code (ValueError: bad label 12)" in d.reason
+    # torch prefixes an uncaught exception's lines with the rank (the testbed's torch does)
+    d = decide({}, failure(own=[f"[rank1]: {l}" for l in own]), 3, signal=None, progressed=True)
+    assert not d.restart and "Python error in the job's code (ValueError: bad label 12)" in d.reason, d
 
 
 def test_python_error_on_a_host_that_ended_later_does_not_restart():
@@ -271,3 +274,101 @@ def test_status_names_the_hosts_of_each_attempt_and_the_quarantined():
     text = "\n".join(describe(data))
     assert "ran on n[1-2]; n2 replaced by s1" in text, text
     assert "quarantined (caused two failures, not used again by this run): n2" in text, text
+
+
+def test_with_a_range_of_nodes_and_no_spare_the_run_shrinks_without_the_culprit():
+    # nodes: 2-3, no spare: node2 dropped, the others keep their order (and node 0)
+    nh = next_hosts(_restarting(["n1", "n2", "n3"], "n2"), [], healthy(), min_nodes=2)
+    assert nh.hosts == ("n1", "n3") and nh.dropped == ("n2",) and not nh.replaced and not nh.error
+    # node 0 dropped: node 1 becomes node 0 (the rendezvous, rank 0, the checkpoint it is given)
+    assert next_hosts(_restarting(["n1", "n2", "n3"], "n1"), [], healthy(), min_nodes=1).hosts == ("n2", "n3")
+    # spares are tried first: a healthy one keeps the world size
+    nh = next_hosts(_restarting(["n1", "n2", "n3"], "n2"), ["s1"], healthy(), min_nodes=2)
+    assert nh.hosts == ("n1", "s1", "n3") and nh.replaced == {"n2": "s1"} and not nh.dropped
+    # ... and one that fails its probe does not stop the shrink
+    nh = next_hosts(_restarting(["n1", "n2", "n3"], "n2"), ["s1"], healthy("s1"), min_nodes=2)
+    assert nh.hosts == ("n1", "n3") and nh.dropped == ("n2",) and "s1" in nh.rejected
+    # at the minimum: no shrink; the same hosts, as a fixed count
+    nh = next_hosts(_restarting(["n1", "n3"], "n2", "n3"), [], healthy(), min_nodes=2)
+    assert nh.hosts == ("n1", "n3") and not nh.dropped
+    # a fixed count (min_nodes None) never shrinks
+    assert next_hosts(_restarting(["n1", "n2", "n3"], "n2"), [], healthy()).hosts == ("n1", "n2", "n3")
+    # a cause that is no host's: nothing dropped
+    assert not next_hosts(_restarting(["n1", "n2", "n3"], None), [], healthy(), min_nodes=2).dropped
+    # a host blamed twice at the minimum: quarantined, no next attempt; above it: dropped instead
+    assert next_hosts(_restarting(["n1", "n2"], "n2", "n2"), [], healthy(), min_nodes=2).error
+    nh = next_hosts(_restarting(["n1", "n2", "n3"], "n2", "n2"), [], healthy(), min_nodes=2)
+    assert nh.hosts == ("n1", "n3") and nh.dropped == ("n2",) and not nh.error
+
+
+def test_status_says_the_run_shrank():
+    data = {"attempt": 2, "state": "RUNNING", "attempts": [
+        {"attempt": 1, "cause": "host node2 rank 1: killed by signal 9", "restart": True, "reason": "r",
+         "hosts": ["node1", "node2", "node3"], "replaced": {}, "dropped": ["node2"]}]}
+    text = "\n".join(describe(data))
+    assert "ran on node[1-3]; shrunk from 3 to 2 nodes: node2 dropped" in text, text
+
+
+@pytest.mark.parametrize("value,words", [
+    ("4-2", ["minimum is above its maximum", "'4-2'", "2-4"]),
+    ("0-3", ["starts at 1 or more", "'0-3'"]),
+    ("2-x", ["a range MIN-MAX", "'2-x'"]),
+    ("'２-３'", ["a range MIN-MAX"]),            # fullwidth digits are not a range
+    ("2-200000", ["at most 100000"]),
+])
+def test_a_bad_range_of_nodes_is_refused_with_file_line_key(tmp_path, value, words, capsys):
+    from cluster.cli import main
+    from cluster.errors import UserError
+    p = tmp_path / "job.yaml"
+    p.write_text(f"name: j\nmodule: a\nnodes: {value}\n")
+    with pytest.raises(UserError) as ei:
+        load_job(str(p))
+    msg = ei.value.render()
+    assert msg.startswith(f"error: {p}:3: nodes: "), msg
+    for w in words:
+        assert w in msg, (w, msg)
+    assert main(["plan", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err and err.count("error:") == 1
+
+
+def test_a_range_of_nodes_parses_and_keeps_counts_and_all(tmp_path):
+    from cluster.spec.config import min_nodes, node_range
+    for value, span in [("2-4", (2, 4)), ("3", None), ("all", None), ("1-1", (1, 1))]:
+        p = tmp_path / "job.yaml"
+        p.write_text(f"name: j\nmodule: a\nnodes: {value}\n")
+        job = load_job(str(p)).job
+        assert node_range(job.nodes) == span and min_nodes(job) == (span[0] if span else None)
+        # the job as run.json keeps it: a relaunch reads the same range
+        assert job_from_plain(to_plain(job)).nodes == job.nodes
+    assert load_job(str(p), ["nodes=2-3"]).job.nodes == "2-3"      # an override, as typed
+
+
+def test_a_range_of_nodes_is_refused_on_slurm(tmp_path, capsys):
+    from cluster.cli import main
+    inv = tmp_path / "inv.yaml"
+    inv.write_text("backend: slurm\nhosts:\n  - name: n1\n    gpus: 0\nslurm:\n  partition: debug\n  time_min: 5\n")
+    p = tmp_path / "job.yaml"
+    p.write_text("name: j\nmodule: a\nnodes: 2-3\n")
+    assert main(["plan", str(p), "-i", str(inv)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {p}:3: nodes: a range of nodes (2-3) is for the ssh backend"), err
+    assert "nodes: 3" in err and "Traceback" not in err
+
+
+def test_plan_shows_the_range(tmp_path, capsys):
+    from cluster.cli import main
+    inv = tmp_path / "inv.yaml"
+    inv.write_text("backend: ssh\nhosts:\n  - name: n[1-4]\n    gpus: 0\nspares: [n4]\n")
+    p = tmp_path / "job.yaml"
+    p.write_text("name: j\ntrain: {steps: 5}\nnodes: 2-3\n")
+    assert main(["plan", str(p), "-i", str(inv)]) == 0
+    out = capsys.readouterr().out
+    assert "3 node(s), world size" in out and "--nnodes=3" in out and "[n4]" not in out, out
+    assert "# nodes 2-3: 3 node(s) now; when a host fails the run and no spare is left, the next attempt " \
+           "goes on without it, down to 2 node(s)" in out, out
+    # fewer job hosts than the minimum: refused, nothing planned
+    p.write_text("name: j\ntrain: {steps: 5}\nnodes: 4-6\n")
+    assert main(["plan", str(p), "-i", str(inv)]) == 2
+    err = capsys.readouterr().err
+    assert "at least 4 nodes (nodes: 4-6) but the inventory lists 3 (and 1 spare(s)" in err, err

@@ -328,3 +328,158 @@ def test_a_host_that_fails_twice_is_quarantined(client):
     text = client.cli("status", rid).stdout
     assert "quarantined (caused two failures, not used again by this run): node3" in text, text
     assert not client.left_anywhere(rid)
+
+
+def test_a_range_of_nodes_shrinks_without_the_host_whose_rank_was_killed(client):
+    """nodes: 2-3 on the 3 hosts, no spare: node2's rank killed -9, attempt 2 goes on without node2
+    on node1 and node3 (world size 3 -> 2, node3 now rank 1), from the latest checkpoint, with the
+    LR scaled to the smaller global batch, to exactly the configured steps."""
+    client.runs.mkdir(parents=True, exist_ok=True)
+    job = client.job(TRAIN.format(steps=STEPS, log_every=2))
+    before = set(p.name for p in client.runs.iterdir())
+    follower = submit_following(client, job, *RESTART, "nodes=2-3")
+    try:
+        rid = run_id_of(client, before)
+        wait_for("step", lambda: heartbeat_step(client, rid) >= FAULT_AT)
+        rec = client.record(rid)
+        assert [n["host"] for n in rec["plan"]["nodes"]] == ["node1", "node2", "node3"] and \
+            rec["plan"]["world_size"] == 3, rec["plan"]
+        t_fault = kill_rank(client, rid, host="node2")
+        out, _ = follower.communicate(timeout=300)
+    finally:
+        if follower.poll() is None:
+            os.killpg(follower.pid, signal.SIGKILL)
+    st = client.wait(rid, timeout=120)
+    rec = client.record(rid)
+    assert st["state"] == "SUCCEEDED", json.dumps(rec.get("attempts"), indent=1) + out[-3000:]
+    assert follower.returncode == 0, out[-3000:]
+    assert rec["attempt"] == 2 and len(rec["attempts"]) == 1, rec["attempts"]
+    a1 = rec["attempts"][0]
+    assert a1["blame"] == "node2" and a1["hosts"] == ["node1", "node2", "node3"] and a1["dropped"] == ["node2"] \
+        and a1["replaced"] == {}, a1
+    assert [(n["host"], n["node_rank"]) for n in rec["plan"]["nodes"]] == [("node1", 0), ("node3", 1)]
+    assert rec["plan"]["world_size"] == 2
+    assert [(e["hosts"], e["dropped"], e["world_size"]) for e in events(client, rid, "attempt")] == \
+        [(["node1", "node3"], ["node2"], 2)]
+    assert [e["message"] for e in events(client, rid, "shrunk")] == ["shrunk from 3 to 2 nodes: node2 dropped"]
+    # exactly the configured steps: attempt 2 resumes from the checkpoint at world size 2, each later step once
+    att = attempts_of(metrics(client, rid))
+    assert len(att) == 2 and att[0][0]["world_size"] == 3 and att[1][0]["world_size"] == 2, [a[0] for a in att]
+    steps2 = [r["step"] for r in att[1] if r.get("kind") == "train"]
+    assert steps2 == sorted(set(steps2)) and steps2[0] > att[1][0]["step"] >= 20 and steps2[-1] == STEPS, steps2
+    assert json.loads(client.host_file("node3", rid, "metrics/heartbeat-rank1.json").read_text())["step"] == STEPS
+    # the global batch went from 3x16 to 2x16: the LR with it
+    assert re.search(r"\[node1 0\] lr scaled by 2/3 with the global batch \(world size 3 -> 2\)", out), out[-3000:]
+    assert f"step {STEPS}/{STEPS}" in out
+    text = client.cli("status", rid).stdout
+    print(text)     # README's example
+    assert "world size 2" in text and "ran on node[1-3]; shrunk from 3 to 2 nodes: node2 dropped" in text, text
+    assert not client.left_anywhere(rid)
+    from tests.test_faults_testbed import report
+    first2 = next(r for r in att[1] if r.get("kind") == "train")
+    report("kill -9 of one rank, nodes: 2-3, no spare (shrinks to 2 nodes)", state=st["state"],
+           resumed_at=att[1][0]["step"], auto_recovery_s=round(first2["time"] - t_fault, 1),
+           **phases(client, rid, t_fault))
+
+
+def test_a_range_of_nodes_shrinks_without_node_0(client):
+    """node1 (node 0: the rendezvous, rank 0, the checkpoints) loses its rank and no spare is left:
+    node2 becomes node 0 of attempt 2, is given the latest checkpoint first, and training goes on."""
+    job = client.job(TRAIN.format(steps=STEPS, log_every=2))
+    rid, _ = client.submit(job, *RESTART, "nodes=2-3")
+    wait_for("step", lambda: heartbeat_step(client, rid) >= FAULT_AT)
+    latest = client.host_file("node1", rid, "checkpoints/latest").read_text().strip()
+    kill_rank(client, rid, host="node1")
+    st = client.wait(rid, timeout=300)
+    rec = client.record(rid)
+    assert st["state"] == "SUCCEEDED", json.dumps(rec.get("attempts"), indent=1)
+    assert rec["attempts"][0]["blame"] == "node1" and rec["attempts"][0]["dropped"] == ["node1"]
+    assert [n["host"] for n in rec["plan"]["nodes"]] == ["node2", "node3"]
+    from cluster.spec.config import load_inventory
+    node2 = load_inventory(client.testbed.inventory).host("node2")
+    assert rec["plan"]["rdzv_endpoint"].rsplit(":", 1)[0] == node2.address     # the rendezvous moved with node 0
+    # rank 0 now on node2: it resumed from node1's latest checkpoint and trained each later step once
+    att = attempts_of(metrics(client, rid, host="node2"))
+    assert att[-1][0]["world_size"] == 2 and att[-1][0]["step"] >= int(re.sub(r"\D", "", latest)) >= 20, att[-1][:1]
+    steps = [r["step"] for r in att[-1] if r.get("kind") == "train"]
+    assert steps == sorted(set(steps)) and steps[0] > att[-1][0]["step"] and steps[-1] == STEPS, steps
+    assert "shrunk from 3 to 2 nodes: node1 dropped" in client.cli("status", rid).stdout
+    assert not client.left_anywhere(rid)
+
+
+def _netns_pids(host, rid):
+    """The run's processes on ``host``, looked up from here by its network namespace (a host cut
+    off the network cannot be asked over ssh)."""
+    from tests.test_faults_testbed import _env_has
+    out = subprocess.run(["ip", "netns", "pids", host], capture_output=True, text=True).stdout.split()
+    return [p for p in out if _env_has(p, f"CLUSTER_RUN_ID={rid}")]
+
+
+@pytest.mark.parametrize("nodes", ["2-3", "3"])
+def test_a_host_cut_off_the_network_recovers(client, nodes):
+    """node3's link down at step >= 24. nodes: 2-3 (no spare): the gang loses node3, attempt 2 goes
+    on without it on node1 and node2 while it is still cut off. nodes: 3: the run waits for node3,
+    whose link comes back once its processes have stopped themselves (its peers silent), and attempt
+    2 runs on the 3 hosts again. Both end SUCCEEDED with exactly the configured steps, nothing left."""
+    job = client.job(TRAIN.format(steps=STEPS if nodes != "3" else 80, log_every=2))
+    rid, _ = client.submit(job, "restart.max_failures=2", "restart.backoff_s=1", f"nodes={nodes}")
+    wait_for("step", lambda: heartbeat_step(client, rid) >= FAULT_AT)
+    t_fault = time.time()
+    subprocess.run(["ip", "link", "set", "tbveth3", "down"], check=True)
+    try:
+        if nodes == "3":    # back once node3 has stopped its own processes (as in the fault suite)
+            wait_for("node3's processes to stop", lambda: not _netns_pids("node3", rid), timeout=90, every=0.5)
+            subprocess.run(["ip", "link", "set", "tbveth3", "up"], check=True)
+        st = client.wait(rid, timeout=300)
+        left_cut = _netns_pids("node3", rid)
+    finally:
+        subprocess.run(["ip", "link", "set", "tbveth3", "up"], check=True)
+    rec = client.record(rid)
+    assert st["state"] == "SUCCEEDED", json.dumps(rec.get("attempts"), indent=1)
+    assert rec["attempt"] == 2 and len(rec["attempts"]) == 1, rec["attempts"]
+    a1 = rec["attempts"][0]
+    assert a1["blame"] == "node3" and "cut off the network" in a1["cause"] and a1["restart"], a1
+    hosts2 = ["node1", "node2"] if nodes == "2-3" else ["node1", "node2", "node3"]
+    assert [n["host"] for n in rec["plan"]["nodes"]] == hosts2
+    assert a1.get("dropped", []) == (["node3"] if nodes == "2-3" else []), a1
+    att = attempts_of(metrics(client, rid))
+    assert len(att) == 2 and att[1][0]["world_size"] == len(hosts2), [a[0] for a in att]
+    steps2 = [r["step"] for r in att[1] if r.get("kind") == "train"]
+    total = att[0][0]["steps_total"]
+    assert steps2 == sorted(set(steps2)) and steps2[0] > att[1][0]["step"] >= 20 and steps2[-1] == total, steps2
+    if nodes == "2-3":
+        assert "shrunk from 3 to 2 nodes: node3 dropped" in client.cli("status", rid).stdout
+    assert not left_cut and not client.left_anywhere(rid)
+    from tests.test_faults_testbed import report
+    first2 = next(r for r in att[1] if r.get("kind") == "train")
+    report(f"a host cut off the network (node3), nodes: {nodes} (automatic recovery)", state=st["state"],
+           resumed_at=att[1][0]["step"], auto_recovery_s=round(first2["time"] - t_fault, 1),
+           **phases(client, rid, t_fault))
+
+
+def phases(client, rid, t_fault):
+    """Seconds from the fault to the recovery's steps: the decision (the failure found), the gang
+    verified stopped, the next attempt launched."""
+    return {f"{name}_s": round(next(e["t"] for e in events(client, rid, name)) - t_fault, 1)
+            for name in ("recovery", "gang-clean", "attempt")}
+
+
+def test_a_range_of_nodes_starts_on_the_healthy_hosts(client):
+    """nodes: 2-3 with node3's python missing: the run starts on node1 and node2, saying why node3
+    was left out; nodes: 3-3 on the same inventory is refused (exit 2), naming node3, nothing started."""
+    inv = client.inventory(lambda t: t.replace("    hostname: node3\n",
+                                               "    hostname: node3\n    python: /nonexistent/python\n"))
+    job = client.job(HELLO.format(sleep=1))
+    rid, p = client.submit(job, "nodes=2-3", inventory=inv)
+    assert "node3 left out (nodes 2-3): " in p.stdout + p.stderr and "/nonexistent/python" in p.stdout + p.stderr, \
+        p.stdout + p.stderr
+    assert client.wait(rid)["state"] == "SUCCEEDED"
+    rec = client.record(rid)
+    assert [n["host"] for n in rec["plan"]["nodes"]] == ["node1", "node2"] and rec["plan"]["world_size"] == 2
+    assert not client.left_anywhere(rid)
+    before = set(p.name for p in client.runs.iterdir())
+    bad = client.cli("submit", job, "-i", inv, "nodes=3-3")
+    assert bad.returncode == 2, bad.stdout + bad.stderr
+    assert "nodes: 3-3 needs at least 3 healthy host(s); 2 of 3 passed the preflight probe" in bad.stderr \
+        and "node3: " in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+    assert set(p.name for p in client.runs.iterdir()) == before       # no run recorded, nothing started

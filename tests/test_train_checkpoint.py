@@ -96,3 +96,39 @@ def test_failed_write_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", real_save)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_10.pt", "latest"]
     assert (tmp_path / "latest").read_text().strip() == "ckpt_10.pt"
+
+
+def test_rescale_lr_scales_the_schedule_from_where_it_is():
+    """At another world size (the per-process batch kept) the LR follows the global batch: the
+    schedule from the resumed step on is the old one times the factor, and the factor is kept in
+    what the next checkpoint saves (a second change scales from there)."""
+    from train.loop import rescale_lr, warmup_cosine
+
+    def sched():
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.3, momentum=0.9)
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(4, 20))
+
+    opt, s = sched()
+    for _ in range(7):
+        opt.step()
+        s.step()
+    plain = [opt.param_groups[0]["lr"]]
+    state = (opt.state_dict(), s.state_dict())
+    for _ in range(5):
+        opt.step()
+        s.step()
+        plain.append(opt.param_groups[0]["lr"])
+    opt2, s2 = sched()      # resumed from step 7 at 2/3 of the world size
+    opt2.load_state_dict(state[0])
+    s2.load_state_dict(state[1])
+    rescale_lr(opt2, s2, 2 / 3)
+    scaled = [opt2.param_groups[0]["lr"]]
+    assert s2.get_last_lr() == scaled
+    for _ in range(5):
+        opt2.step()
+        s2.step()
+        scaled.append(opt2.param_groups[0]["lr"])
+    assert scaled == pytest.approx([x * 2 / 3 for x in plain], rel=1e-12)
+    opt3, s3 = sched()      # the next checkpoint keeps the scaled schedule
+    s3.load_state_dict(s2.state_dict())
+    assert s3.base_lrs == pytest.approx([0.3 * 2 / 3])

@@ -147,6 +147,8 @@ def test_checkpoint_from_two_ranks_resumes_on_one(tmp_path):
     first = train_records(tmp_path / "run" / "metrics", 0)
     out = python_train([*LEARNABLE, "steps=50", "log_every=5", *dirs(tmp_path, "run")], tmp_path)
     assert "ckpt_40.pt: step 40, epoch 0, sample 1280, saved at world size 2" in out.stdout
+    # the per-process batch is kept, so the global batch halves: so does the LR (lr_scaling: linear)
+    assert "lr scaled by 1/2 with the global batch (world size 2 -> 1): peak lr 0.1," in out.stdout, out.stdout
     assert "world_size=1" in out.stdout and summary(out.stdout)["steps"] == "50"
     after = train_records(tmp_path / "run" / "metrics", 0)
     # it went on from the trained weights: far below the loss a fresh start has (about ln 10)

@@ -46,6 +46,9 @@ class TrainConfig:
     # optimization
     optimizer: str = _f("sgd", "sgd (with momentum) | adamw", ("sgd", "adamw"))
     lr: float = _f(0.1, "peak learning rate, reached after warmup_steps, then cosine decay to 0")
+    lr_scaling: str = _f("linear", "resumed at another world size (the per-process batch is kept, so the global "
+                                   "batch changes): linear (the LR scaled with the global batch, Goyal et al. "
+                                   "2017) | none (the LR kept)", ("linear", "none"))
     momentum: float = _f(0.9, "SGD momentum (AdamW: beta1)")
     weight_decay: float = _f(1e-4, "weight decay")
     warmup_steps: int = _f(0, "linear LR warmup steps")

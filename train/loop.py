@@ -423,6 +423,11 @@ def resume(cfg: TrainConfig, env: DistEnv, raw: nn.Module, optimizer, scheduler,
     for group, kept in zip(optimizer.param_groups, flags):
         group.update(kept)
     scheduler.load_state_dict(payload["scheduler"])
+    if payload["world_size"] != env.world_size and cfg.lr_scaling == "linear":
+        rescale_lr(optimizer, scheduler, env.world_size / payload["world_size"])
+        print0(env, f"lr scaled by {env.world_size}/{payload['world_size']} with the global batch "
+                    f"(world size {payload['world_size']} -> {env.world_size}): "
+                    f"peak lr {scheduler.base_lrs[0]:.6g}, now {optimizer.param_groups[0]['lr']:.6g}")
     if payload["world_size"] == env.world_size:
         state = payload["rng"][env.rank]
         torch.set_rng_state(state["torch"])
@@ -437,6 +442,18 @@ def resume(cfg: TrainConfig, env: DistEnv, raw: nn.Module, optimizer, scheduler,
     print0(env, f"resumed from {payload['path']}: step {payload['step']}, epoch {payload['epoch']}, "
                 f"sample {payload['samples_in_epoch']}, saved at world size {payload['world_size']}")
     return Position(payload["step"], payload["epoch"], samples)
+
+
+def rescale_lr(optimizer, scheduler, factor: float) -> None:
+    """The LR schedule times ``factor``, from the step it is at: at another world size the
+    per-process batch is kept, so the global batch changes by ``factor``, and the linear scaling
+    rule keeps the LR per sample. The scaled schedule is what the next checkpoint saves, so a
+    second change of world size scales from there."""
+    scheduler.base_lrs = [b * factor for b in scheduler.base_lrs]
+    for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+        group["initial_lr"] = base
+        group["lr"] *= factor
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]     # what get_last_lr reports until the next step
 
 
 def print0(env: DistEnv, text: str) -> None:

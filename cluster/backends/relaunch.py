@@ -13,8 +13,11 @@ fails counts as a failure of the next attempt.
 Where the failure blamed a host and the inventory has spares, the next attempt runs on a spare in
 its place (cluster/run/recovery.py next_hosts; the spare passes the preflight probe first), in the
 same node rank; a new node 0 (or, with checkpoint.every_node, any new node) gets the latest
-checkpoint from storage. A blamed host that does not answer is not waited for when a spare takes
-its place; with none, the run ends FAILED naming it.
+checkpoint from storage. With no spare left, a job with a range of nodes (``nodes: 2-4``) goes on
+without the blamed host while its minimum is left (torchrun's world size shrinks; train/ keeps the
+per-process batch and scales the learning rate with the global batch), and a new node 0 gets the
+checkpoint the same way. A blamed host that does not answer is not waited for when a spare takes
+its place or the run shrinks without it; otherwise the run ends FAILED naming it.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ from pathlib import Path
 from cluster.backends.base import progress
 from cluster.backends.rsync import pull_checkpoints, push_run_files, shell_path
 from cluster.run.checkpoints import checkpoint_path
-from cluster.run.recovery import next_hosts
+from cluster.run.recovery import next_hosts, shrunk
 from cluster.run.records import Run, State
 from cluster.spec import hostlist
 
@@ -33,7 +36,7 @@ CLEAN_TRIES = 3
 
 def relaunch(be, run_id: str, root: Path) -> State:
     """Start the next attempt of the RESTARTING run ``run_id``; returns the run's state after."""
-    from cluster.spec.config import job_from_plain
+    from cluster.spec.config import job_from_plain, min_nodes
     from cluster.spec.schema import to_plain
     run = Run(run_id, root)
     if run.state != State.RESTARTING:
@@ -42,7 +45,9 @@ def relaunch(be, run_id: str, root: Path) -> State:
     job = job_from_plain(run.data["job"]["resolved"])
     hosts = [be.inv.host(h["host"]) for h in run.data["plan"]["nodes"]]
     blame = ((run.data.get("attempts") or [{}])[-1]).get("blame")
-    spare_for_it = bool(blame and [s for s in be.inv.spares if s not in {h.name for h in hosts}])
+    # the blamed host need not answer (nor be verified clean) where the next attempt runs without it
+    shrinkable = min_nodes(job) is not None and len(hosts) - 1 >= min_nodes(job)
+    spare_for_it = bool(blame and ([s for s in be.inv.spares if s not in {h.name for h in hosts}] or shrinkable))
     t0 = time.time()
     left = []
     for _ in range(CLEAN_TRIES):
@@ -74,7 +79,7 @@ def relaunch(be, run_id: str, root: Path) -> State:
     if _stopped(run):
         return run.state
     peer = next((h.name for h in hosts if h.name != blame), None)     # a spare must answer as it does
-    choice = next_hosts(run.data, be.inv.spares, lambda names: be.check_spares(names, peer))
+    choice = next_hosts(run.data, be.inv.spares, lambda names: be.check_spares(names, peer), min_nodes(job))
     for spare, why in choice.rejected.items():
         run.event("spare-rejected", host=spare, reason=why)
         progress(f"recovery: spare {spare} failed the preflight: {why}")
@@ -86,7 +91,7 @@ def relaunch(be, run_id: str, root: Path) -> State:
     plan = be.make_plan(job, run.id, be.detect_gpus(new), hosts=tuple(new))
     run.update(plan=to_plain(plan))     # a failed start stops what it started on these hosts
     try:
-        _seed_spares(be, run, plan, choice, dest, job.checkpoint.every_node)
+        _seed_spares(be, run, plan, choice, dest, job.checkpoint.every_node, hosts[0].name)
         be.preflight(plan)
         be.prepare(plan, run)
         be.watcher_pid = _own_pid()        # this watcher goes on following the run: no second one
@@ -100,6 +105,7 @@ def relaunch(be, run_id: str, root: Path) -> State:
     run = Run(run_id, root)
     run.update(handle=handle, plan=to_plain(plan), attempt=n + 1)
     run.event("attempt", attempt=n + 1, hosts=[x.host for x in plan.nodes], replaced=choice.replaced,
+              dropped=list(choice.dropped), world_size=plan.world_size,
               checkpoint=(dest / "latest").read_text().strip() if (dest / "latest").exists() else None)
     run.set_state(State.STARTING)
     progress(f"recovery: attempt {n + 1} started on {hostlist.fold([x.host for x in plan.nodes])}")
@@ -114,11 +120,18 @@ def _only_unreachable(left: list[str], host) -> bool:
 
 
 def _record_hosts(run: Run, n: int, choice) -> None:
-    """Attempt ``n``'s entry: the spare that replaces its culprit, the hosts quarantined so far;
-    the run's ``quarantined`` (shown by status)."""
-    attempts = [dict(a, replaced=choice.replaced, quarantined=list(choice.quarantined))
+    """Attempt ``n``'s entry: the spare that replaces its culprit (or the culprit dropped), the
+    hosts quarantined so far; the run's ``quarantined`` (shown by status)."""
+    attempts = [dict(a, replaced=choice.replaced, quarantined=list(choice.quarantined),
+                     **({"dropped": list(choice.dropped)} if choice.dropped else {}))
                 if a.get("attempt") == n else a for a in run.data.get("attempts") or []]
     run.update(attempts=attempts, quarantined=list(choice.quarantined))
+    if choice.dropped:
+        entry = next(a for a in attempts if a.get("attempt") == n)
+        run.event("shrunk", attempt=n + 1, dropped=list(choice.dropped), hosts=list(choice.hosts),
+                  message=shrunk(entry))
+        progress(f"recovery: no spare left for {', '.join(choice.dropped)}: attempt {n + 1} "
+                 f"{shrunk(entry)} (nodes: MIN-MAX)")
     for old, new in choice.replaced.items():
         run.event("replaced", attempt=n + 1, host=old, spare=new)
         progress(f"recovery: {old} caused attempt {n}'s failure; attempt {n + 1} runs on spare {new} in its place")
@@ -127,11 +140,13 @@ def _record_hosts(run: Run, n: int, choice) -> None:
         run.event("quarantined", host=culprit, attempt=n)
 
 
-def _seed_spares(be, run: Run, plan, choice, dest: Path, every_node: bool) -> None:
-    """The latest checkpoint from storage (``dest``) onto each spare that loads it: a new node 0
-    (rank 0 loads and broadcasts), or any spare where every rank loads it itself."""
+def _seed_spares(be, run: Run, plan, choice, dest: Path, every_node: bool, node0: str) -> None:
+    """The latest checkpoint from storage (``dest``) onto each host that loads it and may not hold
+    it: a new node 0 (rank 0 loads and broadcasts: a spare, or the next host where ``node0`` was
+    dropped), or any spare where every rank loads it itself."""
     spares = set(choice.replaced.values())
-    to = [be.inv.host(x.host) for x in plan.nodes if x.host in spares and (every_node or x.node_rank == 0)]
+    to = [be.inv.host(x.host) for x in plan.nodes
+          if (x.host in spares and (every_node or x.node_rank == 0)) or (x.node_rank == 0 and x.host != node0)]
     latest = dest / "latest"
     if not to or not latest.exists():
         return

@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from cluster.spec import hostlist
-from cluster.spec.config import REPO, SBATCH_MANAGED, SBATCH_OPTIONS, Job
+from cluster.spec.config import REPO, SBATCH_MANAGED, SBATCH_OPTIONS, Job, node_range
 from cluster.errors import UserError
 from cluster.plan import RUNS, NodeLaunch, Plan, _payload, module_dirs, procs_for
 from cluster.run.records import Run, State
@@ -128,6 +128,13 @@ class SlurmBackend(Backend):
 
     # ---------------------------------------------------------------- plan
     def select_hosts(self, job: Job):
+        if node_range(job.nodes):
+            # sbatch --nodes=MIN-MAX would leave the node count to the allocation, after the plan
+            # (torchrun's --nnodes, the gang) is made: the ssh backend's shrinking has no SLURM form here
+            raise UserError(f"a range of nodes ({job.nodes}) is for the ssh backend; SLURM needs a count",
+                            where="job", key="nodes",
+                            hint=f"give a count (nodes: {node_range(job.nodes)[1]}); on SLURM a failed node is "
+                                 "excluded when the job is requeued (restart.requeue)")
         s = self.inv.slurm
         n = job.nodes if isinstance(job.nodes, int) else (s.nodes or len(self.inv.hosts))
         base = self.inv.hosts[0]

@@ -265,7 +265,7 @@ class SSHBackend(Backend):
         """Recovery (cluster/backends/relaunch.py): the preflight probe on each spare in ``names``
         and on ``peer`` (a host of the run), all at once; per spare, what the preflight report
         finds wrong with it (unreachable, no torch, versions unlike the peer's, GPUs, disk,
-        leftovers), or None."""
+        leftovers), or None. Also the choice of a ``nodes: MIN-MAX`` job's hosts (cluster/submit.py)."""
         hosts = [self.inv.host(n) for n in dict.fromkeys([*names, *([peer] if peer else [])])]
         stdin = {h.name: json.dumps({"workdir": h.workdir, "host": h.name}).encode() + b"\n" for h in hosts}
         res = self.pool.run({h.name: host_command(h.python, _probe) for h in hosts}, stdin=stdin,

@@ -20,7 +20,9 @@ detached watcher: cluster/backends/relaunch.py) starts the next attempt.
 Where a host is the cause (lost by the gang, its rank or torchrun killed by a signal, its agent
 gone), the decision blames it, and the next attempt runs on a spare in its place (the inventory's
 ``spares:``, preflighted first: ``next_hosts``); a host blamed for two failures is quarantined for
-the run. Each failed attempt's entry keeps the hosts that ran it and what was replaced after it.
+the run. With no spare, a job with a range of nodes (``nodes: 2-4``) goes on without the blamed
+host while at least its minimum is left (the attempt's entry keeps ``dropped``). Each failed
+attempt's entry keeps the hosts that ran it and what was replaced or dropped after it.
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ from cluster.spec import hostlist
 # a Python exception's last line, after the log's "[host rank] " prefix
 _EXCEPTION = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?[A-Za-z_]\w*(?:Error|Exception|Interrupt|Exit)\b(?::|$)")
 _RANK_LINE = re.compile(r"^\[\S+ \d+\] ")      # a rank's own line; "[host agent] " is torchrun's and ours
+_TORCH_RANK = re.compile(r"^\[rank\d+\]: ")     # torch's own prefix of an uncaught exception's lines
 _TORCHRUN_OWN = ("ChildFailedError", "SignalException")       # torchrun's own report of a rank's end
 
 
@@ -90,7 +93,8 @@ def decide(data: dict, failure: dict, max_failures: int, signal: Optional[int] =
     if failure.get("hang"):
         verdict = "hung ranks were stopped: a restart can fix it"
     elif "lost by the gang" in (failure.get("error") or ""):
-        verdict, blame = f"host {host} was lost: the next attempt starts once it answers again (or on a spare)", host
+        verdict, blame = (f"host {host} was lost: the next attempt starts once it answers again (or on a spare, "
+                          "or without it for nodes: MIN-MAX)"), host
     elif signal is not None:
         verdict, blame = f"killed by signal {signal}, not by the job's code: a restart can fix it", host
     elif "without an exit record" in (failure.get("error") or "") + node_detail:
@@ -107,10 +111,11 @@ def decide(data: dict, failure: dict, max_failures: int, signal: Optional[int] =
 
 
 def _user_error(lines: Sequence[str]) -> Optional[str]:
-    """The last Python exception among ``[host rank] ...`` lines: not torchrun's own reports of how a
-    rank ended (with warm workers it logs a worker's exit as a ProcessExitedException traceback)."""
-    return next((l.split("] ", 1)[1] for l in reversed(lines) if _RANK_LINE.match(l)
-                 and _EXCEPTION.match(l.split("] ", 1)[1]) and not any(t in l for t in _TORCHRUN_OWN)), None)
+    """The last Python exception among ``[host rank] ...`` lines, after torch's own ``[rankN]: ``
+    prefix where it adds one: not torchrun's own reports of how a rank ended (with warm workers it
+    logs a worker's exit as a ProcessExitedException traceback)."""
+    texts = (_TORCH_RANK.sub("", l.split("] ", 1)[1]) for l in reversed(lines) if _RANK_LINE.match(l))
+    return next((t for t in texts if _EXCEPTION.match(t) and not any(o in t for o in _TORCHRUN_OWN)), None)
 
 
 def _restart_of(pattern, pattern_id: str) -> Optional[str]:
@@ -175,11 +180,19 @@ def describe(data: dict) -> list[str]:
                    f"{'restarted' if a['restart'] else 'not restarted'}: {a['reason']}")
         if a.get("hosts"):
             out.append(f"    ran on {hostlist.fold(a['hosts'])}" + "".join(
-                f"; {old} replaced by {new}" for old, new in (a.get("replaced") or {}).items()))
+                f"; {old} replaced by {new}" for old, new in (a.get("replaced") or {}).items()) +
+                (f"; {shrunk(a)}" if a.get("dropped") else ""))
     if data.get("quarantined"):
         out.append("  quarantined (caused two failures, not used again by this run): " +
                    ", ".join(data["quarantined"]))
     return out
+
+
+def shrunk(attempt: dict) -> str:
+    """'shrunk from 3 to 2 nodes: node2 dropped' for a failed attempt's entry whose next attempt
+    went on without its culprit (nodes: MIN-MAX, no spare left)."""
+    n, gone = len(attempt.get("hosts") or []), attempt.get("dropped") or []
+    return f"shrunk from {n} to {n - len(gone)} nodes: {', '.join(gone)} dropped"
 
 
 @dataclass(frozen=True)
@@ -190,17 +203,21 @@ class NextHosts:
     quarantined: tuple[str, ...] = ()                   # blamed for two failures: never used again
     rejected: dict = field(default_factory=dict)        # spare -> why its preflight failed
     error: Optional[str] = None                         # no next attempt can start: why
+    dropped: tuple[str, ...] = ()                       # left out, no spare for it (nodes: MIN-MAX)
 
 
 def next_hosts(data: dict, spares: Sequence[str],
-               check: Callable[[list[str]], Mapping[str, Optional[str]]]) -> NextHosts:
+               check: Callable[[list[str]], Mapping[str, Optional[str]]],
+               min_nodes: Optional[int] = None) -> NextHosts:
     """Where the next attempt of the RESTARTING run ``data`` runs: its last attempt's hosts, with
     the host blamed for that failure replaced by the first spare that passes ``check`` (names ->
     a problem, or None for a healthy host; the preflight probe). A spare is one of the inventory's
     ``spares`` that no attempt of this run ran on. Node rank order is kept, so the rendezvous stays
-    on node 0 unless node 0 is the one replaced. A host blamed for two failures is quarantined:
-    with no spare for it, there is no next attempt; with no spare for a host blamed once, the run
-    restarts on the same hosts."""
+    on node 0 unless node 0 is the one replaced. With no spare, a job with a range of nodes
+    (``min_nodes``: its MIN) goes on without the blamed host while at least MIN are left (the others
+    keep their order: node 1 becomes node 0 if node 0 is dropped). Otherwise a host blamed for two
+    failures is quarantined: with no spare for it, there is no next attempt; with no spare for a
+    host blamed once, the run restarts on the same hosts."""
     current = [n["host"] for n in (data.get("plan") or {}).get("nodes") or []]
     attempts = data.get("attempts") or []
     blamed = Counter(a["blame"] for a in attempts if a.get("blame"))
@@ -216,6 +233,9 @@ def next_hosts(data: dict, spares: Sequence[str],
     if spare is not None:
         return NextHosts(tuple(spare if h == culprit else h for h in current), {culprit: spare}, quarantined,
                          rejected)
+    if min_nodes is not None and len(current) - 1 >= min_nodes:
+        return NextHosts(tuple(h for h in current if h != culprit), quarantined=quarantined, rejected=rejected,
+                         dropped=(culprit,))
     why = "no spare left" + (" (" + "; ".join(f"{s}: {p}" for s, p in rejected.items()) + ")" if rejected else "")
     if culprit in quarantined:
         runs = ", ".join(str(a["attempt"]) for a in attempts if a.get("blame") == culprit)

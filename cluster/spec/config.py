@@ -554,7 +554,9 @@ class DataSpec:
 class Job:
     name: str
     description: str = ""
-    nodes: Union[int, Literal["all"]] = "all"
+    # a count, all of the inventory's job hosts, or a range MIN-MAX (ssh): as many as the inventory
+    # offers up to MAX, at least MIN; the run shrinks when a host fails and no spare is left
+    nodes: Union[int, Literal["all"], str] = "all"
     gpus_per_node: Union[int, Literal["auto"]] = "auto"
     cpu_procs_per_node: int = 2            # processes per node when a host has no GPU (gloo)
     train: Optional[dict[str, Any]] = None  # config of the train package (python -m train)
@@ -590,6 +592,22 @@ class LoadedJob:
     def where(self, key: str) -> str:
         """'jobs/x.yaml:12' (or 'command line (override ...)') for a dotted key such as 'container.runtime'."""
         return self.src.where(tuple(key.split("."))) if self.src else self.path
+
+
+_NODE_RANGE = re.compile(r"([0-9]+)-([0-9]+)")     # ASCII digits only (\d would take '２-３')
+
+
+def node_range(nodes) -> Optional[tuple[int, int]]:
+    """``nodes: MIN-MAX`` as (MIN, MAX); None for a count or 'all' (validated by _check_job)."""
+    m = _NODE_RANGE.fullmatch(nodes) if isinstance(nodes, str) else None
+    return (int(m[1]), int(m[2])) if m else None
+
+
+def min_nodes(job: "Job") -> Optional[int]:
+    """The fewest nodes a run of ``job`` may go on with after a host is dropped (recovery); None:
+    the job's node count is fixed (a count or 'all')."""
+    r = node_range(job.nodes)
+    return r[0] if r else None
 
 
 def job_path(name: str) -> Path:
@@ -746,6 +764,7 @@ def _check_job(job: Job, src: Source) -> None:
                    "a dotted name such as 'mypkg.train' (arguments go in 'args:')")
     if isinstance(job.nodes, int) and job.nodes < 1:
         raise UserError("must be at least 1 (or all)", where=src.where(("nodes",)), key="nodes")
+    _check_nodes(job.nodes, src)
     if isinstance(job.gpus_per_node, int) and job.gpus_per_node < 0:
         raise UserError("must be 0 or more (or auto)", where=src.where(("gpus_per_node",)), key="gpus_per_node")
     if job.cpu_procs_per_node < 1:
@@ -814,6 +833,25 @@ def _check_job(job: Job, src: Source) -> None:
                 hint = did_you_mean(key, tcfg.FIELDS) + "train settings are: " + ", ".join(sorted(tcfg.FIELDS))
             raise UserError(message, where=src.where(("train", key) if key else ("train",)),
                             key=f"train.{key}" if key else "train", hint=hint) from None
+
+
+def _check_nodes(nodes, src: Source) -> None:
+    """``nodes:`` as a string: 'all' or a range MIN-MAX with 1 <= MIN <= MAX."""
+    if not isinstance(nodes, str) or nodes == "all":
+        return
+    hint = "write a number of hosts (nodes: 2), all, or a range MIN-MAX (nodes: 2-4: up to 4 hosts, and the " \
+           "run goes on with at least 2 when a host fails)"
+    r = node_range(nodes)
+    if r is None:
+        raise _bad(f"must be a number of hosts, 'all' or a range MIN-MAX; got {show(nodes)}", src, ("nodes",), hint)
+    lo, hi = r
+    if lo < 1:
+        raise _bad(f"a range of nodes starts at 1 or more; got {show(nodes)}", src, ("nodes",), hint)
+    if lo > hi:
+        raise _bad(f"the range's minimum is above its maximum; got {show(nodes)}", src, ("nodes",),
+                   f"write it MIN-MAX: {hi}-{lo}")
+    if hi > MAX_NODES:
+        raise _bad(f"must be at most {MAX_NODES}; got {show(nodes)}", src, ("nodes",))
 
 
 def _outside(path: str) -> bool:
