@@ -6,7 +6,7 @@ On the cluster in a box's real SLURM (.testbed/, `python -m tests.testbed up`), 
 machine (the login node's view: the shared filesystem, SLURM's clients). The same job each time:
 2 nodes x 2 tasks, ``python -m train`` with a two-conv model at 32x32 on CPU, 5 steps, a metrics
 record every step. Interleaved (ours, sbatch, submitit, ours, ...), each job waited for to its
-end before the next, so every one meets the same idle cluster:
+end (out of the queue, its nodes idle) before the next, so every one meets the same idle cluster:
 
   * ours: ``python -m cluster submit`` in a fresh process (the sbatch --test-only preflight,
     submitit's submit, the sbatch script; per task one interpreter besides the payload);
@@ -64,15 +64,20 @@ def step1_time(out_dir: Path, ranks: int = 4) -> float | None:
     return max(times)
 
 
-def wait_job_gone(jid: str, timeout: float = 120) -> None:
+def wait_job_gone(jid: str, partition: str, timeout: float = 120) -> None:
+    """Until the job left the queue and every node of the partition is idle again: a job
+    submitted while the last one's nodes still complete waits for a later scheduling pass
+    (seconds here), whichever way submitted it."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         p = subprocess.run(["squeue", "-h", "-j", jid, "-o", "%T"], capture_output=True, text=True)
         if p.returncode != 0 or not p.stdout.strip():
-            return
+            nodes = subprocess.run(["sinfo", "-h", "-N", "-p", partition, "-o", "%T"], capture_output=True, text=True)
+            if nodes.returncode == 0 and set(nodes.stdout.split()) == {"idle"}:
+                return
         time.sleep(0.3)
     subprocess.run(["scancel", jid])
-    raise RuntimeError(f"job {jid} still queued after {timeout}s")
+    raise RuntimeError(f"job {jid} still queued, or its nodes not idle, after {timeout}s")
 
 
 # ---------------------------------------------------------------- the three ways
@@ -176,7 +181,7 @@ def main() -> int:
                     if time.time() > deadline:
                         raise RuntimeError(f"{way}: no step 1 from every rank after 120 s ({out})")
                     time.sleep(0.1)
-                wait_job_gone(jid)
+                wait_job_gone(jid, st["partition"])
                 results[way].append({"submit_s": round(t1 - t0, 3), "step1_s": round(t - t0, 3), "job": jid})
                 print(f"rep {rep} {way:<9} submit {t1 - t0:5.2f} s  every rank at step 1 {t - t0:5.2f} s", flush=True)
     print(f"\n2 nodes x 2 tasks, {STEPS}-step CPU job, {args.reps} interleaved repetitions (median / min, seconds)")
