@@ -8,6 +8,7 @@ import json
 import os
 import pickle
 import shlex
+import signal
 import subprocess
 import sys
 import textwrap
@@ -83,6 +84,8 @@ if name == "sinfo" and "%N" in args:
     sys.exit(0)
 if name == "sacct":
     sys.exit(1)
+if name == "scontrol" and args[:1] == ["requeue"]:
+    sys.exit(0)
 if name == "scancel":
     cfg["state"] = "CANCELLED"
     json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
@@ -707,34 +710,31 @@ def test_status_names_each_nodes_first_task_pid_of_this_start(tmp_path, fake_slu
     assert {n.host: n.pid for n in nodes} == {"gpu01": 101, "gpu02": 204}
 
 
-def test_payload_starts_before_submitit_and_the_pickled_task_takes_it_over(tmp_path):
-    """The task as srun starts it (python -m cluster.node.slurm_task FOLDER, submitit's real pickle):
-    the payload starts from task.json before submitit is imported; the task submitit unpickles then
-    waits for that payload instead of starting a second one."""
-    from submitit.core.job_environment import JobPaths
-    from submitit.core.utils import DelayedSubmission
-    from cluster.node.slurm_task import SPEC, SlurmTask
-    env = {**os.environ, "SLURMD_NODENAME": "gpu07", "SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_JOB_ID": "5",
-           "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_JOB_NUM_NODES": "1", "SUBMITIT_EXECUTOR": "slurm"}
+TASK_ENV = {"SLURMD_NODENAME": "gpu07", "SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_JOB_ID": "5",
+            "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_JOB_NUM_NODES": "1", "SUBMITIT_EXECUTOR": "slurm"}
+
+
+def test_task_starts_the_payload_from_its_spec_without_submitits_pickle(tmp_path):
+    """The task as srun starts it (python -m cluster.node.slurm_task FOLDER): the payload starts from
+    task.json alone; submitit's pickle is not read (nor submitit imported) unless a requeue signal
+    comes, so the folder here has none. Once finished, a requeued job's task starts nothing."""
+    from cluster.node.slurm_task import SPEC
     marker, folder = tmp_path / "starts", tmp_path / "slurm"
-    probe = (f"import sys, os; open({str(marker)!r}, 'a').write('x'); "
-             "print('ran', 'submitit' in open(f'/proc/{os.getppid()}/cmdline').read())")
-    spec = {"argv": [sys.executable, "-c", probe], "workdir": str(tmp_path), "run_dir": "r", "requeue": True}
+    probe = f"open({str(marker)!r}, 'a').write('x'); print('ran')"
     folder.mkdir()
-    (folder / SPEC).write_text(json.dumps(spec))
+    (folder / SPEC).write_text(json.dumps({"argv": [sys.executable, "-c", probe], "workdir": str(tmp_path),
+                                           "run_dir": "r", "requeue": True}))
 
     def task():
-        DelayedSubmission(SlurmTask(spec)).dump(JobPaths(folder, job_id="5", task_id=0).submitted_pickle)
         return subprocess.run([sys.executable, "-u", "-m", "cluster.node.slurm_task", str(folder)], cwd=REPO,
-                              env=env, capture_output=True, text=True, timeout=60)
+                              env={**os.environ, **TASK_ENV}, capture_output=True, text=True, timeout=60)
     p = task()
     assert p.returncode == 0, p.stdout + p.stderr
     lines = p.stdout.splitlines()
     assert lines and all(l.startswith("[gpu07 0] ") for l in lines), lines
     assert marker.read_text() == "x" and p.stdout.count("[gpu07 0] ran") == 1
     assert p.stdout.count("] task 0/1 on gpu07") == 1 and lines[-1] == "[gpu07 0] payload finished (exit code 0)"
-    assert "submitit INFO" not in p.stdout           # submitit's own chatter is not the job's log
-    # once finished, a requeued job's task says so once and starts nothing
+    assert json.loads((tmp_path / "r" / "state" / "task0.json").read_text())["host"] == "gpu07"
     p = task()
     assert p.returncode == 0 and marker.read_text() == "x" and p.stdout.count("not running it again") == 1, p.stdout
 
@@ -747,3 +747,61 @@ def test_a_data_source_on_a_host_is_refused_on_slurm(tmp_path):
     with pytest.raises(UserError, match="is on a host: SLURM stages from a path every node reads") as e:
         resolve(str(job), [], write_inv(tmp_path), None, run_id="r")[3].render()
     assert e.value.key == "data.source"
+
+
+def _task_until_signal(tmp_path, timeout_min, max_requeues, after_s=0.0):
+    """A task as srun starts it, with submitit's real pickle (as its executor writes it), a payload
+    that runs until stopped; USR2 once the payload is up (and ``after_s`` more). Returns the
+    finished process, its output, the folder."""
+    from submitit.core.job_environment import JobPaths
+    from submitit.core.utils import DelayedSubmission
+    from cluster.node.slurm_task import SPEC, SlurmTask
+    folder = tmp_path / "slurm"
+    folder.mkdir()
+    payload = [sys.executable, "-c", "import os, time; print('up', os.getpid(), flush=True); time.sleep(60)"]
+    spec = {"argv": payload, "workdir": str(tmp_path), "run_dir": "r", "requeue": True}
+    (folder / SPEC).write_text(json.dumps(spec))
+    delayed = DelayedSubmission(SlurmTask(spec))
+    delayed.set_timeout(timeout_min, max_requeues)
+    delayed.dump(JobPaths(folder, job_id="5", task_id=0).submitted_pickle)
+    p = subprocess.Popen([sys.executable, "-u", "-m", "cluster.node.slurm_task", str(folder)], cwd=REPO,
+                         env={**os.environ, **TASK_ENV}, stdout=subprocess.PIPE, text=True)
+    first = []
+    for line in p.stdout:
+        first.append(line)
+        if "] up " in line:
+            break
+    time.sleep(after_s)
+    p.send_signal(signal.SIGUSR2)
+    out = "".join(first) + p.stdout.read()
+    p.wait(timeout=60)
+    payload_pid = int(next(l for l in first if "] up " in l).split()[-1])
+    return p, out, folder, payload_pid
+
+
+def test_requeue_signal_hands_over_to_submitit_which_checkpoints_and_requeues(tmp_path, fake_slurm):
+    """USR2 (a preemption: far from the time limit): submitit, imported only now, calls the task's
+    checkpoint(), pickles the next attempt and runs scontrol requeue; the payload does not outlive
+    the task."""
+    from submitit.core.utils import DelayedSubmission, JobPaths
+    p, out, folder, payload_pid = _task_until_signal(tmp_path, timeout_min=60, max_requeues=3)
+    assert p.returncode != 0, out
+    assert "[gpu07 0] submitit WARNING" in out and "this job is preempted" in out, out
+    assert "[gpu07 0] checkpoint: a requeued job runs this task again (attempt 1)" in out
+    assert "submitit INFO" not in out               # submitit's own chatter is not the job's log
+    assert ["scontrol", "requeue", "5"] in fake_slurm.calls()
+    again = DelayedSubmission.load(JobPaths(folder, job_id="5", task_id=0).submitted_pickle)
+    assert again.function.attempt == 1 and again._timeout_countdown == 3     # a preemption is not a time-out
+    assert not Path(f"/proc/{payload_pid}").exists()
+
+
+def test_time_out_is_counted_from_the_tasks_start(tmp_path, fake_slurm):
+    """submitit calls a signal a time-out once the job ran past its guaranteed time (here: a
+    10 min 1 s limit guarantees 1 s) since the task started, not since the signal: with no
+    time-outs left it does not requeue, and the task says why and stops the payload."""
+    p, out, folder, payload_pid = _task_until_signal(tmp_path, timeout_min=601 / 60, max_requeues=0, after_s=1.5)
+    assert p.returncode == 1, out
+    assert "this job is timed-out" in out
+    assert "[gpu07 0] Job not requeued because: timed-out too many times. Stopping." in out
+    assert not any(c[:2] == ["scontrol", "requeue"] for c in fake_slurm.calls())
+    assert not Path(f"/proc/{payload_pid}").exists()

@@ -4,10 +4,11 @@
 
 * The plan is an sbatch request (``SlurmPlan``); ``python -m cluster plan`` prints the exact script
   submitit submits (the same function renders both). Tasks per node = GPUs per node; every task
-  runs ``python -m cluster.node.slurm_task FOLDER``: submitit's task process with a ``[host rank]``
-  line prefixer in the same interpreter, which calls ``cluster.node.slurm_task.SlurmTask``: RANK/LOCAL_RANK/WORLD_SIZE from
-  SLURM_PROCID/SLURM_LOCALID/SLURM_NTASKS, then the same payload as on the other backends.
-  One interpreter per task besides the payload (submitit's task and the prefixer share it).
+  runs ``python -m cluster.node.slurm_task FOLDER`` in place of submitit's own task process:
+  ``cluster.node.slurm_task.SlurmTask`` from FOLDER/task.json, RANK/LOCAL_RANK/WORLD_SIZE from
+  SLURM_PROCID/SLURM_LOCALID/SLURM_NTASKS, then the same payload as on the other backends, its
+  lines ``[host rank]`` prefixed; submitit's signal handler (and its pickle of the task) only on
+  the requeue signal. One interpreter per task besides the payload.
 * Rendezvous from the allocation, set in the script: MASTER_ADDR = first host of
   SLURM_JOB_NODELIST, MASTER_PORT = 20000 + job id % 10000 (or the job's rdzv_port).
 * Requeue: ``--signal=USR2@signal_delay_s``; task 0 checkpoints through submitit and runs
@@ -96,8 +97,8 @@ class SlurmPlan(Plan):
     task: Mapping[str, Any] = field(default_factory=dict)    # cluster.node.slurm_task.SlurmTask spec
 
     def command(self) -> str:
-        """What srun starts in every task: submitit's task process and the line prefixer in one
-        interpreter (cluster/node/slurm_task.py main), in place of submitit's own command."""
+        """What srun starts in every task, in place of submitit's own command: the task, its line
+        prefixer and submitit's signal handling in one interpreter (cluster/node/slurm_task.py main)."""
         return " ".join([self.python, "-u -m cluster.node.slurm_task", shlex.quote(self.folder)])
 
     def render(self) -> str:
@@ -269,7 +270,8 @@ class SlurmBackend(Backend):
             raise RuntimeError("submitit would submit another script than the plan shows")
         from cluster.node.slurm_task import SPEC
         Path(plan.folder).mkdir(parents=True, exist_ok=True)
-        # the spec as plain data too: each task starts the payload from it before importing submitit
+        # the spec as plain data too: each task starts the payload from it (submitit, and its pickle
+        # of the task, only on the requeue signal)
         Path(plan.folder, SPEC).write_text(json.dumps(dict(plan.task)) + "\n")
         try:
             job = ex.submit(SlurmTask(dict(plan.task)))

@@ -20,15 +20,15 @@ class _Parser(argparse.ArgumentParser):
         super().error(escape(message))
 
 
-def parser() -> tuple[argparse.ArgumentParser, dict]:
-    """The command line of every verb, and verb -> its module."""
+def parser(verbs=VERBS) -> tuple[argparse.ArgumentParser, dict]:
+    """The command line of ``verbs`` (default: every verb), and verb -> its module."""
     # the same parser as `python -m cluster` or as the `ddp-cluster` console script (pip install)
     prog = "ddp-cluster" if os.path.basename(sys.argv[0]) == "ddp-cluster" else "python -m cluster"
     ap = _Parser(prog=prog, description="Run PyTorch DDP jobs on this machine, SSH hosts or SLURM.")
     sub = ap.add_subparsers(dest="verb", metavar="VERB")
     sub.required = True
     mods = {}
-    for verb in VERBS:
+    for verb in verbs:
         mod = importlib.import_module(f"{__name__}.cmd_{verb}")
         p = sub.add_parser(verb, help=mod.HELP, description=mod.HELP)
         mod.add_arguments(p)
@@ -37,8 +37,10 @@ def parser() -> tuple[argparse.ArgumentParser, dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap, mods = parser()
     argv = list(sys.argv[1:] if argv is None else argv)
+    # a known verb first: only its module is imported (every verb's imports took about a tenth of
+    # a second of each command, `submit` included); anything else (--help, a typo): all of them
+    ap, mods = parser(argv[:1] if argv[:1] and argv[0] in VERBS else VERBS)
     tail = None
     if "--" in argv:       # exec/jupyter: everything after '--' is the command, even after a RUN
         i = argv.index("--")

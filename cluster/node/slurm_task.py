@@ -1,25 +1,29 @@
 """What runs in each SLURM task (one per GPU, started by srun from the sbatch script).
 
 One process per task besides the payload: ``python -u -m cluster.node.slurm_task FOLDER``
-(``main``), which
+(``main``; FOLDER is submitit's: the scripts, pickles and per-task logs), which
 
-* prefixes every line of the task -- its own, submitit's warnings, the payload's stdout and
-  stderr, a traceback -- with ``[<host> <rank>] `` in this same process: fds 1 and 2 are a pipe
+* starts the payload at once, from the task's spec as plain data (``task.json`` in FOLDER, written
+  by the backend before sbatch), with RANK/LOCAL_RANK/WORLD_SIZE from SLURM's variables
+  (MASTER_ADDR/MASTER_PORT come from the sbatch script), and waits for it;
+* prefixes every line of the task -- its own, the payload's stdout and stderr, submitit's
+  warnings, a traceback -- with ``[<host> <rank>] `` in this same process: fds 1 and 2 are a pipe
   that a thread copies, line by line and prefixed, to srun's per-task file
-  (``<job>_<task>_log.out``); the payload inherits them. No interpreter of its own for that.
-* runs submitit's task (``submitit.core.submission.process_job``, in process): it unpickles
-  ``SlurmTask`` and calls it. ``SlurmTask`` sets RANK/LOCAL_RANK/WORLD_SIZE from SLURM's
-  variables (MASTER_ADDR/MASTER_PORT come from the sbatch script), starts the plan's payload and
-  waits. On the time-limit warning or a preemption, submitit calls ``checkpoint()`` in task 0,
-  which returns the same task for the requeued job (submitit pickles it and runs ``scontrol
-  requeue``); the payload resumes from its latest checkpoint when it starts again. A run whose
-  payload finished is marked done and never runs again, whatever requeues it.
+  (``<job>_<task>_log.out``); the payload has a pipe of its own, copied the same way;
+* keeps the task's records: ``state/task<rank>.json`` (its pid, for ``status``), RUNNING in
+  run.json (task 0), the done marker (a run whose payload finished never runs again, whatever
+  requeues it);
+* on the time-limit warning or a preemption (USR2) hands over to submitit's own signal handler:
+  in task 0 it calls ``SlurmTask.checkpoint()``, which returns the same task for the requeued job
+  (submitit pickles it beside the first and runs ``scontrol requeue``); the payload resumes from
+  its latest checkpoint when it starts again.
 
-The payload starts first, from the task's spec as plain data (``task.json`` beside submitit's
-pickles), before submitit is even imported: it imports torch while this process imports submitit
-and loads the pickled task, which takes the running payload over. The payload is the only process
-that imports torch, once per task.
-Standard library only at import time (submitit is imported where it is needed).
+submitit is imported only when that signal comes (with the pickled task, which holds what the
+requeued job needs: the attempt, the time-outs left). Importing it at start (numpy, cloudpickle:
+about half a second of CPU per task) took that CPU from the payload's own start where tasks share
+cores, and the launch is compared with a hand-written ``srun python -m train`` in
+bench/bench_slurm_launch.py. The payload is the only process that imports torch, once per task.
+Standard library only at import time.
 """
 from __future__ import annotations
 
@@ -49,10 +53,9 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def _ignore_usr2() -> None:
-    # SLURM signals every process of the step: the payload must outlive the warning (task 0
-    # requeues the job), and SIGUSR2's default action would end it at once
-    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+class NotRequeued(Exception):
+    """submitit's signal handler did not requeue the job (its UncompletedJobError, whose module is
+    imported only with the signal)."""
 
 
 class SlurmTask:
@@ -61,8 +64,10 @@ class SlurmTask:
     def __init__(self, spec: dict, attempt: int = 0):
         self.spec = dict(spec)
         self.attempt = attempt
+        self.folder: str | None = None      # submitit's folder: USR2 is handed to submitit (main sets it)
         self._proc: subprocess.Popen | None = None
         self._copier: threading.Thread | None = None
+        self._started = time.time()
 
     def __getstate__(self):
         return {"spec": self.spec, "attempt": self.attempt}
@@ -83,10 +88,6 @@ class SlurmTask:
             print(f"run already finished ({done}); not running it again", flush=True)
             return False
         restarts = int(env.get("SLURM_RESTART_COUNT", 0) or 0)
-        (self.run_dir / "state").mkdir(parents=True, exist_ok=True)
-        _write_json(self.run_dir / "state" / f"task{rank}.json", {
-            "rank": rank, "host": host, "pid": os.getpid(), "job_id": env.get("SLURM_JOB_ID"),
-            "restarts": restarts, "started": time.time()})
         child_env = dict(env)
         child_env.update(
             RANK=str(rank), LOCAL_RANK=env.get("SLURM_LOCALID", "0"),
@@ -102,13 +103,25 @@ class SlurmTask:
               f"restart {restarts}{gpus}), rendezvous {env.get('MASTER_ADDR')}:{env.get('MASTER_PORT')}: "
               + " ".join(argv), flush=True)
         # the payload's output through a pipe of its own (prefixed as it comes): a last line
-        # without a newline stays its own line
-        self._proc = subprocess.Popen(argv, cwd=self.run_dir, env=child_env, stdin=subprocess.DEVNULL,
-                                      stdout=subprocess.PIPE if _out is not None else None,
-                                      stderr=subprocess.STDOUT, preexec_fn=_ignore_usr2)
+        # without a newline stays its own line. USR2 ignored across the exec (an ignored signal
+        # stays ignored; no preexec_fn, which would make this process fork rather than vfork):
+        # SLURM signals every process of the step, the payload must outlive the warning (task 0
+        # requeues the job), and USR2's default action would end it at once
+        before = signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+        try:
+            self._proc = subprocess.Popen(argv, cwd=self.run_dir, env=child_env, stdin=subprocess.DEVNULL,
+                                          stdout=subprocess.PIPE if _out is not None else None,
+                                          stderr=subprocess.STDOUT)
+        finally:
+            signal.signal(signal.SIGUSR2, before)
         if _out is not None:
             self._copier = copy_lines(os.dup(self._proc.stdout.fileno()))
             self._proc.stdout.close()
+        # the records after the payload's start, which nothing here waits for
+        (self.run_dir / "state").mkdir(parents=True, exist_ok=True)
+        _write_json(self.run_dir / "state" / f"task{rank}.json", {
+            "rank": rank, "host": host, "pid": os.getpid(), "job_id": env.get("SLURM_JOB_ID"),
+            "restarts": restarts, "started": time.time()})
         if rank == 0:
             record_running(self.run_dir, job_id=env.get("SLURM_JOB_ID"), host=host, restarts=restarts)
         return True
@@ -117,22 +130,16 @@ class SlurmTask:
         env = os.environ
         rank = int(env.get("SLURM_PROCID", 0))
         done = self.run_dir / "state" / DONE
-        if _early is not None:
-            # main() started the payload (of this job's spec) before submitit was imported: this
-            # task, one per process, takes it over
-            if _early._proc is None:
-                return 0                    # the run had finished (main said so)
-            self._proc, self._copier = _early._proc, _early._copier
-        elif not self.start():
+        if not self.start():
             return 0
-        _one_submitit_log_stream()
         copier = self._copier
-        # submitit logs every TERM/CONT it ignores. SLURM sends CONT with the warning signal, and
-        # when USR2's handler runs inside that logging call, logging swallows its "not requeued"
-        # exception: ignore them without a word (a Python handler, not SIG_IGN: not inherited)
+        # TERM (scancel, a preemption) and CONT (sent with the warning signal): the task stays
+        # to see its payload's end and, on USR2, to requeue; quietly (a Python handler, not
+        # SIG_IGN: not inherited by anything this task starts later)
         for sig in (signal.SIGTERM, signal.SIGCONT):
             signal.signal(sig, _quiet)
-        from submitit.core.utils import UncompletedJobError
+        if self.folder is not None:
+            signal.signal(signal.SIGUSR2, self._on_usr2)
         try:
             code = self._proc.wait()
             if copier is not None:
@@ -148,8 +155,8 @@ class SlurmTask:
                     _write_json(done, {"time": time.time(), "job_id": env.get("SLURM_JOB_ID")})
                 print("payload finished (exit code 0)", flush=True)
                 return 0
-        except UncompletedJobError as e:
-            # raised by submitit's signal handler when it does not requeue
+        except NotRequeued as e:
+            # from submitit's signal handler (_on_usr2) when it does not requeue
             if self._finished():
                 return 0
             print(f"{e} Stopping.", flush=True)
@@ -165,6 +172,28 @@ class SlurmTask:
         code = code if code > 0 else 128 - code
         print(f"payload exited with code {code}", flush=True)
         _exit(code)
+
+    def _on_usr2(self, signum, frame) -> None:
+        """The time-limit warning or a preemption: submitit's own handler decides, as in a task
+        of submitit's (task 0: ``checkpoint()``, the pickle for the next start, ``scontrol
+        requeue``, then it exits; the other tasks: a log line). Imported now, not at the task's
+        start (the module's docstring says why)."""
+        from submitit.core.job_environment import JobEnvironment, SignalHandler
+        from submitit.core.utils import DelayedSubmission, JobPaths, UncompletedJobError
+        _quiet_submitit_log()
+        job_env = JobEnvironment()      # SUBMITIT_EXECUTOR=slurm, set by the sbatch script
+        paths = JobPaths(self.folder, job_id=job_env.job_id, task_id=job_env.global_rank)
+        # the task of this start as submitit pickled it (the attempt, the time-outs left), with
+        # the running payload: checkpoint() does not requeue a run whose payload finished
+        delayed = DelayedSubmission.load(paths.submitted_pickle)
+        delayed.function._proc = self._proc
+        handler = SignalHandler(job_env, paths, delayed)
+        # its time-out test counts from its creation, which submitit's own task does at its start
+        handler._start_time = self._started
+        try:
+            handler.checkpoint_and_try_requeue(signum, frame)
+        except UncompletedJobError as e:
+            raise NotRequeued(str(e)) from None
 
     def _stop_payload(self, grace_s: float = 10.0) -> None:
         if self._proc is None or self._proc.poll() is not None:
@@ -219,10 +248,14 @@ def _quiet(signum, frame) -> None:
     pass
 
 
-def _one_submitit_log_stream() -> None:
-    """submitit logs warnings to stdout and stderr; the prefixer merges both, so keep one."""
+def _quiet_submitit_log() -> None:
+    """submitit's log as the job's log wants it: warnings only (its INFO lines are not the job's;
+    ``SUBMITIT_LOG_LEVEL`` in the job's env shows them), on stdout only (it logs warnings to
+    stdout and stderr, which the prefixer merges)."""
     import logging
     lg = logging.getLogger("submitit")
+    if "SUBMITIT_LOG_LEVEL" not in os.environ:
+        lg.setLevel(logging.WARNING)
     for h in list(lg.handlers):
         if getattr(h, "stream", None) is sys.stderr:
             lg.removeHandler(h)
@@ -245,7 +278,6 @@ def _event(run_dir: Path, event: str, **fields) -> None:
 
 
 SPEC = "task.json"      # in submitit's folder: the task's spec as plain data (main starts the payload from it)
-_early: "SlurmTask | None" = None       # the task main() started before submitit was imported
 _out: int | None = None                 # srun's file (fd 1 before prefix_output)
 _prefix = b""
 _pumps: list[threading.Thread] = []
@@ -310,35 +342,26 @@ def _exit(code: int) -> None:
     os._exit(code & 0xFF if code >= 0 else 128 - code)
 
 
-def _start_early(spec_file: Path) -> None:
-    """The payload starts at once, from the spec the backend wrote beside submitit's pickles: it
-    imports torch while this process imports submitit (half a second, numpy included) and loads
-    the pickled task, which then takes the payload over (``SlurmTask.__call__``)."""
-    global _early
-    try:
-        spec = json.loads(spec_file.read_text())
-    except (OSError, ValueError):
-        return                      # no spec: the pickled task starts the payload itself
-    task = SlurmTask(spec)
-    task.start()
-    _early = task
-
-
 def main(argv: list[str] | None = None) -> int:
-    """srun's task: submitit's task process (FOLDER: its pickles), every line prefixed ``[host rank] ``."""
+    """srun's task (FOLDER: submitit's, with task.json), every line prefixed ``[host rank] ``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) != 1:
         print("usage: python -m cluster.node.slurm_task SUBMITIT_FOLDER", file=sys.stderr)
         return 2
+    # until the task's own handler is set (SlurmTask.__call__), a warning must not end the task
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
     prefix_output(f"[{_host()} {os.environ.get('SLURM_PROCID', '0')}] ".encode())
     code = 0
     try:
-        _start_early(Path(argv[0]) / SPEC)
-        from submitit.core.submission import process_job
-        if "SUBMITIT_LOG_LEVEL" not in os.environ:
-            import logging      # submitit's INFO lines (pickles loaded, ...) are not the job's log
-            logging.getLogger("submitit").setLevel(logging.WARNING)
-        process_job(argv[0])
+        spec = Path(argv[0]) / SPEC
+        try:
+            task = SlurmTask(json.loads(spec.read_text()))
+        except (OSError, ValueError) as e:
+            print(f"cannot read the task's spec {spec} ({e}); it is written when the job is "
+                  "submitted: submit the run again", flush=True)
+            _exit(1)
+        task.folder = argv[0]
+        code = task()
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except BaseException:   # noqa: BLE001 -- its traceback, prefixed, is the task's last word
@@ -350,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # run as cluster.node.slurm_task, not as __main__: the task submitit unpickles is that module's
-    # SlurmTask, and it must see this process's state (the early payload, srun's file)
+    # run as cluster.node.slurm_task, not as __main__: one copy of the module's state (srun's
+    # file, the prefixing threads), whichever name imports it
     from cluster.node import slurm_task
     sys.exit(slurm_task.main())
