@@ -5,6 +5,7 @@ latest checkpoint; one that fails in the job's own code does not, and says why.
 What a user checks: `status` (the state, the attempts), the run's metrics (which steps each attempt
 trained), its merged log, and that nothing of the run is left on any host.
 """
+import contextlib
 import json
 import os
 import re
@@ -12,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 
@@ -83,24 +85,36 @@ def run_id_of(client, before):
                     if client.runs.exists() else None, timeout=120)[0]
 
 
-def test_kill9_of_a_rank_recovers_to_the_exact_steps(client):
+@contextlib.contextmanager
+def following(client, job, *extra, inventory=None):
+    """`submit -f` (submit_following) for the block, which faults the run ``f.rid``; after it, the
+    follower's whole output (``f.out``, to the run's end) and exit code (``f.code``). A block that
+    fails kills the follower."""
     client.runs.mkdir(parents=True, exist_ok=True)
-    job = client.job(TRAIN.format(steps=STEPS, log_every=2))
     before = set(p.name for p in client.runs.iterdir())
-    follower = submit_following(client, job, *RESTART)
+    follower = submit_following(client, job, *extra, inventory=inventory)
+    f = types.SimpleNamespace(rid=None, out="", code=None)
     try:
-        rid = run_id_of(client, before)
-        wait_for("step", lambda: heartbeat_step(client, rid) >= FAULT_AT)
-        latest = client.host_file("node1", rid, "checkpoints/latest").read_text().strip()
-        t_fault = kill_rank(client, rid)
-        out, _ = follower.communicate(timeout=300)
+        f.rid = run_id_of(client, before)
+        yield f
+        f.out, _ = follower.communicate(timeout=300)
+        f.code = follower.returncode
     finally:
         if follower.poll() is None:
             os.killpg(follower.pid, signal.SIGKILL)
+
+
+def test_kill9_of_a_rank_recovers_to_the_exact_steps(client):
+    job = client.job(TRAIN.format(steps=STEPS, log_every=2))
+    with following(client, job, *RESTART) as f:
+        wait_for("step", lambda: heartbeat_step(client, f.rid) >= FAULT_AT)
+        latest = client.host_file("node1", f.rid, "checkpoints/latest").read_text().strip()
+        t_fault = kill_rank(client, f.rid)
+    rid, out = f.rid, f.out
     st = client.wait(rid, timeout=120)
     rec = client.record(rid)
     assert st["state"] == "SUCCEEDED", json.dumps(rec.get("attempts"), indent=1) + out[-3000:]
-    assert follower.returncode == 0, out[-3000:]
+    assert f.code == 0, out[-3000:]
     # the record and `status`: attempt 2, and why attempt 1 was restarted
     assert rec["attempt"] == 2 and len(rec["attempts"]) == 1, rec.get("attempts")
     a1 = rec["attempts"][0]
@@ -237,23 +251,16 @@ def test_a_spare_takes_the_place_of_the_host_whose_rank_was_killed(client):
     """nodes: 2 on node1, node2, with node3 the inventory's spare: node2's rank killed -9, attempt 2
     runs on node1 and node3 (node3 as node 1, the rendezvous still on node1) and ends the run."""
     inv = client.inventory(lambda t: t + "spares: [node3]\n")
-    client.runs.mkdir(parents=True, exist_ok=True)
     job = client.job(TRAIN.format(steps=STEPS, log_every=2))
-    before = set(p.name for p in client.runs.iterdir())
-    follower = submit_following(client, job, *RESTART, "nodes=2", inventory=inv)
-    try:
-        rid = run_id_of(client, before)
-        wait_for("step", lambda: heartbeat_step(client, rid) >= FAULT_AT)
-        assert [n["host"] for n in client.record(rid)["plan"]["nodes"]] == ["node1", "node2"]
-        kill_rank(client, rid, host="node2")
-        out, _ = follower.communicate(timeout=300)
-    finally:
-        if follower.poll() is None:
-            os.killpg(follower.pid, signal.SIGKILL)
+    with following(client, job, *RESTART, "nodes=2", inventory=inv) as f:
+        wait_for("step", lambda: heartbeat_step(client, f.rid) >= FAULT_AT)
+        assert [n["host"] for n in client.record(f.rid)["plan"]["nodes"]] == ["node1", "node2"]
+        kill_rank(client, f.rid, host="node2")
+    rid, out = f.rid, f.out
     st = client.wait(rid, timeout=120)
     rec = client.record(rid)
     assert st["state"] == "SUCCEEDED", json.dumps(rec.get("attempts"), indent=1) + out[-3000:]
-    assert follower.returncode == 0, out[-3000:]
+    assert f.code == 0, out[-3000:]
     # `submit -f` followed the spare too: attempt 1's node2, attempt 2's node3, to the last step
     assert "[node2 agent]" in out and "[node3 agent]" in out and f"step {STEPS}/{STEPS}" in out, out[-3000:]
     assert rec["attempt"] == 2 and len(rec["attempts"]) == 1, rec["attempts"]
@@ -334,25 +341,18 @@ def test_a_range_of_nodes_shrinks_without_the_host_whose_rank_was_killed(client)
     """nodes: 2-3 on the 3 hosts, no spare: node2's rank killed -9, attempt 2 goes on without node2
     on node1 and node3 (world size 3 -> 2, node3 now rank 1), from the latest checkpoint, with the
     LR scaled to the smaller global batch, to exactly the configured steps."""
-    client.runs.mkdir(parents=True, exist_ok=True)
     job = client.job(TRAIN.format(steps=STEPS, log_every=2))
-    before = set(p.name for p in client.runs.iterdir())
-    follower = submit_following(client, job, *RESTART, "nodes=2-3")
-    try:
-        rid = run_id_of(client, before)
-        wait_for("step", lambda: heartbeat_step(client, rid) >= FAULT_AT)
-        rec = client.record(rid)
+    with following(client, job, *RESTART, "nodes=2-3") as f:
+        wait_for("step", lambda: heartbeat_step(client, f.rid) >= FAULT_AT)
+        rec = client.record(f.rid)
         assert [n["host"] for n in rec["plan"]["nodes"]] == ["node1", "node2", "node3"] and \
             rec["plan"]["world_size"] == 3, rec["plan"]
-        t_fault = kill_rank(client, rid, host="node2")
-        out, _ = follower.communicate(timeout=300)
-    finally:
-        if follower.poll() is None:
-            os.killpg(follower.pid, signal.SIGKILL)
+        t_fault = kill_rank(client, f.rid, host="node2")
+    rid, out = f.rid, f.out
     st = client.wait(rid, timeout=120)
     rec = client.record(rid)
     assert st["state"] == "SUCCEEDED", json.dumps(rec.get("attempts"), indent=1) + out[-3000:]
-    assert follower.returncode == 0, out[-3000:]
+    assert f.code == 0, out[-3000:]
     assert rec["attempt"] == 2 and len(rec["attempts"]) == 1, rec["attempts"]
     a1 = rec["attempts"][0]
     assert a1["blame"] == "node2" and a1["hosts"] == ["node1", "node2", "node3"] and a1["dropped"] == ["node2"] \
