@@ -23,16 +23,9 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .config import ConfigError, TrainConfig
 from .dist import DistEnv
+from .pipeline import mix_seed
 
 Batch = tuple[torch.Tensor, torch.Tensor]
-
-
-def mix_seed(*parts: int) -> int:
-    """Combine integers into one 63-bit seed (stable across runs and machines)."""
-    h = 0x9E3779B97F4A7C15
-    for p in parts:
-        h = ((h ^ (p & 0xFFFFFFFFFFFFFFFF)) * 0x100000001B3 + 0x632BE59BD9B4E019) & 0xFFFFFFFFFFFFFFFF
-    return h >> 1
 
 
 class _SyntheticBase:

@@ -42,6 +42,14 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 
 
+def mix_seed(*parts: int) -> int:
+    """Combine integers into one 63-bit seed (stable across runs and machines)."""
+    h = 0x9E3779B97F4A7C15
+    for p in parts:
+        h = ((h ^ (p & 0xFFFFFFFFFFFFFFFF)) * 0x100000001B3 + 0x632BE59BD9B4E019) & 0xFFFFFFFFFFFFFFFF
+    return h >> 1
+
+
 def jpeg_header(data: bytes) -> Optional[tuple[int, int, int, int]]:
     """(SOF marker, height, width, components) of a JPEG, or None if it is not one."""
     if data[:2] != b"\xff\xd8":
@@ -139,8 +147,6 @@ class Items(torch.utils.data.Dataset):
         return len(self.split)
 
     def box_of(self, epoch: int, index: int):
-        from .data import mix_seed
-
         def box(h: int, w: int):
             if epoch < 0:
                 return (*val_box(h, w, self.size), False)
