@@ -55,6 +55,7 @@ EXPECTED = {
     "nccl_watchdog_timeout": ["collective-timeout"],
     "nccl_duplicate_gpu": ["nccl-invalid-usage"],
     "cuda_device_assert": ["cuda-device-assert"],
+    "teardown_abort": ["teardown-abort"],
 }
 CLEAN = ["clean_run", "clean_train_run", "nccl_version_info"]
 PRESENT = {n: ids for n, ids in EXPECTED.items() if (LOGS / f"{n}.txt").exists()}
