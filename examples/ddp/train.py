@@ -69,10 +69,14 @@ def main() -> None:
         dist.barrier()                         # the snapshot is complete before anyone goes on
     del ddp                                    # DDP's reducer goes before the process group it uses
     dist.destroy_process_group()
-    if "SLURM_JOB_ID" in os.environ:
-        # under srun, gloo's threads can abort the interpreter's own teardown ("terminate called
-        # without an active exception", exit 134): everything is saved, so leave without it
+    if start < args.epochs or "SLURM_JOB_ID" in os.environ:
+        # gloo's threads can abort the interpreter's own teardown ("terminate called without an
+        # active exception", SIGABRT) at times: every rank passed the last barrier and the snapshot
+        # is saved, so leave without it. A resumed rank with nothing left to do met no barrier:
+        # under torchrun it exits normally, as leaving at once would cut off peers that are still
+        # connecting, and their errors would no longer say that the ranks disagree.
         sys.stdout.flush()
+        sys.stderr.flush()
         os._exit(0)
 
 
