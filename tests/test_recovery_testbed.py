@@ -283,28 +283,42 @@ def test_a_spare_takes_the_place_of_the_host_whose_rank_was_killed(client):
     assert not client.left_anywhere(rid)
 
 
-def test_a_spare_becomes_node_0_with_the_latest_checkpoint(client):
-    """node1 (node 0: the rendezvous, rank 0, the checkpoints) loses its rank: the spare node3 is
-    node 0 of attempt 2, gets the latest checkpoint first, and training goes on from it."""
-    inv = client.inventory(lambda t: t + "spares: [node3]\n")
+def node_0_killed(client, *extra, inventory=None):
+    """A 60-step run (``extra`` overrides) whose node 0 (node1: the rendezvous, rank 0, the
+    checkpoints) loses its rank after step 24; (run id, node1's latest checkpoint before the kill,
+    the record once the run SUCCEEDED)."""
     job = client.job(TRAIN.format(steps=STEPS, log_every=2))     # room after the fault at 24
-    rid, _ = client.submit(job, *RESTART, "nodes=2", inventory=inv)
+    rid, _ = client.submit(job, *RESTART, *extra, inventory=inventory)
     wait_for("step", lambda: heartbeat_step(client, rid) >= FAULT_AT)
     latest = client.host_file("node1", rid, "checkpoints/latest").read_text().strip()
     kill_rank(client, rid, host="node1")
     st = client.wait(rid, timeout=300)
     rec = client.record(rid)
     assert st["state"] == "SUCCEEDED", json.dumps(rec.get("attempts"), indent=1)
+    return rid, latest, rec
+
+
+def resumed_as_node_0(client, rid, rec, host, latest, inventory):
+    """``host`` is node 0 of the last attempt: the rendezvous moved with it, and its rank 0 resumed
+    from node1's latest checkpoint (the one read before the kill, or one written while it came)
+    and trained each later step once. Returns the attempts of its metrics."""
+    from cluster.spec.config import load_inventory
+    assert rec["plan"]["rdzv_endpoint"].rsplit(":", 1)[0] == load_inventory(inventory).host(host).address
+    att = attempts_of(metrics(client, rid, host=host))
+    assert att[-1][0]["step"] >= int(re.sub(r"\D", "", latest)) >= 20, (att[-1][:1], latest)
+    steps = [r["step"] for r in att[-1] if r.get("kind") == "train"]
+    assert steps == sorted(set(steps)) and steps[0] > att[-1][0]["step"] and steps[-1] == STEPS, steps
+    return att
+
+
+def test_a_spare_becomes_node_0_with_the_latest_checkpoint(client):
+    """node1 (node 0) loses its rank: the spare node3 is node 0 of attempt 2, gets the latest
+    checkpoint first, and training goes on from it."""
+    inv = client.inventory(lambda t: t + "spares: [node3]\n")
+    rid, latest, rec = node_0_killed(client, "nodes=2", inventory=inv)
     assert rec["attempts"][0]["blame"] == "node1" and rec["attempts"][0]["replaced"] == {"node1": "node3"}
     assert [n["host"] for n in rec["plan"]["nodes"]] == ["node3", "node2"]
-    from cluster.spec.config import load_inventory
-    assert rec["plan"]["rdzv_endpoint"].rsplit(":", 1)[0] == load_inventory(inv).host("node3").address
-    # rank 0 now on node3: it resumed from node1's latest checkpoint and trained each later step once
-    att = attempts_of(metrics(client, rid, host="node3"))
-    # (the checkpoint read before the kill, or one written while it came)
-    assert len(att) == 1 and att[0][0]["step"] >= int(re.sub(r"\D", "", latest)) >= 20, (att[0][:1], latest)
-    steps = [r["step"] for r in att[0] if r.get("kind") == "train"]
-    assert steps == sorted(set(steps)) and steps[0] > att[0][0]["step"] and steps[-1] == STEPS, steps
+    assert len(resumed_as_node_0(client, rid, rec, "node3", latest, inv)) == 1
     assert "node1 replaced by node3" in client.cli("status", rid).stdout
     assert not client.left_anywhere(rid)
 
@@ -383,26 +397,13 @@ def test_a_range_of_nodes_shrinks_without_the_host_whose_rank_was_killed(client)
 
 
 def test_a_range_of_nodes_shrinks_without_node_0(client):
-    """node1 (node 0: the rendezvous, rank 0, the checkpoints) loses its rank and no spare is left:
-    node2 becomes node 0 of attempt 2, is given the latest checkpoint first, and training goes on."""
-    job = client.job(TRAIN.format(steps=STEPS, log_every=2))
-    rid, _ = client.submit(job, *RESTART, "nodes=2-3")
-    wait_for("step", lambda: heartbeat_step(client, rid) >= FAULT_AT)
-    latest = client.host_file("node1", rid, "checkpoints/latest").read_text().strip()
-    kill_rank(client, rid, host="node1")
-    st = client.wait(rid, timeout=300)
-    rec = client.record(rid)
-    assert st["state"] == "SUCCEEDED", json.dumps(rec.get("attempts"), indent=1)
+    """node1 (node 0) loses its rank and no spare is left: node2 becomes node 0 of attempt 2, is
+    given the latest checkpoint first, and training goes on."""
+    rid, latest, rec = node_0_killed(client, "nodes=2-3")
     assert rec["attempts"][0]["blame"] == "node1" and rec["attempts"][0]["dropped"] == ["node1"]
     assert [n["host"] for n in rec["plan"]["nodes"]] == ["node2", "node3"]
-    from cluster.spec.config import load_inventory
-    node2 = load_inventory(client.testbed.inventory).host("node2")
-    assert rec["plan"]["rdzv_endpoint"].rsplit(":", 1)[0] == node2.address     # the rendezvous moved with node 0
-    # rank 0 now on node2: it resumed from node1's latest checkpoint and trained each later step once
-    att = attempts_of(metrics(client, rid, host="node2"))
-    assert att[-1][0]["world_size"] == 2 and att[-1][0]["step"] >= int(re.sub(r"\D", "", latest)) >= 20, att[-1][:1]
-    steps = [r["step"] for r in att[-1] if r.get("kind") == "train"]
-    assert steps == sorted(set(steps)) and steps[0] > att[-1][0]["step"] and steps[-1] == STEPS, steps
+    att = resumed_as_node_0(client, rid, rec, "node2", latest, client.testbed.inventory)
+    assert att[-1][0]["world_size"] == 2, att[-1][:1]
     assert "shrunk from 3 to 2 nodes: node1 dropped" in client.cli("status", rid).stdout
     assert not client.left_anywhere(rid)
 
