@@ -60,10 +60,12 @@ def tree_cpu_s(pid: int) -> float:
     return total
 
 
-def run_train(name: str, args: list[str], cores: str, steps: int, limit_s: float) -> dict:
+def run_train(name: str, args: list[str], cores: str, steps: int, limit_s: float, probes: str = "") -> dict:
     d = WORK / name
+    probe = d / "probe" / "gil.jsonl"
+    entry = [str(REPO / "bench" / "train_probe.py"), str(d / "probe"), probes] if probes else ["-m", "train"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           "--nproc-per-node", "1", "-m", "train", *JOB, *args, f"steps={steps}", "log_every=10",
+           "--nproc-per-node", "1", *entry, *JOB, *args, f"steps={steps}", "log_every=10",
            f"out_dir={d}/metrics", f"ckpt_dir={d}/ckpt"]
     env = dict(os.environ, PYTHONUNBUFFERED="1",
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
@@ -93,6 +95,16 @@ def run_train(name: str, args: list[str], cores: str, steps: int, limit_s: float
     if len(steady) >= 2:
         (ta, ca), (tb, cb) = marks[steady[0]], marks[steady[-1]]
         res["cores_used"] = round((cb - ca) / (tb - ta), 2)
+        if probe.exists():   # the probe's windows within the steady steps
+            w = [json.loads(x) for x in probe.read_text().splitlines()]
+            w = [x for x in w if ta - t0 + 5 <= x["t"] <= tb - t0 - 5] or w[-2:]
+            res["gil_late_share"] = round(sum(x["late_share"] for x in w) / max(1, len(w)), 3)
+            res["gil_late_max_ms"] = max((x["late_max_ms"] for x in w), default=None)
+    if (d / "probe" / "profile.json").exists():
+        res["profile"] = json.loads((d / "probe" / "profile.json").read_text())
+    records = [json.loads(x) for f in sorted((d / "metrics").glob("metrics-rank*.jsonl"))
+               for x in f.read_text().splitlines()]
+    res["data_ms"] = [r.get("data_ms") for r in records if r.get("kind") == "train"]
     return res
 
 
@@ -104,6 +116,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--budget-s", type=float, default=560)
     ap.add_argument("--only", default="gen,verify,stage,seed,synthetic,pil,gpu,gpu-hw")
+    ap.add_argument("--probe", default="", help="run train/ under bench/train_probe.py with these probes "
+                                                "(gil,profile,nodecode)")
     a = ap.parse_args()
     deadline = time.time() + a.budget_s
     a.out.mkdir(parents=True, exist_ok=True)
@@ -142,8 +156,9 @@ def main() -> int:
         split = open_split(str(packed), "train")
         dev = torch.device("cuda")
         idx = list(range(0, len(split), max(1, len(split) // 512)))[:512]
-        for dec in decoders():
-            stage = DeviceStage(dev, 224, True, decoder=dec)
+        for dec in decoders() + (["nvimgcodec-noprealloc"] if "nvimgcodec" in decoders() else []):
+            stage = DeviceStage(dev, 224, True, decoder=dec.split("-")[0])
+            stage.hw_prealloc = not dec.endswith("-noprealloc")
             if "verify" in only:
                 try:
                     # one batch first, so the checked one is decoded into reused output buffers
@@ -178,14 +193,21 @@ def main() -> int:
     plan = [("synthetic", ["data=synthetic"], a.steps),
             ("pil", [f"data={packed}", "decode=cpu", f"workers={a.cores - 1}"], max(60, a.steps // 2)),
             ("gpu", [f"data={packed}", "decode=gpu", "jpeg_decoder=torchvision", "workers=4"], a.steps),
-            ("gpu-hw", [f"data={packed}", "decode=gpu", "jpeg_decoder=nvimgcodec", "workers=4"], a.steps)]
+            ("gpu-hw", [f"data={packed}", "decode=gpu", "jpeg_decoder=nvimgcodec", "workers=4"], a.steps),
+            ("gpu-hw-w8", [f"data={packed}", "decode=gpu", "jpeg_decoder=nvimgcodec", "workers=7",
+                           "prefetch_factor=4"], a.steps),
+            # the decode done once per batch size and reused: what the decode itself costs the step
+            ("gpu-nodecode", [f"data={packed}", "decode=gpu", "jpeg_decoder=torchvision", "workers=4"], a.steps),
+            ("gpu-hw-nodecode", [f"data={packed}", "decode=gpu", "jpeg_decoder=nvimgcodec", "workers=4"], a.steps),
+            ("gpu-hw-noprealloc", [f"data={packed}", "decode=gpu", "jpeg_decoder=nvimgcodec", "workers=4"], a.steps)]
     for name, args, steps in plan:
         if name in only:
             left = deadline - time.time()
             if left < 40:
                 R["runs"][name] = {"skipped": f"{left:.0f} s left"}
                 continue
-            R["runs"][name] = run_train(name, args, cores, steps, left - 10)
+            probes = ",".join(filter(None, [a.probe] + [p for p in ("nodecode", "noprealloc") if name.endswith("-" + p)]))
+            R["runs"][name] = run_train(name, args, cores, steps, left - 10, probes)
             save()
     save()
     return 0
@@ -255,7 +277,62 @@ def stage_speed(stage, split) -> dict:
         torch.cuda.synchronize()
         res["hw_only_img_s"] = round(4 * 512 / (time.time() - t))
         res["hw_only_decoded"] = f"{sum(im is not None for g in got for im in g)}/{sum(len(g) for g in got)}"
+    res.update(under_load(stage, batches[2], datas[2]))
     return res
+
+
+def under_load(stage, batch: dict, datas: list) -> dict:
+    """Wall time of one decode, and of one whole stage call, on the stage's own stream while
+    another stream has about 300 ms of matmuls queued (what training does to it): about the same
+    as idle if the stage overlaps with training, about 300 ms more if something in it waits for
+    the whole device (an implicit synchronisation: cudaFree, a blocking copy, the legacy stream)."""
+    import torch
+
+    dev = stage.device
+    busy, side = torch.cuda.Stream(dev), torch.cuda.Stream(dev)
+    a = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
+    with torch.cuda.stream(busy):
+        a @ a
+    torch.cuda.synchronize()
+    t = time.time()
+    with torch.cuda.stream(busy):
+        for _ in range(10):
+            a @ a
+    torch.cuda.synchronize()
+    n = max(1, round(10 * 0.3 / (time.time() - t)))
+
+    def timed(fn) -> tuple[float, float]:
+        torch.cuda.synchronize()
+        with torch.cuda.stream(side):
+            t = time.time()
+            fn()
+            idle = time.time() - t
+        torch.cuda.synchronize()
+        with torch.cuda.stream(busy):
+            for _ in range(n):
+                a @ a
+        with torch.cuda.stream(side):
+            t = time.time()
+            fn()
+            loaded = time.time() - t
+        torch.cuda.synchronize()
+        return round(1000 * idle, 1), round(1000 * loaded, 1)
+
+    out = {}
+    torch.cuda.synchronize()
+    t = time.time()
+    with torch.cuda.stream(busy):
+        for _ in range(n):
+            a @ a
+    torch.cuda.synchronize()
+    out["load_ms"] = round(1000 * (time.time() - t), 1)
+    out["decode_idle_ms"], out["decode_loaded_ms"] = timed(lambda: stage.decode(datas))
+    out["stage_idle_ms"], out["stage_loaded_ms"] = timed(lambda: stage(batch))
+    decoded = stage.decode(datas)
+    real, stage.decode = stage.decode, (lambda d: decoded)
+    out["crop_idle_ms"], out["crop_loaded_ms"] = timed(lambda: stage(batch))
+    stage.decode = real
+    return out
 
 
 def decoders() -> list[str]:
@@ -271,20 +348,26 @@ def table(R: dict) -> str:
     syn = runs.get("synthetic", {}).get("img_s")
     seed = runs.get("seed", {}).get("img_s_per_gpu")
     out = [f"{R.get('gpu')}, {R.get('cpus')} CPU cores, torch {R.get('torch')}, torchvision {R.get('torchvision')}", "",
-           "| run | img/s per GPU | of synthetic | × seed loop | CPU cores allowed / used (steady) |", "|---|---|---|---|---|"]
+           "| run | img/s per GPU | of synthetic | × seed loop | CPU cores allowed / used (steady) | GIL late |",
+           "|---|---|---|---|---|---|"]
     for name, label in (("seed", "seed article's loop (fp32, batch 20, randn().to(device), DDP 1)"),
                         ("synthetic", "train/, synthetic"), ("pil", "train/, real JPEGs, decode=cpu (PIL)"),
                         ("gpu", "train/, real JPEGs, decode=gpu, torchvision (nvJPEG on the SMs)"),
-                        ("gpu-hw", "train/, real JPEGs, decode=gpu, nvImageCodec (hardware JPEG decoders)")):
+                        ("gpu-hw", "train/, real JPEGs, decode=gpu, nvImageCodec (hardware JPEG decoders)"),
+                        ("gpu-hw-w8", "train/, real JPEGs, decode=gpu, nvImageCodec, 7 workers, prefetch 4"),
+                        ("gpu-nodecode", "train/, real JPEGs, torchvision, each batch size decoded once (no decode)"),
+                        ("gpu-hw-nodecode", "train/, real JPEGs, nvImageCodec, each batch size decoded once (no decode)"),
+                        ("gpu-hw-noprealloc", "train/, real JPEGs, nvImageCodec, hardware decoder memory not sized up front")):
         r = runs.get(name)
         if not r:
             continue
         v = r.get("img_s") or r.get("img_s_per_gpu")
         if v is None:
-            out.append(f"| {label} | failed: {r.get('skipped') or r.get('tail')} | | | |")
+            out.append(f"| {label} | failed: {r.get('skipped') or r.get('tail')} | | | | |")
             continue
         out.append(f"| {label} | {v:,.0f} | {f'{100 * v / syn:.1f}%' if syn else ''} | "
-                   f"{f'{v / seed:.1f}x' if seed else ''} | {r.get('cores_allowed', '')} / {r.get('cores_used', '')} |")
+                   f"{f'{v / seed:.1f}x' if seed else ''} | {r.get('cores_allowed', '')} / {r.get('cores_used', '')} | "
+                   f"{r.get('gil_late_share', '')} |")
     for k in R:
         if k in ("gen", "pack_s", "decoders") or k.startswith(("verify", "stage")):
             out.append(f"\n{k}: {json.dumps(R[k])}")
