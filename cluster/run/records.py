@@ -285,8 +285,8 @@ def _proc_start(pid: int) -> Optional[float]:
     except FileNotFoundError:
         if os.path.isdir("/proc/self"):
             return None                     # gone
-    except (OSError, ValueError, IndexError, StopIteration):
-        pass
+    except (OSError, TypeError, ValueError, IndexError, StopIteration):
+        pass                                # psutil's answer, as before
     import psutil
     try:
         return psutil.Process(pid).create_time()
