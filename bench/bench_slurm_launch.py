@@ -29,7 +29,8 @@ path takes. One cluster in a box on 2 shared cores: absolute numbers are this bo
 
 ``--trace DIR``: each job's timeline in DIR/<way>-<rep>.txt (the submit command, SLURM's log lines
 of the job, every Python process's start and its torch import, each rank's step 1: every Python
-of the job starts with bench/launch_trace/ on its path), and the median time between its marks.
+of the job starts with bench/launch_trace/ on its path; ours' task interpreter starts without site,
+so only its payload is marked), and the median time between its marks.
 """
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """bench_slurm_launch.py --trace: every Python process started with this directory on PYTHONPATH
 and LAUNCH_TRACE set appends a line to that file at its start, and when it begins importing a few
 modules that mark the way to step 1 (torch's import begins, train.loop's begins once torch is in).
-One write per line on an O_APPEND file: lines of processes on several nodes do not mix."""
+One write per line on an O_APPEND file: lines of processes on several nodes do not mix. A Python
+started without site (-S: ours' SLURM task) never reads this file."""
 import os
 import sys
 import time
