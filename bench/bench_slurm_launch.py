@@ -1,6 +1,6 @@
 """SLURM launch: submit -> every rank at step 1, ours against a hand-written sbatch script and plain submitit.
 
-    flock /tmp/ddp-testbed.lock .venv/bin/python bench/bench_slurm_launch.py [--reps 5] [--out DIR]
+    flock /tmp/ddp-testbed.lock .venv/bin/python bench/bench_slurm_launch.py [--reps 5] [--out DIR] [--trace DIR]
 
 On the cluster in a box's real SLURM (.testbed/, `python -m tests.testbed up`), as root, from this
 machine (the login node's view: the shared filesystem, SLURM's clients). The same job each time:
@@ -24,7 +24,13 @@ without it each process compiles every module it imports from source, which weig
 Reported: the median and min over the repetitions of the time from the start of the submit
 command to the last rank's step-1 metrics record (its own timestamp), of the submit command's
 own time, and of SLURM's part: from sbatch's submission to the job's allocation (slurmctld's
-log), which no way's launch path takes part in. One cluster in a box on 2 shared cores: absolute numbers are this box's.
+log), which no way's launch path takes part in, and the first less the last: what each way's own
+path takes. One cluster in a box on 2 shared cores: absolute numbers are this box's.
+
+``--trace DIR``: each job's timeline in DIR/<way>-<rep>.txt (the submit command, SLURM's log lines
+of the job, every Python process's start and its torch import, each rank's step 1: every Python
+of the job starts with bench/launch_trace/ on its path; ours' task interpreter starts without site,
+so only its payload is marked), and the median time between its marks.
 """
 from __future__ import annotations
 
@@ -87,7 +93,7 @@ def allocation_s(log: Path, jid: str) -> float | None:
 
 
 def wait_job_gone(jid: str, partition: str, timeout: float = 120) -> None:
-    """Until the job left the queue and every node of the partition is idle again: a job
+    """Until the job left the queue and no node of the partition is busy any more: a job
     submitted while the last one's nodes still complete waits for a later scheduling pass
     (seconds here), whichever way submitted it."""
     deadline = time.time() + timeout
@@ -95,7 +101,8 @@ def wait_job_gone(jid: str, partition: str, timeout: float = 120) -> None:
         p = subprocess.run(["squeue", "-h", "-j", jid, "-o", "%T"], capture_output=True, text=True)
         if p.returncode != 0 or not p.stdout.strip():
             nodes = subprocess.run(["sinfo", "-h", "-N", "-p", partition, "-o", "%T"], capture_output=True, text=True)
-            if nodes.returncode == 0 and set(nodes.stdout.split()) == {"idle"}:
+            # a node down (another test cut it off) is no busy node: the jobs here need 2 of 3
+            if nodes.returncode == 0 and not any(s.startswith(("alloc", "mix", "comp")) for s in nodes.stdout.split()):
                 time.sleep(SETTLE_S)
                 return
         time.sleep(0.3)
@@ -103,12 +110,64 @@ def wait_job_gone(jid: str, partition: str, timeout: float = 120) -> None:
     raise RuntimeError(f"job {jid} still queued, or its nodes not idle, after {timeout}s")
 
 
+def timeline(t0: float, t1: float, jid: str, trace: Path, out: Path, logs: Path) -> list[tuple[float, str]]:
+    """One job's way to step 1, in seconds from the submit command's start: the command's end,
+    SLURM's log lines of the job (slurmctld, each slurmd: ms stamps), each Python process's start
+    and its marked imports (bench/launch_trace/), each rank's step-1 record."""
+    import datetime
+    import re
+    events = [(t0, "submit command starts"), (t1, "submit command ends")]
+    for log in sorted(logs.glob("slurm*.log")):
+        for line in log.read_text(errors="replace").splitlines():
+            m = re.match(r"\[(\S+)\] (.*)", line)
+            if m and re.search(rf"\b{jid}\b", m[2]):
+                stamp = datetime.datetime.fromisoformat(m[1]).timestamp()
+                if stamp >= t0 - 1:
+                    events.append((stamp, f"{log.stem}: {m[2][:150]}"))
+    try:
+        for line in trace.read_text().splitlines():
+            t, host, rank, pid, ppid, what = line.split(" ", 5)
+            events.append((float(t), f"{host} rank {rank} pid {pid} (parent {ppid}): {what}"))
+    except (OSError, ValueError):
+        pass
+    for f in sorted(out.glob("metrics-rank*.jsonl")):
+        for line in f.read_text().splitlines():
+            rec = json.loads(line)
+            if rec.get("step") == 1 and "time" in rec:
+                events.append((rec["time"], f"{f.stem}: step 1"))
+    return sorted((t - t0, what) for t, what in events)
+
+
+# the marks of a timeline (the first event that matches, or the last of the ranks'): (name, pattern, which)
+MARKS = [("sbatch accepted", r"_slurm_rpc_submit_batch_job", min),
+         ("allocated", r"sched: Allocate|_start_job", min),
+         ("srun's tasks launched", r"launch task StepId=\d+\.0 ", min),
+         # the payload's interpreter: train (ours, the script) or submitit's task, which runs train in itself
+         ("every payload started", r": python \S+ (-\S+ )*-m (train|submitit\.core\._submit)\b", max),
+         ("every rank imports torch", r": import torch$", max),
+         ("every rank has torch", r": import train\.loop$", max),
+         ("every rank at step 1", r": step 1$", max)]
+
+
+def phases(events: list[tuple[float, str]]) -> dict[str, float]:
+    """The time from one mark to the next (seconds), named by the later mark."""
+    import re
+    out, last = {}, 0.0
+    for name, pattern, which in MARKS:
+        ts = [t for t, what in events if re.search(pattern, what)]
+        if not ts:
+            return out
+        out[name] = round(which(ts) - last, 3)
+        last = which(ts)
+    return out
+
+
 # ---------------------------------------------------------------- the three ways
-def ours(work: Path, inventory: Path) -> tuple[float, float, Path, str]:
+def ours(work: Path, inventory: Path, pythonpath: str) -> tuple[float, float, Path, str]:
     job = work / "job.yaml"
     job.write_text(JOB)
     runs = work / "runs"
-    env = {**os.environ, "CLUSTER_RUNS_DIR": str(runs), "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "CLUSTER_RUNS_DIR": str(runs), "PYTHONPATH": pythonpath}
     t0 = time.time()
     p = subprocess.run([sys.executable, "-m", "cluster", "submit", str(job), "-i", str(inventory)],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
@@ -120,7 +179,7 @@ def ours(work: Path, inventory: Path) -> tuple[float, float, Path, str]:
     return t0, t1, runs / run_id / "metrics", jid
 
 
-def by_hand(work: Path, partition: str) -> tuple[float, float, Path, str]:
+def by_hand(work: Path, partition: str, pythonpath: str) -> tuple[float, float, Path, str]:
     out = work / "metrics"
     script = work / "job.sbatch"
     script.write_text("\n".join([
@@ -129,7 +188,7 @@ def by_hand(work: Path, partition: str) -> tuple[float, float, Path, str]:
         f"#SBATCH --output={work}/%j.out --chdir={work}",
         'export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
         "export MASTER_PORT=$((20000 + SLURM_JOB_ID % 10000)) OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1",
-        f"export PYTHONPATH={shlex.quote(str(REPO))}",
+        f"export PYTHONPATH={shlex.quote(pythonpath)}",
         "srun --kill-on-bad-exit=1 " + shlex.join([sys.executable] + train_args(out)), ""]))
     t0 = time.time()
     p = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, timeout=60)
@@ -139,11 +198,11 @@ def by_hand(work: Path, partition: str) -> tuple[float, float, Path, str]:
     return t0, t1, out, p.stdout.strip().split(";")[0]
 
 
-def plain_submitit(work: Path, partition: str) -> tuple[float, float, Path, str]:
+def plain_submitit(work: Path, partition: str, pythonpath: str) -> tuple[float, float, Path, str]:
     out = work / "metrics"
     t0 = time.time()
     p = subprocess.run([sys.executable, __file__, "submitit-submit", str(work), partition], cwd=REPO,
-                       env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=120)
+                       env={**os.environ, "PYTHONPATH": pythonpath}, capture_output=True, text=True, timeout=120)
     t1 = time.time()
     if p.returncode != 0:
         raise RuntimeError(p.stderr)
@@ -177,6 +236,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--out", type=Path, help="write the figures (results.json) here")
+    ap.add_argument("--trace", type=Path, help="write each job's timeline here (<way>-<rep>.txt): the submit "
+                    "command, SLURM's log lines of the job, every Python process's start and its torch import, "
+                    "each rank's step 1")
     args = ap.parse_args()
     sys.path.insert(0, str(REPO))
     from tests.testbed import load_state
@@ -198,7 +260,12 @@ def main() -> int:
             for way, fn in WAYS.items():
                 work = Path(tmp, f"{way}-{rep}")
                 work.mkdir()
-                t0, t1, out, jid = ours(work, inventory) if way == "ours" else fn(work, st["partition"])
+                pythonpath = str(REPO)
+                if args.trace:      # every Python of this job marks its start (bench/launch_trace/)
+                    os.environ["LAUNCH_TRACE"] = str(work / "trace.txt")
+                    pythonpath = f"{REPO / 'bench' / 'launch_trace'}{os.pathsep}{REPO}"
+                t0, t1, out, jid = (ours(work, inventory, pythonpath) if way == "ours"
+                                    else fn(work, st["partition"], pythonpath))
                 deadline = time.time() + 120
                 while (t := step1_time(out)) is None:
                     if time.time() > deadline:
@@ -207,19 +274,35 @@ def main() -> int:
                 wait_job_gone(jid, st["partition"])
                 alloc = allocation_s(Path(st["state_dir"], "logs", "slurmctld.log"), jid)
                 results[way].append({"submit_s": round(t1 - t0, 3), "step1_s": round(t - t0, 3), "job": jid,
-                                     "allocation_s": alloc})
+                                     "allocation_s": alloc,
+                                     "step1_less_queue_s": None if alloc is None else round(t - t0 - alloc, 3)})
+                if args.trace:
+                    events = timeline(t0, t1, jid, work / "trace.txt", out, Path(st["state_dir"], "logs"))
+                    args.trace.mkdir(parents=True, exist_ok=True)
+                    (args.trace / f"{way}-{rep}.txt").write_text("".join(f"{t:8.3f}  {w}\n" for t, w in events))
+                    results[way][-1]["phases"] = phases(events)
                 print(f"rep {rep} {way:<9} submit {t1 - t0:5.2f} s  every rank at step 1 {t - t0:5.2f} s"
                       f"  (SLURM's allocation {alloc} s after sbatch)", flush=True)
     print(f"\n2 nodes x 2 tasks, {STEPS}-step CPU job, {args.reps} interleaved repetitions (median / min, seconds)")
-    print(f"{'':<10} {'submit':>14} {'every rank at step 1':>22} {'SLURM allocation':>18}")
+    print(f"{'':<10} {'submit':>14} {'every rank at step 1':>22} {'SLURM allocation':>18} {'step 1 less allocation':>24}")
     summary = {}
+    nan = [float("nan")]
     for way, rs in results.items():
         sub, s1 = [r["submit_s"] for r in rs], [r["step1_s"] for r in rs]
-        al = [r["allocation_s"] for r in rs if r["allocation_s"] is not None] or [float("nan")]
+        al = [r["allocation_s"] for r in rs if r["allocation_s"] is not None] or nan
+        own = [r["step1_less_queue_s"] for r in rs if r["step1_less_queue_s"] is not None] or nan
         summary[way] = {"submit_median_s": statistics.median(sub), "step1_median_s": statistics.median(s1),
-                        "step1_min_s": min(s1), "allocation_median_s": statistics.median(al), "runs": rs}
+                        "step1_min_s": min(s1), "allocation_median_s": statistics.median(al),
+                        "step1_less_queue_median_s": statistics.median(own), "runs": rs}
         print(f"{way:<10} {statistics.median(sub):6.2f} / {min(sub):5.2f} {statistics.median(s1):12.2f} / {min(s1):5.2f}"
-              f" {statistics.median(al):10.2f} / {min(al):5.2f}")
+              f" {statistics.median(al):10.2f} / {min(al):5.2f} {statistics.median(own):14.2f} / {min(own):5.2f}")
+    if args.trace:
+        print("\nmedian time to each mark from the one before (seconds; --trace)")
+        print(f"{'':<10}" + "".join(f" {name:>14.14}" for name, _, _ in MARKS))
+        for way, rs in results.items():
+            cells = [[r["phases"][n] for r in rs if n in r.get("phases", {})] for n, _, _ in MARKS]
+            summary[way]["phase_medians_s"] = {n: statistics.median(c) for (n, _, _), c in zip(MARKS, cells) if c}
+            print(f"{way:<10}" + "".join(f" {statistics.median(c):14.3f}" if c else f" {'-':>14}" for c in cells))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "results.json").write_text(json.dumps(summary, indent=1) + "\n")

@@ -229,7 +229,7 @@ def test_container_pyxis_and_apptainer(tmp_path):
     srun = text.splitlines()[-1]
     assert f" '--container-image=nvcr.io#nvidia/pytorch:24.05-py3' --container-mounts={REPO}:{REPO},/data:/data:ro " \
            f"--container-workdir={REPO} --container-env=CLUSTER_RUN_ID,MASTER_ADDR,MASTER_PORT,NCCL_DEBUG," \
-           "PYTHONUNBUFFERED python3 -u -m cluster.node.slurm_task " in srun
+           "PYTHONUNBUFFERED python3 -S -u -m cluster.node.slurm_task " in srun
     assert plan.task["argv"] == ["python3", "-m", "tests.fixtures.hello"]
     assert "\nexport NCCL_DEBUG=INFO\n" in text
 
@@ -726,7 +726,7 @@ def test_task_starts_the_payload_from_its_spec_without_submitits_pickle(tmp_path
                                            "run_dir": "r", "requeue": True}))
 
     def task():
-        return subprocess.run([sys.executable, "-u", "-m", "cluster.node.slurm_task", str(folder)], cwd=REPO,
+        return subprocess.run([sys.executable, "-S", "-u", "-m", "cluster.node.slurm_task", str(folder)], cwd=REPO,
                               env={**os.environ, **TASK_ENV}, capture_output=True, text=True, timeout=60)
     p = task()
     assert p.returncode == 0, p.stdout + p.stderr
@@ -737,6 +737,34 @@ def test_task_starts_the_payload_from_its_spec_without_submitits_pickle(tmp_path
     assert json.loads((tmp_path / "r" / "state" / "task0.json").read_text())["host"] == "gpu07"
     p = task()
     assert p.returncode == 0 and marker.read_text() == "x" and p.stdout.count("not running it again") == 1, p.stdout
+
+
+def test_task_starts_its_payload_before_site_and_the_records(tmp_path):
+    """The task's way to its payload (every task takes it at once, on cores the payloads share):
+    srun starts its interpreter without site (the golden script has its -S), and when the payload
+    starts nothing beyond what starting it needs is loaded: not site-packages, not the agent, not
+    the records (written after)."""
+    from cluster.node.slurm_task import SPEC
+    folder = tmp_path / "slurm"
+    folder.mkdir()
+    (folder / SPEC).write_text(json.dumps({"argv": [sys.executable, "-c", "print('ran')"], "workdir": str(tmp_path),
+                                           "run_dir": "r"}))
+    # srun's command as the plan writes it; the payload's start notes what its task had loaded then
+    probe = ("import runpy, subprocess, sys\n"
+             "start = subprocess.Popen.__init__\n"
+             "def noted(self, *a, **k):\n"
+             "    print('loaded:', ' '.join(sorted(sys.modules)), flush=True)\n"
+             "    start(self, *a, **k)\n"
+             "subprocess.Popen.__init__ = noted\n"
+             f"sys.argv = ['slurm_task', {str(folder)!r}]\n"
+             "runpy.run_module('cluster.node.slurm_task', run_name='__main__', alter_sys=True)\n")
+    p = subprocess.run([sys.executable, "-S", "-u", "-c", probe], cwd=REPO, env={**os.environ, **TASK_ENV},
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and "[gpu07 0] ran" in p.stdout, p.stdout + p.stderr
+    loaded = next(l for l in p.stdout.splitlines() if "] loaded: " in l).split("] loaded: ")[1].split()
+    assert not [m for m in loaded if m in ("site", "socket", "cluster.node.agent", "cluster.node.record")
+                or m.startswith("submitit")], loaded
+    assert json.loads((tmp_path / "r" / "state" / "task0.json").read_text())["pid"] > 0
 
 
 def test_a_data_source_on_a_host_is_refused_on_slurm(tmp_path):
@@ -764,7 +792,7 @@ def _task_until_signal(tmp_path, timeout_min, max_requeues, after_s=0.0):
     delayed = DelayedSubmission(SlurmTask(spec))
     delayed.set_timeout(timeout_min, max_requeues)
     delayed.dump(JobPaths(folder, job_id="5", task_id=0).submitted_pickle)
-    p = subprocess.Popen([sys.executable, "-u", "-m", "cluster.node.slurm_task", str(folder)], cwd=REPO,
+    p = subprocess.Popen([sys.executable, "-S", "-u", "-m", "cluster.node.slurm_task", str(folder)], cwd=REPO,
                          env={**os.environ, **TASK_ENV}, stdout=subprocess.PIPE, text=True)
     first = []
     for line in p.stdout:

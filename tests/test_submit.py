@@ -34,6 +34,19 @@ def test_a_submit_is_gone_once_its_process_is_or_its_pid_was_reused():
     assert not submitter_gone(SimpleNamespace(data={"submitter": {**rec.data["submitter"], "host": "elsewhere"}}))
 
 
+def test_a_process_start_is_psutils_to_the_same_float():
+    """Read from /proc without psutil's import, the same number psutil gives (a run recorded by one
+    is judged by the other across an upgrade)."""
+    p = subprocess.Popen([sys.executable, "-c", SLEEP])
+    try:
+        for pid in (p.pid, 1, psutil.Process().pid):
+            assert _proc_start(pid) == psutil.Process(pid).create_time()
+    finally:
+        p.kill()
+        p.wait()
+    assert _proc_start(p.pid) is None and _proc_start(-1) is None
+
+
 def test_a_watcher_is_alive_only_as_the_runs_watcher():
     p = subprocess.Popen([sys.executable, "-c", SLEEP, "cluster.backends.watcher", "watch", "r1"])
     try:

@@ -4,7 +4,7 @@
 
 * The plan is an sbatch request (``SlurmPlan``); ``python -m cluster plan`` prints the exact script
   submitit submits (the same function renders both). Tasks per node = GPUs per node; every task
-  runs ``python -m cluster.node.slurm_task FOLDER`` in place of submitit's own task process:
+  runs ``python -S -u -m cluster.node.slurm_task FOLDER`` in place of submitit's own task process:
   ``cluster.node.slurm_task.SlurmTask`` from FOLDER/task.json, RANK/LOCAL_RANK/WORLD_SIZE from
   SLURM_PROCID/SLURM_LOCALID/SLURM_NTASKS, then the same payload as on the other backends, its
   lines ``[host rank]`` prefixed; submitit's signal handler (and its pickle of the task) only on
@@ -98,8 +98,10 @@ class SlurmPlan(Plan):
 
     def command(self) -> str:
         """What srun starts in every task, in place of submitit's own command: the task, its line
-        prefixer and submitit's signal handling in one interpreter (cluster/node/slurm_task.py main)."""
-        return " ".join([self.python, "-u -m cluster.node.slurm_task", shlex.quote(self.folder)])
+        prefixer and submitit's signal handling in one interpreter (cluster/node/slurm_task.py main),
+        without site (-S: its .pth files cost each task's start; the task adds site-packages when
+        it needs submitit)."""
+        return " ".join([self.python, "-S -u -m cluster.node.slurm_task", shlex.quote(self.folder)])
 
     def render(self) -> str:
         from submitit.slurm.slurm import _make_sbatch_string

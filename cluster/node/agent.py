@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 from cluster.node.gang import Gang
+from cluster.node.jobenv import run_environment
 from cluster.node.group import become_subreaper, end_group
 from cluster.node.shm import remove_left_semaphores
 from cluster.node.warm import park
@@ -69,29 +70,6 @@ def remove_container(payload: list[str], note) -> None:
                            timeout=120)
         except (OSError, subprocess.TimeoutExpired) as e:
             note(f"could not remove the container ({e})")
-
-
-def run_environment(code_dir: str, run_dir: Path, module_dirs: list[str], payload: list[str],
-                    environ=os.environ) -> list[str]:
-    """The job's view of the host, set in ``environ``; returns the payload with ``{code}`` filled in.
-
-    The job runs in its run directory (runs/<id>/, never synced as code, new for every run), with
-    the code on its path: the code's directory, after a module job's own directory (as
-    ``python pkg/script.py`` would have it), and the inventory's python with its ``~/`` expanded
-    (the payload is started without a shell). CLUSTER_RUN_DIR, CLUSTER_CODE_DIR and
-    CLUSTER_CHECKPOINT_DIR (synced from node 0 to storage, put back by ``submit --resume``) name them."""
-    paths = [os.path.join(code_dir, d) for d in module_dirs] + [code_dir]
-    if environ.get("PYTHONPATH"):
-        paths.append(environ["PYTHONPATH"])
-    environ["PYTHONPATH"] = os.pathsep.join(paths)
-    environ["CLUSTER_RUN_DIR"] = str(run_dir)
-    environ["CLUSTER_CODE_DIR"] = code_dir
-    environ["CLUSTER_CHECKPOINT_DIR"] = str(run_dir / "checkpoints")
-    python = payload[0] if payload else ""
-    return [code_dir + a[len("{code}"):] if a == "{code}" or a.startswith("{code}/")
-            # the inventory's python (``~/venv/bin/python``): no shell expands it on this side
-            else os.path.expanduser(a) if a == python and a.startswith("~/") else a
-            for a in payload]
 
 
 class NodeLog:

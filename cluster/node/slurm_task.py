@@ -1,6 +1,6 @@
 """What runs in each SLURM task (one per GPU, started by srun from the sbatch script).
 
-One process per task besides the payload: ``python -u -m cluster.node.slurm_task FOLDER``
+One process per task besides the payload: ``python -S -u -m cluster.node.slurm_task FOLDER``
 (``main``; FOLDER is submitit's: the scripts, pickles and per-task logs), which
 
 * starts the payload at once, from the task's spec as plain data (``task.json`` in FOLDER, written
@@ -23,28 +23,32 @@ requeued job needs: the attempt, the time-outs left). Importing it at start (num
 about half a second of CPU per task) took that CPU from the payload's own start where tasks share
 cores, and the launch is compared with a hand-written ``srun python -m train`` in
 bench/bench_slurm_launch.py. The payload is the only process that imports torch, once per task.
-Standard library only at import time.
+
+The way to the payload's start is kept short, since every task's interpreter takes it at once on
+the node's cores beside the payloads' own starts: the interpreter starts without site (``-S``:
+site-packages' .pth files took each task about 20 ms of CPU; they are added with submitit, on
+the signal), and only what starting the payload needs is imported before it; the records come
+after it. Standard library only.
 """
 from __future__ import annotations
 
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
-from cluster.node import record
+from cluster.node.jobenv import run_environment
 
 DONE = "slurm.done"     # in runs/<id>/state/: the payload finished; a requeued job does nothing
 LINGER_S = 10.0         # a task waits this long for a requeue signal after its payload got TERM
 
 
 def _host() -> str:
-    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+    return os.environ.get("SLURMD_NODENAME") or os.uname().nodename
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -94,7 +98,6 @@ class SlurmTask:
             WORLD_SIZE=env.get("SLURM_NTASKS", "1"), GROUP_RANK=env.get("SLURM_NODEID", "0"),
             LOCAL_WORLD_SIZE=str(_local_world(env)))
         # as on the other backends (cluster/node/agent.py): the run directory as cwd, the code on the path
-        from cluster.node.agent import run_environment
         (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         argv = run_environment(self.spec["workdir"], self.run_dir, self.spec.get("module_dirs", []),
                                list(self.spec["argv"]), child_env)
@@ -178,6 +181,7 @@ class SlurmTask:
         of submitit's (task 0: ``checkpoint()``, the pickle for the next start, ``scontrol
         requeue``, then it exits; the other tasks: a log line). Imported now, not at the task's
         start (the module's docstring says why)."""
+        _site_packages()
         from submitit.core.job_environment import JobEnvironment, SignalHandler
         from submitit.core.utils import DelayedSubmission, JobPaths, UncompletedJobError
         _quiet_submitit_log()
@@ -230,6 +234,7 @@ def record_running(run_dir: Path, **fields) -> bool:
     `status` -- a detached submit, the login node's mirror (cluster/backends/login.py). Only
     over PENDING or STARTING, never over an end. Whatever goes wrong here, the task goes on
     (`status` still finds the state from SLURM)."""
+    from cluster.node import record         # after the payload's start (the module's docstring)
     try:
         with record.locked(run_dir):
             data = json.loads((run_dir / "run.json").read_text())
@@ -246,6 +251,14 @@ def record_running(run_dir: Path, **fields) -> bool:
 
 def _quiet(signum, frame) -> None:
     pass
+
+
+def _site_packages() -> None:
+    """site-packages on the path, as site would have set them at the start: the task's interpreter
+    starts without (``python -S``, SlurmPlan.command), and submitit lives there. Once."""
+    if sys.flags.no_site and "site" not in sys.modules:
+        import site
+        site.main()
 
 
 def _quiet_submitit_log() -> None:
