@@ -199,7 +199,10 @@ def main() -> int:
             # the decode done once per batch size and reused: what the decode itself costs the step
             ("gpu-nodecode", [f"data={packed}", "decode=gpu", "jpeg_decoder=torchvision", "workers=4"], a.steps),
             ("gpu-hw-nodecode", [f"data={packed}", "decode=gpu", "jpeg_decoder=nvimgcodec", "workers=4"], a.steps),
-            ("gpu-hw-noprealloc", [f"data={packed}", "decode=gpu", "jpeg_decoder=nvimgcodec", "workers=4"], a.steps)]
+            ("gpu-hw-noprealloc", [f"data={packed}", "decode=gpu", "jpeg_decoder=nvimgcodec", "workers=4"], a.steps),
+            # the decode in the training process's input thread (before train/input_process.py)
+            ("gpu-hw-inproc", [f"data={packed}", "decode=gpu", "jpeg_decoder=nvimgcodec", "workers=4",
+                               "input_process=false"], a.steps)]
     for name, args, steps in plan:
         if name in only:
             left = deadline - time.time()
@@ -357,7 +360,8 @@ def table(R: dict) -> str:
                         ("gpu-hw-w8", "train/, real JPEGs, decode=gpu, nvImageCodec, 7 workers, prefetch 4"),
                         ("gpu-nodecode", "train/, real JPEGs, torchvision, each batch size decoded once (no decode)"),
                         ("gpu-hw-nodecode", "train/, real JPEGs, nvImageCodec, each batch size decoded once (no decode)"),
-                        ("gpu-hw-noprealloc", "train/, real JPEGs, nvImageCodec, hardware decoder memory not sized up front")):
+                        ("gpu-hw-noprealloc", "train/, real JPEGs, nvImageCodec, hardware decoder memory not sized up front"),
+                        ("gpu-hw-inproc", "train/, real JPEGs, nvImageCodec, decoded in the training process (input_process=false)")):
         r = runs.get(name)
         if not r:
             continue

@@ -116,7 +116,9 @@ class RealImages:
     """A folder (ImageFolder layout) or its packed form (train/pack.py), through train/pipeline.py:
     compressed bytes from the workers, decode and augmentation on the GPU where it can."""
 
-    def __init__(self, cfg: TrainConfig, env: DistEnv, channels_last: bool):
+    def __init__(self, cfg: TrainConfig, env: DistEnv, channels_last: bool, role: str = "main",
+                 gpu: bool | None = None):
+        """role "input": the loaders of train/input_process.py's process (gpu: its items' kind)."""
         from .imagesets import open_split
         from .pipeline import DeviceStage, Items, collate
 
@@ -129,9 +131,10 @@ class RealImages:
         if train_split is None:
             raise ConfigError("data", f"{root!r} is not synthetic, synthetic-learnable, a folder with train/ "
                               "or a packed set (MANIFEST.json, python -m train.pack)")
-        gpu = env.device.type == "cuda" if cfg.decode == "auto" else cfg.decode == "gpu"
-        if gpu and env.device.type != "cuda":
-            raise ConfigError("decode", "gpu needs a CUDA device; use decode=cpu or auto")
+        if gpu is None:
+            gpu = env.device.type == "cuda" if cfg.decode == "auto" else cfg.decode == "gpu"
+            if gpu and env.device.type != "cuda":
+                raise ConfigError("decode", "gpu needs a CUDA device; use decode=cpu or auto")
         self.decode = "gpu" if gpu else "cpu"
         self.sampler = ResumableSampler(train_split, env, cfg.seed)
         if len(self.sampler) < cfg.batch_size:
@@ -154,6 +157,12 @@ class RealImages:
                                  trace and os.path.join(trace, f"samples-rank{env.rank}.jsonl"), decoder)
         self.samples_per_epoch = self.sampler.total_size // (cfg.batch_size * env.world_size) \
             * cfg.batch_size * env.world_size
+        self.input = None
+        if role == "input":
+            return
+        if gpu and cfg.input_process:
+            from .input_process import InputProcess
+            self.input = InputProcess(cfg, env, decoder, gpu)
         print0(env, f"data: {root} ({'packed' if train_split.paths is None else 'folder'}): "
                     f"{len(train_split)} train images, {len(val_split) if val_split else 0} val, "
                     f"{len(train_split.classes)} classes; decode on {f'GPU ({decoder})' if gpu else 'CPU (PIL)'}, "
@@ -162,13 +171,30 @@ class RealImages:
     def batches(self, epoch: int, start_sample: int) -> Iterator[Batch]:
         from .pipeline import overlapped
 
+        if self.input is not None:
+            return overlapped(self.input.batches("train", epoch, start_sample), self.from_input, self.stage.device)
         self.sampler.set_epoch(epoch, start_sample)
-        return overlapped(self.loader, self.stage)
+        return overlapped(self.loader, self.stage, self.stage.device)
 
     def val_batches(self) -> Iterator[Batch] | None:
         from .pipeline import overlapped
 
-        return None if self.val_loader is None else overlapped(self.val_loader, self.stage)
+        if self.val_loader is None:
+            return None
+        if self.input is not None:
+            return overlapped(self.input.batches("val"), self.from_input, self.stage.device)
+        return overlapped(self.val_loader, self.stage, self.stage.device)
+
+    def from_input(self, item) -> Batch:
+        """A batch the input process decoded: crop it here, then hand its slot back once read."""
+        buf, slot, d = item
+        x, y = self.stage.from_decoded(buf, d)
+        if buf.is_cuda:
+            done = torch.cuda.Event()
+            done.record()
+            done.synchronize()
+        self.input.release(slot)
+        return x, y
 
     def report(self) -> dict:
         """Images that took the CPU path on a GPU run, and blanks for undecodable files (this rank)."""

@@ -9,7 +9,6 @@ antialiased resize), which train/pipeline.py uses on the CPU and which the tests
 
 from __future__ import annotations
 
-import math
 
 import torch
 import triton
@@ -78,27 +77,14 @@ def _crop_resize(src, imeta, fmeta, out, out_sn, out_sc, out_sp, m0, m1, m2, i0,
     tl.store(dst + out_sc * 2, (a2 / n - m2) * i2, mask=live)
 
 
-def crop_resize(images: list[torch.Tensor], layouts: list[str], boxes: list[tuple[float, float, float, float]],
-                flips: list[bool], where: list[int], n: int, size: int, mean, inv_std,
-                channels_last: bool) -> torch.Tensor:
-    """images[k] (uint8, 'chw' or 'hwc' per layouts[k], on the device) cropped to boxes[k]
-    (top, left, height, width), resized to size x size, flipped where flips[k], normalised
-    ((v - mean) * inv_std per channel, in 0-255 units) into row where[k] of a new (n, 3, size, size)
-    float32 batch (channels_last memory if asked). Rows nobody writes are left uninitialised."""
-    dev = images[0].device
-    flat = [im.contiguous().view(-1) for im in images]
-    buf = torch.cat(flat) if len(flat) > 1 else flat[0]
-    im, fm, off = [], [], 0
-    for t, lay, (top, left, bh, bw), flip, o in zip(images, layouts, boxes, flips, where):
-        if lay == "chw":
-            _, h, w = t.shape
-            strides = (h * w, w, 1)
-        else:
-            h, w, _ = t.shape
-            strides = (1, w * 3, 3)
-        im.append((off, h, w, *strides, o, int(flip), max(1, math.ceil(bh / size)), max(1, math.ceil(bw / size))))
-        fm.append((top, left, bh, bw))
-        off += t.numel()
+def launch(buf: torch.Tensor, im: list, fm: list, n: int, size: int, mean, inv_std, channels_last: bool) -> torch.Tensor:
+    """Images lying in the flat uint8 buffer buf (on the device), described by rows im (integers:
+    offset, H, W, strides of channel, row and column, output row, flip, samples per output pixel
+    down and across) and fm (floats: the crop box's top, left, height and width), cropped,
+    resized to size x size, flipped, normalised ((v - mean) * inv_std per channel, in 0-255 units)
+    into a new (n, 3, size, size) float32 batch (channels_last memory if asked). Rows nobody
+    writes are left uninitialised. train/pipeline.py's rows() makes im and fm."""
+    dev = buf.device
     pin = dev.type == "cuda"   # pinned: the copies stay asynchronous on the stage's stream
     imeta = torch.tensor(im, dtype=torch.int64, pin_memory=pin).to(dev, non_blocking=True)
     fmeta = torch.tensor(fm, dtype=torch.float32, pin_memory=pin).to(dev, non_blocking=True)
@@ -109,7 +95,6 @@ def crop_resize(images: list[torch.Tensor], layouts: list[str], boxes: list[tupl
         out = torch.empty((n, 3, size, size), dtype=torch.float32, device=dev)
         sn, sc, sp = 3 * size * size, size * size, 1
     block = 256
-    _crop_resize[(len(images), triton.cdiv(size * size, block))](
+    _crop_resize[(len(im), triton.cdiv(size * size, block))](
         buf, imeta, fmeta, out, sn, sc, sp, *mean, *inv_std, S=size, BLOCK=block)
     return out
-

@@ -134,6 +134,40 @@ def cpu_crop(data: bytes, size: int, box_of) -> torch.Tensor:
     return torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(size, size, 3)
 
 
+def rows(images: list[torch.Tensor], layouts: list[str], boxes: list, flips: list[bool], where: list[int],
+         size: int) -> tuple[list, list]:
+    """The crop kernel's rows (train/gpu_crop.py's launch) for images[k] ('chw' or 'hwc' per
+    layouts[k]) lying one after another in one flat buffer, in this order."""
+    im, fm, off = [], [], 0
+    for t, lay, (top, left, bh, bw), flip, o in zip(images, layouts, boxes, flips, where):
+        if lay == "chw":
+            _, h, w = t.shape
+            strides = (h * w, w, 1)
+        else:
+            h, w, _ = t.shape
+            strides = (1, w * 3, 3)
+        im.append((off, h, w, *strides, o, int(flip), max(1, math.ceil(bh / size)), max(1, math.ceil(bw / size))))
+        fm.append((top, left, bh, bw))
+        off += t.numel()
+    return im, fm
+
+
+def crop_rows(buf: torch.Tensor, im: list, fm: list, n: int, size: int, mean, inv_std, channels_last: bool):
+    """What the kernel does, with roi_align image by image (no GPU: the tests)."""
+    from torchvision.ops import roi_align
+
+    out = torch.empty((n, 3, size, size), device=buf.device)
+    for (off, h, w, sc, sy, sx, o, flip, _, _), (top, left, bh, bw) in zip(im, fm):
+        img = torch.as_strided(buf, (3, h, w), (sc, sy, sx), off).float()
+        roi = torch.tensor([[0, left, top, left + bw, top + bh]], dtype=torch.float32, device=buf.device)
+        x = roi_align(img[None], roi, (size, size), spatial_scale=1.0, sampling_ratio=0, aligned=True)[0]
+        out[o] = x.flip(-1) if flip else x
+    m = torch.tensor(mean, device=buf.device).view(1, 3, 1, 1)
+    s = torch.tensor(inv_std, device=buf.device).view(1, 3, 1, 1)
+    out = (out - m) * s
+    return out.contiguous(memory_format=torch.channels_last) if channels_last else out
+
+
 class Items(torch.utils.data.Dataset):
     """Item (epoch, index) -> (label, bytes or uint8 crop, crop box, flip, why it took the CPU path).
 
@@ -308,11 +342,10 @@ class DeviceStage:
             self.counts["corrupt"] += 1
         return pixels
 
-    def fused_batch(self, b: dict) -> torch.Tensor:
-        """Decode, then one kernel for crop + resize + flip + normalise of every image of the batch
-        (the ones decoded by PIL in the workers too, as identity crops)."""
-        from .gpu_crop import crop_resize
-
+    def gather(self, b: dict) -> tuple[list, list, list, list, list]:
+        """Decode the batch's JPEGs: (images on the device, their layouts, crop boxes, flips, rows
+        of the batch), the ones decoded by PIL in the workers (or here, where the GPU decoder
+        refused) as identity crops."""
         S, dev = self.size, self.device
         srcs, lays, boxes, flips, where = [], [], [], [], []
         if b["jpeg_sizes"]:
@@ -339,8 +372,51 @@ class DeviceStage:
                 boxes.append((0.0, 0.0, float(S), float(S)))
                 flips.append(False)
                 where.append(o)
-        return crop_resize(srcs, lays, boxes, flips, where, len(b["labels"]), S,
-                           [255 * m for m in IMAGENET_MEAN], [1 / (255 * v) for v in IMAGENET_STD], self.channels_last)
+        return srcs, lays, boxes, flips, where
+
+    def fused_batch(self, b: dict) -> torch.Tensor:
+        """Decode, then one kernel for crop + resize + flip + normalise of every image of the batch."""
+        from .gpu_crop import launch
+
+        srcs, lays, boxes, flips, where = self.gather(b)
+        flat = [im.contiguous().view(-1) for im in srcs]
+        buf = torch.cat(flat) if len(flat) > 1 else flat[0]
+        im, fm = rows(srcs, lays, boxes, flips, where, self.size)
+        return launch(buf, im, fm, len(b["labels"]), self.size, [255 * m for m in IMAGENET_MEAN],
+                      [1 / (255 * v) for v in IMAGENET_STD], self.channels_last)
+
+    def decode_into(self, b: dict, buf: Optional[torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        """The input process's half (train/input_process.py): decode the batch into the flat
+        buffer buf (a larger one if it does not fit), and what the other half needs to crop it."""
+        before = Counter(self.counts)
+        srcs, lays, boxes, flips, where = self.gather(b)
+        flat = [im.contiguous().view(-1) for im in srcs]
+        need = sum(f.numel() for f in flat)
+        if buf is None or buf.numel() < need:
+            buf = torch.empty(max(1, need * 5 // 4), dtype=torch.uint8, device=self.device)
+        if flat:
+            torch.cat(flat, out=buf[:need])
+        im, fm = rows(srcs, lays, boxes, flips, where, self.size)
+        counts = Counter(b["reasons"]) + (self.counts - before)
+        return buf, {"im": im, "fm": fm, "labels": b["labels"], "counts": dict(counts), "keys": b["keys"]}
+
+    def from_decoded(self, buf: torch.Tensor, d: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training process's half: crop, resize, flip and normalise what decode_into left in buf."""
+        mean, inv_std = [255 * m for m in IMAGENET_MEAN], [1 / (255 * v) for v in IMAGENET_STD]
+        n = len(d["labels"])
+        if self.fused:
+            from .gpu_crop import launch
+            x = launch(buf, d["im"], d["fm"], n, self.size, mean, inv_std, self.channels_last)
+        else:
+            x = crop_rows(buf, d["im"], d["fm"], n, self.size, mean, inv_std, self.channels_last)
+        self.counts.update(d["counts"])
+        self.record(d["keys"])
+        return x, d["labels"].to(self.device, non_blocking=True)
+
+    def record(self, keys: list) -> None:
+        if self.trace and keys[0][0] >= 0:
+            with open(self.trace, "a") as f:
+                f.write(json.dumps(keys) + "\n")
 
     def crops(self, b: dict) -> torch.Tensor:
         """Without the Triton kernel (no GPU: the tests): roi_align image by image (a padded batch
@@ -378,26 +454,28 @@ class DeviceStage:
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
         self.counts.update(b["reasons"])
-        if self.trace and b["keys"][0][0] >= 0:
-            with open(self.trace, "a") as f:
-                f.write(json.dumps(b["keys"]) + "\n")
+        self.record(b["keys"])
         return x, b["labels"].to(dev, non_blocking=True)
 
 
-def overlapped(loader, stage: DeviceStage, depth: int = 2) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """stage(batch) for each batch of loader; on a GPU in a thread on its own stream, `depth`
-    batches ahead of the consumer (whose stream waits for each batch's event)."""
-    if stage.device.type != "cuda":
-        for b in loader:
-            yield stage(b)
+def overlapped(loader, stage, device: torch.device, depth: int = 2) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """stage(batch) -> (x, y) for each batch of loader; on a GPU in a thread on its own stream,
+    `depth` batches ahead of the consumer (whose stream waits for each batch's event). A loader
+    that is a generator (the input process's batches) is closed when this ends, early or not."""
+    if device.type != "cuda":
+        try:
+            for b in loader:
+                yield stage(b)
+        finally:
+            _close(loader)
         return
     q: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
-    side = torch.cuda.Stream(stage.device)
+    side = torch.cuda.Stream(device)
 
     def produce():
         try:
-            with torch.cuda.device(stage.device), torch.cuda.stream(side):
+            with torch.cuda.device(device), torch.cuda.stream(side):
                 for b in loader:
                     x, y = stage(b)
                     ev = torch.cuda.Event()
@@ -413,11 +491,13 @@ def overlapped(loader, stage: DeviceStage, depth: int = 2) -> Iterator[tuple[tor
             q.put(None)
         except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
             q.put(e)
+        finally:
+            _close(loader)
 
     t = threading.Thread(target=produce, name="gpu-input", daemon=True)
     t.start()
     try:
-        main = torch.cuda.current_stream(stage.device)
+        main = torch.cuda.current_stream(device)
         while (item := q.get()) is not None:
             if isinstance(item, BaseException):
                 raise item
@@ -433,3 +513,9 @@ def overlapped(loader, stage: DeviceStage, depth: int = 2) -> Iterator[tuple[tor
                 q.get(timeout=0.1)
             except queue.Empty:
                 pass
+
+
+def _close(loader) -> None:
+    close = getattr(loader, "close", None)
+    if close is not None:
+        close()

@@ -1,0 +1,128 @@
+"""The GPU decode's own process (train/input_process.py), run here on the CPU: the same batches,
+in the same order, with the same crops and counts as the decode in the training process; an
+early end of a pass leaves nothing stale for the next; its errors and its death reach the
+training process; it does not outlive it."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from tests.conftest import REPO_ROOT
+from tests.test_train_loop import clean_env
+from tests.test_train_pipeline import imageset  # noqa: F401 - the fixture
+from train.config import TrainConfig
+from train.data import RealImages
+from train.dist import DistEnv
+from train.input_process import InputProcess
+from train.pipeline import DeviceStage
+
+ENV = DistEnv(rank=0, local_rank=0, world_size=1, local_world_size=1, device=torch.device("cpu"), backend=None)
+
+
+def config(data) -> TrainConfig:
+    return TrainConfig(data=str(data), image_size=32, batch_size=8, workers=1, seed=5, num_classes=4)
+
+
+@pytest.fixture(scope="module")
+def process(imageset):  # noqa: F811
+    p = InputProcess(config(imageset[1]), ENV, "torchvision", gpu_items=True)
+    yield p
+    p.close()
+    assert not p.proc.is_alive()
+
+
+def through_process(p: InputProcess, kind: str, epoch: int = 0, start: int = 0, take: int | None = None):
+    stage, out = DeviceStage(ENV.device, 32, False), []
+    for buf, slot, d in p.batches(kind, epoch, start):
+        x, y = stage.from_decoded(buf, d)
+        p.release(slot)
+        out.append((d["keys"], x, y))
+        if take is not None and len(out) == take:
+            break
+    return out, stage.counts
+
+
+def in_process(packed, kind: str, epoch: int = 0, start: int = 0):
+    data = RealImages(config(packed), ENV, False, role="input", gpu=True)
+    data.sampler.set_epoch(epoch, start)
+    stage, out = DeviceStage(ENV.device, 32, False), []
+    for b in data.loader if kind == "train" else data.val_loader:
+        x, y = stage(b)
+        out.append((b["keys"], x, y))
+    return out, stage.counts
+
+
+def test_same_batches_crops_and_counts_as_decoding_in_the_training_process(process, imageset):  # noqa: F811
+    for kind, epoch, start in (("train", 2, 16), ("val", 0, 0)):
+        got, counts = through_process(process, kind, epoch, start)
+        want, want_counts = in_process(imageset[1], kind, epoch, start)
+        assert [k for k, _, _ in got] == [k for k, _, _ in want] and len(got) == len(want) > 0
+        for (_, x, y), (_, xr, yr) in zip(got, want):
+            assert torch.equal(y, yr)
+            assert torch.allclose(x, xr, atol=1e-4), (x - xr).abs().max()
+        assert counts == want_counts
+    assert sum(want_counts.values()) > 0 or kind == "val"   # the extras took the PIL path and were counted
+
+
+def test_a_pass_left_early_leaves_nothing_for_the_next(process, imageset):  # noqa: F811
+    first, _ = through_process(process, "train", 1, 0, take=2)
+    assert len(first) == 2
+    again, _ = through_process(process, "train", 3, 8)
+    want, _ = in_process(imageset[1], "train", 3, 8)
+    assert [k for k, _, _ in again] == [k for k, _, _ in want]
+
+
+def test_its_error_and_its_death_reach_the_training_process(imageset, tmp_path):  # noqa: F811
+    broken = InputProcess(config(tmp_path / "missing"), ENV, "torchvision", gpu_items=True)
+    with pytest.raises(RuntimeError, match="(?s)input process .* failed.*missing"):
+        next(broken.batches("train"))
+    broken.close()
+    p = InputProcess(config(imageset[1]), ENV, "torchvision", gpu_items=True)
+    try:
+        next(p.batches("train"))
+        os.kill(p.proc.pid, signal.SIGKILL)
+        p.proc.join(10)
+        with pytest.raises(RuntimeError, match="ended with exit code -9"):
+            for _ in p.batches("train", 1, 0):
+                pass
+    finally:
+        p.close()
+
+
+ORPHAN = """
+import os, sys, torch
+from train.config import TrainConfig
+from train.dist import DistEnv
+from train.input_process import InputProcess
+env = DistEnv(rank=0, local_rank=0, world_size=1, local_world_size=1, device=torch.device("cpu"), backend=None)
+p = InputProcess(TrainConfig(data=sys.argv[1], image_size=32, batch_size=8, workers=1), env, "torchvision", True)
+next(p.batches("train"))
+print(p.proc.pid, flush=True)
+os._exit(0)
+"""
+
+
+def test_it_does_not_outlive_the_training_process(imageset):  # noqa: F811
+    """A training process killed or gone without cleaning up: its input process (and that
+    process's DataLoader worker) end by themselves within seconds."""
+    r = subprocess.run([sys.executable, "-c", ORPHAN, str(imageset[1])], capture_output=True, text=True,
+                       cwd=REPO_ROOT, env=clean_env(), timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    pid = int(r.stdout.split()[0])
+    for _ in range(100):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                break
+        time.sleep(0.1)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        pytest.fail("the input process outlived its training process by 10 s")
