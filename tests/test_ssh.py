@@ -1,5 +1,6 @@
 """The ssh backend without the cluster in a box: folding, quoting, errors, the host-side code run
 here for real, the agents' gang on this machine, and the log merger across a dropped link."""
+import contextlib
 import json
 import os
 import signal
@@ -276,14 +277,14 @@ def test_another_live_run_on_a_host_shares_its_cpus_but_not_its_gpus():
 
 
 # ---------------------------------------------------------------- the gang, on this machine
-def start_agents(tmp_path, payloads, port):
+def start_agents(tmp_path, payloads, port, *grace):
     procs = []
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     for i, payload in enumerate(payloads):
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "cluster.node.agent", "--run-dir", str(tmp_path / "run"), "--host", f"h{i}",
              "--node-rank", str(i), "--gang", f"127.0.0.1:{port}", "--gang-nodes", str(len(payloads)),
-             "--kill-grace-s", "3", "--", *payload],
+             *(grace or ("--kill-grace-s", "3")), "--", *payload],
             env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True))
     return procs
@@ -340,6 +341,57 @@ def test_gang_survives_a_clean_run_and_a_lost_agent_stops_the_rest(tmp_path):
     finally:
         for p in procs:
             p.kill()
+
+
+# a rank stuck in a collective: TERM does nothing (here: ignored), only KILL ends it
+STUCK = [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+         "print('stuck', flush=True); time.sleep(60)"]
+
+
+def wait_started(run_dir, hosts):
+    """Each host's payload has printed its first line (the agents are up, the gang formed or forming)."""
+    deadline = time.time() + 30
+    while not all("stuck" in _read(run_dir / "logs" / f"{h}.log") for h in hosts):
+        assert time.time() < deadline, [_read(run_dir / "logs" / f"{h}.log") for h in hosts]
+        time.sleep(0.1)
+
+
+def _read(path):
+    return path.read_text() if path.exists() else ""
+
+
+@pytest.mark.parametrize("how", ["failed", "lost", "stop"])
+def test_the_grace_before_kill_depends_on_why_the_node_stops(tmp_path, how):
+    """Ranks stuck in a collective (TERM ignored) on h0 and h1. h2's payload fails: the gang's
+    abort gives them --kill-grace-s (a node failed: ranks usually end by themselves, printing what
+    the diagnosis reads). h2 gone, agent and all (a host lost): the short --lost-grace-s (nothing
+    to save: the run restarts from its checkpoint). A stop's TERM to every node: the agents only
+    forward it, never KILL on their own; the stop's own grace decides (cluster/node/probe.py)."""
+    run = tmp_path / "run"
+    h2 = ["sh", "-c", "echo stuck; sleep 2; exit 3"] if how == "failed" else STUCK
+    procs = start_agents(tmp_path, [STUCK, STUCK, h2], free_port(), "--kill-grace-s", "4", "--lost-grace-s", "0.5")
+    try:
+        wait_started(run, ["h0", "h1", "h2"])
+        if how == "lost":
+            time.sleep(0.5)     # h2 has said HELLO: the gang loses it, rather than never seeing it
+            os.killpg(procs[2].pid, signal.SIGKILL)
+        elif how == "stop":
+            for p in procs:
+                os.killpg(p.pid, signal.SIGTERM)
+            time.sleep(3)       # well past the lost grace
+            assert [p.poll() for p in procs] == [None] * 3
+            assert not any("KILL" in _read(run / "logs" / f"h{i}.log") for i in range(3))
+            return
+        for p in procs[:2]:
+            p.wait(30)
+        grace = "4" if how == "failed" else "0.5"
+        for i, e in enumerate(exits(tmp_path, 2)):
+            assert e["code"] == -9 and e["gang_abort"]["origin"] == "h2", e
+            assert f"[h{i} agent] still running {grace} s after TERM; KILL" in _read(run / "logs" / f"h{i}.log")
+    finally:
+        for p in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
 
 
 def _gang_run(tmp_path):
