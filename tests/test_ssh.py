@@ -351,7 +351,7 @@ STUCK = [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTER
 def wait_started(run_dir, hosts):
     """Each host's payload has printed its first line (the agents are up, the gang formed or forming)."""
     deadline = time.time() + 30
-    while not all("stuck" in _read(run_dir / "logs" / f"{h}.log") for h in hosts):
+    while not all(f"[{h} agent] stuck\n" in _read(run_dir / "logs" / f"{h}.log") for h in hosts):
         assert time.time() < deadline, [_read(run_dir / "logs" / f"{h}.log") for h in hosts]
         time.sleep(0.1)
 
