@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -63,6 +64,29 @@ def test_unreachable_host_is_a_result_not_an_exception():
     res = pool.run("true")
     assert time.time() - t0 < 5
     assert not res["dead"].ok and "cannot connect" in res["dead"].error and "refused" in res["dead"].error
+
+
+def test_a_host_that_did_not_answer_last_time_is_not_waited_for_again():
+    """A host cut off the network (here: a port that accepts and never says a word, so each try
+    waits out the connect timeout) is waited for in full by a plain call; asked as optional (it
+    did not answer the last time, the status probe's case) the call ends with the other hosts,
+    and it is not tried again while its last try is still connecting."""
+    with socket.socket() as silent, socket.socket() as closed:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        closed.bind(("127.0.0.1", 0))
+        pool = Pool([host("cut", hostname="127.0.0.1", port=silent.getsockname()[1]),
+                     host("dead", hostname="127.0.0.1", port=closed.getsockname()[1])],
+                    SSHSettings(connect_timeout_s=4, config_file=None))
+        t0 = time.time()
+        res = pool.run("true")
+        assert time.time() - t0 >= 3.5 and not res["cut"].ok and "dead" in res     # waited out
+        t0 = time.time()
+        for _ in range(3):
+            res = pool.run("true", optional={"cut"})
+            assert "not waited for" in res["cut"].error and "refused" in res["dead"].error, res
+        assert time.time() - t0 < 3 * 1.0 + 2.5
+        assert sum(t.name == "ssh-optional-cut" for t in threading.enumerate()) == 1
 
 
 def test_a_connection_that_cannot_be_built_is_that_hosts_result(tmp_path):

@@ -149,7 +149,9 @@ class SSHBackend(Backend):
         self._staged_: Optional[Staged] = None
         # hosts that did not answer this backend's last status probe (down, cut off the network):
         # each try costs connect_timeout_s for the same answer, so the same pass reads their log
-        # from the local copy (log_tail) and the watcher does not sync from them until they answer
+        # from the local copy (log_tail), the next probe (the watcher's, every few seconds) does not
+        # wait for them beyond the others (Pool.run's optional), and the watcher does not sync from
+        # them until they answer
         self.unanswered: set[str] = set()
 
     @property
@@ -397,7 +399,8 @@ class SSHBackend(Backend):
                                      "pgid": pgids.get(h.name), "run_id": run.id,
                                      "gpus": self.with_gpus}).encode() for h in hosts}
         res = self.pool.run({h.name: host_command(h.python, _status, site=False) for h in hosts}, stdin=stdin,
-                            timeout_s=min(30.0, self.inv.ssh.command_timeout_s), label="status probe (python -c ...)")
+                            timeout_s=min(30.0, self.inv.ssh.command_timeout_s), label="status probe (python -c ...)",
+                            optional=self.unanswered)
         out, aborts = [], {}
         self.unanswered = {name for name, r in res.items() if r.error is not None}
         for h in hosts:
