@@ -89,6 +89,35 @@ def test_a_host_that_did_not_answer_last_time_is_not_waited_for_again():
         assert sum(t.name == "ssh-optional-cut" for t in threading.enumerate()) == 1
 
 
+def test_a_host_that_did_not_answer_the_status_probe_is_not_asked_again_in_the_same_pass(tmp_path):
+    """Cut off (a port that never says a word): its log comes from the local copy at once, and a
+    relaunch's stop that leaves it out names it as not checked; asked, it costs the connect timeout."""
+    from cluster.backends.ssh import SSHBackend
+    from cluster.run.records import Run
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        (tmp_path / "inv.yaml").write_text(
+            f"backend: ssh\nssh: {{connect_timeout_s: 4}}\nhosts:\n  - name: cut\n    hostname: 127.0.0.1\n"
+            f"    port: {silent.getsockname()[1]}\n    workdir: {tmp_path / 'wd'}\n")
+        be = SSHBackend(load_inventory(tmp_path / "inv.yaml"))
+        run = Run("r1", tmp_path / "runs")
+        run.create({"plan": {"nodes": [{"host": "cut"}]}})
+        (run.dir / "logs").mkdir(parents=True, exist_ok=True)
+        (run.dir / "logs" / "cut.log").write_text("[cut 0] collected by the watcher\n")
+        be.unanswered = {"cut"}
+        t0 = time.time()
+        assert be.log_tail(run, "cut", 10) == ["[cut 0] collected by the watcher"]
+        assert be.stop_nodes(run, 1.0, skip=frozenset({"cut"})) == [
+            "cut: could not check (not asked: it did not answer the last status probe)"]
+        assert time.time() - t0 < 2
+        be.unanswered = set()
+        t0 = time.time()
+        assert be.log_tail(run, "cut", 10) == ["[cut 0] collected by the watcher"]    # after trying
+        assert time.time() - t0 >= 3.5
+        be.close()
+
+
 def test_a_connection_that_cannot_be_built_is_that_hosts_result(tmp_path):
     """Fabric raises while building a connection for some values (here a port in the host name
     next to a port); that is the host's error, beside the other hosts' results, never a traceback."""
