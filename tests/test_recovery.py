@@ -125,6 +125,20 @@ def test_attempts_recorded_once_and_shown(tmp_path):
     assert lines[0].startswith("attempt 1 (restarting)") and "attempt 1: host node2 rank 1" in lines[1]
 
 
+def test_a_failure_seen_by_a_pass_that_began_before_a_relaunch_is_not_the_new_attempts(tmp_path):
+    """A status pass looked at attempt 1 (its exits), a slow host kept it waiting, and meanwhile
+    the watcher recorded attempt 1's failure and launched attempt 2: what the pass found is not
+    attempt 2's failure; nothing is recorded again and the run is not ended."""
+    r = _run(tmp_path)                      # the pass's view: attempt 1, running
+    f = failure(extra=TORCHRUN_KILLED)
+    assert restart_instead(Run("r1", tmp_path), dict(f), 3, signal=9, progressed=True)     # the watcher's
+    Run("r1", tmp_path).set_state(State.STARTING, attempt=2)                               # ... relaunch
+    assert restart_instead(r, f, 3, signal=9, progressed=True)      # True: not an end to record
+    data = json.loads((tmp_path / "r1" / "run.json").read_text())
+    assert data["attempt"] == 2 and data["state"] == "STARTING" and not data.get("final")
+    assert [a["attempt"] for a in data["attempts"]] == [1]
+
+
 def test_final_failure_names_every_attempt(tmp_path):
     r = _run(tmp_path, attempt=2, attempts=[{"attempt": 1, "cause": "host node2 rank 1: killed by signal 9",
                                              "restart": True, "reason": "x", "host": "node2", "rank": 1}])

@@ -269,10 +269,12 @@ def test_node_killed_mid_run_is_requeued_and_finishes(testbed, tmp_path):
     slurmd = testbed.state["pids"][f"slurmd-{victim}"]
     frozen = job_pids(jid, victim)
     assert frozen and Path(f"/proc/{slurmd}/comm").read_text().strip() == "slurmd"
+    t_fault = time.time()
     try:
         for pid in frozen + [slurmd]:
             _kill(pid, signal.SIGSTOP)
         wait(lambda: int((job_info(jid) or {}).get("Restarts", 0)) >= 1, "SLURM to requeue the job", timeout=120)
+        t_requeued = time.time()
     finally:
         try:
             for pid in job_pids(jid, victim):
@@ -281,12 +283,14 @@ def test_node_killed_mid_run_is_requeued_and_finishes(testbed, tmp_path):
             _kill(slurmd, signal.SIGCONT)                              # the shared testbed's node comes back
     wait(lambda: victim in _expand_or_none((job_info(jid) or {}).get("ExcNodeList")),
          f"the follower to exclude {victim} from the requeued job", timeout=90)
+    t_excluded = time.time()
     wait(lambda: subprocess.run(["sinfo", "-h", "-n", victim, "-o", "%T"], capture_output=True, text=True)
          .stdout.strip() in ("idle", "mixed", "allocated"), f"{victim} back in service", timeout=60)
     start_now(jid, 1)
+    t_started = time.time()
     st = s.wait_state(run_id, {"SUCCEEDED", "FAILED", "CANCELLED"}, timeout=120)
     assert st["state"] == "SUCCEEDED"
-    _, logs = check_train_finished(s, run_id, resumes=1)
+    resumed, logs = check_train_finished(s, run_id, resumes=1)
     assert f"Node failure on {victim}" in logs
     info = job_info(jid)
     assert info["Restarts"] == "1" and victim not in _expand(info["NodeList"])    # the requeued start's nodes
@@ -294,6 +298,16 @@ def test_node_killed_mid_run_is_requeued_and_finishes(testbed, tmp_path):
     assert f"  excluded {victim} after its node failure (restart 1)\n" in s.cli("status", run_id).stdout
     assert [(e["node"], e["restart"], e["excluded"]) for e in st["excluded_nodes"]] == [(victim, 1, True)]
     wait(lambda: not _alive(follower), "the follower to end with the run", timeout=60)
+    # the figures of README's auto-recovery table: fault -> the requeued attempt's first step, and
+    # SLURM's part (the node counted down, the job requeued), the exclusion, the test's start at once
+    from tests.test_faults_testbed import report
+    from tests.test_recovery_testbed import attempts_of
+    recs = [json.loads(l) for l in (s.runs / run_id / "metrics" / "metrics-rank0.jsonl").read_text().splitlines()]
+    start2 = attempts_of(recs)[-1][0]       # log_every 100: its 'start' record (resumed, training) is the step's time
+    report("a SLURM node failure (slurmd and the job's processes frozen; requeue, node excluded)",
+           state=st["state"], resumed_at=resumed[0], auto_recovery_s=round(start2["time"] - t_fault, 1),
+           requeued_s=round(t_requeued - t_fault, 1), excluded_s=round(t_excluded - t_fault, 1),
+           started_s=round(t_started - t_fault, 1))
 
 
 def test_time_limit_warning_reaches_the_job_and_requeues_are_limited(testbed, tmp_path):

@@ -1,11 +1,13 @@
 """The ssh backend without the cluster in a box: folding, quoting, errors, the host-side code run
 here for real, the agents' gang on this machine, and the log merger across a dropped link."""
+import contextlib
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -62,6 +64,58 @@ def test_unreachable_host_is_a_result_not_an_exception():
     res = pool.run("true")
     assert time.time() - t0 < 5
     assert not res["dead"].ok and "cannot connect" in res["dead"].error and "refused" in res["dead"].error
+
+
+def test_a_host_that_did_not_answer_last_time_is_not_waited_for_again():
+    """A host cut off the network (here: a port that accepts and never says a word, so each try
+    waits out the connect timeout) is waited for in full by a plain call; asked as optional (it
+    did not answer the last time, the status probe's case) the call ends with the other hosts,
+    and it is not tried again while its last try is still connecting."""
+    with socket.socket() as silent, socket.socket() as closed:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        closed.bind(("127.0.0.1", 0))
+        pool = Pool([host("cut", hostname="127.0.0.1", port=silent.getsockname()[1]),
+                     host("dead", hostname="127.0.0.1", port=closed.getsockname()[1])],
+                    SSHSettings(connect_timeout_s=4, config_file=None))
+        t0 = time.time()
+        res = pool.run("true")
+        assert time.time() - t0 >= 3.5 and not res["cut"].ok and "dead" in res     # waited out
+        t0 = time.time()
+        for _ in range(3):
+            res = pool.run("true", optional={"cut"})
+            assert "not waited for" in res["cut"].error and "refused" in res["dead"].error, res
+        assert time.time() - t0 < 3 * 1.0 + 2.5
+        assert sum(t.name == "ssh-optional-cut" for t in threading.enumerate()) == 1
+
+
+def test_a_host_that_did_not_answer_the_status_probe_is_not_asked_again_in_the_same_pass(tmp_path):
+    """Cut off (a port that never says a word): its log comes from the local copy at once, and a
+    relaunch's stop that leaves it out names it as not checked; asked, it costs the connect timeout."""
+    from cluster.backends.ssh import SSHBackend
+    from cluster.run.records import Run
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        (tmp_path / "inv.yaml").write_text(
+            f"backend: ssh\nssh: {{connect_timeout_s: 4}}\nhosts:\n  - name: cut\n    hostname: 127.0.0.1\n"
+            f"    port: {silent.getsockname()[1]}\n    workdir: {tmp_path / 'wd'}\n")
+        be = SSHBackend(load_inventory(tmp_path / "inv.yaml"))
+        run = Run("r1", tmp_path / "runs")
+        run.create({"plan": {"nodes": [{"host": "cut"}]}})
+        (run.dir / "logs").mkdir(parents=True, exist_ok=True)
+        (run.dir / "logs" / "cut.log").write_text("[cut 0] collected by the watcher\n")
+        be.unanswered = {"cut"}
+        t0 = time.time()
+        assert be.log_tail(run, "cut", 10) == ["[cut 0] collected by the watcher"]
+        assert be.stop_nodes(run, 1.0, skip=frozenset({"cut"})) == [
+            "cut: could not check (not asked: it did not answer the last status probe)"]
+        assert time.time() - t0 < 2
+        be.unanswered = set()
+        t0 = time.time()
+        assert be.log_tail(run, "cut", 10) == ["[cut 0] collected by the watcher"]    # after trying
+        assert time.time() - t0 >= 3.5
+        be.close()
 
 
 def test_a_connection_that_cannot_be_built_is_that_hosts_result(tmp_path):
@@ -276,14 +330,14 @@ def test_another_live_run_on_a_host_shares_its_cpus_but_not_its_gpus():
 
 
 # ---------------------------------------------------------------- the gang, on this machine
-def start_agents(tmp_path, payloads, port):
+def start_agents(tmp_path, payloads, port, *grace):
     procs = []
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     for i, payload in enumerate(payloads):
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "cluster.node.agent", "--run-dir", str(tmp_path / "run"), "--host", f"h{i}",
              "--node-rank", str(i), "--gang", f"127.0.0.1:{port}", "--gang-nodes", str(len(payloads)),
-             "--kill-grace-s", "3", "--", *payload],
+             *(grace or ("--kill-grace-s", "3")), "--", *payload],
             env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True))
     return procs
@@ -340,6 +394,57 @@ def test_gang_survives_a_clean_run_and_a_lost_agent_stops_the_rest(tmp_path):
     finally:
         for p in procs:
             p.kill()
+
+
+# a rank stuck in a collective: TERM does nothing (here: ignored), only KILL ends it
+STUCK = [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+         "print('stuck', flush=True); time.sleep(60)"]
+
+
+def wait_started(run_dir, hosts):
+    """Each host's payload has printed its first line (the agents are up, the gang formed or forming)."""
+    deadline = time.time() + 30
+    while not all(f"[{h} agent] stuck\n" in _read(run_dir / "logs" / f"{h}.log") for h in hosts):
+        assert time.time() < deadline, [_read(run_dir / "logs" / f"{h}.log") for h in hosts]
+        time.sleep(0.1)
+
+
+def _read(path):
+    return path.read_text() if path.exists() else ""
+
+
+@pytest.mark.parametrize("how", ["failed", "lost", "stop"])
+def test_the_grace_before_kill_depends_on_why_the_node_stops(tmp_path, how):
+    """Ranks stuck in a collective (TERM ignored) on h0 and h1. h2's payload fails: the gang's
+    abort gives them --kill-grace-s (a node failed: ranks usually end by themselves, printing what
+    the diagnosis reads). h2 gone, agent and all (a host lost): the short --lost-grace-s (nothing
+    to save: the run restarts from its checkpoint). A stop's TERM to every node: the agents only
+    forward it, never KILL on their own; the stop's own grace decides (cluster/node/probe.py)."""
+    run = tmp_path / "run"
+    h2 = ["sh", "-c", "echo stuck; sleep 2; exit 3"] if how == "failed" else STUCK
+    procs = start_agents(tmp_path, [STUCK, STUCK, h2], free_port(), "--kill-grace-s", "4", "--lost-grace-s", "0.5")
+    try:
+        wait_started(run, ["h0", "h1", "h2"])
+        if how == "lost":
+            time.sleep(0.5)     # h2 has said HELLO: the gang loses it, rather than never seeing it
+            os.killpg(procs[2].pid, signal.SIGKILL)
+        elif how == "stop":
+            for p in procs:
+                os.killpg(p.pid, signal.SIGTERM)
+            time.sleep(3)       # well past the lost grace
+            assert [p.poll() for p in procs] == [None] * 3
+            assert not any("KILL" in _read(run / "logs" / f"h{i}.log") for i in range(3))
+            return
+        for p in procs[:2]:
+            p.wait(30)
+        grace = "4" if how == "failed" else "0.5"
+        for i, e in enumerate(exits(tmp_path, 2)):
+            assert e["code"] == -9 and e["gang_abort"]["origin"] == "h2", e
+            assert f"[h{i} agent] still running {grace} s after TERM; KILL" in _read(run / "logs" / f"h{i}.log")
+    finally:
+        for p in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
 
 
 def _gang_run(tmp_path):

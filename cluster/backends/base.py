@@ -161,8 +161,8 @@ class Backend(ABC):
         if state.is_terminal():
             if not self.finish(run, state, nodes, failure=hang):
                 return self._recorded(run)
-            if run.state == State.RESTARTING:
-                return State.RESTARTING, nodes
+            # not an end: the run relaunches, or already has (this pass saw an earlier attempt)
+            return (State.RESTARTING, nodes) if run.state == State.RESTARTING else self._recorded(run)
         elif state != run.state and not run.set_state(state):
             return self._recorded(run)      # the run ended while this one looked: its end stands
         return state, nodes
@@ -175,8 +175,11 @@ class Backend(ABC):
     def finish(self, run: Run, state: State, nodes: list[NodeStatus], failure: Optional[dict] = None) -> bool:
         """Record the run's end; False where another process (the watcher, another verb) recorded
         it first: that record stands, and ``run.data`` is it."""
+        seen = run.data.get("attempt")
         if run.reload().data.get("final"):
             return False    # looked up first: the failure below reads logs, a round trip per host
+        if run.data.get("attempt") != seen:
+            return False    # relaunched (the watcher) while this pass looked: what it saw is an earlier attempt's
         extra = {}
         if state == State.FAILED:
             tails = LogTails(self, run)     # each host's log read once, for the report and the recovery

@@ -48,11 +48,14 @@ def relaunch(be, run_id: str, root: Path) -> State:
     # the blamed host need not answer (nor be verified clean) where the next attempt runs without it
     shrinkable = min_nodes(job) is not None and len(hosts) - 1 >= min_nodes(job)
     spare_for_it = bool(blame and ([s for s in be.inv.spares if s not in {h.name for h in hosts}] or shrinkable))
+    # ... nor asked at all where it did not answer the last status probe: cut off, each try would
+    # cost the ssh connect timeout (its own agent stops its processes once it has lost its peers)
+    skip = frozenset({blame}) if spare_for_it and blame in be.unanswered else frozenset()
     t0 = time.time()
     left = []
     for _ in range(CLEAN_TRIES):
         try:
-            left = be.stop_nodes(run, grace_s=10.0)
+            left = be.stop_nodes(run, grace_s=10.0, skip=skip)
         except Exception as e:      # noqa: BLE001 -- a host still down: tried again, then named
             left = [f"stop: {e}"]
         if not left or (spare_for_it and _only_unreachable(left, blame)):
@@ -67,8 +70,9 @@ def relaunch(be, run_id: str, root: Path) -> State:
     run.event("gang-clean", attempt=n, hosts=[h.name for h in hosts], after_s=round(time.time() - t0, 1),
               **({"unverified": blame} if unverified else {}))
     dest = Path(run.data.get("checkpoint_dir") or run.dir / "checkpoints")
-    r = pull_checkpoints(hosts[0], be.inv.ssh, run.id, dest, checkpoint_path(run.data))
-    progress(f"recovery: checkpoints of attempt {n}: {r.describe()}")
+    if not (unverified and hosts[0].name == blame):     # node 0 lost: what the watcher synced is all there is
+        r = pull_checkpoints(hosts[0], be.inv.ssh, run.id, dest, checkpoint_path(run.data))
+        progress(f"recovery: checkpoints of attempt {n}: {r.describe()}")
     deadline = time.time() + job.restart.backoff_s
     while time.time() < deadline:
         if _stopped(run):

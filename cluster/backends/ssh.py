@@ -147,6 +147,12 @@ class SSHBackend(Backend):
         self._pool: Optional[Pool] = None
         self._stale: dict[str, int] = {}
         self._staged_: Optional[Staged] = None
+        # hosts that did not answer this backend's last status probe (down, cut off the network):
+        # each try costs connect_timeout_s for the same answer, so the same pass reads their log
+        # from the local copy (log_tail), the next probe (the watcher's, every few seconds) does not
+        # wait for them beyond the others (Pool.run's optional), and the watcher does not sync from
+        # them until they answer
+        self.unanswered: set[str] = set()
 
     @property
     def _staged(self) -> Staged:
@@ -393,8 +399,10 @@ class SSHBackend(Backend):
                                      "pgid": pgids.get(h.name), "run_id": run.id,
                                      "gpus": self.with_gpus}).encode() for h in hosts}
         res = self.pool.run({h.name: host_command(h.python, _status, site=False) for h in hosts}, stdin=stdin,
-                            timeout_s=min(30.0, self.inv.ssh.command_timeout_s), label="status probe (python -c ...)")
+                            timeout_s=min(30.0, self.inv.ssh.command_timeout_s), label="status probe (python -c ...)",
+                            optional=self.unanswered)
         out, aborts = [], {}
+        self.unanswered = {name for name, r in res.items() if r.error is not None}
         for h in hosts:
             r, pgid = res[h.name], pgids.get(h.name)
             info = _json_of(r) if r.ok else None
@@ -444,15 +452,18 @@ class SSHBackend(Backend):
         return failure
 
     # ---- stop
-    def stop_nodes(self, run: Run, grace_s: float) -> list[str]:
+    def stop_nodes(self, run: Run, grace_s: float, skip: frozenset = frozenset()) -> list[str]:
+        """``skip``: hosts not asked (cluster/backends/relaunch.py: a lost host that the next
+        attempt runs without), each left as one that could not be checked."""
         plan_nodes = run.data.get("plan", {}).get("nodes", [])
-        hosts = [self.inv.host(n["host"]) for n in plan_nodes]
+        left = [f"{n['host']}: could not check (not asked: it did not answer the last status probe)"
+                for n in plan_nodes if n["host"] in skip]
+        hosts = [self.inv.host(n["host"]) for n in plan_nodes if n["host"] not in skip]
         pgids = (run.data.get("handle") or {}).get("pgids", {}) or self.partial_handle.get("pgids", {})
         stdin = {h.name: json.dumps({"workdir": h.workdir, "run_id": run.id, "pgid": pgids.get(h.name),
                                      "grace_s": grace_s}).encode() for h in hosts}
         res = self.pool.run({h.name: host_command(h.python, _stop, site=False) for h in hosts}, stdin=stdin,
                             timeout_s=grace_s + 30 + self.inv.ssh.command_timeout_s, label="stop (python -c ...)")
-        left = []
         for h in hosts:
             r = res[h.name]
             info = _json_of(r) if r.ok else None
@@ -504,8 +515,8 @@ class SSHBackend(Backend):
     def log_tail(self, run: Run, host: str, lines: int) -> list[str]:
         h = self.inv.host(host)
         path = shell_path(f"{h.workdir.rstrip('/')}/runs/{run.id}/logs/{host}.log")
-        r = self.pool.exec(host, f"tail -n {int(lines)} {path}", timeout_s=30)
-        if r.ok:
+        r = self.pool.exec(host, f"tail -n {int(lines)} {path}", timeout_s=30) if host not in self.unanswered else None
+        if r is not None and r.ok:
             return r.stdout.splitlines()
         local = run.dir / "logs" / f"{host}.log"      # collected earlier (logs --collect, the watcher)
         if local.exists():

@@ -207,6 +207,9 @@ def _connect_error(host: Host, e: BaseException) -> str:
     return f"cannot connect to {target}: {type(e).__name__}: {e}"
 
 
+OPTIONAL_WAIT_S = 1.0   # Pool.run(optional=...): a host back on the network reconnects well within it
+
+
 class Pool:
     """Connections to a set of hosts, opened on first use and reused; fan-out of commands."""
 
@@ -216,6 +219,7 @@ class Pool:
         self._conns: dict = {}
         self._locks = {name: threading.Lock() for name in self.hosts}
         self._failed: dict[str, tuple[float, str]] = {}
+        self._late: dict[str, threading.Thread] = {}    # run(optional=...): answers not waited for
         self._config = None
 
     # ---- connections
@@ -340,8 +344,14 @@ class Pool:
 
     def run(self, commands: Union[str, Mapping[str, str]], hosts: Optional[Iterable[str]] = None,
             timeout_s: Optional[float] = None, stdin: Union[None, bytes, Mapping[str, bytes]] = None,
-            on_result: Optional[Callable[[Result], None]] = None, label: str = "") -> GroupResult:
-        """The same command on every host (or one command per host), at most ``fanout`` at a time."""
+            on_result: Optional[Callable[[Result], None]] = None, label: str = "",
+            optional: Iterable[str] = ()) -> GroupResult:
+        """The same command on every host (or one command per host), at most ``fanout`` at a time.
+
+        Hosts in ``optional`` (ones that did not answer the last time: down, cut off) are asked
+        too, but waited for only ``OPTIONAL_WAIT_S`` beyond the others: a host still cut off would
+        make every call wait out its connect timeout. Their answer if it came by then, else an
+        error result; a host whose last such try is still connecting is not tried again meanwhile."""
         if isinstance(commands, str):
             names = list(hosts) if hosts is not None else list(self.hosts)
             commands = {n: commands for n in names}
@@ -355,7 +365,23 @@ class Pool:
                 on_result(r)
             return r
 
-        return self._fan_out(one, names)
+        late = {n for n in names if n in set(optional)}
+        answers: dict[str, Result] = {}
+        for name in late:
+            if self._late.get(name) is not None and self._late[name].is_alive():
+                continue
+            t = threading.Thread(target=lambda n=name: answers.__setitem__(n, one(n)), daemon=True,
+                                 name=f"ssh-optional-{name}")     # daemon: never holds up the exit
+            self._late[name] = t
+            t.start()
+        out = self._fan_out(one, [n for n in names if n not in late])
+        deadline = time.monotonic() + OPTIONAL_WAIT_S
+        for name in late:
+            t = self._late[name]
+            t.join(max(0.0, deadline - time.monotonic()))
+            out[name] = answers.get(name) or Result(name, commands[name], label=label, error=(
+                "did not answer the last time, nor now within the others' time: not waited for"))
+        return out
 
     def _fan_out(self, fn, names: list) -> GroupResult:
         """fn(name) -> Result for every name, at most ``ssh.fanout`` at a time."""

@@ -80,9 +80,10 @@ def watch(run_id: str, poll_s: float = 5.0) -> int:
             return 1
         if time.time() - last_sync >= every_s:
             last_sync = time.time()
-            r = pull_checkpoints(node0, be.inv.ssh, run_id, dest, own)
-            print(f"checkpoints: {r.describe()}", flush=True)
-            _pull_metrics(be, run)
+            if node0.name not in be.unanswered:     # cut off: rsync would wait out its connect timeout
+                r = pull_checkpoints(node0, be.inv.ssh, run_id, dest, own)
+                print(f"checkpoints: {r.describe()}", flush=True)
+            _pull_metrics(be, run, skip=be.unanswered)
     r = pull_checkpoints(node0, be.inv.ssh, run_id, dest, own)
     print(f"checkpoints (final): {r.describe()}", flush=True)
     run = Run(run_id, first.dir.parent)
@@ -95,9 +96,9 @@ def watch(run_id: str, poll_s: float = 5.0) -> int:
     return 0
 
 
-def _pull_metrics(be, run) -> None:
-    """The metrics and TensorBoard files of every host, with the checkpoints (report, tensorboard)."""
-    hosts = [be.inv.host(n["host"]) for n in run.data["plan"]["nodes"]]
+def _pull_metrics(be, run, skip=frozenset()) -> None:
+    """The metrics and TensorBoard files of every host (but ``skip``), with the checkpoints (report, tensorboard)."""
+    hosts = [be.inv.host(n["host"]) for n in run.data["plan"]["nodes"] if n["host"] not in skip]
     for r in pull_metrics(hosts, be.inv.ssh, run.id, run.dir / "metrics"):
         if not r.ok:
             print(f"metrics: {r.describe()}", flush=True)

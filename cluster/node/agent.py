@@ -111,14 +111,23 @@ class NodeLog:
 
 
 class Abort:
-    """Set by the gang (from its thread) when the run must stop on this node: who asked, and why."""
+    """Set by the gang (from its thread) when the run must stop on this node: who asked, why, and
+    whether a node was lost (cluster/node/gang.py: that decides the grace before KILL)."""
 
     def __init__(self):
         self.event, self.info = threading.Event(), None
 
-    def __call__(self, origin: str, reason: str) -> None:
-        self.info = {"origin": origin, "reason": reason, "time": time.time()}
+    def __call__(self, origin: str, reason: str, lost: bool) -> None:
+        self.info = {"origin": origin, "reason": reason, "lost": lost, "time": time.time()}
         self.event.set()
+
+    def grace_s(self, kill_grace_s: float, lost_grace_s: float) -> float:
+        """From TERM to KILL: short when a node was lost (the ranks are stuck in a collective with
+        it and cannot act on TERM; the run restarts from its last checkpoint anyway), the full
+        grace when a node failed (the ranks are ending by themselves, printing what the
+        diagnosis reads). A stop (``stop``, stop_on_hang, a recovery) is not an abort: it brings
+        its own grace (cluster/node/probe.py, _stop) and the agent only forwards its TERM."""
+        return lost_grace_s if self.info and self.info["lost"] else kill_grace_s
 
 
 def _arguments(argv) -> argparse.Namespace:
@@ -130,7 +139,10 @@ def _arguments(argv) -> argparse.Namespace:
     ap.add_argument("--gang-nodes", type=int, default=1)
     ap.add_argument("--gang-timeout-s", type=float, default=15.0, help="silence after which a node counts as lost")
     ap.add_argument("--gang-connect-s", type=float, default=120.0, help="how long nodes may take to join")
-    ap.add_argument("--kill-grace-s", type=float, default=10.0, help="from TERM to KILL when stopping")
+    ap.add_argument("--kill-grace-s", type=float, default=10.0,
+                    help="from TERM to KILL when the gang stops this node because a node failed")
+    ap.add_argument("--lost-grace-s", type=float, default=2.0,
+                    help="from TERM to KILL when the gang stops this node because a node was lost")
     ap.add_argument("--park-fd", type=int, help="warm start: wait for 'GO' on this descriptor (cluster/node/warm.py)")
     ap.add_argument("--preload", default="", metavar="MOD,...",
                     help="warm start: modules the workers' fork server imports after torch")
@@ -178,22 +190,23 @@ def _forward_signals(proc) -> dict:
     return stopping
 
 
-def _supervise(proc, abort: Abort, kill_grace_s: float, log: NodeLog) -> int:
-    """Wait for the payload; on an abort TERM it, and KILL the group ``kill_grace_s`` later."""
-    term_at = None
+def _supervise(proc, abort: Abort, kill_grace_s: float, lost_grace_s: float, log: NodeLog) -> int:
+    """Wait for the payload; on an abort TERM it, and KILL the group after the abort's grace
+    (Abort.grace_s)."""
+    term_at = grace_s = None
     while True:
         try:
             return proc.wait(timeout=0.2)
         except subprocess.TimeoutExpired:
             pass
         if abort.event.is_set() and term_at is None:
-            term_at = time.time()
+            term_at, grace_s = time.time(), abort.grace_s(kill_grace_s, lost_grace_s)
             try:
                 proc.send_signal(signal.SIGTERM)
             except ProcessLookupError:
                 pass
-        elif term_at is not None and time.time() - term_at > kill_grace_s:
-            log.note(f"still running {kill_grace_s:g} s after TERM; KILL")
+        elif term_at is not None and time.time() - term_at > grace_s:
+            log.note(f"still running {grace_s:g} s after TERM; KILL")
             end_group(0.0)
             term_at = float("inf")
 
@@ -266,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     reader.start()
     if gang is not None:
         gang.start()
-    code = _supervise(proc, abort, args.kill_grace_s, log)
+    code = _supervise(proc, abort, args.kill_grace_s, args.lost_grace_s, log)
     record = _finish(code, payload, stopping, abort, gang, forked, log, reader)
     write_json_atomic(exit_file, record)
     remove_left_semaphores(str(state))      # what killed processes of the run left in /dev/shm

@@ -3,13 +3,21 @@ node of the run, with no controller watching. Node 0's agent serves a tiny line 
 the other agents connect to it:
 
     peer -> node 0   HELLO <host> <node_rank> | PING | FAIL <host> <code> | DONE <host>
-    node 0 -> peer   PING | ABORT <origin host> <reason>
+    node 0 -> peer   PING | ABORT <origin host> <failed|lost> <reason>
 
 Node 0 sends ABORT to everyone when a peer reports FAIL, when a peer's connection ends before
 DONE, when a peer is silent for ``--gang-timeout-s``, when not every peer arrived within
 ``--gang-connect-s``, or when its own payload fails. A peer aborts on ABORT, and on losing node 0
-(connection closed, or silent for the timeout). To abort, an agent TERMs torchrun, waits
-``--kill-grace-s``, then KILLs the rest of its group: every node is down well within 30 s.
+(connection closed, or silent for the timeout). To abort, an agent TERMs torchrun, waits, then
+KILLs the rest of its group. How long it waits depends on the kind of abort: ``failed`` (a node's
+payload failed and said so) waits ``--kill-grace-s``, since the other ranks are then usually
+ending by themselves, writing the errors that the diagnosis reads; ``lost`` (a node gone silent,
+gone without a word, never arrived) waits only ``--lost-grace-s``: the other ranks are stuck in a
+collective with it, cannot run their TERM handler, and restart from the last checkpoint anyway.
+
+The timeout: a node is lost after ``--gang-timeout-s`` (15 s) without a line from it, pings
+every 2 s, as torchelastic's rendezvous counts a node dead after 3 missed keep-alives 5 s apart.
+Shorter would stop runs whose agents a loaded machine keeps off the CPU for a few seconds.
 """
 from __future__ import annotations
 
@@ -51,12 +59,12 @@ class Gang:
         self.thread = threading.Thread(target=target, name="gang", daemon=True)
         self.thread.start()
 
-    def _abort(self, origin: str, reason: str) -> None:
+    def _abort(self, origin: str, reason: str, lost: bool) -> None:
         with self.lock:
             if self.aborted:
                 return
             self.aborted = True
-        self.on_abort(origin, reason)
+        self.on_abort(origin, reason, lost)
 
     # ---- node 0
     def _serve(self) -> None:
@@ -67,14 +75,14 @@ class Gang:
         expected, arrived = self.nodes - 1, 0
         broadcast = None          # (origin, reason) once the gang is aborted
 
-        def abort(origin, reason):
+        def abort(origin, reason, lost):
             nonlocal broadcast
             if broadcast is None:
-                broadcast = (origin, reason)
+                broadcast = f"ABORT {origin} {'lost' if lost else 'failed'} {reason}"
                 self.note(f"gang: {reason}; stopping every node")
                 for s in list(peers):
-                    _send(s, f"ABORT {origin} {reason}")
-                self._abort(origin, reason)
+                    _send(s, broadcast)
+                self._abort(origin, reason, lost)
 
         def drop(s):
             sel.unregister(s)
@@ -93,7 +101,7 @@ class Gang:
                     peers[conn] = {"name": "?", "seen": time.time(), "buf": b"", "done": False}
                     arrived += 1
                     if broadcast is not None:
-                        _send(conn, f"ABORT {broadcast[0]} {broadcast[1]}")
+                        _send(conn, broadcast)
                     continue
                 s = key.fileobj
                 p = peers[s]
@@ -105,22 +113,23 @@ class Gang:
                     elif word == "FAIL":
                         p["done"] = True
                         name = rest[0] if rest else p["name"]
-                        abort(name, f"{name} failed (exit code {rest[1] if len(rest) > 1 else '?'})")
+                        abort(name, f"{name} failed (exit code {rest[1] if len(rest) > 1 else '?'})", lost=False)
                     elif word == "DONE":
                         p["done"] = True
                 if closed:
                     drop(s)
                     if not p["done"]:
-                        abort(p["name"], f"lost node {p['name']} (its agent's connection closed)")
+                        abort(p["name"], f"lost node {p['name']} (its agent's connection closed)", lost=True)
             now = time.time()
             if self.own_failure is not None:
-                abort(self.host, f"{self.host} failed (exit code {self.own_failure})")
+                abort(self.host, f"{self.host} failed (exit code {self.own_failure})", lost=False)
             if arrived < expected and now - started > self.connect_s:
-                abort(self.host, f"only {arrived} of {expected} other node(s) joined within {self.connect_s:g} s")
+                abort(self.host, f"only {arrived} of {expected} other node(s) joined within {self.connect_s:g} s",
+                      lost=True)
             for s, p in list(peers.items()):
                 if not p["done"] and now - p["seen"] > self.timeout_s:
                     drop(s)
-                    abort(p["name"], f"lost node {p['name']} (silent for {self.timeout_s:g} s)")
+                    abort(p["name"], f"lost node {p['name']} (silent for {self.timeout_s:g} s)", lost=True)
             if now - last_ping > PING_EVERY_S:
                 last_ping = now
                 for s in list(peers):
@@ -142,7 +151,7 @@ class Gang:
                     return
                 if time.time() > deadline:
                     self.note(f"gang: cannot reach node 0 at {self.addr}:{self.port} ({e}); stopping this node")
-                    self._abort("?", f"cannot reach node 0's gang port {self.addr}:{self.port}")
+                    self._abort("?", f"cannot reach node 0's gang port {self.addr}:{self.port}", lost=True)
                     return
                 time.sleep(0.5)
         s.settimeout(0.2)
@@ -154,20 +163,19 @@ class Gang:
             now = time.time()
             lines, closed = _read_lines(s, state)
             for line in lines:
-                word, *rest = line.split(" ", 2)
-                if word == "ABORT":
-                    origin = rest[0] if rest else "?"
-                    reason = rest[1] if len(rest) > 1 else "aborted by node 0"
+                if line.split(" ", 1)[0] == "ABORT":    # ABORT <origin> <failed|lost> <reason>
+                    parts = line.split(" ", 3)[1:]
+                    origin, kind, reason = parts + ["?", "failed", "aborted by node 0"][len(parts):]
                     self.note(f"gang: {reason}; stopping this node")
-                    self._abort(origin, reason)
+                    self._abort(origin, reason, lost=kind == "lost")
             if closed:
                 if not self.finished.is_set():
                     self.note("gang: lost node 0 (connection closed); stopping this node")
-                    self._abort("?", "lost node 0 (its agent's connection closed)")
+                    self._abort("?", "lost node 0 (its agent's connection closed)", lost=True)
                 return
             if now - state["seen"] > self.timeout_s:
                 self.note(f"gang: node 0 silent for {self.timeout_s:g} s; stopping this node")
-                self._abort("?", f"lost node 0 (silent for {self.timeout_s:g} s)")
+                self._abort("?", f"lost node 0 (silent for {self.timeout_s:g} s)", lost=True)
                 return
             if now - last_ping > PING_EVERY_S:
                 last_ping = now

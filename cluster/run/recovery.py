@@ -140,6 +140,9 @@ def restart_instead(run: Run, failure: dict, max_failures: int, signal: Optional
     for the record FAILED gets otherwise) and, if the run relaunches, marks it RESTARTING.
     True: the caller must not record the run as ended."""
     fresh = Run(run.id, run.dir.parent)
+    if attempt_of(fresh.data) != attempt_of(run.data):
+        run._data = fresh.data      # relaunched meanwhile: this failure is an earlier attempt's, recorded
+        return True
     if fresh.data.get("final") or fresh.data.get("state") == State.RESTARTING.value:
         run._data = fresh.data      # another process decided already
         return fresh.data.get("state") == State.RESTARTING.value
