@@ -156,9 +156,8 @@ def main() -> int:
         split = open_split(str(packed), "train")
         dev = torch.device("cuda")
         idx = list(range(0, len(split), max(1, len(split) // 512)))[:512]
-        for dec in decoders() + (["nvimgcodec-noprealloc"] if "nvimgcodec" in decoders() else []):
-            stage = DeviceStage(dev, 224, True, decoder=dec.split("-")[0])
-            stage.hw_prealloc = not dec.endswith("-noprealloc")
+        for dec in decoders():
+            stage = DeviceStage(dev, 224, True, decoder=dec)
             if "verify" in only:
                 try:
                     # one batch first, so the checked one is decoded into reused output buffers
@@ -199,17 +198,18 @@ def main() -> int:
             # the decode done once per batch size and reused: what the decode itself costs the step
             ("gpu-nodecode", [f"data={packed}", "decode=gpu", "jpeg_decoder=torchvision", "workers=4"], a.steps),
             ("gpu-hw-nodecode", [f"data={packed}", "decode=gpu", "jpeg_decoder=nvimgcodec", "workers=4"], a.steps),
-            ("gpu-hw-noprealloc", [f"data={packed}", "decode=gpu", "jpeg_decoder=nvimgcodec", "workers=4"], a.steps),
-            # the decode in the training process's input thread (before train/input_process.py)
-            ("gpu-hw-inproc", [f"data={packed}", "decode=gpu", "jpeg_decoder=nvimgcodec", "workers=4",
-                               "input_process=false"], a.steps)]
+            # the decode in a process of its own (train/input_process.py)
+            ("gpu-process", [f"data={packed}", "decode=gpu", "jpeg_decoder=torchvision", "workers=4",
+                             "input_process=true"], a.steps),
+            ("gpu-hw-process", [f"data={packed}", "decode=gpu", "jpeg_decoder=nvimgcodec", "workers=4",
+                                "input_process=true"], a.steps)]
     for name, args, steps in plan:
         if name in only:
             left = deadline - time.time()
             if left < 40:
                 R["runs"][name] = {"skipped": f"{left:.0f} s left"}
                 continue
-            probes = ",".join(filter(None, [a.probe] + [p for p in ("nodecode", "noprealloc") if name.endswith("-" + p)]))
+            probes = ",".join(filter(None, [a.probe, "nodecode" if name.endswith("-nodecode") else ""]))
             R["runs"][name] = run_train(name, args, cores, steps, left - 10, probes)
             save()
     save()
@@ -360,8 +360,8 @@ def table(R: dict) -> str:
                         ("gpu-hw-w8", "train/, real JPEGs, decode=gpu, nvImageCodec, 7 workers, prefetch 4"),
                         ("gpu-nodecode", "train/, real JPEGs, torchvision, each batch size decoded once (no decode)"),
                         ("gpu-hw-nodecode", "train/, real JPEGs, nvImageCodec, each batch size decoded once (no decode)"),
-                        ("gpu-hw-noprealloc", "train/, real JPEGs, nvImageCodec, hardware decoder memory not sized up front"),
-                        ("gpu-hw-inproc", "train/, real JPEGs, nvImageCodec, decoded in the training process (input_process=false)")):
+                        ("gpu-process", "train/, real JPEGs, torchvision, decoded in a process of its own (input_process=true)"),
+                        ("gpu-hw-process", "train/, real JPEGs, nvImageCodec, decoded in a process of its own (input_process=true)")):
         r = runs.get(name)
         if not r:
             continue

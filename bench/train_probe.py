@@ -9,7 +9,6 @@ PROBES, comma-separated:
 - profile: the CUDA activity of optimizer steps 60-70 (torch.profiler), summed per stream, and
   how busy the GPU was (the union of its kernels and copies over the window), in
   OUTDIR/profile.json, with the input stage's wall time per batch over the same steps.
-- noprealloc: nvImageCodec's hardware decoder without its memory sized for a batch up front.
 - nodecode: the input stage decodes the first batch of each size once and reuses the images
   (everything but the decode: what the decode itself costs the step).
 """
@@ -81,8 +80,6 @@ def main() -> int:
                 cache[len(datas)] = real(self, datas)
             return cache[len(datas)]
         pipeline.DeviceStage.decode = decode
-    if "noprealloc" in probes:
-        pipeline.DeviceStage.nvimgcodec_options = lambda self, streams: ":fancy_upsampling=0"
     if "profile" in probes:
         call, stage_ms, state = pipeline.DeviceStage.__call__, [], {"n": 0, "on": False}
 

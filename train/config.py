@@ -67,9 +67,8 @@ class TrainConfig:
     ddp_always: bool = _f(False, "wrap the model in DDP at world size 1 too (to measure DDP's own cost)")
     grad_compress: str = _f("none", "DDP communication hook: none | bf16 (gradients all-reduced as bf16, "
                                     "torch's bf16_compress_hook: half the bytes on the network)", ("none", "bf16"))
-    input_process: bool = _f(True, "decode=gpu: decode in a process of its own beside each rank (nvJPEG waits for "
-                                   "the whole device inside a decode: in the training process it would wait "
-                                   "for each queued step; train/input_process.py)")
+    input_process: bool = _f(False, "decode=gpu: decode in a process of its own beside each rank "
+                                    "(train/input_process.py; not yet measured on a GPU: bench/README.md)")
     workers: int = _f(4, "DataLoader worker processes per rank (real images only)")
     prefetch_factor: int = _f(2, "batches each DataLoader worker loads ahead")
     threads: int = _f(0, "torch CPU threads per rank; 0 = CPU cores / local ranks")

@@ -10,7 +10,8 @@ The input process owns the DataLoader (its workers read compressed bytes, as bef
 decoder. It decodes each batch into one of SLOTS flat uint8 buffers on the GPU, shared with the
 training process once (CUDA IPC), and sends the slot's number with the crop boxes and labels.
 The training process's input thread runs the crop kernel on the slot (its own stream, overlapped
-with the step, as before), then hands the slot back. Commands: ("train", epoch, start_sample),
+with the step, as before), then hands the slot back. Off by default (`input_process: true`
+turns it on) until it is measured on a GPU; the tests run it on the CPU. Commands: ("train", epoch, start_sample),
 ("val",), ("abort",) and ("stop",); every epoch ends with ("end",), an error with ("error", text).
 """
 

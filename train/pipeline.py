@@ -254,7 +254,6 @@ class DeviceStage:
         self._held: list = []   # the last batch's compressed bytes, alive until its decode has surely read them
         self._pool: list = []   # nvImageCodec's output images, reused batch after batch
         self.reuse_images = True
-        self.hw_prealloc = True
 
     def decode(self, datas: list[torch.Tensor]) -> list[Optional[tuple[torch.Tensor, str]]]:
         """[(image uint8, 'chw' or 'hwc') or None where it could not be decoded]."""
@@ -284,8 +283,7 @@ class DeviceStage:
         streams, where = self.code_streams(datas)
         if self._nvimgcodec is None:
             self._nvimgcodec = nv.Decoder(device_id=self.device.index or 0, max_num_cpu_threads=2, backends=[
-                nv.Backend(nv.BackendKind.HW_GPU_ONLY), nv.Backend(nv.BackendKind.GPU_ONLY)],
-                options=self.nvimgcodec_options(streams))
+                nv.Backend(nv.BackendKind.HW_GPU_ONLY), nv.Backend(nv.BackendKind.GPU_ONLY)])
             # as PIL and the JPEG header see it: no EXIF rotation; always 3 interleaved channels
             self._params = nv.DecodeParams(apply_exif_orientation=False, color_spec=nv.ColorSpec.SRGB,
                                            sample_format=nv.SampleFormat.I_RGB)
@@ -304,19 +302,6 @@ class DeviceStage:
                 if t.dim() == 3 and t.shape[2] == 3:
                     out[k] = (t, "hwc")
         return out
-
-    def nvimgcodec_options(self, streams: list) -> str:
-        """The hardware decoder's memory, sized up front for a whole batch of images as large as
-        the first batch's largest. Without hints nvImageCodec sizes it for one 1 x 1 image, and
-        nvJPEG grows it with cudaMalloc and cudaFree as batches come (a cudaFree waits for the
-        whole device: the training's queued work too)."""
-        opts = ":fancy_upsampling=0"   # nvImageCodec's default, as the PIL path
-        if self.hw_prealloc and streams:
-            w = max(getattr(cs, "width", 0) or 0 for cs in streams)
-            h = max(getattr(cs, "height", 0) or 0 for cs in streams)
-            opts += (f" nvjpeg_hw_decoder:preallocate_batch_size={len(streams)}"
-                     f" nvjpeg_hw_decoder:preallocate_width_hint={w} nvjpeg_hw_decoder:preallocate_height_hint={h}")
-        return opts
 
     def code_streams(self, datas: list[torch.Tensor]) -> tuple[list, list[int]]:
         """nvImageCodec's inputs: (code streams, which of datas they are)."""
