@@ -30,7 +30,7 @@ def config(data) -> TrainConfig:
 
 @pytest.fixture(scope="module")
 def process(imageset):  # noqa: F811
-    p = InputProcess(config(imageset[1]), ENV, "torchvision", gpu_items=True)
+    p = InputProcess(config(imageset[1]), ENV, "torchvision", True, RealImages)
     yield p
     p.close()
     assert not p.proc.is_alive()
@@ -78,11 +78,11 @@ def test_a_pass_left_early_leaves_nothing_for_the_next(process, imageset):  # no
 
 
 def test_its_error_and_its_death_reach_the_training_process(imageset, tmp_path):  # noqa: F811
-    broken = InputProcess(config(tmp_path / "missing"), ENV, "torchvision", gpu_items=True)
+    broken = InputProcess(config(tmp_path / "missing"), ENV, "torchvision", True, RealImages)
     with pytest.raises(RuntimeError, match="(?s)input process .* failed.*missing"):
         next(broken.batches("train"))
     broken.close()
-    p = InputProcess(config(imageset[1]), ENV, "torchvision", gpu_items=True)
+    p = InputProcess(config(imageset[1]), ENV, "torchvision", True, RealImages)
     try:
         next(p.batches("train"))
         os.kill(p.proc.pid, signal.SIGKILL)
@@ -99,8 +99,10 @@ import os, sys, torch
 from train.config import TrainConfig
 from train.dist import DistEnv
 from train.input_process import InputProcess
+from train.data import RealImages
 env = DistEnv(rank=0, local_rank=0, world_size=1, local_world_size=1, device=torch.device("cpu"), backend=None)
-p = InputProcess(TrainConfig(data=sys.argv[1], image_size=32, batch_size=8, workers=1), env, "torchvision", True)
+p = InputProcess(TrainConfig(data=sys.argv[1], image_size=32, batch_size=8, workers=1), env, "torchvision", True,
+                 RealImages)
 next(p.batches("train"))
 print(p.proc.pid, flush=True)
 os._exit(0)

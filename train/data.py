@@ -162,7 +162,7 @@ class RealImages:
             return
         if gpu and cfg.input_process:
             from .input_process import InputProcess
-            self.input = InputProcess(cfg, env, decoder, gpu)
+            self.input = InputProcess(cfg, env, decoder, gpu, RealImages)
         print0(env, f"data: {root} ({'packed' if train_split.paths is None else 'folder'}): "
                     f"{len(train_split)} train images, {len(val_split) if val_split else 0} val, "
                     f"{len(train_split.classes)} classes; decode on {f'GPU ({decoder})' if gpu else 'CPU (PIL)'}, "

@@ -34,12 +34,14 @@ POLL_S = 0.5
 class InputProcess:
     """The training process's side: starts the input process, yields its decoded batches."""
 
-    def __init__(self, cfg, env, decoder: str, gpu_items: bool):
+    def __init__(self, cfg, env, decoder: str, gpu_items: bool, data):
+        """data: the data class (train/data.py's RealImages), built in the input process with
+        role="input" for its loaders."""
         ctx = mp.get_context("spawn")   # not fork: a forked child cannot use CUDA
         self.cmd, self.out, self.free = ctx.Queue(), ctx.Queue(), ctx.Queue()
         # not a daemon: those may not start processes, and this one starts the DataLoader's workers
         self.proc = ctx.Process(target=serve, name="train-input",
-                                args=(cfg, env, decoder, gpu_items, os.getpid(), self.cmd, self.out, self.free))
+                                args=(cfg, env, decoder, gpu_items, data, os.getpid(), self.cmd, self.out, self.free))
         self.proc.start()
         self.slots: dict[int, torch.Tensor] = {}
         # stopped at the latest when this interpreter exits (before multiprocessing joins its children)
@@ -94,15 +96,14 @@ def _shutdown(proc, cmd) -> None:
         proc.join(5)
 
 
-def serve(cfg, env, decoder: str, gpu_items: bool, parent: int, cmd, out, free) -> None:
+def serve(cfg, env, decoder: str, gpu_items: bool, data_class, parent: int, cmd, out, free) -> None:
     """The input process: runs until ("stop",) or until its parent is gone."""
     try:
         if env.device.type == "cuda":
             torch.cuda.set_device(env.device)
-        from .data import RealImages
         from .pipeline import DeviceStage
 
-        data = RealImages(cfg, env, channels_last=False, role="input", gpu=gpu_items)
+        data = data_class(cfg, env, channels_last=False, role="input", gpu=gpu_items)
         stage = DeviceStage(env.device, cfg.image_size, False, decoder=decoder)
         bufs: list = [None] * SLOTS
         idle = deque(range(SLOTS))
