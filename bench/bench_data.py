@@ -294,15 +294,19 @@ def under_load(stage, batch: dict, datas: list) -> dict:
     dev = stage.device
     busy, side = torch.cuda.Stream(dev), torch.cuda.Stream(dev)
     a = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
-    with torch.cuda.stream(busy):
-        a @ a
-    torch.cuda.synchronize()
-    t = time.time()
-    with torch.cuda.stream(busy):
-        for _ in range(10):
-            a @ a
-    torch.cuda.synchronize()
-    n = max(1, round(10 * 0.3 / (time.time() - t)))
+
+    def load(k: int) -> float:
+        """k matmuls queued on the busy stream; their time when run alone (s)."""
+        torch.cuda.synchronize()
+        t = time.time()
+        with torch.cuda.stream(busy):
+            for _ in range(k):
+                a @ a
+        torch.cuda.synchronize()
+        return time.time() - t
+
+    load(1)
+    n = max(1, round(10 * 0.3 / load(10)))
 
     def timed(fn) -> tuple[float, float]:
         torch.cuda.synchronize()
@@ -321,14 +325,7 @@ def under_load(stage, batch: dict, datas: list) -> dict:
         torch.cuda.synchronize()
         return round(1000 * idle, 1), round(1000 * loaded, 1)
 
-    out = {}
-    torch.cuda.synchronize()
-    t = time.time()
-    with torch.cuda.stream(busy):
-        for _ in range(n):
-            a @ a
-    torch.cuda.synchronize()
-    out["load_ms"] = round(1000 * (time.time() - t), 1)
+    out = {"load_ms": round(1000 * load(n), 1)}
     out["decode_idle_ms"], out["decode_loaded_ms"] = timed(lambda: stage.decode(datas))
     out["stage_idle_ms"], out["stage_loaded_ms"] = timed(lambda: stage(batch))
     decoded = stage.decode(datas)

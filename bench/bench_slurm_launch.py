@@ -35,8 +35,10 @@ so only its payload is marked), and the median time between its marks.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
+import re
 import shlex
 import statistics
 import subprocess
@@ -80,8 +82,6 @@ def step1_time(out_dir: Path, ranks: int = 4) -> float | None:
 def allocation_s(log: Path, jid: str) -> float | None:
     """Seconds from sbatch's submission to SLURM's allocation of the job (slurmctld's log, ms
     stamps): SLURM's own part of the time, the same whichever way submitted the job."""
-    import datetime
-    import re
     sub = alloc = None
     for line in log.read_text(errors="replace").splitlines():
         m = re.match(rf"\[(\S+)\] .*JobId={jid}\b", line)
@@ -114,8 +114,6 @@ def timeline(t0: float, t1: float, jid: str, trace: Path, out: Path, logs: Path)
     """One job's way to step 1, in seconds from the submit command's start: the command's end,
     SLURM's log lines of the job (slurmctld, each slurmd: ms stamps), each Python process's start
     and its marked imports (bench/launch_trace/), each rank's step-1 record."""
-    import datetime
-    import re
     events = [(t0, "submit command starts"), (t1, "submit command ends")]
     for log in sorted(logs.glob("slurm*.log")):
         for line in log.read_text(errors="replace").splitlines():
@@ -151,7 +149,6 @@ MARKS = [("sbatch accepted", r"_slurm_rpc_submit_batch_job", min),
 
 def phases(events: list[tuple[float, str]]) -> dict[str, float]:
     """The time from one mark to the next (seconds), named by the later mark."""
-    import re
     out, last = {}, 0.0
     for name, pattern, which in MARKS:
         ts = [t for t, what in events if re.search(pattern, what)]

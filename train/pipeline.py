@@ -39,6 +39,7 @@ from .imagesets import Split
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+MEAN_255, INV_STD_255 = [255 * m for m in IMAGENET_MEAN], [1 / (255 * v) for v in IMAGENET_STD]   # 0-255 units
 _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 
 
@@ -153,7 +154,8 @@ def rows(images: list[torch.Tensor], layouts: list[str], boxes: list, flips: lis
 
 
 def crop_rows(buf: torch.Tensor, im: list, fm: list, n: int, size: int, mean, inv_std, channels_last: bool):
-    """What the kernel does, with roi_align image by image (no GPU: the tests)."""
+    """What the kernel does, with roi_align image by image (no GPU: the tests; image by image, since
+    a padded batch would blend the padding into boxes that touch an image's bottom or right edge)."""
     from torchvision.ops import roi_align
 
     out = torch.empty((n, 3, size, size), device=buf.device)
@@ -166,6 +168,12 @@ def crop_rows(buf: torch.Tensor, im: list, fm: list, n: int, size: int, mean, in
     s = torch.tensor(inv_std, device=buf.device).view(1, 3, 1, 1)
     out = (out - m) * s
     return out.contiguous(memory_format=torch.channels_last) if channels_last else out
+
+
+def blank(size: int) -> torch.Tensor:
+    """What takes an undecodable image's place: the mean colour, (size, size, 3) uint8."""
+    mean = torch.tensor([round(255 * m) for m in IMAGENET_MEAN], dtype=torch.uint8)
+    return mean.expand(size, size, 3).contiguous()
 
 
 class Items(torch.utils.data.Dataset):
@@ -212,8 +220,7 @@ class Items(torch.utils.data.Dataset):
             self.warned.add(index)
             print(f"data: rank {self.rank}: {self.split.names[index]}: cannot read or decode "
                   f"({type(err).__name__}: {str(err)[:120]}); a blank image takes its place", file=sys.stderr, flush=True)
-        mean = torch.tensor([round(255 * m) for m in IMAGENET_MEAN], dtype=torch.uint8)
-        return label, mean.expand(self.size, self.size, 3).contiguous(), None, False, why, key
+        return label, blank(self.size), None, False, why, key
 
 
 def collate(items: list) -> dict:
@@ -248,8 +255,6 @@ class DeviceStage:
         self.decoder, self._nvimgcodec = decoder, None
         self.fused = device.type == "cuda" if fused is None else fused   # the Triton kernel
         self.trace = trace   # tests: a file that gets the (epoch, index) keys of every training batch staged
-        self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
-        self.inv_std = 1 / (torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255)
         self.counts: Counter = Counter()
         self._held: list = []   # the last batch's compressed bytes, alive until its decode has surely read them
         self._pool: list = []   # nvImageCodec's output images, reused batch after batch
@@ -322,8 +327,7 @@ class DeviceStage:
             pixels = cpu_crop(data.numpy().tobytes(), self.size, lambda h, w: (*box, flip))
             self.counts["gpu-refused"] += 1
         except Exception:  # noqa: BLE001 - PIL raises many kinds
-            mean = torch.tensor([round(255 * m) for m in IMAGENET_MEAN], dtype=torch.uint8)
-            pixels = mean.expand(self.size, self.size, 3).contiguous()
+            pixels = blank(self.size)
             self.counts["corrupt"] += 1
         return pixels
 
@@ -359,41 +363,37 @@ class DeviceStage:
                 where.append(o)
         return srcs, lays, boxes, flips, where
 
-    def fused_batch(self, b: dict) -> torch.Tensor:
-        """Decode, then one kernel for crop + resize + flip + normalise of every image of the batch."""
-        from .gpu_crop import launch
-
+    def flat(self, b: dict, buf: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, list, list]:
+        """The batch decoded (gather) into one flat uint8 buffer, with the crop kernel's rows: into
+        buf where it is large enough, else into a new one (a quarter larger than needed where it
+        replaces buf, so that it is rarely replaced again)."""
         srcs, lays, boxes, flips, where = self.gather(b)
-        flat = [im.contiguous().view(-1) for im in srcs]
-        buf = torch.cat(flat) if len(flat) > 1 else flat[0]
-        im, fm = rows(srcs, lays, boxes, flips, where, self.size)
-        return launch(buf, im, fm, len(b["labels"]), self.size, [255 * m for m in IMAGENET_MEAN],
-                      [1 / (255 * v) for v in IMAGENET_STD], self.channels_last)
+        parts = [im.contiguous().view(-1) for im in srcs]
+        need = sum(p.numel() for p in parts)
+        if buf is None or buf.numel() < need:
+            buf = torch.empty(need if buf is None else need * 5 // 4, dtype=torch.uint8, device=self.device)
+        torch.cat(parts, out=buf[:need])
+        return (buf, *rows(srcs, lays, boxes, flips, where, self.size))
+
+    def crop(self, buf: torch.Tensor, im: list, fm: list, n: int) -> torch.Tensor:
+        """Crop, resize, flip and normalise the images that rows im, fm describe in buf: the Triton
+        kernel (train/gpu_crop.py), or without it (no GPU: the tests) roi_align image by image."""
+        if self.fused:
+            from .gpu_crop import launch
+            return launch(buf, im, fm, n, self.size, MEAN_255, INV_STD_255, self.channels_last)
+        return crop_rows(buf, im, fm, n, self.size, MEAN_255, INV_STD_255, self.channels_last)
 
     def decode_into(self, b: dict, buf: Optional[torch.Tensor]) -> tuple[torch.Tensor, dict]:
         """The input process's half (train/input_process.py): decode the batch into the flat
         buffer buf (a larger one if it does not fit), and what the other half needs to crop it."""
         before = Counter(self.counts)
-        srcs, lays, boxes, flips, where = self.gather(b)
-        flat = [im.contiguous().view(-1) for im in srcs]
-        need = sum(f.numel() for f in flat)
-        if buf is None or buf.numel() < need:
-            buf = torch.empty(max(1, need * 5 // 4), dtype=torch.uint8, device=self.device)
-        if flat:
-            torch.cat(flat, out=buf[:need])
-        im, fm = rows(srcs, lays, boxes, flips, where, self.size)
+        buf, im, fm = self.flat(b, buf)
         counts = Counter(b["reasons"]) + (self.counts - before)
         return buf, {"im": im, "fm": fm, "labels": b["labels"], "counts": dict(counts), "keys": b["keys"]}
 
     def from_decoded(self, buf: torch.Tensor, d: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """The training process's half: crop, resize, flip and normalise what decode_into left in buf."""
-        mean, inv_std = [255 * m for m in IMAGENET_MEAN], [1 / (255 * v) for v in IMAGENET_STD]
-        n = len(d["labels"])
-        if self.fused:
-            from .gpu_crop import launch
-            x = launch(buf, d["im"], d["fm"], n, self.size, mean, inv_std, self.channels_last)
-        else:
-            x = crop_rows(buf, d["im"], d["fm"], n, self.size, mean, inv_std, self.channels_last)
+        x = self.crop(buf, d["im"], d["fm"], len(d["labels"]))
         self.counts.update(d["counts"])
         self.record(d["keys"])
         return x, d["labels"].to(self.device, non_blocking=True)
@@ -403,44 +403,11 @@ class DeviceStage:
             with open(self.trace, "a") as f:
                 f.write(json.dumps(keys) + "\n")
 
-    def crops(self, b: dict) -> torch.Tensor:
-        """Without the Triton kernel (no GPU: the tests): roi_align image by image (a padded batch
-        would blend the padding into boxes that touch an image's bottom or right edge); (n, 3, S, S)."""
-        from torchvision.ops import roi_align
-
-        datas = list(torch.split(b["jpeg"][:sum(b["jpeg_sizes"])], b["jpeg_sizes"]))
-        S, dev = self.size, self.device
-        out = torch.empty((len(datas), 3, S, S), device=dev)
-        for i, dec in enumerate(self.decode(datas)):
-            top, left, bh, bw = b["boxes"][i].tolist()
-            flip = bool(b["flips"][i])
-            if dec is None:
-                box = (int(top), int(left), int(bh), int(bw))
-                out[i] = self.cpu_fallback(datas[i], box, flip).to(dev).permute(2, 0, 1).float()
-                continue
-            im = dec[0] if dec[1] == "chw" else dec[0].permute(2, 0, 1)
-            roi = torch.tensor([[0, left, top, left + bw, top + bh]], dtype=torch.float32, device=dev)
-            o = roi_align(im[None].float(), roi, (S, S), spatial_scale=1.0, sampling_ratio=0, aligned=True)[0]
-            out[i] = o.flip(-1) if flip else o
-        return out
-
     def __call__(self, b: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        S, dev = self.size, self.device
-        n = len(b["labels"])
-        if self.fused:
-            x = self.fused_batch(b)
-        else:
-            x = torch.empty((n, 3, S, S), device=dev)
-            if b["pixels"] is not None:
-                x[b["pixels_pos"].to(dev)] = b["pixels"].to(dev, non_blocking=True).permute(0, 3, 1, 2).float()
-            if b["jpeg_sizes"]:
-                x[b["jpeg_pos"].to(dev)] = self.crops(b)
-            x = (x - self.mean) * self.inv_std
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+        x = self.crop(*self.flat(b), len(b["labels"]))
         self.counts.update(b["reasons"])
         self.record(b["keys"])
-        return x, b["labels"].to(dev, non_blocking=True)
+        return x, b["labels"].to(self.device, non_blocking=True)
 
 
 def overlapped(loader, stage, device: torch.device, depth: int = 2) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

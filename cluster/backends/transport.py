@@ -219,7 +219,7 @@ class Pool:
         self._conns: dict = {}
         self._locks = {name: threading.Lock() for name in self.hosts}
         self._failed: dict[str, tuple[float, str]] = {}
-        self._late: dict[str, threading.Thread] = {}    # run(optional=...): answers not waited for
+        self._late: dict[str, tuple] = {}    # run(optional=...): (thread, its answer, command) not waited for
         self._config = None
 
     # ---- connections
@@ -351,7 +351,8 @@ class Pool:
         Hosts in ``optional`` (ones that did not answer the last time: down, cut off) are asked
         too, but waited for only ``OPTIONAL_WAIT_S`` beyond the others: a host still cut off would
         make every call wait out its connect timeout. Their answer if it came by then, else an
-        error result; a host whose last such try is still connecting is not tried again meanwhile."""
+        error result; a host whose last such try is still connecting is not tried again meanwhile
+        (that try's answer, to the same command, counts for this call)."""
         if isinstance(commands, str):
             names = list(hosts) if hosts is not None else list(self.hosts)
             commands = {n: commands for n in names}
@@ -365,22 +366,22 @@ class Pool:
                 on_result(r)
             return r
 
-        late = {n for n in names if n in set(optional)}
-        answers: dict[str, Result] = {}
+        late = set(names) & set(optional)
         for name in late:
-            if self._late.get(name) is not None and self._late[name].is_alive():
-                continue
-            t = threading.Thread(target=lambda n=name: answers.__setitem__(n, one(n)), daemon=True,
-                                 name=f"ssh-optional-{name}")     # daemon: never holds up the exit
-            self._late[name] = t
-            t.start()
+            if self._late.get(name) is None or not self._late[name][0].is_alive():
+                answer: list = []      # this try's own: a later call may take its answer
+                t = threading.Thread(target=lambda n=name, a=answer: a.append(one(n)), daemon=True,
+                                     name=f"ssh-optional-{name}")     # daemon: never holds up the exit
+                self._late[name] = (t, answer, commands[name])
+                t.start()
         out = self._fan_out(one, [n for n in names if n not in late])
         deadline = time.monotonic() + OPTIONAL_WAIT_S
         for name in late:
-            t = self._late[name]
+            t, answer, asked = self._late[name]
             t.join(max(0.0, deadline - time.monotonic()))
-            out[name] = answers.get(name) or Result(name, commands[name], label=label, error=(
-                "did not answer the last time, nor now within the others' time: not waited for"))
+            out[name] = answer[0] if answer and asked == commands[name] else Result(
+                name, commands[name], label=label,
+                error="did not answer the last time, nor now within the others' time: not waited for")
         return out
 
     def _fan_out(self, fn, names: list) -> GroupResult:

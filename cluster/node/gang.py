@@ -73,7 +73,7 @@ class Gang:
         peers: dict[socket.socket, dict] = {}
         started = last_ping = time.time()
         expected, arrived = self.nodes - 1, 0
-        broadcast = None          # (origin, reason) once the gang is aborted
+        broadcast = None          # the ABORT line, once the gang is aborted
 
         def abort(origin, reason, lost):
             nonlocal broadcast
