@@ -33,6 +33,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -118,6 +119,15 @@ class Hosts:
         (sd / "sshd_config").write_text(SSHD_CONFIG.format(sd=sd, marker="ddp launch bench"))
         (sd / "logs").mkdir()
         os.makedirs("/run/sshd", exist_ok=True)
+        if self.loopback:
+            # another bench's hosts on these addresses would answer the wait below for ours
+            for name, addr in self.addr.items():
+                try:
+                    socket.create_connection((addr, 22), timeout=0.5).close()
+                except OSError:
+                    continue
+                raise RuntimeError(f"{addr}:22 already answers (another bench's loopback hosts?): "
+                                   "wait for it to end")
         if not self.loopback:
             sh("ip", "link", "add", BRIDGE, "type", "bridge")
             sh("ip", "addr", "add", f"{PREFIX}1/24", "dev", BRIDGE)
@@ -157,7 +167,6 @@ class Hosts:
                                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                                start_new_session=True).pid
         (sd / "known_hosts").write_text("\n".join(known) + "\n")
-        import socket
         deadline = time.time() + 20
         for name in self.names:
             while True:

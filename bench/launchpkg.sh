@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build .launchpkg/ (git-ignored): what bench/gpu_launch.sh needs on a machine without sshd,
+# Build .launchpkg/ (ignored by .gitignore): what bench/gpu_launch.sh needs on a machine without sshd,
 # ssh, pdsh or rsync (a bare GPU machine): those binaries from this Debian machine with
 # every library they load except glibc's, pdsh's modules, and wheels for the submitting side
 # (fabric, paramiko and their needs) for CPython 3.12. Run as root on Debian 12 with pdsh installed.
@@ -9,7 +9,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 P=.launchpkg
 rm -rf "$P" && mkdir -p "$P/bin" "$P/lib" "$P/pdsh" "$P/whl"
-grep -qx '/.launchpkg/' .git/info/exclude 2>/dev/null || echo '/.launchpkg/' >> .git/info/exclude
 bins=(/usr/sbin/sshd /usr/bin/ssh /usr/bin/ssh-keygen /usr/lib/openssh/sftp-server /usr/bin/pdsh.bin /usr/bin/rsync)
 cp "${bins[@]}" "$P/bin/"
 cp /usr/lib/x86_64-linux-gnu/pdsh/*.so "$P/pdsh/"
