@@ -25,7 +25,8 @@
   do it at once but is the site's, not a user's. So the process that observes the requeue does
   it: ``status``, ``logs -f``, ``top``, and the detached follower that ``submit`` leaves on the
   login node (``python -m cluster.backends.slurm follow RUN``: one ``scontrol show job`` every
-  FOLLOW_S until the job ends), so it happens with no terminal open. The trade-off: one small
+  FOLLOW_S until the job ends, every WATCH_S once the batch log shows a failure), so it happens
+  with no terminal open. The trade-off: one small
   process per live run on the login node; where none runs (CLUSTER_SLURM_FOLLOW=0, the login
   node rebooted) and nobody looks before the next start, the node is not excluded and status
   says so.
