@@ -634,10 +634,48 @@ def test_the_follower_polls_status_until_the_run_ends(tmp_path, fake_slurm, monk
             fake_slurm.configure(**{**json.loads((fake_slurm.dir / "config.json").read_text()), "state": "COMPLETED",
                                     "nodes": "gpu[01,03]"})
     monkeypatch.setattr("cluster.backends.slurm.time.sleep", sleep)
-    assert follow("r1", poll_s=7) == 0 and polls == [7, 7]
+    assert follow("r1", poll_s=7, watch_s=7) == 0 and polls == [7, 7]
     assert ["scontrol", "update", "JobId=77", "ExcNodeList=gpu02"] in fake_slurm.calls()
     assert config["state"] == "PENDING"
     assert json.loads((tmp_path / "runs" / "r1" / "run.json").read_text())["state"] == "SUCCEEDED"
+
+
+def test_the_follower_asks_slurm_at_once_when_the_batch_log_reports_a_node_failure(tmp_path, fake_slurm, monkeypatch):
+    """Between its polls (every 20 s) the follower only reads the batch log: srun's node failure line
+    there makes it ask SLURM at the next look (1 s), so the requeued job is excluded from the failed
+    node at once, not up to a poll later; then it is back to its slow poll."""
+    import cluster.run.records
+    from cluster.backends.slurm import follow
+    run = _requeued(tmp_path, fake_slurm, batch="start of job 77 restart 0 on gpu[01-02], rendezvous gpu01:1\n",
+                    state="RUNNING", restarts=0, nodes="gpu[01-02]")
+    monkeypatch.setattr(cluster.run.records, "RUNS_DIR", tmp_path / "runs")
+    log = run.dir / "slurm" / "77_batch.log"
+    looks, polled, real_sleep, real_info = [], [], time.sleep, cluster.backends.slurm.job_info
+
+    def sleep(s):
+        if s != 1:
+            return real_sleep(s)        # another wait (the run's lock)
+        looks.append(s)
+        if len(looks) == 45:            # between two polls: the node fails, SLURM requeues the job
+            with open(log, "a") as f:
+                f.write("srun: error: Node failure on gpu02\n")
+            fake_slurm.configure(**{**json.loads((fake_slurm.dir / "config.json").read_text()), "state": "PENDING",
+                                    "restarts": 1, "nodes": "(null)"})
+        if len(looks) == 100:
+            fake_slurm.configure(**{**json.loads((fake_slurm.dir / "config.json").read_text()), "state": "COMPLETED",
+                                    "nodes": "gpu[01,03]"})
+
+    def job_info(jid):
+        polled.append(len(looks))
+        return real_info(jid)
+    monkeypatch.setattr("cluster.backends.slurm.time.sleep", sleep)
+    monkeypatch.setattr("cluster.backends.slurm.job_info", job_info)
+    assert follow("r1", poll_s=20, watch_s=1) == 0
+    assert ["scontrol", "update", "JobId=77", "ExcNodeList=gpu02"] in fake_slurm.calls()
+    events = [json.loads(l) for l in (run.dir / "events.jsonl").read_text().splitlines()]
+    assert [e["node"] for e in events if e["event"] == "exclude-node"] == ["gpu02"]
+    # the polls: at 20 and 40 s, at once after the line (45 s), then every 20 s again (60, 80, 100)
+    assert sorted(set(polled)) == [20, 40, 45, 60, 80, 100]
 
 
 # ------------------------------------------------------------------- through the login node

@@ -25,7 +25,8 @@
   do it at once but is the site's, not a user's. So the process that observes the requeue does
   it: ``status``, ``logs -f``, ``top``, and the detached follower that ``submit`` leaves on the
   login node (``python -m cluster.backends.slurm follow RUN``: one ``scontrol show job`` every
-  FOLLOW_S until the job ends), so it happens with no terminal open. The trade-off: one small
+  FOLLOW_S until the job ends, every WATCH_S once the batch log shows a failure), so it happens
+  with no terminal open. The trade-off: one small
   process per live run on the login node; where none runs (CLUSTER_SLURM_FOLLOW=0, the login
   node rebooted) and nobody looks before the next start, the node is not excluded and status
   says so.
@@ -85,6 +86,13 @@ _START_LINE = re.compile(rf"^{START_MARK} \d+ restart (\d+) on (\S+), rendezvous
 NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")     # what may reach scontrol as a node name
 EXCLUDABLE = ("PENDING", "REQUEUE_HOLD")      # SLURM changes a job's ExcNodeList only while it waits
 FOLLOW_S = 20.0     # the follower's poll: well inside the ~120 s a requeued job is held back
+# Between two polls the follower reads what the batch log gained (the shared filesystem, no call to
+# slurmctld) every WATCH_S: an error line there (srun's "Node failure on NODE", slurmstepd's "...
+# CANCELLED ... DUE TO NODE FAILURE", a task's exit) comes as SLURM requeues or ends the job, so it
+# polls every WATCH_S from then until the requeue is handled (the node excluded) or BURST_S passed,
+# instead of up to FOLLOW_S later. A failed batch host writes no such line: the next poll finds it.
+WATCH_S = 1.0
+BURST_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -560,14 +568,27 @@ def _start_follower(run: Run) -> Optional[int]:
     return start_detached(run, "cluster.backends.slurm", "follow", "follower.log")
 
 
-def follow(run_id: str, poll_s: float = FOLLOW_S) -> int:
+def follow(run_id: str, poll_s: float = FOLLOW_S, watch_s: float = WATCH_S) -> int:
     """Detached, one per SLURM run, in its own session (closing the terminal does not end it): polls
     the run's status every ``poll_s`` until it ends, so what status does on its own (excluding a
-    failed node while the requeued job waits, recording the end) happens with no one looking."""
+    failed node while the requeued job waits, recording the end) happens with no one looking; every
+    ``watch_s`` while the batch log shows a failure (WATCH_S)."""
     from cluster.spec.config import inventory_from_plain
-    unknown = 0
+    every, burst = max(1, round(poll_s / watch_s)), max(1, round(BURST_S / watch_s))
+    unknown, looks, urgent, batch, offset, seen = None, 0, 0, None, 0, None
     while True:
-        time.sleep(poll_s)
+        time.sleep(watch_s)
+        looks += 1
+        if batch is None:
+            batch = _batch_log(Run(run_id))
+        if batch is not None:
+            grown, offset = _grown(batch, offset)
+            if b"error:" in grown:
+                urgent = burst
+        if urgent:
+            urgent -= 1
+        elif looks % every:
+            continue
         run = Run(run_id)
         if not (run.dir / "run.json").exists() or run.damaged:
             return 1            # the run was removed: nothing to follow
@@ -579,10 +600,36 @@ def follow(run_id: str, poll_s: float = FOLLOW_S) -> int:
             state = State.UNKNOWN
         if state.is_terminal():
             return 0
-        unknown = unknown + 1 if state == State.UNKNOWN else 0
-        if unknown >= 6:
-            print(f"SLURM has not known the run's job for {unknown} polls; the follower ends", flush=True)
+        unknown = (looks if unknown is None else unknown) if state == State.UNKNOWN else None
+        if unknown is not None and looks - unknown >= 5 * every:
+            print(f"SLURM has not known the run's job for {(looks - unknown) * watch_s:.0f} s; the follower ends",
+                  flush=True)
             return 1
+        requeues = int(run.data.get("slurm_requeues_seen") or 0)
+        if seen is not None and requeues > seen:
+            urgent = 0          # the requeue is handled: back to the slow poll
+        seen = requeues
+
+
+def _batch_log(run: Run) -> Optional[Path]:
+    """The job's batch log, once the submit has recorded the job (None before)."""
+    if not (run.dir / "run.json").exists() or run.damaged:
+        return None
+    h = run.data.get("handle") or {}
+    return Path(h.get("folder") or run.dir / "slurm") / f"{h['job_id']}_batch.log" if h.get("job_id") else None
+
+
+def _grown(path: Path, offset: int) -> tuple[bytes, int]:
+    """The whole lines ``path`` gained since ``offset`` (b"" while it is missing or did not grow), and
+    where they end (a line being written is read whole at the next look)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read()
+    except OSError:
+        return b"", offset
+    data = data[: data.rfind(b"\n") + 1]
+    return data, offset + len(data)
 
 
 # -------------------------------------------------------------------- helpers
