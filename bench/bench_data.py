@@ -126,7 +126,8 @@ def main() -> int:
     import torch
 
     R: dict = {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-               "cpus": len(os.sched_getaffinity(0)), "torch": torch.__version__, "steps": a.steps}
+               "cpus": len(os.sched_getaffinity(0)), "torch": torch.__version__, "steps": a.steps,
+               "mps": bool(os.environ.get("CUDA_MPS_PIPE_DIRECTORY"))}
     import torchvision
 
     R["torchvision"] = torchvision.__version__
@@ -347,7 +348,8 @@ def table(R: dict) -> str:
     runs = R.get("runs", {})
     syn = runs.get("synthetic", {}).get("img_s")
     seed = runs.get("seed", {}).get("img_s_per_gpu")
-    out = [f"{R.get('gpu')}, {R.get('cpus')} CPU cores, torch {R.get('torch')}, torchvision {R.get('torchvision')}", "",
+    out = [f"{R.get('gpu')}, {R.get('cpus')} CPU cores, torch {R.get('torch')}, torchvision {R.get('torchvision')}"
+           + (", under MPS (nvidia-cuda-mps-control)" if R.get("mps") else ""), "",
            "| run | img/s per GPU | of synthetic | × seed loop | CPU cores allowed / used (steady) | GIL late |",
            "|---|---|---|---|---|---|"]
     for name, label in (("seed", "seed article's loop (fp32, batch 20, randn().to(device), DDP 1)"),

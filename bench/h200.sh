@@ -68,9 +68,22 @@ step_round3() {
 
 step_data() {
     # real data against synthetic (bench/bench_data.py): generated JPEGs, pack, GPU-vs-CPU check,
-    # the seed article's loop, train/ on synthetic, PIL and nvJPEG paths, at most $CORES cores
+    # the seed article's loop, train/ on synthetic, PIL and nvJPEG paths, at most $CORES cores.
+    # MPS=1: under CUDA's multi-process service (its daemon started here and stopped after), so
+    # that the input process's kernels and the training's run side by side instead of taking turns
+    local rc=0
+    if [ "${MPS:-0}" = 1 ]; then
+        export CUDA_MPS_PIPE_DIRECTORY=/tmp/bench-mps/pipe CUDA_MPS_LOG_DIRECTORY=/tmp/bench-mps/log
+        mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+        nvidia-cuda-mps-control -d || { echo "MPS: nvidia-cuda-mps-control -d failed"; return 1; }
+    fi
     python3 bench/bench_data.py --out "$OUT" --cores "${CORES:-8}" --images "${IMAGES:-25600}" \
-        --steps "${STEPS:-150}" --budget-s "$(left)" ${BENCH_ARGS:-}
+        --steps "${STEPS:-150}" --budget-s "$(left)" ${BENCH_ARGS:-} || rc=$?
+    if [ "${MPS:-0}" = 1 ]; then
+        echo quit | nvidia-cuda-mps-control
+        tail -n 5 "$CUDA_MPS_LOG_DIRECTORY/control.log" 2>/dev/null
+    fi
+    return $rc
 }
 
 step_probe() {
