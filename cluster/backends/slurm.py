@@ -554,10 +554,14 @@ def _not_responding(nodes: list[str]) -> list[str]:
 
 # -------------------------------------------------------------------- the follower
 def _start_follower(run: Run) -> Optional[int]:
-    """The detached follower of the job (``follow``); none with CLUSTER_SLURM_FOLLOW=0."""
+    """The detached follower of the job (``follow``); none with CLUSTER_SLURM_FOLLOW=0. Its python
+    starts FOLLOW_S / 2 later (its first poll FOLLOW_S after that, well inside the ~120 s a
+    requeued job is held): its interpreter and imports (about 0.1 s of CPU) would otherwise come
+    as the job may be starting, on cores a login node can share with the job's first node (the
+    cluster in a box's 2, for one)."""
     if os.environ.get("CLUSTER_SLURM_FOLLOW", "1") == "0":
         return None
-    return start_detached(run, "cluster.backends.slurm", "follow", "follower.log")
+    return start_detached(run, "cluster.backends.slurm", "follow", "follower.log", delay_s=FOLLOW_S / 2)
 
 
 def follow(run_id: str, poll_s: float = FOLLOW_S) -> int:

@@ -3,8 +3,8 @@
 One process per task besides the payload: ``python -S -u -m cluster.node.slurm_task FOLDER``
 (``main``; FOLDER is submitit's: the scripts, pickles and per-task logs), which
 
-* starts the payload at once, from the task's spec as plain data (``task.json`` in FOLDER, written
-  by the backend before sbatch), with RANK/LOCAL_RANK/WORLD_SIZE from SLURM's variables
+* starts the payload at once, from the task's spec as plain data (``task.spec`` in FOLDER, written
+  by the backend before sbatch: ``write_spec``), with RANK/LOCAL_RANK/WORLD_SIZE from SLURM's variables
   (MASTER_ADDR/MASTER_PORT come from the sbatch script), and waits for it;
 * prefixes every line of the task -- its own, the payload's stdout and stderr, submitit's
   warnings, a traceback -- with ``[<host> <rank>] `` in this same process: fds 1 and 2 are a pipe
@@ -28,7 +28,12 @@ The way to the payload's start is kept short, since every task's interpreter tak
 the node's cores beside the payloads' own starts: the interpreter starts without site (``-S``:
 site-packages' .pth files took each task about 20 ms of CPU; they are added with submitit, on
 the signal), and only what starting the payload needs is imported before it; the records come
-after it. Standard library only.
+after it. Standard library only, and of it only modules built into the interpreter (``os``,
+``_signal``, ``_thread``, ``marshal``, ``time``): json (with re), pathlib, subprocess (with
+selectors), threading and signal's enums took each task about 25 ms of CPU more, on the way to
+its payload and after it. So the payload starts by ``os.fork`` and ``os.execvpe``
+(``Payload``), the spec is marshal's, a task's records are written by ``_json``, and only task 0
+imports json and the record module, after its payload's start, for run.json.
 """
 from __future__ import annotations
 
