@@ -640,6 +640,20 @@ def test_the_follower_polls_status_until_the_run_ends(tmp_path, fake_slurm, monk
     assert json.loads((tmp_path / "runs" / "r1" / "run.json").read_text())["state"] == "SUCCEEDED"
 
 
+
+def test_a_delayed_detached_process_starts_later_under_the_same_pid(tmp_path):
+    """start_detached(delay_s): the follower's python (its imports) comes that much later, after a
+    shell's sleep, and is the process whose pid was returned (run.json's follower_pid)."""
+    from cluster.backends.base import start_detached
+    run = _slurm_run(tmp_path)
+    t0 = time.time()
+    pid = start_detached(run, "cluster.backends.slurm", "no-such-verb", "later.log", delay_s=1.5)
+    time.sleep(0.5)
+    assert os.waitpid(pid, os.WNOHANG) == (0, 0) and (run.dir / "state" / "later.log").read_text() == ""
+    _, status = os.waitpid(pid, 0)
+    assert time.time() - t0 >= 1.5 and os.waitstatus_to_exitcode(status) == 2
+    assert "usage: python -m cluster.backends.slurm follow RUN_ID" in (run.dir / "state" / "later.log").read_text()
+
 # ------------------------------------------------------------------- through the login node
 LOGIN_BAD = [
     ("  login: login02\n  remote_dir: /shared/ddp\n", "slurm.login: 'login02' is not one of hosts:",
