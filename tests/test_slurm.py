@@ -730,7 +730,7 @@ TASK_ENV = {"SLURMD_NODENAME": "gpu07", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"
 
 def test_task_starts_the_payload_from_its_spec_without_submitits_pickle(tmp_path):
     """The task as srun starts it (python -m cluster.node.slurm_task FOLDER): the payload starts from
-    task.json alone; submitit's pickle is not read (nor submitit imported) unless a requeue signal
+    task.spec alone; submitit's pickle is not read (nor submitit imported) unless a requeue signal
     comes, so the folder here has none. Once finished, a requeued job's task starts nothing."""
     from cluster.node.slurm_task import write_spec
     marker, folder = tmp_path / "starts", tmp_path / "slurm"
