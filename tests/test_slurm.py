@@ -797,6 +797,16 @@ def test_task_starts_its_payload_before_site_and_the_records(tmp_path):
         assert task["pid"] > 0 and task["host"] == "gpu07" and task["job_id"] == "5"
 
 
+
+def test_task_records_written_without_json_read_back_as_json(tmp_path):
+    """The task writes its records without the json module (slurm_task._json): what json reads back
+    is what was written, quotes, backslashes, control and non-ASCII characters included."""
+    from cluster.node.slurm_task import _write_json
+    rec = {"rank": 3, "host": 'gpu"07\\x\n\tnödé😀', "pid": 12, "job_id": None, "started": 1733500000.123456,
+           "final": True}
+    _write_json(str(tmp_path / "task3.json"), rec)
+    assert json.loads((tmp_path / "task3.json").read_text(encoding="utf-8")) == rec
+
 def test_a_data_source_on_a_host_is_refused_on_slurm(tmp_path):
     """SLURM's first step stages from a path every node reads; HOST:PATH is the ssh backend's."""
     from cluster.submit import resolve

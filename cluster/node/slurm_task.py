@@ -68,7 +68,7 @@ def _json(data: dict) -> str:
 
 def _write_json(path: str, data: dict) -> None:
     tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
+    with open(tmp, "w", encoding="utf-8") as f:     # -S: the locale's encoding may be ASCII
         f.write(_json(data) + "\n")
     os.replace(tmp, path)
 
