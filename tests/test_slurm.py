@@ -678,6 +678,19 @@ def test_the_follower_asks_slurm_at_once_when_the_batch_log_reports_a_node_failu
     assert sorted(set(polled)) == [20, 40, 45, 60, 80, 100]
 
 
+def test_a_delayed_detached_process_starts_later_under_the_same_pid(tmp_path):
+    """start_detached(delay_s): the follower's python (its imports) comes that much later, after a
+    shell's sleep, and is the process whose pid was returned (run.json's follower_pid)."""
+    from cluster.backends.base import start_detached
+    run = _slurm_run(tmp_path)
+    t0 = time.time()
+    pid = start_detached(run, "cluster.backends.slurm", "no-such-verb", "later.log", delay_s=1.5)
+    time.sleep(0.5)
+    assert os.waitpid(pid, os.WNOHANG) == (0, 0) and (run.dir / "state" / "later.log").read_text() == ""
+    _, status = os.waitpid(pid, 0)
+    assert time.time() - t0 >= 1.5 and os.waitstatus_to_exitcode(status) == 2
+    assert "usage: python -m cluster.backends.slurm follow RUN_ID" in (run.dir / "state" / "later.log").read_text()
+
 # ------------------------------------------------------------------- through the login node
 LOGIN_BAD = [
     ("  login: login02\n  remote_dir: /shared/ddp\n", "slurm.login: 'login02' is not one of hosts:",
@@ -754,14 +767,13 @@ TASK_ENV = {"SLURMD_NODENAME": "gpu07", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"
 
 def test_task_starts_the_payload_from_its_spec_without_submitits_pickle(tmp_path):
     """The task as srun starts it (python -m cluster.node.slurm_task FOLDER): the payload starts from
-    task.json alone; submitit's pickle is not read (nor submitit imported) unless a requeue signal
+    task.spec alone; submitit's pickle is not read (nor submitit imported) unless a requeue signal
     comes, so the folder here has none. Once finished, a requeued job's task starts nothing."""
-    from cluster.node.slurm_task import SPEC
+    from cluster.node.slurm_task import write_spec
     marker, folder = tmp_path / "starts", tmp_path / "slurm"
     probe = f"open({str(marker)!r}, 'a').write('x'); print('ran')"
     folder.mkdir()
-    (folder / SPEC).write_text(json.dumps({"argv": [sys.executable, "-c", probe], "workdir": str(tmp_path),
-                                           "run_dir": "r", "requeue": True}))
+    write_spec(folder, {"argv": [sys.executable, "-c", probe], "workdir": str(tmp_path), "run_dir": "r", "requeue": True})
 
     def task():
         return subprocess.run([sys.executable, "-S", "-u", "-m", "cluster.node.slurm_task", str(folder)], cwd=REPO,
@@ -781,29 +793,56 @@ def test_task_starts_its_payload_before_site_and_the_records(tmp_path):
     """The task's way to its payload (every task takes it at once, on cores the payloads share):
     srun starts its interpreter without site (the golden script has its -S), and when the payload
     starts nothing beyond what starting it needs is loaded: not site-packages, not the agent, not
-    the records (written after)."""
-    from cluster.node.slurm_task import SPEC
+    the records (written after), not json, pathlib, subprocess, threading or signal's enums
+    (about 25 ms of CPU per task together). A task other than 0 loads none of those at all."""
+    from cluster.node.slurm_task import write_spec
     folder = tmp_path / "slurm"
     folder.mkdir()
-    (folder / SPEC).write_text(json.dumps({"argv": [sys.executable, "-c", "print('ran')"], "workdir": str(tmp_path),
-                                           "run_dir": "r"}))
-    # srun's command as the plan writes it; the payload's start notes what its task had loaded then
-    probe = ("import runpy, subprocess, sys\n"
-             "start = subprocess.Popen.__init__\n"
-             "def noted(self, *a, **k):\n"
-             "    print('loaded:', ' '.join(sorted(sys.modules)), flush=True)\n"
-             "    start(self, *a, **k)\n"
-             "subprocess.Popen.__init__ = noted\n"
+    write_spec(folder, {"argv": [sys.executable, "-c", "print('ran')"], "workdir": str(tmp_path), "run_dir": "r"})
+    # srun's command as the plan writes it; the payload's start notes what its task had loaded
+    # then (the fork is in the task; only its child, the payload's side, prints), and the task's end
+    probe = ("import os, runpy, sys\n"
+             "fork = os.fork\n"
+             "def noted():\n"
+             "    loaded = ' '.join(sorted(sys.modules))\n"
+             "    pid = fork()\n"
+             "    if pid == 0:\n"
+             "        print('loaded:', loaded, flush=True)\n"
+             "    return pid\n"
+             "os.fork = noted\n"
+             "exit = os._exit\n"
+             "def at_end(code):\n"       # fds 1 and 2 are /dev/null by then: srun's file is the task's _out
+             "    out = sys.modules['cluster.node.slurm_task']._out\n"
+             "    os.write(out, ('at the end: ' + ' '.join(sorted(sys.modules)) + '\\n').encode())\n"
+             "    exit(code)\n"
+             "os._exit = at_end\n"
              f"sys.argv = ['slurm_task', {str(folder)!r}]\n"
              "runpy.run_module('cluster.node.slurm_task', run_name='__main__', alter_sys=True)\n")
-    p = subprocess.run([sys.executable, "-S", "-u", "-c", probe], cwd=REPO, env={**os.environ, **TASK_ENV},
-                       capture_output=True, text=True, timeout=60)
-    assert p.returncode == 0 and "[gpu07 0] ran" in p.stdout, p.stdout + p.stderr
-    loaded = next(l for l in p.stdout.splitlines() if "] loaded: " in l).split("] loaded: ")[1].split()
-    assert not [m for m in loaded if m in ("site", "socket", "cluster.node.agent", "cluster.node.record")
-                or m.startswith("submitit")], loaded
-    assert json.loads((tmp_path / "r" / "state" / "task0.json").read_text())["pid"] > 0
+    heavy = ("site", "socket", "cluster.node.agent", "cluster.node.record", "json", "pathlib", "subprocess",
+             "threading", "signal", "enum", "re")
+    for rank in ("1", "0"):     # task 0 writes the done marker, after which no task starts a payload
+        p = subprocess.run([sys.executable, "-S", "-u", "-c", probe], cwd=REPO,
+                           env={**os.environ, **TASK_ENV, "SLURM_PROCID": rank}, capture_output=True, text=True,
+                           timeout=60)
+        assert p.returncode == 0 and f"[gpu07 {rank}] ran" in p.stdout, p.stdout + p.stderr
+        loaded = next(l for l in p.stdout.splitlines() if "] loaded: " in l).split("] loaded: ")[1].split()
+        assert not [m for m in loaded if m in heavy or m.startswith("submitit")], loaded
+        at_end = next(l for l in p.stdout.splitlines() if "at the end: " in l).split("at the end: ")[1].split()
+        if rank == "1":
+            assert not [m for m in at_end if m in heavy or m.startswith("submitit")], at_end
+        task = json.loads((tmp_path / "r" / "state" / f"task{rank}.json").read_text())
+        assert task["pid"] > 0 and task["host"] == "gpu07" and task["job_id"] == "5"
 
+
+
+def test_task_records_written_without_json_read_back_as_json(tmp_path):
+    """The task writes its records without the json module (slurm_task._json): what json reads back
+    is what was written, quotes, backslashes, control and non-ASCII characters included."""
+    from cluster.node.slurm_task import _write_json
+    rec = {"rank": 3, "host": 'gpu"07\\x\n\tnödé😀', "pid": 12, "job_id": None, "started": 1733500000.123456,
+           "final": True}
+    _write_json(str(tmp_path / "task3.json"), rec)
+    assert json.loads((tmp_path / "task3.json").read_text(encoding="utf-8")) == rec
 
 def test_a_data_source_on_a_host_is_refused_on_slurm(tmp_path):
     """SLURM's first step stages from a path every node reads; HOST:PATH is the ssh backend's."""
@@ -821,12 +860,12 @@ def _task_until_signal(tmp_path, timeout_min, max_requeues, after_s=0.0):
     finished process, its output, the folder."""
     from submitit.core.job_environment import JobPaths
     from submitit.core.utils import DelayedSubmission
-    from cluster.node.slurm_task import SPEC, SlurmTask
+    from cluster.node.slurm_task import SlurmTask, write_spec
     folder = tmp_path / "slurm"
     folder.mkdir()
     payload = [sys.executable, "-c", "import os, time; print('up', os.getpid(), flush=True); time.sleep(60)"]
     spec = {"argv": payload, "workdir": str(tmp_path), "run_dir": "r", "requeue": True}
-    (folder / SPEC).write_text(json.dumps(spec))
+    write_spec(folder, spec)
     delayed = DelayedSubmission(SlurmTask(spec))
     delayed.set_timeout(timeout_min, max_requeues)
     delayed.dump(JobPaths(folder, job_id="5", task_id=0).submitted_pickle)

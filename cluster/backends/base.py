@@ -28,10 +28,11 @@ class NodeStatus:
 
 
 
-def start_detached(run: Run, module: str, verb: str, log_name: str) -> int:
+def start_detached(run: Run, module: str, verb: str, log_name: str, delay_s: float = 0) -> int:
     """``python -m MODULE VERB RUN`` in its own session, outliving this process (the ssh watcher,
     the SLURM follower): this checkout on its path, the run's root as CLUSTER_RUNS_DIR, its output
-    in runs/<id>/state/LOG_NAME. Returns its pid."""
+    in runs/<id>/state/LOG_NAME. ``delay_s``: it starts that much later (a shell's ``sleep``, then
+    ``exec`` of python: the same pid). Returns its pid."""
     import os
     import subprocess
     from cluster.spec.config import REPO
@@ -40,7 +41,10 @@ def start_detached(run: Run, module: str, verb: str, log_name: str) -> int:
     env.pop("CLUSTER_RUN_ID", None)
     (run.dir / "state").mkdir(parents=True, exist_ok=True)
     with open(run.dir / "state" / log_name, "ab") as out:
-        p = subprocess.Popen([sys.executable, "-m", module, verb, run.id], cwd=REPO, env=env,
+        argv = [sys.executable, "-m", module, verb, run.id]
+        if delay_s:
+            argv = ["sh", "-c", 'sleep "$0" && exec "$@"', str(delay_s), *argv]
+        p = subprocess.Popen(argv, cwd=REPO, env=env,
                              stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     return p.pid
 

@@ -5,7 +5,7 @@
 * The plan is an sbatch request (``SlurmPlan``); ``python -m cluster plan`` prints the exact script
   submitit submits (the same function renders both). Tasks per node = GPUs per node; every task
   runs ``python -S -u -m cluster.node.slurm_task FOLDER`` in place of submitit's own task process:
-  ``cluster.node.slurm_task.SlurmTask`` from FOLDER/task.json, RANK/LOCAL_RANK/WORLD_SIZE from
+  ``cluster.node.slurm_task.SlurmTask`` from FOLDER/task.spec, RANK/LOCAL_RANK/WORLD_SIZE from
   SLURM_PROCID/SLURM_LOCALID/SLURM_NTASKS, then the same payload as on the other backends, its
   lines ``[host rank]`` prefixed; submitit's signal handler (and its pickle of the task) only on
   the requeue signal. One interpreter per task besides the payload.
@@ -278,11 +278,11 @@ class SlurmBackend(Backend):
         ex.update_parameters(**_params(plan.sbatch))
         if ex._make_submission_file_text(ex._submitit_command_str, "") != plan.render():
             raise RuntimeError("submitit would submit another script than the plan shows")
-        from cluster.node.slurm_task import SPEC
+        from cluster.node.slurm_task import write_spec
         Path(plan.folder).mkdir(parents=True, exist_ok=True)
         # the spec as plain data too: each task starts the payload from it (submitit, and its pickle
         # of the task, only on the requeue signal)
-        Path(plan.folder, SPEC).write_text(json.dumps(dict(plan.task)) + "\n")
+        write_spec(plan.folder, plan.task)
         try:
             job = ex.submit(SlurmTask(dict(plan.task)))
         except (FailedJobError, FailedSubmissionError) as e:
@@ -562,10 +562,14 @@ def _not_responding(nodes: list[str]) -> list[str]:
 
 # -------------------------------------------------------------------- the follower
 def _start_follower(run: Run) -> Optional[int]:
-    """The detached follower of the job (``follow``); none with CLUSTER_SLURM_FOLLOW=0."""
+    """The detached follower of the job (``follow``); none with CLUSTER_SLURM_FOLLOW=0. Its python
+    starts FOLLOW_S / 2 later (its first poll FOLLOW_S after that, well inside the ~120 s a
+    requeued job is held): its interpreter and imports (about 0.1 s of CPU) would otherwise come
+    as the job may be starting, on cores a login node can share with the job's first node (the
+    cluster in a box's 2, for one)."""
     if os.environ.get("CLUSTER_SLURM_FOLLOW", "1") == "0":
         return None
-    return start_detached(run, "cluster.backends.slurm", "follow", "follower.log")
+    return start_detached(run, "cluster.backends.slurm", "follow", "follower.log", delay_s=FOLLOW_S / 2)
 
 
 def follow(run_id: str, poll_s: float = FOLLOW_S, watch_s: float = WATCH_S) -> int:

@@ -1,16 +1,15 @@
 """The job's view of a host, shared by the node agent (local, ssh) and the SLURM task.
 
-Its own module, with nothing but ``os`` and ``pathlib``: the SLURM task imports it on the way to
-starting its payload, and the agent's imports (argparse, the gang, warm start) took each task
+Its own module, with nothing but ``os``: the SLURM task imports it on the way to starting its
+payload, and the agent's imports (argparse, the gang, warm start), and pathlib's, took each task
 a few milliseconds of CPU before that start (bench/bench_slurm_launch.py).
 """
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 
-def run_environment(code_dir: str, run_dir: Path, module_dirs: list[str], payload: list[str],
+def run_environment(code_dir: str, run_dir, module_dirs: list[str], payload: list[str],
                     environ=os.environ) -> list[str]:
     """The job's view of the host, set in ``environ``; returns the payload with ``{code}`` filled in.
 
@@ -25,7 +24,7 @@ def run_environment(code_dir: str, run_dir: Path, module_dirs: list[str], payloa
     environ["PYTHONPATH"] = os.pathsep.join(paths)
     environ["CLUSTER_RUN_DIR"] = str(run_dir)
     environ["CLUSTER_CODE_DIR"] = code_dir
-    environ["CLUSTER_CHECKPOINT_DIR"] = str(run_dir / "checkpoints")
+    environ["CLUSTER_CHECKPOINT_DIR"] = os.path.join(str(run_dir), "checkpoints")
     python = payload[0] if payload else ""
     return [code_dir + a[len("{code}"):] if a == "{code}" or a.startswith("{code}/")
             # the inventory's python (``~/venv/bin/python``): no shell expands it on this side

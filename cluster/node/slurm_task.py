@@ -3,8 +3,8 @@
 One process per task besides the payload: ``python -S -u -m cluster.node.slurm_task FOLDER``
 (``main``; FOLDER is submitit's: the scripts, pickles and per-task logs), which
 
-* starts the payload at once, from the task's spec as plain data (``task.json`` in FOLDER, written
-  by the backend before sbatch), with RANK/LOCAL_RANK/WORLD_SIZE from SLURM's variables
+* starts the payload at once, from the task's spec as plain data (``task.spec`` in FOLDER, written
+  by the backend before sbatch: ``write_spec``), with RANK/LOCAL_RANK/WORLD_SIZE from SLURM's variables
   (MASTER_ADDR/MASTER_PORT come from the sbatch script), and waits for it;
 * prefixes every line of the task -- its own, the payload's stdout and stderr, submitit's
   warnings, a traceback -- with ``[<host> <rank>] `` in this same process: fds 1 and 2 are a pipe
@@ -28,18 +28,21 @@ The way to the payload's start is kept short, since every task's interpreter tak
 the node's cores beside the payloads' own starts: the interpreter starts without site (``-S``:
 site-packages' .pth files took each task about 20 ms of CPU; they are added with submitit, on
 the signal), and only what starting the payload needs is imported before it; the records come
-after it. Standard library only.
+after it. Standard library only, and of it only modules built into the interpreter (``os``,
+``_signal``, ``_thread``, ``marshal``, ``time``): json (with re), pathlib, subprocess (with
+selectors), threading and signal's enums took each task about 25 ms of CPU more, on the way to
+its payload and after it. So the payload starts by ``os.fork`` and ``os.execvpe``
+(``Payload``), the spec is marshal's, a task's records are written by ``_json``, and only task 0
+imports json and the record module, after its payload's start, for run.json.
 """
 from __future__ import annotations
 
-import json
+import _signal as signal     # the C module: ``signal`` imports enum (the docstring's last paragraph)
+import _thread
+import marshal
 import os
-import signal
-import subprocess
 import sys
-import threading
 import time
-from pathlib import Path
 
 from cluster.node.jobenv import run_environment
 
@@ -51,15 +54,93 @@ def _host() -> str:
     return os.environ.get("SLURMD_NODENAME") or os.uname().nodename
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data) + "\n")
+def _json(data: dict) -> str:
+    """A flat record (numbers, None, strings) as JSON, without the json module (the docstring's
+    last paragraph): host names, job ids and times are all a task writes in the common case."""
+    def value(v) -> str:
+        if v is None or isinstance(v, bool):
+            return {None: "null", True: "true", False: "false"}[v]
+        if isinstance(v, (int, float)):
+            return repr(v)
+        return '"' + "".join(c if c >= " " and c not in '"\\' else f"\\u{ord(c):04x}" for c in str(v)) + '"'
+    return "{" + ", ".join(f"{value(k)}: {value(v)}" for k, v in data.items()) + "}"
+
+
+def _write_json(path: str, data: dict) -> None:
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:     # -S: the locale's encoding may be ASCII
+        f.write(_json(data) + "\n")
     os.replace(tmp, path)
 
 
 class NotRequeued(Exception):
     """submitit's signal handler did not requeue the job (its UncompletedJobError, whose module is
     imported only with the signal)."""
+
+
+class Payload:
+    """The payload's process, as much of ``subprocess.Popen`` as the task and submitit's handler
+    use (poll, wait, terminate, kill, returncode), over ``os.fork``: subprocess (with selectors,
+    threading, signal's enums) is most of a task's imports (the docstring's last paragraph)."""
+
+    def __init__(self, argv: list[str], cwd: str, env: dict, out: int | None):
+        """Start ``argv`` in ``cwd`` with ``env``, stdin from /dev/null, stdout and stderr on ``out``
+        (None: this process's). An exec failure is the child's last line and exit code 127, as
+        a shell has it."""
+        self.returncode: int | None = None
+        self.pid = os.fork()
+        if self.pid == 0:       # the child: nothing here may return into the task's code
+            try:
+                os.chdir(cwd)
+                null = os.open(os.devnull, os.O_RDONLY)
+                os.dup2(null, 0)
+                if out is not None:
+                    os.dup2(out, 1)
+                    os.dup2(out, 2)
+                os.execvpe(argv[0], argv, env)
+            except BaseException as e:      # noqa: BLE001 -- reported on the payload's stderr
+                try:
+                    os.write(2, f"cannot start the payload {argv[0]!r}: {e}\n".encode())
+                finally:
+                    os._exit(127)
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:       # reaped by a wait() this poll interrupted
+                return self.returncode
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        """The exit code (-N: ended by signal N); TimeoutError after ``timeout`` seconds."""
+        if timeout is not None:
+            deadline = time.monotonic() + timeout
+            while self.poll() is None:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"payload {self.pid} still running after {timeout} s")
+                time.sleep(0.05)
+        while self.returncode is None:
+            try:
+                status = os.waitpid(self.pid, 0)[1]
+            except ChildProcessError:       # a poll() in a signal handler reaped it meanwhile
+                if self.returncode is None:
+                    raise
+                break
+            self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
 
 
 class SlurmTask:
@@ -69,8 +150,8 @@ class SlurmTask:
         self.spec = dict(spec)
         self.attempt = attempt
         self.folder: str | None = None      # submitit's folder: USR2 is handed to submitit (main sets it)
-        self._proc: subprocess.Popen | None = None
-        self._copier: threading.Thread | None = None
+        self._proc: Payload | None = None
+        self._copier = None
         self._started = time.time()
 
     def __getstate__(self):
@@ -80,15 +161,16 @@ class SlurmTask:
         self.__init__(state["spec"], state["attempt"])
 
     @property
-    def run_dir(self) -> Path:
-        return Path(self.spec["workdir"]) / self.spec["run_dir"]
+    def run_dir(self) -> str:
+        return os.path.join(self.spec["workdir"], self.spec["run_dir"])
 
     def start(self) -> bool:
         """Start the payload (False: the run already finished, nothing started)."""
         env = os.environ
         rank, host = int(env.get("SLURM_PROCID", 0)), _host()
-        done = self.run_dir / "state" / DONE
-        if done.exists():
+        state = os.path.join(self.run_dir, "state")
+        done = os.path.join(state, DONE)
+        if os.path.exists(done):
             print(f"run already finished ({done}); not running it again", flush=True)
             return False
         restarts = int(env.get("SLURM_RESTART_COUNT", 0) or 0)
@@ -98,7 +180,7 @@ class SlurmTask:
             WORLD_SIZE=env.get("SLURM_NTASKS", "1"), GROUP_RANK=env.get("SLURM_NODEID", "0"),
             LOCAL_WORLD_SIZE=str(_local_world(env)))
         # as on the other backends (cluster/node/agent.py): the run directory as cwd, the code on the path
-        (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        os.makedirs(os.path.join(self.run_dir, "checkpoints"), exist_ok=True)
         argv = run_environment(self.spec["workdir"], self.run_dir, self.spec.get("module_dirs", []),
                                list(self.spec["argv"]), child_env)
         gpus = f", GPUs {env['CUDA_VISIBLE_DEVICES']}" if env.get("CUDA_VISIBLE_DEVICES") else ""
@@ -107,22 +189,24 @@ class SlurmTask:
               + " ".join(argv), flush=True)
         # the payload's output through a pipe of its own (prefixed as it comes): a last line
         # without a newline stays its own line. USR2 ignored across the exec (an ignored signal
-        # stays ignored; no preexec_fn, which would make this process fork rather than vfork):
-        # SLURM signals every process of the step, the payload must outlive the warning (task 0
-        # requeues the job), and USR2's default action would end it at once
+        # stays ignored): SLURM signals every process of the step, the payload must outlive the
+        # warning (task 0 requeues the job), and USR2's default action would end it at once
+        r = w = None
+        if _out is not None:
+            r, w = os.pipe()
         before = signal.signal(signal.SIGUSR2, signal.SIG_IGN)
         try:
-            self._proc = subprocess.Popen(argv, cwd=self.run_dir, env=child_env, stdin=subprocess.DEVNULL,
-                                          stdout=subprocess.PIPE if _out is not None else None,
-                                          stderr=subprocess.STDOUT)
+            self._proc = Payload(argv, self.run_dir, child_env, w)
         finally:
             signal.signal(signal.SIGUSR2, before)
-        if _out is not None:
-            self._copier = copy_lines(os.dup(self._proc.stdout.fileno()))
-            self._proc.stdout.close()
+            if w is not None:
+                os.close(w)
+        _start_pumps()          # this process's own lines, started after the fork (no thread to fork with)
+        if r is not None:
+            self._copier = copy_lines(r)
         # the records after the payload's start, which nothing here waits for
-        (self.run_dir / "state").mkdir(parents=True, exist_ok=True)
-        _write_json(self.run_dir / "state" / f"task{rank}.json", {
+        os.makedirs(state, exist_ok=True)
+        _write_json(os.path.join(state, f"task{rank}.json"), {
             "rank": rank, "host": host, "pid": os.getpid(), "job_id": env.get("SLURM_JOB_ID"),
             "restarts": restarts, "started": time.time()})
         if rank == 0:
@@ -132,7 +216,7 @@ class SlurmTask:
     def __call__(self) -> int:
         env = os.environ
         rank = int(env.get("SLURM_PROCID", 0))
-        done = self.run_dir / "state" / DONE
+        done = os.path.join(self.run_dir, "state", DONE)
         if not self.start():
             return 0
         copier = self._copier
@@ -205,7 +289,7 @@ class SlurmTask:
         self._proc.terminate()
         try:
             self._proc.wait(grace_s)
-        except subprocess.TimeoutExpired:
+        except TimeoutError:
             self._proc.kill()
             self._proc.wait()
 
@@ -228,13 +312,16 @@ class SlurmTask:
         return DelayedSubmission(SlurmTask(self.spec, self.attempt + 1))
 
 
-def record_running(run_dir: Path, **fields) -> bool:
+def record_running(run_dir, **fields) -> bool:
     """RUNNING in the run's record (run.json on the shared filesystem, under its lock), by task 0
     once its payload started: a queued (or requeued) run's record advances without anyone running
     `status` -- a detached submit, the login node's mirror (cluster/backends/login.py). Only
     over PENDING or STARTING, never over an end. Whatever goes wrong here, the task goes on
     (`status` still finds the state from SLURM)."""
-    from cluster.node import record         # after the payload's start (the module's docstring)
+    import json                             # task 0 only, after the payload's start (the module's docstring)
+    from pathlib import Path
+    from cluster.node import record
+    run_dir = Path(run_dir)
     try:
         with record.locked(run_dir):
             data = json.loads((run_dir / "run.json").read_text())
@@ -285,50 +372,101 @@ def _local_world(env) -> int:
     return counts[node] if node < len(counts) else counts[-1]
 
 
-def _event(run_dir: Path, event: str, **fields) -> None:
-    with open(run_dir / "events.jsonl", "a") as f:
+def _event(run_dir: str, event: str, **fields) -> None:
+    import json             # the requeue signal's path only: submitit has loaded it by then
+    with open(os.path.join(run_dir, "events.jsonl"), "a") as f:
         f.write(json.dumps({"t": round(time.time(), 3), "event": event, **fields}) + "\n")
 
 
-SPEC = "task.json"      # in submitit's folder: the task's spec as plain data (main starts the payload from it)
+# in submitit's folder: the task's spec as plain data (main starts the payload from it), in
+# marshal's format 4 (dicts, lists, strings, numbers; read by any Python 3, a container's too):
+# loaded with no import, where json's own (re, its scanner) took each task about 12 ms of CPU
+SPEC = "task.spec"
+SPEC_FORMAT = 4
+
+
+def write_spec(folder, spec: dict) -> None:
+    """The spec where ``main`` reads it (the backend writes it before sbatch)."""
+    with open(os.path.join(folder, SPEC), "wb") as f:
+        f.write(marshal.dumps(dict(spec), SPEC_FORMAT))
+
+
+def read_spec(folder) -> dict:
+    with open(os.path.join(folder, SPEC), "rb") as f:
+        spec = marshal.loads(f.read())
+    if not isinstance(spec, dict):
+        raise ValueError(f"not a task spec: {type(spec).__name__}")
+    return spec
+
+
 _out: int | None = None                 # srun's file (fd 1 before prefix_output)
 _prefix = b""
-_pumps: list[threading.Thread] = []
+
+
+class _Pump:
+    """Copies whole lines from ``fd`` to srun's file, prefixed (a last line without a newline gets
+    one), in a thread of ``_thread`` (threading's import is the task's CPU, the docstring's last
+    paragraph): each line is one write, so two sources never mix inside a line."""
+
+    def __init__(self, fd: int):
+        self.fd, self.started = fd, False
+        self._done = _thread.allocate_lock()
+        self._done.acquire()
+
+    def start(self) -> "_Pump":
+        if not self.started:
+            self.started = True
+            _thread.start_new_thread(self._copy, ())
+        return self
+
+    def _copy(self) -> None:
+        try:
+            with open(self.fd, "rb", buffering=0) as pipe:
+                pending = b""
+                while True:
+                    chunk = pipe.read(1 << 16)
+                    if not chunk:
+                        break
+                    *lines, pending = (pending + chunk).split(b"\n")
+                    if lines:
+                        _write_all(_out, b"".join(_prefix + l + b"\n" for l in lines))
+                if pending:
+                    _write_all(_out, _prefix + pending + b"\n")
+        finally:
+            self._done.release()
+
+    def join(self, timeout: float | None = None) -> None:
+        if self.started and self._done.acquire(True, -1 if timeout is None else timeout):
+            self._done.release()
+
+
+_pumps: list[_Pump] = []
 
 
 def prefix_output(prefix: bytes) -> None:
     """From now on, every line written to fds 1 and 2 (by this process or a child that inherits
-    them) reaches the original fd 1 as ``prefix + line``: a pipe on 1 and 2, copied by a thread.
-    ``_exit`` drains it."""
+    them) reaches the original fd 1 as ``prefix + line``: a pipe on 1 and 2, copied by a thread
+    that starts with the first payload (``_start_pumps``: the payload is started by fork, which
+    is for a process of one thread) or at ``_exit``, which drains it."""
     global _out, _prefix
     _out, _prefix = os.dup(1), prefix
     r, w = os.pipe()
     os.dup2(w, 1)
     os.dup2(w, 2)
     os.close(w)
-    copy_lines(r)
+    _pumps.append(_Pump(r))
 
 
-def copy_lines(fd: int) -> threading.Thread:
-    """A thread that copies whole lines from ``fd`` to srun's file, prefixed (a last line without
-    a newline gets one): each line is one write, so two sources never mix inside a line."""
-    def copy() -> None:
-        with os.fdopen(fd, "rb", buffering=0) as pipe:
-            pending = b""
-            while True:
-                chunk = pipe.read(1 << 16)
-                if not chunk:
-                    break
-                *lines, pending = (pending + chunk).split(b"\n")
-                if lines:
-                    _write_all(_out, b"".join(_prefix + l + b"\n" for l in lines))
-            if pending:
-                _write_all(_out, _prefix + pending + b"\n")
+def copy_lines(fd: int) -> _Pump:
+    """``fd``'s lines, prefixed, to srun's file, from now on (a thread)."""
+    p = _Pump(fd).start()
+    _pumps.append(p)
+    return p
 
-    t = threading.Thread(target=copy, daemon=True, name="prefix")
-    t.start()
-    _pumps.append(t)
-    return t
+
+def _start_pumps() -> None:
+    for p in _pumps:
+        p.start()
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -349,6 +487,7 @@ def _exit(code: int) -> None:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 1)
         os.dup2(devnull, 2)
+        _start_pumps()
         deadline = time.monotonic() + 5
         for t in _pumps:
             t.join(timeout=max(0.0, deadline - time.monotonic()))
@@ -356,7 +495,7 @@ def _exit(code: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """srun's task (FOLDER: submitit's, with task.json), every line prefixed ``[host rank] ``."""
+    """srun's task (FOLDER: submitit's, with the spec), every line prefixed ``[host rank] ``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) != 1:
         print("usage: python -m cluster.node.slurm_task SUBMITIT_FOLDER", file=sys.stderr)
@@ -366,12 +505,11 @@ def main(argv: list[str] | None = None) -> int:
     prefix_output(f"[{_host()} {os.environ.get('SLURM_PROCID', '0')}] ".encode())
     code = 0
     try:
-        spec = Path(argv[0]) / SPEC
         try:
-            task = SlurmTask(json.loads(spec.read_text()))
-        except (OSError, ValueError) as e:
-            print(f"cannot read the task's spec {spec} ({e}); it is written when the job is "
-                  "submitted: submit the run again", flush=True)
+            task = SlurmTask(read_spec(argv[0]))
+        except (OSError, ValueError, EOFError, TypeError) as e:
+            print(f"cannot read the task's spec {os.path.join(argv[0], SPEC)} ({e}); it is written when "
+                  "the job is submitted: submit the run again", flush=True)
             _exit(1)
         task.folder = argv[0]
         code = task()
