@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -141,6 +142,7 @@ def main() -> int:
     if "gen" in only:
         from bench.imageset import make
 
+        shutil.rmtree(WORK, ignore_errors=True)   # an earlier call's set: train.pack writes only to a new directory
         t = time.time()
         size = make(str(src), a.images, a.images // 10, 100, extras=True, workers=os.cpu_count() or 1)
         R["gen"] = {"images": a.images, "val": a.images // 10, "mb": round(size / 1e6, 1), "s": round(time.time() - t, 1)}

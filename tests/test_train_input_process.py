@@ -128,3 +128,12 @@ def test_it_does_not_outlive_the_training_process(imageset):  # noqa: F811
     else:
         os.kill(pid, signal.SIGKILL)
         pytest.fail("the input process outlived its training process by 10 s")
+
+
+def test_the_mps_check_looks_for_the_control_daemons_pipe(tmp_path, monkeypatch):
+    """input_process pays only under CUDA's MPS: the rank warns when its control daemon's pipe is absent."""
+    from train.input_process import mps_running
+    monkeypatch.setenv("CUDA_MPS_PIPE_DIRECTORY", str(tmp_path))
+    assert not mps_running()
+    os.mkfifo(tmp_path / "control")
+    assert mps_running()

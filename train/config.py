@@ -33,7 +33,7 @@ class TrainConfig:
                                "(and val/), or to its packed form (python -m train.pack)")
     decode: str = _f(AUTO, "real images: gpu (nvJPEG, crop and normalise on the GPU) | cpu (PIL in the workers) | "
                            "auto (gpu on a GPU)", ("gpu", "cpu", AUTO))
-    jpeg_decoder: str = _f("torchvision", "decode=gpu: torchvision (nvJPEG, batched, on the SMs) | nvimgcodec "
+    jpeg_decoder: str = _f("torchvision", "decode=gpu: torchvision (nvJPEG, batched) | nvimgcodec "
                                           "(nvImageCodec, the GPU's hardware JPEG decoders first; packages "
                                           "nvidia-nvimgcodec-cu13 and nvidia-nvjpeg); see bench/README.md",
                            ("torchvision", "nvimgcodec"))
@@ -68,7 +68,8 @@ class TrainConfig:
     grad_compress: str = _f("none", "DDP communication hook: none | bf16 (gradients all-reduced as bf16, "
                                     "torch's bf16_compress_hook: half the bytes on the network)", ("none", "bf16"))
     input_process: bool = _f(False, "decode=gpu: decode in a process of its own beside each rank "
-                                    "(train/input_process.py; not yet measured on a GPU: bench/README.md)")
+                                    "(train/input_process.py); faster only under CUDA's MPS "
+                                    "(nvidia-cuda-mps-control -d): README, Real data")
     workers: int = _f(4, "DataLoader worker processes per rank (real images only)")
     prefetch_factor: int = _f(2, "batches each DataLoader worker loads ahead")
     threads: int = _f(0, "torch CPU threads per rank; 0 = CPU cores / local ranks")

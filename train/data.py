@@ -161,7 +161,11 @@ class RealImages:
         if role == "input":
             return
         if gpu and cfg.input_process:
-            from .input_process import InputProcess
+            from .input_process import InputProcess, mps_running
+            if not mps_running():
+                print0(env, "data: input_process without CUDA's MPS: the decode's kernels and the step's take "
+                            "turns on the GPU, which measured slower than decoding here (README, Real data); "
+                            "start it with nvidia-cuda-mps-control -d, or leave input_process off")
             self.input = InputProcess(cfg, env, decoder, gpu, RealImages)
         print0(env, f"data: {root} ({'packed' if train_split.paths is None else 'folder'}): "
                     f"{len(train_split)} train images, {len(val_split) if val_split else 0} val, "

@@ -5,13 +5,16 @@ on one H100 a batch that decodes in 29 ms alone took 342 ms with 326 ms of other
 the GPU (bench/bench_data.py, `decode_loaded_ms`). In the training process the decode therefore
 waits for each queued step, and decoding and training take turns: 69% of synthetic speed, and
 98% with the decode taken out. A process has its own CUDA context, and such waits stay inside it.
+But two processes' contexts take turns on the GPU unless CUDA's multi-process service (MPS) runs:
+measured on one H100, this process gave 69% of synthetic without MPS and 88% under it
+(README, Real data), so it pays only under MPS; the training process says so when MPS is off.
 
 The input process owns the DataLoader (its workers read compressed bytes, as before) and the
 decoder. It decodes each batch into one of SLOTS flat uint8 buffers on the GPU, shared with the
 training process once (CUDA IPC), and sends the slot's number with the crop boxes and labels.
 The training process's input thread runs the crop kernel on the slot (its own stream, overlapped
 with the step, as before), then hands the slot back. Off by default (`input_process: true`
-turns it on) until it is measured on a GPU; the tests run it on the CPU. Commands: ("train", epoch, start_sample),
+turns it on); the tests run it on the CPU. Commands: ("train", epoch, start_sample),
 ("val",), ("abort",) and ("stop",); every epoch ends with ("end",), an error with ("error", text).
 """
 
@@ -29,6 +32,12 @@ import torch.multiprocessing as mp
 
 SLOTS = 3
 POLL_S = 0.5
+
+
+def mps_running() -> bool:
+    """Whether CUDA's MPS control daemon answers here: its pipe in $CUDA_MPS_PIPE_DIRECTORY, or in
+    the default /tmp/nvidia-mps."""
+    return os.path.exists(os.path.join(os.environ.get("CUDA_MPS_PIPE_DIRECTORY") or "/tmp/nvidia-mps", "control"))
 
 
 class InputProcess:

@@ -7,8 +7,8 @@ training, the resize-256/center-224 box for validation, drawn from a generator s
 on which worker or which path decodes the image, and a resumed run sees the same crops.
 
 - GPU path (decode=gpu, or auto on a GPU): baseline JPEGs travel as their compressed bytes;
-  the main process decodes a whole batch (nvJPEG through torchvision.io.decode_jpeg(device="cuda")
-  on the SMs, or nvImageCodec on the GPU's hardware JPEG decoders),
+  the main process decodes a whole batch (nvJPEG through torchvision.io.decode_jpeg(device="cuda"),
+  which asks nvJPEG for its hardware backend, or nvImageCodec, the GPU's hardware JPEG decoders first),
   then one Triton kernel (train/gpu_crop.py) crops, resizes (roi_align's arithmetic: several
   samples per output pixel, as an antialiased resize does), flips and normalises every image, on
   a side CUDA stream in a thread, one batch ahead of the step.
@@ -244,7 +244,7 @@ def collate(items: list) -> dict:
 class DeviceStage:
     """Turns a collated batch into the normalised float batch on the device.
 
-    decoder: torchvision (nvJPEG on the SMs) or nvimgcodec (nvImageCodec: the hardware JPEG
+    decoder: torchvision (nvJPEG, batched) or nvimgcodec (nvImageCodec: the hardware JPEG
     decoders, the SMs only for what they refuse). On a GPU one Triton kernel (train/gpu_crop.py)
     then crops, resizes, flips and normalises the whole batch; elsewhere (tests), roi_align image
     by image, the same arithmetic."""
