@@ -34,8 +34,8 @@ def resolve(job_name: str, overrides: list[str], inventory: Optional[str], backe
     notes: list[str] = []
     hosts = _in_job(loaded, be.select_hosts, loaded.job)
     span = node_range(loaded.job.nodes)
-    if span and healthy and hasattr(be, "check_spares"):
-        hosts = _healthy_hosts(be, loaded, span, notes)
+    if span and healthy:
+        hosts = _healthy_hosts(be, loaded, span, notes) or hosts
     gpus = be.detect_gpus(hosts)
     if span:
         notes.append(f"nodes {loaded.job.nodes}: {len(hosts)} node(s) now" + (
@@ -67,10 +67,13 @@ def _in_job(loaded, fn, *args, **kw):
 def _healthy_hosts(be, loaded, span: tuple[int, int], notes: list[str]):
     """``nodes: MIN-MAX``: the inventory's job hosts that pass the preflight probe (the one a spare
     passes: reachable, python, torch, GPUs, disk, leftovers), the first MAX of them in inventory order;
-    fewer than MIN: refused, naming what is wrong with the others."""
+    fewer than MIN: refused, naming what is wrong with the others. None where the backend does not
+    probe hosts on its own."""
     lo, hi = span
     candidates = list(be.inv.job_hosts)
     found = be.check_spares([h.name for h in candidates])
+    if found is None:
+        return None
     bad = {n: p for n, p in found.items() if p}
     good = [h for h in candidates if h.name not in bad][:hi]
     if len(good) < lo:

@@ -136,6 +136,19 @@ class Backend(ABC):
     def log_sources(self, run: Run) -> list[LogSource]:
         ...
 
+    # ---- what a remote backend can do besides; the defaults are for runs whose files are here
+    def collect_logs(self, run: Run) -> None:
+        """Every node's log files into runs/<id>/logs (``logs --collect``)."""
+
+    def collect_metrics(self, run: Run) -> None:
+        """Every host's runs/<id>/metrics into runs/<id>/metrics (``report``, ``tensorboard``)."""
+
+    def check_spares(self, names: list[str], peer: Optional[str] = None) -> Optional[dict[str, Optional[str]]]:
+        """The preflight probe on each host in ``names`` (and ``peer``) on its own: per host what is
+        wrong with it, or None. None in place of the answer: this backend does not probe a host on
+        its own (local: this machine; SLURM: the allocation picks the nodes)."""
+        return None
+
     # ---- verbs built on the hooks
     def status(self, run: Run) -> tuple[State, list[NodeStatus]]:
         """The run's state from its nodes. What it finds out is recorded through the run's one

@@ -273,6 +273,7 @@ class SSHBackend(Backend):
         finds wrong with it (unreachable, no torch, versions unlike the peer's, GPUs, disk,
         leftovers), or None. Also the choice of a ``nodes: MIN-MAX`` job's hosts (cluster/submit.py)."""
         hosts = [self.inv.host(n) for n in dict.fromkeys([*names, *([peer] if peer else [])])]
+        progress(f"preflight probe of {hostlist.fold([h.name for h in hosts])} ...")
         stdin = {h.name: json.dumps({"workdir": h.workdir, "host": h.name}).encode() + b"\n" for h in hosts}
         res = self.pool.run({h.name: host_command(h.python, _probe) for h in hosts}, stdin=stdin,
                             timeout_s=self.inv.ssh.command_timeout_s, label="spare preflight probe (python -c ...)")

@@ -22,8 +22,7 @@ def run(args):
     r = resolve(args.run)
     if args.collect:
         be = backend_for(r)
-        if hasattr(be, "collect_logs"):
-            be.collect_logs(r)
+        be.collect_logs(r)
         print(f"logs of {r.id} are in {r.dir / 'logs'}")
         return 0
     code = follow_run(r, backend_for(r), follow=args.follow, host=args.host, rank=args.rank, pattern=args.grep)

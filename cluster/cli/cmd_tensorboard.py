@@ -23,8 +23,7 @@ def run(args):
     spec = []
     for r in runs:
         be = backend_for(r)
-        if hasattr(be, "collect_metrics"):       # ssh: the hosts' newest event files first
-            be.collect_metrics(r)
+        be.collect_metrics(r)       # ssh: the hosts' newest event files first
         tb = r.dir / "metrics" / "tb"
         if not any(tb.glob("rank*/events.out.tfevents.*")):
             raise UserError(f"run {r.id} has no TensorBoard event files ({tb})",

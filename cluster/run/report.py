@@ -93,8 +93,7 @@ def summarize(metrics: dict[int, list[dict]]) -> list[dict]:
 
 def report(run: Run, be, output: Optional[str] = None) -> int:
     """``be``: the run's backend (cluster.backends.backend_for), which brings the hosts' metrics here."""
-    if hasattr(be, "collect_metrics"):
-        be.collect_metrics(run)
+    be.collect_metrics(run)
     metrics = read_metrics(run.dir / "metrics")
     rows = summarize(metrics)
     if not rows:
