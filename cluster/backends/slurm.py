@@ -335,7 +335,7 @@ class SlurmBackend(Backend):
             exit_code = int(code) or (128 + int(sig) if sig.isdigit() and int(sig) else None)
         short = lambda name: str(name).split(".")[0]      # gpu01.cluster.local is node gpu01
         gpus = self._gpus(jid, len(hosts)) if self.with_gpus and state == State.RUNNING else {}
-        folder = Path((run.data.get("handle") or {}).get("folder") or run.dir / "slurm")
+        folder = _folder(run)
         nproc = ((run.data.get("plan") or {}).get("nodes") or [{}])[0].get("nprocs") or 1
         pids = _task_pids(run.dir, started) if state == State.RUNNING else {}
         return [NodeStatus(h, state, pid=pids.get(short(h)), exit_code=exit_code, detail=detail,
@@ -368,7 +368,7 @@ class SlurmBackend(Backend):
     def first_failure(self, run: Run, nodes: list[NodeStatus], tails=None) -> dict:
         """srun names the first task that failed; its own log tail tells why."""
         h = run.data.get("handle", {})
-        folder, jid = Path(h.get("folder", run.dir / "slurm")), h.get("job_id")
+        folder, jid = _folder(run), h.get("job_id")
         batch = _read_lines(folder / f"{jid}_batch.log")
         starts = [i for i, l in enumerate(batch) if l.startswith(START_MARK)]
         batch = batch[starts[-1]:] if starts else batch        # the latest start only
@@ -387,9 +387,9 @@ class SlurmBackend(Backend):
         jid = h.get("job_id")
         if not jid:
             return []
-        folder = Path(h["folder"])
+        folder = _folder(run)
         return ([FileSource(f"rank{t}", folder / f"{jid}_{t}_log.out") for t in range(h["tasks"])] +
-                [PrefixedSource("slurm", folder / f"{jid}_batch.log", b"[slurm agent] ")])
+                [PrefixedSource("slurm", _batch_log(run), b"[slurm agent] ")])
 
     def log_tail(self, run: Run, host: str, lines: int) -> list[str]:
         out = []
@@ -451,8 +451,7 @@ def exclude_failed(run: Run, jid: str, info: dict, raw: str, restarts: int) -> N
     is pending (``scontrol update JobId=N ExcNodeList=...``, added to what the job excludes
     already, the user's slurm.sbatch exclude included). Recorded in run.json ``excluded_nodes``:
     one entry per node and requeue, with the line ``status`` shows."""
-    folder = Path((run.data.get("handle") or {}).get("folder") or run.dir / "slurm")
-    alloc, failed = failed_before(_read_lines(folder / f"{jid}_batch.log"), restarts)
+    alloc, failed = failed_before(_read_lines(_folder(run) / f"{jid}_batch.log"), restarts)
     if alloc and not failed:
         failed = _not_responding(alloc)     # the batch host itself failed: no srun was left to say so
     entries: list[dict] = []
@@ -579,16 +578,18 @@ def follow(run_id: str, poll_s: float = FOLLOW_S, watch_s: float = WATCH_S) -> i
     ``watch_s`` while the batch log shows a failure (WATCH_S)."""
     from cluster.spec.config import inventory_from_plain
     every, burst = max(1, round(poll_s / watch_s)), max(1, round(BURST_S / watch_s))
-    unknown, looks, urgent, batch, offset, seen = None, 0, 0, None, 0, None
+    from cluster.run.logs import Merger
+    unknown, looks, urgent, seen = None, 0, 0, None
+    batch = None    # the batch log's new whole lines at each look, once the submit has recorded the job
     while True:
         time.sleep(watch_s)
         looks += 1
         if batch is None:
-            batch = _batch_log(Run(run_id))
-        if batch is not None:
-            grown, offset = _grown(batch, offset)
-            if b"error:" in grown:
-                urgent = burst
+            run = Run(run_id)
+            path = _batch_log(run) if (run.dir / "run.json").exists() and not run.damaged else None
+            batch = path and Merger([FileSource("batch", path)])
+        if batch and any("error:" in line for line in batch.poll()):
+            urgent = burst
         if urgent:
             urgent -= 1
         elif looks % every:
@@ -615,25 +616,15 @@ def follow(run_id: str, poll_s: float = FOLLOW_S, watch_s: float = WATCH_S) -> i
         seen = requeues
 
 
+def _folder(run: Run) -> Path:
+    """The job's folder (submitit's): its scripts, the tasks' logs, the batch log."""
+    return Path((run.data.get("handle") or {}).get("folder") or run.dir / "slurm")
+
+
 def _batch_log(run: Run) -> Optional[Path]:
-    """The job's batch log, once the submit has recorded the job (None before)."""
-    if not (run.dir / "run.json").exists() or run.damaged:
-        return None
-    h = run.data.get("handle") or {}
-    return Path(h.get("folder") or run.dir / "slurm") / f"{h['job_id']}_batch.log" if h.get("job_id") else None
-
-
-def _grown(path: Path, offset: int) -> tuple[bytes, int]:
-    """The whole lines ``path`` gained since ``offset`` (b"" while it is missing or did not grow), and
-    where they end (a line being written is read whole at the next look)."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(offset)
-            data = f.read()
-    except OSError:
-        return b"", offset
-    data = data[: data.rfind(b"\n") + 1]
-    return data, offset + len(data)
+    """The batch script's log, once the submit has recorded the job (None before)."""
+    jid = (run.data.get("handle") or {}).get("job_id")
+    return _folder(run) / f"{jid}_batch.log" if jid else None
 
 
 # -------------------------------------------------------------------- helpers
