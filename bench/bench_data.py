@@ -198,6 +198,9 @@ def main() -> int:
             ("gpu-hw", [f"data={packed}", "decode=gpu", "jpeg_decoder=nvimgcodec", "workers=4"], a.steps),
             ("gpu-hw-w8", [f"data={packed}", "decode=gpu", "jpeg_decoder=nvimgcodec", "workers=7",
                            "prefetch_factor=4"], a.steps),
+            ("gpu-dali", [f"data={packed}", "decode=gpu", "jpeg_decoder=dali", "workers=4"], a.steps),
+            ("gpu-dali-w6", [f"data={packed}", "decode=gpu", "jpeg_decoder=dali", "workers=6",
+                             "prefetch_factor=4"], a.steps),
             # the decode done once per batch size and reused: what the decode itself costs the step
             ("gpu-nodecode", [f"data={packed}", "decode=gpu", "jpeg_decoder=torchvision", "workers=4"], a.steps),
             ("gpu-hw-nodecode", [f"data={packed}", "decode=gpu", "jpeg_decoder=nvimgcodec", "workers=4"], a.steps),
@@ -237,6 +240,8 @@ def stage_speed(stage, split) -> dict:
         stage(b)
     torch.cuda.synchronize()
     stage_s = time.time() - t
+    if stage.decoder == "dali":    # decode, crop and normalise are one DALI pipeline: the whole stage only
+        return {"gpu_stage_img_s": round(4 * 512 / stage_s), **under_load(stage, batches[2], None)}
     datas = [list(torch.split(b["jpeg"][:sum(b["jpeg_sizes"])], b["jpeg_sizes"])) for b in batches]
     t = time.time()
     for d in datas[2:]:
@@ -329,8 +334,10 @@ def under_load(stage, batch: dict, datas: list) -> dict:
         return round(1000 * idle, 1), round(1000 * loaded, 1)
 
     out = {"load_ms": round(1000 * load(n), 1)}
-    out["decode_idle_ms"], out["decode_loaded_ms"] = timed(lambda: stage.decode(datas))
     out["stage_idle_ms"], out["stage_loaded_ms"] = timed(lambda: stage(batch))
+    if datas is None:       # DALI: no decode of its own
+        return out
+    out["decode_idle_ms"], out["decode_loaded_ms"] = timed(lambda: stage.decode(datas))
     decoded = stage.decode(datas)
     real, stage.decode = stage.decode, (lambda d: decoded)
     out["crop_idle_ms"], out["crop_loaded_ms"] = timed(lambda: stage(batch))
@@ -339,11 +346,15 @@ def under_load(stage, batch: dict, datas: list) -> dict:
 
 
 def decoders() -> list[str]:
-    try:
-        from nvidia import nvimgcodec  # noqa: F401
-        return ["torchvision", "nvimgcodec"]
-    except ImportError:
-        return ["torchvision"]
+    """torchvision, and the optional decoders whose packages are installed."""
+    out = ["torchvision"]
+    for name, module in (("nvimgcodec", "nvidia.nvimgcodec"), ("dali", "nvidia.dali")):
+        try:
+            __import__(module)
+            out.append(name)
+        except ImportError:
+            pass
+    return out
 
 
 def table(R: dict) -> str:
@@ -356,9 +367,11 @@ def table(R: dict) -> str:
            "|---|---|---|---|---|---|"]
     for name, label in (("seed", "seed article's loop (fp32, batch 20, randn().to(device), DDP 1)"),
                         ("synthetic", "train/, synthetic"), ("pil", "train/, real JPEGs, decode=cpu (PIL)"),
-                        ("gpu", "train/, real JPEGs, decode=gpu, torchvision (nvJPEG on the SMs)"),
+                        ("gpu", "train/, real JPEGs, decode=gpu, torchvision (nvJPEG, batched)"),
                         ("gpu-hw", "train/, real JPEGs, decode=gpu, nvImageCodec (hardware JPEG decoders)"),
                         ("gpu-hw-w8", "train/, real JPEGs, decode=gpu, nvImageCodec, 7 workers, prefetch 4"),
+                        ("gpu-dali", "train/, real JPEGs, decode=gpu, DALI (decode, crop, normalise)"),
+                        ("gpu-dali-w6", "train/, real JPEGs, decode=gpu, DALI, 6 workers, prefetch 4"),
                         ("gpu-nodecode", "train/, real JPEGs, torchvision, each batch size decoded once (no decode)"),
                         ("gpu-hw-nodecode", "train/, real JPEGs, nvImageCodec, each batch size decoded once (no decode)"),
                         ("gpu-process", "train/, real JPEGs, torchvision, decoded in a process of its own (input_process=true)"),

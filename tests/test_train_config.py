@@ -54,6 +54,10 @@ def test_typed_mapping_from_a_job_file_validates():
                 {"compile": "maybe"}, {"lr": -1}]:
         with pytest.raises(ConfigError):
             validate(bad)
+    assert validate({"jpeg_decoder": "dali"}).jpeg_decoder == "dali"
+    with pytest.raises(ConfigError) as e:     # DALI crops in the rank: nothing for an input process to hand over
+        validate({"jpeg_decoder": "dali", "input_process": True})
+    assert e.value.key == "input_process" and "dali" in e.value.message
 
 
 def test_config_file_then_overrides(tmp_path):

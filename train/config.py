@@ -35,8 +35,9 @@ class TrainConfig:
                            "auto (gpu on a GPU)", ("gpu", "cpu", AUTO))
     jpeg_decoder: str = _f("torchvision", "decode=gpu: torchvision (nvJPEG, batched) | nvimgcodec "
                                           "(nvImageCodec, the GPU's hardware JPEG decoders first; packages "
-                                          "nvidia-nvimgcodec-cu13 and nvidia-nvjpeg); see bench/README.md",
-                           ("torchvision", "nvimgcodec"))
+                                          "nvidia-nvimgcodec-cu13 and nvidia-nvjpeg) | dali (NVIDIA DALI decodes, "
+                                          "crops and normalises; package nvidia-dali-cuda130); see bench/README.md",
+                           ("torchvision", "nvimgcodec", "dali"))
     synthetic_size: int = _f(1_281_167, "images in one epoch of synthetic data (ImageNet-1k's train split by default)")
     # how long
     steps: int = _f(100, "total optimizer steps; 0 = run `epochs` epochs")
@@ -170,6 +171,9 @@ def _check_ranges(c: TrainConfig) -> None:
         raise ConfigError("lr", f"must be > 0, got {c.lr}")
     if not 0 <= c.label_smoothing < 1:
         raise ConfigError("label_smoothing", f"must be in [0, 1), got {c.label_smoothing}")
+    if c.input_process and c.jpeg_decoder == "dali":
+        raise ConfigError("input_process", "works with jpeg_decoder=torchvision or nvimgcodec; dali decodes, crops "
+                                           "and normalises in one pipeline of its own in the rank: leave one off")
     if not c.model or c.model.count(":") > 1:
         raise ConfigError("model", f"expected a torchvision model name or package.module:factory, got {c.model!r}")
     _check_limits(c)

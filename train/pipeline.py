@@ -247,12 +247,13 @@ class DeviceStage:
     decoder: torchvision (nvJPEG, batched) or nvimgcodec (nvImageCodec: the hardware JPEG
     decoders, the SMs only for what they refuse). On a GPU one Triton kernel (train/gpu_crop.py)
     then crops, resizes, flips and normalises the whole batch; elsewhere (tests), roi_align image
-    by image, the same arithmetic."""
+    by image, the same arithmetic. decoder dali: DALI does all of that in one pipeline
+    (train/dali_stage.py)."""
 
     def __init__(self, device: torch.device, size: int, channels_last: bool, trace: Optional[str] = None,
                  decoder: str = "torchvision", fused: Optional[bool] = None):
         self.device, self.size, self.channels_last = device, size, channels_last
-        self.decoder, self._nvimgcodec = decoder, None
+        self.decoder, self._nvimgcodec, self._dali = decoder, None, None
         self.fused = device.type == "cuda" if fused is None else fused   # the Triton kernel
         self.trace = trace   # tests: a file that gets the (epoch, index) keys of every training batch staged
         self.counts: Counter = Counter()
@@ -398,13 +399,43 @@ class DeviceStage:
         self.record(d["keys"])
         return x, d["labels"].to(self.device, non_blocking=True)
 
+    def dali(self, b: dict) -> torch.Tensor:
+        """jpeg_decoder=dali (train/dali_stage.py): the batch's JPEGs decoded, cropped and normalised
+        by DALI, the CPU path's images normalised here. A batch DALI fails on (a JPEG its decoder
+        refuses) goes the torchvision way instead, where each refused image falls back to PIL."""
+        from .dali_stage import DaliCrop, normalise, place
+
+        n = len(b["labels"])
+        if not b["jpeg_sizes"]:
+            return self.crop(*self.flat(b), n)
+        if self._dali is None:
+            self._dali = DaliCrop(self.device, self.size, self.channels_last, MEAN_255, INV_STD_255)
+        datas = list(torch.split(b["jpeg"][:sum(b["jpeg_sizes"])], b["jpeg_sizes"]))
+        try:
+            xs = self._dali(datas, b["boxes"].tolist(), b["flips"].tolist())
+        except RuntimeError as e:
+            if not self.counts["dali-refused-batches"]:
+                print(f"data: DALI refused a batch ({' '.join(str(e).split())[:200]}); such batches are decoded "
+                      f"by torchvision, image by image where it refuses too", file=sys.stderr, flush=True)
+            self.counts["dali-refused-batches"] += 1
+            self._dali = None       # a DALI pipeline that failed stays failed: a new one for the next batch
+            self.decoder = "torchvision"
+            try:
+                return self.crop(*self.flat(b), n)
+            finally:
+                self.decoder = "dali"
+        rest = None
+        if b["pixels"] is not None:
+            rest = normalise(b["pixels"].to(self.device, non_blocking=True), MEAN_255, INV_STD_255)
+        return place(xs, b["jpeg_pos"], rest, b["pixels_pos"], n, self.channels_last)
+
     def record(self, keys: list) -> None:
         if self.trace and keys[0][0] >= 0:
             with open(self.trace, "a") as f:
                 f.write(json.dumps(keys) + "\n")
 
     def __call__(self, b: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.crop(*self.flat(b), len(b["labels"]))
+        x = self.dali(b) if self.decoder == "dali" else self.crop(*self.flat(b), len(b["labels"]))
         self.counts.update(b["reasons"])
         self.record(b["keys"])
         return x, b["labels"].to(self.device, non_blocking=True)
