@@ -27,7 +27,7 @@ def test_torch_is_an_extra_and_requirements_txt_is_everything():
     extras = PROJECT["optional-dependencies"]
     assert {"torch", "torchvision"} <= names(extras["train"]) and "matplotlib" in names(extras["report"])
     # make setup installs requirements.txt: the dependencies and every extra, with the same versions,
-    # but gpu-decode (CUDA 13 GPU machines only: the hardware JPEG decoders' libraries)
+    # but gpu-decode (CUDA 13 GPU machines only: the hardware JPEG decoders' libraries, DALI)
     listed = [l.strip() for l in (REPO / "requirements.txt").read_text().splitlines()
               if l.strip() and not l.startswith("#")]
     wanted = set(PROJECT["dependencies"]) | {r for k, rs in extras.items() if k != "gpu-decode" for r in rs}
