@@ -312,13 +312,19 @@ def test_node_silent_mid_run_is_replaced_by_a_new_job_before_slurm_notices(testb
     assert reader.returncode == 0 and f"-- run {run_id} SUCCEEDED" in err
     assert sorted(out.splitlines()) == sorted(s.logs(run_id).splitlines())   # not a line lost or doubled
     wait(lambda: not _alive(follower), "the follower to end with the run", timeout=60)
+    # the figures of README's auto-recovery table: fault -> the new job's first step; the follower's
+    # part (the new job submitted), SLURM's (the new job started: a node of the old one freed)
     from tests.test_faults_testbed import report
     from tests.test_recovery_testbed import attempts_of
     recs = [json.loads(l) for l in (s.runs / run_id / "metrics" / "metrics-rank0.jsonl").read_text().splitlines()]
     start2 = attempts_of(recs)[-1][0]       # log_every 100: its 'start' record (resumed, training) is the step's time
+    started = time.mktime(time.strptime(info["StartTime"], "%Y-%m-%dT%H:%M:%S"))
     report("a SLURM node failure (slurmd and the job's processes frozen; the follower replaces the job)",
            state=st["state"], resumed_at=resumed[0], auto_recovery_s=round(start2["time"] - t_fault, 1),
-           replaced_s=round(t_replaced - t_fault, 1))
+           replaced_s=round(t_replaced - t_fault, 1), started_s=round(started - t_fault, 1))
+    # the shared testbed's node back in service for whatever runs next
+    wait(lambda: subprocess.run(["sinfo", "-h", "-n", victim, "-o", "%T"], capture_output=True, text=True)
+         .stdout.strip() in ("idle", "mixed", "allocated"), f"{victim} back in service", timeout=90)
 
 
 def test_node_killed_mid_run_is_requeued_and_finishes(testbed, tmp_path):
