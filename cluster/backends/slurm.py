@@ -30,6 +30,35 @@
   process per live run on the login node; where none runs (CLUSTER_SLURM_FOLLOW=0, the login
   node rebooted) and nobody looks before the next start, the node is not excluded and status
   says so.
+* A silent node, sooner than SLURM (``restart.silent_s``, default 20 s; 0: off): SLURM counts a
+  node down only after SlurmdTimeout (300 s by default), then KillWait, then requeues the job (and
+  holds it back). Each node's first task beats instead (``cluster.node.slurm_task``:
+  ``state/alive-<job>-<host>`` rewritten every 2 s by a thread of the task process, not the
+  payload, whose ranks hang in a collective with a dead peer and cannot tell which node died). The
+  follower reads the beats of the job's current start every WATCH_S (its batch log's start line
+  names the start and its nodes) and notes, by its own clock, when each node's file last changed:
+  no node's clock is compared with another's. A node that has beaten in this start but not for
+  silent_s while another node beat within RECENT_S is silent (``silent_hosts``); never while
+  every node is quiet (the shared filesystem's stall or the follower's own), never before a
+  node's first beat (a node that dies while starting is SLURM's), never while the run is being
+  stopped or SLURM is ending or requeuing the job (its own path stays: ``--requeue``,
+  ``exclude_failed``). The follower then replaces the job (``replace_job``): the attempt recorded
+  as recovery records it (run.json ``attempts``: the cause, "node X silent for 20 s: no beat
+  from its tasks; SLURM had not noticed"), X added to ``excluded_nodes``, the job cancelled with
+  KILL and a new sbatch job submitted for the same run through ``launch`` (the plan's script with X
+  in its exclude list); the handle names the new job and keeps every job id (``job_ids``), so
+  status, stop, logs (``job_logs``: every job's files; ``logs -f`` goes on across the change),
+  report and the follower itself go on with it. The new job resumes from the latest checkpoint.
+  Each replacement counts against restart.max_requeues; past it, with restart.requeue off, or
+  when the submit fails, the run ends FAILED saying why. Why a new job and not ``scontrol
+  requeue``: a requeued job stays COMPLETING until SLURM's own timeout marks the dead node down
+  (it cannot start again before), and a user cannot mark a node down. The trade-offs: it needs
+  the follower (one small process per live run on the login node, as above; where none runs,
+  SLURM's path alone); a node whose tasks cannot write to the shared filesystem for silent_s
+  while the others can (its mount hung, the node swapping hard) is taken for dead: the job is
+  replaced without it, at the cost of a restart from the checkpoint; a one-node job is SLURM's
+  alone (no other node beats); the reader relies on the shared filesystem's close-to-open
+  consistency (NFS's), as the rest of runs/ does.
 * Containers: pyxis/enroot as srun options around each task, or ``apptainer exec`` around the payload.
 """
 from __future__ import annotations
