@@ -391,3 +391,26 @@ def test_plan_errors_name_the_job_files_line(tmp_path, capsys):
     assert capsys.readouterr().err.startswith(f"error: {job}:3: gpus_per_node: job wants 16 GPUs per node but g1 has 8")
     assert main(["plan", "resnet50", "gpus_per_node=12", "-i", str(inv)]) == 2
     assert capsys.readouterr().err.startswith("error: command line (override gpus_per_node): gpus_per_node: job wants 12")
+
+
+@pytest.mark.parametrize("value,words", [
+    ("5", ["restart.silent_s", "must be 0 (off) or at least 10 (seconds); got 5", "each node beats every 2 s"]),
+    ("-1", ["restart.silent_s", "must be"]),
+    ("100000", ["restart.silent_s", "must be at most 3600"]),
+    ("soon", ["restart.silent_s", "expected a number"]),
+])
+def test_restart_silent_s_is_checked(value, words, capsys):
+    assert main(["plan", "resnet50", f"restart.silent_s={value}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: command line") and "Traceback" not in err and err.count("error:") == 1
+    for w in words:
+        assert w in err, (w, err)
+
+
+def test_restart_silent_s_defaults_to_20_and_0_turns_it_off():
+    from cluster.spec.config import RestartSpec, job_from_plain
+    from cluster.spec.schema import to_plain
+    job = load_job("resnet50").job
+    assert job.restart.silent_s == RestartSpec().silent_s == 20
+    assert load_job("resnet50", ["restart.silent_s=0"]).job.restart.silent_s == 0
+    assert job_from_plain(to_plain(job)).restart.silent_s == 20      # what the follower reads back from run.json

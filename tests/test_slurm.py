@@ -55,8 +55,11 @@ if name == "sbatch" and args[:1] == ["--test-only"]:
     sys.stderr.write(cfg.get("test_only_stderr", "sbatch: Job 4242 to start at 2026-01-01T00:00:00\n"))
     sys.exit(cfg.get("test_only_rc", 0))
 if name == "sbatch":
+    if cfg.get("sbatch_rc"):
+        sys.stderr.write("sbatch: error: Batch job submission failed: Invalid account\n")
+        sys.exit(cfg["sbatch_rc"])
     shutil.copy(args[-1], os.path.join(d, "submitted.sh"))
-    print("Submitted batch job 4242")
+    print(f"Submitted batch job {{cfg.get('next_job', 4242)}}")
     sys.exit(0)
 if name == "scontrol" and args[:3] == ["show", "job", "-o"]:
     st = cfg.get("state")
@@ -910,3 +913,146 @@ def test_time_out_is_counted_from_the_tasks_start(tmp_path, fake_slurm):
     assert "[gpu07 0] Job not requeued because: timed-out too many times. Stopping." in out
     assert not any(c[:2] == ["scontrol", "requeue"] for c in fake_slurm.calls())
     assert not Path(f"/proc/{payload_pid}").exists()
+
+
+# ------------------------------------------------------------------- a silent node (restart.silent_s)
+def test_a_node_is_silent_only_while_another_beats_and_once_it_has_beaten():
+    """The follower's decision: by when each node's beat last changed (its own clock)."""
+    from cluster.backends.slurm import silent_hosts
+    nodes = ["gpu01", "gpu02", "gpu03"]
+    now = 1000.0
+    # gpu02 quiet for 21 s while gpu01 beat 1 s ago: silent; gpu03 never beat in this start: not judged
+    assert silent_hosts({"gpu01": now - 1, "gpu02": now - 21}, nodes, now, 20) == {"gpu02": 21}
+    # every node that beat is quiet: the filesystem's or the follower's stall, not one node's
+    assert silent_hosts({"gpu01": now - 25, "gpu02": now - 21}, nodes, now, 20) == {}
+    # ... and as they go quiet one after the other, the last one's beat is not "recent" either
+    assert silent_hosts({"gpu01": now - 18, "gpu02": now - 20}, nodes, now, 20) == {}
+    assert silent_hosts({"gpu01": now - 1, "gpu02": now - 19}, nodes, now, 20) == {}    # not yet
+    assert silent_hosts({"gpu01": now - 1, "gpu02": now - 21}, nodes, now, 0) == {}     # off
+    assert silent_hosts({"gpu01": now - 1, "gpu09": now - 60}, nodes, now, 20) == {}    # not the job's node
+    assert silent_hosts({"gpu02": now - 60}, nodes, now, 20) == {}                      # a one-node view
+
+
+def test_beats_are_read_for_the_current_start_and_an_ended_task_is_not_silent(tmp_path):
+    from cluster.backends.slurm import BeatWatch, read_beats
+    (tmp_path / "alive-77-gpu01").write_text("77 1 1733500000.000 5\n")
+    (tmp_path / "alive-77-gpu02").write_text("77 0 1733400000.000 9\n")       # the start before the requeue
+    (tmp_path / "alive-76-gpu03").write_text("76 1 1733500000.000 5\n")       # another job's
+    (tmp_path / "alive-77-gpu$(x)").write_text("77 1 1 1\n")                  # no name SLURM gives
+    (tmp_path / ".alive-77-gpu01.tmp9").write_text("77 1 1")                   # half written
+    assert read_beats(tmp_path, "77", 1) == {"gpu01": "77 1 1733500000.000 5\n"}
+    w = BeatWatch()
+    w.look({"gpu01": "77 1 1 5\n", "gpu02": "77 1 1 3\n"}, 10.0)
+    w.look({"gpu01": "77 1 1 6\n", "gpu02": "77 1 1 3\n"}, 13.0)
+    assert w.changed() == {"gpu01": 13.0, "gpu02": 10.0}        # the follower's clock: when it saw a change
+    w.look({"gpu01": "77 1 1 7 ended\n"}, 14.0)
+    assert w.changed() == {"gpu02": 10.0}
+
+
+def test_the_task_beats_for_its_node_and_says_when_it_ended(tmp_path, monkeypatch):
+    from cluster.node import slurm_task
+    monkeypatch.setattr(slurm_task, "ALIVE_S", 0.05)
+    path = tmp_path / "alive-5-gpu07"
+    count = lambda: int(path.read_text().split()[3]) if path.exists() else 0
+    try:
+        slurm_task._start_beat(str(tmp_path), "gpu07", "5", 1)
+        deadline = time.time() + 10
+        while count() < 3 and time.time() < deadline:
+            time.sleep(0.02)
+        job, restart, started, n = path.read_text().split()
+        assert (job, restart) == ("5", "1") and int(n) >= 3 and abs(float(started) - time.time()) < 10
+    finally:
+        slurm_task._write_beat(ended=True)
+    text = path.read_text()
+    assert text.split()[-1] == "ended"
+    time.sleep(0.2)
+    assert path.read_text() == text and not slurm_task._write_beat()       # no beat after the last
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["alive-5-gpu07"]
+    slurm_task._beat.clear()
+
+
+def _running_job(tmp_path, fake_slurm, monkeypatch, *overrides):
+    """A run submitted through the fake SLURM (job 4242 on gpu[01-02]), RUNNING."""
+    import cluster.run.records
+    import cluster.submit
+    runs = tmp_path / "runs"
+    monkeypatch.setattr(cluster.run.records, "RUNS_DIR", runs)
+    monkeypatch.setattr(cluster.submit, "new_run_id", lambda job: "r1")
+    run = cluster.submit.submit("resnet50", list(overrides), inventory=write_inv(tmp_path))
+    run.set_state(State.RUNNING)
+    fake_slurm.configure(state="RUNNING", nodes="gpu[01-02]", next_job=4243,
+                         partition_nodes=["gpu01", "gpu02", "gpu03"])
+    from cluster.backends.slurm import SlurmBackend, job_info
+    return run, SlurmBackend(load_inventory(write_inv(tmp_path))), job_info("4242")
+
+
+def test_a_silent_node_replaces_the_job_with_one_without_it(tmp_path, fake_slurm, monkeypatch):
+    """The job is cancelled, a new one submitted for the same run through launch (the plan's script,
+    the node excluded); status, logs and the record then follow the new job and keep the old one's."""
+    from cluster.backends.slurm import replace_job
+    run, be, info = _running_job(tmp_path, fake_slurm, monkeypatch)
+    first = (fake_slurm.dir / "submitted.sh").read_text()
+    (run.dir / "slurm" / "4242_0_log.out").write_text("[gpu01 0] step 100\n")
+    assert replace_job(be, run, "4242", info, {"gpu02": 21.4})
+    calls = fake_slurm.calls()
+    assert ["scancel", "--signal=KILL", "--full", "4242"] in calls
+    submitted = (fake_slurm.dir / "submitted.sh").read_text()
+    # the plan's script, with the silent node added to the user's exclude (none here)
+    assert submitted == first.replace("#SBATCH --exclusive\n", "#SBATCH --exclude=gpu02\n#SBATCH --exclusive\n")
+    d = json.loads((run.dir / "run.json").read_text())
+    assert d["handle"]["job_id"] == "4243" and d["handle"]["job_ids"] == ["4242", "4243"]
+    assert d["handle"]["follower_pid"] == os.getpid()              # the follower goes on, no second one
+    assert d["state"] == "PENDING" and d["attempt"] == 2
+    assert d["plan"]["sbatch"]["additional_parameters"]["exclude"] == "gpu02"
+    [a] = d["attempts"]
+    assert a["cause"] == ("node gpu02 silent for 21 s: no beat from its tasks; SLURM had not noticed "
+                          "(job 4242 still RUNNING)") and a["restart"] and a["hosts"] == ["gpu01", "gpu02"]
+    assert [(e["node"], e["excluded"], e["text"]) for e in d["excluded_nodes"]] == [
+        ("gpu02", True, "excluded gpu02 after it fell silent (job 4242, attempt 1)")]
+    events = [json.loads(l)["event"] for l in (run.dir / "events.jsonl").read_text().splitlines()]
+    assert events[-5:] == ["recovery", "state", "exclude-node", "attempt", "state"]
+    # logs: the old job's files, then the new one's, each under a name of its own
+    from cluster.backends.slurm import job_logs
+    names = [n for n, _, _ in job_logs(d["handle"])]
+    assert names[:17] == [f"rank{t}" for t in range(16)] + ["slurm"]
+    assert names[17:] == [f"rank{t}@4243" for t in range(16)] + ["slurm@4243"]
+    (run.dir / "slurm" / "4243_0_log.out").write_text("[gpu03 0] resumed from ckpt_100.pt\n")
+    p = cli("logs", "r1", runs=tmp_path / "runs", env=fake_slurm.env())
+    assert p.stdout.splitlines()[:2] == ["[gpu01 0] step 100", "[gpu03 0] resumed from ckpt_100.pt"]
+    p = cli("status", "r1", runs=tmp_path / "runs", env=fake_slurm.env())
+    assert "attempt 1: node gpu02 silent for 21 s" in p.stdout and "job 4243" in p.stdout
+    assert "  excluded gpu02 after it fell silent (job 4242, attempt 1)\n" in p.stdout
+
+
+def test_a_silent_node_past_the_limit_or_a_failed_submit_ends_the_run_failed(tmp_path, fake_slurm, monkeypatch):
+    from cluster.backends.slurm import replace_job
+    run, be, info = _running_job(tmp_path, fake_slurm, monkeypatch, "restart.max_requeues=0")
+    assert replace_job(be, run, "4242", info, {"gpu02": 20.0})
+    d = json.loads((run.dir / "run.json").read_text())
+    assert d["state"] == "FAILED" and d["final"] and d["handle"]["job_id"] == "4242"
+    assert d["failure"]["recovery"]["reason"] == "restart.max_requeues (0) reached: no new job"
+    assert ["scancel", "--signal=KILL", "--full", "4242"] in fake_slurm.calls()
+    assert len([c for c in fake_slurm.calls() if c[0] == "sbatch"]) == 2       # --test-only, the first job
+
+    (tmp_path / "b").mkdir()
+    run, be, info = _running_job(tmp_path / "b", fake_slurm, monkeypatch)
+    fake_slurm.configure(**{**json.loads((fake_slurm.dir / "config.json").read_text()), "sbatch_rc": 1})
+    assert replace_job(be, run, "4242", info, {"gpu02": 20.0})
+    d = json.loads((run.dir / "run.json").read_text())
+    assert d["state"] == "FAILED" and "the new job for attempt 2 could not be submitted: sbatch failed" in \
+        d["failure"]["error"] and "Invalid account" in d["failure"]["error"]
+
+
+def test_no_replacement_while_the_run_is_stopped_or_slurm_handles_the_job(tmp_path, fake_slurm, monkeypatch):
+    from cluster.backends.slurm import _replace_silent, replace_job
+    from cluster.spec.config import inventory_from_plain
+    run, be, info = _running_job(tmp_path, fake_slurm, monkeypatch)
+    fake_slurm.configure(**{**json.loads((fake_slurm.dir / "config.json").read_text()), "state": "COMPLETING"})
+    assert not _replace_silent("r1", "4242", 0, {"gpu02": 20.0}, inventory_from_plain)    # SLURM's own path
+    fake_slurm.configure(**{**json.loads((fake_slurm.dir / "config.json").read_text()), "state": "RUNNING",
+                            "restarts": 1})
+    assert not _replace_silent("r1", "4242", 0, {"gpu02": 20.0}, inventory_from_plain)    # requeued since
+    run.update(stop_requested=time.time())
+    assert not replace_job(be, run, "4242", info, {"gpu02": 20.0})
+    assert not [c for c in fake_slurm.calls() if c[0] == "scancel"]
+    assert json.loads((run.dir / "run.json").read_text())["handle"]["job_id"] == "4242"

@@ -256,13 +256,88 @@ def test_preemption_and_scontrol_requeue_resume_from_latest_checkpoint(testbed, 
     assert [f"restart {i}" in out for i in range(3)] == [True] * 3
 
 
-def test_node_killed_mid_run_is_requeued_and_finishes(testbed, tmp_path):
+def test_node_silent_mid_run_is_replaced_by_a_new_job_before_slurm_notices(testbed, tmp_path):
     """The second node stops answering (slurmd and the job's processes frozen, as a dead machine:
-    no connection reset): SLURM marks it down (~34 s), requeues the job, which resumes elsewhere.
-    Nobody runs status or logs meanwhile: the run's detached follower excludes the failed node
-    while the job waits, so the requeued job does not land on it although it is back in service."""
+    no connection reset). Before SLURM counts it down (SlurmdTimeout, 30 s here), the run's
+    detached follower finds its beat silent for restart.silent_s (20 s) while the other node beats,
+    cancels the job and submits a new one without it; the run resumes from its checkpoint there
+    and ends SUCCEEDED. Nobody runs status or logs meanwhile (a `logs -f` only reads)."""
     s = Slurm(testbed, tmp_path)
     run_id, jid = s.submit(s.job("tiny", TINY))
+    reader = s.follow(run_id)            # `logs -f` from the start, across the change of job
+    record = lambda: json.loads((s.runs / run_id / "run.json").read_text())
+    follower = record()["handle"]["follower_pid"]
+    wait(lambda: s.latest_step(run_id) >= 100, "a first checkpoint", timeout=90)
+    old_nodes = _expand(job_info(jid)["NodeList"])
+    victim = old_nodes[1]                                       # not the batch host
+    slurmd = testbed.state["pids"][f"slurmd-{victim}"]
+    frozen = job_pids(jid, victim)
+    assert frozen and Path(f"/proc/{slurmd}/comm").read_text().strip() == "slurmd"
+    t_fault = time.time()
+    try:
+        for pid in frozen + [slurmd]:
+            _kill(pid, signal.SIGSTOP)
+        new = wait(lambda: (j := record()["handle"]["job_id"]) != jid and j, "the follower to replace the job",
+                   timeout=60, interval=0.2)
+        t_replaced = time.time()
+        assert int((job_info(jid) or {}).get("Restarts", 0)) == 0          # SLURM had not requeued it
+        # the old job is gone from the node that answers: nothing of it is left there
+        for host in old_nodes[:1]:
+            wait(lambda: job_pids(jid, host) == [], f"job {jid}'s processes on {host} to end", timeout=30)
+    finally:
+        # the node comes back once replaced (before SLURM counted it down: the shared testbed's node
+        # stays in service for the tests after this one); the new job keeps it excluded
+        try:
+            for pid in job_pids(jid, victim):
+                _kill(pid, signal.SIGKILL)                             # the dead node's leftovers
+        finally:
+            _kill(slurmd, signal.SIGCONT)
+    st = s.wait_state(run_id, {"SUCCEEDED", "FAILED", "CANCELLED"}, timeout=150)
+    assert st["state"] == "SUCCEEDED", s.logs(run_id)
+    wait(lambda: job_pids(jid) == [] and slurm_state(jid) == "CANCELLED", f"job {jid} gone everywhere", timeout=60)
+    resumed, logs = check_train_finished(s, run_id, resumes=1)
+    assert resumed[0] >= 100
+    info = job_info(new)
+    assert victim not in _expand(info["NodeList"]) and len(_expand(info["NodeList"])) == 2
+    assert victim in _expand(info["ExcNodeList"])
+    rec = record()
+    assert rec["handle"]["job_ids"] == [jid, new] and rec["attempt"] == 2
+    [attempt] = rec["attempts"]
+    assert attempt["cause"].startswith(f"node {victim} silent for ") and attempt["restart"]
+    assert "no beat from its tasks; SLURM had not noticed" in attempt["cause"]
+    out = s.cli("status", run_id).stdout
+    assert f"  excluded {victim} after it fell silent (job {jid}, attempt 1)\n" in out, out
+    assert f"attempt 1: node {victim} silent for " in out and "-> restarted: a new job without" in out
+    assert [(e["node"], e["excluded"]) for e in st["excluded_nodes"]] == [(victim, True)]
+    # the logs: both jobs' (the first job's lines, then the new one's), and `logs -f` saw them all
+    assert f"on {victim} (job {jid}, restart 0" in logs and f"(job {new}, restart 0" in logs
+    out, err = reader.communicate(timeout=60)
+    assert reader.returncode == 0 and f"-- run {run_id} SUCCEEDED" in err
+    assert sorted(out.splitlines()) == sorted(s.logs(run_id).splitlines())   # not a line lost or doubled
+    wait(lambda: not _alive(follower), "the follower to end with the run", timeout=60)
+    # the figures of README's auto-recovery table: fault -> the new job's first step; the follower's
+    # part (the new job submitted), SLURM's (the new job started: a node of the old one freed)
+    from tests.test_faults_testbed import report
+    from tests.test_recovery_testbed import attempts_of
+    recs = [json.loads(l) for l in (s.runs / run_id / "metrics" / "metrics-rank0.jsonl").read_text().splitlines()]
+    start2 = attempts_of(recs)[-1][0]       # log_every 100: its 'start' record (resumed, training) is the step's time
+    started = time.mktime(time.strptime(info["StartTime"], "%Y-%m-%dT%H:%M:%S"))
+    report("a SLURM node failure (slurmd and the job's processes frozen; the follower replaces the job)",
+           state=st["state"], resumed_at=resumed[0], auto_recovery_s=round(start2["time"] - t_fault, 1),
+           replaced_s=round(t_replaced - t_fault, 1), started_s=round(started - t_fault, 1))
+    # the shared testbed's node in service for whatever runs next
+    wait(lambda: subprocess.run(["sinfo", "-h", "-n", victim, "-o", "%T"], capture_output=True, text=True)
+         .stdout.strip() in ("idle", "mixed", "allocated"), f"{victim} back in service", timeout=180)
+
+
+def test_node_killed_mid_run_is_requeued_and_finishes(testbed, tmp_path):
+    """SLURM's own path (restart.silent_s: 0, as where no follower runs): the second node stops
+    answering (slurmd and the job's processes frozen, as a dead machine: no connection reset):
+    SLURM marks it down (~34 s), requeues the job, which resumes elsewhere. Nobody runs status or
+    logs meanwhile: the run's detached follower excludes the failed node while the job waits, so
+    the requeued job does not land on it although it is back in service."""
+    s = Slurm(testbed, tmp_path)
+    run_id, jid = s.submit(s.job("tiny", TINY), "restart.silent_s=0")
     follower = json.loads((s.runs / run_id / "run.json").read_text())["handle"]["follower_pid"]
     wait(lambda: s.latest_step(run_id) >= 100, "a first checkpoint", timeout=90)
     victim = _expand(job_info(jid)["NodeList"])[1]             # not the batch host: its log tells

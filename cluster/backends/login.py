@@ -531,13 +531,11 @@ class LoginBackend(SlurmBackend):
 
     def log_sources(self, run: Run) -> list[LogSource]:
         from cluster.backends.ssh import SSHLogSource
-        h = run.data.get("handle", {})
-        jid = h.get("job_id")
-        if not jid:
-            return []
-        at = lambda name: SSHLogSource(self.login.pool, self.login.host, f"{h['folder']}/{jid}_{name}")
-        return ([_Named(f"rank{t}", at(f"{t}_log.out")) for t in range(h["tasks"])] +
-                [PrefixedSource("slurm", at("batch.log"), b"[slurm agent] ")])
+        from cluster.backends.slurm import job_logs
+        h = run.data.get("handle") or {}
+        at = lambda file: SSHLogSource(self.login.pool, self.login.host, f"{h['folder']}/{file}")
+        return [PrefixedSource(name, at(file), b"[slurm agent] ") if batch else _Named(name, at(file))
+                for name, file, batch in job_logs(h)]
 
     def collect_logs(self, run: Run) -> None:
         from cluster.backends.rsync import rsync
@@ -549,7 +547,7 @@ class LoginBackend(SlurmBackend):
 
 
 class _Named(LogSource):
-    """A task's log on the login node, named as the SLURM backend names it (rank<t>)."""
+    """A task's log on the login node, named as the SLURM backend names it (``job_logs``)."""
 
     def __init__(self, name: str, inner: LogSource):
         self.name, self.inner = name, inner

@@ -30,6 +30,35 @@
   process per live run on the login node; where none runs (CLUSTER_SLURM_FOLLOW=0, the login
   node rebooted) and nobody looks before the next start, the node is not excluded and status
   says so.
+* A silent node, sooner than SLURM (``restart.silent_s``, default 20 s; 0: off): SLURM counts a
+  node down only after SlurmdTimeout (300 s by default), then KillWait, then requeues the job (and
+  holds it back). Each node's first task beats instead (``cluster.node.slurm_task``:
+  ``state/alive-<job>-<host>`` rewritten every 2 s by a thread of the task process, not the
+  payload, whose ranks hang in a collective with a dead peer and cannot tell which node died). The
+  follower reads the beats of the job's current start every WATCH_S (its batch log's start line
+  names the start and its nodes) and notes, by its own clock, when each node's file last changed:
+  no node's clock is compared with another's. A node that has beaten in this start but not for
+  silent_s while another node beat within RECENT_S is silent (``silent_hosts``); never while
+  every node is quiet (the shared filesystem's stall or the follower's own), never before a
+  node's first beat (a node that dies while starting is SLURM's), never while the run is being
+  stopped or SLURM is ending or requeuing the job (its own path stays: ``--requeue``,
+  ``exclude_failed``). The follower then replaces the job (``replace_job``): the attempt recorded
+  as recovery records it (run.json ``attempts``: the cause, "node X silent for 20 s: no beat
+  from its tasks; SLURM had not noticed"), X added to ``excluded_nodes``, the job cancelled with
+  KILL and a new sbatch job submitted for the same run through ``launch`` (the plan's script with X
+  in its exclude list); the handle names the new job and keeps every job id (``job_ids``), so
+  status, stop, logs (``job_logs``: every job's files; ``logs -f`` goes on across the change),
+  report and the follower itself go on with it. The new job resumes from the latest checkpoint.
+  Each replacement counts against restart.max_requeues; past it, with restart.requeue off, or
+  when the submit fails, the run ends FAILED saying why. Why a new job and not ``scontrol
+  requeue``: a requeued job stays COMPLETING until SLURM's own timeout marks the dead node down
+  (it cannot start again before), and a user cannot mark a node down. The trade-offs: it needs
+  the follower (one small process per live run on the login node, as above; where none runs,
+  SLURM's path alone); a node whose tasks cannot write to the shared filesystem for silent_s
+  while the others can (its mount hung, the node swapping hard) is taken for dead: the job is
+  replaced without it, at the cost of a restart from the checkpoint; a one-node job is SLURM's
+  alone (no other node beats); the reader relies on the shared filesystem's close-to-open
+  consistency (NFS's), as the rest of runs/ does.
 * Containers: pyxis/enroot as srun options around each task, or ``apptainer exec`` around the payload.
 """
 from __future__ import annotations
@@ -82,7 +111,7 @@ _SRUN_ERROR = re.compile(r"srun: error: (?P<host>\S+): tasks? (?P<rank>\d+)[^:]*
 # a requeue after a node failure (exclude_failed): srun's report of it in the batch log, and each
 # start's first line (which restart, on which nodes)
 _NODE_FAILURE = re.compile(r"srun: error: Node failure on (\S+)\s*$")
-_START_LINE = re.compile(rf"^{START_MARK} \d+ restart (\d+) on (\S+), rendezvous ")
+_START_LINE = re.compile(rf"^{START_MARK} (\d+) restart (\d+) on (\S+), rendezvous ")
 NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")     # what may reach scontrol as a node name
 EXCLUDABLE = ("PENDING", "REQUEUE_HOLD")      # SLURM changes a job's ExcNodeList only while it waits
 FOLLOW_S = 20.0     # the follower's poll: well inside the ~120 s a requeued job is held back
@@ -93,6 +122,9 @@ FOLLOW_S = 20.0     # the follower's poll: well inside the ~120 s a requeued job
 # instead of up to FOLLOW_S later. A failed batch host writes no such line: the next poll finds it.
 WATCH_S = 1.0
 BURST_S = 60.0
+# Silent nodes (restart.silent_s): each node's first task beats every ALIVE_S (slurm_task); another
+# node "beat recently" within RECENT_S (at most half of silent_s), i.e. a few beats and looks
+RECENT_S = 8.0
 
 
 @dataclass(frozen=True)
@@ -290,7 +322,9 @@ class SlurmBackend(Backend):
         n = len(plan.nodes)
         progress(f"submitted SLURM job {job.job_id}: {n} node(s) x {plan.nodes[0].nprocs} task(s)")
         handle = {"job_id": str(job.job_id), "folder": plan.folder, "tasks": plan.world_size}
-        pid = _start_follower(run)
+        # a job that the follower submits in place of one with a silent node (replace_job): it
+        # goes on following the run, no second one
+        pid = getattr(self, "follower_pid", None) or _start_follower(run)
         return handle | ({"follower_pid": pid} if pid else {})
 
     # ---------------------------------------------------------------- observe
@@ -383,13 +417,9 @@ class SlurmBackend(Backend):
                 "findings": self._diagnose(nodes, host, LogTails(self, run, {host: tail}), rank) if host else []}
 
     def log_sources(self, run: Run) -> list[LogSource]:
-        h = run.data.get("handle", {})
-        jid = h.get("job_id")
-        if not jid:
-            return []
         folder = _folder(run)
-        return ([FileSource(f"rank{t}", folder / f"{jid}_{t}_log.out") for t in range(h["tasks"])] +
-                [PrefixedSource("slurm", _batch_log(run), b"[slurm agent] ")])
+        return [PrefixedSource(name, folder / file, b"[slurm agent] ") if batch else FileSource(name, folder / file)
+                for name, file, batch in job_logs(run.data.get("handle") or {})]
 
     def log_tail(self, run: Run, host: str, lines: int) -> list[str]:
         out = []
@@ -495,13 +525,13 @@ def exclude_failed(run: Run, jid: str, info: dict, raw: str, restarts: int) -> N
 def failed_before(batch: list[str], restarts: int) -> tuple[list[str], list[str]]:
     """From the batch log: the allocation of the latest start before requeue ``restarts`` (its
     START_MARK line) and the nodes of it that srun reported a node failure on during that start."""
-    starts = [(i, m) for i, l in enumerate(batch) if (m := _START_LINE.match(l)) and int(m[1]) < restarts]
+    starts = [(i, m) for i, l in enumerate(batch) if (m := _START_LINE.match(l)) and int(m[2]) < restarts]
     if not starts:
         return [], []
     i, m = starts[-1]
     end = next((j for j in range(i + 1, len(batch)) if batch[j].startswith(START_MARK)), len(batch))
     try:
-        alloc = [n for n in hostlist.expand(m[2]) if NODE_NAME.fullmatch(n)]
+        alloc = [n for n in hostlist.expand(m[3]) if NODE_NAME.fullmatch(n)]
     except ValueError:
         return [], []
     failed = [f[1] for l in batch[i + 1:end] if (f := _NODE_FAILURE.search(l))]
@@ -509,10 +539,11 @@ def failed_before(batch: list[str], restarts: int) -> tuple[list[str], list[str]
 
 
 def decide_exclusion(failed: list[str], restart: int, done: set, excluded: list[str], partition: list[str],
-                     needed: int) -> list[dict]:
+                     needed: int, after: Optional[str] = None) -> list[dict]:
     """What to do with the nodes that failed before requeue ``restart``: exclude each one not
     excluded before (``done``), unless that leaves fewer of the partition's nodes than the job
-    needs (then none, saying why). ``excluded``: what the job excludes already."""
+    needs (then none, saying why). ``excluded``: what the job excludes already; ``after``: what
+    the node is excluded after, for status (default: its node failure before that requeue)."""
     fresh = [n for n in dict.fromkeys(failed) if n not in done]
     if not fresh:
         return []
@@ -521,13 +552,13 @@ def decide_exclusion(failed: list[str], restart: int, done: set, excluded: list[
     if len(left) < needed:
         why = (f"excluding it would leave {len(left)} node(s) of the partition for a job of {needed}; "
                "it may land there again")
-        return [_entry(n, restart, False, why) for n in fresh]
-    return [_entry(n, restart, True) for n in fresh]
+        return [_entry(n, restart, False, why, after) for n in fresh]
+    return [_entry(n, restart, True, after=after) for n in fresh]
 
 
-def _entry(node: str, restart: int, excluded: bool, why: str = "") -> dict:
-    text = (f"excluded {node} after its node failure (restart {restart})" if excluded else
-            f"did not exclude {node} after its node failure (restart {restart}): {why}")
+def _entry(node: str, restart: int, excluded: bool, why: str = "", after: Optional[str] = None) -> dict:
+    after = after or f"its node failure (restart {restart})"
+    text = (f"excluded {node} after {after}" if excluded else f"did not exclude {node} after {after}: {why}")
     return {"node": node, "restart": restart, "excluded": excluded, "reason": why, "text": text}
 
 
@@ -559,6 +590,200 @@ def _not_responding(nodes: list[str]) -> list[str]:
     return list(dict.fromkeys(out))
 
 
+# -------------------------------------------------------------------- silent nodes
+def read_beats(state_dir: Path, jid: str, restart: int) -> dict[str, str]:
+    """host -> its alive file's text (``cluster.node.slurm_task._start_beat``), for the start
+    ``restart`` of job ``jid`` only; names SLURM could not have given are left out."""
+    prefix, out = f"alive-{jid}-", {}
+    try:
+        names = os.listdir(state_dir)
+    except OSError:
+        return out
+    for name in names:
+        host = name[len(prefix):] if name.startswith(prefix) else ""
+        if not NODE_NAME.fullmatch(host):
+            continue
+        try:
+            text = (state_dir / name).read_text()
+        except OSError:
+            continue
+        f = text.split()
+        if len(f) >= 4 and f[0] == str(jid) and f[1] == str(restart):
+            out[host] = text
+    return out
+
+
+class BeatWatch:
+    """When each node's beat last changed, by this process's clock (``time.monotonic``): the nodes'
+    clocks are never compared with it or with each other. A node seen first counts as changed then;
+    one whose last beat says its task ended is not watched any more."""
+
+    def __init__(self):
+        self.last: dict[str, tuple[str, float]] = {}
+
+    def look(self, beats: Mapping[str, str], now: float) -> None:
+        for host, text in beats.items():
+            if host not in self.last or self.last[host][0] != text:
+                self.last[host] = (text, now)
+
+    def changed(self) -> dict[str, float]:
+        return {h: t for h, (text, t) in self.last.items() if text.split()[-1] != "ended"}
+
+
+def silent_hosts(changed: Mapping[str, float], nodes, now: float, silent_s: float,
+                 recent_s: float = RECENT_S) -> dict[str, float]:
+    """The nodes of the job's current start (``nodes``) that fell silent -> how long: a node that
+    has beaten in this start (``changed``: when its beat last changed) but not for ``silent_s``,
+    while another node of the job beat within ``recent_s`` (at most half of ``silent_s``). None
+    while every node that beat is quiet: that is the filesystem's or this process's stall, not
+    one node's, and the nodes go quiet one after the other within a beat or two then. A node that
+    never beat in this start is SLURM's to judge (one that dies while starting up)."""
+    ages = {h: now - changed[h] for h in dict.fromkeys(nodes) if h in changed}
+    recent = min(recent_s, silent_s / 2)
+    if not silent_s or not any(a < recent for a in ages.values()):
+        return {}
+    return {h: a for h, a in ages.items() if a >= silent_s}
+
+
+def replace_job(be: "SlurmBackend", run: Run, jid: str, info: dict, silent: Mapping[str, float]) -> bool:
+    """Job ``jid`` of ``run`` is RUNNING with ``silent`` nodes (-> seconds silent) that SLURM has not
+    noticed: record the failure as the run's attempt (cluster/run/recovery.py), exclude those nodes
+    (run.json ``excluded_nodes``, as ``exclude_failed`` does), cancel the job and submit a new one for
+    the run through ``launch``, its plan with the nodes added to the job's exclude list; the handle
+    then names the new job (``job_ids``: every job of the run). Each replacement counts against
+    restart.max_requeues; past it, or with restart.requeue off, or when the submit fails, the run
+    ends FAILED. False: nothing done (a node SLURM does not list, a stop, another process acted)."""
+    from cluster.run.recovery import Decision, attempt_of, record
+    from cluster.spec.schema import to_plain
+    partition = _partition_nodes(info.get("Partition"))
+    nodes = [n for n in silent if n in partition]        # only names SLURM lists reach sbatch
+    try:
+        alloc = _nodelist(info.get("NodeList"))
+        current = _nodelist(info.get("ExcNodeList"))
+    except ValueError:
+        return False
+    if not nodes or not re.fullmatch(r"\d+", str(jid)):
+        return False
+    run.reload()
+    if run.data.get("final") or run.data.get("stop_requested") or run.state == State.RESTARTING:
+        return False
+    restarts = int(info.get("Restarts") or 0)
+    what = ", ".join(f"{n} silent for {silent[n]:.0f} s" for n in nodes)
+    cause = f"node {what}: no beat from its tasks; SLURM had not noticed (job {jid} still RUNNING)"
+    task = (run.data.get("plan") or {}).get("task") or {}
+    done, limit = len(run.data.get("attempts") or []) + 1, int(task.get("max_requeues", 0))
+    if not task.get("requeue", True):
+        d = Decision(False, cause, "restart.requeue is off: the job is not started again", nodes[0])
+    elif done > limit:
+        d = Decision(False, cause, f"restart.max_requeues ({limit}) reached: no new job", nodes[0])
+    else:
+        d = Decision(True, cause, f"a new job without {', '.join(nodes)} resumes from the latest checkpoint",
+                     nodes[0])
+    n = attempt_of(run.data)
+    failure = {"host": nodes[0], "rank": None, "exit_code": None, "error": cause, "slurm": f"job {jid} RUNNING",
+               "log_tail": _read_lines(_folder(run) / f"{jid}_batch.log")[-30:], "findings": []}
+    record(run, n, d, failure, hosts=alloc)
+    _cancel_at_once(jid)
+    if not d.restart:
+        run.set_state(State.FAILED, final=True, ended=time.time(), failure=failure, nodes_final=[])
+        return True
+    needed = len((run.data.get("plan") or {}).get("nodes") or ()) or 1
+    entries = decide_exclusion(nodes, restarts, set(), current, partition, needed,
+                               after=f"it fell silent (job {jid}, attempt {n})")
+
+    def exclude(d: dict) -> list:
+        d["excluded_nodes"] = (d.get("excluded_nodes") or []) + entries
+        return [("exclude-node", e) for e in entries]
+    run.change(exclude)
+    # the new job excludes what the old one did (the plan's, and what exclude_failed added since)
+    # and the silent nodes
+    plan = _recorded_plan(run.data["plan"])
+    extra = dict(plan.sbatch.get("additional_parameters") or {})
+    add = [e["node"] for e in entries if e["excluded"]]
+    have = extra.get("exclude") or ""
+    try:
+        known = set(_nodelist(have))
+    except ValueError:
+        known = set()
+    more = [x for x in dict.fromkeys(current + add) if x not in known]
+    if more:
+        extra["exclude"] = ",".join(([have] if have else []) + more)
+    plan = dataclasses.replace(plan, sbatch={**plan.sbatch, "additional_parameters": extra})
+    be.follower_pid = os.getpid()
+    try:
+        handle = be.launch(plan, run)
+    except Exception as e:      # noqa: BLE001 -- any failure to submit ends the run, saying why
+        why = getattr(e, "message", None) or str(e) or type(e).__name__
+        failure = {**failure, "error": f"{cause}; the new job for attempt {n + 1} could not be submitted: {why}"}
+        run.set_state(State.FAILED, final=True, ended=time.time(), failure=failure, nodes_final=[])
+        return True
+    stopped = []
+
+    def swap(d: dict) -> list:
+        if d.get("final") or d.get("stop_requested"):
+            stopped.append(True)        # stopped while the new job was submitted: it goes too
+            return []
+        old = d.get("handle") or {}
+        d["handle"] = {**handle, "job_ids": list(old.get("job_ids") or [old.get("job_id")]) + [handle["job_id"]]}
+        d.update(plan=to_plain(plan), attempt=n + 1, state=State.PENDING.value, slurm_requeues_seen=0)
+        return [("attempt", {"attempt": n + 1, "job_id": handle["job_id"], "replaces": jid, "excluded": add}),
+                ("state", {"state": State.PENDING.value})]
+    run.change(swap)
+    if stopped:
+        _cancel_at_once(handle["job_id"])
+        return True
+    progress(f"{time.strftime('%H:%M:%S')} recovery: job {jid} replaced by job {handle['job_id']} "
+             f"(attempt {n + 1}) without {', '.join(nodes)}")
+    _schedule_when_freed(handle["job_id"], [x for x in alloc if x not in nodes])
+    return True
+
+
+def _schedule_when_freed(jid: str, freed: list[str], timeout_s: float = 30.0) -> None:
+    """The new job starts at once where the partition has room; where it needs a node of the old
+    job (``freed``), it waits for slurmctld's next scheduling pass once that node is released,
+    which may be the backfill's (every 30 s by default): so once none of ``freed`` is completing
+    the old job and the new one still waits, it is updated (StartTime=now, what it had), which
+    has slurmctld schedule it then, as a submit does."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        state = ((job_info(jid) or {}).get("JobState") or "").split()[0:1]
+        if state != ["PENDING"]:
+            return
+        p = _run(["sinfo", "-h", "-N", "-n", ",".join(freed), "-o", "%N %T"]) if freed else None
+        if p is None or p.returncode == 0 and "completing" not in p.stdout:
+            _run(["scontrol", "update", f"JobId={jid}", "StartTime=now"])
+            return
+        time.sleep(0.2)
+
+
+def _cancel_at_once(jid: str) -> None:
+    """Cancel the job without its grace: KILL ends a running job in slurmctld and reaches every
+    process of it on the nodes that answer, the batch shell's included (``--full``), so those
+    nodes are free for the next job sooner than after a plain scancel (TERM first: our tasks wait
+    LINGER_S for a requeue signal on it, srun KillWait + 2 s; 5 s against 8 s on the testbed). A
+    dead node keeps the job COMPLETING until SLURM's own timeout, which nothing here waits for."""
+    _run(["scancel", "--signal=KILL", "--full", str(jid)])
+
+
+def _recorded_plan(d: Mapping) -> SlurmPlan:
+    """The run's SlurmPlan as run.json keeps it (the script it renders is the one submitted)."""
+    fields = {f.name for f in dataclasses.fields(SlurmPlan)}
+    return SlurmPlan(**{**{k: v for k, v in d.items() if k in fields},
+                        "nodes": tuple(NodeLaunch(**{**x, "argv": tuple(x["argv"])}) for x in d["nodes"]),
+                        "notes": tuple(d.get("notes") or ())})
+
+
+def job_logs(handle: Mapping) -> list[tuple[str, str, bool]]:
+    """(source name, file in the job's folder, whether it is the batch log) of every job of the run,
+    the earliest first: each task's log, then the batch log. The first job's are named rank<t> and
+    slurm, a later job's (``replace_job``) carry its id, so a reader's offsets stay each file's."""
+    jids = [j for j in handle.get("job_ids") or [handle.get("job_id")] if j]
+    return [(f"{name}{'' if i == 0 else '@' + jid}", f"{jid}_{file}", name == "slurm")
+            for i, jid in enumerate(jids)
+            for name, file in [(f"rank{t}", f"{t}_log.out") for t in range(handle.get("tasks") or 0)] +
+            [("slurm", "batch.log")]]
+
+
 # -------------------------------------------------------------------- the follower
 def _start_follower(run: Run) -> Optional[int]:
     """The detached follower of the job (``follow``); none with CLUSTER_SLURM_FOLLOW=0. Its python
@@ -575,12 +800,15 @@ def follow(run_id: str, poll_s: float = FOLLOW_S, watch_s: float = WATCH_S) -> i
     """Detached, one per SLURM run, in its own session (closing the terminal does not end it): polls
     the run's status every ``poll_s`` until it ends, so what status does on its own (excluding a
     failed node while the requeued job waits, recording the end) happens with no one looking; every
-    ``watch_s`` while the batch log shows a failure (WATCH_S)."""
+    ``watch_s`` while the batch log shows a failure (WATCH_S). Every ``watch_s`` it also reads the
+    nodes' beats of the job's current start (its batch log's start line names the start and its
+    nodes): a node silent for restart.silent_s while another beats is replaced (``replace_job``)."""
     from cluster.spec.config import inventory_from_plain
     every, burst = max(1, round(poll_s / watch_s)), max(1, round(BURST_S / watch_s))
     from cluster.run.logs import Merger
     unknown, looks, urgent, seen = None, 0, 0, None
     batch = None    # the batch log's new whole lines at each look, once the submit has recorded the job
+    jid, start, beats, silent_s = None, None, BeatWatch(), 0.0    # start: (restart, nodes) of job jid
     while True:
         time.sleep(watch_s)
         looks += 1
@@ -588,8 +816,25 @@ def follow(run_id: str, poll_s: float = FOLLOW_S, watch_s: float = WATCH_S) -> i
             run = Run(run_id)
             path = _batch_log(run) if (run.dir / "run.json").exists() and not run.damaged else None
             batch = path and Merger([FileSource("batch", path)])
-        if batch and any("error:" in line for line in batch.poll()):
+            if batch:
+                jid, start, beats, silent_s = run.data["handle"]["job_id"], None, BeatWatch(), _silent_s(run)
+        lines = batch.poll() if batch else []
+        if any("error:" in line for line in lines):
             urgent = burst
+        for line in lines:
+            m = _START_LINE.match(line)
+            if m and m[1] == str(jid):
+                try:
+                    start, beats = (int(m[2]), _nodelist(m[3])), BeatWatch()
+                except ValueError:
+                    start = None
+        if start and silent_s:
+            now = time.monotonic()
+            beats.look(read_beats(Run(run_id).dir / "state", jid, start[0]), now)
+            silent = silent_hosts(beats.changed(), start[1], now, silent_s)
+            if silent and _replace_silent(run_id, jid, start[0], silent, inventory_from_plain):
+                batch, urgent = None, burst     # the new job's log, and its status soon
+                continue
         if urgent:
             urgent -= 1
         elif looks % every:
@@ -614,6 +859,30 @@ def follow(run_id: str, poll_s: float = FOLLOW_S, watch_s: float = WATCH_S) -> i
         if seen is not None and requeues > seen:
             urgent = 0          # the requeue is handled: back to the slow poll
         seen = requeues
+
+
+def _replace_silent(run_id: str, jid: str, restart: int, silent: Mapping[str, float], inventory_from_plain) -> bool:
+    """The follower found ``silent`` nodes in start ``restart`` of job ``jid``: replace the job,
+    unless the run is being stopped, has moved on, or SLURM is handling the job already (not
+    RUNNING any more, or requeued: its own path, ``exclude_failed``)."""
+    run = Run(run_id)
+    if run.damaged or run.data.get("final") or run.data.get("stop_requested") or run.state == State.RESTARTING:
+        return False
+    if (run.data.get("handle") or {}).get("job_id") != jid:
+        return False
+    info = job_info(jid)
+    if not info or info.get("JobState", "").split()[0] != "RUNNING" or int(info.get("Restarts") or 0) != restart:
+        return False
+    print(f"{time.strftime('%H:%M:%S')} silent in job {jid} (RUNNING for SLURM): "
+          + ", ".join(f"{h} for {a:.1f} s" for h, a in silent.items()), flush=True)
+    return replace_job(SlurmBackend(inventory_from_plain(run.data["inventory"])), run, jid, info, silent)
+
+
+def _silent_s(run: Run) -> float:
+    """The run's restart.silent_s (0: off); a run recorded without it has the default."""
+    from cluster.spec.config import RestartSpec
+    restart = (((run.data.get("job") or {}).get("resolved") or {}).get("restart") or {})
+    return float(restart.get("silent_s", RestartSpec.silent_s) or 0)
 
 
 def _folder(run: Run) -> Path:

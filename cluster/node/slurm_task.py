@@ -13,6 +13,12 @@ One process per task besides the payload: ``python -S -u -m cluster.node.slurm_t
 * keeps the task's records: ``state/task<rank>.json`` (its pid, for ``status``), RUNNING in
   run.json (task 0), the done marker (a run whose payload finished never runs again, whatever
   requeues it);
+* beats for its node, if it is the node's first task (SLURM_LOCALID 0): a thread rewrites
+  ``state/alive-<job>-<host>`` every ALIVE_S (``_start_beat``) until the task ends, then marks it
+  ended. The ranks cannot tell which node died (they all hang in the collective with it); this
+  process, beside the payload, keeps beating whatever the payload does, and the run's follower on
+  the login node finds a node whose beat stopped sooner than SLURM does
+  (cluster/backends/slurm.py, ``silent_hosts``);
 * on the time-limit warning or a preemption (USR2) hands over to submitit's own signal handler:
   in task 0 it calls ``SlurmTask.checkpoint()``, which returns the same task for the requeued job
   (submitit pickles it beside the first and runs ``scontrol requeue``); the payload resumes from
@@ -48,6 +54,7 @@ from cluster.node.jobenv import run_environment
 
 DONE = "slurm.done"     # in runs/<id>/state/: the payload finished; a requeued job does nothing
 LINGER_S = 10.0         # a task waits this long for a requeue signal after its payload got TERM
+ALIVE_S = 2.0           # the node's beat (``_start_beat``); the follower's silent_s is many of these
 
 
 def _host() -> str:
@@ -204,6 +211,8 @@ class SlurmTask:
         _start_pumps()          # this process's own lines, started after the fork (no thread to fork with)
         if r is not None:
             self._copier = copy_lines(r)
+        if env.get("SLURM_LOCALID", "0") == "0":
+            _start_beat(state, host, env.get("SLURM_JOB_ID") or "0", restarts)
         # the records after the payload's start, which nothing here waits for
         os.makedirs(state, exist_ok=True)
         _write_json(os.path.join(state, f"task{rank}.json"), {
@@ -474,10 +483,50 @@ def _write_all(fd: int, data: bytes) -> None:
         data = data[os.write(fd, data):]
 
 
+_beat: dict = {}                        # the node's beat (_start_beat): its file, its fields
+_beat_lock = _thread.allocate_lock()
+
+
+def _start_beat(state_dir: str, host: str, job_id: str, restarts: int) -> None:
+    """The node's liveness beat, by its first task: ``state/alive-<job>-<host>`` rewritten every
+    ALIVE_S by a thread of this process (not the payload's: ranks stuck in a collective with a
+    dead peer still beat here) as "<job> <restart> <start time> <count>", through a temp file and a
+    rename (a reader never sees half of it). Only whether it changes matters to the reader, by
+    its own clock: no clock of the nodes is compared with another's. Ended by ``_exit``."""
+    path = os.path.join(state_dir, f"alive-{job_id}-{host.replace(os.sep, '_')}")
+    _beat.update(path=path, head=f"{job_id} {restarts} {time.time():.3f}", count=0)
+    os.makedirs(state_dir, exist_ok=True)
+
+    def beat() -> None:
+        while _write_beat():
+            time.sleep(ALIVE_S)
+    _thread.start_new_thread(beat, ())
+
+
+def _write_beat(ended: bool = False) -> bool:
+    """One beat (``ended``: the last one, which says the task is over, so its node going quiet is
+    not a silent node). False once the beat has ended."""
+    with _beat_lock:
+        if not _beat or _beat.get("ended"):
+            return False
+        _beat["count"] += 1
+        _beat["ended"] = ended
+        path = _beat["path"]
+        tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp{os.getpid()}")
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(f"{_beat['head']} {_beat['count']}{' ended' if ended else ''}\n")
+            os.replace(tmp, path)
+        except OSError:
+            pass        # the shared filesystem's hiccup: the next beat tries again
+        return not ended
+
+
 def _exit(code: int) -> None:
     """End the task with ``code`` once every line is out: the pipe's write ends closed here, the
     copying thread given a moment (a stray grandchild holding the pipe must not keep the task,
-    and so the whole job step, alive)."""
+    and so the whole job step, alive). The node's beat ends first."""
+    _write_beat(ended=True)
     for f in (sys.stdout, sys.stderr):
         try:
             f.flush()

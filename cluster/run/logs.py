@@ -84,7 +84,7 @@ def follow_run(run: Run, be, follow: bool = False, host: Optional[str] = None, r
     color = out.isatty() and os.environ.get("NO_COLOR") is None
     merger = Merger(list(be.log_sources(run)), host, rank, pattern, color)
     last_status = 0.0
-    hosts = _plan_hosts(run)
+    hosts = _sources_key(run)
     while True:
         lines = merger.poll()
         if lines:
@@ -95,8 +95,8 @@ def follow_run(run: Run, be, follow: bool = False, host: Optional[str] = None, r
         if time.time() - last_status > 2.0:
             last_status = time.time()
             state, _ = be.status(run)
-            if _plan_hosts(run) != hosts:       # a recovered run's next attempt runs on a spare
-                hosts = _plan_hosts(run)
+            if _sources_key(run) != hosts:      # a recovered run's next attempt: on a spare, or a new job
+                hosts = _sources_key(run)
                 merger.add(be.log_sources(run))
             if state.is_terminal():
                 tail = merger.poll(final=True)
@@ -113,8 +113,9 @@ def follow_run(run: Run, be, follow: bool = False, host: Optional[str] = None, r
     return 0
 
 
-def _plan_hosts(run: Run) -> list:
-    return [n.get("host") for n in (run.data.get("plan") or {}).get("nodes") or []]
+def _sources_key(run: Run) -> tuple:
+    """What the run's log sources follow from: its hosts, and its handle (SLURM's job ids)."""
+    return [n.get("host") for n in (run.data.get("plan") or {}).get("nodes") or []], run.data.get("handle")
 
 
 def _say(msg: str) -> None:

@@ -152,12 +152,14 @@ def restart_instead(run: Run, failure: dict, max_failures: int, signal: Optional
                   failure)
 
 
-def record(run: Run, n: int, d: Decision, failure: dict) -> bool:
+def record(run: Run, n: int, d: Decision, failure: dict, hosts: Optional[Sequence[str]] = None) -> bool:
     """Attempt ``n`` ended with ``failure``: the decision into run.json (``attempts``), the event
-    and ``failure``; RESTARTING if the run goes on. Returns ``d.restart``."""
+    and ``failure``; RESTARTING if the run goes on. Returns ``d.restart``. ``hosts``: those that
+    ran the attempt, where the plan does not name them (SLURM's allocation)."""
     entry = {"attempt": n, "ended": round(time.time(), 3), "cause": d.cause, "restart": d.restart,
              "reason": d.reason, "host": failure.get("host"), "rank": failure.get("rank"), "blame": d.blame,
-             "hosts": [x.get("host") for x in (run.data.get("plan") or {}).get("nodes") or []]}
+             "hosts": list(hosts) if hosts is not None else
+             [x.get("host") for x in (run.data.get("plan") or {}).get("nodes") or []]}
     attempts = [a for a in run.data.get("attempts") or [] if a.get("attempt") != n] + [entry]
     run.event("recovery", attempt=n, restart=d.restart, cause=d.cause, reason=d.reason)
     failure["recovery"] = {"restart": d.restart, "reason": d.reason}

@@ -527,6 +527,13 @@ class RestartSpec:
     # ends it. None: 3 for a train: job that writes checkpoints, 0 (off) otherwise
     max_failures: Optional[int] = None
     backoff_s: float = 10.0    # wait between the stopped gang and the next attempt
+    # SLURM: a node whose beat (its first task's, every 2 s) stopped this long while another node's
+    # goes on is taken for dead; the run's follower replaces the job without it at once, before
+    # SLURM notices (SlurmdTimeout). 0: off, SLURM's own requeue only (cluster/backends/slurm.py)
+    silent_s: float = 20.0
+
+
+SILENT_MIN_S = 10      # restart.silent_s: at least a few of the nodes' beats (2 s) and the follower's looks
 
 
 def max_failures(job: "Job") -> int:
@@ -789,6 +796,11 @@ def _check_job(job: Job, src: Source) -> None:
     _check_range(job.restart.max_requeues, 0, 10**6, src, ("restart", "max_requeues"))
     _check_range(job.restart.max_failures, 0, 1000, src, ("restart", "max_failures"))
     _check_range(job.restart.backoff_s, 0, 3600, src, ("restart", "backoff_s"), " (seconds)")
+    _check_range(job.restart.silent_s, 0, 3600, src, ("restart", "silent_s"), " (seconds)")
+    if 0 < job.restart.silent_s < SILENT_MIN_S:
+        raise _bad(f"must be 0 (off) or at least {SILENT_MIN_S} (seconds); got {job.restart.silent_s}", src,
+                   ("restart", "silent_s"), "each node beats every 2 s: a shorter silence is a loaded node, "
+                                            "not a dead one")
     if job.min_busbw_gbps is not None and not job.min_busbw_gbps > 0:
         raise _bad(f"must be more than 0; got {job.min_busbw_gbps}", src, ("min_busbw_gbps",),
                    "a bus bandwidth in Gbit/s, e.g. 100")
