@@ -117,6 +117,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--budget-s", type=float, default=560)
     ap.add_argument("--only", default="gen,verify,stage,seed,synthetic,pil,gpu,gpu-hw")
+    ap.add_argument("--decoders", default="", help="verify and stage: these decoders only (default: each installed)")
     ap.add_argument("--probe", default="", help="run train/ under bench/train_probe.py with these probes "
                                                 "(gil,profile,nodecode)")
     a = ap.parse_args()
@@ -159,7 +160,7 @@ def main() -> int:
         split = open_split(str(packed), "train")
         dev = torch.device("cuda")
         idx = list(range(0, len(split), max(1, len(split) // 512)))[:512]
-        for dec in decoders():
+        for dec in [d for d in decoders() if not a.decoders or d in a.decoders.split(",")]:
             stage = DeviceStage(dev, 224, True, decoder=dec)
             if "verify" in only:
                 try:
