@@ -623,7 +623,7 @@ def test_a_failed_batch_host_is_found_by_its_state_and_names_are_slurms_own(tmp_
 def test_the_follower_polls_status_until_the_run_ends(tmp_path, fake_slurm, monkeypatch):
     """What runs with no terminal open: the exclusion happens in its first poll; it ends with the job."""
     import cluster.run.records
-    from cluster.backends.slurm import follow
+    from cluster.backends.slurm_follower import follow
     _requeued(tmp_path, fake_slurm)
     monkeypatch.setattr(cluster.run.records, "RUNS_DIR", tmp_path / "runs")
     config = json.loads((fake_slurm.dir / "config.json").read_text())
@@ -648,7 +648,7 @@ def test_the_follower_asks_slurm_at_once_when_the_batch_log_reports_a_node_failu
     there makes it ask SLURM at the next look (1 s), so the requeued job is excluded from the failed
     node at once, not up to a poll later; then it is back to its slow poll."""
     import cluster.run.records
-    from cluster.backends.slurm import follow
+    from cluster.backends.slurm_follower import follow
     run = _requeued(tmp_path, fake_slurm, batch="start of job 77 restart 0 on gpu[01-02], rendezvous gpu01:1\n",
                     state="RUNNING", restarts=0, nodes="gpu[01-02]")
     monkeypatch.setattr(cluster.run.records, "RUNS_DIR", tmp_path / "runs")
@@ -687,12 +687,12 @@ def test_a_delayed_detached_process_starts_later_under_the_same_pid(tmp_path):
     from cluster.backends.base import start_detached
     run = _slurm_run(tmp_path)
     t0 = time.time()
-    pid = start_detached(run, "cluster.backends.slurm", "no-such-verb", "later.log", delay_s=1.5)
+    pid = start_detached(run, "cluster.backends.slurm_follower", "no-such-verb", "later.log", delay_s=1.5)
     time.sleep(0.5)
     assert os.waitpid(pid, os.WNOHANG) == (0, 0) and (run.dir / "state" / "later.log").read_text() == ""
     _, status = os.waitpid(pid, 0)
     assert time.time() - t0 >= 1.5 and os.waitstatus_to_exitcode(status) == 2
-    assert "usage: python -m cluster.backends.slurm follow RUN_ID" in (run.dir / "state" / "later.log").read_text()
+    assert "usage: python -m cluster.backends.slurm_follower follow RUN_ID" in (run.dir / "state" / "later.log").read_text()
 
 # ------------------------------------------------------------------- through the login node
 LOGIN_BAD = [
@@ -918,7 +918,7 @@ def test_time_out_is_counted_from_the_tasks_start(tmp_path, fake_slurm):
 # ------------------------------------------------------------------- a silent node (restart.silent_s)
 def test_a_node_is_silent_only_while_another_beats_and_once_it_has_beaten():
     """The follower's decision: by when each node's beat last changed (its own clock)."""
-    from cluster.backends.slurm import silent_hosts
+    from cluster.backends.slurm_follower import silent_hosts
     nodes = ["gpu01", "gpu02", "gpu03"]
     now = 1000.0
     # gpu02 quiet for 21 s while gpu01 beat 1 s ago: silent; gpu03 never beat in this start: not judged
@@ -934,7 +934,7 @@ def test_a_node_is_silent_only_while_another_beats_and_once_it_has_beaten():
 
 
 def test_beats_are_read_for_the_current_start_and_an_ended_task_is_not_silent(tmp_path):
-    from cluster.backends.slurm import BeatWatch, read_beats
+    from cluster.backends.slurm_follower import BeatWatch, read_beats
     (tmp_path / "alive-77-gpu01").write_text("77 1 1733500000.000 5\n")
     (tmp_path / "alive-77-gpu02").write_text("77 0 1733400000.000 9\n")       # the start before the requeue
     (tmp_path / "alive-76-gpu03").write_text("76 1 1733500000.000 5\n")       # another job's
@@ -989,7 +989,7 @@ def _running_job(tmp_path, fake_slurm, monkeypatch, *overrides):
 def test_a_silent_node_replaces_the_job_with_one_without_it(tmp_path, fake_slurm, monkeypatch):
     """The job is cancelled, a new one submitted for the same run through launch (the plan's script,
     the node excluded); status, logs and the record then follow the new job and keep the old one's."""
-    from cluster.backends.slurm import replace_job
+    from cluster.backends.slurm_follower import replace_job
     run, be, info = _running_job(tmp_path, fake_slurm, monkeypatch)
     first = (fake_slurm.dir / "submitted.sh").read_text()
     (run.dir / "slurm" / "4242_0_log.out").write_text("[gpu01 0] step 100\n")
@@ -1025,7 +1025,7 @@ def test_a_silent_node_replaces_the_job_with_one_without_it(tmp_path, fake_slurm
 
 
 def test_a_silent_node_past_the_limit_or_a_failed_submit_ends_the_run_failed(tmp_path, fake_slurm, monkeypatch):
-    from cluster.backends.slurm import replace_job
+    from cluster.backends.slurm_follower import replace_job
     run, be, info = _running_job(tmp_path, fake_slurm, monkeypatch, "restart.max_requeues=0")
     assert replace_job(be, run, "4242", info, {"gpu02": 20.0})
     d = json.loads((run.dir / "run.json").read_text())
@@ -1044,7 +1044,7 @@ def test_a_silent_node_past_the_limit_or_a_failed_submit_ends_the_run_failed(tmp
 
 
 def test_no_replacement_while_the_run_is_stopped_or_slurm_handles_the_job(tmp_path, fake_slurm, monkeypatch):
-    from cluster.backends.slurm import _replace_silent, replace_job
+    from cluster.backends.slurm_follower import _replace_silent, replace_job
     from cluster.spec.config import inventory_from_plain
     run, be, info = _running_job(tmp_path, fake_slurm, monkeypatch)
     fake_slurm.configure(**{**json.loads((fake_slurm.dir / "config.json").read_text()), "state": "COMPLETING"})

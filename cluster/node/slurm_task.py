@@ -18,7 +18,7 @@ One process per task besides the payload: ``python -S -u -m cluster.node.slurm_t
   ended. The ranks cannot tell which node died (they all hang in the collective with it); this
   process, beside the payload, keeps beating whatever the payload does, and the run's follower on
   the login node finds a node whose beat stopped sooner than SLURM does
-  (cluster/backends/slurm.py, ``silent_hosts``);
+  (cluster/backends/slurm_follower.py, ``silent_hosts``);
 * on the time-limit warning or a preemption (USR2) hands over to submitit's own signal handler:
   in task 0 it calls ``SlurmTask.checkpoint()``, which returns the same task for the requeued job
   (submitit pickles it beside the first and runs ``scontrol requeue``); the payload resumes from
