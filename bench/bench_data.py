@@ -263,7 +263,7 @@ def stage_speed(stage, split) -> dict:
     torch.cuda.synchronize()
     stage.reuse_images = True
     real = stage.decode
-    stage.decode = lambda datas: next(decoded)   # noqa: E731 - the decode already done
+    stage.decode = lambda datas, decoder=None: next(decoded)   # noqa: E731 - the decode already done
     t = time.time()
     for b in batches[2:]:
         stage(b)
@@ -302,6 +302,7 @@ def under_load(stage, batch: dict, datas: list) -> dict:
 
     dev = stage.device
     busy, side = torch.cuda.Stream(dev), torch.cuda.Stream(dev)
+    hi = torch.cuda.Stream(dev, priority=-1)     # the highest priority torch asks CUDA for
     a = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
 
     def load(k: int) -> float:
@@ -317,7 +318,7 @@ def under_load(stage, batch: dict, datas: list) -> dict:
     load(1)
     n = max(1, round(10 * 0.3 / load(10)))
 
-    def timed(fn) -> tuple[float, float]:
+    def timed(fn, side=side) -> tuple[float, float]:
         torch.cuda.synchronize()
         with torch.cuda.stream(side):
             t = time.time()
@@ -336,11 +337,14 @@ def under_load(stage, batch: dict, datas: list) -> dict:
 
     out = {"load_ms": round(1000 * load(n), 1)}
     out["stage_idle_ms"], out["stage_loaded_ms"] = timed(lambda: stage(batch))
+    # the same on a high-priority stream: its blocks are scheduled before the queued matmuls' blocks
+    out["stage_loaded_hi_ms"] = timed(lambda: stage(batch), hi)[1]
     if datas is None:       # DALI: no decode of its own
         return out
     out["decode_idle_ms"], out["decode_loaded_ms"] = timed(lambda: stage.decode(datas))
+    out["decode_loaded_hi_ms"] = timed(lambda: stage.decode(datas), hi)[1]
     decoded = stage.decode(datas)
-    real, stage.decode = stage.decode, (lambda d: decoded)
+    real, stage.decode = stage.decode, (lambda d, decoder=None: decoded)
     out["crop_idle_ms"], out["crop_loaded_ms"] = timed(lambda: stage(batch))
     stage.decode = real
     return out

@@ -75,9 +75,9 @@ def main() -> int:
     if "nodecode" in probes:
         real, cache = pipeline.DeviceStage.decode, {}
 
-        def decode(self, datas):
+        def decode(self, datas, decoder=None):
             if len(datas) not in cache:
-                cache[len(datas)] = real(self, datas)
+                cache[len(datas)] = real(self, datas, decoder)
             return cache[len(datas)]
         pipeline.DeviceStage.decode = decode
     if "profile" in probes:

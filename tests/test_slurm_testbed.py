@@ -4,6 +4,7 @@ Every verb runs as `python -m cluster ...` in a fresh process, as a user would r
 tiny: tests.fixtures.hello (gloo all_reduce) or train with a two-conv model at 32x32. A requeued
 job waits ~120 s for its BeginTime; the tests start it at once with `scontrol update StartTime=now`.
 """
+import contextlib
 import json
 import os
 import re
@@ -256,6 +257,27 @@ def test_preemption_and_scontrol_requeue_resume_from_latest_checkpoint(testbed, 
     assert [f"restart {i}" in out for i in range(3)] == [True] * 3
 
 
+@contextlib.contextmanager
+def frozen_node(testbed, jid: str, victim: str):
+    """victim stops answering as a dead machine does (no connection reset): its slurmd and the
+    job's processes there are frozen (SIGSTOP); yields the time of the fault. On the way out the
+    job's leftovers there are killed and slurmd resumes: the shared testbed's node comes back."""
+    slurmd = testbed.state["pids"][f"slurmd-{victim}"]
+    frozen = job_pids(jid, victim)
+    assert frozen and Path(f"/proc/{slurmd}/comm").read_text().strip() == "slurmd"
+    t_fault = time.time()
+    try:
+        for pid in frozen + [slurmd]:
+            _kill(pid, signal.SIGSTOP)
+        yield t_fault
+    finally:
+        try:
+            for pid in job_pids(jid, victim):
+                _kill(pid, signal.SIGKILL)                             # the dead node's leftovers
+        finally:
+            _kill(slurmd, signal.SIGCONT)
+
+
 def test_node_silent_mid_run_is_replaced_by_a_new_job_before_slurm_notices(testbed, tmp_path):
     """The second node stops answering (slurmd and the job's processes frozen, as a dead machine:
     no connection reset). Before SLURM counts it down (SlurmdTimeout, 30 s here), the run's
@@ -270,13 +292,9 @@ def test_node_silent_mid_run_is_replaced_by_a_new_job_before_slurm_notices(testb
     wait(lambda: s.latest_step(run_id) >= 100, "a first checkpoint", timeout=90)
     old_nodes = _expand(job_info(jid)["NodeList"])
     victim = old_nodes[1]                                       # not the batch host
-    slurmd = testbed.state["pids"][f"slurmd-{victim}"]
-    frozen = job_pids(jid, victim)
-    assert frozen and Path(f"/proc/{slurmd}/comm").read_text().strip() == "slurmd"
-    t_fault = time.time()
-    try:
-        for pid in frozen + [slurmd]:
-            _kill(pid, signal.SIGSTOP)
+    # the node comes back once replaced (before SLURM counted it down: the shared testbed's node
+    # stays in service for the tests after this one); the new job keeps it excluded
+    with frozen_node(testbed, jid, victim) as t_fault:
         new = wait(lambda: (j := record()["handle"]["job_id"]) != jid and j, "the follower to replace the job",
                    timeout=60, interval=0.2)
         t_replaced = time.time()
@@ -284,14 +302,6 @@ def test_node_silent_mid_run_is_replaced_by_a_new_job_before_slurm_notices(testb
         # the old job is gone from the node that answers: nothing of it is left there
         for host in old_nodes[:1]:
             wait(lambda: job_pids(jid, host) == [], f"job {jid}'s processes on {host} to end", timeout=30)
-    finally:
-        # the node comes back once replaced (before SLURM counted it down: the shared testbed's node
-        # stays in service for the tests after this one); the new job keeps it excluded
-        try:
-            for pid in job_pids(jid, victim):
-                _kill(pid, signal.SIGKILL)                             # the dead node's leftovers
-        finally:
-            _kill(slurmd, signal.SIGCONT)
     st = s.wait_state(run_id, {"SUCCEEDED", "FAILED", "CANCELLED"}, timeout=150)
     assert st["state"] == "SUCCEEDED", s.logs(run_id)
     wait(lambda: job_pids(jid) == [] and slurm_state(jid) == "CANCELLED", f"job {jid} gone everywhere", timeout=60)
@@ -341,21 +351,9 @@ def test_node_killed_mid_run_is_requeued_and_finishes(testbed, tmp_path):
     follower = json.loads((s.runs / run_id / "run.json").read_text())["handle"]["follower_pid"]
     wait(lambda: s.latest_step(run_id) >= 100, "a first checkpoint", timeout=90)
     victim = _expand(job_info(jid)["NodeList"])[1]             # not the batch host: its log tells
-    slurmd = testbed.state["pids"][f"slurmd-{victim}"]
-    frozen = job_pids(jid, victim)
-    assert frozen and Path(f"/proc/{slurmd}/comm").read_text().strip() == "slurmd"
-    t_fault = time.time()
-    try:
-        for pid in frozen + [slurmd]:
-            _kill(pid, signal.SIGSTOP)
+    with frozen_node(testbed, jid, victim) as t_fault:
         wait(lambda: int((job_info(jid) or {}).get("Restarts", 0)) >= 1, "SLURM to requeue the job", timeout=120)
         t_requeued = time.time()
-    finally:
-        try:
-            for pid in job_pids(jid, victim):
-                _kill(pid, signal.SIGKILL)                             # the dead node's leftovers
-        finally:
-            _kill(slurmd, signal.SIGCONT)                              # the shared testbed's node comes back
     wait(lambda: victim in _expand_or_none((job_info(jid) or {}).get("ExcNodeList")),
          f"the follower to exclude {victim} from the requeued job", timeout=90)
     t_excluded = time.time()

@@ -261,9 +261,10 @@ class DeviceStage:
         self._pool: list = []   # nvImageCodec's output images, reused batch after batch
         self.reuse_images = True
 
-    def decode(self, datas: list[torch.Tensor]) -> list[Optional[tuple[torch.Tensor, str]]]:
-        """[(image uint8, 'chw' or 'hwc') or None where it could not be decoded]."""
-        if self.decoder == "nvimgcodec":
+    def decode(self, datas: list[torch.Tensor], decoder: Optional[str] = None) -> list[Optional[tuple[torch.Tensor, str]]]:
+        """[(image uint8, 'chw' or 'hwc') or None where it could not be decoded], by decoder
+        (default: the stage's)."""
+        if (decoder or self.decoder) == "nvimgcodec":
             return self.decode_nvimgcodec(datas)
         from torchvision.io import ImageReadMode, decode_jpeg
 
@@ -332,7 +333,7 @@ class DeviceStage:
             self.counts["corrupt"] += 1
         return pixels
 
-    def gather(self, b: dict) -> tuple[list, list, list, list, list]:
+    def gather(self, b: dict, decoder: Optional[str] = None) -> tuple[list, list, list, list, list]:
         """Decode the batch's JPEGs: (images on the device, their layouts, crop boxes, flips, rows
         of the batch), the ones decoded by PIL in the workers (or here, where the GPU decoder
         refused) as identity crops."""
@@ -341,7 +342,7 @@ class DeviceStage:
         if b["jpeg_sizes"]:
             datas = list(torch.split(b["jpeg"][:sum(b["jpeg_sizes"])], b["jpeg_sizes"]))
             bx, fl, pos = b["boxes"].tolist(), b["flips"].tolist(), b["jpeg_pos"].tolist()
-            for k, dec in enumerate(self.decode(datas)):
+            for k, dec in enumerate(self.decode(datas, decoder=decoder)):
                 if dec is None:
                     pixels = self.cpu_fallback(datas[k], tuple(int(v) for v in bx[k]), fl[k])
                     srcs.append(pixels.to(dev))
@@ -364,11 +365,12 @@ class DeviceStage:
                 where.append(o)
         return srcs, lays, boxes, flips, where
 
-    def flat(self, b: dict, buf: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, list, list]:
+    def flat(self, b: dict, buf: Optional[torch.Tensor] = None,
+             decoder: Optional[str] = None) -> tuple[torch.Tensor, list, list]:
         """The batch decoded (gather) into one flat uint8 buffer, with the crop kernel's rows: into
         buf where it is large enough, else into a new one (a quarter larger than needed where it
         replaces buf, so that it is rarely replaced again)."""
-        srcs, lays, boxes, flips, where = self.gather(b)
+        srcs, lays, boxes, flips, where = self.gather(b, decoder)
         parts = [im.contiguous().view(-1) for im in srcs]
         need = sum(p.numel() for p in parts)
         if buf is None or buf.numel() < need:
@@ -419,11 +421,7 @@ class DeviceStage:
                       f"by torchvision, image by image where it refuses too", file=sys.stderr, flush=True)
             self.counts["dali-refused-batches"] += 1
             self._dali = None       # a DALI pipeline that failed stays failed: a new one for the next batch
-            self.decoder = "torchvision"
-            try:
-                return self.crop(*self.flat(b), n)
-            finally:
-                self.decoder = "dali"
+            return self.crop(*self.flat(b, decoder="torchvision"), n)
         rest = None
         if b["pixels"] is not None:
             rest = normalise(b["pixels"].to(self.device, non_blocking=True), MEAN_255, INV_STD_255)

@@ -295,7 +295,10 @@ class SlurmBackend(Backend):
                             hint="check partition, account, qos, constraint, GPUs and time against "
                                  "`sinfo`; `python -m cluster plan JOB --backend slurm` prints the script")
 
-    def launch(self, plan: SlurmPlan, run: Run) -> dict:
+    def launch(self, plan: SlurmPlan, run: Run, follower_pid: Optional[int] = None) -> dict:
+        """Submit the plan's job. follower_pid: the run's follower, when it submits this job in
+        place of one with a silent node (slurm_follower.replace_job); it goes on following the
+        run, and no second one starts."""
         import submitit
         from submitit.core.utils import FailedJobError, FailedSubmissionError
         from cluster.node.slurm_task import SlurmTask
@@ -320,9 +323,7 @@ class SlurmBackend(Backend):
         n = len(plan.nodes)
         progress(f"submitted SLURM job {job.job_id}: {n} node(s) x {plan.nodes[0].nprocs} task(s)")
         handle = {"job_id": str(job.job_id), "folder": plan.folder, "tasks": plan.world_size}
-        # a job that the follower submits in place of one with a silent node (replace_job): it
-        # goes on following the run, no second one
-        pid = getattr(self, "follower_pid", None) or _start_follower(run)
+        pid = follower_pid or _start_follower(run)
         return handle | ({"follower_pid": pid} if pid else {})
 
     # ---------------------------------------------------------------- observe

@@ -153,9 +153,8 @@ def replace_job(be: "SlurmBackend", run: Run, jid: str, info: dict, silent: Mapp
     if more:
         extra["exclude"] = ",".join(([have] if have else []) + more)
     plan = dataclasses.replace(plan, sbatch={**plan.sbatch, "additional_parameters": extra})
-    be.follower_pid = os.getpid()
     try:
-        handle = be.launch(plan, run)
+        handle = be.launch(plan, run, follower_pid=os.getpid())
     except Exception as e:      # noqa: BLE001 -- any failure to submit ends the run, saying why
         why = getattr(e, "message", None) or str(e) or type(e).__name__
         failure = {**failure, "error": f"{cause}; the new job for attempt {n + 1} could not be submitted: {why}"}
