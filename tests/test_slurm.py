@@ -1045,13 +1045,12 @@ def test_a_silent_node_past_the_limit_or_a_failed_submit_ends_the_run_failed(tmp
 
 def test_no_replacement_while_the_run_is_stopped_or_slurm_handles_the_job(tmp_path, fake_slurm, monkeypatch):
     from cluster.backends.slurm_follower import _replace_silent, replace_job
-    from cluster.spec.config import inventory_from_plain
     run, be, info = _running_job(tmp_path, fake_slurm, monkeypatch)
     fake_slurm.configure(**{**json.loads((fake_slurm.dir / "config.json").read_text()), "state": "COMPLETING"})
-    assert not _replace_silent("r1", "4242", 0, {"gpu02": 20.0}, inventory_from_plain)    # SLURM's own path
+    assert not _replace_silent("r1", "4242", 0, {"gpu02": 20.0})    # SLURM's own path
     fake_slurm.configure(**{**json.loads((fake_slurm.dir / "config.json").read_text()), "state": "RUNNING",
                             "restarts": 1})
-    assert not _replace_silent("r1", "4242", 0, {"gpu02": 20.0}, inventory_from_plain)    # requeued since
+    assert not _replace_silent("r1", "4242", 0, {"gpu02": 20.0})    # requeued since
     run.update(stop_requested=time.time())
     assert not replace_job(be, run, "4242", info, {"gpu02": 20.0})
     assert not [c for c in fake_slurm.calls() if c[0] == "scancel"]

@@ -28,6 +28,7 @@ from cluster.backends.slurm import (BURST_S, FOLLOW_S, NODE_NAME, WATCH_S, _STAR
                                     _batch_log, _folder, _nodelist, _partition_nodes, _read_lines, _run,
                                     decide_exclusion, job_info)
 from cluster.plan import NodeLaunch
+from cluster.spec.config import RestartSpec, inventory_from_plain
 from cluster.run.records import Run, State
 
 # Silent nodes (restart.silent_s): each node's first task beats every ALIVE_S (slurm_task); another
@@ -216,7 +217,7 @@ def _recorded_plan(d: Mapping) -> SlurmPlan:
                         "notes": tuple(d.get("notes") or ())})
 
 
-def _replace_silent(run_id: str, jid: str, restart: int, silent: Mapping[str, float], inventory_from_plain) -> bool:
+def _replace_silent(run_id: str, jid: str, restart: int, silent: Mapping[str, float]) -> bool:
     """The follower found ``silent`` nodes in start ``restart`` of job ``jid``: replace the job,
     unless the run is being stopped, has moved on, or SLURM is handling the job already (not
     RUNNING any more, or requeued: its own path, ``exclude_failed``)."""
@@ -235,7 +236,6 @@ def _replace_silent(run_id: str, jid: str, restart: int, silent: Mapping[str, fl
 
 def _silent_s(run: Run) -> float:
     """The run's restart.silent_s (0: off); a run recorded without it has the default."""
-    from cluster.spec.config import RestartSpec
     restart = (((run.data.get("job") or {}).get("resolved") or {}).get("restart") or {})
     return float(restart.get("silent_s", RestartSpec.silent_s) or 0)
 
@@ -247,7 +247,6 @@ def follow(run_id: str, poll_s: float = FOLLOW_S, watch_s: float = WATCH_S) -> i
     ``watch_s`` while the batch log shows a failure (WATCH_S). Every ``watch_s`` it also reads the
     nodes' beats of the job's current start (its batch log's start line names the start and its
     nodes): a node silent for restart.silent_s while another beats is replaced (``replace_job``)."""
-    from cluster.spec.config import inventory_from_plain
     every, burst = max(1, round(poll_s / watch_s)), max(1, round(BURST_S / watch_s))
     from cluster.run.logs import Merger
     unknown, looks, urgent, seen = None, 0, 0, None
@@ -276,7 +275,7 @@ def follow(run_id: str, poll_s: float = FOLLOW_S, watch_s: float = WATCH_S) -> i
             now = time.monotonic()
             beats.look(read_beats(Run(run_id).dir / "state", jid, start[0]), now)
             silent = silent_hosts(beats.changed(), start[1], now, silent_s)
-            if silent and _replace_silent(run_id, jid, start[0], silent, inventory_from_plain):
+            if silent and _replace_silent(run_id, jid, start[0], silent):
                 batch, urgent = None, burst     # the new job's log, and its status soon
                 continue
         if urgent:
