@@ -166,13 +166,19 @@ def main() -> int:
                 try:
                     # one batch first, so the checked one is decoded into reused output buffers
                     stage(collate([Items(split, 1, 224, True)[(1, i)] for i in idx]))
-                    g = stage(collate([Items(split, 0, 224, True)[(0, i)] for i in idx]))[0].float()
+                    b = collate([Items(split, 0, 224, True)[(0, i)] for i in idx])
+                    g = stage(b)[0].float()
                     c = stage(collate([Items(split, 0, 224, False)[(0, i)] for i in idx]))[0].float()
                     std = torch.tensor([0.229, 0.224, 0.225], device=dev).view(1, 3, 1, 1) * 255
                     diff = ((g - c) * std).abs().mean(dim=(1, 2, 3))
                     R[f"verify-{dec}"] = {"images": len(idx), "mean_abs_diff": round(diff.mean().item(), 3),
                                           "max_image_mean_abs_diff": round(diff.max().item(), 3), "tolerance": 3.0,
                                           "ok": bool(diff.max().item() <= 3.0), "cpu_path": dict(stage.counts)}
+                    # the input process's two halves (decode_into there, from_decoded in the rank)
+                    # against the same decoder in the rank
+                    buf, d = DeviceStage(dev, 224, False, decoder=dec).decode_into(b, None)
+                    p = stage.from_decoded(buf, d)[0].float()
+                    R[f"verify-{dec}"]["process_max_abs_diff"] = round(((p - g) * std).abs().max().item(), 4)
                 except Exception as e:  # noqa: BLE001 - recorded; the other rows still run
                     R[f"verify-{dec}"] = {"error": f"{type(e).__name__}: {e}"[:400]}
                 save()
@@ -209,7 +215,14 @@ def main() -> int:
             ("gpu-process", [f"data={packed}", "decode=gpu", "jpeg_decoder=torchvision", "workers=4",
                              "input_process=true"], a.steps),
             ("gpu-hw-process", [f"data={packed}", "decode=gpu", "jpeg_decoder=nvimgcodec", "workers=4",
-                                "input_process=true"], a.steps)]
+                                "input_process=true"], a.steps),
+            ("gpu-dali-process", [f"data={packed}", "decode=gpu", "jpeg_decoder=dali", "workers=4",
+                                  "input_process=true"], a.steps),
+            # under MPS: the input process's kernels on at most a quarter of the SMs
+            ("gpu-process-sm25", [f"data={packed}", "decode=gpu", "jpeg_decoder=torchvision", "workers=4",
+                                  "input_process=true", "input_sm_percent=25"], a.steps),
+            ("gpu-dali-process-sm25", [f"data={packed}", "decode=gpu", "jpeg_decoder=dali", "workers=4",
+                                       "input_process=true", "input_sm_percent=25"], a.steps)]
     for name, args, steps in plan:
         if name in only:
             left = deadline - time.time()
@@ -380,7 +393,10 @@ def table(R: dict) -> str:
                         ("gpu-nodecode", "train/, real JPEGs, torchvision, each batch size decoded once (no decode)"),
                         ("gpu-hw-nodecode", "train/, real JPEGs, nvImageCodec, each batch size decoded once (no decode)"),
                         ("gpu-process", "train/, real JPEGs, torchvision, decoded in a process of its own (input_process=true)"),
-                        ("gpu-hw-process", "train/, real JPEGs, nvImageCodec, decoded in a process of its own (input_process=true)")):
+                        ("gpu-hw-process", "train/, real JPEGs, nvImageCodec, decoded in a process of its own (input_process=true)"),
+                        ("gpu-dali-process", "train/, real JPEGs, DALI decodes and crops in a process of its own"),
+                        ("gpu-process-sm25", "train/, real JPEGs, torchvision, own process, input_sm_percent=25"),
+                        ("gpu-dali-process-sm25", "train/, real JPEGs, DALI, own process, input_sm_percent=25")):
         r = runs.get(name)
         if not r:
             continue

@@ -47,10 +47,10 @@ def through_process(p: InputProcess, kind: str, epoch: int = 0, start: int = 0, 
     return out, stage.counts
 
 
-def in_process(packed, kind: str, epoch: int = 0, start: int = 0):
+def in_process(packed, kind: str, epoch: int = 0, start: int = 0, decoder: str = "torchvision"):
     data = RealImages(config(packed), ENV, False, role="input", gpu=True)
     data.sampler.set_epoch(epoch, start)
-    stage, out = DeviceStage(ENV.device, 32, False), []
+    stage, out = DeviceStage(ENV.device, 32, False, decoder=decoder), []
     for b in data.loader if kind == "train" else data.val_loader:
         x, y = stage(b)
         out.append((b["keys"], x, y))
@@ -67,6 +67,44 @@ def test_same_batches_crops_and_counts_as_decoding_in_the_training_process(proce
             assert torch.allclose(x, xr, atol=1e-4), (x - xr).abs().max()
         assert counts == want_counts
     assert sum(want_counts.values()) > 0 or kind == "val"   # the extras took the PIL path and were counted
+
+
+def test_dali_in_the_input_process_crops_as_dali_in_the_training_process(imageset):  # noqa: F811
+    """jpeg_decoder=dali: the input process hands over DALI's uint8 crops, the rank normalises
+    them; the same batches and values as DALI's whole pipeline in the rank (its CPU operators here)."""
+    p = InputProcess(config(imageset[1]), ENV, "dali", True, RealImages)
+    try:
+        for kind, epoch, start in (("train", 1, 8), ("val", 0, 0)):
+            got, counts = through_process(p, kind, epoch, start)
+            want, want_counts = in_process(imageset[1], kind, epoch, start, decoder="dali")
+            assert [k for k, _, _ in got] == [k for k, _, _ in want] and len(got) == len(want) > 0
+            for (_, x, y), (_, xr, yr) in zip(got, want):
+                assert torch.equal(y, yr) and x.shape == xr.shape == (8, 3, 32, 32)
+                assert torch.allclose(x, xr, atol=1e-5), (x - xr).abs().max()
+            assert counts == want_counts
+    finally:
+        p.close()
+
+
+def test_a_batch_dali_refuses_still_reaches_the_rank_as_crops(imageset, capfd):  # noqa: F811
+    """A JPEG whose header passes but whose data DALI's decoder rejects: that batch is decoded by
+    torchvision and cropped by the crop kernel in the input process (PIL, then a blank, for the bad
+    image), counted, and said once; the crops match the rank's own fallback to within rounding."""
+    from train.imagesets import open_split
+    from train.pipeline import Items, collate
+
+    split = open_split(str(imageset[1]), "train")
+    items = [Items(split, 0, 32, True)[(0, i)] for i in range(8)]
+    jpeg = next(k for k, it in enumerate(items) if it[2] is not None)
+    items[jpeg] = (items[jpeg][0], items[jpeg][1][:len(items[jpeg][1]) // 3], *items[jpeg][2:])
+    b = collate(items)
+    want = DeviceStage(ENV.device, 32, False, decoder="dali")(b)[0]
+    buf, d = DeviceStage(ENV.device, 32, False, decoder="dali").decode_into(b, None)
+    got = DeviceStage(ENV.device, 32, False).from_decoded(buf, d)[0]
+    assert d["counts"]["dali-refused-batches"] == 1
+    assert d["counts"]["corrupt"] == b["reasons"].count("corrupt") + 1   # the workers' blanks, and this one
+    assert (got - want).abs().max() <= 0.5 / (255 * 0.224) + 1e-4   # half a level of 255, normalised
+    assert capfd.readouterr().err.count("DALI refused a batch") == 2   # once per stage
 
 
 def test_a_pass_left_early_leaves_nothing_for_the_next(process, imageset):  # noqa: F811

@@ -75,15 +75,17 @@ def test_pack_refuses_bad_input_with_one_message(imageset, tmp_path):
     assert r.returncode == 2 and "already holds a packed set" in r.stderr
 
 
-def test_gpu_path_sorting_and_arithmetic_match_the_cpu_path(imageset):
+@pytest.mark.parametrize("decoder", ["torchvision", "dali"])
+def test_gpu_path_sorting_and_arithmetic_match_the_cpu_path(imageset, decoder):
     """What nvJPEG cannot take goes to PIL (named), and the GPU path's crop/resize/flip (roi_align
-    over the decoded batch; here decoded on the CPU) matches PIL's within 3 levels of 255 per image."""
+    over the decoded batch, or DALI's pipeline; here on the CPU) matches PIL's within 3 levels of
+    255 per image."""
     src, packed = imageset
     kinds = {e: gpu_kind((src / "train" / "c0000" / e).read_bytes())[0] for e in EXTRAS}
     assert kinds == {"extra_cmyk.jpg": "cmyk", "extra_corrupt.jpg": "not-jpeg", "extra_png.png": "not-jpeg",
                      "extra_progressive.jpg": "progressive"}
     split = open_split(str(packed), "train")
-    stage = DeviceStage(torch.device("cpu"), 32, False)
+    stage = DeviceStage(torch.device("cpu"), 32, False, decoder=decoder)
     keys = [(3, i) for i in range(len(split))]
     gpu_batch = collate([Items(split, 0, 32, gpu=True)[k] for k in keys])
     assert len(gpu_batch["jpeg_sizes"]) == 60 and sorted(gpu_batch["reasons"]) == \

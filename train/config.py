@@ -71,6 +71,9 @@ class TrainConfig:
     input_process: bool = _f(False, "decode=gpu: decode in a process of its own beside each rank "
                                     "(train/input_process.py); faster only under CUDA's MPS "
                                     "(nvidia-cuda-mps-control -d): README, Real data")
+    input_sm_percent: int = _f(100, "input_process under MPS: the share of the GPU's SMs the input process's "
+                                    "kernels may take (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE); the hardware JPEG "
+                                    "decoders are not SMs")
     workers: int = _f(4, "DataLoader worker processes per rank (real images only)")
     prefetch_factor: int = _f(2, "batches each DataLoader worker loads ahead")
     threads: int = _f(0, "torch CPU threads per rank; 0 = CPU cores / local ranks")
@@ -171,9 +174,8 @@ def _check_ranges(c: TrainConfig) -> None:
         raise ConfigError("lr", f"must be > 0, got {c.lr}")
     if not 0 <= c.label_smoothing < 1:
         raise ConfigError("label_smoothing", f"must be in [0, 1), got {c.label_smoothing}")
-    if c.input_process and c.jpeg_decoder == "dali":
-        raise ConfigError("input_process", "works with jpeg_decoder=torchvision or nvimgcodec; dali decodes, crops "
-                                           "and normalises in one pipeline of its own in the rank: leave one off")
+    if not 1 <= c.input_sm_percent <= 100:
+        raise ConfigError("input_sm_percent", f"must be a percentage, 1 to 100, got {c.input_sm_percent}")
     if not c.model or c.model.count(":") > 1:
         raise ConfigError("model", f"expected a torchvision model name or package.module:factory, got {c.model!r}")
     _check_limits(c)

@@ -26,12 +26,15 @@ THREADS = 2     # DALI's CPU threads per rank (parsing, what the hardware decode
 
 class DaliCrop:
     """datas (uint8 CPU tensors, one JPEG each), boxes (top, left, height, width) and flips ->
-    the normalised (n, 3, size, size) float32 batch on ``device`` (channels_last memory if asked).
-    ``device`` cpu: DALI's CPU operators (the tests' machines have no GPU)."""
+    the normalised (n, 3, size, size) float32 batch on ``device`` (channels_last memory if asked),
+    or with mean None the crops themselves, (n, size, size, 3) uint8 (the input process's
+    output, train/input_process.py). ``device`` cpu: DALI's CPU operators."""
 
-    def __init__(self, device: torch.device, size: int, channels_last: bool, mean, inv_std):
+    def __init__(self, device: torch.device, size: int, channels_last: bool, mean=None, inv_std=None):
         self.device, self.size, self.channels_last = device, size, channels_last
-        self.mean, self.std = [float(m) for m in mean], [1.0 / float(s) for s in inv_std]
+        self.normalised = mean is not None
+        if self.normalised:
+            self.mean, self.std = [float(m) for m in mean], [1.0 / float(s) for s in inv_std]
         self._pipe, self._batch = None, 0
 
     def _build(self, batch: int) -> None:
@@ -49,6 +52,8 @@ class DaliCrop:
                                     adjust_orientation=False, **({"hw_decoder_load": HW_LOAD} if gpu else {}))
             img = fn.resize(img, roi_start=start, roi_end=end, size=[S, S], antialias=True,
                             interp_type=types.INTERP_LINEAR)
+            if not self.normalised:
+                return img
             return fn.crop_mirror_normalize(img, dtype=types.FLOAT, mean=self.mean, std=self.std,
                                             output_layout="HWC" if self.channels_last else "CHW")
 
@@ -60,7 +65,9 @@ class DaliCrop:
         self._pipe.build()
         self._batch = batch
 
-    def __call__(self, datas: list[torch.Tensor], boxes: list, flips: list) -> torch.Tensor:
+    def __call__(self, datas: list[torch.Tensor], boxes: list, flips: list,
+                 out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """out: where the uint8 crops go (mean None only), else a new tensor."""
         n, S = len(datas), self.size
         if self._pipe is None or n > self._batch:
             self._build(max(n, self._batch))
@@ -72,16 +79,19 @@ class DaliCrop:
         self._pipe.feed_input("jpegs", [d.numpy() for d in datas])
         self._pipe.feed_input("start", start)
         self._pipe.feed_input("end", end)
-        (out,) = self._pipe.run()
-        shape = (n, S, S, 3) if self.channels_last else (n, 3, S, S)
+        (res,) = self._pipe.run()
+        if not self.normalised:
+            shape, dtype = (n, S, S, 3), torch.uint8
+        else:
+            shape, dtype = ((n, S, S, 3) if self.channels_last else (n, 3, S, S)), torch.float32
+        x = torch.empty(shape, dtype=dtype, device=self.device) if out is None else out
         if self.device.type == "cuda":
             from nvidia.dali.plugin.pytorch import feed_ndarray
 
-            x = torch.empty(shape, dtype=torch.float32, device=self.device)
-            feed_ndarray(out.as_tensor(), x, cuda_stream=torch.cuda.current_stream(self.device))
+            feed_ndarray(res.as_tensor(), x, cuda_stream=torch.cuda.current_stream(self.device))
         else:
-            x = torch.from_numpy(np.array(out.as_tensor())).view(shape)
-        return x.permute(0, 3, 1, 2) if self.channels_last else x
+            x.copy_(torch.from_numpy(np.array(res.as_tensor())).view(shape))
+        return x.permute(0, 3, 1, 2) if self.channels_last and self.normalised else x
 
 
 def normalise(pixels: torch.Tensor, mean, inv_std) -> torch.Tensor:

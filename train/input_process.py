@@ -13,7 +13,9 @@ The input process owns the DataLoader (its workers read compressed bytes, as bef
 decoder. It decodes each batch into one of SLOTS flat uint8 buffers on the GPU, shared with the
 training process once (CUDA IPC), and sends the slot's number with the crop boxes and labels.
 The training process's input thread runs the crop kernel on the slot (its own stream, overlapped
-with the step, as before), then hands the slot back. Off by default (`input_process: true`
+with the step, as before), then hands the slot back. With jpeg_decoder=dali the input process
+crops too (DALI crops as it decodes), the slot holds the batch's uint8 crops, and the training
+process only normalises them. `input_sm_percent` caps the SMs its kernels may take under MPS. Off by default (`input_process: true`
 turns it on); the tests run it on the CPU. Commands: ("train", epoch, start_sample),
 ("val",), ("abort",) and ("stop",); every epoch ends with ("end",), an error with ("error", text).
 """
@@ -109,6 +111,10 @@ def serve(cfg, env, decoder: str, gpu_items: bool, data_class, parent: int, cmd,
     """The input process: runs until ("stop",) or until its parent is gone."""
     try:
         if env.device.type == "cuda":
+            # read when this process's CUDA context is made (just below): MPS then gives it at most
+            # this share of the SMs, so its kernels cannot crowd out the step's
+            if cfg.input_sm_percent < 100:
+                os.environ["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(cfg.input_sm_percent)
             torch.cuda.set_device(env.device)
         from .pipeline import DeviceStage
 

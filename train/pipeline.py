@@ -378,49 +378,91 @@ class DeviceStage:
         torch.cat(parts, out=buf[:need])
         return (buf, *rows(srcs, lays, boxes, flips, where, self.size))
 
-    def crop(self, buf: torch.Tensor, im: list, fm: list, n: int) -> torch.Tensor:
+    def crop(self, buf: torch.Tensor, im: list, fm: list, n: int, mean=MEAN_255, inv_std=INV_STD_255) -> torch.Tensor:
         """Crop, resize, flip and normalise the images that rows im, fm describe in buf: the Triton
-        kernel (train/gpu_crop.py), or without it (no GPU: the tests) roi_align image by image."""
+        kernel (train/gpu_crop.py), or without it (no GPU: the tests) roi_align image by image.
+        (mean 0, inv_std 1: the crops in 0-255 units.)"""
         if self.fused:
             from .gpu_crop import launch
-            return launch(buf, im, fm, n, self.size, MEAN_255, INV_STD_255, self.channels_last)
-        return crop_rows(buf, im, fm, n, self.size, MEAN_255, INV_STD_255, self.channels_last)
+            return launch(buf, im, fm, n, self.size, mean, inv_std, self.channels_last)
+        return crop_rows(buf, im, fm, n, self.size, mean, inv_std, self.channels_last)
 
     def decode_into(self, b: dict, buf: Optional[torch.Tensor]) -> tuple[torch.Tensor, dict]:
         """The input process's half (train/input_process.py): decode the batch into the flat
-        buffer buf (a larger one if it does not fit), and what the other half needs to crop it."""
+        buffer buf (a larger one if it does not fit), and what the other half needs to crop it.
+        With DALI, which crops as it decodes, buf gets the batch's uint8 crops instead."""
         before = Counter(self.counts)
-        buf, im, fm = self.flat(b, buf)
+        if self.decoder == "dali":
+            buf, d = self.dali_crops(b, buf), {"crops": True}
+        else:
+            buf, im, fm = self.flat(b, buf)
+            d = {"im": im, "fm": fm}
         counts = Counter(b["reasons"]) + (self.counts - before)
-        return buf, {"im": im, "fm": fm, "labels": b["labels"], "counts": dict(counts), "keys": b["keys"]}
+        return buf, {**d, "labels": b["labels"], "counts": dict(counts), "keys": b["keys"]}
 
     def from_decoded(self, buf: torch.Tensor, d: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """The training process's half: crop, resize, flip and normalise what decode_into left in buf."""
-        x = self.crop(buf, d["im"], d["fm"], len(d["labels"]))
+        """The training process's half: crop, resize, flip and normalise what decode_into left in
+        buf (with DALI, only normalise: the crops are done)."""
+        n, S = len(d["labels"]), self.size
+        if d.get("crops"):
+            from .dali_stage import normalise
+
+            x = normalise(buf[:n * S * S * 3].view(n, S, S, 3), MEAN_255, INV_STD_255)   # channels_last memory
+            x = x if self.channels_last else x.contiguous()
+        else:
+            x = self.crop(buf, d["im"], d["fm"], n)
         self.counts.update(d["counts"])
         self.record(d["keys"])
         return x, d["labels"].to(self.device, non_blocking=True)
 
-    def dali(self, b: dict) -> torch.Tensor:
-        """jpeg_decoder=dali (train/dali_stage.py): the batch's JPEGs decoded, cropped and normalised
-        by DALI, the CPU path's images normalised here. A batch DALI fails on (a JPEG its decoder
-        refuses) goes the torchvision way instead, where each refused image falls back to PIL."""
-        from .dali_stage import DaliCrop, normalise, place
+    def dali_crops(self, b: dict, buf: Optional[torch.Tensor]) -> torch.Tensor:
+        """The batch's (n, size, size, 3) uint8 crops, one after another at the start of buf (a
+        new buf where it is too small): DALI's for its JPEGs, the workers' for the rest."""
+        n, S = len(b["labels"]), self.size
+        if buf is None or buf.numel() < n * S * S * 3:
+            buf = torch.empty(n * S * S * 3, dtype=torch.uint8, device=self.device)
+        crops = buf[:n * S * S * 3].view(n, S, S, 3)
+        in_order = len(b["jpeg_sizes"]) == n   # every image a JPEG DALI takes, in the batch's order
+        xs = self.dali_rows(b, uint8=True, out=crops if in_order else None) if b["jpeg_sizes"] else None
+        if xs is None and b["jpeg_sizes"]:   # DALI refused the batch: torchvision's decode and the crop kernel
+            x = self.crop(*self.flat(b, decoder="torchvision"), n, mean=(0.0,) * 3, inv_std=(1.0,) * 3)
+            crops.copy_(x.permute(0, 2, 3, 1).round_().clamp_(0, 255))
+            return buf
+        if not in_order:
+            if xs is not None:
+                crops[b["jpeg_pos"].to(self.device)] = xs
+            if b["pixels"] is not None:
+                crops[b["pixels_pos"].to(self.device)] = b["pixels"].to(self.device, non_blocking=True)
+        return buf
 
-        n = len(b["labels"])
-        if not b["jpeg_sizes"]:
-            return self.crop(*self.flat(b), n)
+    def dali_rows(self, b: dict, uint8: bool = False, out: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        """DALI's rows for the batch's JPEGs: normalised, or (uint8) the crops themselves, into out
+        where given; None where DALI refused the batch (said once, counted). A stage uses one kind."""
+        from .dali_stage import DaliCrop
+
         if self._dali is None:
-            self._dali = DaliCrop(self.device, self.size, self.channels_last, MEAN_255, INV_STD_255)
+            norm = (None, None) if uint8 else (MEAN_255, INV_STD_255)
+            self._dali = DaliCrop(self.device, self.size, self.channels_last, *norm)
         datas = list(torch.split(b["jpeg"][:sum(b["jpeg_sizes"])], b["jpeg_sizes"]))
         try:
-            xs = self._dali(datas, b["boxes"].tolist(), b["flips"].tolist())
+            return self._dali(datas, b["boxes"].tolist(), b["flips"].tolist(), out=out)
         except RuntimeError as e:
             if not self.counts["dali-refused-batches"]:
                 print(f"data: DALI refused a batch ({' '.join(str(e).split())[:200]}); such batches are decoded "
                       f"by torchvision, image by image where it refuses too", file=sys.stderr, flush=True)
             self.counts["dali-refused-batches"] += 1
             self._dali = None       # a DALI pipeline that failed stays failed: a new one for the next batch
+            return None
+
+    def dali(self, b: dict) -> torch.Tensor:
+        """jpeg_decoder=dali (train/dali_stage.py): the batch's JPEGs decoded, cropped and normalised
+        by DALI, the CPU path's images normalised here. A batch DALI fails on (a JPEG its decoder
+        refuses) goes the torchvision way instead, where each refused image falls back to PIL."""
+        from .dali_stage import normalise, place
+
+        n = len(b["labels"])
+        xs = self.dali_rows(b) if b["jpeg_sizes"] else None
+        if xs is None:
             return self.crop(*self.flat(b, decoder="torchvision"), n)
         rest = None
         if b["pixels"] is not None:
