@@ -221,6 +221,8 @@ def main() -> int:
             # under MPS: the input process's kernels on at most a quarter of the SMs
             ("gpu-process-sm25", [f"data={packed}", "decode=gpu", "jpeg_decoder=torchvision", "workers=4",
                                   "input_process=true", "input_sm_percent=25"], a.steps),
+            ("gpu-process-sm50", [f"data={packed}", "decode=gpu", "jpeg_decoder=torchvision", "workers=4",
+                                  "input_process=true", "input_sm_percent=50"], a.steps),
             ("gpu-dali-process-sm25", [f"data={packed}", "decode=gpu", "jpeg_decoder=dali", "workers=4",
                                        "input_process=true", "input_sm_percent=25"], a.steps)]
     for name, args, steps in plan:
@@ -396,7 +398,9 @@ def table(R: dict) -> str:
                         ("gpu-hw-process", "train/, real JPEGs, nvImageCodec, decoded in a process of its own (input_process=true)"),
                         ("gpu-dali-process", "train/, real JPEGs, DALI decodes and crops in a process of its own"),
                         ("gpu-process-sm25", "train/, real JPEGs, torchvision, own process, input_sm_percent=25"),
-                        ("gpu-dali-process-sm25", "train/, real JPEGs, DALI, own process, input_sm_percent=25")):
+                        ("gpu-process-sm50", [f"data={packed}", "decode=gpu", "jpeg_decoder=torchvision", "workers=4",
+                                  "input_process=true", "input_sm_percent=50"], a.steps),
+            ("gpu-dali-process-sm25", "train/, real JPEGs, DALI, own process, input_sm_percent=25")):
         r = runs.get(name)
         if not r:
             continue
