@@ -67,7 +67,7 @@ class DaliCrop:
 
     def __call__(self, datas: list[torch.Tensor], boxes: list, flips: list,
                  out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """out: where the uint8 crops go (mean None only), else a new tensor."""
+        """out: a tensor of the result's shape to write it into, else a new one."""
         n, S = len(datas), self.size
         if self._pipe is None or n > self._batch:
             self._build(max(n, self._batch))
@@ -101,17 +101,11 @@ def normalise(pixels: torch.Tensor, mean, inv_std) -> torch.Tensor:
     return ((pixels.float() - m) * s).permute(0, 3, 1, 2)
 
 
-def place(xs: torch.Tensor, jpeg_pos: torch.Tensor, rest: Optional[torch.Tensor], rest_pos: torch.Tensor,
-          n: int, channels_last: bool) -> torch.Tensor:
-    """One batch of n rows from DALI's rows (at jpeg_pos) and the CPU path's (at rest_pos)."""
-    if rest is None and len(jpeg_pos) == n:
-        return xs           # every image was a JPEG DALI took, in the batch's order
-    S = xs.shape[-1] if len(jpeg_pos) else rest.shape[-1]
-    dev = xs.device if len(jpeg_pos) else rest.device
-    x = (torch.empty((n, S, S, 3), device=dev).permute(0, 3, 1, 2) if channels_last
-         else torch.empty((n, 3, S, S), device=dev))
-    if len(jpeg_pos):
-        x[jpeg_pos.to(dev)] = xs
+def place(out: torch.Tensor, xs: Optional[torch.Tensor], jpeg_pos: torch.Tensor, rest: Optional[torch.Tensor],
+          rest_pos: torch.Tensor) -> torch.Tensor:
+    """out, one batch, with DALI's rows xs at jpeg_pos and the CPU path's rows rest at rest_pos."""
+    if xs is not None:
+        out[jpeg_pos.to(out.device)] = xs
     if rest is not None:
-        x[rest_pos.to(dev)] = rest
-    return x
+        out[rest_pos.to(out.device)] = rest
+    return out

@@ -15,8 +15,8 @@ training process once (CUDA IPC), and sends the slot's number with the crop boxe
 The training process's input thread runs the crop kernel on the slot (its own stream, overlapped
 with the step, as before), then hands the slot back. With jpeg_decoder=dali the input process
 crops too (DALI crops as it decodes), the slot holds the batch's uint8 crops, and the training
-process only normalises them. `input_sm_percent` caps the SMs its kernels may take under MPS. Off by default (`input_process: true`
-turns it on); the tests run it on the CPU. Commands: ("train", epoch, start_sample),
+process only normalises them. `input_sm_percent` caps the SMs its kernels may take under MPS.
+Off by default (`input_process: true` turns it on); the tests run it on the CPU. Commands: ("train", epoch, start_sample),
 ("val",), ("abort",) and ("stop",); every epoch ends with ("end",), an error with ("error", text).
 """
 

@@ -429,10 +429,10 @@ class DeviceStage:
             crops.copy_(x.permute(0, 2, 3, 1).round_().clamp_(0, 255))
             return buf
         if not in_order:
-            if xs is not None:
-                crops[b["jpeg_pos"].to(self.device)] = xs
-            if b["pixels"] is not None:
-                crops[b["pixels_pos"].to(self.device)] = b["pixels"].to(self.device, non_blocking=True)
+            from .dali_stage import place
+
+            pixels = None if b["pixels"] is None else b["pixels"].to(self.device, non_blocking=True)
+            place(crops, xs, b["jpeg_pos"], pixels, b["pixels_pos"])
         return buf
 
     def dali_rows(self, b: dict, uint8: bool = False, out: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
@@ -460,14 +460,18 @@ class DeviceStage:
         refuses) goes the torchvision way instead, where each refused image falls back to PIL."""
         from .dali_stage import normalise, place
 
-        n = len(b["labels"])
+        n, S = len(b["labels"]), self.size
         xs = self.dali_rows(b) if b["jpeg_sizes"] else None
         if xs is None:
             return self.crop(*self.flat(b, decoder="torchvision"), n)
+        if len(b["jpeg_sizes"]) == n:
+            return xs           # every image a JPEG DALI took, in the batch's order
         rest = None
         if b["pixels"] is not None:
             rest = normalise(b["pixels"].to(self.device, non_blocking=True), MEAN_255, INV_STD_255)
-        return place(xs, b["jpeg_pos"], rest, b["pixels_pos"], n, self.channels_last)
+        x = (torch.empty((n, S, S, 3), device=self.device).permute(0, 3, 1, 2) if self.channels_last
+             else torch.empty((n, 3, S, S), device=self.device))
+        return place(x, xs, b["jpeg_pos"], rest, b["pixels_pos"])
 
     def record(self, keys: list) -> None:
         if self.trace and keys[0][0] >= 0:
