@@ -106,6 +106,12 @@ def run_train(name: str, args: list[str], cores: str, steps: int, limit_s: float
     records = [json.loads(x) for f in sorted((d / "metrics").glob("metrics-rank*.jsonl"))
                for x in f.read_text().splitlines()]
     res["data_ms"] = [r.get("data_ms") for r in records if r.get("kind") == "train"]
+    # input_process: where its time per batch went, in each training pass (train/input_process.py)
+    passes = re.findall(r"input process, train pass: (\d+) batches; per batch ([\d.]+) ms waiting for the workers, "
+                        r"([\d.]+) ms for the training process to hand a slot back, ([\d.]+) ms decoding", text)
+    if passes:
+        res["input_ms"] = [{"batches": int(n), "workers": float(w), "slot": float(s), "decode": float(d)}
+                           for n, w, s, d in passes]
     return res
 
 

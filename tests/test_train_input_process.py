@@ -4,6 +4,7 @@ early end of a pass leaves nothing stale for the next; its errors and its death 
 training process; it does not outlive it."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -107,6 +108,22 @@ def test_a_batch_dali_refuses_still_reaches_the_rank_as_crops(imageset, capfd): 
     assert capfd.readouterr().err.count("DALI refused a batch") == 2   # once per stage
 
 
+def test_it_says_where_its_time_per_batch_went(imageset, capfd):  # noqa: F811
+    """Each pass ends with one line: how many batches, and per batch the time spent waiting for the
+    workers, for a slot, and decoding (which of the three limits the input)."""
+    p = InputProcess(config(imageset[1]), ENV, "torchvision", True, RealImages)
+    try:
+        got, _ = through_process(p, "train", 0, 0)
+        val, _ = through_process(p, "val")
+    finally:
+        p.close()
+    lines = re.findall(r"^data: input process, (\w+) pass: (\d+) batches; per batch ([\d.]+) ms waiting for the "
+                       r"workers, ([\d.]+) ms for the training process to hand a slot back, ([\d.]+) ms decoding$",
+                       capfd.readouterr().out, re.M)
+    assert [(k, int(n)) for k, n, *_ in lines] == [("train", len(got)), ("val", len(val))]
+    assert all(float(d) > 0 for *_, d in lines)
+
+
 def test_a_pass_left_early_leaves_nothing_for_the_next(process, imageset):  # noqa: F811
     first, _ = through_process(process, "train", 1, 0, take=2)
     assert len(first) == 2
@@ -153,7 +170,7 @@ def test_it_does_not_outlive_the_training_process(imageset):  # noqa: F811
     r = subprocess.run([sys.executable, "-c", ORPHAN, str(imageset[1])], capture_output=True, text=True,
                        cwd=REPO_ROOT, env=clean_env(), timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
-    pid = int(r.stdout.split()[0])
+    pid = int(re.search(r"^(\d+)$", r.stdout, re.M).group(1))
     for _ in range(100):
         try:
             os.kill(pid, 0)

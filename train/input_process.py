@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import queue
+import time
 import traceback
 import weakref
 from collections import deque
@@ -130,17 +131,22 @@ def serve(cfg, env, decoder: str, gpu_items: bool, data_class, parent: int, cmd,
                 continue
             if c[0] == "train":
                 data.sampler.set_epoch(c[1], c[2])
-            for b in data.loader if c[0] == "train" else data.val_loader:
+            spent = Spent()
+            for b in spent.timed(data.loader if c[0] == "train" else data.val_loader):
                 if _aborted(cmd):
                     break
                 slot = _slot(idle, free, cmd, parent)
                 if slot is None:
                     break
+                spent.mark("slot")
                 buf, d = stage.decode_into(b, bufs[slot])
                 if stage.device.type == "cuda":
                     torch.cuda.current_stream().synchronize()   # the slot is complete when it is sent
+                spent.mark("decode")
                 out.put(("batch", slot, buf if buf is not bufs[slot] else None, d))
                 bufs[slot] = buf
+            if env.is_main and spent.batches:
+                print(f"data: input process, {c[0]} pass: {spent}", flush=True)
             while True:   # slots still out come back before the next pass
                 try:
                     idle.append(free.get_nowait())
@@ -149,6 +155,34 @@ def serve(cfg, env, decoder: str, gpu_items: bool, data_class, parent: int, cmd,
             out.put(("end",))
     except BaseException:  # noqa: BLE001 - reported to the training process, which raises it
         out.put(("error", traceback.format_exc()[-3000:]))
+
+
+class Spent:
+    """Where the input process's time per batch went: waiting for the workers' bytes, for a slot
+    the training process has handed back, and decoding. The largest names the limit: the CPU
+    workers, the training process (its step), or the decode."""
+
+    def __init__(self):
+        self.s = {"workers": 0.0, "slot": 0.0, "decode": 0.0}
+        self.batches = 0
+        self.t = time.perf_counter()
+
+    def timed(self, loader):
+        for b in loader:
+            self.mark("workers")
+            self.batches += 1
+            yield b
+            self.t = time.perf_counter()
+
+    def mark(self, part: str) -> None:
+        now = time.perf_counter()
+        self.s[part] += now - self.t
+        self.t = now
+
+    def __str__(self) -> str:
+        ms = {k: 1000 * v / self.batches for k, v in self.s.items()}
+        return (f"{self.batches} batches; per batch {ms['workers']:.1f} ms waiting for the workers, "
+                f"{ms['slot']:.1f} ms for the training process to hand a slot back, {ms['decode']:.1f} ms decoding")
 
 
 def _next(cmd, parent: int):
