@@ -17,6 +17,7 @@ import types
 
 import pytest
 
+from cluster.run.records import RELAUNCHERS, runs_for
 from tests.testbed_client import HELLO, REPO, STEPS_LONG, TRAIN
 
 pytestmark = [pytest.mark.testbed, pytest.mark.slow]
@@ -198,6 +199,26 @@ def test_submitter_killed_during_recovery(client):
     st = client.wait(rid, timeout=240)
     assert st["state"] == "SUCCEEDED", json.dumps(client.record(rid).get("attempts"), indent=1)
     assert client.record(rid)["attempt"] == 2
+    assert not client.left_anywhere(rid)
+
+
+def test_the_watcher_killed_between_two_attempts_ends_the_run_failed_saying_how_to_go_on(client):
+    """The detached watcher, which starts the next attempt, is killed while the run waits out its
+    backoff: the run does not stay RESTARTING for ever. The next status records it FAILED, names
+    what happened and how to go on, and nothing of the run is left on any host."""
+    job = client.job(TRAIN.format(steps=300, log_every=2))
+    rid, _ = client.submit(job, "restart.max_failures=2", "restart.backoff_s=120")
+    wait_for("step", lambda: heartbeat_step(client, rid) >= 12)
+    kill_rank(client, rid)
+    wait_for("RESTARTING", lambda: client.record(rid).get("state") == "RESTARTING", timeout=120, every=0.2)
+    pid = client.record(rid)["handle"]["watcher_pid"]
+    os.kill(pid, signal.SIGKILL)
+    wait_for("the watcher's end", lambda: not runs_for(pid, RELAUNCHERS["watcher_pid"], rid), timeout=30)
+    out = client.cli("status", rid).stdout
+    assert "FAILED" in out and f"the process that starts the next attempt (pid {pid}) ended before it did" in out \
+        and f"submit again with --resume {rid}" in out, out
+    rec = client.record(rid)
+    assert rec["state"] == "FAILED" and rec["final"] and rec["attempts"][0]["restart"] is True, rec
     assert not client.left_anywhere(rid)
 
 

@@ -1,5 +1,6 @@
 """The submitting machine's process checks (psutil): is the submit that recorded a run still
-running, is a run's checkpoint watcher still that watcher."""
+running, is a run's checkpoint watcher still that watcher, is the process that starts a
+RESTARTING run's next attempt still there."""
 import socket
 import subprocess
 import sys
@@ -8,8 +9,9 @@ from types import SimpleNamespace
 
 import psutil
 
-from cluster.run.checkpoints import _alive
-from cluster.run.records import _proc_start, submitter, submitter_gone
+from cluster.run.records import RELAUNCHERS, _proc_start, relauncher_gone, runs_for, submitter, submitter_gone
+
+WATCHER = RELAUNCHERS["watcher_pid"]
 
 SLEEP = "import time; time.sleep(60)"
 
@@ -54,16 +56,38 @@ def test_a_watcher_is_alive_only_as_the_runs_watcher():
         while "r1" not in psutil.Process(p.pid).cmdline():
             assert time.time() < deadline
             time.sleep(0.01)
-        assert _alive(p.pid, "r1")
-        assert not _alive(p.pid, "r2")               # the pid is another run's watcher
+        assert runs_for(p.pid, WATCHER, "r1")
+        assert not runs_for(p.pid, WATCHER, "r2")               # the pid is another run's watcher
         p.kill()                                     # killed, not yet reaped: a zombie is not alive
         deadline = time.time() + 10
         while psutil.Process(p.pid).status() != psutil.STATUS_ZOMBIE:
             assert time.time() < deadline
             time.sleep(0.01)
-        assert not _alive(p.pid, "r1")
+        assert not runs_for(p.pid, WATCHER, "r1")
     finally:
         p.kill()
         p.wait()
-    assert not _alive(p.pid, "r1")
-    assert not _alive(None, "r1") and not _alive("x", "r1") and not _alive(2 ** 40, "r1")
+    assert not runs_for(p.pid, WATCHER, "r1")
+    assert not any(runs_for(pid, WATCHER, "r1") for pid in (None, "x", 2 ** 40))
+
+
+def test_the_process_that_starts_the_next_attempt_is_gone_once_it_ended_here():
+    """The ssh watcher and the SLURM follower: None while it runs as the run's, its pid once it
+    ended (or the pid is another run's); not judged for a run submitted from another machine."""
+    for key, module in RELAUNCHERS.items():
+        p = subprocess.Popen([sys.executable, "-c", SLEEP, module, "follow", "r1"])
+        try:
+            deadline = time.time() + 10         # until the child has exec'd: before, its argv is ours
+            while "r1" not in psutil.Process(p.pid).cmdline():
+                assert time.time() < deadline
+                time.sleep(0.01)
+            here = {"submitter": {"host": socket.gethostname()}, "handle": {key: p.pid}}
+            assert relauncher_gone(SimpleNamespace(id="r1", data=here)) is None
+            assert relauncher_gone(SimpleNamespace(id="r2", data=here)) == p.pid
+        finally:
+            p.kill()
+            p.wait()
+        assert relauncher_gone(SimpleNamespace(id="r1", data=here)) == p.pid
+        elsewhere = {**here, "submitter": {"host": "elsewhere"}}
+        assert relauncher_gone(SimpleNamespace(id="r1", data=elsewhere)) is None
+    assert relauncher_gone(SimpleNamespace(id="r1", data={"submitter": here["submitter"], "handle": {}})) is None

@@ -185,6 +185,24 @@ def test_it_does_not_outlive_the_training_process(imageset):  # noqa: F811
         pytest.fail("the input process outlived its training process by 10 s")
 
 
+def test_under_mps_the_training_process_lets_the_decode_go_first(imageset):  # noqa: F811
+    """`python -m train input_process=true`: the training process's CUDA work is below normal
+    priority under MPS (CUDA_MPS_CLIENT_PRIORITY=1, set before its CUDA context); a value the user
+    set for it stands. Without input_process nothing is set."""
+    code = ("import os, sys, train.__main__ as m, train.loop as loop; "
+            "loop.train = lambda cfg, env: print('priority', os.environ.get('CUDA_MPS_CLIENT_PRIORITY')); "
+            "sys.exit(m.main(sys.argv[1:]))")
+
+    def priority(*args, **env):
+        r = subprocess.run([sys.executable, "-c", code, f"data={imageset[1]}", "steps=1", *args], cwd=REPO_ROOT,
+                           env={**clean_env(), **env}, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return re.search(r"^priority (\S+)$", r.stdout, re.M).group(1)
+    assert priority("input_process=true") == "1"
+    assert priority("input_process=true", CUDA_MPS_CLIENT_PRIORITY="0") == "0"
+    assert priority() == "None"
+
+
 def test_the_mps_check_looks_for_the_control_daemons_pipe(tmp_path, monkeypatch):
     """input_process pays only under CUDA's MPS: the rank warns when its control daemon's pipe is absent."""
     from train.input_process import mps_running

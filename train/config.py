@@ -69,11 +69,8 @@ class TrainConfig:
     grad_compress: str = _f("none", "DDP communication hook: none | bf16 (gradients all-reduced as bf16, "
                                     "torch's bf16_compress_hook: half the bytes on the network)", ("none", "bf16"))
     input_process: bool = _f(False, "decode=gpu: decode in a process of its own beside each rank "
-                                    "(train/input_process.py); faster only under CUDA's MPS "
-                                    "(nvidia-cuda-mps-control -d): README, Real data")
-    input_sm_percent: int = _f(100, "input_process under MPS: the share of the GPU's SMs the input process's "
-                                    "kernels may take (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE); the hardware JPEG "
-                                    "decoders are not SMs")
+                                    "(train/input_process.py), whose work goes before the step's; faster only "
+                                    "under CUDA's MPS (nvidia-cuda-mps-control -d): README, Real data")
     workers: int = _f(4, "DataLoader worker processes per rank (real images only)")
     prefetch_factor: int = _f(2, "batches each DataLoader worker loads ahead")
     threads: int = _f(0, "torch CPU threads per rank; 0 = CPU cores / local ranks")
@@ -174,8 +171,6 @@ def _check_ranges(c: TrainConfig) -> None:
         raise ConfigError("lr", f"must be > 0, got {c.lr}")
     if not 0 <= c.label_smoothing < 1:
         raise ConfigError("label_smoothing", f"must be in [0, 1), got {c.label_smoothing}")
-    if not 1 <= c.input_sm_percent <= 100:
-        raise ConfigError("input_sm_percent", f"must be a percentage, 1 to 100, got {c.input_sm_percent}")
     if not c.model or c.model.count(":") > 1:
         raise ConfigError("model", f"expected a torchvision model name or package.module:factory, got {c.model!r}")
     _check_limits(c)

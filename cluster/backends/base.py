@@ -156,7 +156,9 @@ class Backend(ABC):
         recorded end stands), events. Nothing else of the record is written."""
         run.reload()        # what other processes recorded since this one last looked
         if run.state == State.RESTARTING:      # between two attempts: the watcher relaunches
-            return State.RESTARTING, []
+            from cluster.run.records import relauncher_gone
+            pid = relauncher_gone(run)
+            return self._relaunch_interrupted(run, pid) if pid else (State.RESTARTING, [])
         if run.state.is_terminal() and run.data.get("final"):
             return self._recorded(run)
         if run.state == State.PENDING and not run.data.get("handle"):
@@ -302,6 +304,22 @@ class Backend(ABC):
                      f"({', '.join(started) or 'nothing'}) was stopped",
             "hint": "submit again (with --resume RUN to continue from a checkpoint it wrote)", "findings": []})
         return State.FAILED, nodes
+
+    def _relaunch_interrupted(self, run: Run, pid: int) -> tuple[State, list[NodeStatus]]:
+        """The process that starts the next attempt (the watcher, the follower) is gone while the
+        run is RESTARTING (killed, machine rebooted): nothing would ever start it. What runs of the
+        run is stopped, and the run is recorded FAILED, with the attempts' causes kept."""
+        run.event("relaunch-interrupted", pid=pid)
+        self.stop_nodes(run, grace_s=5.0)
+        nodes = self.node_status(run)
+        last = run.data.get("last_failure") or {}
+        failure = {**last, "error": f"{last.get('error') or 'an attempt failed'}; the process that starts "
+                                    f"the next attempt (pid {pid}) ended before it did, and nothing restarts the run",
+                   "hint": f"submit again with --resume {run.id} to continue from its latest checkpoint"}
+        # not finish(): its recovery would mark the run RESTARTING again, for no one to start
+        run.set_state(State.FAILED, final=True, ended=time.time(), nodes_final=[_plain(n) for n in nodes],
+                      failure=failure)
+        return self._recorded(run)
 
     def _stop_hung(self, run: Run) -> dict:
         """Stop a hung run; the failure names the ranks behind and what their host's log shows."""

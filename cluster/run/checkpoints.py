@@ -7,6 +7,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from cluster.run.records import RELAUNCHERS, runs_for
+
 
 def checkpoint_path(run_data: dict) -> Optional[str]:
     """The job's ``checkpoint.path`` (relative to the run directory), from run.json; None where it
@@ -24,16 +26,6 @@ def _latest(dest: Path, own: Optional[str] = None) -> Optional[str]:
         return own if own and (dest / own).exists() else None
 
 
-def _alive(pid: Optional[int], run_id: str) -> bool:
-    """Is ``pid`` still this run's watcher (not a reused pid, not a zombie)?"""
-    import psutil
-    try:
-        argv = psutil.Process(int(pid)).cmdline()     # a zombie's: ZombieProcess
-    except (psutil.Error, TypeError, ValueError):
-        return False
-    return "cluster.backends.watcher" in argv and run_id in argv
-
-
 def checkpoint_sync(run) -> Optional[dict]:
     """Where the run's checkpoint copy stands, for runs that have a watcher (ssh): ``state`` is
     ``syncing`` (the watcher is still at work; after the run ends it makes one last pass), ``synced``,
@@ -49,7 +41,7 @@ def checkpoint_sync(run) -> Optional[dict]:
                 "latest": e["latest"] if "latest" in e else _latest(dest, checkpoint_path(run.data)),
                 "error": e.get("error")}
     cs = {"state": "syncing", "dir": str(dest), "latest": _latest(dest, checkpoint_path(run.data))}
-    if not _alive(handle.get("watcher_pid"), run.id):
+    if not runs_for(handle.get("watcher_pid"), RELAUNCHERS["watcher_pid"], run.id):
         cs.update(state="stopped", error="the checkpoint watcher ended before its last pass "
                                          f"(see {run.dir / 'state' / 'watcher.log'})")
     return cs

@@ -301,3 +301,31 @@ def submitter_gone(run: "Run") -> bool:
     if not sub.get("pid") or sub.get("host") != socket.gethostname():
         return False
     return _proc_start(sub["pid"]) != sub.get("start")
+
+
+RELAUNCHERS = {"watcher_pid": "cluster.backends.watcher", "follower_pid": "cluster.backends.slurm_follower"}
+
+
+def runs_for(pid, module: str, run_id: str) -> bool:
+    """Is ``pid`` still ``python -m MODULE ... RUN_ID`` (not a reused pid, not a zombie)?"""
+    import psutil
+    try:
+        argv = psutil.Process(int(pid)).cmdline()     # a zombie's: ZombieProcess
+    except (psutil.Error, TypeError, ValueError):
+        return False
+    return module in argv and run_id in argv
+
+
+def relauncher_gone(run: "Run") -> Optional[int]:
+    """The pid of the detached process that starts the next attempt of ``run`` (the ssh watcher,
+    the SLURM follower) when it is no longer running; None while it runs, for a run without one,
+    and where this is not the machine that submitted the run (its pids are not ours to read)."""
+    import socket
+    if (run.data.get("submitter") or {}).get("host") != socket.gethostname():
+        return None
+    handle = run.data.get("handle") or {}
+    for key, module in RELAUNCHERS.items():
+        if handle.get(key):
+            return None if runs_for(handle[key], module, run.id) else int(handle[key])
+    return None
+
