@@ -206,29 +206,29 @@ def main() -> int:
         R["runs"]["seed"] = {"rc": p.returncode, "wall_s": round(time.time() - t, 1),
                              **(json.loads(m.group(1)) if m else {"tail": (p.stdout + p.stderr)[-800:]})}
         save()
+    def gpu(decoder: str, *more: str, process: bool = False) -> list[str]:
+        """train/ on the packed set, decoded on the GPU by ``decoder``: in the rank (input_process
+        false, also under MPS, where auto would turn it on) or in the input process."""
+        return [f"data={packed}", "decode=gpu", f"jpeg_decoder={decoder}", *(more or ["workers=4"]),
+                f"input_process={str(process).lower()}"]
+
     plan = [("synthetic", ["data=synthetic"], a.steps),
             ("pil", [f"data={packed}", "decode=cpu", f"workers={a.cores - 1}"], max(60, a.steps // 2)),
-            ("gpu", [f"data={packed}", "decode=gpu", "jpeg_decoder=torchvision", "workers=4"], a.steps),
-            ("gpu-hw", [f"data={packed}", "decode=gpu", "jpeg_decoder=nvimgcodec", "workers=4"], a.steps),
-            ("gpu-hw-w8", [f"data={packed}", "decode=gpu", "jpeg_decoder=nvimgcodec", "workers=7",
-                           "prefetch_factor=4"], a.steps),
-            ("gpu-dali", [f"data={packed}", "decode=gpu", "jpeg_decoder=dali", "workers=4"], a.steps),
-            ("gpu-dali-w6", [f"data={packed}", "decode=gpu", "jpeg_decoder=dali", "workers=6",
-                             "prefetch_factor=4"], a.steps),
+            ("gpu", gpu("torchvision"), a.steps),
+            ("gpu-hw", gpu("nvimgcodec"), a.steps),
+            ("gpu-hw-w8", gpu("nvimgcodec", "workers=7", "prefetch_factor=4"), a.steps),
+            ("gpu-dali", gpu("dali"), a.steps),
+            ("gpu-dali-w6", gpu("dali", "workers=6", "prefetch_factor=4"), a.steps),
             # the decode done once per batch size and reused: what the decode itself costs the step
-            ("gpu-nodecode", [f"data={packed}", "decode=gpu", "jpeg_decoder=torchvision", "workers=4"], a.steps),
-            ("gpu-hw-nodecode", [f"data={packed}", "decode=gpu", "jpeg_decoder=nvimgcodec", "workers=4"], a.steps),
+            ("gpu-nodecode", gpu("torchvision"), a.steps),
+            ("gpu-hw-nodecode", gpu("nvimgcodec"), a.steps),
             # the decode in a process of its own (train/input_process.py)
-            ("gpu-process", [f"data={packed}", "decode=gpu", "jpeg_decoder=torchvision", "workers=4",
-                             "input_process=true"], a.steps),
-            ("gpu-hw-process", [f"data={packed}", "decode=gpu", "jpeg_decoder=nvimgcodec", "workers=4",
-                                "input_process=true"], a.steps),
-            ("gpu-dali-process", [f"data={packed}", "decode=gpu", "jpeg_decoder=dali", "workers=4",
-                                  "input_process=true"], a.steps),
+            ("gpu-process", gpu("torchvision", process=True), a.steps),
+            ("gpu-hw-process", gpu("nvimgcodec", process=True), a.steps),
+            ("gpu-dali-process", gpu("dali", process=True), a.steps),
             # under MPS the training's kernels are below normal priority with input_process (the
             # decode's go first); this row sets them back to normal, as both were before
-            ("gpu-process-even", [f"data={packed}", "decode=gpu", "jpeg_decoder=torchvision", "workers=4",
-                                  "input_process=true"], a.steps)]
+            ("gpu-process-even", gpu("torchvision", process=True), a.steps)]
     env_of = {"gpu-process-even": {"CUDA_MPS_CLIENT_PRIORITY": "0"}}
     for name, args, steps in plan:
         if name in only:

@@ -56,6 +56,10 @@ def test_typed_mapping_from_a_job_file_validates():
             validate(bad)
     assert validate({"jpeg_decoder": "dali"}).jpeg_decoder == "dali"
     assert validate({"jpeg_decoder": "dali", "input_process": True}).input_process is True
+    assert validate({}).input_process == "auto"
+    with pytest.raises(ConfigError) as e:
+        validate({"input_process": "maybe"})
+    assert e.value.key == "input_process" and "true, false or auto" in e.value.message
 
 
 def test_config_file_then_overrides(tmp_path):

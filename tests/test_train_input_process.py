@@ -185,10 +185,11 @@ def test_it_does_not_outlive_the_training_process(imageset):  # noqa: F811
         pytest.fail("the input process outlived its training process by 10 s")
 
 
-def test_under_mps_the_training_process_lets_the_decode_go_first(imageset):  # noqa: F811
-    """`python -m train input_process=true`: the training process's CUDA work is below normal
-    priority under MPS (CUDA_MPS_CLIENT_PRIORITY=1, set before its CUDA context); a value the user
-    set for it stands. Without input_process nothing is set."""
+def test_under_mps_the_training_process_lets_the_decode_go_first(imageset, tmp_path):  # noqa: F811
+    """`python -m train` on real images with input_process true, or auto where CUDA's MPS runs: the
+    training process's CUDA work is below normal priority under MPS (CUDA_MPS_CLIENT_PRIORITY=1,
+    set before its CUDA context); a value the user set for it stands. Without the input process
+    (false, auto without MPS, synthetic data, decode=cpu) nothing is set."""
     code = ("import os, sys, train.__main__ as m, train.loop as loop; "
             "loop.train = lambda cfg, env: print('priority', os.environ.get('CUDA_MPS_CLIENT_PRIORITY')); "
             "sys.exit(m.main(sys.argv[1:]))")
@@ -198,9 +199,15 @@ def test_under_mps_the_training_process_lets_the_decode_go_first(imageset):  # n
                            env={**clean_env(), **env}, capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr[-2000:]
         return re.search(r"^priority (\S+)$", r.stdout, re.M).group(1)
+    (tmp_path / "control").touch()      # the MPS control daemon's pipe, as mps_running looks for it
+    mps = {"CUDA_MPS_PIPE_DIRECTORY": str(tmp_path)}
     assert priority("input_process=true") == "1"
+    assert priority(**mps) == "1"                                    # auto, under MPS
     assert priority("input_process=true", CUDA_MPS_CLIENT_PRIORITY="0") == "0"
-    assert priority() == "None"
+    assert priority(CUDA_MPS_PIPE_DIRECTORY=str(tmp_path / "none")) == "None"   # auto, no MPS
+    assert priority("input_process=false", **mps) == "None"
+    assert priority("decode=cpu", **mps) == "None"
+    assert priority("data=synthetic", **mps) == "None"
 
 
 def test_the_mps_check_looks_for_the_control_daemons_pipe(tmp_path, monkeypatch):

@@ -12,9 +12,8 @@ from .config import ConfigError, main_parse
 def main(argv: list[str]) -> int:
     sys.stdout.reconfigure(line_buffering=True)  # the node agent prefixes and forwards lines live
     cfg = main_parse(argv)  # exits 2 with one line on a bad key or value
-    if cfg.input_process:
-        from .input_process import training_below_input
-        training_below_input()  # before torch makes this process's CUDA context
+    from .input_process import training_below_input
+    training_below_input(cfg)  # before torch makes this process's CUDA context
     from . import dist, loop  # torch is imported only once the config is known to be good
 
     try:

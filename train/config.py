@@ -68,9 +68,9 @@ class TrainConfig:
     ddp_always: bool = _f(False, "wrap the model in DDP at world size 1 too (to measure DDP's own cost)")
     grad_compress: str = _f("none", "DDP communication hook: none | bf16 (gradients all-reduced as bf16, "
                                     "torch's bf16_compress_hook: half the bytes on the network)", ("none", "bf16"))
-    input_process: bool = _f(False, "decode=gpu: decode in a process of its own beside each rank "
-                                    "(train/input_process.py), whose work goes before the step's; faster only "
-                                    "under CUDA's MPS (nvidia-cuda-mps-control -d): README, Real data")
+    input_process: Any = _f(AUTO, "true | false | auto (on where CUDA's MPS runs): decode=gpu in a process of "
+                                   "its own beside each rank (train/input_process.py), whose work goes before the "
+                                   "step's; faster only under MPS (nvidia-cuda-mps-control -d): README, Real data")
     workers: int = _f(4, "DataLoader worker processes per rank (real images only)")
     prefetch_factor: int = _f(2, "batches each DataLoader worker loads ahead")
     threads: int = _f(0, "torch CPU threads per rank; 0 = CPU cores / local ranks")
@@ -94,7 +94,7 @@ class TrainConfig:
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(TrainConfig)}
 # Keys whose value is true, false or "auto".
-_TRISTATE = {"channels_last", "compile", "fast_stem", "tensorboard"}
+_TRISTATE = {"channels_last", "compile", "fast_stem", "tensorboard", "input_process"}
 
 
 class ConfigError(ValueError):

@@ -160,8 +160,8 @@ class RealImages:
         self.input = None
         if role == "input":
             return
-        if gpu and cfg.input_process:
-            from .input_process import InputProcess, mps_running
+        from .input_process import InputProcess, mps_running, wanted
+        if gpu and wanted(cfg):
             if not mps_running():
                 print0(env, "data: input_process without CUDA's MPS: the decode's kernels and the step's take "
                             "turns on the GPU, which measured slower than decoding here (README, Real data); "
@@ -169,7 +169,8 @@ class RealImages:
             self.input = InputProcess(cfg, env, decoder, gpu, RealImages)
         print0(env, f"data: {root} ({'packed' if train_split.paths is None else 'folder'}): "
                     f"{len(train_split)} train images, {len(val_split) if val_split else 0} val, "
-                    f"{len(train_split.classes)} classes; decode on {f'GPU ({decoder})' if gpu else 'CPU (PIL)'}, "
+                    f"{len(train_split.classes)} classes; decode on {f'GPU ({decoder})' if gpu else 'CPU (PIL)'}"
+                    f"{' in a process of its own (input_process)' if self.input else ''}, "
                     f"{cfg.workers} workers per rank")
 
     def batches(self, epoch: int, start_sample: int) -> Iterator[Batch]:
