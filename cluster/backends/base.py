@@ -290,13 +290,18 @@ class Backend(ABC):
                                                if not any(e in l for l in logs[n.host])]
         return [f.to_dict() for f in diagnose_hosts(logs, host, rank)]
 
+    def _stop_all(self, run: Run, event: str, **fields) -> list[NodeStatus]:
+        """A process the run needed is gone: the event recorded, what runs of the run stopped; the
+        nodes as they are then."""
+        run.event(event, **fields)
+        self.stop_nodes(run, grace_s=5.0)
+        return self.node_status(run)
+
     def _launch_interrupted(self, run: Run) -> tuple[State, list[NodeStatus]]:
         """The submit died before it recorded the launch (killed, machine rebooted): what started of
         the run is stopped (no half-started run), and the run is recorded FAILED."""
         pid = (run.data.get("submitter") or {}).get("pid")
-        run.event("launch-interrupted", submitter_pid=pid)
-        self.stop_nodes(run, grace_s=5.0)
-        nodes = self.node_status(run)
+        nodes = self._stop_all(run, "launch-interrupted", submitter_pid=pid)
         started = sorted(n.host for n in nodes if n.pid or n.exit_code is not None)
         self.finish(run, State.FAILED, nodes, failure={
             "host": None, "rank": None, "exit_code": None,
@@ -309,9 +314,7 @@ class Backend(ABC):
         """The process that starts the next attempt (the watcher, the follower) is gone while the
         run is RESTARTING (killed, machine rebooted): nothing would ever start it. What runs of the
         run is stopped, and the run is recorded FAILED, with the attempts' causes kept."""
-        run.event("relaunch-interrupted", pid=pid)
-        self.stop_nodes(run, grace_s=5.0)
-        nodes = self.node_status(run)
+        nodes = self._stop_all(run, "relaunch-interrupted", pid=pid)
         last = run.data.get("last_failure") or {}
         failure = {**last, "error": f"{last.get('error') or 'an attempt failed'}; the process that starts "
                                     f"the next attempt (pid {pid}) ended before it did, and nothing restarts the run",

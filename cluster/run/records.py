@@ -294,11 +294,16 @@ def _proc_start(pid: int) -> Optional[float]:
         return None
 
 
+def _submitted_here(run: "Run") -> bool:
+    """``run`` was submitted from this machine: the pids it records are ours to look up."""
+    import socket
+    return (run.data.get("submitter") or {}).get("host") == socket.gethostname()
+
+
 def submitter_gone(run: "Run") -> bool:
     """The submit that created ``run`` is no longer running (on this machine; elsewhere: unknown)."""
-    import socket
     sub = run.data.get("submitter") or {}
-    if not sub.get("pid") or sub.get("host") != socket.gethostname():
+    if not sub.get("pid") or not _submitted_here(run):
         return False
     return _proc_start(sub["pid"]) != sub.get("start")
 
@@ -320,12 +325,10 @@ def relauncher_gone(run: "Run") -> Optional[int]:
     """The pid of the detached process that starts the next attempt of ``run`` (the ssh watcher,
     the SLURM follower) when it is no longer running; None while it runs, for a run without one,
     and where this is not the machine that submitted the run (its pids are not ours to read)."""
-    import socket
-    if (run.data.get("submitter") or {}).get("host") != socket.gethostname():
+    if not _submitted_here(run):
         return None
     handle = run.data.get("handle") or {}
     for key, module in RELAUNCHERS.items():
         if handle.get(key):
             return None if runs_for(handle[key], module, run.id) else int(handle[key])
     return None
-
